@@ -1,0 +1,74 @@
+"""The `lmforge` command line. Sub-commands import their implementation lazily so that
+`lmforge --help` and the operator image never pull in torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _operator_run(args: argparse.Namespace) -> int:
+    from lmforge.operator.main import run
+
+    return run(
+        namespaces=args.namespace,
+        peering=args.peering,
+        standalone=args.standalone,
+        liveness_port=args.liveness_port,
+        verbose=args.verbose,
+    )
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from lmforge.operator.localcluster import cli as cluster_cli
+
+    return cluster_cli.main(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from lmforge.runtime.server import run_server
+
+    return run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, quantize and serve LLMs on Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator")
+    operator_commands = operator.add_subparsers(dest="operator_command", required=True, metavar="ACTION")
+    run = operator_commands.add_parser("run", help="start the kopf operator (cluster-wide unless --namespace)")
+    run.add_argument("-n", "--namespace", action="append", default=[],
+                     help="watch only this namespace (repeatable); default: all namespaces")
+    run.add_argument("--peering", default="lmforge",
+                     help="kopf peering name: replicas sharing it never reconcile the same object (default: lmforge)")
+    run.add_argument("--standalone", action="store_true", help="no peering (single replica, e.g. local debugging)")
+    run.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: disabled)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=_operator_run)
+
+    cluster = commands.add_parser("cluster", help="local Kubernetes control plane (etcd, apiserver, kwok nodes)")
+    from lmforge.operator.localcluster.cli import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(cluster)
+    cluster.set_defaults(func=_cluster)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible inference server for a local HF checkpoint")
+    from lmforge.runtime.serve_args import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
