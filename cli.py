@@ -15,6 +15,7 @@ def _operator_run(args: argparse.Namespace) -> int:
         namespaces=args.namespace,
         peering=args.peering,
         standalone=args.standalone,
+        priority=args.priority,
         liveness_port=args.liveness_port,
         verbose=args.verbose,
     )
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peering", default="lmforge",
                      help="kopf peering name: replicas sharing it never reconcile the same object (default: lmforge)")
     run.add_argument("--standalone", action="store_true", help="no peering (single replica, e.g. local debugging)")
+    run.add_argument("--priority", type=int, default=None,
+                     help="peering priority; the highest live replica works, others stand by (default: random)")
     run.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: disabled)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_operator_run)

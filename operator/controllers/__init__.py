@@ -1,0 +1,2 @@
+"""kopf handlers, one module per custom resource kind. Importing this package registers them
+(`lmforge.operator.main.register_handlers`)."""

@@ -1,0 +1,81 @@
+"""`lmforge serve` arguments. Imported by the CLI for `--help`: stdlib only, no torch/fastapi."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+API_KEY_ENV = "LMFORGE_API_KEY"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the server's flags (vLLM's names where one exists) to `parser` and returns it."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="PATH",
+                       help="local HF checkpoint directory (config.json, *.safetensors, tokenizer files)")
+    model.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                       help="name clients put in `model` (repeatable; the first is reported); "
+                            "default: the basename of --model")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights/activations dtype; auto: bfloat16 on cuda, float32 on cpu")
+    model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    model.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default: 0)")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="context length (prompt + output); default: the model config's")
+    engine.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV cache block (default: 16)")
+    engine.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                        help="fraction of device memory the engine may use (default: 0.9)")
+    engine.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                        help="most sequences in one batch (default: 256)")
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                        help="most tokens in one step; default: the engine's")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse KV blocks of shared prompt prefixes (default: on)")
+    engine.add_argument("--num-blocks", type=_positive_int, default=None,
+                        help="KV cache blocks; default: sized from --gpu-memory-utilization")
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
+    server.add_argument("--max-queue", type=_non_negative_int, default=None,
+                        help="reject a new request with HTTP 429 when this many are already waiting "
+                             "(default: unbounded)")
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}); "
+                             "/health, /metrics and /version stay open")
+    server.add_argument("--graceful-shutdown-seconds", type=float, default=30.0,
+                        help="after SIGTERM: refuse new requests (503) and let in-flight ones finish for "
+                             "up to this long, then exit 0 (default: 30)")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="default: info")
+    return parser
+
+
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    if args.served_model_name:
+        return list(args.served_model_name)
+    return [os.path.basename(os.path.normpath(args.model))]
