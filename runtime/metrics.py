@@ -1,0 +1,140 @@
+"""Prometheus metrics with vLLM's names (the operator's autoscaler and dashboards read them).
+
+Two kinds of source:
+- histograms and request counters are observed as requests progress (`ServerMetrics.observe_*`,
+  called from the engine thread; prometheus_client is thread-safe);
+- gauges and engine-wide totals are read at scrape time from the latest `EngineStats` snapshot
+  the engine thread publishes (`EngineStatsCollector`), so a scrape never touches the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's bucket edges (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine thread publishes after each step (or batch of commands)."""
+
+    num_running: int = 0
+    num_waiting: int = 0  # in the engine's waiting queue
+    kv_cache_usage: float = 0.0  # fraction in [0, 1]
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up
+    prefix_cache_hits: int = 0  # tokens found
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+    @classmethod
+    def from_engine(cls, raw: object) -> EngineStats:
+        """Accepts the engine's get_stats() result (a dataclass or a dict) under a few spellings."""
+        get = raw.get if isinstance(raw, dict) else (lambda k, d=None: getattr(raw, k, d))
+
+        def pick(*names: str, default: float = 0) -> float:
+            for name in names:
+                value = get(name, None)
+                if value is not None:
+                    return value
+            return default
+
+        return cls(
+            num_running=int(pick("num_running", "num_running_reqs", "num_running_requests")),
+            num_waiting=int(pick("num_waiting", "num_waiting_reqs", "num_waiting_requests")),
+            kv_cache_usage=float(pick("kv_cache_usage", "kv_cache_usage_perc")),
+            num_free_blocks=int(pick("num_free_blocks")),
+            num_total_blocks=int(pick("num_total_blocks", "num_blocks")),
+            prefix_cache_queries=int(pick("prefix_cache_queries", "num_prefix_cache_queries")),
+            prefix_cache_hits=int(pick("prefix_cache_hits", "num_prefix_cache_hits")),
+            num_preemptions=int(pick("num_preemptions")),
+            prompt_tokens=int(pick("prompt_tokens", "num_prompt_tokens", "prompt_tokens_total")),
+            generation_tokens=int(pick("generation_tokens", "num_generation_tokens", "generation_tokens_total")),
+        )
+
+
+class EngineStatsCollector(Collector):
+    """Yields gauges/counters from `snapshot()` at scrape time."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], EngineStats]) -> None:
+        self.model_name = model_name
+        self.snapshot = snapshot
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([self.model_name], value)
+        return family
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric([self.model_name], value)
+        return family
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.snapshot()
+        yield self._gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", s.kv_cache_usage)
+        yield self._gauge("lmforge:kv_cache_free_blocks", "Free KV cache blocks.", s.num_free_blocks)
+        yield self._gauge("lmforge:kv_cache_total_blocks", "KV cache blocks in the pool.", s.num_total_blocks)
+        # CounterMetricFamily appends the `_total` suffix.
+        yield self._counter("vllm:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens)
+        yield self._counter("vllm:generation_tokens", "Generated tokens.", s.generation_tokens)
+        yield self._counter("vllm:num_preemptions", "Requests preempted (KV cache full).", s.num_preemptions)
+        yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                            s.prefix_cache_queries)
+        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                            s.prefix_cache_hits)
+
+
+class ServerMetrics:
+    """One registry per server (tests run several apps in one process without name clashes)."""
+
+    def __init__(self, model_name: str, snapshot: Callable[[], EngineStats]) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(EngineStatsCollector(model_name, snapshot))
+        labels = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             labels, buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last output.", labels,
+                             buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self._success = Counter("vllm:request_success", "Finished requests by finish reason.",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self._rejected = Counter("lmforge:requests_rejected", "Requests refused, by reason.",
+                                 ["model_name", "reason"], registry=self.registry)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float, num_tokens: int = 1) -> None:
+        """`num_tokens` arrived together after `seconds`: each counts as seconds / num_tokens."""
+        for _ in range(num_tokens):
+            self.itl.observe(seconds / num_tokens)
+
+    def observe_finished(self, e2e_seconds: float, finish_reason: str) -> None:
+        self.e2e.observe(e2e_seconds)
+        self._success.labels(self.model_name, finish_reason).inc()
+
+    def observe_rejected(self, reason: str) -> None:
+        self._rejected.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
