@@ -1,0 +1,199 @@
+"""InferenceService: an OpenAI-compatible endpoint (Deployment + Service), autoscaled by the operator
+on queue depth, KV-cache usage or running requests scraped from the pods' /metrics.
+
+    kubectl get lmisvc          # PHASE READY REPLICAS URL AGE
+    kubectl scale lmisvc chat --replicas 3   # the /scale subresource (also used by HPA/KEDA)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from lmforge.operator.api.base import (
+    ApiModel,
+    Condition,
+    CrdInfo,
+    LastFailure,
+    PassThrough,
+    PrinterColumn,
+    ResourceRequirements,
+    Rule,
+    ScaleSubresource,
+    SecretKeyRef,
+    SourceURI,
+    StatusModel,
+    Timestamp,
+    name_rule,
+    sub,
+)
+from pydantic import Field
+
+
+class ModelSpec(ApiModel):
+    """The checkpoint to serve and how to load it."""
+
+    source: SourceURI
+    """HF-layout checkpoint: pvc://, hostPath://, an absolute path, hf:// or s3://."""
+    served_name: str | None = Field(None, min_length=1, max_length=256)
+    """Model id in the OpenAI API (default: the resource name)."""
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """Activation/weight dtype (auto: from config.json)."""
+    max_model_len: int | None = Field(None, ge=16, le=1048576)
+    """Context length limit (default: the model's)."""
+    quantization: Literal["w8a16", "w4a16", "fp8"] | None = None
+    """Quantized weights (default: detected from the checkpoint's quantization_config)."""
+
+
+class EngineSpec(ApiModel):
+    """Continuous-batching engine settings (vLLM names)."""
+
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory for weights + KV cache."""
+    max_num_seqs: int = Field(256, ge=1, le=65536)
+    """Sequences in one batch."""
+    max_num_batched_tokens: int = Field(8192, ge=16, le=1048576)
+    """Tokens in one forward pass (chunked prefill)."""
+    block_size: Literal[8, 16, 32] = 16
+    """Tokens per KV-cache block."""
+    prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """KV-cache precision."""
+
+
+class Autoscaling(ApiModel):
+    """Operator-driven autoscaling. `target` is per replica: waiting requests (queue), KV-cache usage
+    in (0, 1] (kvCache) or running requests (running)."""
+
+    __rules__ = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="minReplicas must not exceed maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+            field_path=".minReplicas",
+        ),
+        Rule(
+            cel="self.metric != 'kvCache' || self.target <= 1.0",
+            message="target must be in (0, 1] when metric is kvCache (a fraction of the KV cache)",
+            check=lambda a: a.metric != "kvCache" or a.target <= 1.0,
+            field_path=".target",
+        ),
+    )
+
+    min_replicas: int = Field(1, ge=0, le=1000)
+    """Lower bound (0: scale to zero when idle)."""
+    max_replicas: int = Field(ge=1, le=1000)
+    """Upper bound."""
+    metric: Literal["queue", "kvCache", "running"] = "queue"
+    """Which engine signal drives scaling."""
+    target: float = Field(4.0, gt=0)
+    """Desired metric value per replica."""
+    scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
+    """Scale up only to the lowest recommendation seen in this window."""
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+    """Scale down only to the highest recommendation seen in this window."""
+    max_scale_up_step: int = Field(4, ge=1, le=1000)
+    """Replicas added per decision at most."""
+    max_scale_down_step: int = Field(1, ge=1, le=1000)
+    """Replicas removed per decision at most."""
+
+
+class InferenceServiceSpec(ApiModel):
+    """Desired state of an InferenceService."""
+
+    model: ModelSpec
+    """What to serve."""
+    engine: EngineSpec = sub(EngineSpec)
+    """Engine settings."""
+    resources: ResourceRequirements | None = None
+    """Resources of each replica, e.g. limits: {nvidia.com/gpu: 1}."""
+    replicas: int = Field(1, ge=0, le=1000)
+    """Replicas when autoscaling is off; with autoscaling the operator writes it (also the /scale subresource)."""
+    autoscaling: Autoscaling | None = None
+    """Operator-driven autoscaling (off when absent)."""
+    api_key_secret: SecretKeyRef | None = None
+    """Require `Authorization: Bearer <key>` with the key from this Secret."""
+    image: str | None = Field(None, min_length=1, max_length=512)
+    """Server image (default: the operator's runtime image)."""
+    node_selector: dict[str, Annotated[str, Field(max_length=253)]] | None = None
+    """Pod nodeSelector."""
+    tolerations: list[PassThrough] | None = None
+    """Pod tolerations (passed through)."""
+    env: list[PassThrough] | None = None
+    """Extra environment of the server container (passed through)."""
+    volumes: list[PassThrough] | None = None
+    """Extra pod volumes (passed through)."""
+    volume_mounts: list[PassThrough] | None = None
+    """Extra mounts of the server container (passed through)."""
+
+
+InferenceServicePhase = Literal["Pending", "Loading", "Ready", "Degraded", "ScaledToZero", "Failed"]
+
+
+class AutoscalingStatus(StatusModel):
+    """The autoscaler's last look."""
+
+    desired_replicas: int | None = None
+    """What the autoscaler wants now (before stabilization and step limits)."""
+    current_metric_value: float | None = None
+    """Observed metric per ready replica."""
+    last_scale_time: Timestamp | None = None
+    """When spec.replicas was last changed by the autoscaler."""
+    last_decision: str | None = None
+    """Why (e.g. "queue 9.5/replica > target 4: 2 -> 3")."""
+
+
+class ScaleEvent(StatusModel):
+    """One autoscaling change."""
+
+    time: Timestamp
+    from_replicas: int
+    to_replicas: int
+    reason: str
+
+
+class InferenceServiceStatus(StatusModel):
+    """Observed state of an InferenceService, written only by the operator."""
+
+    phase: InferenceServicePhase | None = None
+    """Pending -> Loading -> Ready; Degraded when some replicas are not ready; ScaledToZero; Failed when pods crash-loop."""
+    conditions: list[Condition] = Field(
+        [], json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    """Ready, Progressing, Degraded, ..."""
+    observed_generation: int | None = None
+    """metadata.generation this status reflects."""
+    replicas: int | None = None
+    """Pods that exist (the /scale subresource's status.replicas)."""
+    ready_replicas: int | None = None
+    """Pods passing /health."""
+    url: str | None = None
+    """In-cluster base URL of the OpenAI API (http://<name>.<namespace>.svc/v1)."""
+    selector: str | None = None
+    """Label selector of the pods (for the /scale subresource and HPA)."""
+    last_failure: LastFailure | None = None
+    """Latest pod failure."""
+    autoscaling: AutoscalingStatus | None = None
+    """Autoscaler state."""
+    history: list[ScaleEvent] = Field([], max_length=20)
+    """Most recent scaling changes, newest last (at most 20)."""
+
+
+CRD = CrdInfo(
+    kind="InferenceService",
+    plural="inferenceservices",
+    short_names=("lmisvc",),
+    spec=InferenceServiceSpec,
+    status=InferenceServiceStatus,
+    description="Serve an LLM behind an OpenAI-compatible API, autoscaled on engine metrics.",
+    root_rules=(name_rule(50, "it names the Deployment and the Service"),),
+    scale=ScaleSubresource(),
+    printer_columns=(
+        PrinterColumn("Phase", ".status.phase", description="Pending, Loading, Ready, Degraded, ScaledToZero or Failed"),
+        PrinterColumn("Ready", ".status.readyReplicas", "integer", "Replicas passing /health"),
+        PrinterColumn("Replicas", ".status.replicas", "integer", "Replicas that exist"),
+        PrinterColumn("URL", ".status.url", description="OpenAI API base URL"),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        PrinterColumn("Model", ".spec.model.source", priority=1),
+    ),
+)
