@@ -1,0 +1,199 @@
+"""Paged KV bookkeeping: the block pool, per-sequence block tables and the prefix cache. No torch.
+
+Invariants
+- A block is either referenced (ref_cnt > 0, owned by >= 1 running sequence) or in the free queue.
+- The free queue is in eviction order (least recently freed first). A freed block that holds a
+  cached prefix keeps its hash and content until it is handed out again; one without a hash goes
+  to the front, since nothing is lost by reusing it first.
+- A full block is registered under the chained hash H = sha256(H_parent, token ids) as soon as
+  its tokens are scheduled: the runner writes a step's K/V before any attention reads them, so a
+  later request in the same step may already reuse it.
+- Cache hits never cover a sequence's last token: at least one token is computed to get logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from lmforge.runtime.engine.sequence import Sequence
+
+
+@dataclass(eq=False, slots=True)
+class KVCacheBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
+    h = hashlib.sha256(parent_hash or b"root")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+class BlockPool:
+    """Owns every block, the LRU free queue and the hash -> block map of the prefix cache."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, KVCacheBlock] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def get_all_free_blocks(self) -> list[int]:
+        """Free block ids in eviction order (for tests)."""
+        return list(self.free_queue)
+
+    def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
+        if n > len(self.free_queue):
+            raise ValueError(f"asked for {n} blocks, {len(self.free_queue)} free")
+        blocks = []
+        for _ in range(n):
+            _, block = self.free_queue.popitem(last=False)
+            if block.block_hash is not None:  # evict the cached prefix it held
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            blocks.append(block)
+        return blocks
+
+    def touch(self, blocks: Seq[KVCacheBlock]) -> None:
+        """Takes a reference on cached blocks found by a prefix lookup."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks: Seq[KVCacheBlock]) -> None:
+        """Drops one reference each; `blocks` in the order they should be evicted."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block.block_id, last=False)
+
+    def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
+        return self.cached.get(block_hash)
+
+    def cache_block(self, block: KVCacheBlock, block_hash: bytes) -> None:
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+
+
+class BlockManager:
+    """Block tables per sequence on top of a BlockPool; what the scheduler talks to."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.seq_blocks: dict[int, list[KVCacheBlock]] = {}  # seq_id -> block table
+        self.num_cached_blocks: dict[int, int] = {}  # seq_id -> leading blocks registered in the cache
+        self.prefix_cache_queries = 0  # tokens looked up
+        self.prefix_cache_hits = 0  # tokens found
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def get_block_ids(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self.seq_blocks.get(seq.seq_id, ())]
+
+    def _block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
+        """Extends seq.block_hashes to its first `num_full_blocks` full blocks."""
+        bs = self.block_size
+        while len(seq.block_hashes) < num_full_blocks:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+        return seq.block_hashes[:num_full_blocks]
+
+    def get_computed_blocks(self, seq: Sequence) -> tuple[list[KVCacheBlock], int]:
+        """Longest cached prefix of a waiting sequence: (blocks, number of tokens they cover)."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        blocks = []
+        for block_hash in self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += len(blocks) * self.block_size
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       new_computed_blocks: Seq[KVCacheBlock] = ()) -> bool:
+        """Grows seq's block table to hold its computed tokens, `new_computed_blocks` (a prefix hit,
+        only for a sequence being scheduled from waiting) and `num_new_tokens` more. False, with
+        nothing changed, when the pool cannot supply the blocks.
+
+            | computed (seq.num_computed_tokens) | new_computed_blocks | num_new_tokens |
+            |<------------------ fits in the returned block table -------------------->|
+        """
+        blocks = self.seq_blocks.setdefault(seq.seq_id, [])
+        num_tokens = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
+        num_needed = -(-num_tokens // self.block_size) - len(blocks) - len(new_computed_blocks)
+        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)  # hits sitting in the free queue
+        if max(num_needed, 0) + num_evictable_hits > self.pool.num_free_blocks:
+            if not blocks:
+                del self.seq_blocks[seq.seq_id]
+            return False
+        self.pool.touch(new_computed_blocks)
+        blocks.extend(new_computed_blocks)
+        if num_needed > 0:
+            blocks.extend(self.pool.get_new_blocks(num_needed))
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(seq, blocks, num_tokens // self.block_size)
+        return True
+
+    def _cache_full_blocks(self, seq: Sequence, blocks: list[KVCacheBlock], num_full_blocks: int) -> None:
+        start = self.num_cached_blocks.get(seq.seq_id, 0)
+        if num_full_blocks <= start:
+            return
+        hashes = self._block_hashes(seq, num_full_blocks)
+        for i in range(start, num_full_blocks):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self.num_cached_blocks[seq.seq_id] = num_full_blocks
+
+    def free(self, seq: Sequence) -> None:
+        """Releases seq's blocks, tail first, so a shared prefix outlives its suffixes in the cache."""
+        blocks = self.seq_blocks.pop(seq.seq_id, [])
+        self.num_cached_blocks.pop(seq.seq_id, None)
+        self.pool.free_blocks(list(reversed(blocks)))
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every cached hash; only allowed when no sequence holds blocks."""
+        if self.seq_blocks:
+            return False
+        self.pool.reset_prefix_cache()
+        return True

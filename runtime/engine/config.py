@@ -1,0 +1,69 @@
+"""EngineArgs: every knob of `LLM(...)` / `LLMEngine(...)`, validated once (vLLM's names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass
+class EngineArgs:
+    model: str | Path
+    tokenizer: str | Path | None = None  # defaults to `model`
+    dtype: str = "auto"  # auto: float32 on CPU; the checkpoint's bf16/fp16 (else bf16) on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # explicit KV cache size; None: profile (CUDA) or cpu_kv_cache_gb
+    seed: int = 0
+    enforce_eager: bool = False  # accepted for vLLM compatibility; no CUDA graphs are captured yet
+    cpu_kv_cache_gb: float = 0.25  # KV cache budget when running on CPU and num_blocks is None
+    long_prefill_token_threshold: int = 0  # >0: cap any one sequence's prefill chunk per step
+    max_logprobs: int = 20
+    attention_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        ckpt = _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
+        return ckpt if ckpt in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]

@@ -1,0 +1,237 @@
+"""LLMEngine: the synchronous core. add_request / abort_request / step, used from one thread.
+
+    engine = LLMEngine(EngineArgs(model="path/to/checkpoint", device="cpu", dtype="float32"))
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    while engine.has_unfinished_requests():
+        for out in engine.step():   # cumulative text/token_ids of every request that advanced
+            ...
+
+Each `step()` is one scheduler step (a forward pass over a mixed prefill/decode batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.runtime.engine.block_manager import BlockManager
+from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
+from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer
+from lmforge.runtime.engine.model_runner import ModelRunner
+from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
+from lmforge.runtime.models.config import ModelConfig, load_model_config
+from lmforge.runtime.outputs import CompletionOutput, RequestOutput
+from lmforge.runtime.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int  # requests with at least one sequence running
+    num_waiting: int  # requests not yet (or no longer, after preemption) running
+    kv_cache_usage: float  # 0..1, fraction of KV blocks not free
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which found cached
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        device = resolve_device(args.device)
+        self.model_config: ModelConfig = load_model_config(args.model)
+        dtype = resolve_dtype(args.dtype, self.model_config.torch_dtype, device)
+        self.model_config.model = str(args.model)
+        self.model_config.max_model_len = max_model_len = _max_model_len(self.model_config, args.max_model_len)
+        self.tokenizer = _load_tokenizer(args.tokenizer or args.model)
+        self.runner = ModelRunner(args.model, self.model_config, device=device, dtype=dtype,
+                                  max_model_len=max_model_len, block_size=args.block_size, seed=args.seed,
+                                  attention_backend=args.attention_backend)
+        num_blocks = args.num_blocks or self.runner.profile_num_blocks(
+            args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
+            args.cpu_kv_cache_gb)
+        if num_blocks * args.block_size < max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens = {num_blocks * args.block_size}"
+                f" tokens, fewer than max_model_len={max_model_len}; raise num_blocks / gpu_memory_utilization"
+                " or lower max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
+                            args.long_prefill_token_threshold), self.block_manager)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner.eos_token_ids = sorted(self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []  # abort outputs, delivered by the next step()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # --- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None) -> None:
+        """Queues a request. `prompt` is text (tokenized with the tokenizer's special tokens) or token
+        ids; pass both text and `prompt_token_ids` to keep the text (e.g. a rendered chat) while
+        skipping tokenization. Raises ValueError on an invalid prompt or parameters."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        if prompt_token_ids is not None:
+            token_ids = list(prompt_token_ids)
+        else:
+            token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(token_ids, params)
+        req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
+        for seq in req.seqs:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+            self.scheduler.add_seq(seq)
+        self.requests[request_id] = req
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) > max_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_len}")
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported")
+        if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs={self.args.max_logprobs}")
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stops the request(s) now and frees their KV blocks; unknown ids are ignored. The final
+        output (finish_reason "abort") comes out of the next step()."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    self._finish(seq, FinishReason.ABORT)
+            req.finish_time = time.monotonic()
+            self._pending.append(self._make_output(req))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        result = self.runner.execute(sched)
+        advanced = self.scheduler.update_from_output(sched, result.sampled)
+        touched: dict[str, Request] = {}
+        now = time.monotonic()
+        for seq in advanced:
+            lp = result.logprobs.get(seq.seq_id)
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+                seq.cumulative_logprob += result.sampled_logprob[seq.seq_id]
+            self._process_token(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        self.generation_tokens_total += len(advanced)
+        for req in touched.values():
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.prompt_tokens_total += len(req.prompt_token_ids)
+            if req.finished:
+                req.finish_time = now
+                del self.requests[req.request_id]
+            outputs.append(self._make_output(req))
+        return outputs
+
+    def _process_token(self, seq: Sequence) -> None:
+        reason = self.scheduler.check_stop(seq, self.eos_token_ids)
+        detok: IncrementalDetokenizer = seq.detokenizer
+        if reason is not FinishReason.STOP:  # an EOS / stop token id is not part of the text
+            stop_str = detok.update(seq.token_ids[-1])
+            if stop_str is not None:
+                reason, seq.stop_reason = FinishReason.STOP, stop_str
+        if reason is not None and not isinstance(seq.stop_reason, str):  # ended, not cut: emit pending bytes
+            stop_str = detok.flush()
+            if stop_str is not None:
+                reason, seq.stop_reason = FinishReason.STOP, stop_str
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq.seq_id)
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        completions = []
+        for seq in req.seqs:
+            want_lp = seq.params.logprobs is not None
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.output_text(seq.is_finished),
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                logprobs=list(seq.output_logprobs) if want_lp else None,
+                finish_reason=str(seq.finish_reason) if seq.finish_reason else None,
+                stop_reason=seq.stop_reason,
+            ))
+        metrics = {"arrival_time": req.arrival_time}
+        if req.first_token_time is not None:
+            metrics["first_token_time"] = req.first_token_time
+        if req.finish_time is not None:
+            metrics["finish_time"] = req.finish_time
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions,
+                             finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             metrics=metrics)
+
+    # --- introspection --------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        running = {seq.request_id for seq in self.scheduler.running}
+        waiting = {seq.request_id for seq in self.scheduler.waiting} - running
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(running), num_waiting=len(waiting), kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_total_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
+
+def _max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window:  # we attend over the full context, so stay inside the window
+        limit = min(limit, cfg.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's limit of {limit} tokens")
+    return requested
+
+
+def _load_tokenizer(path: Any):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,190 @@
+"""Owns the model, the paged KV cache and the sampler; turns a SchedulerOutput into sampled tokens.
+
+One step = one forward over the flattened batch: every scheduled sequence contributes its new
+tokens (a prefill chunk or one decode token). Logits are computed only for sequences whose step
+reaches their last token (`ScheduledSeq.samples`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.runtime.engine.attention import CommonAttentionMetadata, get_attention_backend
+from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
+from lmforge.runtime.engine.scheduler import SchedulerOutput
+from lmforge.runtime.engine.sequence import Sequence
+from lmforge.runtime.models.config import ModelConfig
+from lmforge.runtime.models.loader import load_weights
+from lmforge.runtime.models.registry import get_model_class
+
+_GiB = 1 << 30
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> new token id
+    logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
+    sampled_logprob: dict[int, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, model_config: ModelConfig, *, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, block_size: int, seed: int = 0,
+                 attention_backend: str = "torch"):
+        self.config = model_config
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.backend = get_attention_backend(attention_backend)
+        cls = get_model_class(model_config.architecture)
+        with torch.device(device), _default_dtype(dtype):
+            self.model = cls(model_config, max_model_len, self.backend)
+        load_weights(self.model, model_dir)
+        self.model.eval().requires_grad_(False)
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
+        self.eos_token_ids: list[int] = list(model_config.eos_token_ids)
+        self.num_blocks = 0
+
+    # --- KV cache -------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of K and V for one block across all layers."""
+        c = self.config
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Binds k_cache/v_cache [num_blocks, block_size, Hkv, D] to every attention layer. Zeroed
+        so that masked-out padding positions never carry NaNs (on CPU, calloc: pages stay lazy)."""
+        c = self.config
+        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        for attn in self.model.attention_layers():
+            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.num_blocks = num_blocks
+
+    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
+                           max_model_len: int, max_num_seqs: int, cpu_kv_cache_gb: float) -> int:
+        """Blocks that fit: on CUDA, what is left of `utilization` x total memory after the weights
+        and the activation peak of a full-budget dummy step; on CPU, a fixed byte budget."""
+        if self.device.type != "cuda":
+            return int(cpu_kv_cache_gb * _GiB // self.block_bytes)
+        num_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.allocate_kv_cache(math.ceil(num_tokens / self.block_size))
+        self.dummy_run(num_tokens, max_model_len, num_logits=min(max_num_seqs, num_tokens))
+        torch.cuda.synchronize(self.device)
+        tmp_kv = self.num_blocks * self.block_bytes
+        self.allocate_kv_cache(0)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak_without_kv = torch.cuda.max_memory_allocated(self.device) - tmp_kv
+        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        available = total * gpu_memory_utilization - peak_without_kv - max(non_torch, 0)
+        torch.cuda.empty_cache()
+        return max(int(available // self.block_bytes), 0)
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, max_model_len: int, num_logits: int = 1) -> None:
+        """A prefill of `num_tokens` tokens split into max_model_len-long sequences (profiling)."""
+        lens = [min(max_model_len, num_tokens - s) for s in range(0, num_tokens, max_model_len)]
+        blocks_per_seq = math.ceil(max(lens) / self.block_size)
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lens))]
+        positions = [p for n in lens for p in range(n)]
+        slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
+                 for i, n in enumerate(lens) for p in range(n)]
+        self.allocate_kv_cache(max(self.num_blocks, len(lens) * blocks_per_seq))
+        common = self._common_meta(slots, tables, lens, lens)
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device),
+                            torch.tensor(positions, device=self.device), self.backend.build_metadata(common))
+        self.model.compute_logits(hidden[:num_logits]).float().softmax(-1)
+
+    def _common_meta(self, slots: list[int], tables: list[list[int]], query_lens: list[int],
+                     seq_lens: list[int]) -> CommonAttentionMetadata:
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return CommonAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=self.device),
+            query_lens=query_lens, seq_lens=seq_lens, block_size=self.block_size,
+        )
+
+    # --- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables, query_lens, seq_lens = [], [], []
+        logit_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+            tables.append(s.block_ids)
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            if s.samples:
+                logit_rows.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
+        hidden = self.model(torch.tensor(input_ids, device=self.device),
+                            torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+        out = ModelRunnerOutput()
+        if not sample_seqs:
+            return out
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])  # [N, V]
+        result = self.sampler(logits, self._sampling_metadata(sample_seqs))
+        for row, seq in enumerate(sample_seqs):
+            out.sampled[seq.seq_id] = result.token_ids[row]
+            if result.logprobs[row] is not None:
+                out.logprobs[seq.seq_id] = result.logprobs[row]
+                out.sampled_logprob[seq.seq_id] = result.sampled_logprobs[row]
+        return out
+
+    def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+        params = [seq.params for seq in seqs]
+        penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        generators = {}
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None and not seq.params.greedy:
+                if seq.seq_id not in self.generators:
+                    gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                    self.generators[seq.seq_id] = gen
+                generators[row] = self.generators[seq.seq_id]
+        banned = []
+        for seq in seqs:
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned.append(list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids))
+            else:
+                banned.append([])
+        return SamplingMetadata(
+            params=params,
+            prompt_token_ids=[seq.prompt_token_ids for seq in seqs] if penalties else [],
+            output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else [],
+            generators=generators,
+            stop_ids_before_min_tokens=banned,
+        )
+
+    def release(self, seq_id: int) -> None:
+        """A sequence finished: drop its generator."""
+        self.generators.pop(seq_id, None)

@@ -1,0 +1,139 @@
+"""Next-token sampling for a batch of rows with per-row SamplingParams.
+
+Order (vLLM v1): raw log-softmax for logprobs -> min_tokens EOS ban -> repetition / presence /
+frequency penalties -> greedy rows take the argmax -> temperature -> min-p -> top-k / top-p ->
+one exponential-race draw per row (argmax of probs / Exp(1) noise, equivalent to sampling from
+probs). Rows with a `seed` draw their noise from their own torch.Generator, so their tokens do not
+depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.runtime.sampling_params import SamplingParams
+
+_GREEDY_EPS = 1e-5  # temperatures below this are greedy
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    params: list[SamplingParams]  # one per row
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    generators: dict[int, torch.Generator]  # row -> generator of a seeded request
+    stop_ids_before_min_tokens: list[list[int]]  # per row: EOS + stop ids banned until min_tokens
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]  # per row when requested: {sampled id: lp, top ids: lp, ...}
+    sampled_logprobs: list[float | None]
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator  # for unseeded rows
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()  # [N, V]
+        num_rows = logits.shape[0]
+        want = [p.logprobs for p in meta.params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want) else None
+
+        for row, banned in enumerate(meta.stop_ids_before_min_tokens):
+            if banned:
+                logits[row, banned] = float("-inf")
+        if any(_has_penalties(p) for p in meta.params):
+            logits = apply_penalties(logits, meta)
+
+        greedy = [p.temperature < _GREEDY_EPS or p.top_k == 1 for p in meta.params]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            sampled = self._sample(logits, meta, greedy)
+            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
+
+        token_list = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * num_rows
+        sampled_lps: list[float | None] = [None] * num_rows
+        if raw_logprobs is not None:
+            k = max(n or 0 for n in want)
+            top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
+            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            top_vals = top_vals.tolist() if k else None
+            top_ids = top_ids.tolist() if k else None
+            for row, n in enumerate(want):
+                if n is None:
+                    continue
+                entry = {token_list[row]: chosen[row]}
+                for j in range(n):
+                    entry.setdefault(top_ids[row][j], top_vals[row][j])
+                logprobs[row], sampled_lps[row] = entry, chosen[row]
+        return SamplerOutput(token_list, logprobs, sampled_lps)
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
+        temps = [1.0 if g else p.temperature for p, g in zip(meta.params, greedy, strict=True)]
+        logits = logits / torch.tensor(temps, device=logits.device)[:, None]
+        if any(p.min_p > 0 for p in meta.params):
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in meta.params], device=logits.device))
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in meta.params):
+            vocab = logits.shape[-1]
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in meta.params], device=logits.device)
+            top_p = torch.tensor([p.top_p for p in meta.params], device=logits.device)
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, gen in meta.generators.items():
+            noise[row].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[N, V] occurrences of each token id per row."""
+    width = max((len(t) for t in token_lists), default=0)
+    padded = torch.full((len(token_lists), width + 1), vocab, dtype=torch.int64)
+    for row, ids in enumerate(token_lists):
+        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, padded.to(device), torch.ones_like(padded, dtype=counts.dtype, device=device))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Repetition (HF/vLLM: divide positive, multiply negative logits of tokens seen in prompt or
+    output), then frequency (x count) and presence (x seen) over generated tokens only."""
+    vocab, device = logits.shape[-1], logits.device
+    out_counts = _token_counts(meta.output_token_ids, vocab, device)
+    seen = (_token_counts(meta.prompt_token_ids, vocab, device) > 0) | (out_counts > 0)
+    rep = torch.tensor([p.repetition_penalty for p in meta.params], device=device)[:, None]
+    freq = torch.tensor([p.frequency_penalty for p in meta.params], device=device)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in meta.params], device=device)[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drops tokens whose probability is below min_p x the top token's probability."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keeps each row's top_k tokens, then the smallest head whose probability mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+    cut = (mass_before >= top_p[:, None]) & (ranks > 0) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

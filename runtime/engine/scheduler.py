@@ -1,0 +1,167 @@
+"""Continuous batching, vLLM v1 style: no prefill/decode phases, only a token budget per step.
+
+Each step gives every running sequence the tokens it still lacks (one for a decode, the rest of
+its prompt, capped by the budget, for a chunked prefill), then admits waiting sequences FCFS while
+budget, `max_num_seqs` and free blocks last. When a running sequence cannot get a block, the
+newest running sequence is preempted (blocks freed, recomputed later from its tokens so far).
+No torch here: the scheduler talks to the runner through `SchedulerOutput` and sampled token ids.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmforge.runtime.engine.block_manager import BlockManager
+from lmforge.runtime.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+    long_prefill_token_threshold: int = 0  # >0: cap one sequence's prefill chunk (fairness)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # compute tokens [seq.num_computed_tokens, + num_new_tokens)
+    block_ids: list[int]  # the whole block table after allocation
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the sequence's last token, so its logits give a new token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add_seq(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:  # running first, oldest first
+            seq = self.running[i]
+            num_new = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, num_new):
+                victim = self.running.pop()  # newest
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledSeq(seq, num_new, self.block_manager.get_block_ids(seq)))
+            budget -= num_new
+            i += 1
+        if not out.preempted:  # admit new work only when nothing had to give way this step
+            self._schedule_waiting(out, budget)
+        out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        held: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if self._waits_for_lead(seq):
+                held.append(self.waiting.popleft())
+                continue
+            computed, num_cached = self.block_manager.get_computed_blocks(seq)
+            num_new = self._chunk(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate_slots(seq, num_new, computed):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = num_cached
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = num_cached
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new, self.block_manager.get_block_ids(seq)))
+            budget -= num_new
+        self.waiting.extendleft(reversed(held))
+
+    def _chunk(self, num_tokens: int, budget: int) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0:
+            num_tokens = min(num_tokens, threshold)
+        return min(num_tokens, budget)
+
+    def _waits_for_lead(self, seq: Sequence) -> bool:
+        """n>1 siblings start once sample 0 has computed the prompt, then reuse its cached blocks."""
+        lead = seq.lead
+        if lead is None or not self.block_manager.enable_prefix_caching or lead.is_finished:
+            return False
+        return lead.status is SequenceStatus.WAITING or lead.num_computed_tokens < lead.num_prompt_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Advances computed counts; appends each sampled token (seq_id -> token id). Returns the
+        sequences that received a token, in schedule order."""
+        advanced = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += s.num_new_tokens
+            if seq.seq_id in sampled:
+                seq.append_token(sampled[seq.seq_id])
+                advanced.append(seq)
+        return advanced
+
+    def check_stop(self, seq: Sequence, eos_token_ids: set[int]) -> FinishReason | None:
+        """Token-level stop conditions after a new token (stop strings are the detokenizer's)."""
+        params, token = seq.params, seq.token_ids[-1]
+        if seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in eos_token_ids:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                return FinishReason.STOP
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends a sequence (stop, length or abort), wherever it is, and frees its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = reason

@@ -1,0 +1,111 @@
+"""Request and sequence state. Pure Python: the scheduler and block manager read it, never torch.
+
+A `Request` owns `n` `Sequence`s (one per sample). Each sequence carries the token ids so far
+(prompt + generated) and `num_computed_tokens`, the prefix whose K/V are in the cache; the next
+step computes tokens [num_computed_tokens, num_tokens).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lmforge.runtime.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # prompt + output
+    num_prompt_tokens: int
+    params: SamplingParams
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are cached (valid while RUNNING)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, filled lazily
+    lead: Sequence | None = None  # n>1: siblings wait for sample 0's prompt so they share its blocks
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    detokenizer: Any = None  # the engine's IncrementalDetokenizer; opaque here
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs = [
+                Sequence(self.request_id, i, list(self.prompt_token_ids), len(self.prompt_token_ids),
+                         _child_params(self.params, i), arrival_time=self.arrival_time)
+                for i in range(self.params.n)
+            ]
+            for seq in self.seqs[1:]:
+                seq.lead = self.seqs[0]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample i of a seeded n>1 request draws from seed + i (vLLM's convention)."""
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=params.seed + index)
