@@ -27,6 +27,7 @@ from lmforge.operator.localcluster.locking import file_lock
 
 GOMOD_DIR = Path(__file__).parent / "gomod"
 MIN_GO = (1, 26)
+DEFAULT_GO = "/usr/local/go/bin/go"  # where the go.dev tarball goes
 MAX_PARALLEL_BUILDS = 2  # the reference machine has 2 cores; one `go build` already uses both
 GO_INSTALL_HINT = (
     "Go >= {min} is needed to build the control plane (Debian/Ubuntu `golang` packages are older).\n"
@@ -163,7 +164,7 @@ def parse_go_version(text: str) -> tuple[int, int] | None:
 def find_go() -> str:
     """`$LMFORGE_GO`, `go` on PATH, or the go.dev tarball's default location."""
     hint = GO_INSTALL_HINT.format(min=".".join(map(str, MIN_GO)))
-    candidates = [os.environ.get("LMFORGE_GO"), shutil.which("go"), "/usr/local/go/bin/go"]
+    candidates = [os.environ.get("LMFORGE_GO"), shutil.which("go"), DEFAULT_GO]
     go = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     if go is None:
         raise BuildError("step 'find Go' failed: no `go` binary found.\n" + hint)
@@ -202,6 +203,7 @@ def ensure_binaries(versions: Versions = Versions(), log: Callable[[str], None] 
 
 def build(steps: list[BuildStep], directory: Path, log: Callable[[str], None]) -> None:
     go = find_go()
+    directory.mkdir(parents=True, exist_ok=True)
     root = paths.go_root()
     env = go_env(root)
     log_dir = root / "logs"
