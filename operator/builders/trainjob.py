@@ -1,0 +1,234 @@
+"""Pure builders of the objects a TrainJob owns: a headless Service, a ConfigMap holding
+/etc/lmforge/train.json, and one worker pod per node.
+
+No client import and no I/O: spec model in, manifest dicts out (tests compare whole objects).
+Names are deterministic (`<job>`, `<job>-config`, `<job>-<rank>`), so creating twice is an
+AlreadyExists, never a duplicate: an operator killed at any moment cannot leave two gangs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.operator.api.constants import (
+    ANNOTATION_KUEUE_POD_GROUP_COUNT,
+    API_VERSION,
+    CONFIG_FILE,
+    CONFIG_MOUNT_PATH,
+    LABEL_JOB_NAME,
+    LABEL_KIND,
+    LABEL_KUEUE_POD_GROUP,
+    LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY,
+    LABEL_RANK,
+    LABEL_RESTART,
+    MANAGED_BY,
+    MASTER_PORT,
+)
+from lmforge.operator.api.trainjob import Checkpoint, LoRA, TrainConfig, TrainJobSpec
+
+CONTAINER_NAME = "trainer"
+CONFIG_VOLUME = "lmforge-config"
+DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """Identity of the TrainJob the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuildConfig:
+    """Operator-wide settings the builders need (see `from_env` in the controller)."""
+
+    default_image: str = DEFAULT_IMAGE
+    master_port: int = MASTER_PORT
+    termination_grace_seconds: int = 30  # time for the worker to checkpoint on SIGTERM
+    image_pull_policy: str = "IfNotPresent"
+
+
+def pod_name(job_name: str, rank: int) -> str:
+    return f"{job_name}-{rank}"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def master_addr(job_name: str) -> str:
+    """Rank 0's stable DNS name through the headless Service: <job>-0.<job>."""
+    return f"{pod_name(job_name, 0)}.{job_name}"
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainJob",
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def selector_labels(job_name: str) -> dict[str, str]:
+    return {LABEL_JOB_NAME: job_name}
+
+
+def _common_labels(job_name: str) -> dict[str, str]:
+    return {**selector_labels(job_name), LABEL_KIND: "TrainJob", LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _metadata(job: JobRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"name": name, "namespace": job.namespace, "labels": labels, "ownerReferences": [owner_reference(job)]}
+
+
+def headless_service(job: JobRef, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    """Gives each worker the DNS name <job>-<rank>.<job>; published before readiness so that
+    ranks can rendezvous while they start."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, job.name, _common_labels(job.name)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(job.name),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "master", "port": cfg.master_port, "targetPort": cfg.master_port, "protocol": "TCP"}],
+        },
+    }
+
+
+def train_config(job: JobRef, spec: TrainJobSpec) -> TrainConfig:
+    """The worker's view of the job: every default resolved, nothing Kubernetes-specific."""
+    checkpoint = spec.checkpoint
+    if checkpoint.dir is None:
+        checkpoint = Checkpoint(**{**checkpoint.model_dump(), "dir": f"{spec.output.dir.rstrip('/')}/checkpoints"})
+    return TrainConfig(
+        job_name=job.name,
+        model=spec.model,
+        dataset=spec.dataset,
+        method=spec.method,
+        lora=(spec.lora or LoRA()) if spec.method == "lora" else None,
+        backend=spec.backend,
+        zero_stage=(spec.zero_stage or 2) if spec.backend == "deepspeed" else None,
+        num_nodes=spec.num_nodes,
+        procs_per_node=spec.effective_procs_per_node(),
+        hyperparameters=spec.hyperparameters,
+        checkpoint=checkpoint,
+        output=spec.output,
+    )
+
+
+def config_map(job: JobRef, spec: TrainJobSpec) -> dict[str, Any]:
+    body = json.dumps(train_config(job, spec).to_k8s(), indent=2, sort_keys=True) + "\n"
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.name), _common_labels(job.name)),
+        "data": {CONFIG_FILE: body},
+    }
+
+
+def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildConfig = BuildConfig()) -> list[str]:
+    """torchrun or the DeepSpeed launcher with a static rendezvous on rank 0; `spec.command`
+    (bring your own script) wins. The launchers never restart workers themselves: the operator
+    owns restarts and restarts the whole gang."""
+    if spec.command:
+        return list(spec.command)
+    config = f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"
+    nnodes, nproc, addr, port = str(spec.num_nodes), str(spec.effective_procs_per_node()), master_addr(job_name), str(cfg.master_port)
+    if spec.backend == "deepspeed":
+        return [
+            "deepspeed", "--num_nodes", nnodes, "--num_gpus", nproc, "--node_rank", str(rank),
+            "--master_addr", addr, "--master_port", port, "--no_ssh",
+            "--module", "lmforge.runtime.train", "--config", config,
+        ]  # fmt: skip
+    return [
+        "torchrun", "--nnodes", nnodes, "--nproc-per-node", nproc, "--node-rank", str(rank),
+        "--master-addr", addr, "--master-port", port, "--max-restarts", "0",
+        "-m", "lmforge.runtime.train", "--config", config,
+    ]  # fmt: skip
+
+
+def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:
+    """The env contract (DESIGN.md). WORLD_SIZE is the total process count (torch's meaning),
+    NODE_RANK the pod's rank. User `env` entries replace ours of the same name."""
+    nproc = spec.effective_procs_per_node()
+    addr = master_addr(job_name)
+    ours: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(spec.num_nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(nproc)},
+        {"name": "PET_NODE_RANK", "value": str(rank)},
+        {"name": "PET_MASTER_ADDR", "value": addr},
+        {"name": "PET_MASTER_PORT", "value": str(cfg.master_port)},
+        {"name": "MASTER_ADDR", "value": addr},
+        {"name": "MASTER_PORT", "value": str(cfg.master_port)},
+        {"name": "WORLD_SIZE", "value": str(spec.num_nodes * nproc)},
+        {"name": "NODE_RANK", "value": str(rank)},
+        {"name": "LMFORGE_JOB_NAME", "value": job_name},
+        {"name": "LMFORGE_RESTART_ATTEMPT", "value": str(attempt)},
+        {"name": "LMFORGE_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    user = [e.to_k8s() for e in spec.env or ()]
+    overridden = {e["name"] for e in user}
+    return [e for e in ours if e["name"] not in overridden] + user
+
+
+def pod_labels(job_name: str, spec: TrainJobSpec, rank: int, attempt: int) -> dict[str, str]:
+    labels = {**_common_labels(job_name), LABEL_RANK: str(rank), LABEL_RESTART: str(attempt)}
+    if spec.queue_name:
+        labels[LABEL_KUEUE_QUEUE] = spec.queue_name
+        labels[LABEL_KUEUE_POD_GROUP] = f"{job_name}-{attempt}"  # Kueue admits the gang all-or-nothing
+    return labels
+
+
+def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    """Worker `rank` of gang `attempt`. restartPolicy Never: a failed worker is the operator's
+    decision (restart the whole gang or fail the job), never the kubelet's."""
+    name = pod_name(job.name, rank)
+    metadata = _metadata(job, name, pod_labels(job.name, spec, rank, attempt))
+    if spec.queue_name:
+        metadata["annotations"] = {ANNOTATION_KUEUE_POD_GROUP_COUNT: str(spec.num_nodes)}
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or cfg.default_image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": launcher_command(job.name, spec, rank, cfg),
+        "env": worker_env(job.name, spec, rank, attempt, cfg),
+        "ports": [{"name": "master", "containerPort": cfg.master_port, "protocol": "TCP"}],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}, *(spec.volume_mounts or ())],
+    }
+    if spec.resources_per_node:
+        container["resources"] = spec.resources_per_node.to_k8s()
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": name,
+        "subdomain": job.name,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": cfg.termination_grace_seconds,
+        "containers": [container],
+        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}}, *(spec.volumes or ())],
+    }
+    optional = {
+        "schedulerName": spec.scheduler_name,
+        "priorityClassName": spec.priority_class_name,
+        "nodeSelector": spec.node_selector,
+        "tolerations": spec.tolerations,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def gang(job: JobRef, spec: TrainJobSpec, attempt: int, ranks: list[int] | None = None,
+         cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:
+    """Worker pods of `attempt` for `ranks` (default: all)."""
+    return [worker_pod(job, spec, rank, attempt, cfg) for rank in (range(spec.num_nodes) if ranks is None else ranks)]
