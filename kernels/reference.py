@@ -1,0 +1,285 @@
+"""Plain torch references of every kernel: the spec the Triton kernels are tested against, and the
+CPU backend of the engine (`backend.get_ops("cpu")`). Readability first; math in fp32.
+
+Shapes (T tokens, B sequences, Hq query heads, Hkv KV heads, D head dim):
+    paged KV cache per layer: k_cache, v_cache [num_blocks, block_size, Hkv, D]
+    INT8 cache: int8 codes + k_scale_cache, v_scale_cache [num_blocks, block_size, Hkv] fp32
+    slot_mapping [T] int (block_id * block_size + offset; -1: padding, not written)
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (tokens in the cache, current ones included)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .quant_pack import dequantize_weight
+
+# --- normalization / activation -------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[..., H] -> [..., H], as HF Llama: normalize in fp32, round to x.dtype, then scale by weight."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * normed.to(x.dtype)).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual (in x.dtype); returns (rms_norm(residual'), residual')."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: silu(gate) * up, gate = first half."""
+    gate, up = x.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+# --- rotary embedding -------------------------------------------------------------------------------
+
+
+def rope(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox / HF rotate_half RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
+
+    cos_sin_cache [max_pos, R] (R = rotary dim <= D): cos half then sin half. Only the first R dims rotate.
+    """
+    half = cos_sin_cache.shape[1] // 2
+    cos, sin = cos_sin_cache[positions.long()].float().split(half, dim=-1)  # [T, R/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x[..., : 2 * half] = rotated.to(x.dtype)
+    return q, k
+
+
+# --- KV cache writes -------------------------------------------------------------------------------
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes key/value [T, Hkv, D] into the paged caches at slot_mapping (slot -1: skipped)."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[valid].to(v_cache.dtype)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-(token, head) int8: x [..., D] -> codes [..., D] int8, scale [...] fp32.
+
+    scale = absmax / 127; code = round-half-away-from-zero(x * (127 / absmax)); an all-zero row: scale 0.
+    """
+    xf = x.float()
+    absmax = xf.abs().amax(-1)
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    y = xf * inv[..., None]
+    codes = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-127, 127)
+    return codes.to(torch.int8), absmax / 127.0
+
+
+def reshape_and_cache_int8(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale_cache: torch.Tensor,
+    v_scale_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Quantizes key/value [T, Hkv, D] per token-head and writes codes + scales by slot_mapping."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for x, cache, scale_cache in ((key, k_cache, k_scale_cache), (value, v_cache, v_scale_cache)):
+        codes, scale = quantize_int8(x[valid])
+        cache.view(-1, num_kv_heads, head_dim)[slots] = codes
+        scale_cache.view(-1, num_kv_heads)[slots] = scale
+
+
+# --- attention over the paged cache ---------------------------------------------------------------
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale_cache: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The first seq_len tokens of one sequence: [seq_len, Hkv, D] fp32 (INT8 codes dequantized)."""
+    block_size, num_kv_heads, head_dim = cache.shape[1:]
+    positions = torch.arange(seq_len, device=cache.device)
+    slots = block_table.long()[positions // block_size] * block_size + positions % block_size
+    x = cache.view(-1, num_kv_heads, head_dim)[slots].float()
+    if scale_cache is not None:
+        x = x * scale_cache.view(-1, num_kv_heads)[slots].unsqueeze(-1)
+    return x
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    """q [Tq, Hq, D] at absolute q_positions, k/v [S, Hkv, D] fp32 at positions 0..S-1 -> [Tq, Hq, D] fp32.
+
+    Query at position i sees keys j with j <= i (and i - j < sliding_window when set).
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    key_positions = torch.arange(k.shape[0], device=q.device)
+    visible = key_positions[None, :] <= q_positions[:, None]
+    if sliding_window:
+        visible &= q_positions[:, None] - key_positions[None, :] < sliding_window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One new token per sequence: q [B, Hq, D] attends to its seq_lens[b] cached tokens -> [B, Hq, D].
+
+    A sequence with seq_len 0 (batch padding) yields zeros. num_splits is a kernel tuning knob, ignored here.
+    """
+    out = torch.zeros_like(q)
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale_cache)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale_cache)
+        position = torch.tensor([seq_len - 1], device=q.device)
+        out[b] = _attend(q[b : b + 1], k, v, position, scale, sliding_window)[0].to(q.dtype)
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    *,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Varlen chunks: q [total_q, Hq, D]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the LAST
+    q_len of its seq_lens[b] cached tokens (its own K/V already written), and attends causally to all
+    seq_lens[b] of them -> [total_q, Hq, D]. max_q_len sizes the kernel grid, ignored here.
+    """
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = cu[b], cu[b + 1]
+        if q_end == q_start:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale_cache)
+        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale_cache)
+        q_positions = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)
+        out[q_start:q_end] = _attend(q[q_start:q_end], k, v, q_positions, scale, sliding_window).to(q.dtype)
+    return out
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+
+def sampling_mask(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Tokens kept for sampling, [B, V] bool, from temperature-scaled fp32 logits [B, V].
+
+    top_k [B] (<= 0 or >= V: off): keep logits >= the k-th largest (ties kept).
+    top_p [B] (>= 1: off), on the softmax of the top-k survivors: keep token i iff the mass of tokens
+    strictly more likely than i is < top_p (the smallest head of the sorted list reaching top_p; ties kept).
+    min_p [B] (0: off): keep p_i >= min_p * p_max. The three masks intersect.
+    """
+    batch, vocab = logits.shape
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).long()
+    kth_largest = sorted_logits.gather(1, (k - 1)[:, None])
+    keep = logits >= kth_largest
+
+    probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs  # exclusive cumsum
+    num_kept = (mass_before < top_p[:, None]).sum(-1, keepdim=True).clamp(min=1)
+    smallest_kept = sorted_probs.gather(1, num_kept - 1)
+    keep_p = probs >= smallest_kept
+    keep &= torch.where((top_p >= 1.0)[:, None], True, keep_p)
+
+    if min_p is not None:
+        probs_all = logits.softmax(-1)
+        keep &= probs_all >= min_p[:, None] * probs_all.amax(-1, keepdim=True)
+    return keep
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    min_p: torch.Tensor | None = None,
+    uniform: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B] int64 from logits [B, V].
+
+    temperature [B] (0: greedy argmax of the raw logits, first index on ties). Otherwise Gumbel-max over the
+    kept tokens of logits / temperature, with noise g = -log(-log(uniform)), uniform [B, V] in [0, 1)
+    (drawn with `generator` when not given): exact categorical sampling without a softmax or a sort.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    if top_k is None:
+        top_k = torch.zeros(batch, dtype=torch.int32, device=device)
+    if top_p is None:
+        top_p = torch.ones(batch, dtype=torch.float32, device=device)
+    if uniform is None:
+        uniform = torch.rand(batch, vocab, device=device, generator=generator)
+    greedy = temperature <= 0
+    inv_temperature = torch.where(greedy, 1.0, 1.0 / temperature.float())
+    scaled = logits.float() * inv_temperature[:, None]
+    keep = sampling_mask(scaled, top_k, top_p, min_p)
+    gumbel = -torch.log(-torch.log(uniform.float()))
+    sampled = (scaled + gumbel).masked_fill(~keep, float("-inf")).argmax(-1)
+    return torch.where(greedy, logits.float().argmax(-1), sampled)
+
+
+# --- weight-only quantized linear ------------------------------------------------------------------
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W{bits}A16: x [..., K] @ dequant(W)^T -> [..., N]; W from pack-quantized [N, K*bits/32] int32 and
+    weight_scale [N, K/group] (group = K // weight_scale.shape[1]; per-channel: [N, 1])."""
+    shape = (weight_packed.shape[0], x.shape[-1])
+    weight = dequantize_weight(weight_packed, weight_scale, bits, shape).to(x.dtype)
+    return F.linear(x, weight, bias)
