@@ -1,2 +1,4 @@
 """kopf handlers, one module per custom resource kind. Importing this package registers them
 (`lmforge.operator.main.register_handlers`)."""
+
+from lmforge.operator.controllers import trainjob  # noqa: F401
