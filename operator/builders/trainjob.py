@@ -32,6 +32,7 @@ from lmforge.operator.api.trainjob import Checkpoint, LoRA, TrainConfig, TrainJo
 CONTAINER_NAME = "trainer"
 CONFIG_VOLUME = "lmforge-config"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
+PVC_ROOT = "/mnt/pvc"  # the worker resolves pvc://<claim>/<path> to $LMFORGE_PVC_ROOT/<claim>/<path>
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class BuildConfig:
     master_port: int = MASTER_PORT
     termination_grace_seconds: int = 30  # time for the worker to checkpoint on SIGTERM
     image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = None  # lets rank 0 annotate its own pod with progress
 
 
 def pod_name(job_name: str, rank: int) -> str:
@@ -175,12 +177,39 @@ def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: 
         {"name": "LMFORGE_JOB_NAME", "value": job_name},
         {"name": "LMFORGE_RESTART_ATTEMPT", "value": str(attempt)},
         {"name": "LMFORGE_CONFIG", "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"},
+        {"name": "LMFORGE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     user = [e.to_k8s() for e in spec.env or ()]
     overridden = {e["name"] for e in user}
     return [e for e in ours if e["name"] not in overridden] + user
+
+
+def storage_volumes(spec: TrainJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts for the job's own locations, so a spec needs no `volumes` boilerplate:
+    each pvc://<claim> is mounted at /mnt/pvc/<claim>, each hostPath:///<dir> at the same path.
+    Locations the user already mounts (same mountPath) are left to the user's volumes."""
+    user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    writable = [spec.output.dir, *([spec.checkpoint.dir] if spec.checkpoint.dir else [])]
+    for uri in (spec.model, spec.dataset.source, *writable):
+        if uri.startswith("pvc://"):
+            claim = uri[len("pvc://"):].split("/", 1)[0]
+            path, volume = f"{PVC_ROOT}/{claim}", {"name": f"pvc-{claim}"[:63].rstrip("-"),
+                                                   "persistentVolumeClaim": {"claimName": claim}}
+        elif uri.startswith("hostPath://"):
+            path = uri[len("hostPath://"):].rstrip("/") or "/"
+            kind = "DirectoryOrCreate" if uri in writable else ""
+            volume = {"name": f"host-{len(volumes)}", "hostPath": {"path": path, **({"type": kind} if kind else {})}}
+        else:
+            continue  # plain paths come from the image or user volumes; hf:// and s3:// are fetched by the worker
+        if path in user_paths or any(m["mountPath"] == path for m in mounts):
+            continue
+        volumes.append(volume)
+        mounts.append({"name": volume["name"], "mountPath": path})
+    return volumes, mounts
 
 
 def pod_labels(job_name: str, spec: TrainJobSpec, rank: int, attempt: int) -> dict[str, str]:
@@ -196,6 +225,7 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
     decision (restart the whole gang or fail the job), never the kubelet's."""
     name = pod_name(job.name, rank)
     metadata = _metadata(job, name, pod_labels(job.name, spec, rank, attempt))
+    storage, storage_mounts = storage_volumes(spec)
     if spec.queue_name:
         metadata["annotations"] = {ANNOTATION_KUEUE_POD_GROUP_COUNT: str(spec.num_nodes)}
     container: dict[str, Any] = {
@@ -205,7 +235,8 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
         "command": launcher_command(job.name, spec, rank, cfg),
         "env": worker_env(job.name, spec, rank, attempt, cfg),
         "ports": [{"name": "master", "containerPort": cfg.master_port, "protocol": "TCP"}],
-        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True}, *(spec.volume_mounts or ())],
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
+                         *storage_mounts, *(spec.volume_mounts or ())],
     }
     if spec.resources_per_node:
         container["resources"] = spec.resources_per_node.to_k8s()
@@ -216,9 +247,11 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": cfg.termination_grace_seconds,
         "containers": [container],
-        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}}, *(spec.volumes or ())],
+        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}},
+                    *storage, *(spec.volumes or ())],
     }
     optional = {
+        "serviceAccountName": cfg.service_account,
         "schedulerName": spec.scheduler_name,
         "priorityClassName": spec.priority_class_name,
         "nodeSelector": spec.node_selector,

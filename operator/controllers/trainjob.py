@@ -37,7 +37,10 @@ def now_utc() -> datetime:
 
 
 def build_config_from_env() -> build.BuildConfig:
-    return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE))
+    """LMFORGE_RUNTIME_IMAGE: the default worker image; LMFORGE_WORKER_SERVICE_ACCOUNT: the
+    workers' ServiceAccount (it needs `patch` on pods for the progress annotation)."""
+    return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
+                             service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
 
 
 class KubeApi:

@@ -13,6 +13,7 @@ from lmforge.operator.builders.trainjob import (
     gang,
     headless_service,
     launcher_command,
+    storage_volumes,
     train_config,
     worker_pod,
 )
@@ -41,6 +42,7 @@ def expected_env(rank: int = 1, attempt: int = 0, nnodes: int = 4, nproc: int = 
         {"name": "LMFORGE_JOB_NAME", "value": "llama"},
         {"name": "LMFORGE_RESTART_ATTEMPT", "value": str(attempt)},
         {"name": "LMFORGE_CONFIG", "value": "/etc/lmforge/train.json"},
+        {"name": "LMFORGE_PVC_ROOT", "value": "/mnt/pvc"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
@@ -70,10 +72,16 @@ def expected_pod(rank: int = 1, attempt: int = 0) -> dict[str, Any]:
                 "command": TORCHRUN_RANK1,
                 "env": expected_env(rank, attempt),
                 "ports": [{"name": "master", "containerPort": 29500, "protocol": "TCP"}],
-                "volumeMounts": [{"name": "lmforge-config", "mountPath": "/etc/lmforge", "readOnly": True}],
+                "volumeMounts": [{"name": "lmforge-config", "mountPath": "/etc/lmforge", "readOnly": True},
+                                 {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
+                                 {"name": "pvc-data", "mountPath": "/mnt/pvc/data"},
+                                 {"name": "pvc-out", "mountPath": "/mnt/pvc/out"}],
                 "resources": {"limits": {"nvidia.com/gpu": 8}},
             }],
-            "volumes": [{"name": "lmforge-config", "configMap": {"name": "llama-config"}}],
+            "volumes": [{"name": "lmforge-config", "configMap": {"name": "llama-config"}},
+                        {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
+                        {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data"}},
+                        {"name": "pvc-out", "persistentVolumeClaim": {"claimName": "out"}}],
         },
     }
 
@@ -216,6 +224,22 @@ def test_train_config_resolves_defaults(overrides, lora, zero_stage, checkpoint_
     config = train_config(JOB, make_spec(**overrides))
     assert (config.lora.r if config.lora else None, config.zero_stage, config.checkpoint.dir) == (
         lora, zero_stage, checkpoint_dir)
+
+
+def test_storage_volumes_for_hostpath_and_user_mounted_claims() -> None:
+    spec = make_spec(model="hostPath:///models/llama", dataset={"source": "pvc://data/chat.jsonl"},
+                     output={"dir": "hostPath:///out/run1/"}, checkpoint={"dir": "pvc://data/ckpt"},
+                     volumeMounts=[{"name": "mine", "mountPath": "/mnt/pvc/data"}])
+    assert storage_volumes(spec) == (
+        [{"name": "host-0", "hostPath": {"path": "/models/llama"}},
+         {"name": "host-1", "hostPath": {"path": "/out/run1", "type": "DirectoryOrCreate"}}],
+        [{"name": "host-0", "mountPath": "/models/llama"}, {"name": "host-1", "mountPath": "/out/run1"}],
+    )
+
+
+def test_service_account_from_build_config() -> None:
+    pod = worker_pod(JOB, make_spec(), rank=0, attempt=0, cfg=BuildConfig(service_account="lmforge-worker"))
+    assert pod["spec"]["serviceAccountName"] == "lmforge-worker"
 
 
 def test_master_port_comes_from_build_config() -> None:
