@@ -92,7 +92,7 @@ def _decode_split_kernel(
     else:
         row = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # mid_* [B, Hq, NUM_SPLITS, (D)]
         tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_hd)
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=mask_h)
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 def _quantize_int8(x):
     """x [H, D] fp32 -> (codes [H, D] int8, scale [H] fp32); round half away from zero."""
     absmax = tl.max(tl.abs(x), axis=1)
-    inv = tl.where(absmax > 0, 127.0 / absmax, 0.0)
+    inv = tl.where(absmax > 0, 127.0 / tl.where(absmax > 0, absmax, 1.0), 0.0)
     y = x * inv[:, None]
     y = tl.minimum(tl.maximum(y + tl.where(y >= 0, 0.5, -0.5), -127.0), 127.0)
     return y.to(tl.int8), absmax / 127.0  # fp -> int truncates toward zero

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.kernels import reference
+from lmforge.kernels.rope import build_rope_cache, compute_inv_freq, rope
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}  # fmt: skip
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize(
+    "num_tokens,num_q_heads,num_kv_heads,head_dim,rotary_dim",
+    [(1, 4, 4, 16, 16), (5, 8, 2, 32, 32), (7, 8, 1, 64, 64), (3, 6, 2, 32, 16)],
+    ids=["mha", "gqa4", "gqa8", "partial-rotary"],
+)
+def test_rope_matches_reference(device, dtype, num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim):
+    cache = build_rope_cache(rotary_dim, 64, 10000.0, device=device)
+    positions = torch.randint(0, 64, (num_tokens,), device=device)
+    q = torch.randn(num_tokens, num_q_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+    q_ref, k_ref = reference.rope(positions, q.clone(), k.clone(), cache)
+    q_out, k_out = rope(positions, q, k, cache)
+    assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()  # in place
+    torch.testing.assert_close(q, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k, k_ref, **TOL[dtype])
+
+
+def test_rope_on_views_of_fused_qkv(device):
+    """q and k as column views of one [T, (Hq + 2*Hkv) * D] projection output, int32 positions."""
+    num_tokens, hq, hkv, d = 4, 4, 2, 16
+    qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, device=device)
+    q = qkv[:, : hq * d].view(num_tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(num_tokens, hkv, d)
+    v_before = qkv[:, (hq + hkv) * d :].clone()
+    cache = build_rope_cache(d, 32, 500000.0, LLAMA31, device=device)
+    positions = torch.tensor([0, 3, 17, 31], dtype=torch.int32, device=device)
+    q_ref, k_ref = reference.rope(positions, q.clone(), k.clone(), cache)
+    rope(positions, q, k, cache)
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(qkv[:, (hq + hkv) * d :], v_before)
+
+
+def test_reference_matches_hf_rotate_half():
+    """The reference equals HF's q * cos + rotate_half(q) * sin with cos/sin = cat(freqs, freqs)."""
+    d, base = 16, 10000.0
+    positions = torch.tensor([0, 1, 9])
+    q = torch.randn(3, 2, d, dtype=torch.float64)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    emb = torch.cat([torch.outer(positions.double(), inv_freq)] * 2, dim=-1)[:, None, :]
+    rotate_half = torch.cat([-q[..., d // 2 :], q[..., : d // 2]], dim=-1)
+    expected = q * emb.cos() + rotate_half * emb.sin()
+    out, _ = reference.rope(positions, q.clone(), q[:, :1].clone(), build_rope_cache(d, 10, base).double())
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [None, {"rope_type": "linear", "factor": 4.0}, LLAMA31, {**LLAMA31, "factor": 32.0, "high_freq_factor": 2.0}],
+    ids=["default", "linear", "llama3.1", "llama3-other-factors"],
+)
+@pytest.mark.parametrize("head_dim,theta", [(64, 10000.0), (128, 500000.0)])
+def test_inv_freq_bit_identical_to_transformers(scaling, head_dim, theta):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    params = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+    config = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+                         max_position_embeddings=131072, rope_parameters=params)  # fmt: skip
+    expected = LlamaRotaryEmbedding(config=config).inv_freq
+    assert torch.equal(compute_inv_freq(head_dim, theta, scaling), expected)
+
+
+def test_llama3_scaling_regions():
+    """High frequencies untouched, low ones divided by factor, the band between blended."""
+    inv = compute_inv_freq(128, 500000.0)
+    scaled = compute_inv_freq(128, 500000.0, LLAMA31)
+    wavelen = 2 * math.pi / inv
+    high = wavelen < 8192 / 4
+    low = wavelen > 8192 / 1
+    assert torch.equal(scaled[high], inv[high])
+    assert torch.equal(scaled[low], inv[low] / 8)
+    mid = ~high & ~low
+    assert mid.any() and ((scaled[mid] < inv[mid]) & (scaled[mid] > inv[mid] / 8)).all()
+
+
+def test_cache_layout():
+    cache = build_rope_cache(8, 5, 100.0)
+    inv = compute_inv_freq(8, 100.0)
+    assert cache.shape == (5, 8) and cache.dtype == torch.float32
+    torch.testing.assert_close(cache[3, :4], torch.cos(3 * inv))
+    torch.testing.assert_close(cache[3, 4:], torch.sin(3 * inv))
+    with pytest.raises(NotImplementedError):
+        compute_inv_freq(8, 100.0, {"rope_type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.gpu
+def test_rope_llama_sizes_gpu():
+    cache = build_rope_cache(128, 8192, 500000.0, LLAMA31, device="cuda")
+    positions = torch.randint(0, 8192, (300,), device="cuda")
+    q = torch.randn(300, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(300, 8, 128, dtype=torch.bfloat16, device="cuda")
+    q_ref, k_ref = reference.rope(positions, q.clone(), k.clone(), cache)
+    rope(positions, q, k, cache)
+    torch.testing.assert_close(q, q_ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(k, k_ref, **TOL[torch.bfloat16])
