@@ -108,11 +108,16 @@ class InferenceServiceSpec(ApiModel):
     resources: ResourceRequirements | None = None
     """Resources of each replica, e.g. limits: {nvidia.com/gpu: 1}."""
     replicas: int = Field(1, ge=0, le=1000)
-    """Replicas when autoscaling is off; with autoscaling the operator writes it (also the /scale subresource)."""
+    """Replicas when autoscaling is off (the /scale subresource: `kubectl scale`). With autoscaling, a change
+    sets the Deployment once (clamped to min/max) and the autoscaler takes over from there."""
     autoscaling: Autoscaling | None = None
     """Operator-driven autoscaling (off when absent)."""
     api_key_secret: SecretKeyRef | None = None
     """Require `Authorization: Bearer <key>` with the key from this Secret."""
+    startup_timeout_seconds: int = Field(1800, ge=60, le=86400)
+    """Time a replica may take to load the model before the kubelet restarts it (the startupProbe budget)."""
+    graceful_shutdown_seconds: int = Field(60, ge=0, le=3600)
+    """After SIGTERM, time in-flight requests get to finish (the pod's termination grace covers it)."""
     image: str | None = Field(None, min_length=1, max_length=512)
     """Server image (default: the operator's runtime image)."""
     node_selector: dict[str, Annotated[str, Field(max_length=253)]] | None = None
