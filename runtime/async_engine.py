@@ -324,8 +324,11 @@ class AsyncLLM:
                     continue
                 live[command.request_id] = _Timing(arrival_time=command.arrival_time)
             elif isinstance(command, _Abort):
-                if live.pop(command.request_id, None) is not None:
+                timing = live.pop(command.request_id, None)
+                if timing is not None:
                     self._engine_abort(engine, command.request_id)
+                    if self.observer is not None:
+                        self.observer.observe_finished(time.monotonic() - timing.arrival_time, "abort")
             else:
                 stop = True
         return num_adds, stop
@@ -348,9 +351,12 @@ class AsyncLLM:
             self.observer.observe_finished(now - timing.arrival_time, reasons[0] if reasons else "abort")
 
     def _abort_all(self, engine: Any, live: dict[str, _Timing], outbox: list, error: BaseException) -> None:
-        for request_id in list(live):
+        now = time.monotonic()
+        for request_id, timing in live.items():
             self._engine_abort(engine, request_id)
             outbox.append((request_id, error))
+            if self.observer is not None:
+                self.observer.observe_finished(now - timing.arrival_time, "abort")
         live.clear()
 
     @staticmethod

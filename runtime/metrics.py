@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -106,8 +106,9 @@ class ServerMetrics:
     """One registry per server (tests run several apps in one process without name clashes)."""
 
     def __init__(self, model_name: str, snapshot: Callable[[], EngineStats]) -> None:
+        disable_created_metrics()  # no `*_created` samples (vLLM does the same)
         self.model_name = model_name
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(model_name, snapshot))
         labels = ["model_name"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,

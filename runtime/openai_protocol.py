@@ -10,9 +10,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from lmforge.runtime.sampling_params import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A float that JSON's NaN/Infinity extensions cannot smuggle in.
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
