@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -211,12 +212,23 @@ def build(steps: list[BuildStep], directory: Path, log: Callable[[str], None]) -
     started = time.monotonic()
     log(f"building {len(steps)} binaries into {directory} with {go} "
         f"(at most {MAX_PARALLEL_BUILDS} at a time; a cold build takes many minutes)")
+    failed = threading.Event()  # fail fast: once a step fails, steps not yet started are skipped
+
+    def run(index: int, step: BuildStep) -> None:
+        if failed.is_set():
+            return
+        try:
+            _build_one(go, step, index, len(steps), directory, root, env, log_dir, log)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(MAX_PARALLEL_BUILDS) as pool:
-        futures = [pool.submit(_build_one, go, s, i, len(steps), directory, root, env, log_dir, log)
-                   for i, s in enumerate(steps, 1)]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        futures = [pool.submit(run, i, s) for i, s in enumerate(steps, 1)]
+    errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
-        raise BuildError("\n\n".join(str(e) for e in errors))
+        text = "\n\n".join(str(e) for e in errors)
+        raise BuildError(text + network_hint(text, env.get("GOPROXY", "https://proxy.golang.org,direct")))
     log(f"built {len(steps)} binaries in {time.monotonic() - started:.0f} s")
 
 
@@ -240,6 +252,18 @@ def _build_one(go: str, step: BuildStep, index: int, total: int, directory: Path
     output.replace(directory / step.binary)
     _record(directory, step)
     log(f"built {step.binary} in {time.monotonic() - started:.0f} s")
+
+
+NETWORK_SYMPTOMS = ("dial tcp", "no such host", "i/o timeout", "connection refused", "TLS handshake",
+                    "lookup disabled by GOPROXY=off", "proxyconnect", "network is unreachable")
+
+
+def network_hint(go_output: str, goproxy: str) -> str:
+    """The first build downloads ~1.6 GB of modules; say so when go could not reach them."""
+    if not any(symptom in go_output for symptom in NETWORK_SYMPTOMS):
+        return ""
+    return (f"\n\nGo could not download modules (GOPROXY={goproxy}). The first build needs the Go module "
+            f"proxy; set GOPROXY to a reachable proxy or pre-fill {paths.go_root() / 'mod'}.")
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -68,14 +68,18 @@ def start(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None 
 
 
 def is_alive(process: Process) -> bool:
-    """Running (not a zombie) and still the binary we started."""
+    """Running (not a zombie) and still what we started: its executable is our binary, or (for a
+    script) the binary is the script its interpreter runs."""
     try:
-        exe = os.readlink(f"/proc/{process.pid}/exe")
+        exe = os.readlink(f"/proc/{process.pid}/exe").removesuffix(" (deleted)")
         stat = Path(f"/proc/{process.pid}/stat").read_text()
+        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")[:2]
     except OSError:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
-    return state not in ("Z", "X") and os.path.realpath(exe.removesuffix(" (deleted)")) == os.path.realpath(process.binary)
+    binary = os.path.realpath(process.binary)
+    ours = os.path.realpath(exe) == binary or any(os.path.realpath(a.decode()) == binary for a in argv if a)
+    return state not in ("Z", "X") and ours
 
 
 def stop(process: Process, timeout: float = 15.0) -> bool:

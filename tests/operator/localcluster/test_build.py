@@ -6,7 +6,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from lmforge.operator.localcluster import build
 from lmforge.operator.localcluster.build import (
     GOMOD_DIR,
@@ -152,3 +151,9 @@ def test_failed_build_names_the_step_and_shows_go_output(tmp_path, monkeypatch):
     assert "no such host" in str(error.value)
     assert messages[1] == "building etcd v3.6.16 (1/1)…"
     assert not (tmp_path / "bin" / "etcd").exists()
+
+
+def test_network_failures_get_a_hint_other_failures_do_not():
+    assert "could not download modules" in build.network_hint(
+        "dial tcp: lookup proxy.golang.org on 10.0.0.1:53: no such host", "https://proxy.golang.org,direct")
+    assert build.network_hint("undefined: foo", "https://proxy.golang.org") == ""
