@@ -1,0 +1,332 @@
+"""Pure builders of the objects an InferenceService owns: a Deployment of `lmforge serve` pods, a
+Service (port 80 -> 8000, named http) and, when more than one replica can exist, a
+PodDisruptionBudget.
+
+No client import and no I/O: spec model in, manifest dicts out (tests compare whole objects).
+Every object is named after the InferenceService, so applying twice updates, never duplicates.
+
+Pod lifecycle, and why each knob has its value:
+- startupProbe on /health (503 while the model loads) with a budget of `startupTimeoutSeconds`
+  (default 30 min): a 70B checkpoint from a network volume is not a crash.
+- readinessProbe on /health: a pod receives traffic only once loaded, and drops out of the
+  Service endpoints as soon as it starts draining (/health turns 503 on SIGTERM).
+- livenessProbe on /version: answered by the event loop, not the engine, so a long generate never
+  fails it, and a draining pod (whose /health is 503) is not killed early.
+- preStop sleeps a few seconds so endpoint controllers and proxies drop the pod before the server
+  sees SIGTERM; terminationGracePeriodSeconds covers that sleep + the server's drain
+  (--graceful-shutdown-seconds) + the engine's own shutdown.
+- Rolling updates add a pod before removing one (maxSurge 1, maxUnavailable 0), and the
+  Deployment's progress deadline is longer than the startup budget, so a slow load is not
+  reported as a stuck rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.operator.api.constants import API_VERSION, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
+from lmforge.operator.api.inferenceservice import InferenceServiceSpec
+
+KIND = "InferenceService"
+LABEL_INFERENCESERVICE = "lmforge.dev/inferenceservice"
+# URL template of a pod's /metrics; {pod}, {ip}, {namespace} and {name} are filled in.
+ANNOTATION_METRICS_URL = "lmforge.dev/metrics-url"
+CONTAINER_NAME = "server"
+SERVER_PORT = 8000
+SERVICE_PORT = 80
+PORT_NAME = "http"
+MODEL_VOLUME = "model"
+PVC_ROOT = "/mnt/pvc"  # pvc://<claim>/<path> is served from /mnt/pvc/<claim>/<path> (as for TrainJob)
+HF_CACHE_VOLUME = "hf-cache"
+HF_CACHE_PATH = "/var/cache/huggingface"
+DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
+ENGINE_SHUTDOWN_MARGIN_SECONDS = 15  # engine abort (10 s) + uvicorn stop after the drain
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRef:
+    """Identity of the InferenceService the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuildConfig:
+    """Operator-wide settings (see `build_config_from_env` in the controller)."""
+
+    default_image: str = DEFAULT_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    cluster_domain: str = "cluster.local"
+    pre_stop_sleep_seconds: int = 5
+    startup_period_seconds: int = 10
+    readiness_period_seconds: int = 5
+    liveness_period_seconds: int = 15
+    liveness_failure_threshold: int = 4  # a minute of no answer from the event loop
+    revision_history_limit: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLocation:
+    """Where the server finds the checkpoint, and what the pod needs for that."""
+
+    path: str  # the --model argument
+    volumes: tuple[dict[str, Any], ...] = ()
+    mounts: tuple[dict[str, Any], ...] = ()
+    env: tuple[dict[str, Any], ...] = ()
+    notes: tuple[str, ...] = field(default=())  # for humans: an Event when applied
+
+
+class UnsupportedModelSource(ValueError):
+    """The model source has no in-pod loader yet (the controller reports it on the status)."""
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {LABEL_INFERENCESERVICE: name}
+
+
+def selector(name: str) -> str:
+    """The pods' label selector as a string: status.selector, for the /scale subresource."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name).items())
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), LABEL_KIND: KIND, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def url(name: str, namespace: str, cfg: BuildConfig = BuildConfig()) -> str:
+    """In-cluster base URL of the OpenAI API (the Service listens on port 80)."""
+    return f"http://{name}.{namespace}.svc.{cfg.cluster_domain}/v1"
+
+
+def served_name(ref: ServiceRef, spec: InferenceServiceSpec) -> str:
+    return spec.model.served_name or ref.name
+
+
+def owner_reference(ref: ServiceRef) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name, "uid": ref.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(ref: ServiceRef) -> dict[str, Any]:
+    return {"name": ref.name, "namespace": ref.namespace, "labels": common_labels(ref.name),
+            "ownerReferences": [owner_reference(ref)]}
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def model_location(spec: InferenceServiceSpec) -> ModelLocation:
+    """pvc://claim/path -> the claim mounted read-only at /mnt/pvc/<claim>; hostPath:///dir or /dir
+    -> that directory mounted at the same path; hf://org/name -> the server downloads it (network
+    egress needed, a cache volume is added); s3:// -> UnsupportedModelSource."""
+    source = spec.model.source
+    user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
+    if source.startswith("pvc://"):
+        claim, _, rest = source[len("pvc://"):].partition("/")
+        root = f"{PVC_ROOT}/{claim}"
+        path = f"{root}/{rest.strip('/')}" if rest.strip("/") else root
+        volume = {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return _mounted(path, root, volume, user_paths)
+    if source.startswith("hostPath://") or source.startswith("/"):
+        directory = source.removeprefix("hostPath://").rstrip("/") or "/"
+        volume = {"name": MODEL_VOLUME, "hostPath": {"path": directory, "type": "Directory"}}
+        return _mounted(directory, directory, volume, user_paths)
+    if source.startswith("hf://"):
+        repo = source[len("hf://"):]
+        return ModelLocation(
+            path=repo,
+            volumes=({"name": HF_CACHE_VOLUME, "emptyDir": {}},),
+            mounts=({"name": HF_CACHE_VOLUME, "mountPath": HF_CACHE_PATH},),
+            env=({"name": "HF_HOME", "value": HF_CACHE_PATH},),
+            notes=(f"model {repo} is downloaded from the Hugging Face Hub by every replica at start: the pods "
+                   "need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts faster",),
+        )
+    raise UnsupportedModelSource(
+        f"model source {source!r}: the server reads a local directory or hf://; copy s3:// checkpoints to a "
+        "PVC (pvc://<claim>/<path>) first"
+    )
+
+
+def _mounted(path: str, mount_path: str, volume: dict[str, Any], user_paths: set[Any]) -> ModelLocation:
+    if mount_path in user_paths:  # the user mounts it (spec.volumes/volumeMounts): theirs wins
+        return ModelLocation(path=path)
+    return ModelLocation(path=path, volumes=(volume,),
+                         mounts=({"name": MODEL_VOLUME, "mountPath": mount_path, "readOnly": True},))
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) -> list[str]:
+    """`lmforge serve` with the spec's engine settings (runtime/serve_args.py names)."""
+    model, engine = spec.model, spec.engine
+    command = [
+        "lmforge", "serve", "--model", model_path, "--host", "0.0.0.0", "--port", str(SERVER_PORT),
+        "--served-model-name", served_name(ref, spec), "--dtype", model.dtype,
+    ]  # fmt: skip
+    if model.max_model_len is not None:
+        command += ["--max-model-len", str(model.max_model_len)]
+    command += [
+        "--gpu-memory-utilization", f"{engine.gpu_memory_utilization:g}",
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+        "--block-size", str(engine.block_size),
+        "--enable-prefix-caching" if engine.prefix_caching else "--no-enable-prefix-caching",
+        "--graceful-shutdown-seconds", str(spec.graceful_shutdown_seconds),
+    ]  # fmt: skip
+    if model.quantization is not None:  # default: detected from the checkpoint
+        command += ["--quantization", model.quantization]
+    if engine.kv_cache_dtype != "auto":
+        command += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    return command
+
+
+def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocation) -> list[dict[str, Any]]:
+    """Ours, then the user's; a user entry replaces ours of the same name."""
+    ours: list[dict[str, Any]] = [
+        {"name": "LMFORGE_INFERENCESERVICE", "value": ref.name},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        *location.env,
+    ]
+    if spec.api_key_secret is not None:  # `lmforge serve` reads --api-key from this env by default
+        ours.append({"name": "LMFORGE_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": spec.api_key_secret.name, "key": spec.api_key_secret.key}}})
+    user = [dict(e) for e in spec.env or ()]
+    overridden = {e.get("name") for e in user}
+    return [e for e in ours if e["name"] not in overridden] + user
+
+
+def probes(spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    health = {"path": "/health", "port": PORT_NAME}
+    period = cfg.startup_period_seconds
+    return {
+        "startupProbe": {"httpGet": health, "periodSeconds": period, "timeoutSeconds": 5,
+                         "failureThreshold": -(-spec.startup_timeout_seconds // period)},
+        "readinessProbe": {"httpGet": health, "periodSeconds": cfg.readiness_period_seconds, "timeoutSeconds": 3,
+                           "successThreshold": 1, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/version", "port": PORT_NAME},
+                          "periodSeconds": cfg.liveness_period_seconds, "timeoutSeconds": 5,
+                          "failureThreshold": cfg.liveness_failure_threshold},
+    }
+
+
+def termination_grace_seconds(spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> int:
+    return cfg.pre_stop_sleep_seconds + spec.graceful_shutdown_seconds + ENGINE_SHUTDOWN_MARGIN_SECONDS
+
+
+def pod_template(ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    location = model_location(spec)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or cfg.default_image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": serve_command(ref, spec, location.path),
+        "env": server_env(ref, spec, location),
+        "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        **probes(spec, cfg),
+        "lifecycle": {"preStop": {"sleep": {"seconds": cfg.pre_stop_sleep_seconds}}},
+        "volumeMounts": [*location.mounts, *(spec.volume_mounts or ())],
+    }
+    if spec.resources:
+        container["resources"] = spec.resources.to_k8s()
+    pod_spec: dict[str, Any] = {
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec, cfg),
+        "containers": [container],
+        "volumes": [*location.volumes, *(spec.volumes or ())],
+    }
+    optional = {"nodeSelector": spec.node_selector, "tolerations": spec.tolerations}
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    return {
+        "metadata": {
+            "labels": common_labels(ref.name),
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVER_PORT),
+                            "prometheus.io/path": "/metrics"},
+        },
+        "spec": pod_spec,
+    }
+
+
+# --- the owned objects ----------------------------------------------------------------------------
+
+
+def deployment(ref: ServiceRef, spec: InferenceServiceSpec, replicas: int,
+               cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+    """`replicas` is the controller's choice (spec.replicas, or the autoscaler's current size)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(ref),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + 300,
+            "revisionHistoryLimit": cfg.revision_history_limit,
+            "template": pod_template(ref, spec, cfg),
+        },
+    }
+
+
+def service(ref: ServiceRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ref.name),
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def max_possible_replicas(spec: InferenceServiceSpec) -> int:
+    return spec.autoscaling.max_replicas if spec.autoscaling else spec.replicas
+
+
+def pod_disruption_budget(ref: ServiceRef, spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """One replica at a time may be evicted (node drains), and only when more than one can exist:
+    a PDB on a single replica would block drains forever. Crash-looping pods may always be evicted."""
+    if max_possible_replicas(spec) <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ref),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def initial_replicas(spec: InferenceServiceSpec) -> int:
+    """Replicas for a new Deployment: spec.replicas, clamped to the autoscaling bounds."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    return clamp(spec.replicas, spec.autoscaling.min_replicas, spec.autoscaling.max_replicas)
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def replicas_to_apply(spec: InferenceServiceSpec, current: int | None, replicas_changed: bool) -> int:
+    """The Deployment size the controller applies. Without autoscaling: spec.replicas, always.
+    With it: the Deployment's current size (the autoscaler owns it), clamped to the bounds; a new
+    Deployment starts at spec.replicas; a change of spec.replicas (`kubectl scale`) sets the size
+    once, e.g. to wake a service scaled to zero, and the autoscaler goes on from there."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    if current is None or replicas_changed:
+        return initial_replicas(spec)
+    return clamp(current, spec.autoscaling.min_replicas, spec.autoscaling.max_replicas)
