@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from lmforge.kernels import reference
 from lmforge.kernels.decode_attention import paged_decode_attention
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from lmforge.kernels import reference
 from lmforge.kernels.kv_cache import reshape_and_cache, reshape_and_cache_int8
 
@@ -62,9 +61,9 @@ def test_reshape_and_cache_int8_matches_reference(device, dtype, num_tokens, num
     ref_scales = [s.clone() for s in scales]
     reshape_and_cache_int8(key, value, *caches, *scales, slots)
     reference.reshape_and_cache_int8(key, value, *ref_caches, *ref_scales, slots)
-    for got, want in zip(scales, ref_scales):
+    for got, want in zip(scales, ref_scales, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
-    for got, want in zip(caches, ref_caches):  # GPU fp32 division may flip a code at an exact .5 tie
+    for got, want in zip(caches, ref_caches, strict=True):  # GPU fp32 division may flip a code at an exact .5 tie
         assert (got.int() - want.int()).abs().max() <= 1
         assert (got != want).float().mean() < 0.01
 
