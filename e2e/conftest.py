@@ -134,8 +134,10 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
     atexit.register(teardown)  # a session killed by Ctrl-C or an internal error still cleans up
     request.addfinalizer(lambda: teardown(_terminal_logger(request.config)))
-    saved = {key: os.environ.get(key) for key in ("KUBECONFIG", "PATH")}
-    os.environ.update({key: info.env()[key] for key in saved})  # subprocesses of tests see it too
+    cluster_env = info.env()
+    keys = ("KUBECONFIG", "PATH", *localcluster.client_env(info.state_dir))
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update({key: cluster_env[key] for key in keys})  # subprocesses of tests see it too
     try:
         yield Cluster(info)
     finally:

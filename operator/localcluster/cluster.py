@@ -65,11 +65,22 @@ class ClusterInfo:
         return self.bins.helm
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for subprocesses: KUBECONFIG set, our kubectl/helm first on PATH."""
+        """Environment for subprocesses: KUBECONFIG set, our kubectl/helm first on PATH, and their
+        caches/config in the state dir (nothing written to ~/.kube or ~/.config/helm)."""
         env = dict(os.environ if base is None else base)
+        env.update(client_env(self.state_dir))
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+
+def client_env(state_dir: Path) -> dict[str, str]:
+    return {
+        "KUBECACHEDIR": str(state_dir / "client" / "kube-cache"),
+        "HELM_CACHE_HOME": str(state_dir / "client" / "helm" / "cache"),
+        "HELM_CONFIG_HOME": str(state_dir / "client" / "helm" / "config"),
+        "HELM_DATA_HOME": str(state_dir / "client" / "helm" / "data"),
+    }
 
 
 @dataclass(frozen=True)
@@ -244,7 +255,8 @@ def _poll(predicate: Callable[[], bool], timeout: float, message: str) -> None:
 def _kubectl(bins: BinPaths, layout: Layout, *args: str, input: str | None = None,
              check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(bins.kubectl), f"--kubeconfig={layout.admin_kubeconfig}", *args],
-                            input=input, capture_output=True, text=True, timeout=60)
+                            input=input, capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, **client_env(layout.state_dir)))
     if check and result.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result
