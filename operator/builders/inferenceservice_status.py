@@ -55,7 +55,6 @@ ReasonReplicasFailing = "ReplicasFailing"
 ReasonReplicasNotReady = "ReplicasNotReady"
 ReasonScaledToZero = "ScaledToZero"
 ReasonRollingUpdate = "RollingUpdate"
-ReasonScalingUp = "ScalingUp"
 ReasonScalingDown = "ScalingDown"
 ReasonUnschedulable = "Unschedulable"
 ReasonSettled = "Settled"
@@ -265,13 +264,17 @@ def reflect(name: str, spec: InferenceServiceSpec, previous: InferenceServiceSta
                                             f"{unschedulable[0].unschedulable}")
     elif len(active) > want:
         progressing = (ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
-    elif ready < want:
-        progressing = (ReasonScalingUp if previous.ready_replicas else ReasonModelLoading,
+    elif ready < want and (loading or pending or len(active) < want):
+        progressing = (ReasonModelLoading if loading else ReasonPodsPending,
                        f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending")
     else:
         progressing = None
     if progressing:
         conditions = set_condition(conditions, ConditionProgressing, "True", *progressing, now, gen)
+    elif ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
+        conditions = set_condition(conditions, ConditionProgressing, "False",
+                                   ReasonReplicasFailing if failing else ReasonReplicasNotReady,
+                                   f"{ready}/{want} replicas ready and none on its way", now, gen)
     else:
         conditions = set_condition(conditions, ConditionProgressing, "False", ReasonSettled,
                                    f"{ready} replica(s) ready, nothing in progress", now, gen)
