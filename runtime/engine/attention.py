@@ -3,8 +3,8 @@
 The model runner describes a step once (`CommonAttentionMetadata`: which tokens belong to which
 sequence, where their K/V go, each sequence's block table); the chosen backend turns that into
 its own metadata once per step (`build_metadata`) and then runs every layer (`forward`). The torch
-backend here is the readable reference that runs on CPU; a Triton backend plugs in through
-`get_attention_backend` without touching the models.
+backend here is the readable reference that runs on CPU; `KernelAttentionBackend` runs the
+Triton kernels of `lmforge.kernels`; `get_attention_backend` picks one without touching the models.
 
 KV cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
 Token `pos` of a sequence lives in slot `block_table[pos // block_size] * block_size + pos % block_size`.
@@ -124,15 +124,62 @@ def _slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Te
     return block_tables[:, pos // block_size] * block_size + pos % block_size
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+@dataclass(slots=True)
+class KernelAttentionMetadata:
+    slot_mapping: torch.Tensor  # [T]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    max_q_len: int
+    decode_only: bool  # every sequence has exactly one new token
 
 
-def get_attention_backend(name: str = "torch") -> AttentionBackend:
-    """The one switch: "torch" today; a Triton backend registers itself here."""
+class KernelAttentionBackend(AttentionBackend):
+    """`lmforge.kernels` paged attention: Triton kernels on CUDA (on CPU only under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device):
+        from lmforge.kernels.backend import get_ops
+
+        self.ops = get_ops(device, "triton")
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> KernelAttentionMetadata:
+        device = common.slot_mapping.device
+        cu = [0]
+        for qlen in common.query_lens:
+            cu.append(cu[-1] + qlen)
+        return KernelAttentionMetadata(
+            slot_mapping=common.slot_mapping,
+            block_tables=common.block_tables.to(torch.int32).contiguous(),
+            seq_lens=torch.tensor(common.seq_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_q_len=max(common.query_lens),
+            decode_only=all(qlen == 1 for qlen in common.query_lens),
+        )
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: KernelAttentionMetadata, scale):
+        self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                meta.cu_seqlens_q, meta.max_q_len, scale)
+
+
+_BACKENDS = {"torch": lambda device: TorchAttentionBackend(), "triton": KernelAttentionBackend}
+
+
+def get_attention_backend(name: str = "torch", device: torch.device | str = "cpu") -> AttentionBackend:
+    """The one switch. "torch": SDPA reference (any device, the CPU default); "triton": the
+    lmforge.kernels Triton kernels (the CUDA default); "auto": by device type."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()
+        raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name](device)
 
 
-def register_attention_backend(name: str, cls: type[AttentionBackend]) -> None:
-    _BACKENDS[name] = cls
+def register_attention_backend(name: str, factory: Any) -> None:
+    """factory(device) -> AttentionBackend."""
+    _BACKENDS[name] = factory

@@ -32,7 +32,7 @@ class EngineArgs:
     cpu_kv_cache_gb: float = 0.25  # KV cache budget when running on CPU and num_blocks is None
     long_prefill_token_threshold: int = 0  # >0: cap any one sequence's prefill chunk per step
     max_logprobs: int = 20
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

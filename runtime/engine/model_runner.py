@@ -49,7 +49,7 @@ class ModelRunner:
                  attention_backend: str = "torch"):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        self.backend = get_attention_backend(attention_backend)
+        self.backend = get_attention_backend(attention_backend, device)
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
             self.model = cls(model_config, max_model_len, self.backend)

@@ -46,11 +46,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # positions [T]; q [T, H, D]; k [T, Hkv, D]
-        cos = self.cos[positions].repeat(1, 2)[:, None, :].to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].repeat(1, 2)[:, None, :].to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin) [T, 1, D] in `dtype`; computed once per step, used by every layer."""
+        cos = self.cos[positions].repeat(1, 2)[:, None, :].to(dtype)
+        sin = self.sin[positions].repeat(1, 2)[:, None, :].to(dtype)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope  # x [T, heads, D]; cos/sin [T, 1, D]
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

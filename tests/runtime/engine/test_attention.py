@@ -66,8 +66,8 @@ def test_mixed_batch_matches_reference():
 def test_unknown_backend_is_a_clear_error():
     import pytest
 
-    with pytest.raises(ValueError, match="unknown attention backend 'triton'"):
-        get_attention_backend("triton")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_attention_backend("flash")
 
 
 def test_sdpa_gqa_matches_repeat():  # the backend relies on enable_gqa

@@ -157,7 +157,7 @@ def test_seeded_sampling_is_reproducible_in_any_batch(make_engine):
     alone = run_all(engine)["alone"][-1].outputs[0].token_ids
     engine = make_engine(max_num_batched_tokens=6)
     for i in range(3):
-        engine.add_request(f"noise{i}", "Some other prompt %d" % i, SamplingParams(max_tokens=16, temperature=1.0))
+        engine.add_request(f"noise{i}", f"Some other prompt {i}", SamplingParams(max_tokens=16, temperature=1.0))
     engine.add_request("crowd", "Hello", params)
     crowd = run_all(engine)["crowd"][-1].outputs[0].token_ids
     assert alone == crowd
