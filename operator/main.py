@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -135,6 +136,8 @@ def run(
         namespaces=tuple(namespaces), peering=peering, standalone=standalone, priority=priority,
         liveness_port=liveness_port, verbose=verbose, json_logs=json_logs,
     )
+    for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
+        stream.reconfigure(line_buffering=True)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
     chosen = choose_priority(priority)
     registry = kopf.get_default_registry()
