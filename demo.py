@@ -109,9 +109,8 @@ def show_resources(kubectl: Kubectl) -> None:
 
 
 def serve_and_ask() -> None:
-    from openai import OpenAI
-
     from lmforge.runtime.models.tiny import save_tiny_model
+    from openai import OpenAI
 
     model_dir = DEMO_DIR / "tiny-llama"
     if not (model_dir / "config.json").exists():

@@ -18,7 +18,6 @@ import threading
 from dataclasses import dataclass
 
 import kopf
-
 from lmforge import API_GROUP, __version__
 
 log = logging.getLogger("lmforge.operator")

@@ -9,8 +9,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = ("operator", "runtime", "kernels")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import kopf
-
 from lmforge.operator.main import OperatorOptions, apply_settings, choose_priority
 
 
