@@ -19,10 +19,13 @@ Semantics (those of the Kubernetes HPA v2 `behavior`, on engine metrics):
      (never scale down blind); never below what the running requests need (metric `queue`:
      ceil(running / maxNumSeqs), since an empty queue says nothing about a full batch); never to 0
      unless every pod is idle (no running and no waiting requests) and minReplicas is 0.
-2. Stabilization (`decide`): scale up only to the LOWEST recommendation of the last
+2. Stabilization (`decide`): scale up only to the LOWEST recommendation in effect during the last
    scaleUpStabilizationSeconds (every look in the window must agree that more are needed);
-   scale down only to the HIGHEST recommendation of the last scaleDownStabilizationSeconds. Noise
-   that crosses the target back and forth therefore never moves the replicas.
+   scale down only to the HIGHEST recommendation in effect during the last
+   scaleDownStabilizationSeconds. "In effect" includes the look made just before the window
+   opened, so a change first seen at t moves the replicas at t + window at the earliest, never a
+   scrape interval sooner (HPA's own windows are short by up to one sync period). Noise that
+   crosses the target back and forth therefore never moves the replicas.
 3. Step limits: at most maxScaleUpStep added / maxScaleDownStep removed per decision.
 4. Bounds: [minReplicas, maxReplicas], always (also when no metrics arrive).
 
@@ -30,7 +33,9 @@ Scale to zero and the activator seam: at 0 replicas there is no pod to scrape, s
 see demand. `Scrape.activator_waiting` is where an activator (a component that holds requests while
 no replica is ready, as Knative's does) will report the requests it holds; with it, rule 1 gives
 ceil(waiting / target) >= 1 from zero. Until one exists the controller leaves it None and the
-service stays at zero until a human scales it (status condition ScaleToZero says so).
+service stays at zero until someone scales its Deployment (status condition ScaleToZero says so).
+A size set by someone else restarts the windows (the controller clears the history), so a woken
+service is not sent back to zero by recommendations made while it was at zero.
 """
 
 from __future__ import annotations
@@ -167,16 +172,12 @@ def decide(history: Sequence[Scrape], current: int, spec: Autoscaling, now: date
         note = "" if replicas == current else f"; bounds [{low}, {high}]: {current} -> {replicas}"
         return Decision(replicas, current, replicas, None, f"no fresh metrics: hold{note}")
     latest = recommend(history[-1], spec, max_num_seqs)
-    up_since = now - timedelta(seconds=spec.scale_up_stabilization_seconds)
-    down_since = now - timedelta(seconds=spec.scale_down_stabilization_seconds)
-    up_recommendation = down_recommendation = latest.replicas
-    for scrape in history[:-1]:
-        if scrape.time >= up_since or scrape.time >= down_since:
-            replicas = recommend(scrape, spec, max_num_seqs).replicas
-            if scrape.time >= up_since:
-                up_recommendation = min(up_recommendation, replicas)
-            if scrape.time >= down_since:
-                down_recommendation = max(down_recommendation, replicas)
+    recommendations = [(s.time, recommend(s, spec, max_num_seqs).replicas) for s in history[:-1]]
+    recommendations.append((history[-1].time, latest.replicas))
+    up_window = _in_effect(recommendations, now - timedelta(seconds=spec.scale_up_stabilization_seconds))
+    down_window = _in_effect(recommendations, now - timedelta(seconds=spec.scale_down_stabilization_seconds))
+    up_recommendation = min(up_window) if up_window else latest.replicas
+    down_recommendation = max(down_window) if down_window else latest.replicas
 
     reason = latest.reason
     stabilized = current
@@ -190,10 +191,10 @@ def decide(history: Sequence[Scrape], current: int, spec: Autoscaling, now: date
     elif latest.replicas < current and stabilized > latest.replicas:
         reason += (f"; scale-down held at {stabilized}: highest recommendation in the last "
                    f"{spec.scale_down_stabilization_seconds}s")
-    if stabilized > current and history[0].time > up_since:
+    if stabilized > current and not up_window:
         stabilized, reason = current, reason + (f"; scale-up waits: observed for less than "
                                                 f"scaleUpStabilizationSeconds={spec.scale_up_stabilization_seconds}")
-    elif stabilized < current and history[0].time > down_since:
+    elif stabilized < current and not down_window:
         stabilized, reason = current, reason + (f"; scale-down waits: observed for less than "
                                                 f"scaleDownStabilizationSeconds={spec.scale_down_stabilization_seconds}")
 
@@ -208,6 +209,20 @@ def decide(history: Sequence[Scrape], current: int, spec: Autoscaling, now: date
     if bounded != current:
         reason += f"; {current} -> {bounded}"
     return Decision(bounded, current, max(low, min(high, latest.replicas)), latest.metric_value, reason)
+
+
+def _in_effect(recommendations: list[tuple[datetime, int]], since: datetime) -> list[int]:
+    """The recommendations in effect at some moment of [since, now]: those made after `since`, and
+    the newest one made at or before it (still in effect when the window opened). Empty when the
+    history does not reach back to `since` (the window is not covered yet)."""
+    opening = None
+    inside = []
+    for time, replicas in recommendations:
+        if time > since:
+            inside.append(replicas)
+        else:
+            opening = replicas
+    return [] if opening is None else [opening, *inside]
 
 
 def prune(history: Sequence[Scrape], spec: Autoscaling, now: datetime) -> tuple[Scrape, ...]:

@@ -76,7 +76,7 @@ async def scrape(urls: Mapping[str, str], session: Any = None,
                 if response.status != 200:
                     return None
                 return parse(await response.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, MetricsError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, MetricsError, UnicodeDecodeError):
             return None
 
     if not urls:

@@ -64,7 +64,8 @@ MessageColdStart = (
     "minReplicas is 0: after {idle}s without running or waiting requests the service scales to zero. "
     "The first request after that waits for a cold start (a new pod loads the model, up to {startup}s). "
     "lmforge has no activator yet to hold requests and wake the service: while at zero, requests are "
-    "refused and `kubectl scale lmisvc/{name} --replicas 1` (or minReplicas >= 1) brings it back"
+    "refused until `kubectl scale deployment/{name} --replicas 1` (the autoscaler goes on from the "
+    "Deployment's size) or minReplicas >= 1 brings it back"
 )
 ReasonScaledUp = "ScaledUp"
 ReasonScaledDown = "ScaledDown"

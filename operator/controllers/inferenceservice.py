@@ -10,7 +10,9 @@
 
 Apply and observe of one object never interleave (a per-object lock), and the timer skips a pass
 while the object's generation is not applied yet, so a stale view never undoes a spec change.
-The scrape history lives in this process only (see operator/autoscaler.py for why that is safe).
+The scrape history lives in this process only (see operator/autoscaler.py for why that is safe);
+it starts over when the Deployment's size changes under the autoscaler (kubectl scale, a spec
+change, a wake from zero).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Handle:
     applied_generation: int | None = None
     history: tuple[autoscaler.Scrape, ...] = ()
     expected: tuple[int, float] | None = None  # (replicas we set, monotonic deadline for the watch to show it)
+    size: int | None = None  # the Deployment size the autoscaler last saw or set
     autoscaling_written: float = 0.0  # monotonic time of the last status.autoscaling write
 
 
@@ -304,6 +307,11 @@ async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str
                      now: datetime, logger: logging.Logger) -> tuple[InferenceServiceStatus, StatusEvent | None]:
     policy = spec.autoscaling
     assert policy is not None
+    if handle.size is not None and current != handle.size:
+        # sized by someone else (kubectl scale, a wake from zero, a spec change): recommendations
+        # made for the old size say nothing about the new one, so the windows start over
+        handle.history = ()
+    handle.size = current
     template = (body.get("metadata", {}).get("annotations") or {}).get(build.ANNOTATION_METRICS_URL)
     ready = [p for p in pods if p.serving]
     urls = {p.name: metrics_scraper.metrics_url(template, pod=p.name, ip=p.ip, namespace=namespace, name=name)
@@ -322,6 +330,7 @@ async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str
         except Exception as exc:  # noqa: BLE001 - kubernetes ApiException; retried next pass
             logger.warning("scaling to %d failed: %s", decision.replicas, exc)
             return status, None
+        handle.size = decision.replicas
         logger.info("autoscaler: %s", decision.reason)
     previous = status.autoscaling
     fresh = (decision.changed or previous is None or previous.desired_replicas != decision.recommendation

@@ -150,7 +150,7 @@ def test_scale_to_zero_condition_explains_the_cold_start() -> None:
     assert (cond.status, cond.reason) == ("True", "ColdStartAfterIdle")
     assert "after 600s without running or waiting requests" in cond.message
     assert "waits for a cold start (a new pod loads the model, up to 900s)" in cond.message
-    assert "no activator yet" in cond.message and "kubectl scale lmisvc/chat --replicas 1" in cond.message
+    assert "no activator yet" in cond.message and "kubectl scale deployment/chat --replicas 1" in cond.message
     back = reflect("chat", make_spec(), got, DeploymentView(replicas=0), [], T0).status
     assert "ScaleToZero" not in conditions(back)
 
