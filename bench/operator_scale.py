@@ -38,8 +38,8 @@ def trainjob(name: str, namespace: str, nodes: int) -> dict[str, Any]:
         "apiVersion": "lmforge.dev/v1alpha1",
         "kind": "TrainJob",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"model": "pvc://models/llama", "dataset": {"source": "pvc://data/train.jsonl"},
-                 "output": {"dir": f"pvc://out/{name}"}, "numNodes": nodes},
+        "spec": {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"},
+                 "output": {"dir": f"/out/{name}"}, "numNodes": nodes},
     }
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LMFORGE = str(Path(sys.executable).parent / "lmforge")
-NAMESPACE = "e2e-trainjob"
+NAMESPACE = f"e2e-trainjob-{uuid.uuid4().hex[:6]}"  # fresh per session, even on a reused cluster
 
 
 class Operator:
@@ -60,7 +61,14 @@ class Operator:
 def _install(cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/trainjobs.lmforge.dev")
-    cluster.kubectl("create", "namespace", namespace, check=False)
+    cluster.kubectl("create", "namespace", namespace)
+
+
+def _uninstall(cluster, namespace: str, op: Operator) -> None:
+    """Delete the jobs while the operator still runs (it releases their finalizers), then the rest."""
+    cluster.kubectl("delete", "trainjobs", "--all", "-n", namespace, "--timeout=60s", check=False)
+    op.stop()
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,7 @@ def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
     op = Operator(NAMESPACE, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     yield op
-    op.stop()
+    _uninstall(cluster, NAMESPACE, op)
 
 
 class Jobs:
@@ -79,8 +87,9 @@ class Jobs:
         self.cluster, self.wait_for, self.ns, self.operator = cluster, wait_for, namespace, operator
 
     def apply(self, name: str, **spec: Any) -> None:
-        base = {"model": "pvc://models/llama", "dataset": {"source": "pvc://data/train.jsonl"},
-                "output": {"dir": "pvc://out/llama"}, "failurePolicy": {"backoffSeconds": 1}}
+        # plain paths: pvc:// locations would be mounted, and kwok has no PVCs to bind
+        base = {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"},
+                "output": {"dir": "/out/llama"}, "failurePolicy": {"backoffSeconds": 1}}
         obj = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob",
                "metadata": {"name": name, "namespace": self.ns}, "spec": {**base, **spec}}
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
@@ -242,7 +251,7 @@ def test_ttl_deletes_a_finished_job_and_its_pods(jobs: Jobs, wait_for) -> None:
 def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait_for, tmp_path) -> None:
     """20 jobs, 10 SIGKILLs of the operator at random moments while it creates gangs and restarts
     failed ones; afterwards every job has exactly its ranks, of its current attempt, owned by it."""
-    namespace = "e2e-trainjob-kill"
+    namespace = f"{NAMESPACE}-kill"
     _install(cluster, namespace)
     op = Operator(namespace, tmp_path / "operator.log")
     jobs = Jobs(cluster, wait_for, namespace, op)
@@ -253,7 +262,9 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
         for name in names:
             jobs.apply(name, numNodes=2, failurePolicy={"maxRestarts": 100, "backoffSeconds": 1})
         for round_ in range(10):
-            time.sleep(rng.uniform(0.5, 2.5))
+            # once it is up (its handlers run right after the start-up line), kill it mid-reconcile
+            wait_for(lambda: op.log().count("lmforge operator") >= op.starts, timeout=60, message=op.log)
+            time.sleep(rng.uniform(0.1, 2.0))
             op.kill()
             if round_ < 8:  # fail a few running workers while it is down: the next operator must restart them
                 running = [p for p in jobs.pods()
@@ -285,5 +296,6 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
                 assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), f"{name}: stale attempt"
         assert sum(jobs.status(n)["restarts"] for n in names) > 0, "no restarts happened: the test proved little"
     finally:
-        op.stop()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        if op.proc and op.proc.poll() is not None:
+            op.start()
+        _uninstall(cluster, namespace, op)

@@ -238,8 +238,9 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
                          *storage_mounts, *(spec.volume_mounts or ())],
     }
-    if spec.resources_per_node:
-        container["resources"] = spec.resources_per_node.to_k8s()
+    if spec.resources_per_node:  # quantities as strings, the form the API (and its clients) expect
+        container["resources"] = {section: {k: str(v) for k, v in table.items()}
+                                  for section, table in spec.resources_per_node.to_k8s().items()}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,

@@ -34,6 +34,7 @@ from lmforge.operator.builders.trainjob import CONTAINER_NAME, pod_name
 
 MAX_BACKOFF_SECONDS = 600
 RESYNC_SECONDS = 60.0  # re-check a quiet job this often even without events
+MAX_MESSAGE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class WorkerPod:
     finished_at: datetime | None = None
     deletion_timestamp: datetime | None = None  # set: Terminating; the pod should be gone by then
     progress: str | None = None  # raw lmforge.dev/progress annotation
+    waiting: str | None = None  # why a Pending pod is not running yet (Unschedulable, ImagePullBackOff, ...)
 
     @property
     def deleting(self) -> bool:
@@ -74,7 +76,11 @@ class WorkerPod:
         statuses = status.get("containerStatuses") or []
         main = next((s for s in statuses if s.get("name") == CONTAINER_NAME), statuses[0] if statuses else {})
         terminated = (main.get("state") or {}).get("terminated") or {}
-        ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in status.get("conditions") or ())
+        conditions = status.get("conditions") or ()
+        ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in conditions)
+        unscheduled = next((cond for cond in conditions
+                            if cond.get("type") == "PodScheduled" and cond.get("status") == "False"), None)
+        waiting = (main.get("state") or {}).get("waiting") or unscheduled or {}
         return cls(
             name=meta.get("name", ""),
             rank=rank,
@@ -88,6 +94,7 @@ class WorkerPod:
             finished_at=parse_time(terminated.get("finishedAt")),
             deletion_timestamp=parse_time(meta.get("deletionTimestamp")),
             progress=(meta.get("annotations") or {}).get(c.ANNOTATION_PROGRESS),
+            waiting=": ".join(filter(None, (waiting.get("reason"), waiting.get("message")))) or None,
         )
 
 
@@ -474,4 +481,7 @@ def _run(plan: _Plan, current: list[WorkerPod]) -> None:
             plan.condition(c.ConditionRestarting, False, c.ReasonAllWorkersRunning, message)
     else:
         message = c.MessageWaitingForPods.format(running=running, num_nodes=num_nodes)
+        stuck = next((p for p in sorted(current, key=lambda p: p.rank) if p.waiting), None)
+        if stuck is not None:  # say why, instead of an unexplained Pending
+            message = f"{message}; {stuck.name}: {stuck.waiting}"[:MAX_MESSAGE]
         plan.condition(c.ConditionRunning, False, c.ReasonWaitingForPods, message)

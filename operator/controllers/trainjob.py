@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
 from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
@@ -29,6 +30,7 @@ from lmforge.operator.builders import trainjob as build
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, decide
 
 PLURAL = "trainjobs"
+COALESCE_SECONDS = 0.2  # pods of a gang change together: one reconcile for the burst
 POD_LABELS = {c.LABEL_KIND: "TrainJob", c.LABEL_JOB_NAME: kopf.PRESENT}
 
 
@@ -43,68 +45,97 @@ def build_config_from_env() -> build.BuildConfig:
                              service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
 
 
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(f"{status} {reason}: {body[:500]}")
+        self.status = status
+
+
 class KubeApi:
-    """The few calls the controller makes, idempotent, run in a small thread pool (the official
-    client is synchronous)."""
+    """The few REST calls the controller makes, on aiohttp (what kopf itself uses): no threads, and
+    none of the official client's per-call model validation, which costs seconds of CPU to load.
+    Credentials come from the official client's config loader (kubeconfig or in-cluster)."""
 
-    def __init__(self, workers: int = 16) -> None:
-        from kubernetes import client, config
+    def __init__(self) -> None:
+        from kubernetes import config
+        from kubernetes.client.configuration import Configuration
 
+        self._config = Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=self._config)
         except config.ConfigException:
-            config.load_kube_config()
-        configuration = client.Configuration.get_default_copy()
-        configuration.connection_pool_maxsize = workers
-        api_client = client.ApiClient(configuration)
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lmforge-kube")
+            config.load_kube_config(client_configuration=self._config)
+        self._session: aiohttp.ClientSession | None = None
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
+    def _headers(self) -> dict[str, str]:
+        cfg = self._config
+        if cfg.refresh_api_key_hook is not None:  # in-cluster: the token file is re-read periodically
+            cfg.refresh_api_key_hook(cfg)
+        token = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+        return {"Authorization": token} if token else {}
 
-        def run() -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except ApiException as exc:
-                if exc.status in ok:
-                    return None
-                raise
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            cfg = self._config
+            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file)
+            if not cfg.verify_ssl:
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            self._session = aiohttp.ClientSession(
+                base_url=cfg.host.rstrip("/") + "/",
+                connector=aiohttp.TCPConnector(ssl=context, limit=32),
+                timeout=aiohttp.ClientTimeout(total=60),
+            )
+        return self._session
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+    async def request(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (),
+                      **params: str) -> dict[str, Any] | None:
+        async with self._http().request(method, path.lstrip("/"), json=body, params=params or None,
+                                        headers=self._headers()) as response:
+            if response.status < 300:
+                return await response.json()
+            text = await response.text()
+            if response.status in ok:
+                return None
+            raise ApiError(response.status, response.reason or "", text)
+
+    @staticmethod
+    def _job_path(namespace: str, name: str = "") -> str:
+        return f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{PLURAL}" + (f"/{name}" if name else "")
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self._call(self.custom.get_namespaced_custom_object, c.GROUP, c.VERSION, namespace, PLURAL,
-                                name, ok=(404,))
+        return await self.request("GET", self._job_path(namespace, name), ok=(404,))
 
     async def replace_status(self, job: dict[str, Any]) -> dict[str, Any]:
+        """PUT with the job's resourceVersion: 409 Conflict if anyone wrote it since we read it."""
         meta = job["metadata"]
-        return await self._call(self.custom.replace_namespaced_custom_object_status, c.GROUP, c.VERSION,
-                                meta["namespace"], PLURAL, meta["name"], job)
+        return await self.request("PUT", self._job_path(meta["namespace"], meta["name"]) + "/status", job)
 
     async def create(self, obj: dict[str, Any]) -> None:
-        kind, namespace = obj["kind"], obj["metadata"]["namespace"]
-        create = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
-                  "ConfigMap": self.core.create_namespaced_config_map}[kind]
-        await self._call(create, namespace, obj, ok=(409,))
+        plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[obj["kind"]]
+        await self.request("POST", f"/api/v1/namespaces/{obj['metadata']['namespace']}/{plural}", obj, ok=(409,))
 
     async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
-        await self._call(self.core.delete_namespaced_pod, name, namespace, ok=(404,),
-                         grace_period_seconds=0 if force else None)
+        params = {"gracePeriodSeconds": "0"} if force else {}
+        await self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", ok=(404,), **params)
 
     async def delete_children(self, namespace: str, job_name: str) -> None:
         """Explicitly, because the garbage collector may lag behind (or be absent)."""
         selector = f"{c.LABEL_JOB_NAME}={job_name},{c.LABEL_KIND}=TrainJob"
+        base = f"/api/v1/namespaces/{namespace}"
         await asyncio.gather(
-            self._call(self.core.delete_collection_namespaced_pod, namespace, label_selector=selector, ok=(404,)),
-            self._call(self.core.delete_namespaced_service, job_name, namespace, ok=(404,)),
-            self._call(self.core.delete_namespaced_config_map, build.config_map_name(job_name), namespace, ok=(404,)),
+            self.request("DELETE", f"{base}/pods", ok=(404,), labelSelector=selector),
+            self.request("DELETE", f"{base}/services/{job_name}", ok=(404,)),
+            self.request("DELETE", f"{base}/configmaps/{build.config_map_name(job_name)}", ok=(404,)),
         )
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        await self._call(self.custom.delete_namespaced_custom_object, c.GROUP, c.VERSION, namespace, PLURAL, name,
-                         ok=(404,))
+        await self.request("DELETE", self._job_path(namespace, name), ok=(404,))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 @dataclass(slots=True)
@@ -159,29 +190,44 @@ def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.on.startup(id="trainjob-runtime")
-def _startup(memo: kopf.Memo, **_: Any) -> None:
-    memo.trainjob = Runtime(cfg=build_config_from_env())
+async def _startup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = Runtime(cfg=build_config_from_env())
+    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    memo.trainjob = runtime
+
+
+@kopf.on.cleanup(id="trainjob-runtime-close")
+async def _cleanup_runtime(memo: kopf.Memo, **_: Any) -> None:
+    runtime: Runtime | None = getattr(memo, "trainjob", None)
+    if runtime is not None and runtime._api is not None:
+        await runtime._api.close()
+
+
+# The two indexes double as wake-up signals: kopf calls indexers on every watch event, in the
+# event loop (they are async), and logs them tersely, unlike on.event handlers (a line per event).
 
 
 @kopf.index("pods", labels=POD_LABELS)
-def trainjob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+async def trainjob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo,
+                        **_: Any) -> dict:
     """(namespace, job name) -> the job's worker pods, kept current by the pod watch."""
+    job = labels[c.LABEL_JOB_NAME]
+    memo.trainjob.wake(namespace, job)
     pod = WorkerPod.from_pod(body)
-    return {(namespace, labels[c.LABEL_JOB_NAME]): pod} if pod else {}
+    return {(namespace, job): pod} if pod else {}
 
 
-@kopf.on.event("pods", labels=POD_LABELS)
-def _pod_event(namespace: str, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    memo.trainjob.wake(namespace, labels[c.LABEL_JOB_NAME])
-
-
-@kopf.on.event(c.GROUP, c.VERSION, PLURAL)
-def _job_event(namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    """Spec changes (suspend flips, TTL edits) wake the daemon at once; our own status writes do not."""
+@kopf.index(c.GROUP, c.VERSION, PLURAL)
+async def trainjob_generations(namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo,
+                               **_: Any) -> dict:
+    """(namespace, name) -> metadata.generation. A new generation (suspend flips, TTL edits) wakes
+    the job's daemon at once; our own status writes do not."""
+    generation = meta.get("generation")
     handle = memo.trainjob.handles.get((namespace, name))
-    if handle is not None and meta.get("generation") != handle.generation:
-        handle.generation = meta.get("generation")
+    if handle is not None and generation != handle.generation:
+        handle.generation = generation
         handle.wake.set()
+    return {(namespace, name): generation}
 
 
 @kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="trainjob", cancellation_timeout=10.0)
@@ -190,25 +236,35 @@ async def trainjob_daemon(body: kopf.Body, namespace: str, name: str, stopped: k
     runtime: Runtime = memo.trainjob
     handle = runtime.handle(namespace, name)
     handle.generation = body.get("metadata", {}).get("generation")
+    failures = 0
     try:
         while not stopped:
             handle.wake.clear()
-            delay = await reconcile(runtime, handle, body, trainjob_pods, logger)
+            try:
+                delay = await reconcile(runtime, handle, body, trainjob_pods, logger)
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - API errors, quota, invalid user volumes: retry, visibly
+                failures += 1
+                delay = min(2.0 ** failures, 60.0)
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                kopf.event(_plain(body), type="Warning", reason="ReconcileError", message=str(exc)[:1024])
             if delay is None:
                 return  # finished and nothing left to do: the daemon (and its finalizer) go away
-            if delay > 0:
-                await _sleep(handle.wake, stopped, delay)
+            if delay > 0 and await _sleep(handle.wake, stopped, delay):
+                await asyncio.sleep(COALESCE_SECONDS)  # let a burst of pod events land before looking
     finally:
         runtime.handles.pop((namespace, name), None)
 
 
-async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> bool:
+    """Sleep until woken, stopped or `seconds` passed; True if woken by an event."""
     waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
+    return wake.is_set() and not stopped
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, PLURAL, id="trainjob-cleanup", optional=True)
@@ -244,11 +300,10 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     if decision.status != status:
         try:
             handle.latest = await api.replace_status({**job, "status": decision.status.to_k8s()})
-        except Exception as exc:  # noqa: BLE001 - kubernetes ApiException, kept lazy
-            code = getattr(exc, "status", None)
-            if code == 404:
+        except ApiError as exc:
+            if exc.status == 404:
                 return None
-            if code == 409:  # someone (the user, or our own last write) changed it: decide again
+            if exc.status == 409:  # someone (the user, or our own last write) changed it: decide again
                 handle.latest = await api.get_job(namespace, name)
                 return 0.0 if handle.latest else None
             raise

@@ -76,7 +76,7 @@ def expected_pod(rank: int = 1, attempt: int = 0) -> dict[str, Any]:
                                  {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
                                  {"name": "pvc-data", "mountPath": "/mnt/pvc/data"},
                                  {"name": "pvc-out", "mountPath": "/mnt/pvc/out"}],
-                "resources": {"limits": {"nvidia.com/gpu": 8}},
+                "resources": {"limits": {"nvidia.com/gpu": "8"}},
             }],
             "volumes": [{"name": "lmforge-config", "configMap": {"name": "llama-config"}},
                         {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},

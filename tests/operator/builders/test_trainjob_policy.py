@@ -57,6 +57,15 @@ def test_pending_pods_keep_the_job_pending() -> None:
     assert d.status.replicas.active == 4
 
 
+def test_waiting_condition_says_why_pods_do_not_run() -> None:
+    pods = [worker(0, phase="Pending", waiting="Unschedulable: 0/4 nodes are available: Insufficient nvidia.com/gpu"),
+            *workers(4)[1:]]
+    d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=pods))
+    running = {cond.type: cond for cond in d.status.conditions}["Running"]
+    assert running.message == ("3/4 worker pods running; llama-0: Unschedulable: 0/4 nodes are available: "
+                               "Insufficient nvidia.com/gpu")
+
+
 def test_all_workers_running_makes_the_job_running() -> None:
     d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4), now=at(5)))
     assert d.status.phase == "Running"
@@ -308,3 +317,10 @@ def test_worker_pod_from_api_object() -> None:
         name="llama-2", rank=2, attempt=1, phase="Failed", ready=False, exit_code=137, reason="Error",
         node="kwok-node-0", finished_at=at(300), deletion_timestamp=at(60), progress="{}")
     assert WorkerPod.from_pod({"metadata": {"name": "x", "labels": {}}}) is None
+    pending = pod_dict(0, phase="Pending")
+    pending["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "persistentvolumeclaim \"models\" not found"}]
+    assert WorkerPod.from_pod(pending).waiting == 'Unschedulable: persistentvolumeclaim "models" not found'
+    pending["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": "ErrImagePull"}}}]
+    pending["status"]["conditions"] = []
+    assert WorkerPod.from_pod(pending).waiting == "ErrImagePull"
