@@ -5,6 +5,11 @@ them. The plan (which binary, from which wrapper module, with which version ldfl
 function of `Versions`; `build()` only runs it. Each wrapper module under `gomod/<name>/` carries a
 go.mod (require + the staging replaces) and a go.sum, so a clean clone needs nothing but the Go
 module proxy, and the checksum database is never asked.
+
+Bumping a version: change `Versions`, then in gomod/<name>/go.mod the `require` (for kubernetes
+also every `replace`, to the matching v0.<minor>.<patch> tag; modules the new k8s.io/kubernetes
+go.mod requires at v0.0.0 need one) and run `go mod tidy` there. tests/operator/localcluster
+checks that the pins and `Versions` agree.
 """
 
 from __future__ import annotations
