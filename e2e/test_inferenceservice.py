@@ -248,12 +248,19 @@ def test_bad_specs_are_rejected(services: Services) -> None:
     assert result.returncode != 0 and "at most 50 characters" in result.stderr
 
 
-def test_unsupported_model_source_fails_with_a_reason(services: Services) -> None:
+def test_specs_the_cluster_cannot_run_fail_with_a_reason(services: Services) -> None:
     services.apply("s3model", model={"source": "s3://bucket/llama"})
     status = services.wait_status("s3model", phase="Failed", timeout=30)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "copy s3:// checkpoints to a PVC" in ready["message"]
     services.kubectl("delete", "lmisvc", "s3model", "--wait=false")
+    services.apply("badvolume", volumes=[{"name": "Not_A_DNS_Label", "emptyDir": {}}])  # passed through as is
+    status = services.wait_status("badvolume", phase="Failed", timeout=30)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec" and "the API server refused an owned object" in ready["message"]
+    services.apply("badvolume", volumes=[{"name": "scratch", "emptyDir": {}}])  # fixed: it recovers
+    services.wait_status("badvolume", phase="Ready", timeout=60)
+    services.kubectl("delete", "lmisvc", "badvolume", "--wait=false")
 
 
 def _wait_replicas(services: Services, name: str, want: int, timeout: float) -> float:

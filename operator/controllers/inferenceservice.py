@@ -18,6 +18,7 @@ change, a wake from zero).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -213,12 +214,19 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
         return
     replicas_changed = reason == "create" or any(tuple(d[1]) == ("spec", "replicas") for d in diff or ())
     async with handle.lock:
-        current = await runtime.api.deployment_replicas(namespace, name)
-        replicas = build.replicas_to_apply(spec, current, replicas_changed)
-        await runtime.api.apply(build.deployment(ref, spec, replicas, runtime.cfg))
-        await runtime.api.apply(build.service(ref))
-        pdb = build.pod_disruption_budget(ref, spec)
-        await (runtime.api.apply(pdb) if pdb else runtime.api.delete_pdb(namespace, name))
+        try:
+            current = await runtime.api.deployment_replicas(namespace, name)
+            replicas = build.replicas_to_apply(spec, current, replicas_changed)
+            await runtime.api.apply(build.deployment(ref, spec, replicas, runtime.cfg))
+            await runtime.api.apply(build.service(ref))
+            pdb = build.pod_disruption_budget(ref, spec)
+            await (runtime.api.apply(pdb) if pdb else runtime.api.delete_pdb(namespace, name))
+        except Exception as exc:  # noqa: BLE001 - kubernetes ApiException, kept lazy
+            if getattr(exc, "status", None) == 422:  # e.g. a passed-through volume the API server refuses
+                _reject(body, patch, status, generation, f"the API server refused an owned object: "
+                                                         f"{_api_message(exc)}", logger)
+                return
+            raise kopf.TemporaryError(f"applying the owned objects failed: {exc}", delay=10) from exc
         handle.applied_generation = generation
         if current != replicas:
             handle.expected = (replicas, time.monotonic() + 3 * INTERVAL)
@@ -232,6 +240,13 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
         _post(body, [StatusEvent("Normal", "Applied", f"applied {parts} for generation {generation} "
                                                       f"({replicas} replica(s))"),
                      *(StatusEvent("Normal", "ModelFromHub", note) for note in location.notes)])
+
+
+def _api_message(exc: Exception) -> str:
+    try:
+        return json.loads(getattr(exc, "body", "") or "{}").get("message") or str(exc)
+    except ValueError:
+        return str(exc)
 
 
 def _reject(body: kopf.Body, patch: kopf.Patch, status: InferenceServiceStatus, generation: int | None,
