@@ -12,8 +12,9 @@ Pod lifecycle, and why each knob has its value:
   Service endpoints as soon as it starts draining (/health turns 503 on SIGTERM).
 - livenessProbe on /version: answered by the event loop, not the engine, so a long generate never
   fails it, and a draining pod (whose /health is 503) is not killed early.
-- preStop sleeps a few seconds so endpoint controllers and proxies drop the pod before the server
-  sees SIGTERM; terminationGracePeriodSeconds covers that sleep + the server's drain
+- preStop sleeps a few seconds (the kubelet's own `sleep` action, Kubernetes >= 1.30: no shell
+  needed in the image) so endpoint controllers and proxies drop the pod before the server sees
+  SIGTERM; terminationGracePeriodSeconds covers that sleep + the server's drain
   (--graceful-shutdown-seconds) + the engine's own shutdown.
 - Rolling updates add a pod before removing one (maxSurge 1, maxUnavailable 0), and the
   Deployment's progress deadline is longer than the startup budget, so a slow load is not
