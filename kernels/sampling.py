@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 NUM_PIVOTS = 16
-NEG_INF_KEY: tl.constexpr = -2139095041  # _order_key(-inf)
+NEG_INF_KEY = tl.constexpr(-2139095041)  # _order_key(-inf)
 
 
 @triton.jit
