@@ -117,7 +117,7 @@ def main() -> None:
             report["hf"] = hf
             report["speedup_output_tok_s"] = round(ours["output_tok_s"] / hf["output_tok_s"], 3)
             report["greedy_sequences_identical"] = sum(a == b for a, b in zip(our_tokens, hf_tokens, strict=True))
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report))  # one line, last on stdout (libraries may log above it)
 
 
 if __name__ == "__main__":

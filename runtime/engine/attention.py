@@ -99,8 +99,8 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
             qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = k_flat[meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, S, D]
-            vd = v_flat[meta.decode_slots].transpose(1, 2)
+            kd = _gather(k_flat, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, S, D]
+            vd = _gather(v_flat, meta.decode_slots).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
                                                 enable_gqa=True)
             out[meta.decode_token_idx] = od.squeeze(2)
@@ -110,12 +110,18 @@ class TorchAttentionBackend(AttentionBackend):
                 kp, vp = k[start : start + qlen].transpose(0, 1), v[start : start + qlen].transpose(0, 1)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
             else:  # chunk after cached tokens: query i sits at position seq_len - qlen + i
-                kp, vp = k_flat[slots].transpose(0, 1), v_flat[slots].transpose(0, 1)  # [Hkv, seq_len, D]
+                kp = _gather(k_flat, slots).transpose(0, 1)  # [Hkv, seq_len, D]
+                vp = _gather(v_flat, slots).transpose(0, 1)
                 q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, seq_len]
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
             out[start : start + qlen] = op.transpose(0, 1)
         return out
+
+
+def _gather(flat_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """flat_cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D] (index_select: faster than indexing)."""
+    return flat_cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat_cache.shape[1:])
 
 
 def _slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
