@@ -146,3 +146,12 @@ def test_finish_frees_blocks_anywhere():
         sched.finish(seq, FinishReason.ABORT)
     assert sched.block_manager.num_free_blocks == 8
     assert not sched.has_unfinished() and a.finish_reason is FinishReason.ABORT
+
+
+def test_pure_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import lmforge.runtime.engine.scheduler, lmforge.runtime.engine.block_manager; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
