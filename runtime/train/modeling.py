@@ -3,8 +3,10 @@ sharding, and writing the final output (HF model, PEFT adapter, merged model, to
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,14 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-# peft 0.21 reads a property transformers 5 deprecated; harmless, and noisy in every rank's log.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecated: noise in every log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -54,9 +62,10 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
         import peft
 
         lora = cfg.lora
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        with _quiet_peft():
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     return model.to(device).train()
 
 
@@ -116,6 +125,7 @@ def merge_adapter(base_path: Path, adapter_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=base_dtype(base_path))
-    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    with _quiet_peft():
+        merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     merged.save_pretrained(out)
     copy_tokenizer_files(base_path, out)

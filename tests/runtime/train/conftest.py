@@ -10,44 +10,22 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 SENTENCES = ["the cat sat on the mat. ", "one two three four five. ", "abc abc abc abc. "]
 
 
 def build_tokenizer():
-    """Byte-level BPE: every byte is a token, so any text round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The tiny models' tokenizer: byte-level BPE with a chat template."""
+    from lmforge.runtime.models.tiny import build_tokenizer as build
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SENTENCES * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   chat_template=CHAT_TEMPLATE)
+    return build()
 
 
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-init Llama (hidden 64, 2 layers) + tokenizer, written in HF layout. A wider init
+    (0.1) than HF's 0.02 gives the frozen lm_head enough range for LoRA to lower the loss fast."""
+    from lmforge.runtime.models.tiny import save_tiny_model
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, "llama", seed=seed, initializer_range=0.1)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -81,14 +59,14 @@ def chat_dataset(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_rows(48))
 
 
-def base_config(model: Path, dataset: Path, out: Path, **overrides) -> dict:
-    """A small, fast config dict in the file's camelCase layout."""
+def base_config(model_dir: Path, dataset_path: Path, out_dir: Path, **overrides) -> dict:
+    """A small, fast config dict in the file's camelCase layout; `overrides` merge section by section."""
     config = {
-        "model": str(model), "dataset": {"source": str(dataset)}, "method": "full",
+        "model": str(model_dir), "dataset": {"source": str(dataset_path)}, "method": "full",
         "hyperparameters": {"learningRate": 3e-3, "maxSteps": 12, "batchSize": 2, "seqLen": 64,
                             "warmupSteps": 2, "seed": 7, "logEverySteps": 4},
         "checkpoint": {"everySteps": 4, "keepLast": 2},
-        "output": {"dir": str(out)},
+        "output": {"dir": str(out_dir)},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -96,6 +74,12 @@ def base_config(model: Path, dataset: Path, out: Path, **overrides) -> dict:
         else:
             config[key] = value
     return config
+
+
+def loss_drop(losses: dict[int, float]) -> float:
+    """Mean loss of the first three steps minus that of the last three (batches differ per step)."""
+    steps = sorted(losses)
+    return (sum(losses[s] for s in steps[:3]) - sum(losses[s] for s in steps[-3:])) / 3
 
 
 def read_losses(out: Path) -> dict[int, float]:
