@@ -17,6 +17,7 @@ A request whose consumer goes away (client disconnect -> CancelledError / Genera
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import queue
@@ -153,9 +154,11 @@ class AsyncLLM:
 
     async def wait_loaded(self, timeout: float | None = None) -> None:
         """Returns once the engine is up; raises EngineDeadError if loading failed."""
-        loaded = await asyncio.to_thread(self._loaded.wait, timeout)
-        if not loaded:
-            raise TimeoutError("engine did not load in time")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._loaded.is_set():  # polled, so that cancelling the wait needs no thread
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("engine did not load in time")
+            await asyncio.sleep(0.05)
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}") from self.error
 
@@ -174,9 +177,15 @@ class AsyncLLM:
         if self._thread is None:
             return
         self._commands.put(_Stop())
+        if not self._loaded.is_set():
+            return  # still loading: the thread stops by itself once loaded; nothing to wait for
         await asyncio.to_thread(self._thread.join, timeout)
         if self._thread.is_alive():
             logger.warning("engine thread did not stop within %.0fs", timeout)
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # --- requests (event loop side) ----------------------------------------------------------------
 
@@ -393,6 +402,50 @@ class AsyncLLM:
                 self._send([(command.request_id, error)])
             elif isinstance(command, _Stop):
                 return
+
+
+async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    """Starts several generate() streams together and returns each one's first output; if any
+    fails (queue full, rejected), closes them all (aborting the others) and raises its error."""
+    results = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        raise errors[0]
+    return results  # type: ignore[return-value]
+
+
+async def merge_streams(gens: list[AsyncIterator[RequestOutput]],
+                        firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from streams started by start_streams, as outputs arrive. Closing
+    the merged iterator closes every stream."""
+    for i, first in enumerate(firsts):
+        yield i, first
+    if len(gens) == 1:  # the common case: no helper tasks
+        async with contextlib.aclosing(gens[0]) as gen:
+            if not firsts[0].finished:
+                async for out in gen:
+                    yield 0, out
+        return
+    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens) if not firsts[i].finished}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(anext(gens[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for g in gens:
+            await g.aclose()
 
 
 def _replace_waiting(stats: EngineStats, num_waiting: int) -> EngineStats:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,28 +44,17 @@ class EngineStats:
     generation_tokens: int = 0
 
     @classmethod
-    def from_engine(cls, raw: object) -> EngineStats:
-        """Accepts the engine's get_stats() result (a dataclass or a dict) under a few spellings."""
-        get = raw.get if isinstance(raw, dict) else (lambda k, d=None: getattr(raw, k, d))
-
-        def pick(*names: str, default: float = 0) -> float:
-            for name in names:
-                value = get(name, None)
-                if value is not None:
-                    return value
-            return default
-
+    def from_engine(cls, raw: Any) -> EngineStats:
+        """From LLMEngine.get_stats() (a dataclass; a dict with the same names works too)."""
+        get = raw.get if isinstance(raw, dict) else (lambda name, default: getattr(raw, name, default))
         return cls(
-            num_running=int(pick("num_running", "num_running_reqs", "num_running_requests")),
-            num_waiting=int(pick("num_waiting", "num_waiting_reqs", "num_waiting_requests")),
-            kv_cache_usage=float(pick("kv_cache_usage", "kv_cache_usage_perc")),
-            num_free_blocks=int(pick("num_free_blocks")),
-            num_total_blocks=int(pick("num_total_blocks", "num_blocks")),
-            prefix_cache_queries=int(pick("prefix_cache_queries", "num_prefix_cache_queries")),
-            prefix_cache_hits=int(pick("prefix_cache_hits", "num_prefix_cache_hits")),
-            num_preemptions=int(pick("num_preemptions")),
-            prompt_tokens=int(pick("prompt_tokens", "num_prompt_tokens", "prompt_tokens_total")),
-            generation_tokens=int(pick("generation_tokens", "num_generation_tokens", "generation_tokens_total")),
+            num_running=int(get("num_running", 0)), num_waiting=int(get("num_waiting", 0)),
+            kv_cache_usage=float(get("kv_cache_usage", 0.0)), num_free_blocks=int(get("num_free_blocks", 0)),
+            num_total_blocks=int(get("num_total_blocks", 0)),
+            prefix_cache_queries=int(get("prefix_cache_queries", 0)),
+            prefix_cache_hits=int(get("prefix_cache_hits", 0)), num_preemptions=int(get("num_preemptions", 0)),
+            prompt_tokens=int(get("prompt_tokens_total", 0)),
+            generation_tokens=int(get("generation_tokens_total", 0)),
         )
 
 

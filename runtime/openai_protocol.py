@@ -11,7 +11,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from lmforge.runtime.sampling_params import SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 # A float that JSON's NaN/Infinity extensions cannot smuggle in.
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -265,6 +265,10 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:  # OpenAI omits absent delta fields
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatStreamChoice(BaseModel):

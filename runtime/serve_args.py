@@ -15,13 +15,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
-    return value
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -61,7 +54,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
-    server.add_argument("--max-queue", type=_non_negative_int, default=None,
+    server.add_argument("--max-queue", type=_positive_int, default=None,
                         help="reject a new request with HTTP 429 when this many are already waiting "
                              "(default: unbounded)")
     server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),

@@ -18,11 +18,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -38,6 +40,8 @@ from lmforge.runtime.async_engine import (
     EngineNotReadyError,
     QueueFullError,
     RequestAbortedError,
+    merge_streams,
+    start_streams,
 )
 from lmforge.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.runtime.outputs import CompletionOutput, RequestOutput
@@ -78,38 +82,20 @@ def _bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
-    """Builds LLMEngine from the serve flags, passing only the EngineArgs fields that exist."""
+    """Builds the LLMEngine from the serve flags (called on the engine thread)."""
 
     def build() -> Any:
         from lmforge.runtime.engine.llm_engine import EngineArgs, LLMEngine
 
-        wanted = {
-            "model": args.model, "dtype": args.dtype, "device": args.device, "seed": args.seed,
-            "max_model_len": args.max_model_len, "block_size": args.block_size,
-            "gpu_memory_utilization": args.gpu_memory_utilization, "max_num_seqs": args.max_num_seqs,
-            "max_num_batched_tokens": args.max_num_batched_tokens,
-            "enable_prefix_caching": args.enable_prefix_caching, "num_blocks": args.num_blocks,
-            "enforce_eager": args.enforce_eager,
-        }
-        names = {f.name for f in dataclasses.fields(EngineArgs)}
-        engine_args = EngineArgs(**{k: v for k, v in wanted.items() if k in names and v is not None})
-        if hasattr(LLMEngine, "from_engine_args"):
-            return LLMEngine.from_engine_args(engine_args)
-        return LLMEngine(engine_args)
+        optional = {"max_num_batched_tokens": args.max_num_batched_tokens}  # None: the engine's default
+        return LLMEngine(EngineArgs(
+            model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+            max_model_len=args.max_model_len, block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+            enable_prefix_caching=args.enable_prefix_caching, num_blocks=args.num_blocks,
+            enforce_eager=args.enforce_eager, **{k: v for k, v in optional.items() if v is not None}))
 
     return build
-
-
-def _first_attr(obj: Any, *paths: str) -> Any:
-    for path in paths:
-        value = obj
-        for part in path.split("."):
-            value = getattr(value, part, None)
-            if value is None:
-                break
-        if value is not None:
-            return value
-    return None
 
 
 class ServerState:
@@ -132,32 +118,28 @@ class ServerState:
         self.shutdown_requested = asyncio.Event()
         self.force_stop = asyncio.Event()
         self.load_error: BaseException | None = None
+        self.load_finished = False  # loader threads done (ready or failed)
         self._token_strs: dict[int, str] = {}
 
     async def load(self) -> None:
         """Engine (on its thread) and tokenizer (in a worker thread) load concurrently."""
         try:
             self.engine.start()
-            tokenizer = await asyncio.to_thread(_load_tokenizer, self.args.model)
+            tokenizer = await _in_daemon_thread(_load_tokenizer, self.args.model)
             await self.engine.wait_loaded()
-            engine = self.engine.engine
-            self.max_model_len = int(_first_attr(
-                engine, "max_model_len", "config.max_model_len", "model_config.max_model_len",
-                "args.max_model_len", "engine_args.max_model_len") or self.args.max_model_len or 0)
-            if self.max_model_len <= 0:
-                raise RuntimeError("could not determine max_model_len from the engine")
-            self.vocab_size = int(_first_attr(engine, "config.vocab_size", "model_config.vocab_size",
-                                              "hf_config.vocab_size", "model.config.vocab_size")
-                                  or _config_vocab_size(self.args.model) or len(tokenizer))
+            model_config = self.engine.engine.model_config  # immutable once loaded
+            self.max_model_len = int(model_config.max_model_len)
+            self.vocab_size = int(model_config.vocab_size)
             self.tokenizer = tokenizer
             self.ready = True
             logger.info("model %s ready (max_model_len=%d)", self.model_names[0], self.max_model_len)
-        except BaseException as exc:
+        except asyncio.CancelledError:  # shut down while loading
+            raise
+        except Exception as exc:
             self.load_error = exc
             logger.exception("model failed to load")
             self.shutdown_requested.set()
-            if not isinstance(exc, Exception):
-                raise
+        self.load_finished = True
 
     def health(self) -> tuple[int, str]:
         if self.draining:
@@ -181,18 +163,37 @@ class ServerState:
         raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Like asyncio.to_thread, but the thread does not hold up asyncio.run's exit when the caller
+    is cancelled (a shutdown while the tokenizer is still loading)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"lmforge-{fn.__name__}", daemon=True).start()
+    return await future
+
+
 def _load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def _config_vocab_size(path: str) -> int | None:
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("vocab_size")
-    except (OSError, ValueError):
-        return None
 
 
 # --- middleware: auth, admission, in-flight count -------------------------------------------------
@@ -211,7 +212,8 @@ class GateMiddleware:
         state = self.state
         if state.args.api_key:
             headers = dict(scope["headers"])
-            if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {state.args.api_key}":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {state.args.api_key}".encode()):
                 await error_response(401, "Invalid or missing API key (Authorization: Bearer <key>).",
                                      "authentication_error", None, "invalid_api_key")(scope, receive, send)
                 return
@@ -253,48 +255,6 @@ async def _with_cancellation(request: Request, work: Awaitable[Response]) -> Res
             await task
         return Response(status_code=499)
     return task.result()
-
-
-async def _start_all(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    """Submits every stream and waits for each one's first output; on any error, aborts them all."""
-    results = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
-        raise errors[0]
-    return results  # type: ignore[return-value]
-
-
-async def _merge(gens: list[AsyncIterator[RequestOutput]],
-                 firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, cumulative output) from several streams as they arrive."""
-    for i, first in enumerate(firsts):
-        yield i, first
-    if len(gens) == 1:  # the common case: no helper tasks
-        async with contextlib.aclosing(gens[0]) as gen:
-            if not firsts[0].finished:
-                async for out in gen:
-                    yield 0, out
-        return
-    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens) if not firsts[i].finished}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    out = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield i, out
-                if not out.finished:
-                    pending[asyncio.ensure_future(anext(gens[i]))] = i
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for g in gens:
-            await g.aclose()
 
 
 def _engine_error(exc: BaseException) -> APIError:
@@ -552,12 +512,12 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
     gens = [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
             for i, ids in enumerate(prepared.prompt_ids)]
     try:
-        firsts = await _start_all(gens)
+        firsts = await start_streams(gens)
     except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
         if isinstance(exc, QueueFullError):
             state.metrics.observe_rejected("queue_full")
         raise _engine_error(exc) from None
-    stream = _merge(gens, firsts)
+    stream = merge_streams(gens, firsts)
     if req.stream:
         body = _chat_stream(state, req, prepared, response_id, stream) if chat else \
             _completion_stream(state, req, prepared, response_id, stream)
@@ -778,10 +738,11 @@ async def _drain(state: ServerState, server: Any, grace_s: float) -> None:
     server.should_exit = True
 
 
-async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any] | None = None) -> int:
+async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any] | None = None,
+                      state: ServerState | None = None) -> int:
     import uvicorn
 
-    state = ServerState(args, engine_factory)
+    state = state or ServerState(args, engine_factory)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.log_level == "debug", timeout_graceful_shutdown=2,
@@ -831,4 +792,14 @@ def run_server(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
         return 2
-    return asyncio.run(serve_async(args))
+    state = ServerState(args)
+    code = asyncio.run(serve_async(args, state=state))
+    if state.engine.thread_alive or not state.load_finished:
+        # Stopped while the model was still loading: interpreter teardown would race the loader
+        # thread inside torch (and abort), so leave now; sockets are closed, logs flushed.
+        logger.info("exiting while the model is still loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

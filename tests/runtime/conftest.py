@@ -117,7 +117,7 @@ class FakeEngine:
             "num_running": len(self.running), "num_waiting": len(self.waiting),
             "kv_cache_usage": 1 - self.num_free_blocks / self.num_total_blocks,
             "num_free_blocks": self.num_free_blocks, "num_total_blocks": self.num_total_blocks,
-            "generation_tokens": self.generation_tokens,
+            "generation_tokens_total": self.generation_tokens,
         }
 
 

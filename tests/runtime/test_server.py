@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real server process (torch import + model load)
+
 GREEDY = dict(model="tiny", temperature=0, extra_body={"ignore_eos": True})
 METRIC_NAMES = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",

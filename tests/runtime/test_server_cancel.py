@@ -10,6 +10,9 @@ import random
 import time
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.slow  # a real server process (torch import + model load)
 
 NUM_REQUESTS = 1000
 CONCURRENCY = 48

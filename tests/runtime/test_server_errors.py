@@ -7,6 +7,8 @@ import json
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # a real server process (torch import + model load)
+
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 40  # > 256 tokens
 MSG = [{"role": "user", "content": "hi"}]
 

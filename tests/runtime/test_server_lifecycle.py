@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # a real server process (torch import + model load)
+
 LONG = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
 
 
@@ -134,3 +136,30 @@ def _swallow(client) -> None:
         client.completions.create(model="tiny", prompt="wait", max_tokens=3)
     except openai.OpenAIError:
         pass
+
+
+def test_sigterm_while_loading_exits_0_at_once(server_factory):
+    server = server_factory(wait=False)
+    _wait_for(lambda: _health_status(server) == 503, 120, "the listener (model still loading)")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.log()
+
+
+def test_bad_model_dir_fails_fast(tmp_path, launch_server):
+    missing = launch_server(tmp_path / "nowhere", tmp_path, wait=False)
+    assert missing.proc.wait(60) == 2 and "not a model directory" in missing.log()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-arch"}')
+    failed = launch_server(broken, tmp_path, wait=False)
+    assert failed.proc.wait(180) == 1, failed.log()
+    assert "model failed to load" in failed.log()
+
+
+def _health_status(server) -> int | None:
+    if server.proc.poll() is not None:
+        raise AssertionError(server.log())
+    try:
+        return httpx.get(server.base_url + "/health", timeout=5).status_code
+    except httpx.TransportError:
+        return None
