@@ -327,10 +327,10 @@ async def _act(api: KubeApi, cfg: build.BuildConfig, job: dict[str, Any], spec: 
     ref = build.JobRef(name=name, namespace=namespace, uid=meta["uid"])
     await asyncio.gather(*(api.delete_pod(namespace, pod, force=True) for pod in decision.force_delete_pods))
     await asyncio.gather(*(api.delete_pod(namespace, pod) for pod in decision.delete_pods))
-    if decision.create_ranks:
-        await asyncio.gather(api.create(build.headless_service(ref, cfg)), api.create(build.config_map(ref, spec)))
+    if decision.create_ranks:  # all at once: a pod waits for its ConfigMap in the kubelet, not here
         pods = build.gang(ref, spec, decision.status.restarts, list(decision.create_ranks), cfg)
-        await asyncio.gather(*(api.create(pod) for pod in pods))
+        children = [build.headless_service(ref, cfg), build.config_map(ref, spec), *pods]
+        await asyncio.gather(*(api.create(child) for child in children))
     if decision.delete_job:
         await api.delete_children(namespace, name)
         await api.delete_job(namespace, name)
