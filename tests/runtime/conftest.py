@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from lmforge.runtime.outputs import CompletionOutput, RequestOutput
@@ -40,7 +42,7 @@ class FakeEngine:
     Records the thread of every call in `threads`."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 64,
-                 max_num_seqs: int = 4, step_delay_s: float = 0.0) -> None:
+                 max_num_seqs: int = 4, step_delay_s: float = 0.0, vocab_size: int = 384) -> None:
         self.num_total_blocks = self.num_free_blocks = num_blocks
         self.block_size, self.max_model_len, self.max_num_seqs = block_size, max_model_len, max_num_seqs
         self.step_delay_s = step_delay_s
@@ -49,6 +51,7 @@ class FakeEngine:
         self.threads: set[int] = set()
         self.fail_steps = 0  # the next this-many steps raise
         self.generation_tokens = 0
+        self.model_config = SimpleNamespace(max_model_len=max_model_len, vocab_size=vocab_size)
 
     def _touch(self) -> None:
         self.threads.add(threading.get_ident())
@@ -214,13 +217,31 @@ class ServerProcess:
         return self.proc.returncode
 
 
+# `lmforge serve` with FakeEngine in place of LLMEngine (the server's own tokenizer is still real).
+_FAKE_SERVE = """
+import argparse, asyncio, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("runtime_conftest", sys.argv[1])
+conftest = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(conftest)
+from lmforge.runtime.serve_args import add_serve_arguments
+from lmforge.runtime.server import serve_async
+fake_kwargs = json.loads(sys.argv[2])
+args = add_serve_arguments(argparse.ArgumentParser()).parse_args(sys.argv[3:])
+sys.exit(asyncio.run(serve_async(args, lambda: conftest.FakeEngine(**fake_kwargs))))
+"""
+
+
 def start_server(model_dir: Path, log_dir: Path, *extra: str, api_key: str | None = None,
-                 wait: bool = True) -> ServerProcess:
+                 wait: bool = True, fake_engine: dict | None = None) -> ServerProcess:
+    """A `lmforge serve` process; with `fake_engine` (FakeEngine kwargs), one without torch."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--served-model-name", "tiny", "--device", "cpu", "--max-model-len", "256", "--log-level", "info",
-           *extra]
+    if fake_engine is None:
+        launcher = [sys.executable, "-m", "lmforge.cli", "serve"]
+    else:
+        launcher = [sys.executable, "-c", _FAKE_SERVE, __file__, json.dumps(fake_engine)]
+    cmd = [*launcher, "--model", str(model_dir), "--port", str(port), "--served-model-name", "tiny",
+           "--device", "cpu", "--max-model-len", "256", "--log-level", "info", *extra]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -248,8 +269,10 @@ def server_factory(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..
     """Starts servers on the tiny model; stops whatever is still running at teardown."""
     started: list[ServerProcess] = []
 
-    def make(*extra: str, api_key: str | None = None, wait: bool = True) -> ServerProcess:
-        server = start_server(tiny_model_dir, tmp_path, *extra, api_key=api_key, wait=wait)
+    def make(*extra: str, api_key: str | None = None, wait: bool = True,
+             fake_engine: dict | None = None) -> ServerProcess:
+        server = start_server(tiny_model_dir, tmp_path, *extra, api_key=api_key, wait=wait,
+                              fake_engine=fake_engine)
         started.append(server)
         return server
 
