@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from pydantic import Field
+
 from lmforge.operator.api.base import (
     ApiModel,
     Condition,
@@ -26,7 +28,6 @@ from lmforge.operator.api.base import (
     name_rule,
     sub,
 )
-from pydantic import Field
 
 
 class ModelSpec(ApiModel):

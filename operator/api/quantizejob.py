@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from pydantic import Field
+
 from lmforge.operator.api.base import (
     ApiModel,
     Condition,
@@ -22,7 +24,6 @@ from lmforge.operator.api.base import (
     Timestamp,
     name_rule,
 )
-from pydantic import Field
 
 QuantizeMethod = Literal["w8a16", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "fp8"]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from pydantic import Field
+
 from lmforge.operator.api.base import (
     ApiModel,
     Condition,
@@ -23,7 +25,6 @@ from lmforge.operator.api.base import (
     name_rule,
     sub,
 )
-from pydantic import Field
 
 ExitCode = Annotated[int, Field(ge=1, le=255)]
 ShortName = Annotated[str, Field(min_length=1, max_length=253)]

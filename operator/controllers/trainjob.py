@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+
 from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build

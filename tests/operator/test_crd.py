@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 import pytest
 import yaml
+from pydantic import Field
+
 from lmforge.operator.api import KINDS
 from lmforge.operator.api.base import ApiModel, PassThrough, Quantity, Rule, sub
 from lmforge.operator.crd import SchemaError, custom_resource_definition, main, render_all, structural
-from pydantic import Field
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 

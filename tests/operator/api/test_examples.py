@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lmforge.operator.api import KINDS
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"

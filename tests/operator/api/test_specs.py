@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from lmforge.operator.api import InferenceServiceSpec, QuantizeJobSpec, TrainJobSpec
 from lmforge.operator.builders.trainjob_testing import spec_dict
-from pydantic import ValidationError
 
 
 def isvc(**overrides: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from lmforge.operator.builders.trainjob import (
     BuildConfig,
     config_map,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lmforge.operator.api.trainjob import FailurePolicy, Progress, TrainJobStatus
 from lmforge.operator.builders.trainjob_policy import (
     RESYNC_SECONDS,
