@@ -785,6 +785,17 @@ async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any
     return 0
 
 
+def limit_cpu_threads() -> None:
+    """Leave one core to the HTTP event loop. torch's intra-op pool otherwise takes every core and
+    the engine thread and the server thread preempt each other: measured on 2 cores, one engine
+    step went from 1.8 ms to 18 ms. An explicit OMP_NUM_THREADS always wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+
 def run_server(args: argparse.Namespace) -> int:
     """`lmforge serve`: blocks until shut down; 0 after a graceful shutdown, 1 if loading failed."""
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -792,6 +803,7 @@ def run_server(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
         return 2
+    limit_cpu_threads()
     state = ServerState(args)
     code = asyncio.run(serve_async(args, state=state))
     if state.engine.thread_alive or not state.load_finished:
