@@ -95,8 +95,8 @@ def run_operator(info: local_cluster.ClusterInfo) -> subprocess.Popen:
 
 
 def show_resources(kubectl: Kubectl) -> None:
-    examples = sorted((ROOT / "examples").glob("*.yaml"))
-    for example in examples:
+    # The PVCs the examples mount come first.
+    for example in [ROOT / "examples" / "storage" / "volumes.yaml", *sorted((ROOT / "examples").glob("*.yaml"))]:
         kubectl("apply", "-f", str(example))
 
     def trainjob_running() -> bool:
