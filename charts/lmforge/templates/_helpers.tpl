@@ -1,0 +1,121 @@
+{{/* Names ------------------------------------------------------------------------------------ */}}
+
+{{- define "lmforge.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "lmforge.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lmforge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "lmforge.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lmforge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lmforge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "lmforge.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "lmforge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lmforge
+{{- end -}}
+
+{{- define "lmforge.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "lmforge.runtimeImage" -}}
+{{- printf "%s:%s" .Values.runtimeImage.repository (.Values.runtimeImage.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* RBAC ------------------------------------------------------------------------------------------
+Every rule below is a call the operator makes; the chart README ("RBAC") has the table.
+kopf lists and watches what it indexes or handles, patches finalizers/annotations on the main
+resource and `status` through the status subresource, and posts core/v1 Events.
+
+"lmforge.namespacedRules": what the controllers do inside a namespace. Cluster-wide it goes into the
+ClusterRole; with watchNamespaces into one Role per namespace. */}}
+{{- define "lmforge.namespacedRules" -}}
+# TrainJob: kopf daemon + index (list/watch, finalizer and progress annotations: patch); the
+# controller re-reads a job after a 409 (get) and deletes it at ttlSecondsAfterFinished (delete).
+- apiGroups: ["lmforge.dev"]
+  resources: ["trainjobs"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# TrainJob status: written with PUT + resourceVersion (optimistic concurrency).
+- apiGroups: ["lmforge.dev"]
+  resources: ["trainjobs/status"]
+  verbs: ["update"]
+# InferenceService: kopf create/update/resume handlers + timer (list/watch, finalizer: patch).
+- apiGroups: ["lmforge.dev"]
+  resources: ["inferenceservices"]
+  verbs: ["list", "watch", "patch"]
+# InferenceService status: kopf's merge patch of `patch.status`.
+- apiGroups: ["lmforge.dev"]
+  resources: ["inferenceservices/status"]
+  verbs: ["patch"]
+# Worker pods (TrainJob) and server pods (InferenceService) are watched through kopf indexes;
+# TrainJob creates its gang, deletes single pods (restart, suspend, stuck) and the whole gang by
+# label (deletecollection).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "create", "delete", "deletecollection"]
+# TrainJob's headless Service (create/delete); InferenceService's Service (server-side apply =
+# patch, and create when the object does not exist yet).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "patch", "delete"]
+# TrainJob's config (train.json) per job.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "delete"]
+# InferenceService's Deployment: read its size, index it (list/watch), server-side apply.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# The autoscaler (and spec.replicas) resize through the scale subresource.
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["patch"]
+# InferenceService's PodDisruptionBudget: applied, or deleted when at most one replica can exist.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create", "patch", "delete"]
+# kopf.event() and kopf's own handler logs as Events on the custom resources.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}
+
+{{/* Peering with watchNamespaces: a KopfPeering per namespace, created by the operator at start
+and patched by kopf's keep-alive (only the one named peering.name). */}}
+{{- define "lmforge.namespacedPeeringRules" -}}
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "create"]
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  resourceNames: [{{ .Values.peering.name | quote }}]
+  verbs: ["patch"]
+{{- end -}}
+
+{{/* kopf's discovery: it watches CRDs to notice resources appearing/changing after start. */}}
+{{- define "lmforge.discoveryRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end -}}
