@@ -207,6 +207,18 @@ def test_operator_deployment(render) -> None:
     assert "podAntiAffinity" in pod["affinity"]
 
 
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={a,b}", "verbose=true"), ("peering.standalone=true", "replicaCount=1")],
+                         ids=["default", "namespaced", "standalone"])
+def test_rendered_command_is_accepted_by_the_real_cli(render, values) -> None:
+    from lmforge.cli import build_parser
+
+    c = container(render(*values))
+    assert c["command"] == ["lmforge"]
+    args = build_parser().parse_args(c["args"])
+    assert (args.command, args.operator_command, args.liveness_port) == ("operator", "run", 8080)
+    assert args.namespace == (["a", "b"] if "watchNamespaces={a,b}" in values else [])
+
+
 def test_values_reach_the_deployment(render) -> None:
     objects = render("replicaCount=1", "runtimeImage.tag=dev", "image.repository=reg.local/op", "image.tag=x",
                      "nodeSelector.pool=system", "tolerations[0].key=dedicated", "tolerations[0].operator=Exists",
