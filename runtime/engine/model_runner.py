@@ -21,6 +21,7 @@ from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
+from lmforge.runtime.models.quant import apply_quantization
 from lmforge.runtime.models.registry import get_model_class
 
 _GiB = 1 << 30
@@ -53,6 +54,7 @@ class ModelRunner:
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
             self.model = cls(model_config, max_model_len, self.backend)
+            apply_quantization(self.model, model_dir)  # compressed-tensors checkpoints: quantized Linears
         load_weights(self.model, model_dir)
         self.model.eval().requires_grad_(False)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))

@@ -1,0 +1,50 @@
+"""lmforge.runtime.quantize: W8A16 / W4A16 (RTN, GPTQ, AWQ) / FP8 into compressed-tensors checkpoints
+that transformers, vLLM and `lmforge serve` load (`lmforge quantize`, what QuantizeJob pods run).
+
+    lmforge quantize --model IN --method w4a16-gptq --calibration calib.jsonl --output OUT
+
+Exit codes: 0 done, 2 bad request (options, data, model), 1 anything else. On failure the error also
+goes to /dev/termination-log, which Kubernetes shows in the pod status (and the operator in
+QuantizeJob.status.lastFailure). Heavy imports (torch, transformers) happen inside `main`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _termination_message(message: str) -> None:
+    try:
+        if TERMINATION_LOG.exists():
+            TERMINATION_LOG.write_text(message[-4000:])
+    except OSError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions
+    from lmforge.runtime.quantize_args import build_parser
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        options = QuantizeOptions.from_args(args)
+        from lmforge.runtime.quantize import pipeline, report
+
+        result = pipeline.run(options)
+    except QuantizeError as exc:
+        print(f"[lmforge.quantize] error: {exc}", file=sys.stderr, flush=True)
+        _termination_message(str(exc))
+        return 2
+    except Exception as exc:  # noqa: BLE001 - report any failure the same way, with the traceback in the log
+        traceback.print_exc()
+        _termination_message(f"{type(exc).__name__}: {exc}")
+        return 1
+    print(json.dumps(result), flush=True)
+    report.annotate_pod(result)
+    return 0
