@@ -121,6 +121,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.kubelet = KubeletServer(self._log_lookup, self.state_dir / "pki", port=kubelet_port)
         self.ready_since = nodes.now()
+        self.bind_mounts = os.geteuid() == 0 and shutil.which("unshare") is not None
 
     # --- raw JSON helpers (camelCase dicts, as kubectl shows them) --------------------------------
     def _get_json(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -307,7 +308,11 @@ class Agent:
                     pod=run.pod, pod_ip=run.ip, config_maps=self._env_sources(run, container.spec, "configMap"),
                     secrets=self._env_sources(run, container.spec, "secret"),
                     mount_map=volumes.mount_map(container.spec, mounted), dns=dns, base_env=base)
-                specs.append(podspec.process_spec(container.spec, ctx))
+                spec = podspec.process_spec(container.spec, ctx)
+                if self.bind_mounts:
+                    spec = podspec.ProcessSpec(podspec.with_bind_mounts(
+                        spec.argv, podspec.bind_mountable(ctx.mount_map)), spec.env, spec.cwd)
+                specs.append(spec)
         except podspec.SpecError as error:
             self._fail_to_start(run, error.reason, str(error))
             return

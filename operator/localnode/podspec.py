@@ -198,6 +198,26 @@ def process_spec(container: Mapping[str, Any], ctx: PodContext) -> ProcessSpec:
     return ProcessSpec(tuple(argv), env, cwd)
 
 
+BIND_MOUNT_ROOTS = ("/run/", "/var/run/")  # runtime dirs: the only place an empty mount point is made
+
+
+def bind_mountable(mount_map: Mapping[str, str]) -> dict[str, str]:
+    """Mounts worth a real bind mount (as root): paths code may hard-code, such as the service
+    account token dir /var/run/secrets/kubernetes.io/serviceaccount, under /run only."""
+    return {m: p for m, p in mount_map.items() if m != p and m.startswith(BIND_MOUNT_ROOTS)}
+
+
+def with_bind_mounts(argv: tuple[str, ...], binds: Mapping[str, str]) -> tuple[str, ...]:
+    """argv run in a private mount namespace where each mountPath is bind-mounted from its local
+    directory (needs root and util-linux `unshare`); a mount that fails is skipped."""
+    if not binds:
+        return argv
+    script = "".join(f'mkdir -p "{m}" 2>/dev/null; mount --bind "{p}" "{m}" 2>/dev/null; '
+                     for m, p in sorted(binds.items()))
+    return ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+            script + 'exec "$@"', "sh", *argv)
+
+
 def pod_dns_names(pod: Mapping[str, Any]) -> list[str]:
     """`<hostname>.<subdomain>` and its namespace-qualified forms (headless Service records)."""
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
