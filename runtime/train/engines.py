@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from lmforge.runtime.train.config import TrainConfig
 from lmforge.runtime.train.modeling import param_groups, shard_fsdp2
-from torch import nn
 
 SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 ADAM_BETAS = (0.9, 0.999)

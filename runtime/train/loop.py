@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+
 from lmforge.runtime.train import checkpoint as ckpt
 from lmforge.runtime.train.config import TrainConfig
 from lmforge.runtime.train.data import DataPosition, DatasetError, ShardedOrder, build_packed_rows, collate
@@ -48,9 +49,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            print(f"[lmforge.train] received {signal.Signals(signum).name}: checkpointing at the end of this step",
-                  flush=True)
+        # Only set the flag: printing here could re-enter a print the main thread is inside of.
         self.signum = signum
 
     def __enter__(self) -> StopSignal:
@@ -123,9 +122,11 @@ class Trainer:
         return code
 
     def loop(self, step: int, position: DataPosition) -> int:
+        """Steps until the end or until any rank saw a signal. Ranks decide together, through the
+        all-reduced flag, never on their own flag: one rank leaving early would hang the others."""
         hp, env = self.hp, self.env
         every = self.cfg.checkpoint.every_steps
-        while step < self.total_steps and self.stop.signum is None:
+        while step < self.total_steps:
             loss_sum, tokens = 0.0, 0
             for micro in range(hp.gradient_accumulation_steps):
                 batch = collate(self.rows, self.order.indices(position))
@@ -144,15 +145,14 @@ class Trainer:
                 self.reporter.step(step, loss, int(total_tokens), epoch, lr=self.engine.lr)
             if self.on_step:
                 self.on_step(step, loss)
-            if step % every == 0 or (stops and step < self.total_steps):
+            if stops and step < self.total_steps:
+                signum = self.stop.signum or signal.SIGTERM  # another rank got it
+                self.log(f"received {signal.Signals(signum).name}: checkpointing step {step}")
                 self.save(step, position, loss)
-            if stops:
-                self.stop.signum = self.stop.signum or signal.SIGTERM
-        if self.stop.signum is not None and step < self.total_steps:
-            if step > 0:  # usually already saved inside the loop
-                self.save(step, position, None)
-            self.log(f"stopped by {signal.Signals(self.stop.signum).name} at step {step}/{self.total_steps}")
-            return 128 + self.stop.signum
+                self.log(f"stopped by {signal.Signals(signum).name} at step {step}/{self.total_steps}")
+                return 128 + signum
+            if step % every == 0:
+                self.save(step, position, loss)
         return 0
 
     # --- checkpoints ---------------------------------------------------------------------------

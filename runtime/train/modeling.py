@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lmforge.runtime.train.config import TrainConfig
 from torch import nn
+
+from lmforge.runtime.train.config import TrainConfig
 
 # Copied from the base model directory into every output directory.
 TOKENIZER_FILES = (

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import torch
+
 from lmforge.runtime.train import checkpoint as ckpt
 
 

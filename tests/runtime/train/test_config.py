@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from lmforge.runtime.train.config import (
     ConfigError,
     TrainConfig,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from lmforge.runtime.train.data import (
     IGNORE_INDEX,
     DataPosition,

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from lmforge.runtime.train.progress import (
     ANNOTATION,
     BackgroundSender,
