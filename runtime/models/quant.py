@@ -183,7 +183,7 @@ def _hf_names(name: str, module: nn.Module, packed: dict[str, tuple[str, Any]]) 
     """Checkpoint names of our module: q_proj/k_proj/v_proj for qkv_proj etc."""
     parent, _, leaf = name.rpartition(".")
     parts = [hf for hf, (fused, _) in packed.items() if fused == leaf]
-    return [f"{parent}.{hf}" for hf in parts] if parts else [name]
+    return [f"{parent}.{hf}" if parent else hf for hf in parts] if parts else [name]
 
 
 def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any] | None:
