@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,7 +200,6 @@ def test_killed_worker_gang_restarts_and_resumes_from_checkpoint(cluster, wait_f
              message=lambda: json.dumps(job_status(cluster, "crash")))
     status = job_status(cluster, "crash")
     assert status["restarts"] == 1 and status["progress"]["step"] == 120
-    assert status["lastFailure"]["exitCode"] == 137 if "lastFailure" in status else True
     steps = [json.loads(line)["step"] for line in (tmp_path / "crash" / "train_log.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1, "the restarted gang trained from step 0 again"
     assert sorted(set(steps)) == list(range(1, 121))  # rank 0 appends; a resume may repeat steps after the checkpoint
