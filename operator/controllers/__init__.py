@@ -3,5 +3,6 @@
 
 from lmforge.operator.controllers import (
     inferenceservice,  # noqa: F401
+    quantizejob,  # noqa: F401
     trainjob,  # noqa: F401
 )
