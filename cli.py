@@ -33,6 +33,24 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from lmforge.runtime.train import run_args
+
+    return run_args(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from lmforge.runtime.quantize import main as quantize_main
+
+    return quantize_main(args.raw_argv)
+
+
+def _node(args: argparse.Namespace) -> int:
+    from lmforge.operator.localnode import cli as node_cli
+
+    return node_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
 
@@ -65,11 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    train = commands.add_parser("train", help="fine-tune (full or LoRA) locally or inside a TrainJob pod")
+    from lmforge.runtime.train_args import add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
+
+    quantize = commands.add_parser("quantize", help="quantize a checkpoint to compressed-tensors (W8A16, W4A16, FP8)")
+    from lmforge.runtime.quantize_args import add_quantize_arguments
+
+    add_quantize_arguments(quantize)
+    quantize.set_defaults(func=_quantize)
+
+    node = commands.add_parser("node", help="local process node: run pods bound to it as local processes (dev)")
+    from lmforge.operator.localnode.cli import add_arguments as add_node_arguments
+
+    add_node_arguments(node)
+    node.set_defaults(func=_node)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw)
+    args.raw_argv = raw[1:]  # for sub-commands that re-parse their own flags
     return int(args.func(args) or 0)
 
 

@@ -55,7 +55,7 @@ def test_every_python_folder_is_declared_in_pyproject() -> None:
 
 def test_console_script_help() -> None:
     exe = Path(sys.executable).parent / "lmforge"
-    for args in (["--help"], ["operator", "run", "--help"], ["cluster", "--help"], ["serve", "--help"]):
+    for args in (["--help"], ["operator", "run", "--help"], ["cluster", "--help"], ["serve", "--help"], ["train", "--help"], ["quantize", "--help"], ["node", "--help"]):
         out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True)
         assert "usage: lmforge" in out.stdout
 
