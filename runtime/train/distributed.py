@@ -38,10 +38,11 @@ def pick_device(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(env: DistEnv, device: torch.device, *, deepspeed: bool = False) -> None:
-    """World size 1 runs without a process group, except under DeepSpeed, which always wants one."""
+def init_process_group(env: DistEnv, device: torch.device, *, deepspeed: bool = False) -> bool:
+    """World size 1 runs without a process group, except under DeepSpeed, which always wants one.
+    True when this call created the group."""
     if dist.is_initialized() or not (env.distributed or deepspeed):
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if deepspeed:
         import deepspeed as ds
@@ -54,6 +55,7 @@ def init_process_group(env: DistEnv, device: torch.device, *, deepspeed: bool = 
         ds.init_distributed(dist_backend=backend, verbose=False)
     else:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return True
 
 
 def destroy_process_group() -> None:

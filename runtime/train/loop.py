@@ -67,12 +67,14 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> int:
     143 after a SIGTERM (checkpoint saved)."""
     env = DistEnv.from_env()
     device = pick_device(env)
+    deepspeed = cfg.backend == "deepspeed"
     with StopSignal() as stop:
-        init_process_group(env, device, deepspeed=cfg.backend == "deepspeed")
+        created = init_process_group(env, device, deepspeed=deepspeed)
         try:
             return Trainer(cfg, env, device, stop, on_step).run()
         finally:
-            destroy_process_group()
+            if created and not deepspeed:  # DeepSpeed caches its groups globally: keep its group to the end
+                destroy_process_group()
 
 
 class Trainer:
