@@ -216,10 +216,15 @@ def job(ref: JobRef, spec: QuantizeJobSpec, annotations: dict[str, str] | None =
 
 def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | None:
     """The InferenceService of spec.serveAfter, serving spec.output (quantization detected from its
-    config.json), owned by the QuantizeJob; None without serveAfter."""
+    config.json), owned by the QuantizeJob, placed where the job ran (its nodeSelector and
+    tolerations); None without serveAfter."""
     if spec.serve_after is None:
         return None
-    isvc_spec = {"model": {"source": spec.output}, "replicas": spec.serve_after.replicas}
+    isvc_spec: dict[str, Any] = {"model": {"source": spec.output}, "replicas": spec.serve_after.replicas}
+    if spec.node_selector:
+        isvc_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        isvc_spec["tolerations"] = [dict(t) for t in spec.tolerations]
     InferenceServiceSpec.model_validate(isvc_spec)  # only what we set: the API server fills the defaults
     return {"apiVersion": API_VERSION, "kind": "InferenceService",
             "metadata": _metadata(ref, spec.serve_after.name), "spec": isvc_spec}

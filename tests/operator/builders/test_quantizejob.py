@@ -139,3 +139,11 @@ def test_inference_service():
         "metadata": {"name": "chat-w4", "namespace": "team-a", "labels": LABELS, "ownerReferences": [OWNER]},
         "spec": {"model": {"source": "pvc://models/llama-w4"}, "replicas": 2},
     }
+
+
+def test_inference_service_runs_where_the_job_ran():
+    placement = {"nodeSelector": {"lmforge.dev/node-type": "process"},
+                 "tolerations": [{"key": "lmforge.dev/process-node", "operator": "Equal", "value": "true",
+                                  "effect": "NoSchedule"}]}
+    isvc = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, **placement))
+    assert isvc["spec"] == {"model": {"source": "pvc://models/llama-w4"}, "replicas": 1, **placement}
