@@ -21,8 +21,11 @@ Grant = tuple[str, str, str, str]  # (apiGroup, resource, verb, resourceName or 
 NAMESPACED: dict[tuple[str, str], str] = {
     ("lmforge.dev", "trainjobs"): "get list watch patch delete",
     ("lmforge.dev", "trainjobs/status"): "update",
-    ("lmforge.dev", "inferenceservices"): "list watch patch",
+    ("lmforge.dev", "inferenceservices"): "list watch create patch",
     ("lmforge.dev", "inferenceservices/status"): "patch",
+    ("lmforge.dev", "quantizejobs"): "list watch patch",
+    ("lmforge.dev", "quantizejobs/status"): "patch",
+    ("batch", "jobs"): "list watch create",
     ("", "pods"): "list watch create delete deletecollection",
     ("", "services"): "create patch delete",
     ("", "configmaps"): "create delete",

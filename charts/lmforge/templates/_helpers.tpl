@@ -60,15 +60,27 @@ ClusterRole; with watchNamespaces into one Role per namespace. */}}
 - apiGroups: ["lmforge.dev"]
   resources: ["trainjobs/status"]
   verbs: ["update"]
-# InferenceService: kopf create/update/resume handlers + timer (list/watch, finalizer: patch).
+# InferenceService: kopf create/update/resume handlers + timer (list/watch, finalizer: patch);
+# QuantizeJob's serveAfter server-side applies one (patch, and create when it does not exist).
 - apiGroups: ["lmforge.dev"]
   resources: ["inferenceservices"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # InferenceService status: kopf's merge patch of `patch.status`.
 - apiGroups: ["lmforge.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
-# Worker pods (TrainJob) and server pods (InferenceService) are watched through kopf indexes;
+# QuantizeJob: kopf timer (list/watch, finalizer: patch); status by kopf's merge patch.
+- apiGroups: ["lmforge.dev"]
+  resources: ["quantizejobs"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["lmforge.dev"]
+  resources: ["quantizejobs/status"]
+  verbs: ["patch"]
+# QuantizeJob's Job: indexed (list/watch) and created; the garbage collector deletes it with its owner.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create"]
+# Worker pods (TrainJob), server pods (InferenceService) and the QuantizeJob pod are watched through kopf indexes;
 # TrainJob creates its gang, deletes single pods (restart, suspend, stuck) and the whole gang by
 # label (deletecollection).
 - apiGroups: [""]
