@@ -168,11 +168,7 @@ def test_runtime_image_is_cuda_with_torch_triton_and_the_runtime_and_train_extra
 def test_runtime_entrypoint_maps_serve_train_quantize() -> None:
     script = IMAGES / "runtime" / "entrypoint.sh"
     subprocess.run(["sh", "-n", str(script)], check=True)  # POSIX sh syntax
-    text = script.read_text()
-    assert "serve) shift; exec lmforge serve \"$@\"" in text
-    assert "train) shift; exec python -m lmforge.runtime.train \"$@\"" in text
-    assert "quantize) shift; exec python -m lmforge.runtime.quantize \"$@\"" in text
-    assert (ROOT / "runtime" / "train" / "__main__.py").is_file()
+    assert 'serve|train|quantize) exec lmforge "$@" ;;' in script.read_text()
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lmforge"] == "lmforge.cli:main"
 
 
@@ -181,7 +177,8 @@ def test_the_commands_the_images_start_exist_in_the_cli() -> None:
 
     parser = build_parser()
     assert parser.parse_args(["operator", "run"]).operator_command == "run"
-    assert parser.parse_args(["serve", "--model", "/m"]).command == "serve"
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # serve, train, quantize, ...
+    assert {"operator", "serve", "train", "quantize"} <= set(commands)
 
 
 def _hadolint() -> str | None:
