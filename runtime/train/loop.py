@@ -153,7 +153,7 @@ class Trainer:
                 self.save(step, position, loss)
                 self.log(f"stopped by {signal.Signals(signum).name} at step {step}/{self.total_steps}")
                 return 128 + signum
-            if step % every == 0:
+            if step % every == 0 or step == self.total_steps:  # the last one: a restart only re-exports
                 self.save(step, position, loss)
         return 0
 

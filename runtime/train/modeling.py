@@ -58,7 +58,11 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
     model.config.use_cache = False
     if hp.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.method == "lora":
         import peft
 

@@ -131,7 +131,10 @@ def test_sigterm_checkpoints_and_exits_143(full_config, full_run: Path, tmp_path
 
 
 def test_activation_checkpointing_keeps_the_numbers(full_config, full_run: Path, tmp_path: Path, helpers) -> None:
+    from lmforge.runtime.train.modeling import load_model
+
     cfg = config_from_dict(full_config(tmp_path, gradientCheckpointing=True))
+    assert load_model(cfg, torch.device("cpu")).is_activation_checkpointing
     with pytest.raises(Crash):
         train(cfg, on_step=crash_at(3))
     assert_same_curve(helpers.read_losses(full_run), helpers.read_losses(tmp_path), range(1, 4))
