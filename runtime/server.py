@@ -124,6 +124,7 @@ class ServerState:
     async def load(self) -> None:
         """Engine (on its thread) and tokenizer (in a worker thread) load concurrently."""
         try:
+            await _in_daemon_thread(_import_transformers)
             self.engine.start()
             tokenizer = await _in_daemon_thread(_load_tokenizer, self.args.model)
             await self.engine.wait_loaded()
@@ -188,6 +189,12 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
     threading.Thread(target=work, name=f"lmforge-{fn.__name__}", daemon=True).start()
     return await future
+
+
+def _import_transformers() -> None:
+    """Once, before the engine and tokenizer threads start: transformers' lazy module is not safe to
+    import from two threads at once (the loser gets `cannot import name 'AutoTokenizer'`)."""
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
 
 
 def _load_tokenizer(path: str) -> Any:
