@@ -148,8 +148,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": hp.learning_rate, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": hp.weight_decay,
-            # No fused/CPU-Adam build on machines without CUDA: plain torch.optim.AdamW.
-            **({"torch_adam": True} if device_type != "cuda" else {}),
+            # torch.optim.AdamW: DeepSpeed's FusedAdam would be JIT-compiled with nvcc inside the pod.
+            "torch_adam": True,
         }},
         "steps_per_print": 2**31 - 1,  # progress is ours
         "wall_clock_breakdown": False,
