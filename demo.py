@@ -1,43 +1,41 @@
-"""`make demo`: the whole product on one machine, narrated.
+"""`make demo`: the whole product on one machine, narrated, for real.
 
-Steps: local Kubernetes (built from Go on first use) -> CRDs -> the operator -> example custom
-resources with their status -> the inference runtime answering a chat completion through the
-official `openai` client. Leaves the cluster running so the user can keep exploring; stops the
-processes it started itself.
+Steps: local Kubernetes (built from Go on first use) -> CRDs -> the local process node agent (pods
+bound to it run as local processes) and the operator -> a TrainJob fine-tunes a tiny Llama on 2
+worker processes -> a QuantizeJob writes it as W4A16 compressed-tensors and serves it -> the
+InferenceService answers a chat completion through the official `openai` client. The steps
+themselves live in lmforge.operator.localnode.pipeline (e2e/test_pipeline.py runs the same ones).
+
+Idempotent: a rerun first deletes the previous run's resources. At the end the demo deletes its
+resources (the checkpoints stay on disk), stops the processes it started (agent, operator) and
+leaves the cluster running.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lmforge.operator.localcluster import cluster as local_cluster
 from lmforge.operator.localcluster import paths
+from lmforge.operator.localnode import pipeline
+from lmforge.operator.localnode.node import NODE_NAME
 
 ROOT = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DEMO_DIR = paths.cache_root() / "demo"
-STEPS = 6
+NAMESPACE = "lmforge-demo"
+STEPS = 7
+QUESTION = "Say hello."
+T0 = time.monotonic()
 
 
 def step(number: int, title: str) -> None:
-    print(f"\n\033[1m[{number}/{STEPS}] {title}\033[0m", flush=True)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+    print(f"\n\033[1m[{number}/{STEPS}] {title}\033[0m  (t+{time.monotonic() - T0:.0f}s)", flush=True)
 
 
 def free_port() -> int:
@@ -46,120 +44,127 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+class Kubectl(pipeline.Kube):
+    """kubectl that can also print what it ran and what it said."""
 
-
-class Kubectl:
-    def __init__(self, info: local_cluster.ClusterInfo) -> None:
-        self.info = info
-
-    def __call__(self, *args: str, show: bool = True) -> str:
-        out = subprocess.run([str(self.info.kubectl), *args], env=self.info.env(), check=True,
-                             capture_output=True, text=True).stdout
-        if show:
-            print(f"$ kubectl {' '.join(args)}\n{out.rstrip()}")
+    def show(self, *args: str) -> str:
+        out = self(*args)
+        print(f"$ kubectl {' '.join(args)}\n{out.rstrip()}", flush=True)
         return out
 
-    def json(self, *args: str) -> dict:
-        return json.loads(self(*args, "-o", "json", show=False))
+
+class Table:
+    """`kubectl get <kind>` polled: the header once, then the rows whenever something other than
+    AGE changed (the PROGRESS column moving while a job runs), and at least every 10 s."""
+
+    def __init__(self, kubectl: Kubectl, kind: str) -> None:
+        self.kubectl, self.kind, self.header, self.last, self.shown_at = kubectl, kind, False, "", 0.0
+
+    def __call__(self, _status: dict[str, Any] | None = None) -> None:
+        text = self.kubectl("get", self.kind, "-n", NAMESPACE, check=False).rstrip()
+        lines = text.splitlines()
+        if not lines:
+            return
+        if not self.header:
+            print(f"$ kubectl get {self.kind} -n {NAMESPACE}   (every 2 s; a row when it changes)\n{lines[0]}",
+                  flush=True)
+            self.header = True
+        rows = lines[1:]
+        key = "\n".join(" ".join(row.split()[:-1]) for row in rows)  # without AGE
+        if rows and (key != self.last or time.monotonic() - self.shown_at >= 10):
+            print("\n".join(rows), flush=True)
+            self.last, self.shown_at = key, time.monotonic()
 
 
-def start_background(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    log = open(DEMO_DIR / f"{name}.log", "w")
-    print(f"$ {' '.join(cmd)}  (log: {log.name})")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def run_operator(info: local_cluster.ClusterInfo) -> subprocess.Popen:
-    port = free_port()
-    op = start_background("operator", [str(BIN / "lmforge"), "operator", "run", "--liveness-port", str(port)],
-                          info.env())
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 90, "the operator's liveness endpoint")
-    print(f"operator running (pid {op.pid}), liveness http://127.0.0.1:{port}/healthz")
-    return op
-
-
-def show_resources(kubectl: Kubectl) -> None:
-    # The PVCs the examples mount come first.
-    for example in [ROOT / "examples" / "storage" / "volumes.yaml", *sorted((ROOT / "examples").glob("*.yaml"))]:
-        kubectl("apply", "-f", str(example))
-
-    def trainjob_running() -> bool:
-        items = kubectl.json("get", "trainjobs.lmforge.dev")["items"]
-        return bool(items) and all(i.get("status", {}).get("phase") == "Running" for i in items)
-
-    wait_until(trainjob_running, 90, "the example TrainJob to reach phase Running")
-    kubectl("get", "lmforge")
-    kubectl("get", "pods", "-o", "wide")
-
-
-def serve_and_ask() -> None:
-    from lmforge.runtime.models.tiny import save_tiny_model
-    from openai import OpenAI
-
-    model_dir = DEMO_DIR / "tiny-llama"
-    if not (model_dir / "config.json").exists():
-        save_tiny_model(model_dir, arch="llama")
-    port = free_port()
-    server = start_background("server", [str(BIN / "lmforge"), "serve", "--model", str(model_dir),
-                                         "--served-model-name", "tiny-llama", "--port", str(port)],
-                              dict(os.environ))
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 180, "lmforge serve to load the model")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        question = "Say hello to Kubernetes."
-        reply = client.chat.completions.create(
-            model="tiny-llama", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0,
-        )
-        print(f"user:      {question}")
-        print(f"assistant: {reply.choices[0].message.content!r}  (random weights: the words are noise, the path is real)")
-        print(f"usage:     {reply.usage.model_dump()}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            lines = [ln for ln in r.read().decode().splitlines()
-                     if ln.startswith(("vllm:generation_tokens_total", "vllm:kv_cache_usage_perc"))]
-        print("\n".join(lines))
-    finally:
-        stop(server)
+def human(num_bytes: int | None) -> str:
+    return "?" if num_bytes is None else f"{num_bytes / 1024:.0f} KiB"
 
 
 def main() -> int:
-    step(1, "local Kubernetes: etcd, kube-apiserver, controller-manager, scheduler, kwok (4 nodes x 8 GPUs)")
+    step(1, "local Kubernetes: etcd, kube-apiserver, controller-manager, scheduler, kwok (4 simulated GPU nodes)")
     info = local_cluster.up(log=print)
-    kubectl = Kubectl(info)
-    kubectl("get", "nodes")
+    kubectl = Kubectl.of(info)
 
     step(2, "custom resource definitions")
-    kubectl("apply", "-f", str(ROOT / "crds"))
+    kubectl.show("apply", "-f", str(ROOT / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/trainjobs.lmforge.dev",
+            "crd/quantizejobs.lmforge.dev", "crd/inferenceservices.lmforge.dev")
 
-    step(3, "the lmforge operator")
-    operator = run_operator(info)
+    step(3, f"the local process node (pods run as processes on this machine) and the operator (namespace {NAMESPACE})")
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    pipeline.prepare(kubectl, NAMESPACE, DEMO_DIR)  # namespace, worker ServiceAccount, tiny Llama + chat data
+    started: list[subprocess.Popen] = []
     try:
-        step(4, "example TrainJob, InferenceService and QuantizeJob (pods simulated by kwok)")
-        show_resources(kubectl)
+        agent_log = DEMO_DIR / "node.log"
+        print(f"$ lmforge node run  (log: {agent_log})")
+        started.append(pipeline.start_node(kubectl, DEMO_DIR / "node", agent_log))
+        operator_log = DEMO_DIR / "operator.log"
+        port = free_port()
+        print(f"$ LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT} lmforge operator run -n {NAMESPACE}"
+              f" --liveness-port {port}  (log: {operator_log})")
+        started.append(pipeline.start_operator(kubectl, NAMESPACE, operator_log, port))
+        print(f"operator running (pid {started[-1].pid}), liveness http://127.0.0.1:{port}/healthz")
+        old = pipeline.delete_resources(kubectl, NAMESPACE)
+        if old:
+            print(f"deleted the previous run's {', '.join(old)}")
+        kubectl.show("get", "nodes", "-L", pipeline.NODE_TYPE_LABEL)
 
-        step(5, "the inference runtime: lmforge serve + the openai client")
-        serve_and_ask()
+        step(4, f"TrainJob {pipeline.TRAINJOB}: full fine-tune of a tiny random Llama, 2 worker processes"
+                " (torchrun, gloo), 50 steps")
+        print(f"inputs: {DEMO_DIR / 'tiny-llama'}, {DEMO_DIR / 'chat.jsonl'}")
+        print(f"$ kubectl apply -f examples/demo/trainjob.yaml   (${{DEMO_DIR}} = {DEMO_DIR})")
+        started_at = time.monotonic()
+        status = pipeline.train(kubectl, NAMESPACE, DEMO_DIR, on_poll=Table(kubectl, "trainjobs.lmforge.dev"))
+        progress = status.get("progress") or {}
+        print(f"Succeeded in {time.monotonic() - started_at:.0f}s: step {progress.get('step')}/"
+              f"{progress.get('totalSteps')}, loss {progress.get('loss')}, checkpoint in {DEMO_DIR / 'tuned'}")
+
+        step(5, f"QuantizeJob {pipeline.QUANTIZEJOB}: W4A16 (RTN, group 32) of the fine-tuned model, then serve it")
+        print("$ kubectl apply -f examples/demo/quantizejob.yaml")
+        started_at = time.monotonic()
+        status = pipeline.quantize(kubectl, NAMESPACE, DEMO_DIR, on_poll=Table(kubectl, "quantizejobs.lmforge.dev"))
+        result = status.get("result") or {}
+        print(f"Succeeded in {time.monotonic() - started_at:.0f}s: {human(result.get('sizeBytesBefore'))} -> "
+              f"{human(result.get('sizeBytesAfter'))}, KL(original || W4A16) {result.get('klDivergence')}, "
+              f"top-1 agreement {result.get('top1Agreement')}, written to {result.get('outputPath')}")
+
+        step(6, f"InferenceService {pipeline.SERVICE} (created by serveAfter): lmforge serve on the process node"
+                " + the openai client")
+        started_at = time.monotonic()
+        _, endpoint = pipeline.serve(kubectl, NAMESPACE, on_poll=Table(kubectl, "inferenceservices.lmforge.dev"))
+        print(f"Ready in {time.monotonic() - started_at:.0f}s; `lmforge node endpoints {pipeline.SERVICE} -n {NAMESPACE}`"
+              f" -> {endpoint}")
+        reply = pipeline.chat(endpoint, QUESTION)
+        print(f"$ OpenAI(base_url='http://{endpoint}/v1').chat.completions.create(model='{pipeline.SERVICE}', ...)")
+        print(f"user:      {QUESTION}")
+        print(f"assistant: {reply.choices[0].message.content!r}")
+        print("           (a random 64-wide Llama after 50 steps on 4 question/answer pairs, in 4 bits: it parrots"
+              " its training data, through the real path)")
+        print(f"usage:     {reply.usage.model_dump()}")
+        kubectl.show("get", "lmforge", "-n", NAMESPACE)
+        kubectl.show("get", "pods", "-n", NAMESPACE, "-o", "wide")
     finally:
-        step(6, "done")
-        stop(operator)
-    print(f"The cluster keeps running. Try:\n  export KUBECONFIG={info.kubeconfig}\n"
-          f"  {info.kubectl} get lmforge\n  {BIN / 'lmforge'} operator run   # reconcile again\n"
-          f"  {BIN / 'lmforge'} cluster down   # stop everything")
+        step(7, "done: delete the demo's resources, stop the node agent and the operator")
+        if len(started) == 2:  # the operator's finalizers let the resources go
+            try:
+                deleted = pipeline.delete_resources(kubectl, NAMESPACE)
+                print(f"deleted {', '.join(deleted) or 'nothing'} in namespace {NAMESPACE}")
+            except pipeline.PipelineError as error:
+                print(f"could not delete the demo's resources: {error}")
+        for process in reversed(started):
+            pipeline.stop(process)
+        if started:
+            kubectl("delete", "node", NODE_NAME, "--wait=false", check=False)
+            print(f"stopped the operator and the node agent (logs: {DEMO_DIR / 'operator.log'}, {DEMO_DIR / 'node.log'})")
+    print(f"\ndemo finished in {time.monotonic() - T0:.0f}s. Checkpoints stay in {DEMO_DIR}: tiny-llama/, tuned/,"
+          f" tuned-w4a16/.\nThe cluster keeps running. Try:\n"
+          f"  export KUBECONFIG={info.kubeconfig}\n"
+          f"  {BIN / 'lmforge'} serve --model {DEMO_DIR / 'tuned-w4a16'}   # the quantized model, outside Kubernetes\n"
+          f"  {BIN / 'lmforge'} node run &  LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT}"
+          f" {BIN / 'lmforge'} operator run -n {NAMESPACE} &\n"
+          f"  sed 's|${{DEMO_DIR}}|{DEMO_DIR}|' examples/demo/trainjob.yaml | kubectl apply -n {NAMESPACE} -f -"
+          f"   # the pipeline by hand\n"
+          f"  {BIN / 'lmforge'} cluster down   # stop the cluster")
     return 0
 
 

@@ -6,7 +6,15 @@ ${DEMO_DIR} filled in."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import string
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +65,211 @@ def worker_rbac(namespace: str) -> list[dict[str, Any]]:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": WORKER_SERVICE_ACCOUNT},
          "subjects": [{"kind": "ServiceAccount", "name": WORKER_SERVICE_ACCOUNT, "namespace": namespace}]},
     ]
+
+
+# --- the pipeline's steps (demo.py and e2e/test_pipeline.py) -----------------------------------------
+
+NODE_TYPE_LABEL = "lmforge.dev/node-type"
+TRAINJOB, QUANTIZEJOB, SERVICE = "demo-tune", "demo-w4a16", "demo-chat"  # names in examples/demo/*.yaml
+OUTPUTS = ("tuned", "tuned-w4a16")  # what the TrainJob and the QuantizeJob write under the directory
+
+
+class PipelineError(RuntimeError):
+    """A step failed or timed out; the message says which and shows the status."""
+
+
+class Kube:
+    """The real kubectl against one cluster (ClusterInfo-like: `.kubectl`, `.env()`)."""
+
+    def __init__(self, kubectl: Path | str, env: dict[str, str]) -> None:
+        self.kubectl, self.env = str(kubectl), env
+
+    @classmethod
+    def of(cls, info: Any) -> Kube:
+        return cls(info.kubectl, info.env())
+
+    def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> str:
+        result = subprocess.run([self.kubectl, *args], input=input, capture_output=True, text=True,
+                                env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise PipelineError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def json(self, *args: str) -> dict[str, Any]:
+        return json.loads(self(*args, "-o", "json"))
+
+    def apply(self, docs: list[dict[str, Any]]) -> str:
+        return self("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+
+
+def wait(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str], interval: float = 0.5) -> Any:
+    """Poll until `predicate` returns something truthy (exceptions count as 'not yet')."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except (PipelineError, OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise PipelineError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def start_process(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A background process in its own session (stop() signals the whole group), output to log_path."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group, SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60) -> subprocess.Popen:
+    """`lmforge node run` in the background; returns once node lmforge-local is Ready and untainted."""
+    from lmforge.operator.localnode.node import NODE_NAME
+
+    proc = start_process([sys.executable, "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
+                         log_path, kube.env)
+
+    def schedulable() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"the node agent exited ({proc.returncode}):\n{log_tail(log_path)}")
+        body = kube.json("get", "node", NODE_NAME)
+        conditions = (body.get("status") or {}).get("conditions") or ()
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        taints = {t["key"] for t in (body.get("spec") or {}).get("taints") or ()}
+        return ready and "node.kubernetes.io/not-ready" not in taints
+
+    try:
+        wait(schedulable, timeout, lambda: f"node {NODE_NAME} to be Ready:\n{log_tail(log_path)}")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def start_operator(kube: Kube, namespace: str, log_path: Path, liveness_port: int,
+                   extra_args: tuple[str, ...] = (), timeout: float = 90) -> subprocess.Popen:
+    """`lmforge operator run -n <namespace>` with the workers' ServiceAccount (progress and result
+    annotations); returns once its liveness endpoint answers."""
+    env = {**kube.env, "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
+           "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"}
+    cmd = [str(Path(sys.executable).parent / "lmforge"), "operator", "run", "-n", namespace,
+           "--liveness-port", str(liveness_port), *extra_args]
+    proc = start_process(cmd, log_path, env)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"the operator exited ({proc.returncode}):\n{log_tail(log_path)}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=2) as response:
+            return response.status == 200
+
+    try:
+        wait(healthy, timeout, lambda: f"the operator's liveness endpoint:\n{log_tail(log_path)}")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+def prepare(kube: Kube, namespace: str, directory: Path) -> None:
+    """Namespace, the workers' ServiceAccount, inputs on disk; no outputs of an earlier run."""
+    if kube("get", "namespace", namespace, check=False).strip() == "":
+        kube("create", "namespace", namespace)
+    kube.apply(worker_rbac(namespace))
+    write_inputs(directory)
+    for name in OUTPUTS:
+        shutil.rmtree(directory / name, ignore_errors=True)
+
+
+def delete_resources(kube: Kube, namespace: str, timeout: float = 120) -> list[str]:
+    """Delete the pipeline's custom resources (an earlier run's; the operator must be running: its
+    finalizers let them go) and wait until their pods are gone. Returns what was deleted."""
+    kinds = ("inferenceservices.lmforge.dev", "quantizejobs.lmforge.dev", "trainjobs.lmforge.dev")
+    existing = kube("get", ",".join(kinds), "-n", namespace, "-o", "name", check=False).split()
+    if existing:
+        kube("delete", *existing, "-n", namespace, "--wait=true", f"--timeout={int(timeout)}s", timeout=timeout + 10)
+        wait(lambda: not kube.json("get", "pods", "-n", namespace)["items"], timeout,
+             lambda: f"the old pods in {namespace} to go: {kube('get', 'pods', '-n', namespace, check=False)}")
+    return existing
+
+
+def status_of(kube: Kube, kind: str, name: str, namespace: str) -> dict[str, Any]:
+    return kube.json("get", kind, name, "-n", namespace).get("status") or {}
+
+
+def _wait_phase(kube: Kube, kind: str, name: str, namespace: str, phases: tuple[str, ...], timeout: float,
+                every: float, on_poll: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status = status_of(kube, kind, name, namespace)
+        except PipelineError:
+            status = {}
+        if on_poll:
+            on_poll(status)
+        phase = status.get("phase")
+        if phase in phases:
+            return status
+        if phase == "Failed":
+            raise PipelineError(f"{kind} {namespace}/{name} failed: {json.dumps(status, indent=1)}")
+        if time.monotonic() > deadline:
+            raise PipelineError(f"timed out after {timeout:.0f}s: {kind} {namespace}/{name} is not "
+                                f"{' or '.join(phases)}: {json.dumps(status, indent=1)}")
+        time.sleep(every)
+
+
+def train(kube: Kube, namespace: str, directory: Path, timeout: float = 600, every: float = 2,
+          on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """examples/demo/trainjob.yaml until Succeeded; returns its status."""
+    kube.apply(render("trainjob.yaml", directory, namespace))
+    return _wait_phase(kube, "trainjobs.lmforge.dev", TRAINJOB, namespace, ("Succeeded",), timeout, every, on_poll)
+
+
+def quantize(kube: Kube, namespace: str, directory: Path, timeout: float = 300, every: float = 2,
+             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """examples/demo/quantizejob.yaml (W4A16 of the fine-tuned model, serveAfter demo-chat) until
+    Succeeded; returns its status."""
+    kube.apply(render("quantizejob.yaml", directory, namespace))
+    return _wait_phase(kube, "quantizejobs.lmforge.dev", QUANTIZEJOB, namespace, ("Succeeded",), timeout, every,
+                       on_poll)
+
+
+def serve(kube: Kube, namespace: str, timeout: float = 300, every: float = 2,
+          on_poll: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], str]:
+    """The serveAfter InferenceService until Ready; returns its status and one ready endpoint
+    (pod IP:port, reachable from this host)."""
+    from lmforge.operator.localnode.cli import endpoints
+
+    status = _wait_phase(kube, "inferenceservices.lmforge.dev", SERVICE, namespace, ("Ready",), timeout, every,
+                         on_poll)
+    found = wait(lambda: endpoints(kube.env.get("KUBECONFIG"), namespace, SERVICE), 60,
+                 f"a ready endpoint of Service {namespace}/{SERVICE}")
+    return status, found[0]
+
+
+def chat(endpoint: str, question: str, max_tokens: int = 24) -> Any:
+    """One chat completion through the official openai client; returns the response."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://{endpoint}/v1", api_key="none", max_retries=2, timeout=60)
+    return client.chat.completions.create(model=SERVICE, messages=[{"role": "user", "content": question}],
+                                          max_tokens=max_tokens, temperature=0)
