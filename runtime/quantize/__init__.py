@@ -27,6 +27,18 @@ def _termination_message(message: str) -> None:
         pass
 
 
+def summary_line(result: dict) -> str:
+    """One line for humans: sizes, quality, time."""
+    mib = 1024 * 1024
+    parts = [f"{result['sizeBytesBefore'] / mib:.1f}MiB -> {result['sizeBytesAfter'] / mib:.1f}MiB"
+             f" ({result['compression']}x)"]
+    if result.get("klDivergence") is not None:
+        parts.append(f"KL {result['klDivergence']:.3g}, top-1 agreement {100 * result['top1Agreement']:.1f}% "
+                     f"on {result['evalPositions']} held-out positions ({result['evalSource']})")
+    parts.append(f"{result['durationSeconds']:.1f}s")
+    return f"[lmforge.quantize] {result['method']}: " + ", ".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions
     from lmforge.runtime.quantize_args import build_parser
@@ -45,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         _termination_message(f"{type(exc).__name__}: {exc}")
         return 1
+    print(summary_line(result), flush=True)
     print(json.dumps(result), flush=True)
     report.annotate_pod(result)
     return 0

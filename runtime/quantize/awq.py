@@ -10,6 +10,11 @@ post_attention_layernorm, o after v, down after up), with per-channel scales s [
 s = mean|X|^alpha (normalised), alpha searched on a grid over [0, 1]. alpha = 0 is s = 1, plain RTN,
 so the chosen scales never reconstruct worse than RTN on the calibration inputs. (The paper measures
 the loss on the whole block's output; per-linear output keeps the search local and cheap.)
+
+Then, as AWQ does, the clipping range of each (output channel, group) is searched: the scale is
+r * absmax / 7.5 with r in CLIP_RATIOS, picking per group the r whose outputs X_g (W_g - Q_g)^T are
+closest. q_proj / k_proj are not clipped (their errors land in the attention logits), and a clipped
+Linear is kept only if its whole output error is below the unclipped one.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmforge.runtime.quantize.rtn import dequantize_int, rtn_int
+from lmforge.runtime.quantize.rtn import dequantize_int, int_range, quantize_int, rtn_int, store_scale
 
 GRID = 20  # alphas 0, 1/20, ..., 1
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 ... 0.5
+NO_CLIP = ("q_proj", "k_proj")
+CLIP_ROWS = 1024  # calibration rows the clip search looks at (the final check uses all sampled rows)
 
 
 class ActivationStats:
@@ -71,35 +79,79 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def reconstruction_loss(weights: list[torch.Tensor], x: torch.Tensor, scales: torch.Tensor, bits: int,
-                        group_size: int, dtype: torch.dtype) -> float:
-    """sum_i ||X W_i^T - (X / s) Q(W_i * s)^T||^2 / n, Q = symmetric RTN in the checkpoint layout."""
+                        group_size: int, dtype: torch.dtype, reference: list[torch.Tensor] | None = None) -> float:
+    """sum_i ||X W_i^T - (X / s) Q(W_i * s)^T||^2 / n, Q = symmetric RTN in the checkpoint layout
+    (`reference`: the X W_i^T, when the caller computed them once for many scales)."""
     total = 0.0
     x = x.float()
     x_scaled = x / scales
-    for w in weights:
+    for i, w in enumerate(weights):
         w = w.float()
         q, scale = rtn_int(w * scales, bits, group_size, dtype)
-        diff = x @ w.t() - x_scaled @ dequantize_int(q, scale).float().t()
-        total += float(diff.pow(2).sum())
+        exact = reference[i] if reference is not None else x @ w.t()
+        total += float((exact - x_scaled @ dequantize_int(q, scale).float().t()).pow(2).sum())
     return total / max(x.shape[0], 1)
 
 
 def search_scales(weights: list[torch.Tensor], x: torch.Tensor, mean_abs: torch.Tensor, bits: int,
                   group_size: int, dtype: torch.dtype, grid: int = GRID) -> ScaleSearch:
     """weights: W_i [out_i, in] sharing the input; x [n, in] calibration inputs; mean_abs [in]."""
-    x = x.to(weights[0].device)
+    x = x.to(weights[0].device).float()
+    reference = [x @ w.float().t() for w in weights]
     best: tuple[float, float, torch.Tensor] | None = None
     rtn_loss = 0.0
     for step in range(grid + 1):
         alpha = step / grid
         scales = awq_scales(mean_abs, alpha).to(x.device)
-        loss = reconstruction_loss(weights, x, scales, bits, group_size, dtype)
+        loss = reconstruction_loss(weights, x, scales, bits, group_size, dtype, reference)
         if step == 0:
             rtn_loss = loss
         if best is None or loss < best[0]:
             best = (loss, alpha, scales)
     assert best is not None
     return ScaleSearch(alpha=best[1], scales=best[2], loss=best[0], rtn_loss=rtn_loss)
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> float:
+    """||X W^T - X (q * scale)^T||^2 / n."""
+    x = x.float()
+    return float((x @ (w.float() - dequantize_int(q, scale).float()).t()).pow(2).sum()) / max(x.shape[0], 1)
+
+
+def clipped_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
+                   ratios: tuple[float, ...] = CLIP_RATIOS, rows_per_chunk: int = 256) -> torch.Tensor:
+    """Per (output channel, group) scale r * absmax / ((2^bits - 1) / 2), r from `ratios` minimising that
+    group's output error sum_n (x_n,g . (w_g - q_g))^2 on the calibration rows x [n, in]."""
+    out_features, in_features = w.shape
+    group = in_features if group_size <= 0 else group_size
+    num_groups = in_features // group
+    low, high = int_range(bits)
+    xg = x.float().view(x.shape[0], num_groups, group)
+    best = torch.empty(out_features, num_groups, dtype=dtype, device=w.device)
+    for start in range(0, out_features, rows_per_chunk):  # bounded memory: [n, rows, groups] at a time
+        wg = w[start : start + rows_per_chunk].float().view(-1, num_groups, group)
+        absmax = wg.abs().amax(-1)
+        best_err = torch.full_like(absmax, float("inf"))
+        for ratio in ratios:
+            scale = store_scale(absmax * ratio / ((2**bits - 1) / 2), dtype)
+            s = scale.float()[..., None]
+            diff = wg - torch.round(wg / s).clamp(low, high) * s
+            err = torch.einsum("ngk,ogk->nog", xg, diff).pow(2).sum(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[start : start + rows_per_chunk] = torch.where(better, scale, best[start : start + rows_per_chunk])
+    return best
+
+
+def quantize_with_clipping(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): clipped where that lowers the whole output error on x, else plain RTN."""
+    q, scale = rtn_int(w, bits, group_size, dtype)
+    clipped = clipped_scales(w, x[:: max(1, x.shape[0] // CLIP_ROWS)], bits, group_size, dtype)
+    q_clipped = quantize_int(w, clipped, bits)
+    if output_error(w, q_clipped, clipped, x) < output_error(w, q, scale, x):
+        return q_clipped, clipped
+    return q, scale
 
 
 @torch.no_grad()

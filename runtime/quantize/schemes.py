@@ -153,19 +153,31 @@ class W4A16AWQ(LayerwiseScheme):
 
     def quantize_layer(self, layer, linears, inputs):
         groups = awq.layer_groups(layer, set(linears))
-        first = {consumers[0]: awq.ActivationStats(linears[consumers[0]].in_features, seed=self.seed)
-                 for _, consumers in groups}
-        _observe(layer, linears, inputs, {name: stats.add for name, stats in first.items()})
+        stats = {name: awq.ActivationStats(linear.in_features, max_rows=2048, seed=self.seed)
+                 for name, linear in linears.items()}
+        _observe(layer, linears, inputs, {name: s.add for name, s in stats.items()})
         modules = dict(layer.named_modules())
+        inputs_of = {name: s.sample() for name, s in stats.items()}  # [rows, in] fp32, CPU
         searches = []
         for _, consumers in groups:
-            stats = first[consumers[0]]
+            first = stats[consumers[0]]
             weights = [linears[name].weight.detach() for name in consumers]
-            searches.append(awq.search_scales(weights, stats.sample(), stats.mean_abs, self.bits,
+            searches.append(awq.search_scales(weights, inputs_of[consumers[0]], first.mean_abs, self.bits,
                                               self.group_size, self.dtype))
         for (previous, consumers), search in zip(groups, searches, strict=True):
             awq.fold_scales(modules[previous], [linears[name] for name in consumers], search.scales)
-        return {name: self.quantize_linear(linear) for name, linear in linears.items()}
+            for name in consumers:  # their input is now x / s
+                inputs_of[name] = inputs_of[name] / search.scales.cpu()
+        out = {}
+        for name, linear in linears.items():
+            w = linear.weight.detach()
+            if name.rpartition(".")[2] in awq.NO_CLIP:
+                q, scale = rtn.rtn_int(w, self.bits, self.group_size, self.dtype)
+            else:
+                q, scale = awq.quantize_with_clipping(w, inputs_of[name].to(w.device), self.bits, self.group_size,
+                                                      self.dtype)
+            out[name] = self.finish(linear, q, scale)
+        return out
 
 
 def make_scheme(options: QuantizeOptions, dtype: torch.dtype, log: Log = print) -> Scheme:

@@ -104,3 +104,12 @@ def test_fold_scales_keeps_the_function():
     awq.fold_scales(block.norm, [block.a, block.b], s1)
     awq.fold_scales(block.b, [block.c], s2)
     assert torch.allclose(block(x), before, atol=1e-5)
+
+
+def test_awq_clipping_never_loses_to_plain_rtn():
+    x, w = correlated_inputs(8), layer(9)
+    w[0, 0] = 1.0  # one outlier weight: clipping its group pays off for the other 127 weights
+    q, scale = awq.quantize_with_clipping(w, x, 4, 128, torch.float32)
+    q_rtn, scale_rtn = rtn.rtn_int(w, 4, 128, torch.float32)
+    assert awq.output_error(w, q, scale, x) < awq.output_error(w, q_rtn, scale_rtn, x)
+    assert bool((scale <= scale_rtn).all()) and not torch.equal(scale, scale_rtn)
