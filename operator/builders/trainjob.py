@@ -139,24 +139,15 @@ def config_map(job: JobRef, spec: TrainJobSpec) -> dict[str, Any]:
 
 
 def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildConfig = BuildConfig()) -> list[str]:
-    """torchrun or the DeepSpeed launcher with a static rendezvous on rank 0; `spec.command`
-    (bring your own script) wins. The launchers never restart workers themselves: the operator
-    owns restarts and restarts the whole gang."""
+    """`lmforge.runtime.train.launch`: torchrun with a static rendezvous on rank 0, its shape taken
+    from the PET_* env (worker_env), for both backends (DeepSpeed initialises from the same env, no
+    ssh launcher). Plain torchrun exits 1 on SIGTERM, which would read as an application error; the
+    launcher exits 143 after the workers checkpoint, and 128+N when a worker dies of signal N, so
+    the failure policy can classify it. torchrun never restarts workers itself (PET_MAX_RESTARTS
+    0): the operator restarts the whole gang. `spec.command` (bring your own script) wins."""
     if spec.command:
         return list(spec.command)
-    config = f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"
-    nnodes, nproc, addr, port = str(spec.num_nodes), str(spec.effective_procs_per_node()), master_addr(job_name), str(cfg.master_port)
-    if spec.backend == "deepspeed":
-        return [
-            "deepspeed", "--num_nodes", nnodes, "--num_gpus", nproc, "--node_rank", str(rank),
-            "--master_addr", addr, "--master_port", port, "--no_ssh",
-            "--module", "lmforge.runtime.train", "--config", config,
-        ]  # fmt: skip
-    return [
-        "torchrun", "--nnodes", nnodes, "--nproc-per-node", nproc, "--node-rank", str(rank),
-        "--master-addr", addr, "--master-port", port, "--max-restarts", "0",
-        "-m", "lmforge.runtime.train", "--config", config,
-    ]  # fmt: skip
+    return ["python", "-m", "lmforge.runtime.train.launch", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
 
 
 def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:
@@ -170,6 +161,7 @@ def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: 
         {"name": "PET_NODE_RANK", "value": str(rank)},
         {"name": "PET_MASTER_ADDR", "value": addr},
         {"name": "PET_MASTER_PORT", "value": str(cfg.master_port)},
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
         {"name": "MASTER_ADDR", "value": addr},
         {"name": "MASTER_PORT", "value": str(cfg.master_port)},
         {"name": "WORLD_SIZE", "value": str(spec.num_nodes * nproc)},

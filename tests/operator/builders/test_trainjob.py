@@ -13,9 +13,9 @@ from lmforge.operator.builders.trainjob import (
     config_map,
     gang,
     headless_service,
-    launcher_command,
     storage_volumes,
     train_config,
+    worker_env,
     worker_pod,
 )
 from lmforge.operator.builders.trainjob_testing import JOB, make_spec
@@ -24,9 +24,7 @@ OWNER = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob", "name": "llam
          "controller": True, "blockOwnerDeletion": True}
 COMMON_LABELS = {"lmforge.dev/job-name": "llama", "lmforge.dev/kind": "TrainJob",
                  "app.kubernetes.io/managed-by": "lmforge-operator"}
-TORCHRUN_RANK1 = ["torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--node-rank", "1",
-                  "--master-addr", "llama-0.llama", "--master-port", "29500", "--max-restarts", "0",
-                  "-m", "lmforge.runtime.train", "--config", "/etc/lmforge/train.json"]
+TORCHRUN_RANK1 = ["python", "-m", "lmforge.runtime.train.launch", "--config", "/etc/lmforge/train.json"]
 
 
 def expected_env(rank: int = 1, attempt: int = 0, nnodes: int = 4, nproc: int = 8) -> list[dict[str, Any]]:
@@ -36,6 +34,7 @@ def expected_env(rank: int = 1, attempt: int = 0, nnodes: int = 4, nproc: int = 
         {"name": "PET_NODE_RANK", "value": str(rank)},
         {"name": "PET_MASTER_ADDR", "value": "llama-0.llama"},
         {"name": "PET_MASTER_PORT", "value": "29500"},
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
         {"name": "MASTER_ADDR", "value": "llama-0.llama"},
         {"name": "MASTER_PORT", "value": "29500"},
         {"name": "WORLD_SIZE", "value": str(nnodes * nproc)},
@@ -104,10 +103,7 @@ POD_CASES = [
     pytest.param({}, expected_pod(), id="torchrun-default"),
     pytest.param(
         {"backend": "deepspeed", "zeroStage": 3},
-        _with(expected_pod(), lambda p: _container(p).update(command=[
-            "deepspeed", "--num_nodes", "4", "--num_gpus", "8", "--node_rank", "1", "--master_addr", "llama-0.llama",
-            "--master_port", "29500", "--no_ssh", "--module", "lmforge.runtime.train",
-            "--config", "/etc/lmforge/train.json"])),
+        expected_pod(),  # same launcher: the backend only changes train.json (DeepSpeed under torchrun)
         id="deepspeed",
     ),
     pytest.param(
@@ -159,8 +155,8 @@ def test_restart_attempt_is_labelled_and_in_env() -> None:
 
 def test_procs_per_node_defaults_to_one_without_gpus() -> None:
     pod = worker_pod(JOB, make_spec(numNodes=2), rank=0, attempt=0)
-    command = _container(pod)["command"]
-    assert command[command.index("--nproc-per-node") + 1] == "1"
+    env = {e["name"]: e.get("value") for e in _container(pod)["env"]}
+    assert env["PET_NPROC_PER_NODE"] == "1"
     assert "resources" not in _container(pod)
     assert {"name": "WORLD_SIZE", "value": "2"} in _container(pod)["env"]
 
@@ -244,5 +240,6 @@ def test_service_account_from_build_config() -> None:
 
 
 def test_master_port_comes_from_build_config() -> None:
-    command = launcher_command("llama", make_spec(), rank=0, cfg=BuildConfig(master_port=23456))
-    assert command[command.index("--master-port") + 1] == "23456"
+    env = {e["name"]: e.get("value") for e in worker_env("llama", make_spec(), rank=0, attempt=0,
+                                                     cfg=BuildConfig(master_port=23456))}
+    assert env["PET_MASTER_PORT"] == env["MASTER_PORT"] == "23456"
