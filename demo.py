@@ -86,9 +86,8 @@ def main() -> int:
     kubectl = Kubectl.of(info)
 
     step(2, "custom resource definitions")
-    kubectl.show("apply", "-f", str(ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/trainjobs.lmforge.dev",
-            "crd/quantizejobs.lmforge.dev", "crd/inferenceservices.lmforge.dev")
+    out = pipeline.apply_crds(kubectl, ROOT / "crds")
+    print(f"$ kubectl apply -f crds/\n{out.rstrip()}")
 
     step(3, f"the local process node (pods run as processes on this machine) and the operator (namespace {NAMESPACE})")
     DEMO_DIR.mkdir(parents=True, exist_ok=True)

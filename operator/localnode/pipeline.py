@@ -190,6 +190,16 @@ def start_operator(kube: Kube, namespace: str, log_path: Path, liveness_port: in
     return proc
 
 
+def apply_crds(kube: Kube, crds: Path, timeout: float = 60) -> str:
+    """`kubectl apply -f crds/`, then wait until the API server serves the three kinds (a CRD
+    just created has no status for a moment: `kubectl wait` would fail, not wait)."""
+    out = kube("apply", "-f", str(crds))
+    wait(lambda: kube("wait", "--for=condition=Established", "--timeout=10s", "crd/trainjobs.lmforge.dev",
+                      "crd/quantizejobs.lmforge.dev", "crd/inferenceservices.lmforge.dev", timeout=20),
+         timeout, "the lmforge CRDs to be Established")
+    return out
+
+
 def prepare(kube: Kube, namespace: str, directory: Path) -> None:
     """Namespace, the workers' ServiceAccount, inputs on disk; no outputs of an earlier run."""
     if kube("get", "namespace", namespace, check=False).strip() == "":
