@@ -12,7 +12,7 @@ EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-unit test-e2e lint crds cluster-up cluster-down clean
+.PHONY: install demo test test-unit test-e2e lint crds chart-crds e2e-kind cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -48,6 +48,14 @@ lint: install
 
 crds: install
 	$(BIN)/python -m lmforge.operator.crd --out crds
+
+# The chart ships a copy of the generated CRDs; tests/charts/ diffs them.
+chart-crds: crds
+	cp crds/*.yaml charts/lmforge/crds/
+
+# Where Docker and kind exist: kind cluster, built images, the chart, real pods.
+e2e-kind:
+	e2e/kind/run.sh
 
 clean:
 	-$(BIN)/lmforge cluster down
