@@ -27,7 +27,9 @@ class Env:
 
     def diagnostics(self) -> str:
         pods = self.kube("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False)
-        return (f"\n--- pods\n{pods}\n--- operator.log\n{pipeline.log_tail(self.logs / 'operator.log')}"
+        containers = "".join(f"\n--- {log.relative_to(self.logs)}\n{pipeline.log_tail(log, 1500)}"
+                             for log in sorted((self.logs / "node" / "pods").glob("*/logs/*/*.log")))
+        return (f"\n--- pods\n{pods}{containers}\n--- operator.log\n{pipeline.log_tail(self.logs / 'operator.log')}"
                 f"\n--- node.log\n{pipeline.log_tail(self.logs / 'node.log')}")
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -247,9 +248,32 @@ def _wait_phase(kube: Kube, kind: str, name: str, namespace: str, phases: tuple[
         time.sleep(every)
 
 
+def port_free(port: int) -> bool:
+    """Whether a listener could bind 0.0.0.0:<port> (as rank 0's TCPStore does)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_master_port(timeout: float = 120, log: Callable[[str], None] = print) -> None:
+    """Pods on the process node share this machine's ports, and rank 0 listens on 0.0.0.0:29500:
+    another torchrun on the machine would fail the job with EADDRINUSE (exit code 1, final), so
+    wait for the port first."""
+    from lmforge.operator.api.constants import MASTER_PORT
+
+    if not port_free(MASTER_PORT):
+        log(f"port {MASTER_PORT} (rank 0's rendezvous) is in use by another process on this machine: waiting")
+        wait(lambda: port_free(MASTER_PORT), timeout, f"port {MASTER_PORT} to be free", interval=1)
+
+
 def train(kube: Kube, namespace: str, directory: Path, timeout: float = 600, every: float = 2,
           on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """examples/demo/trainjob.yaml until Succeeded; returns its status."""
+    wait_master_port()
     kube.apply(render("trainjob.yaml", directory, namespace))
     return _wait_phase(kube, "trainjobs.lmforge.dev", TRAINJOB, namespace, ("Succeeded",), timeout, every, on_poll)
 
