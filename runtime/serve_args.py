@@ -33,6 +33,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights/activations dtype; auto: bfloat16 on cuda, float32 on cpu")
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    model.add_argument("--quantization", default=None, choices=["w8a16", "w4a16", "fp8"],
+                       help="expected weight quantization; checked against the checkpoint's quantization_config "
+                            "(default: whatever the checkpoint declares)")
     model.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default: 0)")
 
     engine = parser.add_argument_group("engine")
@@ -49,6 +52,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="reuse KV blocks of shared prompt prefixes (default: on)")
     engine.add_argument("--num-blocks", type=_positive_int, default=None,
                         help="KV cache blocks; default: sized from --gpu-memory-utilization")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="KV cache element type; only auto (the model dtype) is implemented so far")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
     server = parser.add_argument_group("server")

@@ -792,6 +792,31 @@ async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any
     return 0
 
 
+QUANTIZATION_WEIGHTS = {"w8a16": (8, "int"), "w4a16": (4, "int"), "fp8": (8, "float")}
+
+
+def unsupported_model_flags(args: argparse.Namespace) -> str | None:
+    """Refuse at start-up, with a reason, what would otherwise fail later or silently differ: a
+    checkpoint whose quantization is not the one the InferenceService asked for, and KV cache
+    types the engine does not implement yet."""
+    if getattr(args, "kv_cache_dtype", "auto") != "auto":
+        return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto)"
+    expected = getattr(args, "quantization", None)
+    if expected is None:
+        return None
+    import json
+
+    with open(os.path.join(args.model, "config.json")) as f:
+        qconfig = json.load(f).get("quantization_config") or {}
+    groups = qconfig.get("config_groups") or {}
+    found = {(g.get("weights") or {}).get("num_bits"): (g.get("weights") or {}).get("type") for g in groups.values()}
+    bits, kind = QUANTIZATION_WEIGHTS[expected]
+    if qconfig.get("quant_method") != "compressed-tensors" or found.get(bits) != kind:
+        return (f"--quantization {expected} but {args.model}/config.json declares "
+                f"{qconfig.get('quant_method') or 'no quantization'} {found or ''}".rstrip())
+    return None
+
+
 def limit_cpu_threads() -> None:
     """Leave one core to the HTTP event loop. torch's intra-op pool otherwise takes every core and
     the engine thread and the server thread preempt each other: measured on 2 cores, one engine
@@ -809,6 +834,10 @@ def run_server(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
+        return 2
+    problem = unsupported_model_flags(args)
+    if problem:
+        print(f"lmforge serve: {problem}", file=sys.stderr)
         return 2
     limit_cpu_threads()
     state = ServerState(args)

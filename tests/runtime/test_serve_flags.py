@@ -1,0 +1,49 @@
+"""Model flags the operator passes to `lmforge serve` are checked before the model loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.runtime.serve_args import add_serve_arguments
+from lmforge.runtime.server import unsupported_model_flags
+
+
+def _args(model: Path, *flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return parser.parse_args(["--model", str(model), *flags])
+
+
+def _model(tmp_path: Path, quantization_config: dict | None) -> Path:
+    config = {"architectures": ["LlamaForCausalLM"]}
+    if quantization_config:
+        config["quantization_config"] = quantization_config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+W4 = {"quant_method": "compressed-tensors",
+      "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}}}}
+
+
+@pytest.mark.parametrize(
+    ("qconfig", "flags", "problem"),
+    [
+        pytest.param(None, [], None, id="dense-no-flag"),
+        pytest.param(W4, [], None, id="quantized-no-flag"),
+        pytest.param(W4, ["--quantization", "w4a16"], None, id="w4a16-matches"),
+        pytest.param(W4, ["--quantization", "w8a16"], "--quantization w8a16 but", id="w8a16-mismatch"),
+        pytest.param(None, ["--quantization", "fp8"], "declares no quantization", id="dense-but-fp8"),
+        pytest.param(None, ["--kv-cache-dtype", "fp8"], "not implemented", id="kv-fp8"),
+    ],
+)
+def test_model_flags(tmp_path: Path, qconfig, flags, problem) -> None:
+    result = unsupported_model_flags(_args(_model(tmp_path, qconfig), *flags))
+    if problem is None:
+        assert result is None
+    else:
+        assert problem in result
