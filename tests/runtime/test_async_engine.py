@@ -194,7 +194,9 @@ def test_latency_observer_sees_first_token_inter_token_and_finish(fake_engine_cl
         with contextlib.suppress(Exception):
             await wait_idle(llm)
 
-    run(body, lambda: fake_engine_cls(), observer=recorder)
+    # 20 ms a step: the 50-token request must still be running when the client closes it, even
+    # on a loaded machine (without a delay the fake engine can finish it before the abort lands).
+    run(body, lambda: fake_engine_cls(step_delay_s=0.02), observer=recorder)
     assert len(recorder.ttft) == 2
     assert sum(n for _, n in recorder.itl[:3]) == 3  # tokens 2..4 of the first request
     assert recorder.finished == ["length", "abort"]
