@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lmforge.operator.localcluster import processes
 
 pytestmark = pytest.mark.e2e

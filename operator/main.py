@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 import kopf
+
 from lmforge import API_GROUP, __version__
 
 log = logging.getLogger("lmforge.operator")

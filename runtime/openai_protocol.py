@@ -10,8 +10,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from lmforge.runtime.sampling_params import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from lmforge.runtime.sampling_params import SamplingParams
 
 # A float that JSON's NaN/Infinity extensions cannot smuggle in.
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]

@@ -32,6 +32,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from lmforge import __version__
 from lmforge.runtime import openai_protocol as proto
 from lmforge.runtime.async_engine import (
@@ -46,8 +49,6 @@ from lmforge.runtime.async_engine import (
 from lmforge.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.runtime.outputs import CompletionOutput, RequestOutput
 from lmforge.runtime.serve_args import served_model_names
-from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("lmforge.runtime.server")
 

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+
 from lmforge.operator import autoscaler, metrics_scraper
 from lmforge.operator.api import constants as c
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.activation import silu_and_mul
 

@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 import torch
+
 from lmforge.kernels import backend
 from lmforge.kernels.backend import Ops, get_ops, resolve_backend
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.kv_cache import reshape_and_cache, reshape_and_cache_int8
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.prefill_attention import paged_prefill_attention
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.quant_gemm import dequantize_weight, pack_int_weights, quant_linear, unpack_int_weights
 

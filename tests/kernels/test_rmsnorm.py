@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.rope import build_rope_cache, compute_inv_freq, rope
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lmforge.kernels import reference
 from lmforge.kernels.sampling import sample, sample_with_threshold
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from lmforge.operator.api.inferenceservice import Autoscaling
 from lmforge.operator.autoscaler import PodSample, Scrape, decide, prune, recommend
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import kopf
+
 from lmforge.operator.main import OperatorOptions, apply_settings, choose_priority
 
 

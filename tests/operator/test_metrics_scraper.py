@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from lmforge.operator.autoscaler import PodSample
 from lmforge.operator.metrics_scraper import MetricsError, metrics_url, parse, scrape
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from lmforge.runtime.outputs import CompletionOutput, RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 

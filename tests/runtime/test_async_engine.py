@@ -7,6 +7,7 @@ import contextlib
 import threading
 
 import pytest
+
 from lmforge.runtime.async_engine import (
     AsyncLLM,
     EngineDeadError,

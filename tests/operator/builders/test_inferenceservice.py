@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
 from lmforge.operator.builders.inferenceservice import (
     BuildConfig,

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from lmforge.operator.api.base import LastFailure
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from lmforge.operator.builders.inferenceservice_status import (

@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from lmforge.operator.localcluster import build
 from lmforge.operator.localcluster.build import (
     GOMOD_DIR,

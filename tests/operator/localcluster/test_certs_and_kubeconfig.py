@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from lmforge.operator.localcluster.certs import IDENTITIES, ensure_pki, leaf_extensions, subject
 from lmforge.operator.localcluster.kubeconfig import render_kubeconfig, write_kubeconfig
 

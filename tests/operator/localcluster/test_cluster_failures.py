@@ -6,6 +6,7 @@ import shutil
 import stat
 
 import pytest
+
 from lmforge.operator.localcluster import cli, cluster, processes
 from lmforge.operator.localcluster.build import BinPaths, BuildError
 
