@@ -93,6 +93,7 @@ def main() -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     pipeline.prepare(kubectl, NAMESPACE, DEMO_DIR)  # namespace, worker ServiceAccount, tiny Llama + chat data
     started: list[subprocess.Popen] = []
+    failed = True
     try:
         agent_log = DEMO_DIR / "node.log"
         print(f"$ lmforge node run  (log: {agent_log})")
@@ -142,9 +143,16 @@ def main() -> int:
         print(f"usage:     {reply.usage.model_dump()}")
         kubectl.show("get", "lmforge", "-n", NAMESPACE)
         kubectl.show("get", "pods", "-n", NAMESPACE, "-o", "wide")
+        failed = False
+    except pipeline.PipelineError as error:
+        print(f"\ndemo: {error}", file=sys.stderr)
+        print(f"pods: kubectl get pods -n {NAMESPACE}; their logs: {BIN / 'lmforge'} node logs <pod> -n {NAMESPACE}"
+              f" --state-dir {DEMO_DIR / 'node'}", file=sys.stderr)
     finally:
-        step(7, "done: delete the demo's resources, stop the node agent and the operator")
-        if len(started) == 2:  # the operator's finalizers let the resources go
+        step(7, "done: " + ("stop the node agent and the operator (the failed run's resources stay for a look;"
+                            " the next run deletes them)" if failed else
+                            "delete the demo's resources, stop the node agent and the operator"))
+        if len(started) == 2 and not failed:  # the operator's finalizers let the resources go
             try:
                 deleted = pipeline.delete_resources(kubectl, NAMESPACE)
                 print(f"deleted {', '.join(deleted) or 'nothing'} in namespace {NAMESPACE}")
@@ -155,6 +163,8 @@ def main() -> int:
         if started:
             kubectl("delete", "node", NODE_NAME, "--wait=false", check=False)
             print(f"stopped the operator and the node agent (logs: {DEMO_DIR / 'operator.log'}, {DEMO_DIR / 'node.log'})")
+    if failed:
+        return 1
     print(f"\ndemo finished in {time.monotonic() - T0:.0f}s. Checkpoints stay in {DEMO_DIR}: tiny-llama/, tuned/,"
           f" tuned-w4a16/.\nThe cluster keeps running. Try:\n"
           f"  export KUBECONFIG={info.kubeconfig}\n"
