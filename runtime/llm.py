@@ -20,13 +20,14 @@ class LLM:
                  device: str = "auto", max_model_len: int | None = None, block_size: int = 16,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None, seed: int = 0, enforce_eager: bool = False, **kwargs: Any):
+                 num_blocks: int | None = None, seed: int = 0, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto", **kwargs: Any):
         args = EngineArgs(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                           max_model_len=max_model_len, block_size=block_size,
                           gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks, seed=seed,
-                          enforce_eager=enforce_eager, **kwargs)
+                          enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype, **kwargs)
         self.llm_engine = LLMEngine(args)
         self._ids = itertools.count()
 

@@ -52,8 +52,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="reuse KV blocks of shared prompt prefixes (default: on)")
     engine.add_argument("--num-blocks", type=_positive_int, default=None,
                         help="KV cache blocks; default: sized from --gpu-memory-utilization")
-    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                        help="KV cache element type; only auto (the model dtype) is implemented so far")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                        help="KV cache element type: auto (the model dtype) or int8 (per-token-head scales, "
+                             "~2x the blocks of bf16); fp8 is not implemented yet")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
     server = parser.add_argument_group("server")

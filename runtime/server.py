@@ -88,7 +88,8 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
     def build() -> Any:
         from lmforge.runtime.engine.llm_engine import EngineArgs, LLMEngine
 
-        optional = {"max_num_batched_tokens": args.max_num_batched_tokens}  # None: the engine's default
+        optional = {"max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
+                    "kv_cache_dtype": getattr(args, "kv_cache_dtype", None)}
         return LLMEngine(EngineArgs(
             model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
@@ -800,8 +801,8 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
     """Refuse at start-up, with a reason, what would otherwise fail later or silently differ: a
     checkpoint whose quantization is not the one the InferenceService asked for, and KV cache
     types the engine does not implement yet."""
-    if getattr(args, "kv_cache_dtype", "auto") != "auto":
-        return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto)"
+    if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "int8"):
+        return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto or int8)"
     expected = getattr(args, "quantization", None)
     if expected is None:
         return None

@@ -7,6 +7,10 @@ backend here is the readable reference that runs on CPU; `KernelAttentionBackend
 Triton kernels of `lmforge.kernels`; `get_attention_backend` picks one without touching the models.
 
 KV cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+With kv_cache_dtype="int8" the caches hold int8 codes and k_scale_cache, v_scale_cache
+[num_blocks, block_size, num_kv_heads] fp32 hold the per-(token, head) scales (absmax / 127);
+both backends quantize with `lmforge.kernels.reference.quantize_int8` semantics and attend to the
+dequantized values, so they agree.
 Token `pos` of a sequence lives in slot `block_table[pos // block_size] * block_size + pos % block_size`.
 """
 
@@ -44,8 +48,10 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: Any, scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] (new tokens) -> [T, H, D]; writes k/v into the cache first."""
+                v_cache: torch.Tensor, meta: Any, scale: float, *, k_scale_cache: torch.Tensor | None = None,
+                v_scale_cache: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] (new tokens) -> [T, H, D]; writes k/v into the cache first.
+        With scale caches given (int8 KV cache), k/v are quantized on write and dequantized on read."""
 
 
 @dataclass(slots=True)
@@ -90,17 +96,24 @@ class TorchAttentionBackend(AttentionBackend):
         return TorchAttentionMetadata(common.slot_mapping, start, decode_token_idx, decode_slots,
                                       decode_mask, prefills)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: TorchAttentionMetadata, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta: TorchAttentionMetadata, scale, *, k_scale_cache=None,
+                v_scale_cache=None):
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        if k_scale_cache is None:
+            k_flat.index_copy_(0, meta.slot_mapping, k)
+            v_flat.index_copy_(0, meta.slot_mapping, v)
+            k_sc = v_sc = None
+        else:  # int8: the kernels' reference quantization; attention sees what the cache holds
+            k_sc, v_sc = k_scale_cache.view(-1, num_kv_heads), v_scale_cache.view(-1, num_kv_heads)
+            k = _write_int8(k, k_flat, k_sc, meta.slot_mapping, q.dtype)
+            v = _write_int8(v, v_flat, v_sc, meta.slot_mapping, q.dtype)
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
             qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = _gather(k_flat, meta.decode_slots).transpose(1, 2)  # [Bd, Hkv, S, D]
-            vd = _gather(v_flat, meta.decode_slots).transpose(1, 2)
+            kd = _gather(k_flat, meta.decode_slots, k_sc, q.dtype).transpose(1, 2)  # [Bd, Hkv, S, D]
+            vd = _gather(v_flat, meta.decode_slots, v_sc, q.dtype).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
                                                 enable_gqa=True)
             out[meta.decode_token_idx] = od.squeeze(2)
@@ -110,8 +123,8 @@ class TorchAttentionBackend(AttentionBackend):
                 kp, vp = k[start : start + qlen].transpose(0, 1), v[start : start + qlen].transpose(0, 1)
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
             else:  # chunk after cached tokens: query i sits at position seq_len - qlen + i
-                kp = _gather(k_flat, slots).transpose(0, 1)  # [Hkv, seq_len, D]
-                vp = _gather(v_flat, slots).transpose(0, 1)
+                kp = _gather(k_flat, slots, k_sc, q.dtype).transpose(0, 1)  # [Hkv, seq_len, D]
+                vp = _gather(v_flat, slots, v_sc, q.dtype).transpose(0, 1)
                 q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, seq_len]
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
@@ -119,9 +132,27 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
-def _gather(flat_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """flat_cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D] (index_select: faster than indexing)."""
-    return flat_cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat_cache.shape[1:])
+def _gather(flat_cache: torch.Tensor, slots: torch.Tensor, flat_scales: torch.Tensor | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """flat_cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D] (index_select: faster than indexing).
+    With flat_scales [num_slots, Hkv] (int8 cache): dequantized (codes x scale, in fp32) and cast to dtype."""
+    flat = slots.reshape(-1)
+    x = flat_cache.index_select(0, flat)
+    if flat_scales is not None:
+        x = (x.float() * flat_scales.index_select(0, flat).unsqueeze(-1)).to(dtype)
+    return x.view(*slots.shape, *flat_cache.shape[1:])
+
+
+def _write_int8(x: torch.Tensor, flat_cache: torch.Tensor, flat_scales: torch.Tensor, slots: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Quantizes x [T, Hkv, D] per (token, head) like `reference.reshape_and_cache_int8`, writes codes and
+    scales at slots, and returns the dequantized x (what a later read of those slots gives) in dtype."""
+    from lmforge.kernels.reference import quantize_int8
+
+    codes, scales = quantize_int8(x)
+    flat_cache.index_copy_(0, slots, codes)
+    flat_scales.index_copy_(0, slots, scales)
+    return (codes.float() * scales.unsqueeze(-1)).to(dtype)
 
 
 def _slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -164,12 +195,18 @@ class KernelAttentionBackend(AttentionBackend):
             decode_only=all(qlen == 1 for qlen in common.query_lens),
         )
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: KernelAttentionMetadata, scale):
-        self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q, k, v, k_cache, v_cache, meta: KernelAttentionMetadata, scale, *, k_scale_cache=None,
+                v_scale_cache=None):
+        if k_scale_cache is None:
+            self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            self.ops.reshape_and_cache_int8(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, meta.slot_mapping)
+        scales = {"k_scale_cache": k_scale_cache, "v_scale_cache": v_scale_cache}
         if meta.decode_only:
-            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                                   **scales)
         return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                                meta.cu_seqlens_q, meta.max_q_len, scale)
+                                                meta.cu_seqlens_q, meta.max_q_len, scale, **scales)
 
 
 _BACKENDS = {"torch": lambda device: TorchAttentionBackend(), "triton": KernelAttentionBackend}

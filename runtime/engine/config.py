@@ -13,6 +13,8 @@ _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
 
+KV_CACHE_DTYPES = ("auto", "int8")  # fp8 is not implemented yet
+
 
 @dataclass
 class EngineArgs:
@@ -33,6 +35,7 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0  # >0: cap any one sequence's prefill chunk per step
     max_logprobs: int = 20
     attention_backend: str = "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8": per-(token, head) absmax/127 codes + fp32 scales
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -43,6 +46,8 @@ class EngineArgs:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

@@ -52,7 +52,8 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(args.tokenizer or args.model)
         self.runner = ModelRunner(args.model, self.model_config, device=device, dtype=dtype,
                                   max_model_len=max_model_len, block_size=args.block_size, seed=args.seed,
-                                  attention_backend=args.attention_backend)
+                                  attention_backend=args.attention_backend,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
             args.cpu_kv_cache_gb)

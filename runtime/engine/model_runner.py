@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lmforge.runtime.engine.attention import CommonAttentionMetadata, get_attention_backend
+from lmforge.runtime.engine.config import KV_CACHE_DTYPES
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
@@ -47,9 +48,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 class ModelRunner:
     def __init__(self, model_dir: str | Path, model_config: ModelConfig, *, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, block_size: int, seed: int = 0,
-                 attention_backend: str = "torch"):
+                 attention_backend: str = "torch", kv_cache_dtype: str = "auto"):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; expected one of {KV_CACHE_DTYPES}")
+        self.kv_cache_dtype = kv_cache_dtype
+        # element type of the K/V caches; int8 adds fp32 scale caches (one scale per token and KV head)
+        self.cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
         self.backend = get_attention_backend(attention_backend, device)
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
@@ -65,18 +71,26 @@ class ModelRunner:
     # --- KV cache -------------------------------------------------------------------------------
     @property
     def block_bytes(self) -> int:
-        """Bytes of K and V for one block across all layers."""
+        """Bytes of K and V for one block across all layers (int8: the codes plus one fp32 scale per
+        token and KV head)."""
         c = self.config
-        return 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        per_token_head = c.head_dim * self.cache_dtype.itemsize
+        if self.kv_cache_dtype == "int8":
+            per_token_head += torch.float32.itemsize
+        return 2 * c.num_layers * self.block_size * c.num_kv_heads * per_token_head
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Binds k_cache/v_cache [num_blocks, block_size, Hkv, D] to every attention layer. Zeroed
-        so that masked-out padding positions never carry NaNs (on CPU, calloc: pages stay lazy)."""
+        """Binds k_cache/v_cache [num_blocks, block_size, Hkv, D] (int8: also k/v_scale_cache
+        [num_blocks, block_size, Hkv] fp32) to every attention layer. Zeroed so that masked-out
+        padding positions never carry NaNs (on CPU, calloc: pages stay lazy)."""
         c = self.config
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        int8 = self.kv_cache_dtype == "int8"
         for attn in self.model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            attn.k_scale_cache = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+            attn.v_scale_cache = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
         self.num_blocks = num_blocks
 
     def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,

@@ -119,10 +119,16 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.backend = backend
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D] once bound
+        # int8 KV cache only: per-(token, head) fp32 scales [num_blocks, block_size, Hkv]; None otherwise
+        self.k_scale_cache: torch.Tensor | None = None
+        self.v_scale_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         # q [T, H, D]; k, v [T, Hkv, D] -> [T, H, D]
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale)
+        if self.k_scale_cache is None:
+            return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale)
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale,
+                                    k_scale_cache=self.k_scale_cache, v_scale_cache=self.v_scale_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]

@@ -39,6 +39,8 @@ W4 = {"quant_method": "compressed-tensors",
         pytest.param(W4, ["--quantization", "w8a16"], "--quantization w8a16 but", id="w8a16-mismatch"),
         pytest.param(None, ["--quantization", "fp8"], "declares no quantization", id="dense-but-fp8"),
         pytest.param(None, ["--kv-cache-dtype", "fp8"], "not implemented", id="kv-fp8"),
+        pytest.param(None, ["--kv-cache-dtype", "int8"], None, id="kv-int8"),
+        pytest.param(W4, ["--quantization", "w4a16", "--kv-cache-dtype", "int8"], None, id="w4a16-kv-int8"),
     ],
 )
 def test_model_flags(tmp_path: Path, qconfig, flags, problem) -> None:
@@ -47,3 +49,15 @@ def test_model_flags(tmp_path: Path, qconfig, flags, problem) -> None:
         assert result is None
     else:
         assert problem in result
+
+
+def test_kv_int8_reaches_engine_args(tmp_path: Path, monkeypatch) -> None:
+    from lmforge.runtime.engine import llm_engine
+    from lmforge.runtime.server import default_engine_factory
+
+    seen = {}
+    monkeypatch.setattr(llm_engine, "LLMEngine", lambda engine_args: seen.setdefault("args", engine_args))
+    for flags, expected in ((["--kv-cache-dtype", "int8"], "int8"), ([], "auto")):
+        seen.clear()
+        default_engine_factory(_args(_model(tmp_path, None), *flags))()
+        assert seen["args"].kv_cache_dtype == expected
