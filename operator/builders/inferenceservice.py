@@ -28,6 +28,7 @@ from typing import Any
 
 from lmforge.operator.api.constants import API_VERSION, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
+from lmforge.operator.builders.storage import locate
 
 KIND = "InferenceService"
 LABEL_INFERENCESERVICE = "lmforge.dev/inferenceservice"
@@ -38,7 +39,6 @@ SERVER_PORT = 8000
 SERVICE_PORT = 80
 PORT_NAME = "http"
 MODEL_VOLUME = "model"
-PVC_ROOT = "/mnt/pvc"  # pvc://<claim>/<path> is served from /mnt/pvc/<claim>/<path> (as for TrainJob)
 HF_CACHE_VOLUME = "hf-cache"
 HF_CACHE_PATH = "/var/cache/huggingface"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
@@ -128,16 +128,13 @@ def model_location(spec: InferenceServiceSpec) -> ModelLocation:
     egress needed, a cache volume is added); s3:// -> UnsupportedModelSource."""
     source = spec.model.source
     user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
-    if source.startswith("pvc://"):
-        claim, _, rest = source[len("pvc://"):].partition("/")
-        root = f"{PVC_ROOT}/{claim}"
-        path = f"{root}/{rest.strip('/')}" if rest.strip("/") else root
-        volume = {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        return _mounted(path, root, volume, user_paths)
-    if source.startswith("hostPath://") or source.startswith("/"):
-        directory = source.removeprefix("hostPath://").rstrip("/") or "/"
-        volume = {"name": MODEL_VOLUME, "hostPath": {"path": directory, "type": "Directory"}}
-        return _mounted(directory, directory, volume, user_paths)
+    location = locate(source)
+    if location is not None and location.kind == "pvc":
+        volume = {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": location.claim, "readOnly": True}}
+        return _mounted(location.path, location.mount_path, volume, user_paths)
+    if location is not None:
+        volume = {"name": MODEL_VOLUME, "hostPath": {"path": location.path, "type": "Directory"}}
+        return _mounted(location.path, location.path, volume, user_paths)
     if source.startswith("hf://"):
         repo = source[len("hf://"):]
         return ModelLocation(

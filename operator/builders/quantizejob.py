@@ -27,6 +27,7 @@ from lmforge.operator.api.constants import (
 )
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
 from lmforge.operator.api.quantizejob import QuantizeJobSpec
+from lmforge.operator.builders.storage import locate
 
 KIND = "QuantizeJob"
 LABEL_QUANTIZEJOB = "lmforge.dev/quantizejob"
@@ -37,7 +38,6 @@ ANNOTATION_RESULT = "lmforge.dev/result"
 POD_ANNOTATIONS_PASSED = (ANNOTATION_FATE, f"{ANNOTATION_FATE}-delay")
 CONTAINER_NAME = "quantize"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
-PVC_ROOT = "/mnt/pvc"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,22 +104,21 @@ def storage(spec: QuantizeJobSpec) -> Storage:
     mounts: list[dict[str, Any]] = []
 
     def place(uri: str, role: str, host_type: str, writable: bool) -> str:
-        if uri.startswith("pvc://"):
-            claim, _, rest = uri[len("pvc://"):].partition("/")
-            root = f"{PVC_ROOT}/{claim}"
-            name = f"pvc-{claim}"[:63].rstrip("-")
+        location = locate(uri)
+        if location is not None and location.kind == "pvc":
+            name = location.pvc_volume_name
             existing = next((m for m in mounts if m["name"] == name), None)
             if existing is not None:
                 if writable:  # the output shares the claim: the one mount must be writable
                     existing.pop("readOnly", None)
                     next(v for v in volumes if v["name"] == name)["persistentVolumeClaim"].pop("readOnly", None)
-            elif root not in user_paths:
-                claim_ref = {"claimName": claim, **({} if writable else {"readOnly": True})}
+            elif location.mount_path not in user_paths:
+                claim_ref = {"claimName": location.claim, **({} if writable else {"readOnly": True})}
                 volumes.append({"name": name, "persistentVolumeClaim": claim_ref})
-                mounts.append({"name": name, "mountPath": root, **({} if writable else {"readOnly": True})})
-            return f"{root}/{rest.strip('/')}" if rest.strip("/") else root
-        if uri.startswith("hostPath://") or uri.startswith("/"):
-            path = uri.removeprefix("hostPath://").rstrip("/") or "/"
+                mounts.append({"name": name, "mountPath": location.mount_path, **({} if writable else {"readOnly": True})})
+            return location.path
+        if location is not None:
+            path = location.path
             if path not in user_paths and all(m["mountPath"] != path for m in mounts):
                 volumes.append({"name": role, "hostPath": {"path": path, "type": host_type}})
                 mounts.append({"name": role, "mountPath": path, **({} if writable else {"readOnly": True})})

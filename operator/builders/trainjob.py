@@ -28,11 +28,11 @@ from lmforge.operator.api.constants import (
     MASTER_PORT,
 )
 from lmforge.operator.api.trainjob import Checkpoint, LoRA, TrainConfig, TrainJobSpec
+from lmforge.operator.builders.storage import PVC_ROOT, locate
 
 CONTAINER_NAME = "trainer"
 CONFIG_VOLUME = "lmforge-config"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
-PVC_ROOT = "/mnt/pvc"  # the worker resolves pvc://<claim>/<path> to $LMFORGE_PVC_ROOT/<claim>/<path>
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +187,12 @@ def storage_volumes(spec: TrainJobSpec) -> tuple[list[dict[str, Any]], list[dict
     mounts: list[dict[str, Any]] = []
     writable = [spec.output.dir, *([spec.checkpoint.dir] if spec.checkpoint.dir else [])]
     for uri in (spec.model, spec.dataset.source, *writable):
-        if uri.startswith("pvc://"):
-            claim = uri[len("pvc://"):].split("/", 1)[0]
-            path, volume = f"{PVC_ROOT}/{claim}", {"name": f"pvc-{claim}"[:63].rstrip("-"),
-                                                   "persistentVolumeClaim": {"claimName": claim}}
-        elif uri.startswith("hostPath://"):
-            path = uri[len("hostPath://"):].rstrip("/") or "/"
+        location = locate(uri)
+        if location is not None and location.kind == "pvc":
+            path, volume = location.mount_path, {"name": location.pvc_volume_name,
+                                                 "persistentVolumeClaim": {"claimName": location.claim}}
+        elif location is not None and location.kind == "hostPath":
+            path = location.path
             kind = "DirectoryOrCreate" if uri in writable else ""
             volume = {"name": f"host-{len(volumes)}", "hostPath": {"path": path, **({"type": kind} if kind else {})}}
         else:
