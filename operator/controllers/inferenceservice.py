@@ -42,6 +42,7 @@ from lmforge.operator.builders.inferenceservice_status import (
     reflect,
     set_condition,
 )
+from lmforge.operator.controllers.bodies import plain
 
 PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
@@ -145,14 +146,6 @@ class Runtime:
         return self.session
 
 
-def _plain(value: Any) -> Any:
-    """A kopf Body (nested mapping views) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -205,10 +198,10 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
     runtime: Runtime = memo.inferenceservice
     handle = runtime.handle(namespace, name)
     generation = meta.get("generation")
-    status = InferenceServiceStatus.model_validate(_plain(body.get("status")) or {})
+    status = InferenceServiceStatus.model_validate(plain(body.get("status")) or {})
     ref = build.ServiceRef(name=name, namespace=namespace, uid=uid)
     try:
-        spec = InferenceServiceSpec.model_validate(_plain(body.get("spec")) or {})
+        spec = InferenceServiceSpec.model_validate(plain(body.get("spec")) or {})
         location = build.model_location(spec)
     except ValueError as exc:  # a CRD older/newer than this operator, or a source without a loader
         _reject(body, patch, status, generation, str(exc), logger)
@@ -275,10 +268,10 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
     if handle.applied_generation != meta.get("generation"):
         return  # the apply handler has not (yet) applied what this body says
     try:
-        spec = InferenceServiceSpec.model_validate(_plain(body.get("spec")) or {})
+        spec = InferenceServiceSpec.model_validate(plain(body.get("spec")) or {})
     except ValueError:
         return  # the apply handler reported it
-    previous = InferenceServiceStatus.model_validate(_plain(body.get("status")) or {})
+    previous = InferenceServiceStatus.model_validate(plain(body.get("status")) or {})
     key = (namespace, name)
     deployment = next(iter(inferenceservice_deployments.get(key, ())), None)
     pods = list(inferenceservice_pods.get(key, ()))

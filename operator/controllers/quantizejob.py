@@ -32,6 +32,7 @@ from lmforge.operator.builders.quantizejob_status import (
     decide,
     invalid,
 )
+from lmforge.operator.controllers.bodies import plain
 from lmforge.operator.controllers.trainjob import ApiError
 from lmforge.operator.controllers.trainjob import KubeApi as _BaseApi
 
@@ -79,14 +80,6 @@ class Runtime:
         return self._api
 
 
-def _plain(value: Any) -> Any:
-    """A kopf Body (nested mapping views) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
@@ -127,10 +120,10 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str,
         return
     runtime: Runtime = memo.quantizejob
     generation = meta.get("generation") or 0
-    status = QuantizeJobStatus.model_validate(_plain(body.get("status")) or {})
+    status = QuantizeJobStatus.model_validate(plain(body.get("status")) or {})
     ref = build.JobRef(name=name, namespace=namespace, uid=uid)
     try:
-        spec = QuantizeJobSpec.model_validate(_plain(body.get("spec")) or {})
+        spec = QuantizeJobSpec.model_validate(plain(body.get("spec")) or {})
         job = build.job(ref, spec, dict(meta.get("annotations") or {}), runtime.cfg)
         isvc = build.inference_service(ref, spec)
     except ValueError as exc:  # a CRD older/newer than this operator, or a location the pod cannot use

@@ -29,6 +29,7 @@ from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, decide
+from lmforge.operator.controllers.bodies import plain
 
 PLURAL = "trainjobs"
 COALESCE_SECONDS = 0.2  # pods of a gang change together: one reconcile for the burst
@@ -178,14 +179,6 @@ def _resource_version(obj: Mapping[str, Any] | None) -> int:
         return -1
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A kopf Body (nested mapping views) as plain dicts and lists."""
-    if isinstance(body, Mapping):
-        return {k: _plain(v) for k, v in body.items()}
-    if isinstance(body, list):
-        return [_plain(v) for v in body]
-    return body
-
 
 # --- handlers -------------------------------------------------------------------------------------
 
@@ -248,7 +241,7 @@ async def trainjob_daemon(body: kopf.Body, namespace: str, name: str, stopped: k
                 failures += 1
                 delay = min(2.0 ** failures, 60.0)
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
-                kopf.event(_plain(body), type="Warning", reason="ReconcileError", message=str(exc)[:1024])
+                kopf.event(plain(body), type="Warning", reason="ReconcileError", message=str(exc)[:1024])
             if delay is None:
                 return  # finished and nothing left to do: the daemon (and its finalizer) go away
             if delay > 0 and await _sleep(handle.wake, stopped, delay):
@@ -280,7 +273,7 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
                     logger: logging.Logger) -> float | None:
     """One observe/decide/act pass. Returns seconds until the next pass (0: at once), or None
     when the job is finished and nothing is left to watch."""
-    live = _plain(body)
+    live = plain(body)
     job = handle.latest if _resource_version(handle.latest) > _resource_version(live) else live
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
