@@ -40,7 +40,11 @@ class CommonAttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    """Also carries `ops`, the kernel set of the same family (norms, RoPE, activation, sampling), so a
+    model built on a backend runs every op of a step on that backend."""
+
     name: str
+    ops: Any  # lmforge.kernels.backend.Ops
 
     @abstractmethod
     def build_metadata(self, common: CommonAttentionMetadata) -> Any:
@@ -71,6 +75,11 @@ class TorchAttentionBackend(AttentionBackend):
     """Reference paged attention with torch SDPA: works on any device, favours clarity."""
 
     name = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        from lmforge.kernels.backend import get_ops
+
+        self.ops = get_ops(device, "torch")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         device, bs = common.slot_mapping.device, common.block_size
@@ -209,7 +218,7 @@ class KernelAttentionBackend(AttentionBackend):
                                                 meta.cu_seqlens_q, meta.max_q_len, scale, **scales)
 
 
-_BACKENDS = {"torch": lambda device: TorchAttentionBackend(), "triton": KernelAttentionBackend}
+_BACKENDS = {"torch": TorchAttentionBackend, "triton": KernelAttentionBackend}
 
 
 def get_attention_backend(name: str = "torch", device: torch.device | str = "cpu") -> AttentionBackend:

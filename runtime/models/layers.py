@@ -1,18 +1,21 @@
 """Building blocks of the Llama family: norms, RoPE, fused linears with weight loaders, paged attention.
 
+Norms, RoPE and the MLP activation call the kernel backend (`lmforge.kernels.backend.Ops`: the torch
+references on CPU, the fused Triton kernels on CUDA), chosen once by the model runner.
+
 Fused parameters carry a `weight_loader(param, loaded, shard_id)` so the checkpoint loader can
 write HF's separate q/k/v (gate/up) tensors into one matrix; T = tokens in the flattened batch.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.backend import Ops
+from lmforge.kernels.rope_cache import build_rope_cache
 from lmforge.runtime.engine.attention import AttentionBackend
 
 
@@ -23,63 +26,36 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm through the kernel backend; given the residual stream it fuses the add (vLLM style):
+    `norm(x, residual)` returns (rms_norm(x + residual), x + residual), one pass over both."""
+
+    def __init__(self, dim: int, eps: float, ops: Ops):
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, dim], normalised in float32 like HF
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)  # [T, dim]
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)  # ([T, dim], [T, dim])
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate_half, as HF stores Llama weights) with a cos/sin table per position."""
+    """Neox-style RoPE (rotate_half, as HF stores Llama weights) applied to q and k in place.
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None):
+    The cos/sin table comes from `lmforge.kernels.rope_cache` (bit-identical inverse frequencies to
+    transformers, Llama 3.1 scaling included) and is read by the backend's `rope` kernel per token.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: Ops):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        inv_freq = scale_inv_freq(inv_freq, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [P, D/2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.ops = ops
+        self.register_buffer("cos_sin_cache", build_rope_cache(head_dim, max_positions, theta, scaling),
+                             persistent=False)  # [P, head_dim] fp32: cos half | sin half
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin) [T, 1, D] in `dtype`; computed once per step, used by every layer."""
-        cos = self.cos[positions].repeat(1, 2)[:, None, :].to(dtype)
-        sin = self.sin[positions].repeat(1, 2)[:, None, :].to(dtype)
-        return cos, sin
-
-
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    cos, sin = rope  # x [T, heads, D]; cos/sin [T, 1, D]
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def scale_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """RoPE scaling: "linear" (positions / factor) and Llama 3.1's "llama3" frequency bands."""
-    if scaling is None:
-        return inv_freq
-    kind = scaling["rope_type"]
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: divide
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)  # in between: interpolate
-    return torch.where(medium, smoothed, scaled)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """positions [T]; q [T, H, D], k [T, Hkv, D] (views into the fused qkv output), rotated in place."""
+        self.ops.rope(positions, q, k, self.cos_sin_cache)
 
 
 class QKVLinear(nn.Linear):
@@ -131,6 +107,3 @@ class PagedAttention(nn.Module):
                                     k_scale_cache=self.k_scale_cache, v_scale_cache=self.v_scale_cache)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up

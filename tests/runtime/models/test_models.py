@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from lmforge.kernels.rope_cache import compute_inv_freq
 from lmforge.runtime.engine.attention import get_attention_backend
 from lmforge.runtime.models.config import ModelConfig, load_model_config
-from lmforge.runtime.models.layers import scale_inv_freq
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.registry import get_model_class
 from lmforge.runtime.models.tiny import ARCHS, save_tiny_model
@@ -47,8 +47,8 @@ def test_llama3_rope_frequencies_match_transformers(arch):
     assert isinstance(hf, LlamaConfig)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
     ours = ModelConfig.from_hf(hf.to_dict())
-    base = 1.0 / (ours.rope_theta ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
-    got = scale_inv_freq(base, ours.rope_scaling)
+    base = compute_inv_freq(16, ours.rope_theta)
+    got = compute_inv_freq(16, ours.rope_theta, ours.rope_scaling)
     assert torch.allclose(got, expected, rtol=1e-6, atol=0)
     assert not torch.allclose(got, base)  # the scaling did something
 
@@ -59,8 +59,8 @@ def test_unknown_architecture_names_the_supported_ones():
 
 
 def test_unsupported_rope_scaling():
-    with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
-        scale_inv_freq(torch.ones(4), {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(NotImplementedError, match="'yarn' is not supported"):
+        compute_inv_freq(4, 10000.0, {"rope_type": "yarn", "factor": 2.0})
 
 
 def test_loader_fuses_qkv_and_reads_sharded_checkpoints(tmp_path):
