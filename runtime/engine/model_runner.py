@@ -63,7 +63,7 @@ class ModelRunner:
             apply_quantization(self.model, model_dir)  # compressed-tensors checkpoints: quantized Linears
         load_weights(self.model, model_dir)
         self.model.eval().requires_grad_(False)
-        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed), self.backend.ops)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)
         self.num_blocks = 0

@@ -2,14 +2,21 @@
 
 Order (vLLM v1): raw log-softmax for logprobs -> min_tokens EOS ban -> repetition / presence /
 frequency penalties -> greedy rows take the argmax -> temperature -> min-p -> top-k / top-p ->
-one exponential-race draw per row (argmax of probs / Exp(1) noise, equivalent to sampling from
-probs). Rows with a `seed` draw their noise from their own torch.Generator, so their tokens do not
-depend on what else is in the batch.
+one draw per row. Rows with a `seed` draw their noise from their own torch.Generator, so their
+tokens do not depend on what else is in the batch.
+
+Two implementations of the draw, picked by the kernel backend the model runs on:
+  torch  - masks built with a sort of the vocabulary, then an exponential race (argmax of
+           probs / Exp(1) noise);
+  kernel - `ops.sample` (Triton on CUDA): the top-k / top-p / min-p thresholds are found without
+           sorting and a Gumbel-max draw picks the token, one program per row. Greedy rows never
+           reach it; the only host sync of a step is copying the token ids out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,8 +42,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator):
+    def __init__(self, generator: torch.Generator, ops: Any = None):
         self.generator = generator  # for unseeded rows
+        # lmforge.kernels.backend.Ops; None or the torch ops: the sort-based torch path below
+        self.ops = ops if ops is not None and ops.name != "torch" else None
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [N, V]
@@ -75,6 +84,8 @@ class Sampler:
         return SamplerOutput(token_list, logprobs, sampled_lps)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
+        if self.ops is not None:
+            return self._sample_with_kernel(logits, meta, greedy)
         temps = [1.0 if g else p.temperature for p, g in zip(meta.params, greedy, strict=True)]
         logits = logits / torch.tensor(temps, device=logits.device)[:, None]
         if any(p.min_p > 0 for p in meta.params):
@@ -89,6 +100,20 @@ class Sampler:
         for row, gen in meta.generators.items():
             noise[row].exponential_(generator=gen)
         return (probs / noise).argmax(dim=-1)
+
+    def _sample_with_kernel(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
+        """The backend's fused sampling kernel; greedy rows get temperature 0 (argmax inside the kernel)."""
+        device = logits.device
+        params = meta.params
+        temperature = torch.tensor([0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                                   device=device)
+        top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        min_p = torch.tensor([p.min_p for p in params], device=device) if any(p.min_p > 0 for p in params) else None
+        uniform = torch.rand(logits.shape, device=device, generator=self.generator)
+        for row, gen in meta.generators.items():
+            uniform[row] = torch.rand(logits.shape[1], device=device, generator=gen)
+        return self.ops.sample(logits.contiguous(), temperature, top_k, top_p, min_p, uniform)
 
 
 def _has_penalties(p: SamplingParams) -> bool:

@@ -116,3 +116,56 @@ def test_logprobs_are_raw_model_distribution():
     for t, lp in out.logprobs[0].items():
         assert math.isclose(lp, raw[t], abs_tol=1e-6)
     assert math.isclose(out.sampled_logprobs[0], raw[tok], abs_tol=1e-6)
+
+
+def kernel_sampler(seed: int) -> Sampler:
+    """A Sampler on the Triton sampling kernel (the interpreter on CPU)."""
+    from lmforge.kernels._interp import interpreting, patch_bf16
+    from lmforge.kernels.backend import get_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if interpreting():
+        patch_bf16()
+    return Sampler(torch.Generator(device=device).manual_seed(seed), get_ops(device, "triton"))
+
+
+def test_kernel_path_is_used_and_follows_distribution_top_k_and_min_p():
+    sampler = kernel_sampler(0)
+    assert sampler.ops is not None and sampler.ops.name == "triton"
+    rows = 300  # the interpreter runs one program per row: keep it small
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).repeat(rows, 1)
+    out = sampler(logits, meta([SamplingParams(temperature=1.0)] * rows))
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=3).float() / rows
+    assert_close(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.09, rtol=0)  # 3 sigma at n=300
+    out = sampler(logits[:50], meta([SamplingParams(temperature=1.0, top_k=2)] * 50))
+    assert set(out.token_ids) == {0, 1}
+    out = sampler(logits[:50], meta([SamplingParams(temperature=1.0, min_p=0.4)] * 50))
+    assert set(out.token_ids) == {0, 1}  # p=0.1 < 0.4 * 0.6
+    out = sampler(logits[:50], meta([SamplingParams(temperature=1.0, top_p=0.5)] * 50))
+    assert set(out.token_ids) == {0}
+
+
+def test_kernel_path_mixes_greedy_seeded_and_penalised_rows():
+    vocab = 40
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(5))
+    seeded = SamplingParams(temperature=0.8, seed=77)
+
+    def draw(extra: int) -> list[int]:
+        sampler = kernel_sampler(extra)
+        gen = torch.Generator().manual_seed(77)
+        toks = []
+        for _ in range(6):
+            rows = torch.cat([torch.randn(extra, vocab), logits, logits])
+            params = [SamplingParams(temperature=1.0, top_k=5)] * extra + [seeded, SamplingParams(temperature=0.0)]
+            out = sampler(rows, meta(params, generators={extra: gen}))
+            assert out.token_ids[-1] == int(logits.argmax())  # greedy row
+            toks.append(out.token_ids[-2])
+        return toks
+
+    assert draw(0) == draw(2)
+    assert len(set(draw(0))) > 1
+    # penalties are applied before the kernel (temperature 0.01: sampled, but as good as certain)
+    sampler = kernel_sampler(0)
+    row = torch.tensor([[5.0, 4.0, -1.0]])
+    out = sampler(row, meta([SamplingParams(temperature=0.01, repetition_penalty=2.0)], prompts=[[0]], outputs=[[]]))
+    assert out.token_ids == [1]
