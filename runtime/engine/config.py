@@ -30,7 +30,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # explicit KV cache size; None: profile (CUDA) or cpu_kv_cache_gb
     seed: int = 0
-    enforce_eager: bool = False  # accepted for vLLM compatibility; no CUDA graphs are captured yet
+    enforce_eager: bool = False  # True: no CUDA graphs (decode steps are captured per batch size on CUDA + triton)
     cpu_kv_cache_gb: float = 0.25  # KV cache budget when running on CPU and num_blocks is None
     long_prefill_token_threshold: int = 0  # >0: cap any one sequence's prefill chunk per step
     max_logprobs: int = 20

@@ -63,6 +63,9 @@ class LLMEngine:
                 f" tokens, fewer than max_model_len={max_model_len}; raise num_blocks / gpu_memory_utilization"
                 " or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
+        self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
+        if not args.enforce_eager and self.runner.supports_cuda_graphs:
+            self.cuda_graph_seconds = self.runner.prepare_decode_graphs(args.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmforge.runtime.engine.attention import CommonAttentionMetadata, get_attention_backend
+from lmforge.runtime.engine.attention import (
+    CommonAttentionMetadata,
+    KernelAttentionBackend,
+    get_attention_backend,
+)
 from lmforge.runtime.engine.config import KV_CACHE_DTYPES
+from lmforge.runtime.engine.cuda_graph import DecodeGraphRunner
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
@@ -67,6 +73,8 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)
         self.num_blocks = 0
+        self.max_model_len = max_model_len
+        self.decode_graphs: DecodeGraphRunner | None = None  # see prepare_decode_graphs
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -86,6 +94,7 @@ class ModelRunner:
         c = self.config
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         int8 = self.kv_cache_dtype == "int8"
+        self.decode_graphs = None  # captured graphs point at the old cache: capture again
         for attn in self.model.attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
@@ -139,6 +148,31 @@ class ModelRunner:
             query_lens=query_lens, seq_lens=seq_lens, block_size=self.block_size,
         )
 
+    # --- CUDA graphs ----------------------------------------------------------------------------
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Graphs need the kernel backend (its metadata lives in device tensors; the torch reference
+        reads sequence lengths on the host) on a CUDA device."""
+        return self.device.type == "cuda" and isinstance(self.backend, KernelAttentionBackend)
+
+    def prepare_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> float:
+        """Static decode buffers for up to max_num_seqs sequences; captures the graphs unless
+        capture=False (then the same padded forward runs eagerly: tests). Call after
+        allocate_kv_cache (the graphs hold the cache's addresses). Returns seconds spent."""
+        if not isinstance(self.backend, KernelAttentionBackend):
+            raise ValueError("decode graphs need attention_backend='triton'")
+        start = time.perf_counter()
+        self.decode_graphs = DecodeGraphRunner(self.model, max_num_seqs=max_num_seqs,
+                                               max_blocks_per_seq=math.ceil(self.max_model_len / self.block_size),
+                                               device=self.device)
+        if capture:
+            self.decode_graphs.capture()
+        return time.perf_counter() - start
+
+    def _graph_step(self, query_lens: list[int]) -> bool:
+        return (self.decode_graphs is not None and len(query_lens) <= self.decode_graphs.max_batch
+                and all(n == 1 for n in query_lens))
+
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -161,9 +195,16 @@ class ModelRunner:
             if s.samples:
                 logit_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+        if self._graph_step(query_lens):
+            width = max(len(t) for t in tables)
+            hidden = self.decode_graphs.run(
+                torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slots),
+                torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                torch.tensor(seq_lens, dtype=torch.int32))  # [B, hidden]
+        else:
+            meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
+            hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                torch.tensor(positions, device=self.device), meta)  # [T, hidden]
         out = ModelRunnerOutput()
         if not sample_seqs:
             return out

@@ -1,7 +1,9 @@
-"""The engine on the lmforge.kernels Triton attention backend gives the torch backend's tokens.
+"""The engine on the lmforge.kernels Triton backend gives the torch backend's tokens, also through
+the static, padded decode path that CUDA graphs replay.
 
 On CPU the kernels run in the Triton interpreter, in a subprocess (TRITON_INTERPRET must be set
-before triton is imported); with CUDA the same check runs on the GPU.
+before triton is imported), and the decode-graph path runs its padded forward eagerly; with CUDA
+the same check runs on the GPU with the graphs captured (and with enforce_eager for comparison).
 """
 
 from __future__ import annotations
@@ -29,12 +31,28 @@ SCRIPT = textwrap.dedent("""
     prompts = [list(range(5, 24)), [30, 31, 32], [40] * 9]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
     result = {}
-    for backend in ("torch", "triton"):
+    graph_steps = 0
+    for name in ("torch", "triton", "graphs"):
         llm = LLM(path, device=device, dtype=dtype, max_model_len=64, num_blocks=16, block_size=8,
-                  max_num_batched_tokens=16, attention_backend=backend)  # chunked prefill + decode mixed
+                  max_num_batched_tokens=16, max_num_seqs=8, attention_backend="torch" if name == "torch" else "triton",
+                  enforce_eager=name != "graphs")  # chunked prefill + decode mixed
+        runner = llm.llm_engine.runner
+        if name == "graphs":
+            if device == "cpu":
+                runner.prepare_decode_graphs(8, capture=False)  # sizes 1, 2, 4, 8: 3 rows pad to 4
+            assert runner.decode_graphs is not None and (device == "cpu" or runner.decode_graphs.graphs)
+            run = runner.decode_graphs.run
+            def counted(*args, run=run):
+                global graph_steps
+                graph_steps += 1
+                return run(*args)
+            runner.decode_graphs.run = counted
+        else:
+            assert runner.decode_graphs is None
         outs = llm.generate(prompts, params)
-        result[backend] = [[o.outputs[0].token_ids, [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]]
+        result[name] = [[o.outputs[0].token_ids, [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]]
                            for o in outs]
+    assert graph_steps >= 3, graph_steps  # the decode steps went through the padded static path
     print("RESULT " + json.dumps(result))
 """)
 
@@ -49,10 +67,11 @@ def run_both(path, device: str, dtype: str) -> dict:
 
 
 def assert_same(result: dict, atol: float) -> None:
-    for (tokens_a, lps_a), (tokens_b, lps_b) in zip(result["torch"], result["triton"], strict=True):
-        assert tokens_a == tokens_b
-        for a, b in zip(lps_a, lps_b, strict=True):
-            assert all(abs(a[k] - b[k]) < atol for k in a if k in b)
+    for other in ("triton", "graphs"):
+        for (tokens_a, lps_a), (tokens_b, lps_b) in zip(result["torch"], result[other], strict=True):
+            assert tokens_a == tokens_b, other
+            for a, b in zip(lps_a, lps_b, strict=True):
+                assert all(abs(a[k] - b[k]) < atol for k in a if k in b), other
 
 
 @pytest.mark.slow
