@@ -24,6 +24,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (the sampled one always included)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: outputs carry token ids only (text stays ""); no stop strings then
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (use stop_token_ids to stop on ids)")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}")
 

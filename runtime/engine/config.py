@@ -14,6 +14,7 @@ _DTYPES = {
 }
 
 KV_CACHE_DTYPES = ("auto", "int8")  # fp8 is not implemented yet
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights, only config.json (+ tokenizer) is read
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EngineArgs:
     max_logprobs: int = 20
     attention_backend: str = "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
     kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8": per-(token, head) absmax/127 codes + fp32 scales
+    load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -48,6 +50,8 @@ class EngineArgs:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

@@ -75,3 +75,19 @@ class IncrementalDetokenizer:
         if finished or not self.hold_back:
             return self.text
         return self.text[: max(0, len(self.text) - self.hold_back)]
+
+
+class NullDetokenizer:
+    """For `SamplingParams(detokenize=False)`: token ids only, no text (benchmarks, token-level
+    clients, and checkpoints whose vocabulary the tokenizer does not cover)."""
+
+    text = ""
+
+    def update(self, token_id: int) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def output_text(self, finished: bool) -> str:
+        return ""

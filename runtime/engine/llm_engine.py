@@ -18,7 +18,7 @@ from typing import Any
 
 from lmforge.runtime.engine.block_manager import BlockManager
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
-from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer
+from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.model_runner import ModelRunner
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
@@ -53,7 +53,7 @@ class LLMEngine:
         self.runner = ModelRunner(args.model, self.model_config, device=device, dtype=dtype,
                                   max_model_len=max_model_len, block_size=args.block_size, seed=args.seed,
                                   attention_backend=args.attention_backend,
-                                  kv_cache_dtype=args.kv_cache_dtype)
+                                  kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format)
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
             args.cpu_kv_cache_gb)
@@ -103,7 +103,8 @@ class LLMEngine:
         self._validate(token_ids, params)
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
         for seq in req.seqs:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+            seq.detokenizer = (IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+                               if params.detokenize else NullDetokenizer())
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
 
@@ -169,7 +170,7 @@ class LLMEngine:
 
     def _process_token(self, seq: Sequence) -> None:
         reason = self.scheduler.check_stop(seq, self.eos_token_ids)
-        detok: IncrementalDetokenizer = seq.detokenizer
+        detok: IncrementalDetokenizer | NullDetokenizer = seq.detokenizer
         if reason is not FinishReason.STOP:  # an EOS / stop token id is not part of the text
             stop_str = detok.update(seq.token_ids[-1])
             if stop_str is not None:

@@ -41,6 +41,16 @@ class ModelRunnerOutput:
     sampled_logprob: dict[int, float] = field(default_factory=dict)
 
 
+def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """load_format='dummy': matrices ~ N(0, 0.02) (HF's initializer_range), vectors keep their init
+    (norm weights 1): a model of the right shape whose activations stay finite, without a checkpoint."""
+    for param in model.parameters():
+        if param.dim() >= 2:  # drawn on the parameter's device: seconds, not minutes, for an 8B shape
+            gen = torch.Generator(device=param.device).manual_seed(seed)
+            param.data.normal_(0.0, 0.02, generator=gen)
+            seed += 1
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -54,7 +64,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 class ModelRunner:
     def __init__(self, model_dir: str | Path, model_config: ModelConfig, *, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, block_size: int, seed: int = 0,
-                 attention_backend: str = "torch", kv_cache_dtype: str = "auto"):
+                 attention_backend: str = "torch", kv_cache_dtype: str = "auto", load_format: str = "auto"):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -66,8 +76,13 @@ class ModelRunner:
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
             self.model = cls(model_config, max_model_len, self.backend)
-            apply_quantization(self.model, model_dir)  # compressed-tensors checkpoints: quantized Linears
-        load_weights(self.model, model_dir)
+            quantized = apply_quantization(self.model, model_dir)  # compressed-tensors: quantized Linears
+        if load_format == "dummy":
+            if quantized is not None:
+                raise ValueError("load_format='dummy' does not support quantized checkpoints")
+            init_dummy_weights(self.model, seed)
+        else:
+            load_weights(self.model, model_dir)
         self.model.eval().requires_grad_(False)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed), self.backend.ops)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request

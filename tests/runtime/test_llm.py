@@ -55,3 +55,25 @@ def test_default_cpu_cache_and_logprobs(llm):
     assert llm.llm_engine.model_config.max_model_len == 256
     out = llm.generate("Hi", SamplingParams(max_tokens=3, temperature=0.0, logprobs=5))[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids) and all(len(lp) == 5 for lp in out.logprobs)
+
+
+def test_dummy_load_format_needs_only_a_config_and_detokenize_false_gives_ids(tmp_path):
+    """load_format='dummy' (vLLM's name) builds a random model from config.json alone; with
+    detokenize=False the outputs carry ids and no text, so any vocabulary size works."""
+    import shutil
+
+    src = save_tiny_model(tmp_path / "full", "llama32")
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    llm = LLM(bare, load_format="dummy", num_blocks=32, max_model_len=64)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, detokenize=False)
+    out = llm.generate([[3, 4, 5, 6]], params)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.text == ""
+    again = LLM(bare, load_format="dummy", num_blocks=32, max_model_len=64).generate([[3, 4, 5, 6]], params)
+    assert again[0].outputs[0].token_ids == out.token_ids  # seeded init: the same random model
+    with pytest.raises(FileNotFoundError):
+        LLM(bare, num_blocks=32, max_model_len=64)  # the default format still wants weights
+    with pytest.raises(ValueError, match="load_format"):
+        LLM(bare, load_format="pt")
+    with pytest.raises(ValueError, match="stop strings need detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
