@@ -6,6 +6,10 @@ own cluster, never ~/.kube/config), torn down even when tests fail.
         wait_for(lambda: cluster.kubectl_json("get", "pod", "p")["status"].get("phase") == "Running",
                  timeout=60, message="pod never ran")
 
+    def test_y(cluster, operator_process, wait_for):
+        op = operator_process(namespace="ns", env={"LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"})
+        wait_for(lambda: ..., message=op.tail)  # op.kill() / op.start() / op.stop() as the test needs
+
 Environment knobs: LMFORGE_E2E_STATE_DIR reuses a cluster dir across sessions (a cluster that was
 already up there is left running afterwards). Every test under e2e/ gets the `e2e` marker.
 """
@@ -19,9 +23,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from lmforge.operator.localnode.pipeline import OperatorProcess
 
 E2E_DIR = Path(__file__).resolve().parent
 BUILD_ERROR = pytest.StashKey[str]()
@@ -146,6 +153,41 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def operator_process(cluster: Cluster,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OperatorProcess]]:
+    """Factory of operator processes against the session's cluster, all stopped (SIGTERM) when the
+    module is done; stop them earlier where the order matters (kopf's finalizers need a running
+    operator to let custom resources go, so delete those first).
+
+        op = operator_process(*args, namespace=None, standalone=True, env=None, liveness=False,
+                              name="operator")
+
+    runs `lmforge operator run --liveness-port P [--standalone] [-n namespace] *args` with the
+    cluster's environment plus `env`, its log in a file of its own; P is a free port with
+    `liveness=True` (then `op.healthy()` asks its /healthz), else 0 (no endpoint). The handle is
+    lmforge.operator.localnode.pipeline.OperatorProcess, the demo's too: `.logs()` (all of it),
+    `.tail()` (for failure messages), `.stop()` (SIGTERM, returns the exit code), `.kill()`
+    (SIGKILL), `.start()` again after either, `.starts`, `.running()`; `with op:` stops it early.
+    Module scope so that module-scoped fixtures can start one."""
+    from lmforge.operator.localnode.pipeline import OperatorProcess, free_port
+
+    directory = tmp_path_factory.mktemp("operator")
+    started: list[OperatorProcess] = []
+
+    def start(*args: str, namespace: str | None = None, standalone: bool = True,
+              env: dict[str, str] | None = None, liveness: bool = False, name: str = "operator") -> OperatorProcess:
+        flags = (*(["--standalone"] if standalone else []), *(["-n", namespace] if namespace else []), *args)
+        op = OperatorProcess({**cluster.info.env(), **(env or {})}, directory / f"{len(started):02d}-{name}.log",
+                             flags, free_port() if liveness else 0)
+        started.append(op)
+        return op.start()
+
+    yield start
+    for op in reversed(started):
+        op.stop()
 
 
 @pytest.fixture(name="wait_for", scope="session")

@@ -6,48 +6,23 @@ reached through the object's lmforge.dev/metrics-url annotation."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+if TYPE_CHECKING:
+    from lmforge.operator.localnode.pipeline import OperatorProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 NAMESPACE = "e2e-inferenceservice"
 MODEL = "/models/llama"  # a plain path (hostPath): kwok has no PVCs to bind
-
-
-class Operator:
-    """`lmforge operator run --standalone` watching one namespace, its log in a file."""
-
-    def __init__(self, namespace: str, log_path: Path) -> None:
-        self.log_path = log_path
-        self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", namespace],
-            stdout=self.log_file, stderr=subprocess.STDOUT, env=os.environ.copy(),
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log_file.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-15000:]
 
 
 class FakeMetrics:
@@ -93,11 +68,12 @@ class FakeMetrics:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
+def operator(cluster, operator_process) -> Iterator[OperatorProcess]:
+    """`lmforge operator run --standalone` watching the module's namespace."""
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferenceservices.lmforge.dev")
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    op = Operator(NAMESPACE, tmp_path_factory.mktemp("isvc-operator") / "operator.log")
+    op = operator_process(namespace=NAMESPACE, name="isvc")
     # leftovers of an earlier session on a reused cluster: gone before we start (kopf's finalizer
     # on InferenceServices, for the timer, needs the operator running to let them go)
     cluster.kubectl("delete", "lmisvc", "--all", "-n", NAMESPACE, "--timeout=60s")
@@ -116,7 +92,7 @@ def fake_metrics() -> Iterator[FakeMetrics]:
 class Services:
     """kubectl shortcuts for InferenceServices in one namespace."""
 
-    def __init__(self, cluster, wait_for, operator: Operator) -> None:
+    def __init__(self, cluster, wait_for, operator: OperatorProcess) -> None:
         self.cluster, self.wait_for, self.operator = cluster, wait_for, operator
 
     def manifest(self, name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -151,7 +127,7 @@ class Services:
             return status if all(status.get(k) == v for k, v in want.items()) else None
 
         return self.wait_for(match, timeout=timeout, interval=0.5,
-                             message=lambda: f"{name}: status never had {want}: {self.status(name)}\n{self.operator.log()}")
+                             message=lambda: f"{name}: status never had {want}: {self.status(name)}\n{self.operator.tail()}")
 
     def events(self, name: str) -> list[dict[str, Any]]:
         items = self.cluster.kubectl_json("get", "events", "-n", NAMESPACE, "--field-selector",
@@ -216,18 +192,18 @@ def test_printer_columns(services: Services) -> None:
 
 def test_kubectl_scale_and_drift_repair(services: Services, wait_for) -> None:
     services.kubectl("scale", "lmisvc/chat", "--replicas=3")
-    wait_for(lambda: services.replicas("chat") == 3, timeout=30, message=services.operator.log)
+    wait_for(lambda: services.replicas("chat") == 3, timeout=30, message=services.operator.tail)
     services.wait_status("chat", phase="Ready", readyReplicas=3, replicas=3)
     services.kubectl("scale", "deployment/chat", "--replicas=1")  # behind the operator's back
     wait_for(lambda: services.replicas("chat") == 3 and "ReplicasRestored" in services.reasons("chat"), timeout=30,
-             message=services.operator.log)
+             message=services.operator.tail)
 
 
 def test_failed_pod_is_reported_and_replaced(services: Services, wait_for) -> None:
     victim = services.pods("chat")[0]["metadata"]["name"]
     services.kubectl("annotate", "pod", victim, "lmforge.dev/fate=fail-1")
     failure = wait_for(lambda: (services.status("chat").get("lastFailure") or {}).get("pod") == victim
-                       and services.status("chat")["lastFailure"], timeout=30, message=services.operator.log)
+                       and services.status("chat")["lastFailure"], timeout=30, message=services.operator.tail)
     assert failure["exitCode"] == 1 and failure["reason"] == "Error"
     assert failure["message"] == "lmforge.dev/fate=fail-1"
     wait_for(lambda: "PodFailed" in services.reasons("chat"), timeout=15)
@@ -270,7 +246,7 @@ def _wait_replicas(services: Services, name: str, want: int, timeout: float) -> 
         if services.replicas(name) == want:
             return time.monotonic()
         time.sleep(0.05)
-    raise AssertionError(f"{name}: Deployment never reached {want} replicas\n{services.operator.log()}")
+    raise AssertionError(f"{name}: Deployment never reached {want} replicas\n{services.operator.tail()}")
 
 
 def test_autoscaler_scales_up_and_down_on_engine_metrics(services: Services, fake_metrics: FakeMetrics,
@@ -282,7 +258,7 @@ def test_autoscaler_scales_up_and_down_on_engine_metrics(services: Services, fak
                                 "maxScaleDownStep": 2})
     services.wait_status("auto", phase="Ready", readyReplicas=1, timeout=60)
     wait_for(lambda: (services.status("auto").get("autoscaling") or {}).get("currentMetricValue") == 0,
-             timeout=30, message=services.operator.log)
+             timeout=30, message=services.operator.tail)
 
     changed = fake_metrics.set(12.0)  # 12 waiting on 1 replica, target 4/replica -> 3 replicas
     seen_up = _wait_replicas(services, "auto", 3, timeout=30)

@@ -6,8 +6,6 @@ worker leads to a gang restart that resumes from the last checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -18,22 +16,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 NAMESPACE = f"e2e-localnode-{uuid.uuid4().hex[:6]}"
 NODE = "lmforge-local"
 PLACEMENT = {"nodeSelector": {"lmforge.dev/node-type": "process"},
              "tolerations": [{"key": "lmforge.dev/process-node", "operator": "Equal", "value": "true",
                               "effect": "NoSchedule"}]}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +29,17 @@ def node_dir(cluster, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def node(cluster, wait_for, node_dir: Path) -> Iterator[Path]:
+def node(cluster, node_dir: Path) -> Iterator[Path]:
     """The agent process for this module; the Node object is deleted afterwards."""
-    log = open(node_dir / "agent.log", "w")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen([PYTHON, "-m", "lmforge.operator.localnode", "--state-dir", str(node_dir), "run"],
-                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+    from lmforge.operator.localnode import pipeline
 
-    def schedulable() -> bool:
-        body = cluster.kubectl_json("get", "node", NODE)
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in body["status"]["conditions"])
-        taints = {t["key"] for t in body["spec"].get("taints") or ()}
-        return ready and "node.kubernetes.io/not-ready" not in taints
-
-    wait_for(schedulable, timeout=60, message=lambda: (node_dir / "agent.log").read_text()[-3000:])
+    proc = pipeline.start_node(pipeline.Kube.of(cluster.info), node_dir, node_dir / "agent.log")
     cluster.kubectl("create", "namespace", NAMESPACE)
     try:
         yield node_dir
     finally:
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-        _stop(proc)
+        pipeline.stop(proc)
         cluster.kubectl("delete", "node", NODE, "--wait=false", check=False)
 
 
@@ -142,21 +121,17 @@ def test_deployment_with_readiness_probe_two_pods_same_port(cluster, wait_for, n
 # --- the training pipeline -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def operator(cluster, wait_for, node, node_dir: Path) -> Iterator[None]:
+def operator(cluster, wait_for, node, operator_process) -> Iterator[None]:
+    """The operator, with the workers' ServiceAccount: rank 0 annotates its pod with progress."""
     from lmforge.operator.localnode import pipeline
 
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     wait_for(lambda: cluster.kubectl("get", "trainjobs.lmforge.dev", "-n", NAMESPACE, check=False).returncode == 0,
              timeout=30, message="the TrainJob CRD was not served")
     cluster.apply(pipeline.worker_rbac(NAMESPACE))
-    log = open(node_dir / "operator.log", "w")  # noqa: SIM115
-    env = dict(os.environ, LMFORGE_WORKER_SERVICE_ACCOUNT=pipeline.WORKER_SERVICE_ACCOUNT)
-    proc = subprocess.Popen([LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", NAMESPACE],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
+    with operator_process(namespace=NAMESPACE,
+                          env={"LMFORGE_WORKER_SERVICE_ACCOUNT": pipeline.WORKER_SERVICE_ACCOUNT}):
         yield
-    finally:
-        _stop(proc)
 
 
 def trainjob(tmp: Path, name: str, max_steps: int) -> dict:

@@ -7,7 +7,6 @@ namespace and a temporary directory; the node agent and the operator run once fo
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +38,9 @@ def env(cluster, tmp_path_factory) -> Iterator[Env]:
     pipeline.apply_crds(kube, ROOT / "crds")
     directory, logs = tmp_path_factory.mktemp("pipeline"), tmp_path_factory.mktemp("pipeline-logs")
     pipeline.prepare(kube, NAMESPACE, directory)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     started = [pipeline.start_node(kube, logs / "node", logs / "node.log")]
-    try:
-        started.append(pipeline.start_operator(kube, NAMESPACE, logs / "operator.log", port))
+    try:  # the demo's own start_operator (pipeline.OperatorProcess, as the operator_process fixture)
+        started.append(pipeline.start_operator(kube, NAMESPACE, logs / "operator.log", pipeline.free_port()))
         yield Env(kube, directory, logs)
     finally:
         if len(started) == 2:  # while the operator runs: its finalizers let the resources go

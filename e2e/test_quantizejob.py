@@ -6,56 +6,31 @@ Running or fails it)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from lmforge.operator.localnode.pipeline import OperatorProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 NAMESPACE = f"e2e-quantizejob-{uuid.uuid4().hex[:6]}"  # fresh per session, even on a reused cluster
 MODEL, OUTPUT = "/models/llama", "/out/llama-w4"  # plain paths (hostPath): kwok has no PVCs to bind
 
 
-class Operator:
-    """`lmforge operator run --standalone` watching one namespace, its log in a file."""
-
-    def __init__(self, namespace: str, log_path: Path) -> None:
-        self.log_path = log_path
-        self.log_file = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", namespace],
-            stdout=self.log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"},
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log_file.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-15000:]
-
-
 @pytest.fixture(scope="module")
-def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
+def operator(cluster, operator_process) -> Iterator[OperatorProcess]:
+    """`lmforge operator run --standalone` watching the module's namespace; its QuantizeJob timer
+    every second, so that the tests see a pod's fate in seconds."""
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/quantizejobs.lmforge.dev",
                     "crd/inferenceservices.lmforge.dev")
     cluster.kubectl("create", "namespace", NAMESPACE)
-    op = Operator(NAMESPACE, tmp_path_factory.mktemp("quantizejob-operator") / "operator.log")
+    op = operator_process(namespace=NAMESPACE, env={"LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"}, name="quantizejob")
     yield op
     # while the operator runs: kopf's finalizers (for the timers) need it to let the objects go
     cluster.kubectl("delete", "lmqj,lmisvc", "--all", "-n", NAMESPACE, "--timeout=60s", check=False)
@@ -66,7 +41,7 @@ def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
 class QuantizeJobs:
     """kubectl shortcuts for QuantizeJobs in the test namespace."""
 
-    def __init__(self, cluster, wait_for, operator: Operator) -> None:
+    def __init__(self, cluster, wait_for, operator: OperatorProcess) -> None:
         self.cluster, self.wait_for, self.operator = cluster, wait_for, operator
 
     def apply(self, name: str, annotations: dict[str, str] | None = None, **spec: Any) -> None:
@@ -86,7 +61,7 @@ class QuantizeJobs:
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         return self.wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, timeout=timeout,
-                             message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.log()}")
+                             message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.tail()}")
 
     def wait_running_pod(self, name: str, timeout: float = 60) -> dict[str, Any]:
         def running() -> dict[str, Any] | None:
@@ -94,7 +69,7 @@ class QuantizeJobs:
             return pods[0] if len(pods) == 1 else None
 
         return self.wait_for(running, timeout=timeout,
-                             message=lambda: f"{name}: no running pod: {self.pods(name)}\n{self.operator.log()}")
+                             message=lambda: f"{name}: no running pod: {self.pods(name)}\n{self.operator.tail()}")
 
     def annotate_pod(self, pod: str, key: str, value: str) -> None:
         self.cluster.kubectl("annotate", "--overwrite", "-n", NAMESPACE, "pod", pod, f"{key}={value}")
@@ -141,7 +116,7 @@ def test_job_runs_reports_its_result_and_serves_the_output(jobs: QuantizeJobs, w
         "Created": "True", "Running": "False", "Succeeded": "True"}
 
     isvc = wait_for(lambda: jobs.get("inferenceservice", "llama-w4-chat"), timeout=30,
-                    message=lambda: f"serveAfter made no InferenceService\n{jobs.operator.log()}")
+                    message=lambda: f"serveAfter made no InferenceService\n{jobs.operator.tail()}")
     assert isvc["spec"]["model"]["source"] == OUTPUT and isvc["spec"]["replicas"] == 1
     assert isvc["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
     assert jobs.wait_for(lambda: jobs.status("llama-w4").get("inferenceService") == "llama-w4-chat", timeout=30)

@@ -4,58 +4,20 @@ against a real API server, with kwok playing the kubelet (pod fates via lmforge.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from lmforge.operator.localnode.pipeline import OperatorProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-LMFORGE = str(Path(sys.executable).parent / "lmforge")
 NAMESPACE = f"e2e-trainjob-{uuid.uuid4().hex[:6]}"  # fresh per session, even on a reused cluster
-
-
-class Operator:
-    """`lmforge operator run --standalone` watching one namespace, its log in a file."""
-
-    def __init__(self, namespace: str, log_path: Path) -> None:
-        self.namespace, self.log_path = namespace, log_path
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
-        log.write(f"--- start {self.starts}\n")
-        log.flush()
-        self.proc = subprocess.Popen(
-            [LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", self.namespace],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-        )
-        log.close()
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-20000:]
 
 
 def _install(cluster, namespace: str) -> None:
@@ -64,7 +26,7 @@ def _install(cluster, namespace: str) -> None:
     cluster.kubectl("create", "namespace", namespace)
 
 
-def _uninstall(cluster, namespace: str, op: Operator) -> None:
+def _uninstall(cluster, namespace: str, op: OperatorProcess) -> None:
     """Delete the jobs while the operator still runs (it releases their finalizers), then the rest."""
     cluster.kubectl("delete", "trainjobs", "--all", "-n", namespace, "--timeout=60s", check=False)
     op.stop()
@@ -72,10 +34,10 @@ def _uninstall(cluster, namespace: str, op: Operator) -> None:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
+def operator(cluster, operator_process) -> Iterator[OperatorProcess]:
+    """`lmforge operator run --standalone` watching the module's namespace."""
     _install(cluster, NAMESPACE)
-    op = Operator(NAMESPACE, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
+    op = operator_process(namespace=NAMESPACE)
     yield op
     _uninstall(cluster, NAMESPACE, op)
 
@@ -83,7 +45,7 @@ def operator(cluster, tmp_path_factory) -> Iterator[Operator]:
 class Jobs:
     """kubectl shortcuts for one namespace."""
 
-    def __init__(self, cluster, wait_for, namespace: str, operator: Operator) -> None:
+    def __init__(self, cluster, wait_for, namespace: str, operator: OperatorProcess) -> None:
         self.cluster, self.wait_for, self.ns, self.operator = cluster, wait_for, namespace, operator
 
     def apply(self, name: str, **spec: Any) -> None:
@@ -109,7 +71,7 @@ class Jobs:
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         return self.wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, timeout=timeout,
-                             message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.log()}")
+                             message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.tail()}")
 
     def wait_running_pods(self, name: str, count: int, attempt: int = 0, timeout: float = 60) -> list[dict[str, Any]]:
         def ready() -> list[dict[str, Any]] | None:
@@ -122,7 +84,7 @@ class Jobs:
         return self.wait_for(ready, timeout=timeout,
                              message=lambda: f"{name}: {count} running pods of attempt {attempt} never appeared: "
                                              f"{[(p['metadata']['name'], p['status'].get('phase')) for p in self.pods(name)]}"
-                                             f"\n{self.operator.log()}")
+                                             f"\n{self.operator.tail()}")
 
     def delete(self, name: str) -> None:
         self.cluster.kubectl("delete", "-n", self.ns, "trainjob", name, "--wait=false", check=False)
@@ -171,7 +133,7 @@ def test_gang_runs_reports_progress_and_succeeds(jobs: Jobs, wait_for) -> None:
     jobs.cluster.kubectl("annotate", "--overwrite", "-n", NAMESPACE, "pod", "gang-0",
                          f"lmforge.dev/progress={json.dumps(report)}")
     progress = wait_for(lambda: jobs.status("gang").get("progress", {}).get("summary") == "120/1000"
-                        and jobs.status("gang")["progress"], timeout=30, message=jobs.operator.log)
+                        and jobs.status("gang")["progress"], timeout=30, message=jobs.operator.tail)
     assert (progress["loss"], progress["eta"], progress["lastCheckpoint"]) == (1.875, "2m5s", "/ckpt/step-100")
     table = jobs.cluster.kubectl("get", "lmtj", "-n", NAMESPACE, "gang").stdout.split("\n")
     assert table[0].split() == ["NAME", "PHASE", "NODES", "PROGRESS", "LOSS", "ETA", "RESTARTS", "AGE"]
@@ -243,27 +205,26 @@ def test_ttl_deletes_a_finished_job_and_its_pods(jobs: Jobs, wait_for) -> None:
     jobs.wait_running_pods("ttl", 2)
     jobs.fate("ttl-0", "succeed")
     wait_for(lambda: jobs.cluster.kubectl("get", "-n", NAMESPACE, "trainjob", "ttl", check=False).returncode != 0,
-             timeout=60, message=lambda: f"job not deleted after its TTL\n{jobs.operator.log()}")
+             timeout=60, message=lambda: f"job not deleted after its TTL\n{jobs.operator.tail()}")
     wait_for(lambda: not jobs.pods("ttl"), timeout=60, message="pods outlived their job")
 
 
 @pytest.mark.slow
-def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait_for, tmp_path) -> None:
+def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait_for, operator_process) -> None:
     """20 jobs, 10 SIGKILLs of the operator at random moments while it creates gangs and restarts
     failed ones; afterwards every job has exactly its ranks, of its current attempt, owned by it."""
     namespace = f"{NAMESPACE}-kill"
     _install(cluster, namespace)
-    op = Operator(namespace, tmp_path / "operator.log")
+    op = operator_process(namespace=namespace, name="kill")
     jobs = Jobs(cluster, wait_for, namespace, op)
     names = [f"kill-{i}" for i in range(20)]
     rng = random.Random(7)
-    op.start()
     try:
         for name in names:
             jobs.apply(name, numNodes=2, failurePolicy={"maxRestarts": 100, "backoffSeconds": 1})
         for round_ in range(10):
             # once it is up (its handlers run right after the start-up line), kill it mid-reconcile
-            wait_for(lambda: op.log().count("lmforge operator") >= op.starts, timeout=60, message=op.log)
+            wait_for(lambda: op.logs().count("lmforge operator") >= op.starts, timeout=60, message=op.tail)
             time.sleep(rng.uniform(0.1, 2.0))
             op.kill()
             if round_ < 8:  # fail a few running workers while it is down: the next operator must restart them
@@ -281,7 +242,7 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
             return True
 
         wait_for(settled, timeout=240, interval=2,
-                 message=lambda: f"jobs never settled: {[(n, jobs.status(n).get('phase')) for n in names]}\n{op.log()}")
+                 message=lambda: f"jobs never settled: {[(n, jobs.status(n).get('phase')) for n in names]}\n{op.tail()}")
         uids = {name: jobs.get(name)["metadata"]["uid"] for name in names}
         by_job: dict[str, list[dict[str, Any]]] = {}
         for pod in jobs.pods():
@@ -296,6 +257,6 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
                 assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), f"{name}: stale attempt"
         assert sum(jobs.status(n)["restarts"] for n in names) > 0, "no restarts happened: the test proved little"
     finally:
-        if op.proc and op.proc.poll() is not None:
+        if not op.running():
             op.start()
         _uninstall(cluster, namespace, op)

@@ -1,10 +1,12 @@
 """Inputs and manifests of the train -> quantize -> serve pipeline on the process node, shared by
 `make demo` and e2e/test_localnode.py: a tiny random Llama, a tiny chat JSONL, the workers'
 ServiceAccount (rank 0 annotates its pod with progress) and the examples/demo manifests with
-${DEMO_DIR} filled in."""
+${DEMO_DIR} filled in; and the background processes (node agent, operator: OperatorProcess, which
+the e2e suites' `operator_process` fixture hands out too)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,29 +120,52 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], 
         time.sleep(interval)
 
 
-def start_process(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_process(cmd: list[str], log_path: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen:
     """A background process in its own session (stop() signals the whole group), output to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:  # the child keeps its own descriptor
+    with open(log_path, "a" if append else "w") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM to the process group, SIGKILL after `timeout` seconds."""
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # exited (and reaped) since the caller looked
+        os.killpg(process.pid, signum)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM to the process group, SIGKILL after `timeout` seconds; returns the exit code."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            _signal_group(process, signal.SIGKILL)
             process.wait()
+    return process.returncode
+
+
+def kill(process: subprocess.Popen, timeout: float = 10) -> int:
+    """SIGKILL to the process group (no shutdown handlers run: a crash); returns the exit code."""
+    if process.poll() is None:
+        _signal_group(process, signal.SIGKILL)
+        process.wait(timeout)
+    return process.returncode
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:
+    """The last `chars` characters of a log file (all of it for 0); "" when there is none."""
     try:
-        return path.read_text(errors="replace")[-chars:]
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
+    return text[-chars:] if chars else text
 
 
 def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60) -> subprocess.Popen:
@@ -167,28 +192,86 @@ def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60)
     return proc
 
 
+class OperatorProcess:
+    """`lmforge operator run` in the background (its own process group), its output (JSON log
+    lines) in a file. Restartable: start() after stop() or kill() appends to the same log, with a
+    `--- restart N` line between runs. The one operator wrapper of the demo and the e2e tests."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (),
+                 liveness_port: int = 0) -> None:
+        self.env, self.log_path, self.liveness_port = env, log_path, liveness_port
+        self.cmd = [str(Path(sys.executable).parent / "lmforge"), "operator", "run",
+                    "--liveness-port", str(liveness_port), *args]
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> OperatorProcess:
+        if self.running():
+            raise RuntimeError(f"the operator is running already (pid {self.proc.pid})")
+        self.starts += 1
+        if self.starts > 1:
+            with open(self.log_path, "a") as log:
+                log.write(f"--- restart {self.starts}\n")
+        self.proc = start_process(self.cmd, self.log_path, self.env, append=self.starts > 1)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        """Whether its liveness endpoint answers 200 (needs a liveness_port)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        """Until its liveness endpoint answers. An operator that exits first ends the wait at once
+        with SystemExit (wait() takes a PipelineError for 'not yet')."""
+        def healthy() -> bool:
+            if not self.running():
+                raise SystemExit(f"the operator exited ({self.proc.returncode}):\n{self.tail()}")
+            return self.healthy()
+
+        wait(healthy, timeout, lambda: f"the operator's liveness endpoint:\n{self.tail()}")
+
+    def kill(self) -> int | None:
+        """SIGKILL: the operator dies mid-work, as in a node crash or an OOM kill."""
+        return kill(self.proc) if self.proc else None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM (SIGKILL after `timeout` seconds); returns the exit code, None if never started."""
+        return stop(self.proc, timeout) if self.proc else None
+
+    def logs(self) -> str:
+        """Everything it wrote, over all its runs."""
+        return log_tail(self.log_path, chars=0)
+
+    def tail(self, chars: int = 20000) -> str:
+        """The end of its log, for failure messages."""
+        return log_tail(self.log_path, chars)
+
+    def __enter__(self) -> OperatorProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def start_operator(kube: Kube, namespace: str, log_path: Path, liveness_port: int,
                    extra_args: tuple[str, ...] = (), timeout: float = 90) -> subprocess.Popen:
     """`lmforge operator run -n <namespace>` with the workers' ServiceAccount (progress and result
     annotations); returns once its liveness endpoint answers."""
     env = {**kube.env, "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
            "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"}
-    cmd = [str(Path(sys.executable).parent / "lmforge"), "operator", "run", "-n", namespace,
-           "--liveness-port", str(liveness_port), *extra_args]
-    proc = start_process(cmd, log_path, env)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise SystemExit(f"the operator exited ({proc.returncode}):\n{log_tail(log_path)}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=2) as response:
-            return response.status == 200
-
+    operator = OperatorProcess(env, log_path, ("-n", namespace, *extra_args), liveness_port).start()
     try:
-        wait(healthy, timeout, lambda: f"the operator's liveness endpoint:\n{log_tail(log_path)}")
+        operator.wait_healthy(timeout)
     except BaseException:
-        stop(proc)
+        operator.stop()
         raise
-    return proc
+    return operator.proc
 
 
 def apply_crds(kube: Kube, crds: Path, timeout: float = 60) -> str:
