@@ -8,8 +8,8 @@ One graph per batch size in `capture_sizes(max_num_seqs)`, captured once after t
 allocated, largest first, all in one memory pool (they never run at the same time). A step with n
 decoding sequences replays the smallest captured size >= n: rows n.. are padding with slot -1 (the
 KV write skips them) and seq_len 1 (attention reads one cached position; the output row is dropped).
-Prefill and mixed steps, and batches above the largest size, run eagerly. Logits and sampling stay
-outside the graph: they depend on which rows sample.
+Prefill and mixed steps, and batches above the largest size, run eagerly. The graph ends with the
+LM head (logits for every row); sampling stays outside: it depends on per-request settings.
 
 The graphs read static input buffers, so a step copies its inputs into them first. With
 `capture=False` the same padded, static-buffer forward runs eagerly: that is how CPU tests check
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
+
+_NUM_FIELDS = 4  # input_ids, positions, slot_mapping, seq_lens: one row each in the input buffer
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -45,20 +47,33 @@ def padded_size(num_seqs: int, sizes: Sequence[int]) -> int | None:
 
 
 class DecodeGraphRunner:
-    """Static input buffers + one captured decode forward per batch size."""
+    """Static inputs + one captured decode forward (through the LM head) per batch size.
+
+    The step inputs (token ids, positions, KV slots, context lengths, block tables) live in one
+    int32 device buffer mirrored by one pinned host buffer: a step fills the host side with numpy
+    and moves it with a single asynchronous copy instead of five tensor constructions and copies.
+    The host buffer may be rewritten only after the previous step's copy finished; the engine
+    guarantees that because every step ends by reading the sampled tokens back (a sync).
+    """
 
     def __init__(self, model: nn.Module, *, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
         self.model = model
         self.sizes = capture_sizes(max_num_seqs)
-        rows = self.sizes[-1]
-        self.input_ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((rows,), -1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(rows, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
+        self.rows = rows = self.sizes[-1]
+        self.max_blocks = max_blocks_per_seq
+        numel = rows * (_NUM_FIELDS + max_blocks_per_seq)
+        self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.dev[: _NUM_FIELDS * rows].view(
+            _NUM_FIELDS, rows)
+        self.block_tables = self.dev[_NUM_FIELDS * rows :].view(rows, max_blocks_per_seq)
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        self.host.copy_(self.dev.cpu())
         self.cu_seqlens_q = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one token per row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's hidden-state output [size, hidden]
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> the graph's logits [size, vocab]
 
     @property
     def max_batch(self) -> int:
@@ -69,7 +84,8 @@ class DecodeGraphRunner:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], max_q_len=1, decode_only=True,
         )
-        return self.model(self.input_ids[:size], self.positions[:size], meta)
+        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -86,23 +102,25 @@ class DecodeGraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """One decode step for n <= max_batch sequences -> hidden states [n, hidden].
-
-        input_ids, positions, slot_mapping, seq_lens [n]; block_tables [n, w], w <= max_blocks_per_seq.
-        """
-        num_seqs, width = block_tables.shape
+    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
+            block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+        """One decode step for n <= max_batch sequences (one new token each) -> logits [n, vocab]."""
+        num_seqs, rows = len(input_ids), self.rows
         size = padded_size(num_seqs, self.sizes)
         if size is None:
             raise ValueError(f"{num_seqs} sequences exceed the largest captured batch {self.max_batch}")
-        self.input_ids[:num_seqs].copy_(input_ids)
-        self.positions[:num_seqs].copy_(positions)
-        self.slot_mapping[:num_seqs].copy_(slot_mapping)
-        self.slot_mapping[num_seqs:size].fill_(-1)
-        self.seq_lens[:num_seqs].copy_(seq_lens)
-        self.seq_lens[num_seqs:size].fill_(1)
-        self.block_tables[:num_seqs, :width].copy_(block_tables)
+        h = self.host_np
+        h[:num_seqs] = input_ids
+        h[rows : rows + num_seqs] = positions
+        h[2 * rows : 2 * rows + num_seqs] = slot_mapping
+        h[2 * rows + num_seqs : 2 * rows + size] = -1  # padding rows: no KV write
+        h[3 * rows : 3 * rows + num_seqs] = seq_lens
+        h[3 * rows + num_seqs : 3 * rows + size] = 1  # padding rows: attend to one (any) position
+        tables = h[_NUM_FIELDS * rows :].reshape(rows, self.max_blocks)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        used = _NUM_FIELDS * rows + size * self.max_blocks  # padding rows keep earlier (valid) block ids
+        self.dev[:used].copy_(self.host[:used], non_blocking=True)
         graph = self.graphs.get(size)
         if graph is None:  # not captured (CPU tests): the same static, padded forward, eagerly
             return self._forward(size)[:num_seqs]

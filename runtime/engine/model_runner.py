@@ -210,20 +210,20 @@ class ModelRunner:
             if s.samples:
                 logit_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
+        out = ModelRunnerOutput()
         if self._graph_step(query_lens):
-            width = max(len(t) for t in tables)
-            hidden = self.decode_graphs.run(
-                torch.tensor(input_ids), torch.tensor(positions), torch.tensor(slots),
-                torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-                torch.tensor(seq_lens, dtype=torch.int32))  # [B, hidden]
+            logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens)  # [B, V]
+            if not sample_seqs:
+                return out
+            if len(logit_rows) < len(query_lens):  # a 1-token prefill chunk that does not sample yet
+                logits = logits[torch.tensor(logit_rows, device=self.device)]
         else:
             meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
             hidden = self.model(torch.tensor(input_ids, device=self.device),
                                 torch.tensor(positions, device=self.device), meta)  # [T, hidden]
-        out = ModelRunnerOutput()
-        if not sample_seqs:
-            return out
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])  # [N, V]
+            if not sample_seqs:
+                return out
+            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])  # [N, V]
         result = self.sampler(logits, self._sampling_metadata(sample_seqs))
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]

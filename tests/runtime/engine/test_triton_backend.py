@@ -29,7 +29,8 @@ SCRIPT = textwrap.dedent("""
         from lmforge.kernels._interp import patch_bf16
         patch_bf16()
     prompts = [list(range(5, 24)), [30, 31, 32], [40] * 9]
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
+    # different lengths: the decode batch shrinks 3 -> 2 -> 1 (padded size 4, then 2, then 1)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3) for n in (6, 3, 4)]
     result = {}
     graph_steps = 0
     for name in ("torch", "triton", "graphs"):
