@@ -90,34 +90,26 @@ async def ensure_peering_object(options: OperatorOptions) -> None:
     AlreadyExists is success: every replica runs this at start."""
     import asyncio
 
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
+    from lmforge.operator.kube import ApiError, KubeApi
 
-    def create() -> None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.CustomObjectsApi()
-        group, version = PEERING_API
-        try:
-            if options.namespaces:
-                for namespace in options.namespaces:
-                    body = {"apiVersion": f"{group}/{version}", "kind": "KopfPeering",
-                            "metadata": {"name": options.peering, "namespace": namespace}}
-                    api.create_namespaced_custom_object(group, version, namespace, "kopfpeerings", body)
-            else:
-                body = {"apiVersion": f"{group}/{version}", "kind": "ClusterKopfPeering",
-                        "metadata": {"name": options.peering}}
-                api.create_cluster_custom_object(group, version, "clusterkopfpeerings", body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise kopf.PermanentError(
-                    f"cannot create the peering object {options.peering!r} ({exc.status} {exc.reason}); "
-                    "are the CRDs in crds/ installed?"
-                ) from exc
-
-    await asyncio.to_thread(create)
+    group, version = PEERING_API
+    if options.namespaces:
+        bodies = [{"apiVersion": f"{group}/{version}", "kind": "KopfPeering",
+                   "metadata": {"name": options.peering, "namespace": namespace}} for namespace in options.namespaces]
+    else:
+        bodies = [{"apiVersion": f"{group}/{version}", "kind": "ClusterKopfPeering",
+                   "metadata": {"name": options.peering}}]
+    api = await asyncio.to_thread(KubeApi.from_environment)
+    try:
+        for body in bodies:
+            await api.create(body)  # None when it exists
+    except ApiError as exc:
+        raise kopf.PermanentError(
+            f"cannot create the peering object {options.peering!r} ({exc.status} {exc.reason}); "
+            "are the CRDs in crds/ installed?"
+        ) from exc
+    finally:
+        await api.close()
 
 
 def run(

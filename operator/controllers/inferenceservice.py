@@ -18,12 +18,10 @@ change, a wake from zero).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +41,7 @@ from lmforge.operator.builders.inferenceservice_status import (
     set_condition,
 )
 from lmforge.operator.controllers.bodies import plain
+from lmforge.operator.kube import DEPLOYMENTS, POD_DISRUPTION_BUDGETS, ApiError, KubeApi
 
 PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
@@ -56,57 +55,6 @@ ReasonInvalidSpec = "InvalidSpec"
 def build_config_from_env() -> build.BuildConfig:
     return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
                              cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"))
-
-
-class KubeApi:
-    """The calls this controller makes, idempotent, in a small thread pool (the official client
-    is synchronous)."""
-
-    def __init__(self, workers: int = 8) -> None:
-        from kubernetes import client, config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        configuration = client.Configuration.get_default_copy()
-        configuration.connection_pool_maxsize = workers
-        api_client = client.ApiClient(configuration)
-        self.core, self.apps, self.policy = client.CoreV1Api(api_client), client.AppsV1Api(api_client), \
-            client.PolicyV1Api(api_client)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lmforge-isvc")
-
-    async def _call(self, fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        def run() -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except ApiException as exc:
-                if exc.status in ok:
-                    return None
-                raise
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
-
-    async def apply(self, obj: dict[str, Any]) -> None:
-        """Server-side apply, forcing our ownership of every field we set."""
-        patch = {"Deployment": self.apps.patch_namespaced_deployment, "Service": self.core.patch_namespaced_service,
-                 "PodDisruptionBudget": self.policy.patch_namespaced_pod_disruption_budget}[obj["kind"]]
-        meta = obj["metadata"]
-        await self._call(patch, meta["name"], meta["namespace"], obj, field_manager=FIELD_MANAGER, force=True,
-                         _content_type="application/apply-patch+yaml")
-
-    async def deployment_replicas(self, namespace: str, name: str) -> int | None:
-        obj = await self._call(self.apps.read_namespaced_deployment, name, namespace, ok=(404,))
-        return None if obj is None else obj.spec.replicas
-
-    async def scale(self, namespace: str, name: str, replicas: int, manager: str) -> None:
-        await self._call(self.apps.patch_namespaced_deployment_scale, name, namespace,
-                         {"spec": {"replicas": replicas}}, field_manager=manager)
-
-    async def delete_pdb(self, namespace: str, name: str) -> None:
-        await self._call(self.policy.delete_namespaced_pod_disruption_budget, name, namespace, ok=(404,))
 
 
 @dataclass(slots=True)
@@ -124,7 +72,7 @@ class Handle:
 @dataclass(slots=True)
 class Runtime:
     cfg: build.BuildConfig
-    api_factory: Callable[[], KubeApi] = KubeApi
+    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
     handles: dict[tuple[str, str], Handle] = field(default_factory=dict)
     session: Any = None  # aiohttp.ClientSession, opened on first scrape
     _api: KubeApi | None = None
@@ -168,15 +116,21 @@ def _patch_status(patch: kopf.Patch, old: InferenceServiceStatus, new: Inference
 
 
 @kopf.on.startup(id="inferenceservice-runtime")
-def _startup(memo: kopf.Memo, **_: Any) -> None:
-    memo.inferenceservice = Runtime(cfg=build_config_from_env())
+async def _startup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = Runtime(cfg=build_config_from_env())
+    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    memo.inferenceservice = runtime
 
 
 @kopf.on.cleanup(id="inferenceservice-cleanup")
 async def _shutdown(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "inferenceservice", None)
-    if runtime is not None and runtime.session is not None:
+    if runtime is None:
+        return
+    if runtime.session is not None:
         await runtime.session.close()
+    if runtime._api is not None:
+        await runtime._api.close()
 
 
 @kopf.index("pods", labels=OWNED)
@@ -208,17 +162,19 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
         return
     replicas_changed = reason == "create" or any(tuple(d[1]) == ("spec", "replicas") for d in diff or ())
     async with handle.lock:
+        api = runtime.api
         try:
-            current = await runtime.api.deployment_replicas(namespace, name)
+            existing = await api.get(DEPLOYMENTS, namespace, name)
+            current = None if existing is None else existing.get("spec", {}).get("replicas")
             replicas = build.replicas_to_apply(spec, current, replicas_changed)
-            await runtime.api.apply(build.deployment(ref, spec, replicas, runtime.cfg))
-            await runtime.api.apply(build.service(ref))
+            await api.apply(build.deployment(ref, spec, replicas, runtime.cfg), FIELD_MANAGER)
+            await api.apply(build.service(ref), FIELD_MANAGER)
             pdb = build.pod_disruption_budget(ref, spec)
-            await (runtime.api.apply(pdb) if pdb else runtime.api.delete_pdb(namespace, name))
-        except Exception as exc:  # noqa: BLE001 - kubernetes ApiException, kept lazy
-            if getattr(exc, "status", None) == 422:  # e.g. a passed-through volume the API server refuses
-                _reject(body, patch, status, generation, f"the API server refused an owned object: "
-                                                         f"{_api_message(exc)}", logger)
+            await (api.apply(pdb, FIELD_MANAGER) if pdb else api.delete(POD_DISRUPTION_BUDGETS, namespace, name))
+        except Exception as exc:  # noqa: BLE001 - API errors, connection errors: retried
+            if isinstance(exc, ApiError) and exc.status == 422:  # e.g. a passed-through volume the server refuses
+                _reject(body, patch, status, generation, f"the API server refused an owned object: {exc.message}",
+                        logger)
                 return
             raise kopf.TemporaryError(f"applying the owned objects failed: {exc}", delay=10) from exc
         handle.applied_generation = generation
@@ -234,13 +190,6 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
         _post(body, [StatusEvent("Normal", "Applied", f"applied {parts} for generation {generation} "
                                                       f"({replicas} replica(s))"),
                      *(StatusEvent("Normal", "ModelFromHub", note) for note in location.notes)])
-
-
-def _api_message(exc: Exception) -> str:
-    try:
-        return json.loads(getattr(exc, "body", "") or "{}").get("message") or str(exc)
-    except ValueError:
-        return str(exc)
 
 
 def _reject(body: kopf.Body, patch: kopf.Patch, status: InferenceServiceStatus, generation: int | None,
@@ -307,7 +256,7 @@ def _current_replicas(handle: Handle, deployment: DeploymentView) -> int:
 
 
 async def _scale(runtime: Runtime, handle: Handle, namespace: str, name: str, replicas: int, manager: str) -> None:
-    await runtime.api.scale(namespace, name, replicas, manager)
+    await runtime.api.scale(DEPLOYMENTS, namespace, name, replicas, manager)
     handle.expected = (replicas, time.monotonic() + 3 * INTERVAL)
 
 
@@ -336,7 +285,7 @@ async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str
     if decision.changed:
         try:
             await _scale(runtime, handle, namespace, name, decision.replicas, AUTOSCALER_MANAGER)
-        except Exception as exc:  # noqa: BLE001 - kubernetes ApiException; retried next pass
+        except Exception as exc:  # noqa: BLE001 - API or connection error; retried next pass
             logger.warning("scaling to %d failed: %s", decision.replicas, exc)
             return status, None
         handle.size = decision.replicas

@@ -12,10 +12,10 @@ that reads two indexes and writes nothing.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,8 +33,7 @@ from lmforge.operator.builders.quantizejob_status import (
     invalid,
 )
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.controllers.trainjob import ApiError
-from lmforge.operator.controllers.trainjob import KubeApi as _BaseApi
+from lmforge.operator.kube import ApiError, KubeApi
 
 PLURAL = "quantizejobs"
 INTERVAL = float(os.environ.get("LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS", "3"))
@@ -49,28 +48,10 @@ def build_config_from_env() -> build.BuildConfig:
                              service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
 
 
-class KubeApi(_BaseApi):
-    """TrainJob's aiohttp client plus the two writes this controller makes."""
-
-    async def create_job(self, job: dict[str, Any]) -> None:
-        namespace = job["metadata"]["namespace"]
-        await self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", job, ok=(409,))
-
-    async def apply(self, obj: dict[str, Any], plural: str) -> None:
-        """Server-side apply of a namespaced lmforge.dev object, forcing our ownership of what we set."""
-        meta = obj["metadata"]
-        path = f"apis/{c.GROUP}/{c.VERSION}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"
-        headers = {**self._headers(), "Content-Type": "application/apply-patch+yaml"}
-        async with self._http().patch(path, data=json.dumps(obj), headers=headers,
-                                      params={"fieldManager": FIELD_MANAGER, "force": "true"}) as response:
-            if response.status >= 300:
-                raise ApiError(response.status, response.reason or "", await response.text())
-
-
 @dataclass(slots=True)
 class Runtime:
     cfg: build.BuildConfig
-    api_factory: Any = KubeApi
+    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
     _api: KubeApi | None = field(default=None, repr=False)
 
     @property
@@ -89,8 +70,10 @@ def _now() -> datetime:
 
 
 @kopf.on.startup(id="quantizejob-runtime")
-def _startup(memo: kopf.Memo, **_: Any) -> None:
-    memo.quantizejob = Runtime(cfg=build_config_from_env())
+async def _startup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = Runtime(cfg=build_config_from_env())
+    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    memo.quantizejob = runtime
 
 
 @kopf.on.cleanup(id="quantizejob-runtime-close")
@@ -137,9 +120,9 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str,
         decision = decide(observed)
         try:
             if decision.create_job:
-                await runtime.api.create_job(job)
+                await runtime.api.create(job)  # None when it exists: same name, same job
             if decision.serve and isvc is not None:
-                await runtime.api.apply(isvc, "inferenceservices")
+                await runtime.api.apply(isvc, FIELD_MANAGER)
         except ApiError as exc:
             if exc.status == 422:  # e.g. a passed-through volume the API server refuses: not worth retrying
                 decision = invalid(status, generation, f"the API server refused an owned object: {exc}", _now())

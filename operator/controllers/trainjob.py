@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import kopf
 
 from lmforge.operator.api import constants as c
@@ -30,6 +28,7 @@ from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, decide
 from lmforge.operator.controllers.bodies import plain
+from lmforge.operator.kube import CONFIG_MAPS, PODS, SERVICES, TRAINJOBS, ApiError, KubeApi
 
 PLURAL = "trainjobs"
 COALESCE_SECONDS = 0.2  # pods of a gang change together: one reconcile for the burst
@@ -47,99 +46,6 @@ def build_config_from_env() -> build.BuildConfig:
                              service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, reason: str, body: str) -> None:
-        super().__init__(f"{status} {reason}: {body[:500]}")
-        self.status = status
-
-
-class KubeApi:
-    """The few REST calls the controller makes, on aiohttp (what kopf itself uses): no threads, and
-    none of the official client's per-call model validation, which costs seconds of CPU to load.
-    Credentials come from the official client's config loader (kubeconfig or in-cluster)."""
-
-    def __init__(self) -> None:
-        from kubernetes import config
-        from kubernetes.client.configuration import Configuration
-
-        self._config = Configuration()
-        try:
-            config.load_incluster_config(client_configuration=self._config)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=self._config)
-        self._session: aiohttp.ClientSession | None = None
-
-    def _headers(self) -> dict[str, str]:
-        cfg = self._config
-        if cfg.refresh_api_key_hook is not None:  # in-cluster: the token file is re-read periodically
-            cfg.refresh_api_key_hook(cfg)
-        token = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
-        return {"Authorization": token} if token else {}
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            cfg = self._config
-            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
-            if cfg.cert_file:
-                context.load_cert_chain(cfg.cert_file, cfg.key_file)
-            if not cfg.verify_ssl:
-                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            self._session = aiohttp.ClientSession(
-                base_url=cfg.host.rstrip("/") + "/",
-                connector=aiohttp.TCPConnector(ssl=context, limit=32),
-                timeout=aiohttp.ClientTimeout(total=60),
-            )
-        return self._session
-
-    async def request(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (),
-                      **params: str) -> dict[str, Any] | None:
-        async with self._http().request(method, path.lstrip("/"), json=body, params=params or None,
-                                        headers=self._headers()) as response:
-            if response.status < 300:
-                return await response.json()
-            text = await response.text()
-            if response.status in ok:
-                return None
-            raise ApiError(response.status, response.reason or "", text)
-
-    @staticmethod
-    def _job_path(namespace: str, name: str = "") -> str:
-        return f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{namespace}/{PLURAL}" + (f"/{name}" if name else "")
-
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return await self.request("GET", self._job_path(namespace, name), ok=(404,))
-
-    async def replace_status(self, job: dict[str, Any]) -> dict[str, Any]:
-        """PUT with the job's resourceVersion: 409 Conflict if anyone wrote it since we read it."""
-        meta = job["metadata"]
-        return await self.request("PUT", self._job_path(meta["namespace"], meta["name"]) + "/status", job)
-
-    async def create(self, obj: dict[str, Any]) -> None:
-        plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[obj["kind"]]
-        await self.request("POST", f"/api/v1/namespaces/{obj['metadata']['namespace']}/{plural}", obj, ok=(409,))
-
-    async def delete_pod(self, namespace: str, name: str, force: bool = False) -> None:
-        params = {"gracePeriodSeconds": "0"} if force else {}
-        await self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", ok=(404,), **params)
-
-    async def delete_children(self, namespace: str, job_name: str) -> None:
-        """Explicitly, because the garbage collector may lag behind (or be absent)."""
-        selector = f"{c.LABEL_JOB_NAME}={job_name},{c.LABEL_KIND}=TrainJob"
-        base = f"/api/v1/namespaces/{namespace}"
-        await asyncio.gather(
-            self.request("DELETE", f"{base}/pods", ok=(404,), labelSelector=selector),
-            self.request("DELETE", f"{base}/services/{job_name}", ok=(404,)),
-            self.request("DELETE", f"{base}/configmaps/{build.config_map_name(job_name)}", ok=(404,)),
-        )
-
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await self.request("DELETE", self._job_path(namespace, name), ok=(404,))
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
 @dataclass(slots=True)
 class JobHandle:
     """Per-job memory of this process: how to wake its daemon, and the newest copy of the job
@@ -153,7 +59,7 @@ class JobHandle:
 @dataclass(slots=True)
 class Runtime:
     cfg: build.BuildConfig
-    api_factory: Callable[[], KubeApi] = KubeApi
+    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
     handles: dict[tuple[str, str], JobHandle] = field(default_factory=dict)
     _api: KubeApi | None = None
 
@@ -263,7 +169,7 @@ async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: floa
 
 @kopf.on.delete(c.GROUP, c.VERSION, PLURAL, id="trainjob-cleanup", optional=True)
 async def _cleanup(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await memo.trainjob.api.delete_children(namespace, name)
+    await delete_children(memo.trainjob.api, namespace, name)
 
 
 # --- one reconcile ----------------------------------------------------------------------------------
@@ -298,7 +204,7 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
             if exc.status == 404:
                 return None
             if exc.status == 409:  # someone (the user, or our own last write) changed it: decide again
-                handle.latest = await api.get_job(namespace, name)
+                handle.latest = await api.get(TRAINJOBS, namespace, name)
                 return 0.0 if handle.latest else None
             raise
     for event in decision.events:
@@ -319,12 +225,24 @@ async def _act(api: KubeApi, cfg: build.BuildConfig, job: dict[str, Any], spec: 
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     ref = build.JobRef(name=name, namespace=namespace, uid=meta["uid"])
-    await asyncio.gather(*(api.delete_pod(namespace, pod, force=True) for pod in decision.force_delete_pods))
-    await asyncio.gather(*(api.delete_pod(namespace, pod) for pod in decision.delete_pods))
+    await asyncio.gather(*(api.delete(PODS, namespace, pod, grace_period_seconds=0)
+                           for pod in decision.force_delete_pods))
+    await asyncio.gather(*(api.delete(PODS, namespace, pod) for pod in decision.delete_pods))
     if decision.create_ranks:  # all at once: a pod waits for its ConfigMap in the kubelet, not here
         pods = build.gang(ref, spec, decision.status.restarts, list(decision.create_ranks), cfg)
         children = [build.headless_service(ref, cfg), build.config_map(ref, spec), *pods]
         await asyncio.gather(*(api.create(child) for child in children))
     if decision.delete_job:
-        await api.delete_children(namespace, name)
-        await api.delete_job(namespace, name)
+        await delete_children(api, namespace, name)
+        await api.delete(TRAINJOBS, namespace, name)
+
+
+async def delete_children(api: KubeApi, namespace: str, job_name: str) -> None:
+    """The job's pods, Service and ConfigMap, explicitly: the garbage collector may lag behind
+    (or be absent). What is already gone counts as deleted."""
+    selector = f"{c.LABEL_JOB_NAME}={job_name},{c.LABEL_KIND}=TrainJob"
+    await asyncio.gather(
+        api.delete_collection(PODS, namespace, selector),
+        api.delete(SERVICES, namespace, job_name),
+        api.delete(CONFIG_MAPS, namespace, build.config_map_name(job_name)),
+    )
