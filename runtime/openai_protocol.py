@@ -1,4 +1,4 @@
-"""OpenAI API request/response models (the subset lmforge serves) and their mapping to SamplingParams.
+"""OpenAI API request/response models (the subset lmforge serves); openai_requests maps them to SamplingParams.
 
 Requests ignore unknown fields (as OpenAI and vLLM do); values that would make the engine misbehave
 (NaN/inf floats, out-of-range counts) fail validation here, before anything reaches the engine.
@@ -12,14 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from lmforge.runtime.sampling_params import SamplingParams
-
 # A float that JSON's NaN/Infinity extensions cannot smuggle in.
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 MAX_LOGPROBS = 20
 MAX_N = 128
-_INT64 = 2**63
+INT64 = 2**63  # seeds are int64: [-INT64, INT64)
 
 
 def random_id(prefix: str) -> str:
@@ -59,7 +57,7 @@ class SamplingFields(OpenAIModel):
     top_p: FiniteFloat | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -83,29 +81,6 @@ class SamplingFields(OpenAIModel):
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         return self
-
-    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """`max_tokens` is already resolved against the context window. Raises ValueError."""
-        top_k = self.top_k if self.top_k not in (None, 0) else -1  # vLLM: 0 and -1 both disable
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=top_k,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed % _INT64,
-            max_tokens=max_tokens,
-            min_tokens=min(self.min_tokens, max_tokens),
-            stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
-        )
 
 
 class UsageInfo(BaseModel):

@@ -1,0 +1,199 @@
+"""OpenAI request -> engine input: prompts tokenized, lengths checked, SamplingParams built.
+
+Pure apart from calling the server's tokenizer. Every refusal is an `APIError` whose fields become
+OpenAI's `{"error": {...}}` body, raised before anything reaches the engine: a request the engine
+would reject later (or, worse, run with a silently different meaning) costs the client a 400 here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lmforge.runtime import openai_protocol as proto
+from lmforge.runtime.sampling_params import SamplingParams
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list"})
+_MAX_VALIDATION_MESSAGES = 5  # a bad request lists at most this many fields
+
+
+class APIError(Exception):
+    """A request refused with an OpenAI error body; `code` defaults to the HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: int | str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code = status if code is None else code
+
+    def body(self) -> proto.ErrorResponse:
+        return proto.ErrorResponse(error=proto.ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                                         code=self.code))
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelContext:
+    """The loaded model as request preparation sees it (set once the model and tokenizer load)."""
+
+    tokenizer: Any  # the server's own transformers tokenizer (the engine's stays on its thread)
+    max_model_len: int  # prompt + completion tokens
+    vocab_size: int  # valid token ids are [0, vocab_size)
+
+
+@dataclasses.dataclass(slots=True)
+class Prepared:
+    """A validated request: token ids per prompt and the engine parameters."""
+
+    prompt_ids: list[list[int]]
+    prompt_texts: list[str]  # per prompt, what `echo` puts before the completion ("" without echo)
+    params: SamplingParams
+    model: str  # the served model name responses report
+
+
+# --- pydantic validation errors --------------------------------------------------------------------
+
+
+def param_from_loc(loc: Iterable[Any]) -> str:
+    """A pydantic error location as an OpenAI `param`: 'messages.0.role'; 'body' and union branch
+    tags ('str', 'list[constrained-int]') left out, since clients know the field, not our types."""
+    parts: list[str] = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            break
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def validation_error(errors: list[Mapping[str, Any]]) -> APIError:
+    """FastAPI's RequestValidationError list as one 400. A union field fails once per branch, so each
+    param is reported once, with its first message; `param` is the first failing field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return bad_request(f"Malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    seen: dict[str, str] = {}  # param -> first message
+    for e in errors:
+        seen.setdefault(param_from_loc(e.get("loc", ())), str(e.get("msg")).removeprefix("Value error, "))
+    message = "; ".join(f"{param or 'body'}: {msg}" for param, msg in list(seen.items())[:_MAX_VALIDATION_MESSAGES])
+    return bad_request(message, next(iter(seen), None) or None)
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except Exception as exc:  # e.g. lone UTF-16 surrogates from a JSON "\ud83d" escape
+        raise bad_request(f"the text could not be tokenized: {exc}", param) from None
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Token-id prompts skip the tokenizer, so an id past the embedding table is caught here."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is out of range [0, {vocab_size})", param)
+
+
+def chat_ids(tokenizer: Any, messages: list[proto.ChatMessage], add_generation_prompt: bool,
+             continue_final_message: bool, template_kwargs: dict | None) -> list[int]:
+    """The conversation through the model's chat template, then tokenized without special tokens
+    (the template already wrote them)."""
+    try:
+        conversation = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                        for m in messages]
+        kwargs: dict[str, Any] = dict(template_kwargs or {})
+        if continue_final_message:
+            kwargs["continue_final_message"] = True
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
+        raise bad_request(f"chat template failed: {exc}", "messages") from None
+    return encode(tokenizer, text, False, "messages")
+
+
+# --- limits and sampling ---------------------------------------------------------------------------
+
+
+def resolve_max_tokens(max_model_len: int, num_prompt: int, requested: int | None, explicit: bool,
+                       param: str) -> int:
+    """The completion budget: what was asked for, or the rest of the context window. Only an
+    explicit `max_tokens` that does not fit is an error; the default is quietly capped (as OpenAI)."""
+    room = max_model_len - num_prompt
+    if num_prompt == 0:
+        raise bad_request("The prompt is empty.", param)
+    if room <= 0:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, "
+                          f"but the prompt is {num_prompt} tokens. Please shorten it.", param)
+    if requested is None:
+        return room
+    if requested > room and explicit:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for the completion). "
+            "Please reduce the length of the prompt or the completion.", "max_tokens")
+    return min(requested, room)
+
+
+def sampling_params(req: proto.SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """OpenAI/vLLM request fields as engine parameters; `max_tokens` is already resolved against the
+    context window. A combination SamplingParams rejects becomes a 400, not a 500."""
+    top_k = req.top_k if req.top_k not in (None, 0) else -1  # vLLM: 0 and -1 both disable
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=None if req.seed is None else req.seed % proto.INT64,  # folded into [0, 2**63)
+            max_tokens=max_tokens,
+            min_tokens=min(req.min_tokens, max_tokens),
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+# --- whole requests --------------------------------------------------------------------------------
+
+
+def prepare_completion(req: proto.CompletionRequest, context: ModelContext, model: str) -> Prepared:
+    """Every prompt is tokenized and checked; one max_tokens (the tightest) serves them all."""
+    ids_list, texts = [], []
+    for prompt in req.prompts():
+        if isinstance(prompt, str):
+            ids, text = encode(context.tokenizer, prompt, True, "prompt"), prompt
+        else:
+            check_token_ids(prompt, context.vocab_size, "prompt")
+            ids, text = prompt, context.tokenizer.decode(prompt) if req.echo else ""
+        ids_list.append(ids)
+        texts.append(text)
+    explicit = "max_tokens" in req.model_fields_set
+    max_tokens = min(resolve_max_tokens(context.max_model_len, len(ids), req.max_tokens, explicit, "prompt")
+                     for ids in ids_list)
+    return Prepared(ids_list, texts, sampling_params(req, max_tokens, req.logprobs), model)
+
+
+def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model: str) -> Prepared:
+    ids = chat_ids(context.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message,
+                   req.chat_template_kwargs)
+    requested = req.requested_max_tokens()
+    max_tokens = resolve_max_tokens(context.max_model_len, len(ids), requested, requested is not None, "messages")
+    return Prepared([ids], [""], sampling_params(req, max_tokens, req.num_logprobs()), model)

@@ -1,0 +1,267 @@
+"""Engine outputs -> OpenAI response bodies: completions, chat completions, their SSE chunks, usage,
+logprobs.
+
+No I/O: the stream builders only iterate the (prompt index, RequestOutput) stream they are given.
+Engine outputs are cumulative (each RequestOutput holds all text so far), so streams keep a
+`StreamCursor` per choice to send only what is new. Engine failures become an `APIError` before
+the first byte is sent and an SSE error event after (`with_error_event`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from pydantic import BaseModel
+
+from lmforge.runtime import openai_protocol as proto
+from lmforge.runtime.async_engine import (
+    EngineDeadError,
+    EngineNotReadyError,
+    QueueFullError,
+    RequestAbortedError,
+)
+from lmforge.runtime.openai_requests import APIError, Prepared, bad_request
+from lmforge.runtime.outputs import CompletionOutput, RequestOutput
+
+MIN_LOGPROB = -9999.0  # what JSON gets instead of -inf (JSON has no infinities)
+SSE_DONE = "data: [DONE]\n\n"
+
+TokenStr = Callable[[int], str]  # token id -> its text alone (the server caches these)
+OutputStream = AsyncIterator[tuple[int, RequestOutput]]  # (prompt index, cumulative output)
+
+
+def sse(payload: BaseModel | dict) -> str:
+    """One server-sent event."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def finite(x: float | None) -> float:
+    """A logprob JSON can carry: None, NaN and anything below MIN_LOGPROB (-inf) become MIN_LOGPROB."""
+    if x is None or x != x or x < MIN_LOGPROB:
+        return MIN_LOGPROB
+    return float(x)
+
+
+def usage(prepared: Prepared, finals: dict[int, RequestOutput]) -> proto.UsageInfo:
+    """Prompt tokens of every prompt (each counted once, whatever n) and every generated token."""
+    prompt = sum(len(ids) for ids in prepared.prompt_ids)
+    completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+    return proto.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def choice_index(prompt_index: int, c: CompletionOutput, n: int) -> int:
+    """Completions number choices across prompts: prompt i's samples are i*n .. i*n + n-1."""
+    return prompt_index * n + c.index
+
+
+def completion_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int, k: int,
+                        offset: int) -> proto.CompletionLogprobs:
+    """Tokens [start, end) of `c`; text offsets start at `offset`. The top-k map always holds the
+    sampled token too (OpenAI's legacy shape), so it can have k+1 entries."""
+    result = proto.CompletionLogprobs()
+    for token_id, dist in zip(c.token_ids[start:end], (c.logprobs or [])[start:end], strict=False):
+        token = token_str(token_id)
+        result.tokens.append(token)
+        result.token_logprobs.append(finite(dist.get(token_id)))
+        top = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
+        if token_id not in dict(top) and token_id in dist:
+            top.append((token_id, dist[token_id]))
+        result.top_logprobs.append({token_str(t): finite(v) for t, v in top})
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def chat_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int,
+                  k: int) -> proto.ChatChoiceLogprobs:
+    """Tokens [start, end) of `c` in the chat shape: exactly the top k alternatives, with UTF-8 bytes."""
+    content = []
+    for token_id, dist in zip(c.token_ids[start:end], (c.logprobs or [])[start:end], strict=False):
+        token = token_str(token_id)
+        top = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
+        content.append(proto.ChatLogprobEntry(
+            token=token, logprob=finite(dist.get(token_id)), bytes=list(token.encode()),
+            top_logprobs=[proto.ChatLogprob(token=(s := token_str(t)), logprob=finite(v),
+                                            bytes=list(s.encode())) for t, v in top]))
+    return proto.ChatChoiceLogprobs(content=content)
+
+
+# --- whole responses -------------------------------------------------------------------------------
+
+
+def completion_response(req: proto.CompletionRequest, prepared: Prepared, response_id: str,
+                        finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.CompletionResponse:
+    choices = []
+    for i in sorted(finals):
+        for c in finals[i].outputs:
+            prefix = prepared.prompt_texts[i] if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(token_str, c, 0, len(c.token_ids), req.logprobs, len(prefix))
+            choices.append(proto.CompletionChoice(index=choice_index(i, c, req.n), text=prefix + c.text,
+                                                  logprobs=logprobs, finish_reason=c.finish_reason,
+                                                  stop_reason=c.stop_reason))
+    choices.sort(key=lambda ch: ch.index)
+    return proto.CompletionResponse(id=response_id, model=prepared.model, choices=choices,
+                                    usage=usage(prepared, finals))
+
+
+def chat_response(req: proto.ChatCompletionRequest, prepared: Prepared, response_id: str,
+                  finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.ChatCompletionResponse:
+    k = req.num_logprobs()
+    choices = [
+        proto.ChatCompletionChoice(
+            index=c.index, message=proto.ChatResponseMessage(content=c.text),
+            logprobs=None if k is None else chat_logprobs(token_str, c, 0, len(c.token_ids), k),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        for out in finals.values() for c in out.outputs
+    ]
+    choices.sort(key=lambda ch: ch.index)
+    return proto.ChatCompletionResponse(id=response_id, model=prepared.model, choices=choices,
+                                        usage=usage(prepared, finals))
+
+
+# --- streams ---------------------------------------------------------------------------------------
+
+
+class StreamCursor:
+    """Per choice: how much text/tokens were already sent (outputs are cumulative)."""
+
+    __slots__ = ("text_sent", "tokens_sent", "finished")
+
+    def __init__(self) -> None:
+        self.text_sent, self.tokens_sent, self.finished = 0, 0, False
+
+    def take(self, c: CompletionOutput, holdback: int) -> tuple[str, int, int]:
+        """(new text, first new token, end token). Holds back `holdback` chars while running so a
+        stop string split across steps is never sent before the engine truncates it."""
+        end = len(c.text) if c.finished else max(self.text_sent, len(c.text) - holdback)
+        delta = c.text[self.text_sent:end]
+        self.text_sent = max(self.text_sent, end)
+        start, self.tokens_sent = self.tokens_sent, len(c.token_ids)
+        self.finished = c.finished
+        return delta, start, len(c.token_ids)
+
+
+def holdback(req: proto.SamplingFields) -> int:
+    """Characters a running stream withholds: one less than the longest stop string (a prefix that
+    long may still turn into a stop string the engine cuts off)."""
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    return max((len(s) for s in stops), default=1) - 1
+
+
+def _usage_flags(req: proto.SamplingFields) -> tuple[bool, bool]:
+    """(a final usage-only chunk, usage on every chunk)."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return include_usage, bool(include_usage and req.stream_options.continuous_usage_stats)
+
+
+async def completion_stream(req: proto.CompletionRequest, prepared: Prepared, response_id: str,
+                            stream: OutputStream, token_str: TokenStr) -> AsyncIterator[str]:
+    """SSE events of a streamed completion, ending with `data: [DONE]`. With echo, each choice's
+    first chunk starts with its prompt text."""
+    created, hold = int(time.time()), holdback(req)
+    include_usage, continuous = _usage_flags(req)
+    cursors: dict[int, StreamCursor] = {}
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in stream:
+        finals[i] = out
+        choices = []
+        for c in out.outputs:
+            index = choice_index(i, c, req.n)
+            cursor = cursors.get(index)
+            if cursor is None:
+                cursor = cursors[index] = StreamCursor()
+                prefix = prepared.prompt_texts[i] if req.echo else ""
+            else:
+                prefix = ""
+            if cursor.finished:
+                continue
+            delta, start, end = cursor.take(c, hold)
+            if not delta and not prefix and start == end and not c.finished:
+                continue
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(token_str, c, start, end, req.logprobs, 0)
+            choices.append(proto.CompletionChoice(index=index, text=prefix + delta, logprobs=logprobs,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        if choices:
+            yield sse(proto.CompletionResponse(id=response_id, created=created, model=prepared.model,
+                                               choices=choices,
+                                               usage=usage(prepared, finals) if continuous else None))
+    if include_usage:
+        yield sse(proto.CompletionResponse(id=response_id, created=created, model=prepared.model, choices=[],
+                                           usage=usage(prepared, finals)))
+    yield SSE_DONE
+
+
+async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, response_id: str,
+                      stream: OutputStream, token_str: TokenStr) -> AsyncIterator[str]:
+    """SSE events of a streamed chat completion: a role chunk per choice first (as OpenAI), then
+    content deltas, ending with `data: [DONE]`."""
+    created, hold, k = int(time.time()), holdback(req), req.num_logprobs()
+    include_usage, continuous = _usage_flags(req)
+    cursors: dict[int, StreamCursor] = {}
+    finals: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[proto.ChatStreamChoice]) -> str:
+        return sse(proto.ChatCompletionChunk(id=response_id, created=created, model=prepared.model,
+                                             choices=choices,
+                                             usage=usage(prepared, finals) if continuous else None))
+
+    yield chunk([proto.ChatStreamChoice(index=i, delta=proto.DeltaMessage(role="assistant", content=""))
+                 for i in range(req.n)])
+    async for _, out in stream:
+        finals[0] = out
+        choices = []
+        for c in out.outputs:
+            cursor = cursors.setdefault(c.index, StreamCursor())
+            if cursor.finished:
+                continue
+            delta, start, end = cursor.take(c, hold)
+            if not delta and start == end and not c.finished:
+                continue
+            choices.append(proto.ChatStreamChoice(
+                index=c.index, delta=proto.DeltaMessage(content=delta or None),
+                logprobs=None if k is None else chat_logprobs(token_str, c, start, end, k),
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        if choices:
+            yield chunk(choices)
+    if include_usage:
+        yield sse(proto.ChatCompletionChunk(id=response_id, created=created, model=prepared.model, choices=[],
+                                            usage=usage(prepared, finals)))
+    yield SSE_DONE
+
+
+# --- engine failures -------------------------------------------------------------------------------
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """An engine refusal or failure as the OpenAI error a client can act on: 429 retry later, 503
+    the server is going away, 400 the engine rejected the request itself."""
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"Too many requests waiting: {exc}", "rate_limit_error", None, "queue_full")
+    if isinstance(exc, EngineNotReadyError):
+        return APIError(503, f"The engine is not accepting requests ({exc}).", "service_unavailable")
+    if isinstance(exc, EngineDeadError | RequestAbortedError):
+        return APIError(503, str(exc), "service_unavailable")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    return APIError(500, f"internal error: {exc}", "internal_error")
+
+
+async def with_error_event(body: AsyncIterator[str], stream: AsyncIterator[object]) -> AsyncIterator[str]:
+    """An engine failure mid-stream becomes an error event (headers are already sent). Closing
+    this closes `body` and `stream` (and so aborts the engine requests) right away, not at GC."""
+    try:
+        async with contextlib.aclosing(stream), contextlib.aclosing(body):
+            async for event in body:
+                yield event
+    except (RequestAbortedError, EngineDeadError) as exc:
+        err = engine_error(exc)
+        yield sse(proto.ErrorResponse(error=proto.ErrorInfo(message=err.message, type=err.type, code=err.status)))
+        yield SSE_DONE
