@@ -61,6 +61,8 @@ class EngineSpec(ApiModel):
     kv_cache_dtype: Literal["auto", "int8", "fp8"] = "auto"
     """KV-cache precision: auto (the model dtype) or int8 (per-token-head scales, ~2x the KV blocks of
     bf16). fp8 is not implemented by the runtime yet: a pod asking for it refuses to start."""
+    enforce_eager: bool = False
+    """Run every step eagerly: no CUDA graphs for decode (they cost capture time and a little memory)."""
 
 
 class Autoscaling(ApiModel):

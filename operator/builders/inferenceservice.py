@@ -182,6 +182,8 @@ def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) 
         command += ["--quantization", model.quantization]
     if engine.kv_cache_dtype != "auto":
         command += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    if engine.enforce_eager:
+        command.append("--enforce-eager")
     return command
 
 
