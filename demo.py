@@ -13,7 +13,6 @@ leaves the cluster running.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -36,12 +35,6 @@ T0 = time.monotonic()
 
 def step(number: int, title: str) -> None:
     print(f"\n\033[1m[{number}/{STEPS}] {title}\033[0m  (t+{time.monotonic() - T0:.0f}s)", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Kubectl(pipeline.Kube):
@@ -99,7 +92,7 @@ def main() -> int:
         print(f"$ lmforge node run  (log: {agent_log})")
         started.append(pipeline.start_node(kubectl, DEMO_DIR / "node", agent_log))
         operator_log = DEMO_DIR / "operator.log"
-        port = free_port()
+        port = pipeline.free_port()
         print(f"$ LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT} lmforge operator run -n {NAMESPACE}"
               f" --liveness-port {port}  (log: {operator_log})")
         started.append(pipeline.start_operator(kubectl, NAMESPACE, operator_log, port))
