@@ -15,7 +15,6 @@ difference of a 1-token and an (N+1)-token `generate`.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -29,23 +28,12 @@ import model_shapes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(model_shapes.SHAPES))
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
+    p = model_shapes.argument_parser(__doc__)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the best is reported")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to see what they bring)")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--save", action="store_true")
     return p.parse_args(argv)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, object]:
@@ -61,7 +49,7 @@ def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -
     llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False))
     best = 0.0
     for _ in range(args.repeats):
-        _sync(args.device)
+        model_shapes.sync(args.device)
         outs = llm.generate(prompts, params)
         first = min(o.metrics["first_token_time"] for o in outs)
         last = max(o.metrics["finish_time"] for o in outs)
@@ -82,10 +70,10 @@ def bench_hf(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> 
     kw = dict(do_sample=False, pad_token_id=2, attention_mask=torch.ones_like(ids))
 
     def timed(new: int) -> float:
-        _sync(args.device)
+        model_shapes.sync(args.device)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-        _sync(args.device)
+        model_shapes.sync(args.device)
         return time.perf_counter() - start
 
     best = 0.0
@@ -124,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "roofline_fraction": round(ours["decode_tok_s"] / roofline, 3),
         }
         if not args.skip_hf:
-            gc.collect()  # our engine (KV cache, graphs) must be gone before HF allocates
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            model_shapes.release_memory(args.device)  # our engine (KV cache, graphs) goes before HF allocates
             report["hf_generate"] = bench_hf(path, prompts, args)
             report["speedup_vs_hf"] = round(ours["decode_tok_s"] / report["hf_generate"]["decode_tok_s"], 2)
     print(json.dumps(report))

@@ -9,7 +9,9 @@ not detokenized.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import gc
 import json
 import pathlib
 import re
@@ -33,6 +35,34 @@ SHAPES: dict[str, dict[str, Any]] = {
                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, head_dim=16,
                  rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 32}),
 }
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every engine benchmark has; each script adds its own workload options."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to see what they bring)")
+    p.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline")
+    p.add_argument("--save", action="store_true", help="also write bench/results/<name>-<gpu>-<time>.json")
+    return p
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def release_memory(device: str) -> None:
+    """Collect the last engine (its reference cycles too) and give its cached device memory back."""
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def ensure_importable() -> None:
@@ -92,10 +122,7 @@ def copy_bandwidth_gbps(device: str) -> float:
 def _now(device: str) -> float:
     import time
 
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter()
 
 

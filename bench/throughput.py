@@ -14,7 +14,6 @@ tokens on both sides (ignore_eos). HF runs in batches of --hf-batch with `cache_
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -28,26 +27,15 @@ import model_shapes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(model_shapes.SHAPES))
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bfloat16")
+    p = model_shapes.argument_parser(__doc__)
     p.add_argument("--num-prompts", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--hf-batch", type=int, default=128)
     p.add_argument("--hf-cache", default="static", help="HF cache_implementation (static, dynamic)")
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--save", action="store_true")
     return p.parse_args(argv)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -59,10 +47,10 @@ def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -
               enforce_eager=args.enforce_eager)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[:8], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False))
-    _sync(args.device)
+    model_shapes.sync(args.device)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
-    _sync(args.device)
+    model_shapes.sync(args.device)
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     engine = llm.llm_engine
@@ -83,12 +71,12 @@ def bench_hf(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> 
     generated = 0
     with torch.inference_mode():
         model.generate(batches[0], attention_mask=torch.ones_like(batches[0]), **kw)  # warm-up
-        _sync(args.device)
+        model_shapes.sync(args.device)
         start = time.perf_counter()
         for ids in batches:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
             generated += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-        _sync(args.device)
+        model_shapes.sync(args.device)
     seconds = time.perf_counter() - start
     del model
     return {**_rates(seconds, generated, args), "batch": args.hf_batch, "cache_implementation": args.hf_cache}
@@ -117,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = torch.randint(3, vocab, (args.num_prompts, args.prompt_len), generator=gen).tolist()
         report["lmforge"] = bench_ours(path, prompts, args)
         if not args.skip_hf:
-            gc.collect()  # our engine (KV cache, graphs) must be gone before HF allocates
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            model_shapes.release_memory(args.device)  # our engine (KV cache, graphs) goes before HF allocates
             report["hf_generate"] = bench_hf(path, prompts, args)
             report["speedup_vs_hf"] = round(report["lmforge"]["output_tok_s"] / report["hf_generate"]["output_tok_s"], 2)
     print(json.dumps(report))
