@@ -12,7 +12,7 @@ EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-unit test-e2e lint crds chart-crds e2e-kind cluster-up cluster-down clean
+.PHONY: install demo test test-unit test-e2e lint crds chart-crds e2e-kind cluster-up cluster-down clean gpu-wheels
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ test-e2e: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Wheels for a lent GPU machine that has torch but no pytest and no registry: carry .gpu-wheels
+# along and run `bash bench/gpu_session.sh` there.
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --only-binary=:all: --dest .gpu-wheels pytest pytest-timeout
 
 crds: install
 	$(BIN)/python -m lmforge.operator.crd --out crds
