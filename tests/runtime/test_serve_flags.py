@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.runtime.serve_args import add_serve_arguments
-from lmforge.runtime.server import unsupported_model_flags
+from lmforge.runtime.serve_startup import unsupported_model_flags
 
 
 def _args(model: Path, *flags: str) -> argparse.Namespace:

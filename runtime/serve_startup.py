@@ -1,0 +1,43 @@
+"""What `lmforge serve` does before the model loads: refuse flags this runtime cannot honour for
+the checkpoint at hand, and size torch's CPU thread pool. Stdlib at import time (torch only when
+the pool is sized)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+# --quantization -> (weight bits, weight type) that the checkpoint's compressed-tensors config must declare
+QUANTIZATION_WEIGHTS = {"w8a16": (8, "int"), "w4a16": (4, "int"), "fp8": (8, "float")}
+
+
+def unsupported_model_flags(args: argparse.Namespace) -> str | None:
+    """Refuse at start-up, with a reason, what would otherwise fail later or silently differ: a
+    checkpoint whose quantization is not the one the InferenceService asked for, and KV cache
+    types the engine does not implement yet."""
+    if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "int8"):
+        return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto or int8)"
+    expected = getattr(args, "quantization", None)
+    if expected is None:
+        return None
+    with open(os.path.join(args.model, "config.json")) as f:
+        qconfig = json.load(f).get("quantization_config") or {}
+    groups = qconfig.get("config_groups") or {}
+    found = {(g.get("weights") or {}).get("num_bits"): (g.get("weights") or {}).get("type") for g in groups.values()}
+    bits, kind = QUANTIZATION_WEIGHTS[expected]
+    if qconfig.get("quant_method") != "compressed-tensors" or found.get(bits) != kind:
+        return (f"--quantization {expected} but {args.model}/config.json declares "
+                f"{qconfig.get('quant_method') or 'no quantization'} {found or ''}".rstrip())
+    return None
+
+
+def limit_cpu_threads() -> None:
+    """Leave one core to the HTTP event loop. torch's intra-op pool otherwise takes every core and
+    the engine thread and the server thread preempt each other: measured on 2 cores, one engine
+    step went from 1.8 ms to 18 ms. An explicit OMP_NUM_THREADS always wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
