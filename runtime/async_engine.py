@@ -98,6 +98,8 @@ def _snapshot(output: RequestOutput) -> RequestOutput:
     """A copy the loop thread may read while the engine keeps mutating its own objects."""
     out = copy.copy(output)
     out.prompt_token_ids = list(output.prompt_token_ids)
+    if output.prompt_logprobs is not None:  # its dicts are never mutated once delivered
+        out.prompt_logprobs = list(output.prompt_logprobs)
     out.outputs = []
     for completion in output.outputs:
         c = copy.copy(completion)

@@ -71,11 +71,14 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # returned beside the choices (vLLM)
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs and self.stream:  # vLLM: only 0 may be streamed (and is not sent)
+            raise ValueError("prompt_logprobs are not available when stream is true")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
         if isinstance(self.stop, list) and any(not s for s in self.stop):
@@ -93,7 +96,7 @@ class UsageInfo(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt alone (and its logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -105,11 +108,20 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (it must equal n when given)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens=0: the response holds the prompt alone (vLLM still runs one step)."""
+        return self.echo and self.max_tokens == 0
+
+    def num_prompt_logprobs(self) -> int | None:
+        """vLLM: the explicit prompt_logprobs, else with echo the logprobs k (the echoed tokens need them)."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one string or token list each."""
@@ -127,12 +139,24 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob as JSON, one per token id in a prompt_logprobs entry."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]  # None for the first prompt token
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra
 
 
 class CompletionResponse(BaseModel):
@@ -236,6 +260,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra: the templated prompt's, once per response
 
 
 class DeltaMessage(BaseModel):

@@ -53,6 +53,7 @@ class Prepared:
     prompt_texts: list[str]  # per prompt, what `echo` puts before the completion ("" without echo)
     params: SamplingParams
     model: str  # the served model name responses report
+    echo_only: bool = False  # completions echo + max_tokens=0: responses drop the one generated token
 
 
 # --- pydantic validation errors --------------------------------------------------------------------
@@ -123,16 +124,21 @@ def chat_ids(tokenizer: Any, messages: list[proto.ChatMessage], add_generation_p
 # --- limits and sampling ---------------------------------------------------------------------------
 
 
+def check_prompt_len(max_model_len: int, num_prompt: int, param: str, min_room: int) -> None:
+    """A non-empty prompt leaving at least `min_room` tokens of the context window."""
+    if num_prompt == 0:
+        raise bad_request("The prompt is empty.", param)
+    if max_model_len - num_prompt < min_room:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, "
+                          f"but the prompt is {num_prompt} tokens. Please shorten it.", param)
+
+
 def resolve_max_tokens(max_model_len: int, num_prompt: int, requested: int | None, explicit: bool,
                        param: str) -> int:
     """The completion budget: what was asked for, or the rest of the context window. Only an
     explicit `max_tokens` that does not fit is an error; the default is quietly capped (as OpenAI)."""
+    check_prompt_len(max_model_len, num_prompt, param, min_room=1)
     room = max_model_len - num_prompt
-    if num_prompt == 0:
-        raise bad_request("The prompt is empty.", param)
-    if room <= 0:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, "
-                          f"but the prompt is {num_prompt} tokens. Please shorten it.", param)
     if requested is None:
         return room
     if requested > room and explicit:
@@ -143,7 +149,8 @@ def resolve_max_tokens(max_model_len: int, num_prompt: int, requested: int | Non
     return min(requested, room)
 
 
-def sampling_params(req: proto.SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: proto.SamplingFields, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """OpenAI/vLLM request fields as engine parameters; `max_tokens` is already resolved against the
     context window. A combination SamplingParams rejects becomes a 400, not a 500."""
     top_k = req.top_k if req.top_k not in (None, 0) else -1  # vLLM: 0 and -1 both disable
@@ -165,6 +172,7 @@ def sampling_params(req: proto.SamplingFields, max_tokens: int, logprobs: int | 
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as exc:
@@ -185,10 +193,19 @@ def prepare_completion(req: proto.CompletionRequest, context: ModelContext, mode
             ids, text = prompt, context.tokenizer.decode(prompt) if req.echo else ""
         ids_list.append(ids)
         texts.append(text)
-    explicit = "max_tokens" in req.model_fields_set
-    max_tokens = min(resolve_max_tokens(context.max_model_len, len(ids), req.max_tokens, explicit, "prompt")
-                     for ids in ids_list)
-    return Prepared(ids_list, texts, sampling_params(req, max_tokens, req.logprobs), model)
+    if req.max_tokens == 0:
+        if not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo: the prompt alone)",
+                              "max_tokens")
+        for ids in ids_list:  # the one step vLLM runs anyway fits even a prompt of max_model_len tokens
+            check_prompt_len(context.max_model_len, len(ids), "prompt", min_room=0)
+        max_tokens = 1
+    else:
+        explicit = "max_tokens" in req.model_fields_set
+        max_tokens = min(resolve_max_tokens(context.max_model_len, len(ids), req.max_tokens, explicit, "prompt")
+                         for ids in ids_list)
+    params = sampling_params(req, max_tokens, req.logprobs, req.num_prompt_logprobs())
+    return Prepared(ids_list, texts, params, model, echo_only=req.echo_only)
 
 
 def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model: str) -> Prepared:
@@ -196,4 +213,4 @@ def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model:
                    req.chat_template_kwargs)
     requested = req.requested_max_tokens()
     max_tokens = resolve_max_tokens(context.max_model_len, len(ids), requested, requested is not None, "messages")
-    return Prepared([ids], [""], sampling_params(req, max_tokens, req.num_logprobs()), model)
+    return Prepared([ids], [""], sampling_params(req, max_tokens, req.num_logprobs(), req.prompt_logprobs), model)

@@ -24,7 +24,7 @@ from lmforge.runtime.async_engine import (
     RequestAbortedError,
 )
 from lmforge.runtime.openai_requests import APIError, Prepared, bad_request
-from lmforge.runtime.outputs import CompletionOutput, RequestOutput
+from lmforge.runtime.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 
 MIN_LOGPROB = -9999.0  # what JSON gets instead of -inf (JSON has no infinities)
 SSE_DONE = "data: [DONE]\n\n"
@@ -47,9 +47,10 @@ def finite(x: float | None) -> float:
 
 
 def usage(prepared: Prepared, finals: dict[int, RequestOutput]) -> proto.UsageInfo:
-    """Prompt tokens of every prompt (each counted once, whatever n) and every generated token."""
+    """Prompt tokens of every prompt (each counted once, whatever n) and every generated token (none
+    for echo with max_tokens=0: the token the engine ran for is not returned)."""
     prompt = sum(len(ids) for ids in prepared.prompt_ids)
-    completion = sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+    completion = 0 if prepared.echo_only else sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
     return proto.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -59,21 +60,55 @@ def choice_index(prompt_index: int, c: CompletionOutput, n: int) -> int:
 
 
 def completion_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int, k: int,
-                        offset: int) -> proto.CompletionLogprobs:
-    """Tokens [start, end) of `c`; text offsets start at `offset`. The top-k map always holds the
-    sampled token too (OpenAI's legacy shape), so it can have k+1 entries."""
-    result = proto.CompletionLogprobs()
+                        offset: int, result: proto.CompletionLogprobs | None = None) -> proto.CompletionLogprobs:
+    """Tokens [start, end) of `c` (appended to `result` when given); text offsets start at `offset`.
+    The top-k map always holds the sampled token too (OpenAI's legacy shape), so it can have k+1
+    entries."""
+    result = proto.CompletionLogprobs() if result is None else result
     for token_id, dist in zip(c.token_ids[start:end], (c.logprobs or [])[start:end], strict=False):
-        token = token_str(token_id)
-        result.tokens.append(token)
-        result.token_logprobs.append(finite(dist.get(token_id)))
-        top = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
-        if token_id not in dict(top) and token_id in dist:
-            top.append((token_id, dist[token_id]))
-        result.top_logprobs.append({token_str(t): finite(v) for t, v in top})
-        result.text_offset.append(offset)
-        offset += len(token)
+        offset = _add_legacy_logprob(result, token_str, token_id, dist, k, offset)
     return result
+
+
+def prompt_completion_logprobs(token_str: TokenStr, out: RequestOutput, k: int) -> proto.CompletionLogprobs:
+    """The echoed prompt's tokens, text offsets from 0. The first token has no logprob: null, with
+    null top_logprobs (OpenAI's legacy API and vLLM)."""
+    result, offset = proto.CompletionLogprobs(), 0
+    for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs or [], strict=False):
+        dist = None if entry is None else {t: lp.logprob for t, lp in entry.items()}
+        offset = _add_legacy_logprob(result, token_str, token_id, dist, k, offset)
+    return result
+
+
+def _add_legacy_logprob(result: proto.CompletionLogprobs, token_str: TokenStr, token_id: int,
+                        dist: dict[int, float] | None, k: int, offset: int) -> int:
+    """Appends one token; returns the next token's text offset."""
+    token = token_str(token_id)
+    result.tokens.append(token)
+    result.text_offset.append(offset)
+    if dist is None:
+        result.token_logprobs.append(None)
+        result.top_logprobs.append(None)
+        return offset + len(token)
+    result.token_logprobs.append(finite(dist.get(token_id)))
+    top = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
+    if token_id not in dict(top) and token_id in dist:
+        top.append((token_id, dist[token_id]))
+    result.top_logprobs.append({token_str(t): finite(v) for t, v in top})
+    return offset + len(token)
+
+
+def prompt_logprobs_body(prompt_logprobs: PromptLogprobs | None) -> proto.PromptLogprobs | None:
+    """vLLM's `prompt_logprobs` field: {token id: {logprob, rank, decoded_token}} per prompt token
+    after the first; -inf becomes MIN_LOGPROB."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else {t: _prompt_logprob(lp) for t, lp in entry.items()}
+            for entry in prompt_logprobs]
+
+
+def _prompt_logprob(lp: Logprob) -> proto.PromptLogprob:
+    return proto.PromptLogprob(logprob=finite(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
 
 
 def chat_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int,
@@ -97,14 +132,20 @@ def completion_response(req: proto.CompletionRequest, prepared: Prepared, respon
                         finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.CompletionResponse:
     choices = []
     for i in sorted(finals):
-        for c in finals[i].outputs:
+        out = finals[i]
+        prompt_logprobs = prompt_logprobs_body(out.prompt_logprobs)
+        for c in out.outputs:
             prefix = prepared.prompt_texts[i] if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(token_str, c, 0, len(c.token_ids), req.logprobs, len(prefix))
-            choices.append(proto.CompletionChoice(index=choice_index(i, c, req.n), text=prefix + c.text,
+                logprobs = prompt_completion_logprobs(token_str, out, req.logprobs) if req.echo else None
+                if not prepared.echo_only:
+                    logprobs = completion_logprobs(token_str, c, 0, len(c.token_ids), req.logprobs, len(prefix),
+                                                   logprobs)
+            choices.append(proto.CompletionChoice(index=choice_index(i, c, req.n),
+                                                  text=prefix if prepared.echo_only else prefix + c.text,
                                                   logprobs=logprobs, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason))
+                                                  stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs))
     choices.sort(key=lambda ch: ch.index)
     return proto.CompletionResponse(id=response_id, model=prepared.model, choices=choices,
                                     usage=usage(prepared, finals))
@@ -122,7 +163,8 @@ def chat_response(req: proto.ChatCompletionRequest, prepared: Prepared, response
     ]
     choices.sort(key=lambda ch: ch.index)
     return proto.ChatCompletionResponse(id=response_id, model=prepared.model, choices=choices,
-                                        usage=usage(prepared, finals))
+                                        usage=usage(prepared, finals),
+                                        prompt_logprobs=prompt_logprobs_body(finals[0].prompt_logprobs))
 
 
 # --- streams ---------------------------------------------------------------------------------------
@@ -174,19 +216,21 @@ async def completion_stream(req: proto.CompletionRequest, prepared: Prepared, re
         for c in out.outputs:
             index = choice_index(i, c, req.n)
             cursor = cursors.get(index)
+            echo_now = cursor is None and req.echo  # the choice's first chunk carries the prompt
             if cursor is None:
                 cursor = cursors[index] = StreamCursor()
-                prefix = prepared.prompt_texts[i] if req.echo else ""
-            else:
-                prefix = ""
+            prefix = prepared.prompt_texts[i] if echo_now else ""
             if cursor.finished:
                 continue
             delta, start, end = cursor.take(c, hold)
-            if not delta and not prefix and start == end and not c.finished:
+            if prepared.echo_only:  # the prompt alone: the generated token is dropped
+                delta, start, end = "", 0, 0
+            if not delta and not echo_now and start == end and not c.finished:
                 continue
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(token_str, c, start, end, req.logprobs, 0)
+                logprobs = prompt_completion_logprobs(token_str, out, req.logprobs) if echo_now else None
+                logprobs = completion_logprobs(token_str, c, start, end, req.logprobs, len(prefix), logprobs)
             choices.append(proto.CompletionChoice(index=index, text=prefix + delta, logprobs=logprobs,
                                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         if choices:

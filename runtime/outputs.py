@@ -6,6 +6,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class Logprob:
+    """vLLM's Logprob: one token's log-probability, its 1-based rank in the distribution (ties
+    count: rank = number of tokens at least as likely) and its text alone (None without detokenize)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: None for the first (nothing scores it), then {token id: Logprob} holding the
+# prompt token itself plus the request's top-k alternatives.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     index: int  # which of the request's n samples
     text: str
@@ -29,3 +44,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first-token/finish times (monotonic s)
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs; see PromptLogprobs

@@ -9,6 +9,8 @@ Invariants
   its tokens are scheduled: the runner writes a step's K/V before any attention reads them, so a
   later request in the same step may already reuse it.
 - Cache hits never cover a sequence's last token: at least one token is computed to get logits.
+  Nor do they cover a position whose logits still give a prompt logprob (vLLM: a prompt_logprobs
+  request reads no cached prefix; its full blocks are still registered for others).
 """
 
 from __future__ import annotations
@@ -141,8 +143,11 @@ class BlockManager:
         """Longest cached prefix of a waiting sequence: (blocks, number of tokens they cover)."""
         if not self.enable_prefix_caching:
             return [], 0
+        num_cacheable = seq.num_tokens - 1
+        if seq.num_prompt_logprobs_pending:  # logits from position len(seq.prompt_logprobs) on are needed
+            num_cacheable = min(num_cacheable, len(seq.prompt_logprobs))
         blocks = []
-        for block_hash in self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+        for block_hash in self._block_hashes(seq, num_cacheable // self.block_size):
             block = self.pool.get_cached_block(block_hash)
             if block is None:
                 break

@@ -20,10 +20,10 @@ from lmforge.runtime.engine.block_manager import BlockManager
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.model_runner import ModelRunner
-from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig
+from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
-from lmforge.runtime.outputs import CompletionOutput, RequestOutput
+from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 
 
@@ -78,6 +78,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # abort outputs, delivered by the next step()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (prompt logprobs)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -116,10 +117,9 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_len}")
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported")
-        if params.logprobs is not None and params.logprobs > self.args.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs={self.args.max_logprobs}")
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > self.args.max_logprobs:
+                raise ValueError(f"{name}={k} exceeds max_logprobs={self.args.max_logprobs}")
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stops the request(s) now and frees their KV blocks; unknown ids are ignored. The final
@@ -147,6 +147,8 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         result = self.runner.execute(sched)
+        if result.prompt_logprobs:
+            self._append_prompt_logprobs(sched, result.prompt_logprobs)
         advanced = self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, Request] = {}
         now = time.monotonic()
@@ -186,6 +188,23 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.seq_id)
 
+    def _append_prompt_logprobs(self, sched: SchedulerOutput, new: dict[int, list[dict[int, Logprob]]]) -> None:
+        for s in sched.scheduled:
+            entries = new.get(s.seq.seq_id)
+            if entries:
+                if s.seq.params.detokenize:
+                    self._decode_logprob_tokens(entries)
+                s.seq.prompt_logprobs += entries
+
+    def _decode_logprob_tokens(self, entries: list[dict[int, Logprob]]) -> None:
+        """Fills each Logprob's decoded_token: the token's text alone (cached per id)."""
+        for entry in entries:
+            for token_id, lp in entry.items():
+                text = self._token_texts.get(token_id)
+                if text is None:
+                    text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+                lp.decoded_token = text
+
     def _make_output(self, req: Request) -> RequestOutput:
         completions = []
         for seq in req.seqs:
@@ -204,9 +223,12 @@ class LLMEngine:
             metrics["first_token_time"] = req.first_token_time
         if req.finish_time is not None:
             metrics["finish_time"] = req.finish_time
+        prompt_logprobs = None
+        if req.params.prompt_logprobs is not None:  # sample 0 computed them (see Sequence)
+            prompt_logprobs = [None, *req.seqs[0].prompt_logprobs]
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions,
                              finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics)
+                             metrics=metrics, prompt_logprobs=prompt_logprobs)
 
     # --- introspection --------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:

@@ -2,7 +2,8 @@
 
 One step = one forward over the flattened batch: every scheduled sequence contributes its new
 tokens (a prefill chunk or one decode token). Logits are computed only for sequences whose step
-reaches their last token (`ScheduledSeq.samples`).
+reaches their last token (`ScheduledSeq.samples`), plus, for prompt_logprobs requests, the prompt
+positions they still owe (prompt_logprobs.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lmforge.runtime.engine.attention import (
 )
 from lmforge.runtime.engine.config import KV_CACHE_DTYPES
 from lmforge.runtime.engine.cuda_graph import DecodeGraphRunner
+from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
@@ -30,6 +32,7 @@ from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.quant import apply_quantization
 from lmforge.runtime.models.registry import get_model_class
+from lmforge.runtime.outputs import Logprob
 
 _GiB = 1 << 30
 
@@ -39,6 +42,7 @@ class ModelRunnerOutput:
     sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> new token id
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
     sampled_logprob: dict[int, float] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, Logprob]]] = field(default_factory=dict)  # seq_id -> new entries
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -198,9 +202,12 @@ class ModelRunner:
         tables, query_lens, seq_lens = [], [], []
         logit_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_lp = PromptLogprobsBatch()
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
+            if seq.params.prompt_logprobs is not None:  # the only cost to requests that did not ask
+                prompt_lp.add(seq, start, end, len(input_ids))
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
@@ -212,19 +219,24 @@ class ModelRunner:
                 sample_seqs.append(seq)
         out = ModelRunnerOutput()
         if self._graph_step(query_lens):
-            logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens)  # [B, V]
-            if not sample_seqs:
-                return out
-            if len(logit_rows) < len(query_lens):  # a 1-token prefill chunk that does not sample yet
-                logits = logits[torch.tensor(logit_rows, device=self.device)]
+            graph_logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens)  # [B, V]
+
+            def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
+                if len(rows) == len(query_lens):
+                    return graph_logits
+                return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
         else:
             meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
             hidden = self.model(torch.tensor(input_ids, device=self.device),
                                 torch.tensor(positions, device=self.device), meta)  # [T, hidden]
-            if not sample_seqs:
-                return out
-            logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])  # [N, V]
-        result = self.sampler(logits, self._sampling_metadata(sample_seqs))
+
+            def row_logits(rows: list[int]) -> torch.Tensor:
+                return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+        if prompt_lp.rows:
+            out.prompt_logprobs = prompt_lp.compute(row_logits)
+        if not sample_seqs:
+            return out
+        result = self.sampler(row_logits(logit_rows), self._sampling_metadata(sample_seqs))
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
             if result.logprobs[row] is not None:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lmforge.runtime.outputs import Logprob
 from lmforge.runtime.sampling_params import SamplingParams
 
 
@@ -48,6 +49,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks, filled lazily
     lead: Sequence | None = None  # n>1: siblings wait for sample 0's prompt so they share its blocks
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # prompt_logprobs requests, sample 0 only: one dict per prompt token from the second on, in
+    # order, appended chunk by chunk (entry i scores token i + 1, from the logits at position i)
+    prompt_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
@@ -69,6 +73,15 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_prompt_logprobs_pending(self) -> int:
+        """Prompt tokens whose logprobs this sequence still owes: the logits at positions
+        len(prompt_logprobs) .. num_prompt_tokens - 2 must be computed, never read from the prefix
+        cache. Only sample 0 computes them; n>1 siblings share its prompt."""
+        if self.params.prompt_logprobs is None or self.lead is not None:
+            return 0
+        return self.num_prompt_tokens - 1 - len(self.prompt_logprobs)
 
     @property
     def is_finished(self) -> bool:

@@ -99,3 +99,87 @@ def test_prefix_cache_hits_match_hf(checkpoints):
     stats = llm.llm_engine.get_stats()
     assert stats.prefix_cache_hits >= 3 * 40 and all(o.num_cached_tokens == 40 for o in outputs)
     assert_matches_hf(checkpoints["llama32"], prompts, first + outputs)
+
+
+# --- prompt logprobs ---------------------------------------------------------------------------------
+
+PROMPT_LOGPROB_ATOL = 1e-4
+PROMPT_K = 3
+
+
+def hf_prompt_logprobs(path: Path, prompt: list[int]) -> torch.Tensor:
+    """Reference: log_softmax (fp32) of one HF forward over the prompt; row i scores token i + 1."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+
+
+def assert_prompt_logprobs_match_hf(path: Path, prompt: list[int], out, k: int = PROMPT_K) -> None:
+    ref = hf_prompt_logprobs(path, prompt)
+    got = out.prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    for i, (token, entry) in enumerate(zip(prompt[1:], got[1:], strict=True)):
+        row = ref[i]
+        assert next(iter(entry)) == token  # the prompt token first, then the top k
+        assert abs(entry[token].logprob - row[token].item()) < PROMPT_LOGPROB_ATOL, i
+        assert entry[token].rank == int((row >= row[token]).sum())
+        top_lp, top_ids = row.topk(k)
+        for rank, (token_id, lp) in enumerate(zip(top_ids.tolist(), top_lp.tolist(), strict=True), start=1):
+            assert token_id in entry, f"position {i}: top-{k} token {token_id} missing"
+            assert abs(entry[token_id].logprob - lp) < PROMPT_LOGPROB_ATOL
+            if token_id != token:
+                assert entry[token_id].rank == rank
+        assert len(entry) <= k + 1
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [8192, 16], ids=["whole-prompts", "chunked-prefill"])
+def test_prompt_logprobs_match_hf(checkpoints, max_num_batched_tokens):
+    prompts = random_prompts([2, 17, 40, 70], seed=6)
+    llm = LLM(checkpoints["llama31"], device="cpu", dtype="float32", max_model_len=256, num_blocks=64,
+              max_num_batched_tokens=max_num_batched_tokens)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True,
+                            prompt_logprobs=PROMPT_K)
+    outputs = llm.generate(prompts, params)
+    assert_matches_hf(checkpoints["llama31"], prompts, outputs)  # generation is untouched
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert_prompt_logprobs_match_hf(checkpoints["llama31"], prompt, out)
+    assert llm.llm_engine.get_stats().num_free_blocks == 64
+
+
+def test_prompt_logprobs_with_a_warm_prefix_cache(checkpoints):
+    path = checkpoints["qwen2"]
+    prompt = random_prompts([45], seed=7)[0]
+    llm = LLM(path, device="cpu", dtype="float32", max_model_len=256, num_blocks=64, block_size=8)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=PROMPT_K)
+    plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    cold = llm.generate([prompt], params)[0]
+    warm_plain = llm.generate([prompt], plain)[0]
+    assert warm_plain.num_cached_tokens == 40  # the first request registered its 5 full blocks
+    warm = llm.generate([prompt, prompt[:30] + [7, 8]], params)  # both prefixes are cached now
+    assert [o.num_cached_tokens for o in warm] == [0, 0]  # prompt logprobs read no cached prefix
+    for out, p in ((cold, prompt), (warm[0], prompt), (warm[1], prompt[:30] + [7, 8])):
+        assert_prompt_logprobs_match_hf(path, p, out)
+    assert warm[0].outputs[0].token_ids == cold.outputs[0].token_ids == warm_plain.outputs[0].token_ids
+    assert llm.llm_engine.get_stats().num_free_blocks == 64
+
+
+def test_prompt_logprobs_survive_preemption_mid_prefill(checkpoints):
+    """A long prompt is preempted while its chunks are being scored, then re-admitted: the prefix
+    cache may restore only what was scored, and nothing is scored twice."""
+    path = checkpoints["llama"]
+    engine = LLM(path, device="cpu", dtype="float32", max_model_len=64, num_blocks=8, block_size=8,
+                 max_num_batched_tokens=4).llm_engine
+    prompt = random_prompts([40], seed=8)[0]
+    engine.add_request("decoder", random_prompts([17], seed=9)[0],
+                       SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    engine.add_request("scored", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
+                                                        prompt_logprobs=PROMPT_K))
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+    assert engine.get_stats().num_preemptions > 0
+    assert_prompt_logprobs_match_hf(path, prompt, final["scored"])
+    assert engine.get_stats().num_free_blocks == 8

@@ -112,6 +112,36 @@ def test_prepare_completion_text_prompt_without_echo():
     assert (prepared.prompt_ids, prepared.prompt_texts, prepared.params.max_tokens) == ([[1, 97, 98]], ["ab"], 3)
 
 
+def test_prepare_completion_echo_with_logprobs_asks_for_prompt_logprobs():
+    echo = prepare_completion(proto.CompletionRequest(prompt="ab", echo=True, logprobs=2), CONTEXT, "tiny")
+    assert (echo.params.logprobs, echo.params.prompt_logprobs, echo.echo_only) == (2, 2, False)
+    plain = prepare_completion(proto.CompletionRequest(prompt="ab", logprobs=2), CONTEXT, "tiny")
+    assert plain.params.prompt_logprobs is None
+    explicit = prepare_completion(proto.CompletionRequest(prompt="ab", echo=True, logprobs=2, prompt_logprobs=0),
+                                  CONTEXT, "tiny")
+    assert explicit.params.prompt_logprobs == 0  # vLLM: an explicit prompt_logprobs wins
+
+
+def test_prepare_completion_echo_with_max_tokens_zero_runs_one_step():
+    req = proto.CompletionRequest(prompt=[7] * 32, echo=True, logprobs=1, max_tokens=0)  # the whole window
+    prepared = prepare_completion(req, CONTEXT, "tiny")
+    assert (prepared.params.max_tokens, prepared.params.prompt_logprobs, prepared.echo_only) == (1, 1, True)
+    too_long = proto.CompletionRequest(prompt=[7] * 33, echo=True, max_tokens=0)
+    assert refusal(prepare_completion, too_long, CONTEXT, "tiny")[:2] == (400, "prompt")
+    no_echo = proto.CompletionRequest(prompt="ab", max_tokens=0)
+    assert refusal(prepare_completion, no_echo, CONTEXT, "tiny")[:2] == (400, "max_tokens")
+
+
+def test_prompt_logprobs_field_is_vllms():
+    chat = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], prompt_logprobs=3)
+    assert prepare_chat(chat, CONTEXT, "tiny").params.prompt_logprobs == 3
+    with pytest.raises(ValueError, match="not available when stream is true"):
+        proto.CompletionRequest(prompt="hi", prompt_logprobs=1, stream=True)
+    assert proto.CompletionRequest(prompt="hi", prompt_logprobs=0, stream=True).prompt_logprobs == 0
+    with pytest.raises(ValueError, match="less than or equal to 20"):
+        proto.CompletionRequest(prompt="hi", prompt_logprobs=21)
+
+
 def test_prepare_chat_prefers_max_completion_tokens():
     req = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "hi", "name": "bo"}], max_tokens=9,
                                       max_completion_tokens=2, logprobs=True)

@@ -17,6 +17,7 @@ from lmforge.runtime.openai_responses import (
     SSE_DONE,
     StreamCursor,
     chat_logprobs,
+    chat_response,
     chat_stream,
     completion_logprobs,
     completion_response,
@@ -24,9 +25,11 @@ from lmforge.runtime.openai_responses import (
     engine_error,
     finite,
     holdback,
+    prompt_completion_logprobs,
+    prompt_logprobs_body,
     with_error_event,
 )
-from lmforge.runtime.outputs import CompletionOutput, RequestOutput
+from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 
 TOKENS = {5: "a", 6: "bc", 7: "é"}
@@ -44,6 +47,14 @@ def output(text: str, token_ids: list[int], finish_reason: str | None = None, in
 
 def request_output(*outputs: CompletionOutput) -> RequestOutput:
     return RequestOutput("r", None, [1, 2], list(outputs), finished=all(c.finished for c in outputs))
+
+
+def scored_output(*outputs: CompletionOutput) -> RequestOutput:
+    """Prompt [5, 6, 7] with prompt logprobs (k=1): 6 was the top token, 7 was not."""
+    prompt_logprobs = [None, {6: Logprob(-0.5, 1, "bc"), 5: Logprob(-1.5, 2, "a")},
+                       {7: Logprob(-math.inf, 9, "é"), 5: Logprob(-0.25, 1, "a")}]
+    return RequestOutput("r", None, [5, 6, 7], list(outputs), finished=all(c.finished for c in outputs),
+                         prompt_logprobs=prompt_logprobs)
 
 
 def prepared(prompt_ids: list[list[int]], texts: list[str] | None = None) -> Prepared:
@@ -86,7 +97,70 @@ def test_chat_logprobs_has_exactly_k_alternatives_and_utf8_bytes():
     assert [(t.token, t.logprob) for t in got[0].top_logprobs] == [("a", -0.5)]
 
 
+def test_prompt_completion_logprobs_first_token_is_null():
+    got = prompt_completion_logprobs(token_str, scored_output(), 1)
+    assert got == proto.CompletionLogprobs(
+        tokens=["a", "bc", "é"], token_logprobs=[None, -0.5, MIN_LOGPROB], text_offset=[0, 1, 3],
+        top_logprobs=[None, {"bc": -0.5}, {"a": -0.25, "é": MIN_LOGPROB}])
+
+
+def test_prompt_logprobs_body_is_vllms_json():
+    body = prompt_logprobs_body(scored_output().prompt_logprobs)
+    assert json.loads(proto.CompletionChoice(index=0, text="", prompt_logprobs=body).model_dump_json())[
+        "prompt_logprobs"] == [None, {"6": {"logprob": -0.5, "rank": 1, "decoded_token": "bc"},
+                                      "5": {"logprob": -1.5, "rank": 2, "decoded_token": "a"}},
+                               {"7": {"logprob": MIN_LOGPROB, "rank": 9, "decoded_token": "é"},
+                                "5": {"logprob": -0.25, "rank": 1, "decoded_token": "a"}}]
+    assert prompt_logprobs_body(None) is None
+
+
 # --- whole responses --------------------------------------------------------------------------------
+
+
+def test_completion_response_echo_with_logprobs_prompt_first():
+    req = proto.CompletionRequest(prompt=[5, 6, 7], echo=True, logprobs=1)
+    finals = {0: scored_output(output("a", [5], "length", logprobs=[{5: -0.1, 6: -3.0}]))}
+    body = completion_response(req, prepared([[5, 6, 7]], ["abcé"]), "cmpl-1", finals, token_str)
+    choice = body.choices[0]
+    assert choice.text == "abcéa"
+    assert choice.logprobs.tokens == ["a", "bc", "é", "a"]
+    assert choice.logprobs.token_logprobs == [None, -0.5, MIN_LOGPROB, -0.1]
+    assert choice.logprobs.top_logprobs[0] is None and choice.logprobs.top_logprobs[3] == {"a": -0.1}
+    assert choice.logprobs.text_offset == [0, 1, 3, 4]
+    assert len(choice.prompt_logprobs) == 3  # vLLM's field too
+    assert body.usage.completion_tokens == 1
+
+
+def test_completion_response_echo_only_drops_the_generated_token():
+    req = proto.CompletionRequest(prompt=[5, 6, 7], echo=True, logprobs=1, max_tokens=0)
+    finals = {0: scored_output(output("a", [5], "length", logprobs=[{5: -0.1}]))}
+    echo_only = Prepared([[5, 6, 7]], ["abcé"], SamplingParams(max_tokens=1), "tiny", echo_only=True)
+    body = completion_response(req, echo_only, "cmpl-1", finals, token_str)
+    choice = body.choices[0]
+    assert (choice.text, choice.finish_reason, choice.logprobs.tokens) == ("abcé", "length", ["a", "bc", "é"])
+    assert body.usage == proto.UsageInfo(prompt_tokens=3, completion_tokens=0, total_tokens=3)
+    events = collect(completion_stream(req.model_copy(update={"stream": True}), echo_only, "cmpl-1",
+                                       _stream_of([(0, finals[0])]), token_str))
+    assert [(c["choices"][0]["text"], c["choices"][0]["logprobs"]["tokens"]) for c in events[:-1]] == [
+        ("abcé", ["a", "bc", "é"])]
+
+
+def test_completion_stream_echo_sends_the_prompt_logprobs_first():
+    req = proto.CompletionRequest(prompt=[5, 6, 7], echo=True, logprobs=1, stream=True)
+    outs = [(0, scored_output(output("a", [5], logprobs=[{5: -0.1}]))),
+            (0, scored_output(output("abc", [5, 6], "length", logprobs=[{5: -0.1}, {6: -0.2}])))]
+    events = collect(completion_stream(req, prepared([[5, 6, 7]], ["abcé"]), "cmpl-1", _stream_of(outs), token_str))
+    first, second = (e["choices"][0] for e in events[:-1])
+    assert (first["text"], first["logprobs"]["token_logprobs"]) == ("abcéa", [None, -0.5, MIN_LOGPROB, -0.1])
+    assert (second["text"], second["logprobs"]["token_logprobs"]) == ("bc", [-0.2])
+
+
+def test_chat_response_carries_prompt_logprobs_once():
+    req = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], prompt_logprobs=1)
+    body = chat_response(req, prepared([[5, 6, 7]]), "chatcmpl-1", {0: scored_output(output("a", [5], "stop"))},
+                         token_str)
+    assert body.prompt_logprobs[0] is None and body.prompt_logprobs[1][6].rank == 1
+    assert "prompt_logprobs" not in body.choices[0].model_dump()
 
 
 def test_completion_response_numbers_choices_across_prompts_and_echoes():

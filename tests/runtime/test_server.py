@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -120,6 +121,72 @@ def test_batched_prompts_token_ids_and_echo(server, client):
     assert by_ids.choices[0].text == single
     echoed = client.completions.create(prompt="Hello", max_tokens=5, echo=True, **GREEDY)
     assert echoed.choices[0].text == "Hello" + single
+
+
+def _hf_prompt_logprobs(model_dir, prompt: list[int]) -> list[float]:
+    """HF transformers' fp32 log_softmax: the logprob of each prompt token after the first."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    return [logprobs[i, token].item() for i, token in enumerate(prompt[1:])]
+
+
+def test_echo_logprobs_score_the_prompt_as_lm_eval_asks(server, client, tiny_model_dir):
+    """lm-eval's local-completions: echo + logprobs with max_tokens=1 or 0; the prompt's logprobs
+    equal HF transformers' and the first token has none."""
+    prompt = server.post("/tokenize", json={"prompt": "The quick brown fox jumps over"}).json()["tokens"]
+    one = client.completions.create(prompt=prompt, max_tokens=1, echo=True, logprobs=2, **GREEDY)
+    lp = one.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:-1] == pytest.approx(_hf_prompt_logprobs(tiny_model_dir, prompt), abs=1e-4)
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    greedy_token = lp.tokens[-1]
+    assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values())) and greedy_token
+
+    zero = client.completions.create(prompt=prompt, max_tokens=0, echo=True, logprobs=2, **GREEDY)
+    choice = zero.choices[0]
+    assert one.choices[0].text == choice.text + greedy_token  # the prompt alone
+    assert choice.logprobs.token_logprobs == lp.token_logprobs[:-1] and choice.logprobs.tokens == lp.tokens[:-1]
+    assert choice.finish_reason == "length"
+    assert (zero.usage.prompt_tokens, zero.usage.completion_tokens) == (len(prompt), 0)
+    vllm_field = choice.model_extra["prompt_logprobs"]  # vLLM's extra: {token id: {logprob, rank, decoded_token}}
+    assert len(vllm_field) == len(prompt) and vllm_field[0] is None
+    for token, logprob, entry in zip(prompt[1:], lp.token_logprobs[1:], vllm_field[1:], strict=False):
+        assert entry[str(token)]["logprob"] == logprob and entry[str(token)]["rank"] >= 1
+
+    repeat = client.completions.create(prompt=prompt, max_tokens=0, echo=True, logprobs=2, **GREEDY)
+    assert repeat.choices[0].logprobs == choice.logprobs  # a warm prefix cache changes nothing
+    deadline = time.monotonic() + 30
+    while server.metric("vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("lmforge:kv_cache_free_blocks") == server.metric("lmforge:kv_cache_total_blocks") == 512
+
+
+def test_streamed_echo_logprobs_equal_non_streamed(client):
+    kwargs = dict(prompt="Hello world", max_tokens=4, echo=True, logprobs=1, **GREEDY)
+    full = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(c.text for c in chunks) == full.text
+    assert [x for c in chunks for x in c.logprobs.token_logprobs] == full.logprobs.token_logprobs
+    assert [x for c in chunks for x in c.logprobs.tokens] == full.logprobs.tokens
+
+
+def test_prompt_logprobs_extra_field_on_completions_and_chat(client):
+    extra = {"ignore_eos": True, "prompt_logprobs": 2}
+    out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0, extra_body=extra)
+    plp = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == out.usage.prompt_tokens and plp[0] is None
+    assert all(2 <= len(entry) <= 3 for entry in plp[1:])
+    assert out.choices[0].logprobs is None  # no logprobs asked: only vLLM's field
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          temperature=0, extra_body=extra)
+    plp = chat.model_extra["prompt_logprobs"]
+    assert len(plp) == chat.usage.prompt_tokens and plp[0] is None
+    assert all(e["decoded_token"] is not None for entry in plp[1:] for e in entry.values())
 
 
 def test_seeded_sampling_is_reproducible(client):
