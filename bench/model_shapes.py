@@ -82,6 +82,8 @@ def write_shape(path: pathlib.Path, shape: str, max_position_embeddings: int) ->
 
     dims = SHAPES[shape]
     path.mkdir(parents=True, exist_ok=True)
+    # transformers warns unless the llama3 rope's original context is below the model's
+    max_position_embeddings = max(max_position_embeddings, dims["rope_scaling"]["original_max_position_embeddings"] + 1)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5, "initializer_range": 0.02,
