@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -43,6 +44,8 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        # only the final outputs are returned: the engine need not build one per step (vLLM does the same)
+        params_list = [dataclasses.replace(p, output_kind="final_only") for p in params_list]
         order: dict[str, int] = {}
         for prompt, p in zip(prompts, params_list, strict=True):
             rid = str(next(self._ids))

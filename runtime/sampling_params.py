@@ -25,6 +25,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: outputs carry token ids only (text stays ""); no stop strings then
+    # "cumulative": an output after every step (streaming); "final_only": only when the request ends
+    # (offline generate: saves copying every growing output every step, as vLLM's RequestOutputKind)
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +54,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        if self.output_kind not in ("cumulative", "final_only"):
+            raise ValueError(f"output_kind must be 'cumulative' or 'final_only', got {self.output_kind!r}")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True (use stop_token_ids to stop on ids)")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:

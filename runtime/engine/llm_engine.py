@@ -164,10 +164,12 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.prompt_tokens_total += len(req.prompt_token_ids)
-            if req.finished:
+            finished = req.finished
+            if finished:
                 req.finish_time = now
                 del self.requests[req.request_id]
-            outputs.append(self._make_output(req))
+            if finished or req.params.output_kind != "final_only":
+                outputs.append(self._make_output(req))
         return outputs
 
     def _process_token(self, seq: Sequence) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmforge.runtime.engine.attention import (
@@ -159,11 +160,12 @@ class ModelRunner:
 
     def _common_meta(self, slots: list[int], tables: list[list[int]], query_lens: list[int],
                      seq_lens: list[int]) -> CommonAttentionMetadata:
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)  # right-padded with 0
+        for row, table in enumerate(tables):
+            padded[row, : len(table)] = table
         return CommonAttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=self.device),
+            block_tables=torch.from_numpy(padded).to(self.device),
             query_lens=query_lens, seq_lens=seq_lens, block_size=self.block_size,
         )
 

@@ -58,6 +58,23 @@ def test_outputs_are_cumulative_and_finish_with_length(make_engine):
     assert stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == 64
 
 
+def test_final_only_requests_produce_one_output_with_the_same_result(make_engine):
+    engine = make_engine()
+    engine.add_request("streamed", [5, 6, 7], greedy(6, logprobs=2))
+    engine.add_request("final", [5, 6, 7], greedy(6, logprobs=2, output_kind="final_only"))
+    engine.add_request("cut", [5, 6, 7], greedy(50, output_kind="final_only"))
+    first = engine.step()
+    assert [o.request_id for o in first] == ["streamed"]  # the final_only ones stay quiet
+    engine.abort_request("cut")
+    seen = run_all(engine)
+    assert len(seen["streamed"]) == 5 and len(seen["final"]) == 1 and len(seen["cut"]) == 1
+    final, last = seen["final"][0].outputs[0], seen["streamed"][-1].outputs[0]
+    assert seen["final"][0].finished and final.token_ids == last.token_ids and final.logprobs == last.logprobs
+    assert seen["cut"][0].outputs[0].finish_reason == "abort"
+    with pytest.raises(ValueError, match="output_kind"):
+        greedy(output_kind="delta")
+
+
 def test_add_request_validation(make_engine):
     engine = make_engine()
     with pytest.raises(ValueError, match="129 tokens, more than max_model_len=128"):
