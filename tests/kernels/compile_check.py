@@ -80,6 +80,12 @@ def run_wrappers() -> None:
     kv_cache.reshape_and_cache(key, key, cache, cache, c(torch.arange(3)))
     cache8, scale = c(torch.zeros(4, 16, 8, 128, dtype=torch.int8)), c(torch.zeros(4, 16, 8))
     kv_cache.reshape_and_cache_int8(key, key, cache8, cache8, scale, scale, c(torch.arange(3)))
+    # the CUDA-graph decode path passes positions and slots as int32 views of one input buffer
+    i32 = c(torch.arange(3, dtype=torch.int32))
+    rope.rope(i32, c(torch.randn(3, 32, 128, dtype=bf16)), c(torch.randn(3, 8, 128, dtype=bf16)),
+              c(build_rope_cache(128, 16)))  # fmt: skip
+    kv_cache.reshape_and_cache(key, key, cache, cache, i32)
+    kv_cache.reshape_and_cache_int8(key, key, cache8, cache8, scale, scale, i32)
 
     block_tables, seq_lens = c(torch.zeros(2, 4, dtype=torch.int32)), c(torch.full((2,), 3, dtype=torch.int32))
     cu_seqlens_q = c(torch.tensor([0, 2, 5], dtype=torch.int32))
