@@ -22,11 +22,12 @@ Connection errors and timeouts are aiohttp's (`aiohttp.ClientError`, `TimeoutErr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -248,3 +249,28 @@ class KubeApi:
             if response.status in ok:
                 return None
             raise ApiError(response.status, response.reason or "", text)
+
+
+@dataclass(slots=True, kw_only=True)
+class ControllerRuntime:
+    """Base of each controller's per-process state (kept in kopf's memo): the Kubernetes client,
+    built on first use by `api_factory` (tests pass one that points at their server)."""
+
+    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
+    _api: KubeApi | None = field(default=None, repr=False)
+
+    @property
+    def api(self) -> KubeApi:
+        if self._api is None:
+            self._api = self.api_factory()
+        return self._api
+
+    async def connect(self) -> None:
+        """Reads the credentials (file I/O, maybe an exec plugin) off the event loop, at start-up,
+        before the first handler needs them."""
+        await asyncio.to_thread(lambda: self.api)
+
+    async def close(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +41,7 @@ from lmforge.operator.builders.inferenceservice_status import (
     set_condition,
 )
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.kube import DEPLOYMENTS, POD_DISRUPTION_BUDGETS, ApiError, KubeApi
+from lmforge.operator.kube import DEPLOYMENTS, POD_DISRUPTION_BUDGETS, ApiError, ControllerRuntime
 
 PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
@@ -70,18 +70,10 @@ class Handle:
 
 
 @dataclass(slots=True)
-class Runtime:
+class Runtime(ControllerRuntime):
     cfg: build.BuildConfig
-    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
     handles: dict[tuple[str, str], Handle] = field(default_factory=dict)
     session: Any = None  # aiohttp.ClientSession, opened on first scrape
-    _api: KubeApi | None = None
-
-    @property
-    def api(self) -> KubeApi:
-        if self._api is None:
-            self._api = self.api_factory()
-        return self._api
 
     def handle(self, namespace: str, name: str) -> Handle:
         return self.handles.setdefault((namespace, name), Handle())
@@ -118,7 +110,7 @@ def _patch_status(patch: kopf.Patch, old: InferenceServiceStatus, new: Inference
 @kopf.on.startup(id="inferenceservice-runtime")
 async def _startup(memo: kopf.Memo, **_: Any) -> None:
     runtime = Runtime(cfg=build_config_from_env())
-    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    await runtime.connect()
     memo.inferenceservice = runtime
 
 
@@ -129,8 +121,7 @@ async def _shutdown(memo: kopf.Memo, **_: Any) -> None:
         return
     if runtime.session is not None:
         await runtime.session.close()
-    if runtime._api is not None:
-        await runtime._api.close()
+    await runtime.close()
 
 
 @kopf.index("pods", labels=OWNED)

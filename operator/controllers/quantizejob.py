@@ -12,11 +12,10 @@ that reads two indexes and writes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +32,7 @@ from lmforge.operator.builders.quantizejob_status import (
     invalid,
 )
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.kube import ApiError, KubeApi
+from lmforge.operator.kube import ApiError, ControllerRuntime
 
 PLURAL = "quantizejobs"
 INTERVAL = float(os.environ.get("LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS", "3"))
@@ -49,17 +48,8 @@ def build_config_from_env() -> build.BuildConfig:
 
 
 @dataclass(slots=True)
-class Runtime:
+class Runtime(ControllerRuntime):
     cfg: build.BuildConfig
-    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
-    _api: KubeApi | None = field(default=None, repr=False)
-
-    @property
-    def api(self) -> KubeApi:
-        if self._api is None:
-            self._api = self.api_factory()
-        return self._api
-
 
 
 def _now() -> datetime:
@@ -72,15 +62,15 @@ def _now() -> datetime:
 @kopf.on.startup(id="quantizejob-runtime")
 async def _startup(memo: kopf.Memo, **_: Any) -> None:
     runtime = Runtime(cfg=build_config_from_env())
-    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    await runtime.connect()
     memo.quantizejob = runtime
 
 
 @kopf.on.cleanup(id="quantizejob-runtime-close")
 async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "quantizejob", None)
-    if runtime is not None and runtime._api is not None:
-        await runtime._api.close()
+    if runtime is not None:
+        await runtime.close()
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,7 @@ from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, decide
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.kube import CONFIG_MAPS, PODS, SERVICES, TRAINJOBS, ApiError, KubeApi
+from lmforge.operator.kube import CONFIG_MAPS, PODS, SERVICES, TRAINJOBS, ApiError, ControllerRuntime, KubeApi
 
 PLURAL = "trainjobs"
 COALESCE_SECONDS = 0.2  # pods of a gang change together: one reconcile for the burst
@@ -57,17 +57,9 @@ class JobHandle:
 
 
 @dataclass(slots=True)
-class Runtime:
+class Runtime(ControllerRuntime):
     cfg: build.BuildConfig
-    api_factory: Callable[[], KubeApi] = KubeApi.from_environment
     handles: dict[tuple[str, str], JobHandle] = field(default_factory=dict)
-    _api: KubeApi | None = None
-
-    @property
-    def api(self) -> KubeApi:
-        if self._api is None:
-            self._api = self.api_factory()
-        return self._api
 
     def handle(self, namespace: str, name: str) -> JobHandle:
         return self.handles.setdefault((namespace, name), JobHandle())
@@ -92,15 +84,15 @@ def _resource_version(obj: Mapping[str, Any] | None) -> int:
 @kopf.on.startup(id="trainjob-runtime")
 async def _startup(memo: kopf.Memo, **_: Any) -> None:
     runtime = Runtime(cfg=build_config_from_env())
-    await asyncio.to_thread(lambda: runtime.api)  # load credentials before the first handler needs them
+    await runtime.connect()
     memo.trainjob = runtime
 
 
 @kopf.on.cleanup(id="trainjob-runtime-close")
 async def _cleanup_runtime(memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "trainjob", None)
-    if runtime is not None and runtime._api is not None:
-        await runtime._api.close()
+    if runtime is not None:
+        await runtime.close()
 
 
 # The two indexes double as wake-up signals: kopf calls indexers on every watch event, in the
