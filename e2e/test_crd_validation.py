@@ -94,6 +94,14 @@ REJECTED = [
                  id="mergeAdapter-with-full"),
     pytest.param(trainjob(output={"dir": "hf://me/model"}), ["spec.output.dir", "cannot be an hf:// URI"],
                  id="output-to-hf"),
+    pytest.param(trainjob(model="s3://bucket/llama"), ["spec.model", "model: s3:// is not supported yet", "pvc://"],
+                 id="model-s3"),
+    pytest.param(trainjob(dataset={"source": "s3://bucket/train.jsonl"}),
+                 ["spec.dataset.source", "s3:// is not supported yet"], id="dataset-s3"),
+    pytest.param(trainjob(checkpoint={"dir": "s3://bucket/ckpt"}), ["spec.checkpoint.dir", "s3:// is not supported yet"],
+                 id="checkpoint-s3"),
+    pytest.param(trainjob(output={"dir": "s3://bucket/out"}), ["spec.output.dir", "s3:// is not supported yet"],
+                 id="output-s3"),
     pytest.param(trainjob(procsPerNode=16, resourcesPerNode={"limits": {"nvidia.com/gpu": 8}}),
                  ["spec.procsPerNode", "must not exceed the nvidia.com/gpu limit"], id="procs-over-gpus"),
     pytest.param(trainjob(resourcesPerNode={"limits": {"nvidia.com/gpu": "eight"}}),
@@ -116,6 +124,8 @@ REJECTED = [
     pytest.param(isvc(engine={"blockSize": 17}), ["spec.engine.blockSize", "Unsupported value: 17"],
                  id="isvc-block-size-17"),
     pytest.param(isvc(replicas=-1), ["spec.replicas"], id="isvc-negative-replicas"),
+    pytest.param(isvc(model={"source": "s3://bucket/llama"}), ["spec.model.source", "s3:// is not supported yet"],
+                 id="isvc-model-s3"),
     pytest.param(quantizejob(method="w3a16"), ["spec.method", 'Unsupported value: "w3a16"'], id="qj-unknown-method"),
     pytest.param(quantizejob(method="w4a16-rtn", groupSize=100),
                  ["spec.groupSize", "groupSize must be 32, 64 or 128"], id="qj-group-size-100"),
@@ -125,6 +135,12 @@ REJECTED = [
                  id="qj-fp8-group-size"),
     pytest.param(quantizejob(method="w4a16-awq", calibration={"dataset": "/d.jsonl", "samples": 0}),
                  ["spec.calibration.samples"], id="qj-zero-samples"),
+    pytest.param(quantizejob(model="s3://bucket/llama"), ["spec.model", "s3:// is not supported yet"], id="qj-model-s3"),
+    pytest.param(quantizejob(output="s3://bucket/q"), ["spec.output", "s3:// is not supported yet"], id="qj-output-s3"),
+    pytest.param(quantizejob(method="w4a16-gptq", calibration={"dataset": "s3://bucket/c.jsonl"}),
+                 ["spec.calibration.dataset", "s3:// is not supported yet"], id="qj-calibration-s3"),
+    pytest.param(quantizejob(method="w4a16-gptq", calibration={"dataset": "hf://me/calib"}),
+                 ["spec.calibration.dataset", "cannot be an hf:// URI"], id="qj-calibration-hf"),
 ]
 
 
@@ -139,6 +155,12 @@ def test_bad_spec_is_rejected_naming_the_field(crds, obj: dict[str, Any], fragme
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_accepted(crds, path: Path) -> None:
     result = crds.kubectl("apply", "--dry-run=server", "-n", NAMESPACE, "-f", str(path), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_hf_sources_are_accepted(crds) -> None:
+    obj = trainjob(model="hf://meta-llama/Llama-3.2-1B", dataset={"source": "hf://me/chat-data"})
+    result = apply(crds, obj)
     assert result.returncode == 0, result.stderr
 
 

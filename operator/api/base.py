@@ -99,13 +99,16 @@ def sub(model: type[BaseModel], **kwargs: Any) -> Any:
 
 # --- scalar types ------------------------------------------------------------------------------
 
-# Where weights, datasets and outputs live. RE2 (CEL) and Python `re` agree on this pattern.
-URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.+|/.*|hf://[^/ ]+/[^/ ]+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?)$"
-URI_MESSAGE = (
-    "must be pvc://<claim>/<path>, hostPath:///<abs path>, an absolute path, hf://<org>/<name> "
-    "or s3://<bucket>/<key>"
-)
+# Where weights, datasets and outputs live. RE2 (CEL) and Python `re` agree on this pattern. s3:// is
+# recognised only to be refused with a clear message (`local_uri`): nothing in lmforge reads S3 yet.
+URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.+|/.*|hf://[^/ ]+/[^/ ]+|s3://.*)$"
+URI_MESSAGE = "must be pvc://<claim>/<path>, hostPath:///<abs path>, an absolute path or hf://<org>/<name>"
 _URI_RE = re.compile(URI_PATTERN)
+
+
+def s3_message(field: str) -> str:
+    return (f"{field}: s3:// is not supported yet; copy the data to a volume and use pvc://<claim>/<path> "
+            "or hostPath:///<abs path>")
 
 
 def _check_uri(value: str) -> str:
@@ -114,21 +117,34 @@ def _check_uri(value: str) -> str:
     return value
 
 
-# A model/dataset/output location. The rule is CEL on the string itself so that the API server's
-# error reads `spec.model: Invalid value: "ftp://x": must be pvc://...`.
-SourceURI = Annotated[
-    str,
-    AfterValidator(_check_uri),
-    Field(min_length=1, max_length=2048),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 2048,
-            "x-kubernetes-validations": [{"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE}],
-        }
-    ),
-]
+def local_uri(field: str) -> Any:
+    """A model/dataset/output location: pvc://, hostPath://, an absolute path or hf://. The rules
+    are CEL on the string itself, so the API server's error reads `spec.model: Invalid value:
+    "ftp://x": must be pvc://...`; s3:// gets its own message naming `field` (the spec path)."""
+
+    def no_s3(value: str) -> str:
+        if value.startswith("s3://"):
+            raise ValueError(s3_message(field))
+        return value
+
+    return Annotated[
+        str,
+        AfterValidator(no_s3),
+        AfterValidator(_check_uri),
+        Field(min_length=1, max_length=2048),
+        WithJsonSchema(
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 2048,
+                "x-kubernetes-validations": [
+                    {"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE},
+                    {"rule": "!self.startsWith('s3://')", "message": s3_message(field)},
+                ],
+            }
+        ),
+    ]
+
 
 # Kubernetes resource quantity ("8", 8, "64Gi", "500m").
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"

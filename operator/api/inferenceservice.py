@@ -22,9 +22,9 @@ from lmforge.operator.api.base import (
     Rule,
     ScaleSubresource,
     SecretKeyRef,
-    SourceURI,
     StatusModel,
     Timestamp,
+    local_uri,
     name_rule,
     sub,
 )
@@ -33,8 +33,8 @@ from lmforge.operator.api.base import (
 class ModelSpec(ApiModel):
     """The checkpoint to serve and how to load it."""
 
-    source: SourceURI
-    """HF-layout checkpoint: pvc://, hostPath://, an absolute path, hf:// or s3://."""
+    source: local_uri("model.source")
+    """HF-layout checkpoint: pvc://, hostPath://, an absolute path or hf://org/name (downloaded by every replica). s3:// is not supported yet."""
     served_name: str | None = Field(None, min_length=1, max_length=256)
     """Model id in the OpenAI API (default: the resource name)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

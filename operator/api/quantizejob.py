@@ -19,9 +19,9 @@ from lmforge.operator.api.base import (
     PrinterColumn,
     ResourceRequirements,
     Rule,
-    SourceURI,
     StatusModel,
     Timestamp,
+    local_uri,
     name_rule,
 )
 
@@ -31,8 +31,18 @@ QuantizeMethod = Literal["w8a16", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "fp8"]
 class Calibration(ApiModel):
     """Calibration data for GPTQ/AWQ (and optional for the others' accuracy report)."""
 
-    dataset: SourceURI
-    """JSON Lines with "text" or "messages" per line."""
+    __rules__ = (
+        Rule(
+            cel="!self.dataset.startsWith('hf://')",
+            message="calibration.dataset cannot be an hf:// URI: the quantizer reads a JSON Lines file from "
+            "pvc://, hostPath:// or a path",
+            check=lambda c: not c.dataset.startswith("hf://"),
+            field_path=".dataset",
+        ),
+    )
+
+    dataset: local_uri("calibration.dataset")
+    """JSON Lines with "text" or "messages" per line: pvc://, hostPath:// or an absolute path."""
     samples: int = Field(128, ge=1, le=65536)
     """Calibration sequences."""
     seq_len: int = Field(512, ge=16, le=131072)
@@ -74,14 +84,14 @@ class QuantizeJobSpec(ApiModel):
         ),
         Rule(
             cel="!self.output.startsWith('hf://')",
-            message="output cannot be an hf:// URI: outputs go to pvc://, hostPath://, a path or s3://",
+            message="output cannot be an hf:// URI: outputs go to pvc://, hostPath:// or a path",
             check=lambda s: not s.output.startswith("hf://"),
             field_path=".output",
         ),
     )
 
-    model: SourceURI
-    """HF-layout checkpoint to quantize."""
+    model: local_uri("model")
+    """HF-layout checkpoint to quantize: pvc://, hostPath://, an absolute path or hf://org/name (downloaded in the pod). s3:// is not supported yet."""
     method: QuantizeMethod
     """w8a16: int8 weights per channel. w4a16-rtn/gptq/awq: int4 weights in groups (round-to-nearest, GPTQ, AWQ). fp8: float8 e4m3 weights and activations."""
     group_size: int | None = Field(None, ge=-1, le=4096)
@@ -90,8 +100,8 @@ class QuantizeJobSpec(ApiModel):
     """Calibration data (required for gptq and awq)."""
     ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(["lm_head"], max_length=256)
     """Module names (or re:<regex>) left unquantized."""
-    output: SourceURI
-    """Output directory (compressed-tensors checkpoint)."""
+    output: local_uri("output")
+    """Output directory (compressed-tensors checkpoint): pvc://, hostPath:// or an absolute path."""
     serve_after: ServeAfter | None = None
     """Serve the result when done."""
     image: str | None = Field(None, min_length=1, max_length=512)

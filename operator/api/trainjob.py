@@ -19,9 +19,9 @@ from lmforge.operator.api.base import (
     PrinterColumn,
     ResourceRequirements,
     Rule,
-    SourceURI,
     StatusModel,
     Timestamp,
+    local_uri,
     name_rule,
     sub,
 )
@@ -33,8 +33,8 @@ ShortName = Annotated[str, Field(min_length=1, max_length=253)]
 class Dataset(ApiModel):
     """Training data: JSON Lines, one example per line."""
 
-    source: SourceURI
-    """Where the .jsonl file (or a directory of them) lives: pvc://, hostPath://, an absolute path, hf:// or s3://."""
+    source: local_uri("dataset.source")
+    """Where the .jsonl file (or a directory of them) lives: pvc://, hostPath://, an absolute path or hf://org/name (a dataset repo: its *.jsonl files are downloaded by the worker, see README). s3:// is not supported yet."""
     format: Literal["text", "messages"] = "messages"
     """`text`: {"text": ...} per line (causal LM). `messages`: {"messages": [{"role", "content"}, ...]} per line, rendered with the model's chat template; loss on assistant turns only."""
     max_samples: int | None = Field(None, ge=1)
@@ -111,13 +111,13 @@ class Checkpoint(ApiModel):
     __rules__ = (
         Rule(
             cel="!has(self.dir) || !self.dir.startsWith('hf://')",
-            message="checkpoint.dir cannot be an hf:// URI: checkpoints go to pvc://, hostPath://, a path or s3://",
+            message="checkpoint.dir cannot be an hf:// URI: checkpoints go to pvc://, hostPath:// or a path",
             check=lambda c: c.dir is None or not c.dir.startswith("hf://"),
             field_path=".dir",
         ),
     )
 
-    dir: SourceURI | None = None
+    dir: local_uri("checkpoint.dir") | None = None
     """Where checkpoints go; must be shared by all nodes. Default: <output.dir>/checkpoints."""
     every_steps: int = Field(500, ge=1)
     """Save every this many optimizer steps (and on SIGTERM)."""
@@ -133,13 +133,13 @@ class Output(ApiModel):
     __rules__ = (
         Rule(
             cel="!self.dir.startsWith('hf://')",
-            message="output.dir cannot be an hf:// URI: outputs go to pvc://, hostPath://, a path or s3://",
+            message="output.dir cannot be an hf:// URI: outputs go to pvc://, hostPath:// or a path",
             check=lambda o: not o.dir.startswith("hf://"),
             field_path=".dir",
         ),
     )
 
-    dir: SourceURI
+    dir: local_uri("output.dir")
     """Output directory."""
     merge_adapter: bool = False
     """lora only: also write the base model with the adapter merged in (<dir>/merged)."""
@@ -234,8 +234,8 @@ class TrainJobSpec(ApiModel):
         ),
     )
 
-    model: SourceURI
-    """Base model (HF layout): pvc://claim/path, hostPath:///abs/path, /abs/path, hf://org/name or s3://bucket/key."""
+    model: local_uri("model")
+    """Base model (HF layout): pvc://claim/path, hostPath:///abs/path, /abs/path or hf://org/name (downloaded by the worker, see README). s3:// is not supported yet."""
     dataset: Dataset
     """Training data."""
     method: Literal["full", "lora"] = "lora"

@@ -196,7 +196,7 @@ def storage_volumes(spec: TrainJobSpec) -> tuple[list[dict[str, Any]], list[dict
             kind = "DirectoryOrCreate" if uri in writable else ""
             volume = {"name": f"host-{len(volumes)}", "hostPath": {"path": path, **({"type": kind} if kind else {})}}
         else:
-            continue  # plain paths come from the image or user volumes; hf:// and s3:// are fetched by the worker
+            continue  # plain paths come from the image or user volumes; hf:// is downloaded by the worker (runtime/hub.py)
         if path in user_paths or any(m["mountPath"] == path for m in mounts):
             continue
         volumes.append(volume)

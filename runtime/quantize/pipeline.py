@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.runtime import hub
 from lmforge.runtime.quantize import checkpoint, report
 from lmforge.runtime.quantize.calibration import load_text_data
 from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions, matches, quantization_config
@@ -28,11 +29,12 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def resolve_model_dir(model: str) -> Path:
-    if model.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model[len("hf://"):]))
-    path = Path(model.removeprefix("hostPath://"))
+    """A local directory, hostPath:///dir, or hf://org/name (downloaded, see lmforge.runtime.hub;
+    a failed download raises HubError naming the URI)."""
+    if hub.is_hf_uri(model):
+        path = hub.resolve(model, repo_type="model", what="model")
+    else:
+        path = Path(model.removeprefix("hostPath://"))
     if not (path / "config.json").is_file():
         raise QuantizeError(f"{model} is not an HF checkpoint directory (no config.json)")
     return path

@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_args(args) -> int:
     """Entry for `lmforge train` (the CLI's parser already holds `add_train_arguments`)."""
+    from lmforge.runtime.hub import HubError
     from lmforge.runtime.train.config import ConfigError, load_config
     from lmforge.runtime.train.data import DatasetError
     from lmforge.runtime.train_args import overrides_from_args
@@ -37,6 +38,14 @@ def run_args(args) -> int:
     except (ConfigError, OSError) as exc:
         print(f"lmforge train: config error: {exc}", file=sys.stderr)
         return 2
+    try:  # hf:// sources are downloaded now, before any process group or GPU memory exists
+        _ = (cfg.model_path, cfg.dataset_path)
+    except ConfigError as exc:
+        print(f"lmforge train: config error: {exc}", file=sys.stderr)
+        return 2
+    except HubError as exc:
+        print(f"lmforge train: download error: {exc}", file=sys.stderr)
+        return 1
     from lmforge.runtime.train.loop import train
 
     try:

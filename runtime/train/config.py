@@ -168,15 +168,37 @@ class TrainConfig:
         return convert(self)
 
 
+# Keys whose hf://org/name the worker downloads itself (lmforge.runtime.hub), and the repo type.
+HUB_KEYS = {"model": "model", "dataset.source": "dataset"}
+
+
 def resolve_path(uri: str, key: str) -> Path:
-    """`/abs`, `file:///abs` and `hostPath:///abs` -> /abs; `pvc://claim/sub` -> $LMFORGE_PVC_ROOT/claim/sub.
-    hf:// and s3:// must be staged to a volume by the operator before the worker starts."""
+    """`/abs`, `file:///abs` and `hostPath:///abs` -> /abs; `pvc://claim/sub` -> $LMFORGE_PVC_ROOT/claim/sub;
+    `hf://org/name` (model and dataset.source only) -> its snapshot, downloaded on first use (once per
+    process; the local ranks of a node share one download, see lmforge.runtime.hub). s3:// is refused
+    at admission and here."""
     if uri.startswith(("hostPath://", "file://")):
         return Path(uri.split("://", 1)[1])
     if uri.startswith("pvc://"):
         return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / uri[len("pvc://"):]
-    _check("://" not in uri, key, f"{uri!r}: the worker reads local paths, hostPath:// or pvc:// only")
+    if uri.startswith("hf://") and key in HUB_KEYS:
+        return _hub_snapshot(uri, HUB_KEYS[key], key)
+    _check("://" not in uri, key, f"{uri!r}: the worker reads local paths, hostPath://, pvc://"
+           + (" or hf://" if key in HUB_KEYS else "") + " only")
     return Path(uri)
+
+
+_hub_paths: dict[tuple[str, str, str], Path] = {}
+
+
+def _hub_snapshot(uri: str, repo_type: str, key: str) -> Path:
+    """Downloads once per process (the properties above are read many times); raises HubError."""
+    from lmforge.runtime import hub
+
+    memo = (uri, repo_type, str(hub.cache_dir()))
+    if memo not in _hub_paths:
+        _hub_paths[memo] = hub.resolve(uri, repo_type=repo_type, what=key)
+    return _hub_paths[memo]
 
 
 def _section(cls: type, data: Any, where: str) -> Any:

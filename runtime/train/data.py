@@ -45,7 +45,9 @@ class PackedRows:
 
 def dataset_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
+        # The directory's own *.jsonl files; else those below it (a Hugging Face dataset repo keeps
+        # them under data/ or per split).
+        files = sorted(path.glob("*.jsonl")) or sorted(path.rglob("*.jsonl"))
         if not files:
             raise DatasetError(f"{path}: no *.jsonl files in the directory")
         return files

@@ -30,8 +30,7 @@ def test_trainjob_defaults() -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["pvc://models/llama", "pvc://models", "hostPath:///data/llama", "/data/llama", "hf://meta-llama/Llama-3.2-1B",
-     "s3://bucket/key/llama"],
+    ["pvc://models/llama", "pvc://models", "hostPath:///data/llama", "/data/llama", "hf://meta-llama/Llama-3.2-1B"],
 )
 def test_model_uri_schemes_accepted(uri: str) -> None:
     assert TrainJobSpec.model_validate(spec_dict(model=uri)).model == uri
@@ -57,6 +56,14 @@ INVALID = [
                  "mergeAdapter may only be true", id="tj-merge-adapter-full"),
     pytest.param(TrainJobSpec, spec_dict(output={"dir": "hf://me/out"}), "output.dir cannot be an hf://",
                  id="tj-output-hf"),
+    pytest.param(TrainJobSpec, spec_dict(model="s3://bucket/llama"), "model: s3:// is not supported yet",
+                 id="tj-model-s3"),
+    pytest.param(TrainJobSpec, spec_dict(dataset={"source": "s3://bucket/train.jsonl"}),
+                 "dataset.source: s3:// is not supported yet", id="tj-dataset-s3"),
+    pytest.param(TrainJobSpec, spec_dict(checkpoint={"dir": "s3://bucket/ckpt"}),
+                 "checkpoint.dir: s3:// is not supported yet", id="tj-checkpoint-s3"),
+    pytest.param(TrainJobSpec, spec_dict(output={"dir": "s3://b/out"}), "output.dir: s3:// is not supported yet",
+                 id="tj-output-s3"),
     pytest.param(TrainJobSpec, spec_dict(procsPerNode=16, resourcesPerNode={"limits": {"nvidia.com/gpu": 8}}),
                  "procsPerNode must not exceed", id="tj-procs-over-gpus"),
     pytest.param(TrainJobSpec, spec_dict(resourcesPerNode={"limits": {"nvidia.com/gpu": "eight"}}),
@@ -73,6 +80,16 @@ INVALID = [
     pytest.param(QuantizeJobSpec, qj(method="w4a16-gptq"), "calibration is required", id="qj-gptq-no-calibration"),
     pytest.param(QuantizeJobSpec, qj(method="fp8", groupSize=128), "groupSize may only be set", id="qj-fp8-group"),
     pytest.param(QuantizeJobSpec, qj(method="int3"), "Input should be", id="qj-unknown-method"),
+    pytest.param(QuantizeJobSpec, qj(model="s3://bucket/llama"), "model: s3:// is not supported yet",
+                 id="qj-model-s3"),
+    pytest.param(QuantizeJobSpec, qj(output="s3://bucket/out"), "output: s3:// is not supported yet",
+                 id="qj-output-s3"),
+    pytest.param(QuantizeJobSpec, qj(calibration={"dataset": "s3://bucket/c.jsonl"}),
+                 "calibration.dataset: s3:// is not supported yet", id="qj-calibration-s3"),
+    pytest.param(QuantizeJobSpec, qj(calibration={"dataset": "hf://me/calib"}),
+                 "calibration.dataset cannot be an hf:// URI", id="qj-calibration-hf"),
+    pytest.param(InferenceServiceSpec, isvc(model={"source": "s3://bucket/llama"}),
+                 "model.source: s3:// is not supported yet", id="isvc-model-s3"),
 ]
 
 

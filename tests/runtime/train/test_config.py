@@ -101,6 +101,8 @@ def test_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_path("pvc://models/llama/3b", "model") == Path("/mnt/claims/models/llama/3b")
     assert resolve_path("hostPath:///data/x.jsonl", "dataset") == Path("/data/x.jsonl")
     assert resolve_path("/abs/path", "model") == Path("/abs/path")
-    with pytest.raises(ConfigError, match="model: 'hf://org/name'"):
-        resolve_path("hf://org/name", "model")
+    with pytest.raises(ConfigError, match="output.dir: 'hf://org/name'"):  # hf:// is read-only: model/dataset
+        resolve_path("hf://org/name", "output.dir")
+    with pytest.raises(ConfigError, match="model: 's3://bucket/llama'"):
+        resolve_path("s3://bucket/llama", "model")
     assert isinstance(config_from_dict(MINIMAL), TrainConfig)

@@ -14,6 +14,7 @@ from lmforge.runtime.train.data import (
     Sample,
     ShardedOrder,
     collate,
+    dataset_files,
     pack,
     read_rows,
     tokenize_messages,
@@ -106,3 +107,16 @@ def test_sharded_order_partitions_each_epoch() -> None:
     single = ShardedOrder(10, 4, 1, 0, seed=3)
     assert single.indices(DataPosition(0, 1)) == ranks[0].indices(DataPosition(0, 1)) + ranks[1].indices(
         DataPosition(0, 1))
+
+
+def test_dataset_dir_reads_its_own_jsonl_else_those_below(tmp_path: Path) -> None:
+    """A Hugging Face dataset snapshot keeps its files under data/ (or one folder per split)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "b.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    assert dataset_files(tmp_path) == [tmp_path / "data" / "a.jsonl", tmp_path / "data" / "b.jsonl"]
+    (tmp_path / "top.jsonl").write_text("{}\n")
+    assert dataset_files(tmp_path) == [tmp_path / "top.jsonl"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no \\*.jsonl files"):
+        dataset_files(tmp_path / "empty")
