@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.operator.api.constants import API_VERSION, LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
+from lmforge.operator.api.constants import LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
+from lmforge.operator.builders.owner import OwnerRef
+from lmforge.operator.builders.owner import owner_reference as owned_by
 from lmforge.operator.builders.storage import locate
 
 KIND = "InferenceService"
@@ -45,13 +47,7 @@ DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 ENGINE_SHUTDOWN_MARGIN_SECONDS = 15  # engine abort (10 s) + uvicorn stop after the drain
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceRef:
-    """Identity of the InferenceService the objects belong to."""
-
-    name: str
-    namespace: str
-    uid: str
+ServiceRef = OwnerRef  # the InferenceService the objects belong to
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +106,7 @@ def served_name(ref: ServiceRef, spec: InferenceServiceSpec) -> str:
 
 
 def owner_reference(ref: ServiceRef) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name, "uid": ref.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return owned_by(ref, KIND)
 
 
 def _metadata(ref: ServiceRef) -> dict[str, Any]:

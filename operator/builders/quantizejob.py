@@ -27,6 +27,8 @@ from lmforge.operator.api.constants import (
 )
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
 from lmforge.operator.api.quantizejob import QuantizeJobSpec
+from lmforge.operator.builders.owner import OwnerRef
+from lmforge.operator.builders.owner import owner_reference as owned_by
 from lmforge.operator.builders.storage import locate
 
 KIND = "QuantizeJob"
@@ -40,13 +42,7 @@ CONTAINER_NAME = "quantize"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 
 
-@dataclass(frozen=True, slots=True)
-class JobRef:
-    """Identity of the QuantizeJob the objects belong to."""
-
-    name: str
-    namespace: str
-    uid: str
+JobRef = OwnerRef  # the QuantizeJob the objects belong to
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +81,7 @@ def common_labels(name: str) -> dict[str, str]:
 
 
 def owner_reference(ref: JobRef) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": ref.name, "uid": ref.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return owned_by(ref, KIND)
 
 
 def _metadata(ref: JobRef, name: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 
 from lmforge.operator.api.constants import (
     ANNOTATION_KUEUE_POD_GROUP_COUNT,
-    API_VERSION,
     CONFIG_FILE,
     CONFIG_MOUNT_PATH,
     LABEL_JOB_NAME,
@@ -28,6 +27,8 @@ from lmforge.operator.api.constants import (
     MASTER_PORT,
 )
 from lmforge.operator.api.trainjob import Checkpoint, LoRA, TrainConfig, TrainJobSpec
+from lmforge.operator.builders.owner import OwnerRef
+from lmforge.operator.builders.owner import owner_reference as owned_by
 from lmforge.operator.builders.storage import PVC_ROOT, locate
 
 CONTAINER_NAME = "trainer"
@@ -35,13 +36,7 @@ CONFIG_VOLUME = "lmforge-config"
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 
 
-@dataclass(frozen=True, slots=True)
-class JobRef:
-    """Identity of the TrainJob the objects belong to."""
-
-    name: str
-    namespace: str
-    uid: str
+JobRef = OwnerRef  # the TrainJob the objects belong to
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +64,7 @@ def master_addr(job_name: str) -> str:
 
 
 def owner_reference(job: JobRef) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "name": job.name,
-        "uid": job.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return owned_by(job, "TrainJob")
 
 
 def selector_labels(job_name: str) -> dict[str, str]:
