@@ -124,6 +124,8 @@ REJECTED = [
     pytest.param(isvc(engine={"blockSize": 17}), ["spec.engine.blockSize", "Unsupported value: 17"],
                  id="isvc-block-size-17"),
     pytest.param(isvc(replicas=-1), ["spec.replicas"], id="isvc-negative-replicas"),
+    pytest.param(isvc(engine={"kvCacheDtype": "fp8"}), ["spec.engine.kvCacheDtype", 'Unsupported value: "fp8"'],
+                 id="isvc-fp8-kv-cache"),
     pytest.param(isvc(model={"source": "s3://bucket/llama"}), ["spec.model.source", "s3:// is not supported yet"],
                  id="isvc-model-s3"),
     pytest.param(quantizejob(method="w3a16"), ["spec.method", 'Unsupported value: "w3a16"'], id="qj-unknown-method"),

@@ -58,9 +58,9 @@ class EngineSpec(ApiModel):
     """Tokens per KV-cache block."""
     prefix_caching: bool = True
     """Reuse KV blocks of shared prompt prefixes."""
-    kv_cache_dtype: Literal["auto", "int8", "fp8"] = "auto"
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"
     """KV-cache precision: auto (the model dtype) or int8 (per-token-head scales, ~2x the KV blocks of
-    bf16). fp8 is not implemented by the runtime yet: a pod asking for it refuses to start."""
+    bf16). fp8 is not offered until the runtime implements it (rejected here rather than crash-looping)."""
     enforce_eager: bool = False
     """Run every step eagerly: no CUDA graphs for decode (they cost capture time and a little memory)."""
 
