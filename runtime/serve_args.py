@@ -56,6 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="KV cache element type: auto (the model dtype) or int8 (per-token-head scales, "
                              "~2x the blocks of bf16); fp8 is not implemented yet")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                        help="auto: the checkpoint's safetensors; dummy: random weights from config.json "
+                             "alone (benchmarks of a model shape, as vLLM's --load-format dummy)")
 
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")

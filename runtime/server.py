@@ -96,7 +96,8 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
         from lmforge.runtime.engine.llm_engine import EngineArgs, LLMEngine
 
         optional = {"max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
-                    "kv_cache_dtype": getattr(args, "kv_cache_dtype", None)}
+                    "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
+                    "load_format": getattr(args, "load_format", None)}
         return LLMEngine(EngineArgs(
             model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,

@@ -61,3 +61,24 @@ def test_kv_int8_reaches_engine_args(tmp_path: Path, monkeypatch) -> None:
         seen.clear()
         default_engine_factory(_args(_model(tmp_path, None), *flags))()
         assert seen["args"].kv_cache_dtype == expected
+
+
+def test_load_format_dummy_serves_a_shape_without_weights(tmp_path: Path) -> None:
+    """--load-format dummy: the engine comes up from config.json + tokenizer alone and generates."""
+    import shutil
+
+    from lmforge.runtime.models.tiny import save_tiny_model
+    from lmforge.runtime.sampling_params import SamplingParams
+    from lmforge.runtime.server import default_engine_factory
+
+    bare = tmp_path / "bare"
+    shutil.copytree(save_tiny_model(tmp_path / "full"), bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    engine = default_engine_factory(_args(bare, "--load-format", "dummy", "--device", "cpu", "--num-blocks", "32",
+                                          "--max-model-len", "64"))()
+    assert engine.args.load_format == "dummy"
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert len(outs[-1].outputs[0].token_ids) == 3
+    with pytest.raises(SystemExit):
+        _args(bare, "--load-format", "pt")
