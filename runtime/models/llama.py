@@ -23,7 +23,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
-        self.rotary_emb = [rotary_emb]  # shared with the model; a list so it is not registered twice
+        self.rotary_emb = rotary_emb  # one module shared by every layer (its table is a non-persistent buffer)
         self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend)
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
-        self.rotary_emb[0](positions, q, k)  # in place
+        self.rotary_emb(positions, q, k)  # in place
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
