@@ -41,28 +41,14 @@ def bench_copy() -> dict:
     return {"bytes": nbytes, "us": us, "gbps": 2 * nbytes / us / 1e3}  # read + write
 
 
-def _paged_cache(batch, context, int8, num_kv_heads=8, head_dim=128, block_size=16):
-    blocks_per_seq = -(-context // block_size)
-    num_blocks = batch * blocks_per_seq
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    if int8:
-        caches = [torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda") for _ in "kv"]
-        scales = [torch.rand(shape[:3], device="cuda") * 0.02 for _ in "kv"]
-    else:
-        caches = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in "kv"]
-        scales = [None, None]
-    block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    return caches, scales, block_tables, seq_lens
-
-
 def bench_decode_attention(copy_gbps: float) -> list[dict]:
     from lmforge.kernels.decode_attention import paged_decode_attention
+    from lmforge.kernels.random_cache import random_paged_cache
 
     rows = []
     for batch, context in [(1, 8192), (8, 4096), (32, 2048), (64, 1024), (128, 512)]:
         for int8 in (False, True):
-            caches, scales, bt, sl = _paged_cache(batch, context, int8)
+            caches, scales, bt, sl = random_paged_cache([context] * batch, 8, 128, 16, torch.bfloat16, "cuda", int8=int8)
             q = torch.randn(batch, 32, 128, dtype=torch.bfloat16, device="cuda")
             kw = dict(k_scale_cache=scales[0], v_scale_cache=scales[1])
             us = _bench_us(lambda: paged_decode_attention(q, *caches, bt, sl, 128**-0.5, **kw))  # noqa: B023

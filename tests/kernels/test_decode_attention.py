@@ -1,34 +1,19 @@
-import math
 
 import pytest
 import torch
 
 from lmforge.kernels import reference
 from lmforge.kernels.decode_attention import paged_decode_attention
+from lmforge.kernels.random_cache import random_paged_cache
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.5e-2, rtol=1.5e-2)}  # fmt: skip
 
 
-def make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=False, spare_blocks=3):
+def make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=False):
     """Random K/V for each sequence in randomly scattered blocks; block tables padded with block 0."""
-    blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_needed) + spare_blocks
-    order = torch.randperm(num_blocks)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_needed) + 1, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(blocks_needed):
-        block_tables[b, :n] = order[used : used + n]
-        used += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    if int8:
-        caches = [torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for _ in "kv"]
-        scales = [torch.rand(shape[:3], device=device) * 0.02 + 0.005 for _ in "kv"]
-    else:
-        caches = [torch.randn(shape, dtype=dtype, device=device) for _ in "kv"]
-        scales = [None, None]
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return caches, scales, block_tables.to(device), seq_lens_t
+    return random_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=int8,
+                              spare_blocks=3, pad_columns=1)
 
 
 def run_both(q, caches, scales, block_tables, seq_lens, **kwargs):

@@ -1,10 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from lmforge.kernels import reference
 from lmforge.kernels.prefill_attention import paged_prefill_attention
+from lmforge.kernels.random_cache import random_paged_cache
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.5e-2, rtol=1.5e-2)}  # fmt: skip
@@ -13,26 +13,12 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3,
 def make_batch(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, int8=False):
     """chunks: [(num_cached_prefix, q_len)]. Returns q, caches, scales, block_tables, seq_lens, cu_seqlens_q."""
     seq_lens = [prefix + q_len for prefix, q_len in chunks]
-    blocks_needed = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(blocks_needed) + 2
-    order = torch.randperm(num_blocks)
-    block_tables = torch.zeros(len(chunks), max(blocks_needed), dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(blocks_needed):
-        block_tables[b, :n] = order[used : used + n]
-        used += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    if int8:
-        caches = [torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for _ in "kv"]
-        scales = [torch.rand(shape[:3], device=device) * 0.02 + 0.005 for _ in "kv"]
-    else:
-        caches = [torch.randn(shape, dtype=dtype, device=device) for _ in "kv"]
-        scales = [None, None]
+    caches, scales, block_tables, sl = random_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype,
+                                                          device, int8=int8, spare_blocks=2)
     q_lens = [q_len for _, q_len in chunks]
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), num_q_heads, head_dim, dtype=dtype, device=device)
-    sl = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    return q, caches, scales, block_tables.to(device), sl, cu.to(device), max(q_lens)
+    return q, caches, scales, block_tables, sl, cu.to(device), max(q_lens)
 
 
 def run_both(q, caches, scales, bt, sl, cu, max_q_len, **kwargs):
