@@ -6,24 +6,41 @@ PYTHON ?= python3
 VENV := .venv
 CACHE ?= $(HOME)/.cache/lmforge
 export UV_CACHE_DIR ?= $(CACHE)/uv
-export PIP_CACHE_DIR ?= $(CACHE)/pip
 export UV_LINK_MODE ?= copy
+export UV_PYTHON_DOWNLOADS := never
+# uv itself is pinned and kept outside the repo, one folder per version.
+UV_VERSION := 0.13.9
+UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
 EXTRAS ?= test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-unit test-e2e lint crds chart-crds e2e-kind cluster-up cluster-down clean gpu-wheels
+.PHONY: install lock upgrade demo test test-unit test-e2e lint crds chart-crds e2e-kind cluster-up cluster-down clean gpu-wheels
 
 install: $(STAMP)
 
-# The venv is rebuilt only when pyproject.toml changes. uv is bootstrapped from PyPI into the venv.
-$(STAMP): pyproject.toml
-	@echo ">> creating $(VENV) and installing lmforge[$(EXTRAS)] (first run downloads torch: several GB, cached in $(UV_CACHE_DIR))"
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip uv
-	@$(BIN)/uv pip install --python $(BIN)/python -e ".[$(EXTRAS)]"
+$(UV):
+	@echo ">> bootstrapping uv $(UV_VERSION) into $(CACHE)/uv-$(UV_VERSION)"
+	@$(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION)
+	@$(CACHE)/uv-$(UV_VERSION)/bin/python -m pip install -q "uv==$(UV_VERSION)"
+
+# Exactly the versions in uv.lock (--locked also fails when uv.lock is stale against pyproject.toml:
+# run `make lock`). The venv is re-synced only when one of the two changes.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	@echo ">> installing lmforge[$(EXTRAS)] from uv.lock into $(VENV) (first run downloads torch: several GB, cached in $(UV_CACHE_DIR))"
+	@$(UV) sync --locked --extra $(EXTRAS) --python $(PYTHON)
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Re-resolve uv.lock after editing dependencies in pyproject.toml (keeps every other pin).
+lock: | $(UV)
+	$(UV) lock
+
+# Re-resolve everything to the newest versions the index serves, install them, run the unit tests.
+# Commit uv.lock (and raise the lower bounds in pyproject.toml) only when they pass.
+upgrade: | $(UV)
+	$(UV) lock --upgrade
+	$(MAKE) test-unit
 
 cluster-up: install
 	$(BIN)/lmforge cluster up
@@ -32,7 +49,7 @@ cluster-down:
 	-$(BIN)/lmforge cluster down
 
 demo: install
-	@$(BIN)/python -m lmforge.demo
+	@$(BIN)/python -P -m lmforge.demo
 
 test: install
 	$(BIN)/pytest
@@ -52,7 +69,7 @@ gpu-wheels: install
 	$(BIN)/python -m pip download -q --only-binary=:all: --dest .gpu-wheels pytest pytest-timeout
 
 crds: install
-	$(BIN)/python -m lmforge.operator.crd --out crds
+	$(BIN)/python -P -m lmforge.operator.crd --out crds
 
 # The chart ships a copy of the generated CRDs; tests/charts/ diffs them.
 chart-crds: crds

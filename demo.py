@@ -13,6 +13,7 @@ leaves the cluster running.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -170,5 +171,12 @@ def main() -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -P -m lmforge.demo", description=__doc__.split("\n\n")[0],
+                                     epilog="`make demo` installs everything first and then runs this.")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_args(sys.argv[1:])
     sys.exit(main())

@@ -1,8 +1,8 @@
 """Decode speed at small batch against the memory roofline, and HF `generate` in the same process.
 
-    python bench/decode_roofline.py                       # Llama-3.2-1B shape, bf16, bs 1, 128 in, 256 out (CUDA)
-    python bench/decode_roofline.py --save                # ... and write bench/results/decode-roofline-<gpu>-<time>.json
-    python bench/decode_roofline.py --device cpu --shape tiny --dtype float32 --new-tokens 16   # smoke run
+    python -m bench.decode_roofline                       # Llama-3.2-1B shape, bf16, bs 1, 128 in, 256 out (CUDA)
+    python -m bench.decode_roofline --save                # ... and write bench/results/decode-roofline-<gpu>-<time>.json
+    python -m bench.decode_roofline --device cpu --shape tiny --dtype float32 --new-tokens 16   # smoke run
 
 A decode step at batch 1 must read every weight once plus the KV cache so far, so it cannot be
 faster than (those bytes) / (memory bandwidth). The bandwidth is measured here (a 1 GiB device
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import model_shapes  # noqa: E402
+from bench import model_shapes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, object]:
-    from lmforge.runtime import LLM, SamplingParams
+    from lmforge import LLM, SamplingParams
 
     started = time.perf_counter()
     llm = LLM(path, load_format="dummy", device=args.device, dtype=args.dtype,
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/decode_roofline.py needs a CUDA GPU (or --device cpu --shape tiny for a smoke run)",
               file=sys.stderr)
         return 2
-    model_shapes.ensure_importable()
     env = model_shapes.environment(args.device)
     bandwidth = model_shapes.copy_bandwidth_gbps(args.device)
     with tempfile.TemporaryDirectory() as tmp:

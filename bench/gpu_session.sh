@@ -26,12 +26,12 @@ run() { echo "+ $*" >&2; "$@" || status=1; }
 # backend, CUDA graphs vs eager), then the benchmarks.
 run python -m pytest -q -p no:cacheprovider tests/kernels tests/runtime/engine/test_triton_backend.py \
     tests/runtime/engine/test_cuda_graph.py tests/bench
-run python bench/decode_roofline.py --save
+run python -m bench.decode_roofline --save
 if [[ "${1:-}" != quick ]]; then
-  run python bench/decode_roofline.py --enforce-eager --skip-hf --save
-  run python bench/kernels.py --save
-  run python bench/throughput.py --save
-  run python bench/throughput.py --shape llama-3.1-8b --skip-hf --save
+  run python -m bench.decode_roofline --enforce-eager --skip-hf --save
+  run python -m bench.kernel_bench --save
+  run python -m bench.throughput --save
+  run python -m bench.throughput --shape llama-3.1-8b --skip-hf --save
 fi
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/results" && cp bench/results/*.json "$OUT/results/" 2>/dev/null

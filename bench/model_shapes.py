@@ -15,8 +15,6 @@ import gc
 import json
 import pathlib
 import re
-import sys
-import tempfile
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -63,17 +61,6 @@ def release_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-
-
-def ensure_importable() -> None:
-    """`python bench/x.py` from a plain checkout (no install, e.g. on the GPU machine): the repo root
-    is the `lmforge` package, so put a `lmforge` link to it on sys.path when the import fails."""
-    try:
-        import lmforge  # noqa: F401
-    except ImportError:
-        link_dir = pathlib.Path(tempfile.mkdtemp(prefix="lmforge-path-"))
-        (link_dir / "lmforge").symlink_to(HERE.parent, target_is_directory=True)
-        sys.path.insert(0, str(link_dir))
 
 
 def write_shape(path: pathlib.Path, shape: str, max_position_embeddings: int) -> pathlib.Path:

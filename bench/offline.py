@@ -1,7 +1,7 @@
 """Offline throughput: LLM.generate vs Hugging Face `generate` on the same model and prompts.
 
-    python bench/offline.py --device cpu --dtype float32 --hidden-size 256 --num-layers 4
-    python bench/offline.py --model /path/to/checkpoint --device cuda --dtype bfloat16 --num-prompts 64
+    python -m bench.offline --device cpu --dtype float32 --hidden-size 256 --num-layers 4
+    python -m bench.offline --model /path/to/checkpoint --device cuda --dtype bfloat16 --num-prompts 64
 
 Without --model a tiny random checkpoint of the given shape is written to a temp dir. Prompts are
 random token ids of one length (so HF needs no padding); both sides decode greedily for exactly
@@ -46,7 +46,7 @@ def sync(device: str) -> None:
 
 
 def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, list[list[int]]]:
-    from lmforge.runtime import LLM, SamplingParams
+    from lmforge import LLM, SamplingParams
 
     max_len = args.prompt_len + args.max_tokens
     llm = LLM(path, device=args.device, dtype=args.dtype, max_model_len=max_len,

@@ -1,7 +1,7 @@
 """Operator at scale: apply N TrainJobs of M nodes, measure apply -> all pods created.
 
-    python bench/operator_scale.py --jobs 500 --nodes 4            # starts a local cluster
-    python bench/operator_scale.py --jobs 500 --kubeconfig ~/.kube/config --namespace bench
+    python -m bench.operator_scale --jobs 500 --nodes 4            # starts a local cluster
+    python -m bench.operator_scale --jobs 500 --kubeconfig ~/.kube/config --namespace bench
 
 Prints one JSON object: latency percentiles (seconds from the moment a watch first sees a
 TrainJob, i.e. the API server accepted the `kubectl apply`, to the moment a watch first sees the

@@ -1,9 +1,9 @@
 """Load test for an OpenAI-compatible server (lmforge, vLLM, ...), in the spirit of `vllm bench serve`.
 
     # against a running server
-    python bench/serve.py --base-url http://127.0.0.1:8000 --tokenizer /models/llama --max-concurrency 16
+    python -m bench.serve --base-url http://127.0.0.1:8000 --tokenizer /models/llama --max-concurrency 16
     # start `lmforge serve` on a free port first (extra server flags after --serve-args)
-    python bench/serve.py --model /models/tiny --request-rate 20 --num-prompts 200 \
+    python -m bench.serve --model /models/tiny --request-rate 20 --num-prompts 200 \
         --serve-args "--device cpu --max-num-seqs 64"
 
 Load: closed loop (`--max-concurrency N`, each client sends its next request when the last one

@@ -1,9 +1,9 @@
 """Offline throughput of a real model shape: LLM.generate vs HF `generate` (static cache), same process.
 
-    python bench/throughput.py                                  # Llama-3.2-1B shape, 1024 x (128 in -> 128 out)
-    python bench/throughput.py --shape llama-3.1-8b --skip-hf   # the 8B shape
-    python bench/throughput.py --save                           # ... and write bench/results/throughput-<gpu>-<time>.json
-    python bench/throughput.py --device cpu --shape tiny --dtype float32 --num-prompts 8 --max-tokens 8   # smoke run
+    python -m bench.throughput                                  # Llama-3.2-1B shape, 1024 x (128 in -> 128 out)
+    python -m bench.throughput --shape llama-3.1-8b --skip-hf   # the 8B shape
+    python -m bench.throughput --save                           # ... and write bench/results/throughput-<gpu>-<time>.json
+    python -m bench.throughput --device cpu --shape tiny --dtype float32 --num-prompts 8 --max-tokens 8   # smoke run
 
 Random-init weights of the named shape (`load_format="dummy"` on our side, `from_config` on HF's),
 random prompt ids of one length (HF needs no padding), greedy decoding of exactly --max-tokens
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import model_shapes  # noqa: E402
+from bench import model_shapes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    from lmforge.runtime import LLM, SamplingParams
+    from lmforge import LLM, SamplingParams
 
     llm = LLM(path, load_format="dummy", device=args.device, dtype=args.dtype,
               max_model_len=args.prompt_len + args.max_tokens, max_num_seqs=args.max_num_seqs,
@@ -94,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if model_shapes.cuda_missing(args.device):
         print("bench/throughput.py needs a CUDA GPU (or --device cpu --shape tiny for a smoke run)", file=sys.stderr)
         return 2
-    model_shapes.ensure_importable()
     report = {"benchmark": "throughput", "shape": args.shape, "dtype": args.dtype,
               "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
               "env": model_shapes.environment(args.device)}

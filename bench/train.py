@@ -1,8 +1,8 @@
 """Trainer throughput on this machine (CPU or one GPU), world size 1: tokens/s of full fine-tuning
 and LoRA on tiny random Llamas. Not a test.
 
-    python bench/train.py                       # tiny (hidden 64, 2 layers) and small (256, 4)
-    python bench/train.py --steps 50 --seq-len 512 --threads 2
+    python -m bench.train                       # tiny (hidden 64, 2 layers) and small (256, 4)
+    python -m bench.train --steps 50 --seq-len 512 --threads 2
 """
 
 from __future__ import annotations

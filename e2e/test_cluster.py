@@ -142,7 +142,7 @@ def test_deleting_a_pod_removes_it_once_finalizers_are_gone(cluster, ns, wait_fo
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge.cli", "cluster", *args],
+    return subprocess.run([sys.executable, "-P", "-m", "lmforge.cli", "cluster", *args],
                           capture_output=True, text=True, timeout=600)
 
 

@@ -70,7 +70,7 @@ def test_pod_succeeds_with_logs_env_and_configmap(cluster, wait_for, node):
     assert status["podIP"].startswith("127.0.")
     logs = cluster.kubectl("logs", "hello", "-n", NAMESPACE).stdout  # through the node's kubelet API
     assert logs == f"hello from hello at {status['podIP']}\nfrom-a-volume"
-    cli = subprocess.run([PYTHON, "-m", "lmforge.operator.localnode", "--state-dir", str(node), "logs", "hello",
+    cli = subprocess.run([PYTHON, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(node), "logs", "hello",
                           "-n", NAMESPACE], capture_output=True, text=True, check=True)
     assert cli.stdout == logs
 
@@ -104,7 +104,7 @@ def test_deployment_with_readiness_probe_two_pods_same_port(cluster, wait_for, n
     ])
     wait_for(lambda: cluster.kubectl_json("get", "deploy", "web", "-n", NAMESPACE)["status"].get("readyReplicas") == 2,
              timeout=90, message="the Deployment's pods never became Ready")
-    found = subprocess.run([PYTHON, "-m", "lmforge.operator.localnode", "endpoints", "web", "-n", NAMESPACE],
+    found = subprocess.run([PYTHON, "-P", "-m", "lmforge.operator.localnode", "endpoints", "web", "-n", NAMESPACE],
                            capture_output=True, text=True, check=True).stdout.split()
     assert len(found) == 2 and all(e.endswith(":8000") for e in found)
     import urllib.request
@@ -166,7 +166,7 @@ def test_killed_worker_gang_restarts_and_resumes_from_checkpoint(cluster, wait_f
     checkpoints = tmp_path / "crash" / "checkpoints"
     wait_for(lambda: any(checkpoints.glob("step-*")) and job_status(cluster, "crash").get("progress", {}).get("step", 0) >= 15,
              timeout=600, message=lambda: json.dumps(job_status(cluster, "crash")))
-    killed = subprocess.run([PYTHON, "-m", "lmforge.operator.localnode", "--state-dir", str(node), "kill", "crash-1",
+    killed = subprocess.run([PYTHON, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(node), "kill", "crash-1",
                              "-n", NAMESPACE], capture_output=True, text=True)
     assert killed.returncode == 0, killed.stderr
     wait_for(lambda: job_status(cluster, "crash").get("restarts") == 1, timeout=120,

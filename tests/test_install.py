@@ -3,15 +3,21 @@ standard library, and the wheel must contain every sub-package."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = ("operator", "runtime", "kernels")
+SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 
 
 def _declared_packages() -> set[str]:
@@ -30,10 +36,65 @@ def _python_folders() -> set[str]:
     return found
 
 
-def test_operator_folder_is_not_a_regular_package() -> None:
-    assert not (ROOT / "operator" / "__init__.py").exists(), (
-        "operator/__init__.py would shadow the stdlib `operator` for `python -m` runs in the checkout"
-    )
+def _regular_import_names(folder: Path) -> dict[str, Path]:
+    """What `import NAME` finds first when `folder` is on sys.path: its modules and regular packages.
+    Folders without `__init__.py` are PEP 420 namespace portions, which any installed module or
+    regular package of the same name outranks, so they cannot shadow anything."""
+    names: dict[str, Path] = {}
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        if entry.is_file() and entry.suffix == ".py":
+            names[entry.stem] = entry
+        elif entry.is_dir() and (entry / "__init__.py").exists():
+            names[entry.name] = entry
+    return names
+
+
+@pytest.mark.parametrize("where", [".", "bench", "tests", "e2e"])
+def test_no_checkout_path_shadows_a_distribution_or_stdlib_module(where: str) -> None:
+    """The checkout's root (the working directory of `python -m`, `python -c`, a REPL) and bench/
+    (sys.path[0] of `python bench/x.py`) must not hold a module or regular package named like an
+    installed distribution's top-level name or a stdlib module: transformers >= 5.25 imports the
+    `kernels` distribution, which a `kernels/__init__.py` here used to replace."""
+    installed = set(importlib.metadata.packages_distributions())
+    taken = installed | set(sys.stdlib_module_names)
+    clashes = {name: str(path.relative_to(ROOT)) for name, path in _regular_import_names(ROOT / where).items()
+               if name in taken and name != "__init__"}
+    assert not clashes, f"these checkout paths shadow installed or stdlib modules: {clashes}"
+
+
+_IMPORTS = """
+import json, sys
+import transformers, kernels, operator
+from transformers import AutoModelForCausalLM
+print(json.dumps({"kernels": getattr(kernels, "__file__", None), "operator": operator.__file__,
+                  "transformers": transformers.__file__, "has_itemgetter": hasattr(operator, "itemgetter")}))
+"""
+
+
+@pytest.mark.parametrize("where", [".", "bench"])
+def test_imports_from_inside_the_checkout_find_the_installed_modules(where: str) -> None:
+    """`python -c` from the root or bench/ puts that folder first on sys.path: transformers, the
+    `kernels` distribution it imports, and the stdlib `operator` must still come from the install."""
+    out = subprocess.run([sys.executable, "-c", _IMPORTS], cwd=ROOT / where, check=True, capture_output=True,
+                         text=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["has_itemgetter"] and Path(found["operator"]).name == "operator.py"
+    for name in ("kernels", "transformers"):
+        assert found[name] and Path(found[name]).is_relative_to(SITE_PACKAGES), (name, found[name])
+    # the demo entry point imports the operator, the local cluster and the runtime pipeline
+    help_out = subprocess.run([sys.executable, "-m", "lmforge.demo", "--help"], cwd=ROOT / where, check=True,
+                              capture_output=True, text=True)
+    assert "usage:" in help_out.stdout
+
+
+def test_mapped_folders_are_namespace_portions() -> None:
+    """Every top-level folder that package-dir maps into `lmforge` has no `__init__.py`."""
+    for top in PACKAGE_FOLDERS:
+        assert not (ROOT / top / "__init__.py").exists(), (
+            f"{top}/__init__.py would shadow an installed `{top}` for `python -m` runs in the checkout"
+        )
 
 
 def test_python_m_in_the_checkout_uses_stdlib_operator() -> None:

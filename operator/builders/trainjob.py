@@ -135,7 +135,7 @@ def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildCon
     0): the operator restarts the whole gang. `spec.command` (bring your own script) wins."""
     if spec.command:
         return list(spec.command)
-    return ["python", "-m", "lmforge.runtime.train.launch", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
+    return ["python", "-P", "-m", "lmforge.runtime.train.launch", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
 
 
 def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:

@@ -172,7 +172,7 @@ def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60)
     """`lmforge node run` in the background; returns once node lmforge-local is Ready and untainted."""
     from lmforge.operator.localnode.node import NODE_NAME
 
-    proc = start_process([sys.executable, "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
+    proc = start_process([sys.executable, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
                          log_path, kube.env)
 
     def schedulable() -> bool:

@@ -2,7 +2,10 @@
 exit codes the operator can classify.
 
     python -m lmforge.runtime.train.launch --config /etc/lmforge/train.json
-    == torchrun -m lmforge.runtime.train --config /etc/lmforge/train.json
+    == torchrun --no-python python -u -P -m lmforge.runtime.train --config /etc/lmforge/train.json
+
+Workers start with `-P`: the pod's working directory never lands on sys.path, so no folder there
+can shadow an installed module.
 
 torchrun takes nnodes / nproc-per-node / node-rank / master address from the PET_* environment the
 operator sets, and runs one worker per process (both backends: the DeepSpeed backend initialises
@@ -35,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
     train_args = list(sys.argv[1:] if argv is None else argv)
     try:
-        torchrun(["-m", "lmforge.runtime.train", *train_args])
+        torchrun(["--no-python", sys.executable, "-u", "-P", "-m", "lmforge.runtime.train", *train_args])
     except SignalException as exc:
         print(f"[lmforge.train.launch] stopped by signal {int(exc.sigval)}", file=sys.stderr, flush=True)
         return 128 + int(exc.sigval)

@@ -3,21 +3,16 @@ of the same code path on the tiny shape (the GPU numbers come from running them 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import pathlib
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
-
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The bench script as `python -m bench.<name>` imports it (the repo root is on sys.path)."""
+    return importlib.import_module(f"bench.{name}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")

@@ -238,9 +238,9 @@ def start_server(model_dir: Path, log_dir: Path, *extra: str, api_key: str | Non
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     if fake_engine is None:
-        launcher = [sys.executable, "-m", "lmforge.cli", "serve"]
+        launcher = [sys.executable, "-P", "-m", "lmforge.cli", "serve"]
     else:
-        launcher = [sys.executable, "-c", _FAKE_SERVE, __file__, json.dumps(fake_engine)]
+        launcher = [sys.executable, "-P", "-c", _FAKE_SERVE, __file__, json.dumps(fake_engine)]
     cmd = [*launcher, "--model", str(model_dir), "--port", str(port), "--served-model-name", "tiny",
            "--device", "cpu", "--max-model-len", "256", "--log-level", "info", *extra]
     if api_key:

@@ -171,7 +171,7 @@ def test_local_ranks_of_a_node_download_once(fake_hub: FakeHub) -> None:
     """Three processes (torchrun local ranks) resolve the same model at once: the cache lock lets one
     download, the others wait and get the same snapshot without fetching a file again."""
     code = "from lmforge.runtime import hub; print(hub.resolve('hf://acme/tiny'))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+    procs = [subprocess.Popen([sys.executable, "-P", "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "LOCAL_RANK": str(rank)}) for rank in range(3)]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]

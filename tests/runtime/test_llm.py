@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.runtime import LLM, SamplingParams
+from lmforge import LLM, SamplingParams
 from lmforge.runtime.models.tiny import save_tiny_model
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.runtime import LLM, SamplingParams
+from lmforge import LLM, SamplingParams
 from lmforge.runtime.models.tiny import ARCHS, save_tiny_model
 
 torch.set_num_threads(1)  # the CI box has 2 busy cores: one thread avoids contention

@@ -24,7 +24,7 @@ OWNER = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob", "name": "llam
          "controller": True, "blockOwnerDeletion": True}
 COMMON_LABELS = {"lmforge.dev/job-name": "llama", "lmforge.dev/kind": "TrainJob",
                  "app.kubernetes.io/managed-by": "lmforge-operator"}
-TORCHRUN_RANK1 = ["python", "-m", "lmforge.runtime.train.launch", "--config", "/etc/lmforge/train.json"]
+TORCHRUN_RANK1 = ["python", "-P", "-m", "lmforge.runtime.train.launch", "--config", "/etc/lmforge/train.json"]
 
 
 def expected_env(rank: int = 1, attempt: int = 0, nnodes: int = 4, nproc: int = 8) -> list[dict[str, Any]]:

@@ -154,4 +154,4 @@ def test_pure_modules_do_not_import_torch():
 
     code = ("import sys; import lmforge.runtime.engine.scheduler, lmforge.runtime.engine.block_manager; "
             "sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 0

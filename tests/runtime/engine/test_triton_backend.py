@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from lmforge.runtime import LLM, SamplingParams
+    from lmforge import LLM, SamplingParams
     path, device, dtype = sys.argv[1:4]
     if device == "cpu":
         from lmforge.kernels._interp import patch_bf16
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
 
 def run_both(path, device: str, dtype: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), device, dtype], env=env,
+    proc = subprocess.run([sys.executable, "-P", "-c", SCRIPT, str(path), device, dtype], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))

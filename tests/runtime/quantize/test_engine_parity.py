@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.runtime import LLM, SamplingParams
+from lmforge import LLM, SamplingParams
 
 METHODS = ("w8a16", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "fp8")  # the `quantized` fixture's runs
 MAX_TOKENS = 12

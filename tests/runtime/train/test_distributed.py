@@ -39,7 +39,7 @@ def launch(helpers, config: dict, tmp_path: Path) -> subprocess.Popen:
     path.write_text(json.dumps(config))
     env = helpers.subprocess_env()
     env.update(PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(free_port()))
-    return subprocess.Popen([helpers.PYTHON, "-m", "lmforge.runtime.train.launch", "--config", str(path)],
+    return subprocess.Popen([helpers.PYTHON, "-P", "-m", "lmforge.runtime.train.launch", "--config", str(path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

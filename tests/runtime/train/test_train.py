@@ -80,7 +80,7 @@ def test_full_output_loads_in_transformers(full_run: Path, tiny_model: Path) -> 
 
 def test_full_output_loads_in_lmforge_engine(full_run: Path) -> None:
     try:
-        from lmforge.runtime import LLM, SamplingParams
+        from lmforge import LLM, SamplingParams
         llm = LLM(full_run, device="cpu", max_model_len=128, num_blocks=16)
     except Exception as exc:  # the engine is optional for the trainer
         pytest.skip(f"lmforge engine unavailable: {exc}")
@@ -188,7 +188,7 @@ def test_lora_adapter_and_merged_model_agree(lora_run: Path, tiny_model: Path) -
 
 def test_lora_merged_loads_in_lmforge_engine(lora_run: Path) -> None:
     try:
-        from lmforge.runtime import LLM, SamplingParams
+        from lmforge import LLM, SamplingParams
         llm = LLM(lora_run / "merged", device="cpu", max_model_len=128, num_blocks=16)
     except Exception as exc:
         pytest.skip(f"lmforge engine unavailable: {exc}")

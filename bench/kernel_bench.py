@@ -1,7 +1,7 @@
 """Kernel benchmarks against rooflines (needs a CUDA GPU).
 
-    python bench/kernels.py            # prints one JSON document
-    python bench/kernels.py --save     # ... and writes it to bench/results/kernels-<gpu>-<utc time>.json
+    python -m bench.kernel_bench            # prints one JSON document
+    python -m bench.kernel_bench --save     # ... and writes it to bench/results/kernels-<gpu>-<utc time>.json
 
 Sections:
   copy          measured device copy bandwidth (torch copy_ of a 1 GiB buffer): the roofline below
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False). "
+            "bench/kernel_bench.py needs a CUDA GPU (torch.cuda.is_available() is False). "
             "Kernel correctness on CPU is covered by `pytest tests/kernels` (Triton interpreter).",
             file=sys.stderr,
         )
