@@ -95,8 +95,8 @@ def test_cache_layout():
     assert cache.shape == (5, 8) and cache.dtype == torch.float32
     torch.testing.assert_close(cache[3, :4], torch.cos(3 * inv))
     torch.testing.assert_close(cache[3, 4:], torch.sin(3 * inv))
-    with pytest.raises(NotImplementedError):
-        compute_inv_freq(8, 100.0, {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'mrope'"):
+        compute_inv_freq(8, 100.0, {"rope_type": "mrope", "factor": 2.0})
 
 
 @pytest.mark.gpu
