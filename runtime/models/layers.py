@@ -91,21 +91,24 @@ class RotaryEmbedding(nn.Module):
         prompt_lens [T] int (optional): the prompt length of each token's sequence. Read only by longrope
         and dynamic when max_positions exceeds their threshold (`needs_prompt_lens`); ValueError if missing then.
         """
+        rows, table = self.lookup(positions, prompt_lens)
+        self.ops.rope(rows, q, k, table, self.is_neox_style)
+
+    def lookup(self, positions: torch.Tensor, prompt_lens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(rows [T], table [N, R] fp32): token t rotates by table[rows[t]] (cos half | sin half)."""
         if not self.needs_prompt_lens:
-            self.ops.rope(positions, q, k, self.cos_sin_cache, self.is_neox_style)
-            return
+            return positions, self.cos_sin_cache
         if prompt_lens is None:
             raise ValueError(f"rope_type {self.rope_type!r} with a served context of {self.max_positions} > "
                              f"{self.threshold} positions rotates by the sequence length HF saw: "
                              "RotaryEmbedding.forward needs prompt_lens (per token)")  # fmt: skip
         if self.rope_type == "longrope":
-            rows = rope_cache.longrope_rows(positions, prompt_lens, self.max_positions, self.threshold)
-            self.ops.rope(rows, q, k, self.cos_sin_cache, self.is_neox_style)
-            return
+            return rope_cache.longrope_rows(positions, prompt_lens, self.max_positions, self.threshold), \
+                self.cos_sin_cache  # fmt: skip
         seq_lens = rope_cache.hf_seq_lens(positions, prompt_lens)  # dynamic: [T]
         per_token = rope_cache.cos_sin(positions, self.inv_freq_table[seq_lens - 1])  # [T, R]
-        rows = torch.arange(positions.shape[0], device=positions.device)
-        self.ops.rope(rows, q, k, per_token, self.is_neox_style)
+        return torch.arange(positions.shape[0], device=positions.device), per_token
 
 
 def rotary_dim_of(head_dim: int, rotary_dim: int | None, scaling: dict[str, Any] | None) -> int:
