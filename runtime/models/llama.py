@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
-        self.rotary_emb(positions, q, k)  # in place
+        self.rotary_emb(positions, q, k, attn_meta.prompt_lens)  # in place
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
