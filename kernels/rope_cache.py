@@ -265,6 +265,23 @@ def longrope_rows(positions: torch.Tensor, prompt_lens: torch.Tensor, num_positi
     return positions.long() + num_positions * is_long.long()
 
 
+def block_rope_key(rope_type: str, threshold: int, start: int, end: int, prompt_len: int) -> int:
+    """What the K/V of positions [start, end) depend on beyond their tokens, for a sequence with prompt_len
+    (pure python, for the prefix cache): equal keys <=> equal rotations of every position of the block.
+
+    longrope: the number of its positions rotated with the long factors (monotone in the position).
+    dynamic: max(prompt_len, threshold, start + 1): position p rotates by max(p + 1, prompt_len), and every
+    length up to the threshold gives the same (unscaled) frequencies.
+    """
+    if rope_type == "longrope":
+        if prompt_len > threshold:
+            return end - start
+        return max(0, end - max(start, threshold))
+    if rope_type == "dynamic":
+        return max(prompt_len, threshold, start + 1)
+    raise ValueError(f"rope_type {rope_type!r} rotates by position alone: no block key")
+
+
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scale: float = 1.0) -> torch.Tensor:
     """[N, R] fp32 rows: cos | sin of positions [N] times inv_freq ([R/2], or one row per position
     [N, R/2]), each times attention_scale: HF's `position.float() * inv_freq`, `.cos() * scaling`."""
