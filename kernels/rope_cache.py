@@ -62,9 +62,9 @@ def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
 
 def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embeddings: int | None = None
                           ) -> dict[str, Any]:  # fmt: skip
-    """Checks every key of rope_scaling and returns it normalized: canonical "rope_type", and the defaults
-    transformers fills in (original_max_position_embeddings <- max_position_embeddings for llama3/yarn/
-    longrope; factor None <- max_position_embeddings / original_max_position_embeddings for yarn/longrope).
+    """Checks every key of rope_scaling and returns it normalized: canonical "rope_type", and the default
+    transformers fills in for yarn/longrope (factor None <- max_position_embeddings /
+    original_max_position_embeddings). llama3/yarn/longrope must carry original_max_position_embeddings.
 
     Raises ValueError naming the rope_type and the key for an unknown key, a missing required key, or a
     value the engine cannot serve exactly as HF does. max_position_embeddings: HF config's top-level value.
@@ -87,7 +87,11 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
         return max_position_embeddings
 
     if rope_type in ("llama3", "yarn", "longrope") and scaling.get("original_max_position_embeddings") is None:
-        scaling["original_max_position_embeddings"] = need_mpe("a missing original_max_position_embeddings")
+        # transformers takes it from the config's top level when the config class has that attribute
+        # (Phi-3), else from max_position_embeddings: only the config reader knows which, so it must say
+        raise ValueError(f"rope_scaling with rope_type {rope_type!r} needs 'original_max_position_embeddings' "
+                         "(fold in the config's top-level original_max_position_embeddings, as transformers' "
+                         "standardize_rope_params does, or max_position_embeddings where the model has none)")
     if rope_type in ("yarn", "longrope") and scaling.get("factor") is None and (
         rope_type == "yarn" or scaling.get("attention_factor") is None
     ):
