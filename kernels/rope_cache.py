@@ -78,6 +78,13 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
     for key in _REQUIRED.get(rope_type, ()):
         if key not in scaling:
             raise ValueError(f"rope_scaling with rope_type {rope_type!r} needs the key {key!r}")
+        if scaling[key] is None and not (rope_type == "yarn" and key == "factor"):  # yarn: None has a meaning
+            raise ValueError(f"rope_scaling {key!r} of rope_type {rope_type!r} is null")
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if value is not None and not (isinstance(value, list | tuple) and all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in value)):
+            raise ValueError(f"rope_scaling {key!r} must be a list of numbers for rope_type 'longrope', got {value!r}")
     scaling.pop("type", None)
     scaling["rope_type"] = rope_type
 
@@ -98,9 +105,7 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
         scaling["factor"] = need_mpe("factor=None") / scaling["original_max_position_embeddings"]
     if rope_type == "dynamic":  # normalized: original_max_position_embeddings holds HF's threshold
         omp = scaling.get("original_max_position_embeddings")
-        mpe = max_position_embeddings if omp is None or max_position_embeddings is not None else omp
-        mpe = need_mpe("its length threshold") if mpe is None else mpe
-        scaling["original_max_position_embeddings"] = mpe
+        mpe = scaling["original_max_position_embeddings"] = need_mpe("its length threshold")
         if omp is not None and omp != mpe:  # HF's dynamic NTK never reads it: a checkpoint that sets it expects something else
             raise ValueError(f"rope_type 'dynamic': original_max_position_embeddings={omp!r} differs from "
                              f"max_position_embeddings={mpe}; transformers' dynamic NTK scales from "

@@ -230,9 +230,13 @@ def test_cos_sin_layout_and_scale():
           "low_freq_factor": 1.0}, "key 'low_freq_factor'"),
         ({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
          "rope_type 'longrope' needs 'original_max_position_embeddings'"),
+        ({"rope_type": "linear", "factor": None}, "'factor' of rope_type 'linear' is null"),
+        ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": "2.0", "original_max_position_embeddings": 32},
+         "'long_factor' must be a list of numbers"),
     ],
     ids=["mrope", "proportional", "linear-no-factor", "unknown-key", "llama3-missing", "yarn-bad-value",
-         "yarn-bad-truncate", "longrope-foreign-key", "longrope-no-original-max"],
+         "yarn-bad-truncate", "longrope-foreign-key", "longrope-no-original-max", "null-factor",
+         "longrope-bad-list"],
 )  # fmt: skip
 def test_unsupported_rope_scaling_is_refused_by_name(scaling, match):
     with pytest.raises(ValueError, match=match):
