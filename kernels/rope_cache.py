@@ -23,6 +23,10 @@ Rope types (`rope_scaling["rope_type"]`, or the older key "type"), as in
 prompt token sees the prompt length) and each generated token in its own (it sees position + 1).
 Bit-identity: every inverse frequency repeats transformers' op order in fp32, so the angles
 (pos * inv_freq, up to 1e5 rad) round the same way and cos/sin agree to fp32 rounding at any position.
+Like HF's rotary init, the frequencies are computed on the CPU in fp32 whatever the default device and
+dtype (the model runner builds models under `torch.device(cuda)` and a bf16 default dtype); only dynamic
+NTK's per-length rows are computed on the served device, where HF recomputes them in forward. Tables
+land on `device` (default: the current default device).
 """
 
 from __future__ import annotations
@@ -125,7 +129,8 @@ def _base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     """1 / base^(2i/R), HF's op order (int64 arange -> fp32 -> / dim; python-float base ** tensor)."""
     if rotary_dim % 2 or rotary_dim <= 0:
         raise ValueError(f"rotary_dim must be even and positive, got {rotary_dim}")
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").to(torch.float) / rotary_dim
+    return 1.0 / (base**exponents)
 
 
 def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None = None, *,
@@ -215,9 +220,9 @@ def _yarn_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any]) -> tor
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # HF: avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
 
-    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).to(dtype=torch.float) / rotary_dim)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2, device="cpu").to(dtype=torch.float) / rotary_dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
     return interpolation * (1 - keep) + extrapolation * keep
@@ -228,13 +233,13 @@ def longrope_inv_freq(rotary_dim: int, base: float, ext_factors: list[float]) ->
     if len(ext_factors) != rotary_dim // 2:
         raise ValueError(f"rope_type 'longrope': short_factor/long_factor need rotary_dim/2 = {rotary_dim // 2} "
                          f"values, got {len(ext_factors)}")  # fmt: skip
-    factors = torch.tensor(ext_factors, dtype=torch.float32)
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    factors = torch.tensor(ext_factors, dtype=torch.float32, device="cpu")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     return 1.0 / (factors * base**exponents)
 
 
 def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_position_embeddings: int,
-                           max_positions: int) -> torch.Tensor:  # fmt: skip
+                           max_positions: int, device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
     """[max_positions, rotary_dim/2] fp32: row s-1 holds HF's dynamic-NTK inv_freq for a sequence of length s.
 
     s <= max_position_embeddings: the unscaled frequencies (HF's init set); beyond it HF rescales the base
@@ -243,17 +248,24 @@ def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_posi
     element-by-element loop there (the contiguous SIMD loop rounds some results 1 ulp apart from HF's 0-d
     computation, and at position 1e4 one ulp of inv_freq moves the angle by 1e-3).
     """
-    table = _dynamic_init_inv_freq(rotary_dim, base, factor, max_position_embeddings).repeat(max_positions, 1)
+    device = target_device(device)
+    init = _dynamic_init_inv_freq(rotary_dim, base, factor, max_position_embeddings)  # on the CPU, as HF's init
+    table = init.to(device).repeat(max_positions, 1)
     if max_positions <= max_position_embeddings:
         return table
-    seq_len = torch.arange(max_position_embeddings + 1, max_positions + 1, dtype=torch.int64)
-    ratio = (factor * seq_len / max_position_embeddings) - (factor - 1)  # fp32, as HF's tensor path
-    strided = torch.empty(2 * ratio.numel(), dtype=ratio.dtype)[::2]
+    seq_len = torch.arange(max_position_embeddings + 1, max_positions + 1, dtype=torch.int64, device=device)
+    ratio = (factor * seq_len.float() / max_position_embeddings) - (factor - 1)  # fp32, as HF's tensor path
+    strided = torch.empty(2 * ratio.numel(), dtype=ratio.dtype, device=device)[::2]
     strided.copy_(ratio)
     scaled_base = base * strided ** (rotary_dim / (rotary_dim - 2))  # [S] fp32
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / rotary_dim
     table[max_position_embeddings:] = 1.0 / (scaled_base[:, None] ** exponents[None, :])
     return table
+
+
+def target_device(device: torch.device | str | None) -> torch.device:
+    """device, or torch's current default device (the model runner builds models under `torch.device(...)`)."""
+    return torch.device(device) if device is not None else torch.get_default_device()
 
 
 def hf_seq_lens(positions: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
@@ -317,8 +329,8 @@ def build_rope_cache(
         raise ValueError(f"rope_type {rope_type!r} depends on the sequence length, not only the position: "
                          "use build_longrope_cache / dynamic_inv_freq_table")  # fmt: skip
     inv_freq = compute_inv_freq(rotary_dim, base, scaling)
-    positions = torch.arange(max_positions, dtype=torch.float)
-    return cos_sin(positions, inv_freq, attention_factor(scaling)).to(device)
+    positions = torch.arange(max_positions, dtype=torch.float, device="cpu")
+    return cos_sin(positions, inv_freq, attention_factor(scaling)).to(target_device(device))
 
 
 def build_longrope_cache(
@@ -336,7 +348,7 @@ def build_longrope_cache(
     if scaling["rope_type"] != "longrope":
         raise ValueError(f"build_longrope_cache needs rope_type 'longrope', got {scaling['rope_type']!r}")
     scale = attention_factor(scaling)
-    positions = torch.arange(max_positions, dtype=torch.float)
+    positions = torch.arange(max_positions, dtype=torch.float, device="cpu")
     short = cos_sin(positions, longrope_inv_freq(rotary_dim, base, scaling["short_factor"]), scale)
     long = cos_sin(positions, longrope_inv_freq(rotary_dim, base, scaling["long_factor"]), scale)
-    return torch.cat([short, long]).to(device)
+    return torch.cat([short, long]).to(target_device(device))

@@ -78,8 +78,10 @@ class RotaryEmbedding(nn.Module):
             self.threshold = spec["original_max_position_embeddings"]
             self.register_buffer("inv_freq_table", rope_cache.dynamic_inv_freq_table(
                 self.rotary_dim, theta, spec["factor"], self.threshold, max_positions), persistent=False)
-            cache = rope_cache.cos_sin(torch.arange(max_positions), rope_cache.compute_inv_freq(
-                self.rotary_dim, theta, spec, max_position_embeddings=self.threshold))  # while no sequence passes it
+            init_inv_freq = rope_cache.compute_inv_freq(self.rotary_dim, theta, spec,
+                                                        max_position_embeddings=self.threshold)  # fmt: skip
+            cache = rope_cache.cos_sin(torch.arange(max_positions, device="cpu"), init_inv_freq).to(
+                rope_cache.target_device(None))  # the table while no sequence passes the threshold
         else:
             cache = rope_cache.build_rope_cache(self.rotary_dim, max_positions, theta, spec)
         self.register_buffer("cos_sin_cache", cache, persistent=False)

@@ -247,3 +247,23 @@ def test_longrope_factor_length_is_checked():
     scaling, _ = _phi3_longrope(head_dim=32)
     with pytest.raises(ValueError, match="need rotary_dim/2 = 8 values, got 16"):
         build_longrope_cache(16, 64, 1e4, scaling, max_position_embeddings=512)
+
+
+def test_tables_ignore_the_default_dtype_and_build_on_the_cpu():
+    """The model runner builds models under a bf16 default dtype: the tables stay HF's fp32 values."""
+    longrope, _ = _phi3_longrope()
+    expected = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+                build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+                dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+               build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+               dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    with torch.device("meta"):  # a default device: the table lands there, computed elsewhere
+        assert build_rope_cache(8, 4, 100.0).device.type == "meta"
