@@ -178,3 +178,53 @@ def test_engine_reads_rope_type_from_the_checkpoint(checkpoints):
     llm = LLM(checkpoints["longrope"], device="cpu", dtype="float32", max_model_len=64, num_blocks=16)
     rotary = llm.llm_engine.runner.model.model.rotary_emb
     assert rotary.rope_type == "longrope" and rotary.needs_prompt_lens and rotary.threshold == 32
+
+
+GRAPH_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from lmforge import LLM, SamplingParams
+path, device, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+llm = LLM(path, device=device, dtype="float32", max_model_len=128, num_blocks=64, block_size=8,
+          max_num_batched_tokens=4, max_num_seqs=8, attention_backend="triton", enforce_eager=True)
+runner = llm.llm_engine.runner
+runner.prepare_decode_graphs(8, capture=device == "cuda")
+rows = []
+run = runner.decode_graphs.run
+def counted(input_ids, *args, run=run):
+    rows.append(len(input_ids))
+    return run(input_ids, *args)
+runner.decode_graphs.run = counted
+params = SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0, logprobs=5, ignore_eos=True)
+outs = [[o.outputs[0].token_ids, [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]]
+        for o in llm.generate(prompts, params)]
+print("RESULT " + json.dumps({"outs": outs, "graph_steps": len(rows)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_decode_graph_path_matches_hf(checkpoints, device):
+    """longrope on the Triton backend through the static decode-graph path (padded rows, the prompt_lens
+    row of the input buffer): with a 4-token budget, single prompt tokens of a long prompt ride in
+    graph steps next to decodes. CPU: Triton interpreter, graphs run eagerly (capture=False)."""
+    import os
+    import subprocess
+    import sys
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    prompts = random_prompts([6, 12, 9, 40], seed=7)  # then 3 decodes + 1 token of the long prompt per step
+    env = {**os.environ, "TRITON_INTERPRET": "1" if device == "cpu" else "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-P", "-c", GRAPH_SCRIPT, str(checkpoints["longrope"]), device,
+                           json.dumps(prompts), str(MAX_TOKENS)], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["graph_steps"] >= 10
+    for prompt, (tokens, logprobs) in zip(prompts, result["outs"], strict=True):
+        ref_tokens, ref_top5 = hf_cached_greedy(checkpoints["longrope"], prompt)
+        assert tokens == ref_tokens
+        for ours, ref in zip(logprobs, ref_top5, strict=True):
+            assert all(abs(ours[str(t)] - lp) < LOGPROB_ATOL for t, lp in ref.items())
