@@ -35,7 +35,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
-        self.rotary_emb(positions, q, k)  # in place
+        self.rotary_emb(positions, q, k, attn_meta.prompt_lens)  # in place
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
@@ -75,7 +75,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend):
         super().__init__()
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling,
-                                          backend.ops)
+                                          backend.ops, max_position_embeddings=cfg.max_position_embeddings)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary_emb, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend.ops)
