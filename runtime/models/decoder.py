@@ -35,9 +35,6 @@ def missing_features(cfg: ModelConfig) -> list[str]:
     if not cfg.rope_is_neox_style:
         missing.append("interleaved (GPT-J style) RoPE pairs: RotaryEmbedding(is_neox_style=False) is not "
                        "implemented yet (branch rope)")
-    if cfg.attn_logit_softcap is not None:
-        missing.append(f"attention logit soft-capping ({cfg.attn_logit_softcap}) is not in the paged attention "
-                       "kernels yet (branch attn-kernels)")
     return missing
 
 
@@ -93,10 +90,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = _qk_norm(cfg, cfg.num_heads, backend.ops)
         self.k_norm = _qk_norm(cfg, cfg.num_kv_heads, backend.ops)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend)
-        if cfg.attn_scale is not None:
-            self.attn.scale = cfg.attn_scale
-        self.sliding_window = cfg.layer_window(layer_idx)  # the engine keeps the context inside it for now
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend, scale=cfg.attn_scale,
+                                   sliding_window=cfg.layer_window(layer_idx), logits_soft_cap=cfg.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         num_tokens = x.shape[0]

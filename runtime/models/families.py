@@ -310,8 +310,7 @@ _QWEN_WINDOW_KEYS = {"use_sliding_window": Key(False, BOOLS), "sliding_window": 
                      "max_window_layers": Key(28), "layer_types": Key(None, LAYER_TYPES, each=True)}
 _GEMMA2_KEYS = {
     "attention_bias": Key(False, BOOLS), "rms_norm_eps": Key(1e-6), "query_pre_attn_scalar": Key(256),
-    "attn_logit_softcapping": Key(50.0, (None,), why="attention logit soft-capping is not in the paged attention "
-                                  "kernels yet (branch attn-kernels)"),
+    "attn_logit_softcapping": Key(50.0),
     "final_logit_softcapping": Key(30.0), "sliding_window": Key(4096), "layer_types": Key(None, LAYER_TYPES, each=True),
 }
 # Gemma2/3 name their norms after where they sit; ours: input_layernorm (before attention),
@@ -338,8 +337,7 @@ FAMILIES: dict[str, Family] = {
                                 _gemma2, hf_to_ours=_SANDWICH_GEMMA, packed=_LLAMA_PACKED),
     "Gemma3ForCausalLM": Family("gemma3_text", {**SHAPE_KEYS, **_act("gelu_pytorch_tanh", "hidden_activation"),
                                                 **_rope_keys(1_000_000.0), **_GEMMA2_KEYS,
-                                                "attn_logit_softcapping": Key(None, (None,), why="attention logit "
-                                                                              "soft-capping (branch attn-kernels)"),
+                                                "attn_logit_softcapping": Key(None),
                                                 "final_logit_softcapping": Key(None),
                                                 "use_bidirectional_attention": Key(False, (False, None)),
                                                 "rope_local_base_freq": Key(10000.0),
