@@ -29,15 +29,6 @@ from lmforge.runtime.models.layers import (
 )
 
 
-def missing_features(cfg: ModelConfig) -> list[str]:
-    """What `cfg` asks for that this engine does not implement yet (pure; each entry names the feature)."""
-    missing = []
-    if not cfg.rope_is_neox_style:
-        missing.append("interleaved (GPT-J style) RoPE pairs: RotaryEmbedding(is_neox_style=False) is not "
-                       "implemented yet (branch rope)")
-    return missing
-
-
 class PerHeadLayerNorm(nn.Module):
     """LayerNorm over head_dim with its own weight per head, no bias: Cohere's q/k norm (weight [H, D])."""
 
@@ -106,7 +97,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, -1, self.head_dim)
         if self.qk_norm_kind not in (None, "full"):
             q, k = self.q_norm(q), self.k_norm(k)
-        self.rotary_emb(positions, q, k)  # in place
+        self.rotary_emb(positions, q, k, attn_meta.prompt_lens)  # in place (longrope/dynamic read prompt_lens)
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
@@ -172,8 +163,12 @@ class DecoderLayer(nn.Module):
 
 
 def _rotary(cfg: ModelConfig, max_positions: int, theta: float, scaling: dict | None, ops: Any) -> RotaryEmbedding:
-    # partial rotary: a table of rotary_dim columns; the rope op rotates only those first dims of each head
-    return RotaryEmbedding(cfg.rotary_dim or cfg.head_dim, max_positions, theta, scaling, ops)
+    try:
+        return RotaryEmbedding(cfg.head_dim, max_positions, theta, scaling, ops, rotary_dim=cfg.rotary_dim,
+                               is_neox_style=cfg.rope_is_neox_style,
+                               max_position_embeddings=cfg.max_position_embeddings)
+    except ValueError as e:  # the rope tables validate every rope_scaling key: say whose config it is
+        raise ValueError(f"{cfg.architecture}: {e}") from e
 
 
 class DecoderModel(nn.Module):
@@ -207,9 +202,6 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend):
         super().__init__()
-        missing = missing_features(cfg)
-        if missing:
-            raise ValueError(f"{cfg.architecture}: " + "; ".join(missing))
         self.config = cfg
         self.family = FAMILIES[cfg.architecture]
         self.packed_modules_mapping = dict(self.family.packed)  # HF name -> (our fused parameter, shard id)

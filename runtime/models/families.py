@@ -23,8 +23,8 @@ REQUIRED = object()  # a Key default: config.json must carry the key
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation.
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                   "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-# RoPE types whose inverse frequencies kernels/rope_cache.py computes exactly like transformers.
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# RoPE types kernels/rope_cache.py computes exactly like transformers (its ROPE_TYPES; "su": Phi-3's old name).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic", "su")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 BOOLS = (True, False)
 

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import reference
+from lmforge.kernels import reference, rope_cache
 from lmforge.kernels.backend import Ops
-from lmforge.kernels.rope_cache import build_rope_cache
 from lmforge.runtime.engine.attention import AttentionBackend
 
 
@@ -104,21 +103,89 @@ def act_and_mul(x: torch.Tensor, act: str, ops: Ops) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate_half, as HF stores Llama weights) applied to q and k in place.
+    """RoPE on q and k in place, for every rope type of `lmforge.kernels.rope_cache` (tables equal to
+    transformers'), partial rotary (the first rotary_dim dims rotate, the rest pass through) and both
+    layouts (neox rotate_half, or interleaved pairs (2i, 2i+1) with is_neox_style=False: GLM, GPT-J, Cohere).
 
-    The cos/sin table comes from `lmforge.kernels.rope_cache` (bit-identical inverse frequencies to
-    transformers, Llama 3.1 scaling included) and is read by the backend's `rope` kernel per token.
+    head_dim: q/k head size; max_positions: the served context (table rows); theta: rope_theta;
+    scaling: ModelConfig.rope_scaling (rope_type + its keys; None: plain RoPE); rotary_dim: rotated dims
+    (default head_dim * scaling's partial_rotary_factor, else head_dim); max_position_embeddings: the HF
+    config's, needed by dynamic (its threshold) and by yarn/longrope configs without factor or
+    original_max_position_embeddings. Unknown rope types, keys or values raise ValueError at construction.
+
+    Sequence-length-dependent types (longrope, dynamic) rotate a token by the length HF's forward saw
+    (`rope_cache.hf_seq_lens`): forward then needs `prompt_lens`, unless max_positions never exceeds the
+    threshold (then every sequence is "short" and position alone decides). Everything stays on the device
+    with static shapes (CUDA-graph safe): longrope picks a row of a [2P, R] table, dynamic gathers its
+    inverse frequencies by sequence length and builds cos/sin per token.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: Ops):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: Ops,
+                 *, rotary_dim: int | None = None, is_neox_style: bool = True,
+                 max_position_embeddings: int | None = None):  # fmt: skip
         super().__init__()
-        self.ops = ops
-        self.register_buffer("cos_sin_cache", build_rope_cache(head_dim, max_positions, theta, scaling),
-                             persistent=False)  # [P, head_dim] fp32: cos half | sin half
+        self.ops, self.is_neox_style, self.max_positions = ops, is_neox_style, max_positions
+        spec = rope_cache.validate_rope_scaling(scaling, max_position_embeddings)
+        self.rope_type = spec["rope_type"]
+        self.rotary_dim = rotary_dim_of(head_dim, rotary_dim, spec)
+        if spec.get("rope_theta") is not None and float(spec["rope_theta"]) != float(theta):
+            raise ValueError(f"rope_scaling rope_theta={spec['rope_theta']!r} differs from theta={theta!r}")
+        # rows [P, R] fp32 (cos half | sin half); longrope: [2P, R] short rows then long rows
+        self.threshold: int | None = None  # HF sequence length above which the rotation changes
+        if self.rope_type == "longrope":
+            self.threshold = spec["original_max_position_embeddings"]
+            cache = rope_cache.build_longrope_cache(self.rotary_dim, max_positions, theta, spec)
+        elif self.rope_type == "dynamic":
+            self.threshold = spec["original_max_position_embeddings"]
+            self.register_buffer("inv_freq_table", rope_cache.dynamic_inv_freq_table(
+                self.rotary_dim, theta, spec["factor"], self.threshold, max_positions), persistent=False)
+            cache = rope_cache.cos_sin(torch.arange(max_positions), rope_cache.compute_inv_freq(
+                self.rotary_dim, theta, spec))  # the table while no sequence passes the threshold
+        else:
+            cache = rope_cache.build_rope_cache(self.rotary_dim, max_positions, theta, spec)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.needs_prompt_lens = self.threshold is not None and max_positions > self.threshold
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        """positions [T]; q [T, H, D], k [T, Hkv, D] (views into the fused qkv output), rotated in place."""
-        self.ops.rope(positions, q, k, self.cos_sin_cache)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                prompt_lens: torch.Tensor | None = None) -> None:  # fmt: skip
+        """positions [T]; q [T, H, D], k [T, Hkv, D] (views into the fused qkv output), rotated in place.
+
+        prompt_lens [T] int (optional): the prompt length of each token's sequence. Read only by longrope
+        and dynamic when max_positions exceeds their threshold (`needs_prompt_lens`); ValueError if missing then.
+        """
+        rows, table = self.lookup(positions, prompt_lens)
+        self.ops.rope(rows, q, k, table, self.is_neox_style)
+
+    def lookup(self, positions: torch.Tensor, prompt_lens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(rows [T], table [N, R] fp32): token t rotates by table[rows[t]] (cos half | sin half)."""
+        if not self.needs_prompt_lens:
+            return positions, self.cos_sin_cache
+        if prompt_lens is None:
+            raise ValueError(f"rope_type {self.rope_type!r} with a served context of {self.max_positions} > "
+                             f"{self.threshold} positions rotates by the sequence length HF saw: "
+                             "RotaryEmbedding.forward needs prompt_lens (per token)")  # fmt: skip
+        if self.rope_type == "longrope":
+            return rope_cache.longrope_rows(positions, prompt_lens, self.max_positions, self.threshold), \
+                self.cos_sin_cache  # fmt: skip
+        seq_lens = rope_cache.hf_seq_lens(positions, prompt_lens)  # dynamic: [T]
+        per_token = rope_cache.cos_sin(positions, self.inv_freq_table[seq_lens - 1])  # [T, R]
+        return torch.arange(positions.shape[0], device=positions.device), per_token
+
+
+def rotary_dim_of(head_dim: int, rotary_dim: int | None, scaling: dict[str, Any] | None) -> int:
+    """The rotated dims: rotary_dim if given, else int(head_dim * partial_rotary_factor) as HF computes it;
+    both given must agree. Odd or out-of-range values raise ValueError naming them."""
+    factor = (scaling or {}).get("partial_rotary_factor")
+    from_factor = None if factor is None else int(head_dim * factor)
+    if rotary_dim is None:
+        rotary_dim = head_dim if from_factor is None else from_factor
+    elif from_factor is not None and from_factor != rotary_dim:
+        raise ValueError(f"rotary_dim={rotary_dim} disagrees with partial_rotary_factor={factor!r} "
+                         f"(head_dim {head_dim} -> {from_factor})")  # fmt: skip
+    if rotary_dim <= 0 or rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+    return rotary_dim
 
 
 class QKVLinear(nn.Linear):
