@@ -11,7 +11,7 @@ import re
 import pytest
 
 from lmforge.runtime.models.config import ModelConfig, load_model_config
-from lmforge.runtime.models.families import FAMILIES, SHAPE_KEYS, Key
+from lmforge.runtime.models.families import FAMILIES, SHAPE_KEYS, SUPPORTED_ROPE_TYPES, Key
 from lmforge.runtime.models.tiny import TINY_SPECS, tiny_hf_config
 
 _ROPE_KEYS = ("rope_theta", "rope_type", "partial_rotary_factor")
@@ -56,8 +56,14 @@ def test_the_table_restricts_the_keys_that_select_math():
     keys = {key for _, key in RESTRICTED}
     assert {"hidden_act", "hidden_activation", "attention_bias", "mlp_bias", "rope_type", "partial_rotary_factor",
             "layer_types", "use_sliding_window", "qk_layernorm", "use_parallel_residual", "use_qkv_bias", "use_bias",
-            "use_qk_norm", "attn_logit_softcapping", "use_bidirectional_attention"} <= keys
+            "use_qk_norm", "use_bidirectional_attention"} <= keys
     assert len(RESTRICTED) >= 60
+
+
+def test_the_rope_types_accepted_are_the_ones_the_rope_tables_compute():
+    from lmforge.kernels.rope_cache import ROPE_TYPES
+
+    assert set(SUPPORTED_ROPE_TYPES) == {*ROPE_TYPES, "su"}  # "su": Phi-3's old name of longrope
 
 
 @pytest.mark.parametrize(("architecture", "key"), RESTRICTED, ids=[f"{a}-{k}" for a, k in RESTRICTED])
