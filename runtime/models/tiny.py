@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 # tiny arch name -> (transformers model_type, config kwargs beyond the shared shape). Each is a real
-# configuration of its family (the keys its users' checkpoints set), with windows and RoPE choices that
-# make the family's own math matter on short prompts.
+# configuration of its family (the keys its users' checkpoints set), with windows (20-24 tokens, shorter
+# than the parity prompts), soft-caps and RoPE choices that make the family's own math matter.
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -27,12 +27,16 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                              "hidden_act": "gelu_pytorch_tanh", "attention_bias": True, "mlp_bias": True}),
     "mistral": ("mistral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                             "sliding_window": None}),
+    "mistral_window": ("mistral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                                   "sliding_window": 24}),  # Mistral v0.1: every layer slides
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    "qwen2_window": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                               "use_sliding_window": True, "sliding_window": 20, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "head_dim": 24}),
     "gemma": ("gemma", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
-    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": None,
-                          "final_logit_softcapping": 4.0, "sliding_window": 512}),
-    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 512,
+    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 3.0,
+                          "final_logit_softcapping": 4.0, "sliding_window": 24}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 24,
                                "layer_types": ["sliding_attention", "full_attention"],
                                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
@@ -48,7 +52,7 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                      "use_parallel_residual": True}),
     "olmo": ("olmo", {"clip_qkv": 1.5}),
     "olmo2": ("olmo2", {}),
-    "starcoder2": ("starcoder2", {"sliding_window": 512, "use_bias": True}),
+    "starcoder2": ("starcoder2", {"sliding_window": 24, "use_bias": True}),
     "glm": ("glm", {"head_dim": 16}),
     "glm4": ("glm4", {"head_dim": 16}),
     "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),

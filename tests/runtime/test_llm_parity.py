@@ -27,7 +27,7 @@ torch.set_num_threads(1)  # the CI box has 2 busy cores: one thread avoids conte
 MAX_TOKENS = 16
 LOGPROB_ATOL = 1e-4
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True)
-PROMPT_LENS = [3, 17, 40, 70]  # mixed lengths in one batch
+PROMPT_LENS = [3, 17, 40, 70]  # mixed lengths in one batch; all but the first two outgrow every tiny window
 
 
 def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 384) -> list[list[int]]:
@@ -109,7 +109,8 @@ def test_greedy_and_logprobs_match_hf(checkpoints, arch):
 
 
 # one family per norm kind / block layout / attention variant
-SCENARIO_ARCHS = ["llama31", "qwen3", "gemma2", "phi", "gpt_neox", "olmo2", "stablelm_qknorm"]
+SCENARIO_ARCHS = ["llama31", "qwen3", "gemma2", "gemma3", "phi", "gpt_neox", "olmo2", "stablelm_qknorm", "cohere",
+                  "glm4", "mistral_window"]
 
 
 @pytest.mark.parametrize("arch", SCENARIO_ARCHS)
@@ -184,6 +185,11 @@ NEGATIVE_CONTROLS = {
     "clip-qkv-removed": ("olmo", lambda c: c.update(clip_qkv=None), True),
     "local-rope-theta-changed": ("gemma3", lambda c: c["rope_parameters"]["sliding_attention"].update(
         rope_theta=1_000_000.0), True),
+    "window-removed": ("mistral_window", lambda c: c.update(sliding_window=None), True),
+    "alternating-windows-removed": ("gemma2", lambda c: c.update(layer_types=["full_attention"] * 2), True),
+    "attn-softcap-removed": ("gemma2", lambda c: c.update(attn_logit_softcapping=None), True),
+    "qwen2-window-layers-changed": ("qwen2_window", lambda c: c.update(max_window_layers=0, layer_types=None),
+                                    True),
 }
 
 
