@@ -5,9 +5,8 @@ plus negative controls that prove the comparison fails when one config key is se
 The checkpoints are built by transformers' own classes with widened weights (runtime/models/tiny.py
 `widen_weights`: matrices ~ N(0, 1/fan_in), random biases and norm weights), so that every op moves
 the logits: with HF's std-0.02 init a Llama-3.1 checkpoint served without its RoPE scaling still
-picked HF's greedy tokens (issue #17). The reference is one HF forward over prompt + our tokens
-(teacher forcing): our token at step i must be HF's argmax at that position and our top-5 logprobs
-HF's, which is exactly HF greedy decoding whenever the tokens agree.
+picked HF's greedy tokens (issue #17). The reference is HF's own greedy decoding on its KV cache (as
+`generate` runs it, EOS ignored); the int8 check scores our tokens with one HF forward (teacher forcing).
 """
 
 from __future__ import annotations
@@ -56,34 +55,54 @@ SERVABLE = list(ARCHS)
 
 _hf_models: dict[str, torch.nn.Module] = {}
 _hf_logprobs: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+_hf_greedy: dict[tuple[str, tuple[int, ...]], tuple[list[int], torch.Tensor]] = {}
+
+
+def _hf_model(path: Path) -> torch.nn.Module:
+    if str(path) not in _hf_models:
+        from transformers import AutoModelForCausalLM
+
+        _hf_models[str(path)] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _hf_models[str(path)]
 
 
 def hf_logprobs(path: Path, ids: list[int]) -> torch.Tensor:
     """log_softmax (fp32) of one HF forward over `ids`; row i scores the token after ids[i]."""
     key = (str(path), tuple(ids))
     if key not in _hf_logprobs:
-        from transformers import AutoModelForCausalLM
-
-        if str(path) not in _hf_models:
-            _hf_models[str(path)] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         with torch.no_grad():
-            _hf_logprobs[key] = _hf_models[str(path)](torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            _hf_logprobs[key] = _hf_model(path)(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     return _hf_logprobs[key]
 
 
+def hf_greedy(path: Path, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """HF greedy decoding as `generate` runs it: the prompt in one forward, then one token per forward on
+    HF's KV cache (so the RoPE types that depend on the sequence length see what they see in HF).
+    Returns (MAX_TOKENS token ids, their steps' log_softmax rows [MAX_TOKENS, V]); EOS does not stop it."""
+    key = (str(path), tuple(prompt))
+    if key not in _hf_greedy:
+        model, tokens, rows = _hf_model(path), [], []
+        with torch.no_grad():
+            out = model(torch.tensor([prompt]), use_cache=True)
+            for _ in range(MAX_TOKENS):
+                rows.append(out.logits[0, -1].float().log_softmax(-1))
+                tokens.append(int(rows[-1].argmax()))
+                out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+        _hf_greedy[key] = (tokens, torch.stack(rows))
+    return _hf_greedy[key]
+
+
 def hf_mismatch(path: Path, prompt: list[int], completion) -> tuple[int | None, float]:
-    """(first step whose token is not HF's argmax or None, max |logprob - HF| over our top-5 entries)."""
-    tokens = completion.token_ids
-    ref = hf_logprobs(path, prompt + tokens)[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+    """(first step whose token is not HF's or lacks one of HF's top-5, or None; max |logprob - HF| over
+    our top-5 entries up to that step: later steps see different contexts)."""
+    ref_tokens, ref_rows = hf_greedy(path, prompt)
     first_bad, worst = None, 0.0
-    for step, (token, ours) in enumerate(zip(tokens, completion.logprobs, strict=True)):
-        row = ref[step]
-        if first_bad is None and token != int(row.argmax()):
-            first_bad = step
-        top = set(row.topk(5).indices.tolist())
-        if first_bad is None and not top <= set(ours):
-            first_bad = step  # HF's top-5 must be ours
+    for step, (token, ours) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        row = ref_rows[step]
         worst = max(worst, *(abs(lp - row[t].item()) for t, lp in ours.items()))
+        if token != ref_tokens[step] or not set(row.topk(5).indices.tolist()) <= set(ours):
+            first_bad = step
+            break
     return first_bad, worst
 
 
@@ -185,6 +204,8 @@ NEGATIVE_CONTROLS = {
     "clip-qkv-removed": ("olmo", lambda c: c.update(clip_qkv=None), True),
     "local-rope-theta-changed": ("gemma3", lambda c: c["rope_parameters"]["sliding_attention"].update(
         rope_theta=1_000_000.0), True),
+    "longrope-removed": ("phi3_longrope", _drop_rope_scaling, True),
+    "yarn-removed": ("qwen2_yarn", _drop_rope_scaling, True),
     "window-removed": ("mistral_window", lambda c: c.update(sliding_window=None), True),
     "alternating-windows-removed": ("gemma2", lambda c: c.update(layer_types=["full_attention"] * 2), True),
     "attn-softcap-removed": ("gemma2", lambda c: c.update(attn_logit_softcapping=None), True),
