@@ -40,6 +40,32 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh
+    "relu": F.relu,
+}
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(x) in fp32, rounded to x.dtype; act one of silu, gelu, gelu_tanh, relu (the plain-MLP activation)."""
+    return _ACTIVATIONS[act](x.float()).to(x.dtype)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: act(gate) * up, gate = first half (silu: `silu_and_mul`; gelu_tanh: GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return (_ACTIVATIONS[act](gate.float()) * up.float()).to(x.dtype)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normalize and scale by (1 + weight), both in fp32, then round to x.dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
 # --- rotary embedding -------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Building blocks of the Llama family: norms, RoPE, fused linears with weight loaders, paged attention.
+"""Building blocks of the decoder families: norms, activations, RoPE, fused linears with weight loaders,
+paged attention.
 
 Norms, RoPE and the MLP activation call the kernel backend (`lmforge.kernels.backend.Ops`: the torch
 references on CPU, the fused Triton kernels on CUDA), chosen once by the model runner.
@@ -13,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import rope_cache
+from lmforge.kernels import reference, rope_cache
 from lmforge.kernels.backend import Ops
 from lmforge.runtime.engine.attention import AttentionBackend
 
@@ -39,6 +41,66 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)  # [T, dim]
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)  # ([T, dim], [T, dim])
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x * (1 + w), the weight stored as an offset from one (HF's init is zeros).
+    Torch reference only: the Triton rms_norm kernel scales by w."""
+
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if residual is None:
+            return reference.gemma_rms_norm(x, self.weight, self.eps)
+        residual = x + residual
+        return reference.gemma_rms_norm(residual, self.weight, self.eps), residual
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with the residual interface of RMSNorm. bias=False: Cohere; affine=False: OLMo's
+    non-parametric norm (no weight, no bias: nothing to load)."""
+
+    def __init__(self, dim: int, eps: float, *, bias: bool = True, affine: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine and bias else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics like transformers' OLMo/Cohere norms; nn.LayerNorm on fp32 inputs is the same op
+        out = F.layer_norm(x.float(), (self.dim,), None if self.weight is None else self.weight.float(),
+                           None if self.bias is None else self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, ops: Ops) -> nn.Module:
+    """ModelConfig.norm -> module: rms | rms_1p | layer | layer_no_bias | layer_no_affine."""
+    if kind == "rms":
+        return RMSNorm(dim, eps, ops)
+    if kind == "rms_1p":
+        return GemmaRMSNorm(dim, eps, ops)
+    if kind == "layer":
+        return LayerNorm(dim, eps)
+    if kind == "layer_no_bias":
+        return LayerNorm(dim, eps, bias=False)
+    if kind == "layer_no_affine":
+        return LayerNorm(dim, eps, affine=False)
+    raise ValueError(f"unknown norm kind {kind!r}")
+
+
+def act_and_mul(x: torch.Tensor, act: str, ops: Ops) -> torch.Tensor:
+    """[T, 2I] -> [T, I]: act(gate) * up. SiLU through the kernel backend (fused on CUDA), the other
+    activations through their torch reference."""
+    return ops.silu_and_mul(x) if act == "silu" else reference.act_and_mul(x, act)
 
 
 class RotaryEmbedding(nn.Module):
@@ -145,15 +207,24 @@ def rotary_dim_of(head_dim: int, rotary_dim: int | None, scaling: dict[str, Any]
 
 
 class QKVLinear(nn.Linear):
-    """q, k and v projections in one matmul: out = [q (H*D) | k (Hkv*D) | v (Hkv*D)]."""
+    """q, k and v projections in one matmul: out = [q (H*D) | k (Hkv*D) | v (Hkv*D)].
+
+    Shards: "q"/"k"/"v" (Llama's separate projections); None: the whole fused matrix (Phi-3's
+    qkv_proj); "per_head": GPT-NeoX's query_key_value, whose rows are [H, (q|k|v), D]."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool):
         self.sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
+        self.num_heads, self.head_dim = num_heads, head_dim
         super().__init__(hidden, sum(self.sizes.values()), bias=bias)
         for p in self.parameters():
             p.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:
+            return default_weight_loader(param, loaded)
+        if shard_id == "per_head":  # [H*3*D, ...] -> [3*H*D, ...]
+            rows = loaded.reshape(self.num_heads, 3, self.head_dim, *loaded.shape[1:]).transpose(0, 1)
+            return default_weight_loader(param, rows.reshape(loaded.shape))
         offset = {"q": 0, "k": self.sizes["q"], "v": self.sizes["q"] + self.sizes["k"]}[shard_id]
         default_weight_loader(param.data.narrow(0, offset, self.sizes[shard_id]), loaded)
 
@@ -167,7 +238,9 @@ class MergedLinear(nn.Linear):
         for p in self.parameters():
             p.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is None:  # already fused in the checkpoint (Phi-3, GLM gate_up_proj)
+            return default_weight_loader(param, loaded)
         offset = sum(self.out_sizes[:shard_id])
         default_weight_loader(param.data.narrow(0, offset, self.out_sizes[shard_id]), loaded)
 
