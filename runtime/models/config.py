@@ -33,6 +33,8 @@ class ModelConfig:
     torch_dtype: str | None = None  # the checkpoint's dtype ("bfloat16", ...)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # --- older families (gpt2.py, opt.py, bloom.py, mpt.py, falcon.py) ---
+    family: Any = None  # the family's own frozen options dataclass (what only its graph reads)
     # Set by the engine, not read from config.json:
     model: str = ""  # the checkpoint directory served
     max_model_len: int = 0  # the served context limit (prompt + generated tokens)
@@ -44,6 +46,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         archs = hf.get("architectures") or []
+        from lmforge.runtime.models.registry import FAMILY_CONFIG_PARSERS
+
+        if archs and archs[0] in FAMILY_CONFIG_PARSERS:
+            return FAMILY_CONFIG_PARSERS[archs[0]](hf)
         if hf.get("mlp_bias"):
             raise ValueError("mlp_bias=True checkpoints are not supported")
         num_heads = hf["num_attention_heads"]

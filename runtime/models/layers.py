@@ -89,10 +89,11 @@ class MergedLinear(nn.Linear):
 class PagedAttention(nn.Module):
     """Holds one layer's slice of the KV cache (bound by the model runner) and calls the backend."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend, *,
+                 scale: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.backend = backend
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D] once bound
         # int8 KV cache only: per-(token, head) fp32 scales [num_blocks, block_size, Hkv]; None otherwise

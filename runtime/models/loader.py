@@ -42,8 +42,11 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
+    rename = getattr(model, "checkpoint_name", None)  # a family's checkpoint name -> parameter name (None: skip)
     for name, tensor in iter_checkpoint(model_dir):
         if name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        if rename is not None and (name := rename(name)) is None:
             continue
         if name == "lm_head.weight" and "lm_head.weight" not in params:
             continue  # tied embeddings: some checkpoints still carry a copy

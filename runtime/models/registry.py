@@ -1,15 +1,27 @@
-"""Architecture name (config.json `architectures[0]`) -> model class."""
+"""Architecture name (config.json `architectures[0]`) -> model class (and, for families whose HF config
+uses its own key names, the parser that turns it into a ModelConfig)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
+from lmforge.runtime.models import gpt2, opt
 from lmforge.runtime.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel,
+    opt.ARCHITECTURE: opt.OPTForCausalLM,
+}
+
+FAMILY_CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    gpt2.ARCHITECTURE: gpt2.config_from_hf,
+    opt.ARCHITECTURE: opt.config_from_hf,
 }
 
 

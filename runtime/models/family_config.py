@@ -1,0 +1,85 @@
+"""Helpers the older families' config parsers share (GPT-2, OPT, BLOOM, MPT, Falcon): every key that
+changes the math is read or refused with a message naming the architecture, the key and the value.
+
+Each family file has `config_from_hf(hf) -> ModelConfig`; what only its graph reads goes into a small
+frozen dataclass in `ModelConfig.family`, so the shared ModelConfig keeps the numbers the engine needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.runtime.models.config import ModelConfig, _as_list
+
+
+class FamilyConfigError(ValueError):
+    """config.json asks for something this family's graph does not implement."""
+
+
+def require(arch: str, hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise FamilyConfigError(f"{arch}: config.json lacks {key!r}")
+    return hf[key]
+
+
+def refuse_true(arch: str, hf: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        if hf.get(key):
+            raise FamilyConfigError(f"{arch}: {key}={hf[key]!r} is not supported")
+
+
+def refuse_unless(arch: str, key: str, value: Any, allowed: tuple[Any, ...], why: str = "") -> None:
+    if value not in allowed:
+        expected = " or ".join(repr(a) for a in allowed)
+        raise FamilyConfigError(f"{arch}: {key}={value!r} is not supported (expected {expected}){why}")
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# HF ACT2FN names -> the function (HF's own math: gelu_new / gelu_pytorch_tanh / BLOOM's gelu are the
+# tanh approximation, "gelu" is erf-exact).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation_fn(arch: str, key: str, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise FamilyConfigError(f"{arch}: {key}={name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def base_config(hf: dict[str, Any], *, architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int,
+                num_layers: int, intermediate_size: int, max_position_embeddings: int,
+                tie_word_embeddings: bool, family: Any) -> ModelConfig:
+    """The shared ModelConfig numbers of a family whose HF config uses its own key names."""
+    if hidden_size % num_heads:
+        raise FamilyConfigError(f"{architecture}: hidden size {hidden_size} is not a multiple of {num_heads} heads")
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=require(architecture, hf, "vocab_size"),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        eos_token_ids=_as_list(hf.get("eos_token_id")),
+        bos_token_id=hf.get("bos_token_id"),
+        family=family,
+    )
