@@ -83,3 +83,13 @@ def base_config(hf: dict[str, Any], *, architecture: str, hidden_size: int, num_
         bos_token_id=hf.get("bos_token_id"),
         family=family,
     )
+
+
+def rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling or None) from either layout (transformers 5 `rope_parameters`, 4 `rope_theta` +
+    `rope_scaling`); the scaling dict is handed to the shared RotaryEmbedding, which refuses unknown types."""
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = rope or dict(hf.get("rope_scaling") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    return theta, None if rope_type == "default" else {**scaling, "rope_type": rope_type}

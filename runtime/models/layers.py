@@ -90,8 +90,10 @@ class PagedAttention(nn.Module):
     """Holds one layer's slice of the KV cache (bound by the model runner) and calls the backend."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend, *,
-                 scale: float | None = None):
+                 scale: float | None = None, alibi_slopes: torch.Tensor | None = None):
         super().__init__()
+        if alibi_slopes is not None:
+            raise NotImplementedError("ALiBi attention is not implemented by the paged attention backends yet")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.backend = backend

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.runtime.models import gpt2, opt
+from lmforge.runtime.models import falcon, gpt2, opt
 from lmforge.runtime.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -17,11 +17,13 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel,
     opt.ARCHITECTURE: opt.OPTForCausalLM,
+    falcon.ARCHITECTURE: falcon.FalconForCausalLM,
 }
 
 FAMILY_CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     gpt2.ARCHITECTURE: gpt2.config_from_hf,
     opt.ARCHITECTURE: opt.config_from_hf,
+    falcon.ARCHITECTURE: falcon.config_from_hf,
 }
 
 
