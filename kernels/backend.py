@@ -33,9 +33,10 @@ class Ops:
     reshape_and_cache: Callable  # (key, value, k_cache, v_cache, slot_mapping) -> None
     reshape_and_cache_int8: Callable  # (key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping)
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale, *, k_scale_cache,
-    #                                    v_scale_cache, sliding_window, num_splits) -> out
+    #          v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap, num_splits) -> out
     paged_prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
-    #                                     scale, *, k_scale_cache, v_scale_cache, sliding_window) -> out
+    #          scale, *, k_scale_cache, v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap) -> out
+    # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
 

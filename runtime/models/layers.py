@@ -87,15 +87,37 @@ class MergedLinear(nn.Linear):
 
 
 class PagedAttention(nn.Module):
-    """Holds one layer's slice of the KV cache (bound by the model runner) and calls the backend."""
+    """Holds one layer's slice of the KV cache (bound by the model runner) and calls the backend.
+
+    The layer's own attention math travels with it (each defaults to plain causal Llama attention):
+        scale            softmax scale; None: head_dim ** -0.5 (Gemma2: query_pre_attn_scalar ** -0.5)
+        sliding_window   query i sees keys i - window < j <= i (Mistral, Gemma2/3 local layers, Qwen2 upper layers)
+        alibi_slopes     [num_heads] per-head slopes, bias slope * (j - i) (BLOOM, MPT, Falcon-alibi);
+                         see `lmforge.kernels.alibi.alibi_slopes`
+        logits_soft_cap  scores -> cap * tanh(scores / cap) before masking (Gemma2 attn_logit_softcapping)
+    The block manager reads `sliding_window` of every layer to free blocks no layer can see any more.
+    """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend, *,
-                 scale: float | None = None, alibi_slopes: torch.Tensor | None = None):
+                 scale: float | None = None, sliding_window: int | None = None,
+                 alibi_slopes: torch.Tensor | None = None, logits_soft_cap: float | None = None):
         super().__init__()
-        if alibi_slopes is not None:
-            raise NotImplementedError("ALiBi attention is not implemented by the paged attention backends yet")
+        if scale is not None and not scale > 0:
+            raise ValueError(f"PagedAttention: scale must be positive, got {scale}")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"PagedAttention: sliding_window must be a positive int or None, got {sliding_window!r}")
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"PagedAttention: logits_soft_cap must be positive or None, got {logits_soft_cap}")
+        if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
+            raise ValueError(f"PagedAttention: alibi_slopes must have shape ({num_heads},), "
+                             f"got {tuple(alibi_slopes.shape)}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5 if scale is None else scale
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = float(logits_soft_cap) if logits_soft_cap is not None else None
+        slopes = None if alibi_slopes is None else alibi_slopes.detach().to(torch.float32).contiguous()
+        self.register_buffer("alibi_slopes", slopes, persistent=False)  # follows the model's device; fp32 always
         self.backend = backend
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D] once bound
         # int8 KV cache only: per-(token, head) fp32 scales [num_blocks, block_size, Hkv]; None otherwise
@@ -104,9 +126,7 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         # q [T, H, D]; k, v [T, Hkv, D] -> [T, H, D]
-        if self.k_scale_cache is None:
-            return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale)
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale,
-                                    k_scale_cache=self.k_scale_cache, v_scale_cache=self.v_scale_cache)
-
-
+                                    k_scale_cache=self.k_scale_cache, v_scale_cache=self.v_scale_cache,
+                                    sliding_window=self.sliding_window, alibi_slopes=self.alibi_slopes,
+                                    logits_soft_cap=self.logits_soft_cap)
