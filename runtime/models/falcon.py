@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
 from lmforge.kernels.alibi import alibi_slopes
+from lmforge.runtime.engine.attention import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.family_config import (
     FamilyConfigError,

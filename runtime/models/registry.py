@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.runtime.models import falcon, gpt2, opt
+from lmforge.runtime.models import bloom, falcon, gpt2, mpt, opt
 from lmforge.runtime.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -18,12 +18,16 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel,
     opt.ARCHITECTURE: opt.OPTForCausalLM,
     falcon.ARCHITECTURE: falcon.FalconForCausalLM,
+    bloom.ARCHITECTURE: bloom.BloomForCausalLM,
+    mpt.ARCHITECTURE: mpt.MptForCausalLM,
 }
 
 FAMILY_CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     gpt2.ARCHITECTURE: gpt2.config_from_hf,
     opt.ARCHITECTURE: opt.config_from_hf,
     falcon.ARCHITECTURE: falcon.config_from_hf,
+    bloom.ARCHITECTURE: bloom.config_from_hf,
+    mpt.ARCHITECTURE: mpt.config_from_hf,
 }
 
 

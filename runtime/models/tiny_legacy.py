@@ -39,7 +39,7 @@ def legacy_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_l
                              **ids)
     elif arch == "mpt":
         config = MptConfig(vocab_size=vocab_size, d_model=hidden_size, n_layers=num_layers, n_heads=num_heads,
-                           max_seq_len=max_positions, expansion_ratio=4, **ids)
+                           max_seq_len=max_positions, expansion_ratio=4, attn_config={"clip_qkv": 2.0}, **ids)
     elif arch.startswith("falcon"):
         variants = {
             "falcon": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False),  # 7b

@@ -83,14 +83,17 @@ def altered_copy(path: Path, dest: Path, **changes: Any) -> Path:
 # --- the tests ----------------------------------------------------------------------------------------
 
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP_K, ignore_eos=True)
-ARCHS = ("gpt2", "opt", "opt-postln", "falcon", "falcon-40b")
+ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-40b", "falcon-rw")
 # arch -> (config key, value) that changes the math while every weight still loads
 NEGATIVE_CONTROLS: dict[str, dict[str, Any]] = {
     "gpt2": {"activation_function": "relu"},
     "opt": {"activation_function": "gelu"},
     "opt-postln": {"do_layer_norm_before": True, "_remove_final_layer_norm": True},  # pre-LN, same weights
+    "bloom": {"apply_residual_connection_post_layernorm": True},
+    "mpt": {"attn_config": {"clip_qkv": None}},
     "falcon": {"rope_parameters": {"rope_theta": 500000.0}},
     "falcon-40b": {"activation": "gelu_pytorch_tanh"},
+    "falcon-rw": {"alibi": False},  # RoPE instead of ALiBi
 }
 
 
