@@ -6,7 +6,8 @@ distance (BLOOM, MPT, Falcon-alibi, Baichuan-13B). With n' = the largest power o
     the n - n' remaining:     2 ** (-max_bias * k / (2 n'))   for k = 1, 3, 5, ...
 i.e. the power-of-two set is interleaved with the odd terms of the set for twice as many heads.
 BLOOM's `build_alibi_tensor` and Baichuan's `_get_interleave` are this with max_bias 8; MPT's
-`gen_slopes` is this with its `alibi_bias_max`. HF adds slope * key_pos instead of slope *
+`gen_slopes` is this with its `alibi_bias_max`. Falcon (alibi=True) rounds these slopes to bf16 before
+use: its model file passes `alibi_slopes(n).bfloat16().float()` to match it. HF adds slope * key_pos instead of slope *
 (key_pos - query_pos): the same softmax (a per-row constant), but ours stays small at long context.
 """
 

@@ -28,7 +28,7 @@ class Ops:
     name: str
     rms_norm: Callable  # (x, weight, eps) -> out
     fused_add_rms_norm: Callable  # (x, residual, weight, eps) -> (out, new_residual)
-    rope: Callable  # (positions, q, k, cos_sin_cache) -> (q, k), in place
+    rope: Callable  # (positions, q, k, cos_sin_cache, is_neox_style=True) -> (q, k), in place
     silu_and_mul: Callable  # (x [..., 2I]) -> [..., I]
     reshape_and_cache: Callable  # (key, value, k_cache, v_cache, slot_mapping) -> None
     reshape_and_cache_int8: Callable  # (key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping)

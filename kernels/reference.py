@@ -40,23 +40,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh
+    "relu": F.relu,
+}
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(x) in fp32, rounded to x.dtype; act one of silu, gelu, gelu_tanh, relu (the plain-MLP activation)."""
+    return _ACTIVATIONS[act](x.float()).to(x.dtype)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: act(gate) * up, gate = first half (silu: `silu_and_mul`; gelu_tanh: GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return (_ACTIVATIONS[act](gate.float()) * up.float()).to(x.dtype)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normalize and scale by (1 + weight), both in fp32, then round to x.dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
 # --- rotary embedding -------------------------------------------------------------------------------
 
 
 def rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox_style: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox / HF rotate_half RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
 
-    cos_sin_cache [max_pos, R] (R = rotary dim <= D): cos half then sin half. Only the first R dims rotate.
+    cos_sin_cache [rows, R] (R = rotary dim <= D): cos half then sin half; `positions` [T] picks each
+    token's row. Only the first R dims rotate, the rest pass through (partial rotary). Pair i is
+    (x[i], x[i + R/2]) in the neox / HF rotate_half layout, (x[2i], x[2i+1]) in the interleaved GPT-J
+    layout (is_neox_style=False: GLM, ChatGLM, GPT-J, Cohere); both turn pair i by angle i:
+        (a, b) -> (a*cos - b*sin, b*cos + a*sin).
     """
     half = cos_sin_cache.shape[1] // 2
     cos, sin = cos_sin_cache[positions.long()].float().split(half, dim=-1)  # [T, R/2] each
     cos, sin = cos[:, None, :], sin[:, None, :]
     for x in (q, k):
-        x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        x[..., : 2 * half] = rotated.to(x.dtype)
+        rot = x[..., : 2 * half]
+        pairs = rot.unflatten(-1, (2, half)) if is_neox_style else rot.unflatten(-1, (half, 2)).transpose(-1, -2)
+        a, b = pairs[..., 0, :].float(), pairs[..., 1, :].float()  # [T, H, R/2] each
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-2)  # [T, H, 2, R/2]
+        if not is_neox_style:
+            rotated = rotated.transpose(-1, -2)  # [T, H, R/2, 2]: back to (2i, 2i+1)
+        x[..., : 2 * half] = rotated.flatten(-2).to(x.dtype)
     return q, k
 
 

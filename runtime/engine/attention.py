@@ -39,6 +39,9 @@ class CommonAttentionMetadata:
     query_lens: list[int]  # [B] new tokens per sequence (1 for decode)
     seq_lens: list[int]  # [B] context length after this step (cached + new)
     block_size: int
+    # [T] int64: the prompt length of each new token's sequence, for the RoPE types that rotate by the
+    # sequence length HF saw (longrope, dynamic; `RotaryEmbedding.forward`); None: not provided
+    prompt_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -77,6 +80,7 @@ class TorchAttentionMetadata:
     # Sequences with several new tokens (prefill chunks), one at a time:
     # (first token row, query_len, seq_len, slots [seq_len] or None when nothing was cached before).
     prefills: list[tuple[int, int, int, torch.Tensor | None]]
+    prompt_lens: torch.Tensor | None = None  # [T], CommonAttentionMetadata.prompt_lens
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -111,7 +115,7 @@ class TorchAttentionBackend(AttentionBackend):
             decode_slots = _slots(common.block_tables[rows], max_len, bs)
             decode_positions = (lens - 1)[:, None]
         return TorchAttentionMetadata(common.slot_mapping, start, decode_token_idx, decode_slots,
-                                      decode_positions, prefills)
+                                      decode_positions, prefills, common.prompt_lens)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: TorchAttentionMetadata, scale, *, k_scale_cache=None,
                 v_scale_cache=None, sliding_window=None, alibi_slopes=None, logits_soft_cap=None):
@@ -219,6 +223,7 @@ class KernelAttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B+1] int32
     max_q_len: int
     decode_only: bool  # every sequence has exactly one new token
+    prompt_lens: torch.Tensor | None = None  # [T], CommonAttentionMetadata.prompt_lens
 
 
 class KernelAttentionBackend(AttentionBackend):
@@ -243,6 +248,7 @@ class KernelAttentionBackend(AttentionBackend):
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             max_q_len=max(common.query_lens),
             decode_only=all(qlen == 1 for qlen in common.query_lens),
+            prompt_lens=common.prompt_lens,
         )
 
     def forward(self, q, k, v, k_cache, v_cache, meta: KernelAttentionMetadata, scale, *, k_scale_cache=None,

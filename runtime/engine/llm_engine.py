@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge.runtime.engine.block_manager import BlockManager
+from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_seq, reusable_window
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.model_runner import ModelRunner
@@ -57,16 +57,23 @@ class LLMEngine:
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
             args.cpu_kv_cache_gb)
-        if num_blocks * args.block_size < max_model_len:
+        # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
+        kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
+        chunk = args.max_num_batched_tokens
+        if args.long_prefill_token_threshold > 0:
+            chunk = min(chunk, args.long_prefill_token_threshold)
+        blocks_per_seq = max_blocks_per_seq(max_model_len, args.block_size, kv_window, chunk)
+        if num_blocks < blocks_per_seq:
             raise ValueError(
-                f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens = {num_blocks * args.block_size}"
-                f" tokens, fewer than max_model_len={max_model_len}; raise num_blocks / gpu_memory_utilization"
-                " or lower max_model_len")
+                f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens, fewer than"
+                f" max_model_len={max_model_len} needs ({blocks_per_seq} blocks for one sequence"
+                f"{'' if kv_window is None else f' with sliding window {kv_window}'}); raise num_blocks /"
+                " gpu_memory_utilization or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
         if not args.enforce_eager and self.runner.supports_cuda_graphs:
             self.cuda_graph_seconds = self.runner.prepare_decode_graphs(args.max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, kv_window)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.long_prefill_token_threshold), self.block_manager)
@@ -250,9 +257,8 @@ class LLMEngine:
 
 
 def _max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    """The model's positions; a sliding window does not limit the context (the kernels apply it per layer)."""
     limit = cfg.max_position_embeddings
-    if cfg.sliding_window:  # we attend over the full context, so stay inside the window
-        limit = min(limit, cfg.sliding_window)
     if requested is None:
         return limit
     if requested > limit:

@@ -4,7 +4,7 @@ with biases, a GELU MLP, tied head.
 HF stores every projection as a `Conv1D` ([in, out] weights); here they are nn.Linear and the loader
 transposes them (`_conv1d_loader`). Module names are HF's, so checkpoint names load unchanged; the hub's
 original gpt2 files (no `transformer.` prefix, causal-mask buffers `attn.bias` / `attn.masked_bias`)
-load through `checkpoint_name`.
+load through `hf_to_ours`.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     @classmethod
-    def checkpoint_name(cls, name: str) -> str | None:
+    def hf_to_ours(cls, name: str) -> str | None:
         """Checkpoint tensor name -> our parameter name (None: not a weight, skipped)."""
         if name.endswith(cls._BUFFERS):
             return None

@@ -197,7 +197,8 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        names = _hf_names(name, module, packed)
+        to_hf = getattr(model, "ours_to_hf", None)  # the family's renames, reversed (lm_head <- embed_out)
+        names = [to_hf(n) if to_hf else n for n in _hf_names(name, module, packed)]
         schemes = {scheme_for(hf, module, config) for hf in names}
         if len(schemes) > 1:
             raise ValueError(f"{', '.join(names)} are fused into {name} but quantized differently")

@@ -1,34 +1,21 @@
-"""Architecture name (config.json `architectures[0]`) -> model class (and, for families whose HF config
-uses its own key names, the parser that turns it into a ModelConfig)."""
+"""Architecture name (config.json `architectures[0]`) -> model class: every family of the table
+(families.FAMILIES) is served by the one decoder graph."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
 from lmforge.runtime.models import bloom, falcon, gpt2, mpt, opt
-from lmforge.runtime.models.llama import LlamaForCausalLM
+from lmforge.runtime.models.decoder import DecoderForCausalLM
+from lmforge.runtime.models.families import FAMILIES
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel,
-    opt.ARCHITECTURE: opt.OPTForCausalLM,
+MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(FAMILIES, DecoderForCausalLM)
+# the older families: one graph file each (their config parsers: config.LEGACY_FAMILY_MODULES)
+MODEL_REGISTRY.update({
+    gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel, opt.ARCHITECTURE: opt.OPTForCausalLM,
+    bloom.ARCHITECTURE: bloom.BloomForCausalLM, mpt.ARCHITECTURE: mpt.MptForCausalLM,
     falcon.ARCHITECTURE: falcon.FalconForCausalLM,
-    bloom.ARCHITECTURE: bloom.BloomForCausalLM,
-    mpt.ARCHITECTURE: mpt.MptForCausalLM,
-}
-
-FAMILY_CONFIG_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    gpt2.ARCHITECTURE: gpt2.config_from_hf,
-    opt.ARCHITECTURE: opt.config_from_hf,
-    falcon.ARCHITECTURE: falcon.config_from_hf,
-    bloom.ARCHITECTURE: bloom.config_from_hf,
-    mpt.ARCHITECTURE: mpt.config_from_hf,
-}
+})
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
