@@ -145,7 +145,7 @@ class FalconAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         q, k, v = self.split_qkv(self.query_key_value(x))
         if self.rotary_emb is not None:
-            self.rotary_emb(positions, q, k)
+            self.rotary_emb(positions, q, k, attn_meta.prompt_lens)  # longrope / dynamic read prompt_lens
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.dense(out.reshape(x.shape[0], -1))
 
@@ -199,8 +199,9 @@ class FalconModel(nn.Module):
         opts: FalconOptions = cfg.family
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         alibi = falcon_alibi_slopes(cfg.num_heads, cfg.head_dim, max_positions) if opts.alibi else None
-        self.rotary_emb = None if opts.alibi else RotaryEmbedding(cfg.head_dim, max_positions, opts.rope_theta,
-                                                                  opts.rope_scaling, backend.ops)
+        self.rotary_emb = None if opts.alibi else RotaryEmbedding(
+            cfg.head_dim, max_positions, opts.rope_theta, opts.rope_scaling, backend.ops,
+            max_position_embeddings=cfg.max_position_embeddings)
         self.h = nn.ModuleList(FalconDecoderLayer(cfg, self.rotary_emb, alibi, backend)
                                for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=opts.layer_norm_eps)

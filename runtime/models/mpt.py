@@ -10,13 +10,13 @@ values are refused by name instead of being guessed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lmforge.kernels.alibi import alibi_slopes
 from lmforge.runtime.engine.attention import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.family_config import FamilyConfigError, base_config, refuse_unless, require
@@ -70,6 +70,19 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
+    """[H] fp32 slopes exactly as transformers' `build_mpt_alibi_tensor` (MosaicML's recipe): 1 / 2^(8k/P)
+    for the next power of two P, odd-indexed then even-indexed. The same numbers as kernels.alibi's, but
+    computed as a power of 2 rather than a power of a rounded base: they differ by a few ulp from 12 heads on,
+    which a 2k-token distance turns into ~1e-4 of logit."""
+    power = 2 ** math.ceil(math.log2(num_heads))
+    base = torch.arange(1, power + 1, dtype=torch.int64).float() * (alibi_bias_max / power)
+    slopes = 1.0 / torch.pow(2, base)
+    if power != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
 def _norm(cfg: ModelConfig) -> nn.LayerNorm:
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.family.layer_norm_eps, bias=False)
 
@@ -81,7 +94,7 @@ class MptAttention(nn.Module):
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, backend,
-                                   scale=cfg.family.softmax_scale, alibi_slopes=alibi_slopes(cfg.num_heads, 8.0))
+                                   scale=cfg.family.softmax_scale, alibi_slopes=mpt_alibi_slopes(cfg.num_heads))
 
     def forward(self, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         num_tokens = x.shape[0]

@@ -141,3 +141,18 @@ def test_negative_control_one_config_key_changed_fails(checkpoints, arch, tmp_pa
     prompts = random_prompts([3, 17, 40, 90])
     outputs = serve(altered).generate(prompts, PARAMS)
     assert mismatch(checkpoints[arch], prompts, outputs) is not None
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 64}], ids=["linear", "yarn"])
+def test_falcon_rope_scaling_matches_hf(tmp_path, rope):
+    path = save_legacy_tiny_model(tmp_path / "falcon", "falcon", rope_parameters=rope)
+    prompts = random_prompts([3, 40, 90])
+    assert mismatch(path, prompts, serve(path).generate(prompts, PARAMS)) is None
+
+
+def test_falcon_alibi_refuses_a_context_hf_rounds_differently(checkpoints):
+    with pytest.raises(ValueError, match=r"alibi=True with 4 heads: transformers rounds the ALiBi bias .* "
+                                         r"positions < 257; max_model_len=300"):
+        serve(checkpoints["falcon-rw"], max_model_len=300)
