@@ -30,6 +30,9 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral_window": ("mistral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                                    "sliding_window": 24}),  # Mistral v0.1: every layer slides
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    # Qwen2.5 long context: yarn
+    "qwen2_yarn": ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                                 "original_max_position_embeddings": 32}}),
     "qwen2_window": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
                                "use_sliding_window": True, "sliding_window": 20, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "head_dim": 24}),
@@ -42,6 +45,16 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                                       "rope_theta": 1000000.0}}}),
     "phi3": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": None}),
+    # Phi-3-mini-128k / Phi-3.5-mini: longrope, short factors up to original_max_position_embeddings, long beyond
+    "phi3_longrope": ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                                                   "long_factor": [1.0 + 0.6 * i for i in range(8)],
+                                                   "original_max_position_embeddings": 32},
+                               "original_max_position_embeddings": 32,  # Phi3Config copies it into the rope dict
+                               "sliding_window": None}),
+    # Phi-4-mini: Phi3ForCausalLM with partial rotary and tied embeddings
+    "phi3_partial": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.75}, "tie_word_embeddings": True}),
     "phi": ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
     "gpt_neox": ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.25}, "use_parallel_residual": True}),
