@@ -75,8 +75,8 @@ def widen_weights(model: nn.Module, seed: int) -> None:
 
 
 def save_legacy_tiny_model(path: str | Path, arch: str, *, seed: int = 0, widen: bool = True,
-                           vocab_size: int = 384, **config_kwargs: Any) -> Path:
-    """Writes a random `arch` checkpoint (fp32 safetensors) + tokenizer to `path`; returns the path."""
+                           vocab_size: int = 384, dtype: str = "float32", **config_kwargs: Any) -> Path:
+    """Writes a random `arch` checkpoint (`dtype` safetensors: the fp32 draw, cast) + tokenizer to `path`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -87,6 +87,6 @@ def save_legacy_tiny_model(path: str | Path, arch: str, *, seed: int = 0, widen:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if widen:
         widen_weights(model, seed)
-    model.save_pretrained(path)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

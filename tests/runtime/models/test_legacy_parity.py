@@ -156,3 +156,38 @@ def test_falcon_alibi_refuses_a_context_hf_rounds_differently(checkpoints):
     with pytest.raises(ValueError, match=r"alibi=True with 4 heads: transformers rounds the ALiBi bias .* "
                                          r"positions < 257; max_model_len=300"):
         serve(checkpoints["falcon-rw"], max_model_len=300)
+
+
+# KV INT8 and BF16: the same criterion as tests/runtime/test_llm_parity.py: each of our first 8 greedy picks
+# is within 0.05 nat of HF's best (HF scores our tokens in fp32 with one forward, teacher forcing).
+NEAR_BEST = 0.05
+SHORT = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=True)
+
+
+def worst_gap(path: Path, prompts: list[list[int]], outputs: list[Any]) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    worst = 0.0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        tokens = out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)[len(prompt) - 1 : -1]
+        worst = max(worst, *(float(row.max() - row[t]) for row, t in zip(ref, tokens, strict=True)))
+    return worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_int8_stays_near_hf(checkpoints, arch):
+    prompts = random_prompts([17, 40], seed=6)
+    outputs = serve(checkpoints[arch], kv_cache_dtype="int8").generate(prompts, SHORT)
+    assert worst_gap(checkpoints[arch], prompts, outputs) < NEAR_BEST
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_stays_near_hf(tmp_path, arch):
+    path = save_legacy_tiny_model(tmp_path / arch, arch, dtype="bfloat16")
+    prompts = random_prompts([17, 40], seed=6)
+    llm = LLM(path, device="cpu", dtype="bfloat16", max_model_len=256, num_blocks=64)
+    assert llm.llm_engine.runner.dtype == torch.bfloat16
+    assert worst_gap(path, prompts, llm.generate(prompts, SHORT)) < NEAR_BEST
