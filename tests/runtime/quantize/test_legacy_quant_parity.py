@@ -35,11 +35,17 @@ RUNS = {
     "falcon-40b-gptq": ("falcon-40b", "w4a16-gptq", ["--group-size", "32"]),
     "bloom-awq": ("bloom", "w4a16-awq", ["--group-size", "32"]),
     "mpt-rtn": ("mpt", "w4a16-rtn", ["--group-size", "32"]),
+    # AWQ through zoo-core's one decoder graph: its scale pairs on parallel blocks and fused rows
+    "gpt_neox-awq": ("core:gpt_neox", "w4a16-awq", ["--group-size", "32"]),  # 2 norms, [H, 3, D] v rows
+    "phi-awq": ("core:phi", "w4a16-awq", ["--group-size", "32"]),  # one norm -> q, k, v and fc1
+    "phi3-awq": ("core:phi3", "w4a16-awq", ["--group-size", "32"]),  # fused qkv_proj / gate_up_proj rows
+    "cohere-awq": ("core:cohere", "w4a16-awq", ["--group-size", "32"]),  # parallel, LayerNorm without bias
 }
 # one quantized Linear per family that must be a QuantLinear / Fp8Linear in our engine (fused ones included)
 PROBES = {"opt": "model.decoder.layers.0.self_attn.qkv_proj", "falcon": "transformer.h.0.self_attention.query_key_value",
           "falcon-40b": "transformer.h.0.self_attention.query_key_value",
-          "bloom": "transformer.h.0.self_attention.query_key_value", "mpt": "transformer.blocks.0.attn.Wqkv"}
+          "bloom": "transformer.h.0.self_attention.query_key_value", "mpt": "transformer.blocks.0.attn.Wqkv",
+          **dict.fromkeys(("core:gpt_neox", "core:phi", "core:phi3", "core:cohere"), "model.layers.0.mlp.down_proj")}
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +59,17 @@ def calibration(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
+    from lmforge.runtime.models.tiny import save_tiny_model
+
     root = tmp_path_factory.mktemp("legacy-src")
-    return {arch: save_legacy_tiny_model(root / arch, arch, hidden_size=128)
-            for arch in sorted({arch for arch, _, _ in RUNS.values()})}
+    out = {}
+    for arch in sorted({arch for arch, _, _ in RUNS.values()}):
+        if arch.startswith("core:"):
+            name = arch.removeprefix("core:")
+            out[arch] = save_tiny_model(root / name, name, hidden_size=128, num_kv_heads=4, widen=True)
+        else:
+            out[arch] = save_legacy_tiny_model(root / arch, arch, hidden_size=128)
+    return out
 
 
 def quantize(source: Path, output: Path, method: str, flags: list[str], calibration: Path) -> Path:
