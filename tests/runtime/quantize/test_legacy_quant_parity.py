@@ -35,6 +35,10 @@ RUNS = {
     "falcon-40b-gptq": ("falcon-40b", "w4a16-gptq", ["--group-size", "32"]),
     "bloom-awq": ("bloom", "w4a16-awq", ["--group-size", "32"]),
     "mpt-rtn": ("mpt", "w4a16-rtn", ["--group-size", "32"]),
+    "falcon-w8a16": ("falcon", "w8a16", []),
+    "falcon-rw-w8a16": ("falcon-rw", "w8a16", []),  # sequential blocks, ALiBi, biases
+    "bloom-w8a16": ("bloom", "w8a16", []),
+    "mpt-w8a16": ("mpt", "w8a16", []),
     # AWQ through zoo-core's one decoder graph: its scale pairs on parallel blocks and fused rows
     "gpt_neox-awq": ("core:gpt_neox", "w4a16-awq", ["--group-size", "32"]),  # 2 norms, [H, 3, D] v rows
     "phi-awq": ("core:phi", "w4a16-awq", ["--group-size", "32"]),  # one norm -> q, k, v and fc1
@@ -43,6 +47,7 @@ RUNS = {
 }
 # one quantized Linear per family that must be a QuantLinear / Fp8Linear in our engine (fused ones included)
 PROBES = {"opt": "model.decoder.layers.0.self_attn.qkv_proj", "falcon": "transformer.h.0.self_attention.query_key_value",
+          "falcon-rw": "transformer.h.0.self_attention.query_key_value",
           "falcon-40b": "transformer.h.0.self_attention.query_key_value",
           "bloom": "transformer.h.0.self_attention.query_key_value", "mpt": "transformer.blocks.0.attn.Wqkv",
           **dict.fromkeys(("core:gpt_neox", "core:phi", "core:phi3", "core:cohere"), "model.layers.0.mlp.down_proj")}
