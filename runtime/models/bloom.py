@@ -17,7 +17,7 @@ from torch import nn
 from lmforge.kernels.alibi import alibi_slopes
 from lmforge.runtime.engine.attention import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
-from lmforge.runtime.models.family_config import base_config, require
+from lmforge.runtime.models.family_config import activation_fn, base_config, require
 from lmforge.runtime.models.layers import PagedAttention
 
 ARCHITECTURE = "BloomForCausalLM"
@@ -44,11 +44,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """HF's BloomGelu: the tanh approximation with Megatron's constants."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
-
-
 class BloomAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
         super().__init__()
@@ -70,9 +65,11 @@ class BloomMLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
         self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+        # HF's BloomGelu is the tanh approximation (Megatron's 0.79788456 for sqrt(2/pi): 1e-9 apart)
+        self.act = activation_fn(ARCHITECTURE, "BloomGelu", "gelu_pytorch_tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(bloom_gelu(self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
 class BloomBlock(nn.Module):

@@ -7,13 +7,15 @@ frozen dataclass in `ModelConfig.family`, so the shared ModelConfig keeps the nu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from lmforge.kernels import reference
 from lmforge.runtime.models.config import ModelConfig, _as_list
+from lmforge.runtime.models.families import HF_ACTIVATIONS
 
 
 class FamilyConfigError(ValueError):
@@ -38,27 +40,12 @@ def refuse_unless(arch: str, key: str, value: Any, allowed: tuple[Any, ...], why
         raise FamilyConfigError(f"{arch}: {key}={value!r} is not supported (expected {expected}){why}")
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# HF ACT2FN names -> the function (HF's own math: gelu_new / gelu_pytorch_tanh / BLOOM's gelu are the
-# tanh approximation, "gelu" is erf-exact).
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
 def activation_fn(arch: str, key: str, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name not in ACTIVATIONS:
-        raise FamilyConfigError(f"{arch}: {key}={name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    """HF activation name (ACT2FN) -> the shared torch reference (kernels.reference.activation), through
+    families.HF_ACTIVATIONS (gelu_new / gelu_pytorch_tanh are the tanh approximation, "gelu" erf-exact)."""
+    if name not in HF_ACTIVATIONS:
+        raise FamilyConfigError(f"{arch}: {key}={name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}")
+    return functools.partial(reference.activation, act=HF_ACTIVATIONS[name])
 
 
 def base_config(hf: dict[str, Any], *, architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int,

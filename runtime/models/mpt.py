@@ -19,7 +19,13 @@ from torch import nn
 
 from lmforge.runtime.engine.attention import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
-from lmforge.runtime.models.family_config import FamilyConfigError, base_config, refuse_unless, require
+from lmforge.runtime.models.family_config import (
+    FamilyConfigError,
+    activation_fn,
+    base_config,
+    refuse_unless,
+    require,
+)
 from lmforge.runtime.models.layers import PagedAttention
 
 ARCHITECTURE = "MptForCausalLM"
@@ -110,9 +116,10 @@ class MptMLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = activation_fn(ARCHITECTURE, "MptMLP.act", "gelu")  # nn.GELU(approximate="none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(torch.nn.functional.gelu(self.up_proj(x)))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class MptBlock(nn.Module):
