@@ -23,6 +23,10 @@ Rope types (`rope_scaling["rope_type"]`, or the older key "type"), as in
 prompt token sees the prompt length) and each generated token in its own (it sees position + 1).
 Bit-identity: every inverse frequency repeats transformers' op order in fp32, so the angles
 (pos * inv_freq, up to 1e5 rad) round the same way and cos/sin agree to fp32 rounding at any position.
+Like HF's rotary init, the frequencies are computed on the CPU in fp32 whatever the default device and
+dtype (the model runner builds models under `torch.device(cuda)` and a bf16 default dtype); only dynamic
+NTK's per-length rows are computed on the served device, where HF recomputes them in forward. Tables
+land on `device` (default: the current default device).
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
 
 def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embeddings: int | None = None
                           ) -> dict[str, Any]:  # fmt: skip
-    """Checks every key of rope_scaling and returns it normalized: canonical "rope_type", and the defaults
-    transformers fills in (original_max_position_embeddings <- max_position_embeddings for llama3/yarn/
-    longrope; factor None <- max_position_embeddings / original_max_position_embeddings for yarn/longrope).
+    """Checks every key of rope_scaling and returns it normalized: canonical "rope_type", and the default
+    transformers fills in for yarn/longrope (factor None <- max_position_embeddings /
+    original_max_position_embeddings). llama3/yarn/longrope must carry original_max_position_embeddings.
 
     Raises ValueError naming the rope_type and the key for an unknown key, a missing required key, or a
     value the engine cannot serve exactly as HF does. max_position_embeddings: HF config's top-level value.
@@ -78,6 +82,13 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
     for key in _REQUIRED.get(rope_type, ()):
         if key not in scaling:
             raise ValueError(f"rope_scaling with rope_type {rope_type!r} needs the key {key!r}")
+        if scaling[key] is None and not (rope_type == "yarn" and key == "factor"):  # yarn: None has a meaning
+            raise ValueError(f"rope_scaling {key!r} of rope_type {rope_type!r} is null")
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if value is not None and not (isinstance(value, list | tuple) and all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in value)):
+            raise ValueError(f"rope_scaling {key!r} must be a list of numbers for rope_type 'longrope', got {value!r}")
     scaling.pop("type", None)
     scaling["rope_type"] = rope_type
 
@@ -87,16 +98,18 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
         return max_position_embeddings
 
     if rope_type in ("llama3", "yarn", "longrope") and scaling.get("original_max_position_embeddings") is None:
-        scaling["original_max_position_embeddings"] = need_mpe("a missing original_max_position_embeddings")
+        # transformers takes it from the config's top level when the config class has that attribute
+        # (Phi-3), else from max_position_embeddings: only the config reader knows which, so it must say
+        raise ValueError(f"rope_scaling with rope_type {rope_type!r} needs 'original_max_position_embeddings' "
+                         "(fold in the config's top-level original_max_position_embeddings, as transformers' "
+                         "standardize_rope_params does, or max_position_embeddings where the model has none)")
     if rope_type in ("yarn", "longrope") and scaling.get("factor") is None and (
         rope_type == "yarn" or scaling.get("attention_factor") is None
     ):
         scaling["factor"] = need_mpe("factor=None") / scaling["original_max_position_embeddings"]
     if rope_type == "dynamic":  # normalized: original_max_position_embeddings holds HF's threshold
         omp = scaling.get("original_max_position_embeddings")
-        mpe = max_position_embeddings if omp is None or max_position_embeddings is not None else omp
-        mpe = need_mpe("its length threshold") if mpe is None else mpe
-        scaling["original_max_position_embeddings"] = mpe
+        mpe = scaling["original_max_position_embeddings"] = need_mpe("its length threshold")
         if omp is not None and omp != mpe:  # HF's dynamic NTK never reads it: a checkpoint that sets it expects something else
             raise ValueError(f"rope_type 'dynamic': original_max_position_embeddings={omp!r} differs from "
                              f"max_position_embeddings={mpe}; transformers' dynamic NTK scales from "
@@ -116,7 +129,8 @@ def _base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
     """1 / base^(2i/R), HF's op order (int64 arange -> fp32 -> / dim; python-float base ** tensor)."""
     if rotary_dim % 2 or rotary_dim <= 0:
         raise ValueError(f"rotary_dim must be even and positive, got {rotary_dim}")
-    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").to(torch.float) / rotary_dim
+    return 1.0 / (base**exponents)
 
 
 def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None = None, *,
@@ -206,9 +220,9 @@ def _yarn_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any]) -> tor
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # HF: avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
 
-    pos_freqs = base ** (torch.arange(0, rotary_dim, 2).to(dtype=torch.float) / rotary_dim)
+    pos_freqs = base ** (torch.arange(0, rotary_dim, 2, device="cpu").to(dtype=torch.float) / rotary_dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1: extrapolate (high frequency), 0: interpolate
     return interpolation * (1 - keep) + extrapolation * keep
@@ -219,13 +233,13 @@ def longrope_inv_freq(rotary_dim: int, base: float, ext_factors: list[float]) ->
     if len(ext_factors) != rotary_dim // 2:
         raise ValueError(f"rope_type 'longrope': short_factor/long_factor need rotary_dim/2 = {rotary_dim // 2} "
                          f"values, got {len(ext_factors)}")  # fmt: skip
-    factors = torch.tensor(ext_factors, dtype=torch.float32)
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    factors = torch.tensor(ext_factors, dtype=torch.float32, device="cpu")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     return 1.0 / (factors * base**exponents)
 
 
 def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_position_embeddings: int,
-                           max_positions: int) -> torch.Tensor:  # fmt: skip
+                           max_positions: int, device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
     """[max_positions, rotary_dim/2] fp32: row s-1 holds HF's dynamic-NTK inv_freq for a sequence of length s.
 
     s <= max_position_embeddings: the unscaled frequencies (HF's init set); beyond it HF rescales the base
@@ -234,17 +248,24 @@ def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_posi
     element-by-element loop there (the contiguous SIMD loop rounds some results 1 ulp apart from HF's 0-d
     computation, and at position 1e4 one ulp of inv_freq moves the angle by 1e-3).
     """
-    table = _dynamic_init_inv_freq(rotary_dim, base, factor, max_position_embeddings).repeat(max_positions, 1)
+    device = target_device(device)
+    init = _dynamic_init_inv_freq(rotary_dim, base, factor, max_position_embeddings)  # on the CPU, as HF's init
+    table = init.to(device).repeat(max_positions, 1)
     if max_positions <= max_position_embeddings:
         return table
-    seq_len = torch.arange(max_position_embeddings + 1, max_positions + 1, dtype=torch.int64)
-    ratio = (factor * seq_len / max_position_embeddings) - (factor - 1)  # fp32, as HF's tensor path
-    strided = torch.empty(2 * ratio.numel(), dtype=ratio.dtype)[::2]
+    seq_len = torch.arange(max_position_embeddings + 1, max_positions + 1, dtype=torch.int64, device=device)
+    ratio = (factor * seq_len.float() / max_position_embeddings) - (factor - 1)  # fp32, as HF's tensor path
+    strided = torch.empty(2 * ratio.numel(), dtype=ratio.dtype, device=device)[::2]
     strided.copy_(ratio)
     scaled_base = base * strided ** (rotary_dim / (rotary_dim - 2))  # [S] fp32
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(dtype=torch.float) / rotary_dim
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / rotary_dim
     table[max_position_embeddings:] = 1.0 / (scaled_base[:, None] ** exponents[None, :])
     return table
+
+
+def target_device(device: torch.device | str | None) -> torch.device:
+    """device, or torch's current default device (the model runner builds models under `torch.device(...)`)."""
+    return torch.device(device) if device is not None else torch.get_default_device()
 
 
 def hf_seq_lens(positions: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
@@ -263,6 +284,23 @@ def longrope_rows(positions: torch.Tensor, prompt_lens: torch.Tensor, num_positi
     longer than original_max_position_embeddings."""
     is_long = hf_seq_lens(positions, prompt_lens) > original_max_position_embeddings
     return positions.long() + num_positions * is_long.long()
+
+
+def block_rope_key(rope_type: str, threshold: int, start: int, end: int, prompt_len: int) -> int:
+    """What the K/V of positions [start, end) depend on beyond their tokens, for a sequence with prompt_len
+    (pure python, for the prefix cache): equal keys <=> equal rotations of every position of the block.
+
+    longrope: the number of its positions rotated with the long factors (monotone in the position).
+    dynamic: max(prompt_len, threshold, start + 1): position p rotates by max(p + 1, prompt_len), and every
+    length up to the threshold gives the same (unscaled) frequencies.
+    """
+    if rope_type == "longrope":
+        if prompt_len > threshold:
+            return end - start
+        return max(0, end - max(start, threshold))
+    if rope_type == "dynamic":
+        return max(prompt_len, threshold, start + 1)
+    raise ValueError(f"rope_type {rope_type!r} rotates by position alone: no block key")
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scale: float = 1.0) -> torch.Tensor:
@@ -291,8 +329,8 @@ def build_rope_cache(
         raise ValueError(f"rope_type {rope_type!r} depends on the sequence length, not only the position: "
                          "use build_longrope_cache / dynamic_inv_freq_table")  # fmt: skip
     inv_freq = compute_inv_freq(rotary_dim, base, scaling)
-    positions = torch.arange(max_positions, dtype=torch.float)
-    return cos_sin(positions, inv_freq, attention_factor(scaling)).to(device)
+    positions = torch.arange(max_positions, dtype=torch.float, device="cpu")
+    return cos_sin(positions, inv_freq, attention_factor(scaling)).to(target_device(device))
 
 
 def build_longrope_cache(
@@ -310,7 +348,7 @@ def build_longrope_cache(
     if scaling["rope_type"] != "longrope":
         raise ValueError(f"build_longrope_cache needs rope_type 'longrope', got {scaling['rope_type']!r}")
     scale = attention_factor(scaling)
-    positions = torch.arange(max_positions, dtype=torch.float)
+    positions = torch.arange(max_positions, dtype=torch.float, device="cpu")
     short = cos_sin(positions, longrope_inv_freq(rotary_dim, base, scaling["short_factor"]), scale)
     long = cos_sin(positions, longrope_inv_freq(rotary_dim, base, scaling["long_factor"]), scale)
-    return torch.cat([short, long]).to(device)
+    return torch.cat([short, long]).to(target_device(device))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -59,9 +60,12 @@ class KVCacheBlock:
     block_hash: bytes | None = None
 
 
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int]) -> bytes:
+def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int], salt: Seq[int] = ()) -> bytes:
+    """salt: what else the block's K/V depend on (length-dependent RoPE: `BlockManager.block_salt`)."""
     h = hashlib.sha256(parent_hash or b"root")
     h.update(array("q", token_ids).tobytes())
+    if salt:
+        h.update(b"salt" + array("q", salt).tobytes())
     return h.digest()
 
 
@@ -135,13 +139,17 @@ class BlockManager:
     """Block tables per sequence on top of a BlockPool; what the scheduler talks to."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None):
-        """sliding_window: `reusable_window` of the model's layers (None: never free blocks early)."""
+                 sliding_window: int | None = None, block_salt: Callable[[int, int, int], Seq[int]] | None = None):
+        """sliding_window: `reusable_window` of the model's layers (None: never free blocks early).
+        block_salt(start, end, num_prompt_tokens): extra key of the block holding positions [start, end)
+        when K/V depend on more than the tokens (longrope / dynamic RoPE rotate by the sequence length
+        HF saw, `layers.rope_block_salt`); None: blocks are keyed by their tokens alone."""
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.sliding_window = sliding_window
+        self.block_salt = block_salt
         self.pool = BlockPool(num_blocks)
         # seq_id -> block table; None marks a released position (before every layer's window)
         self.seq_blocks: dict[int, list[KVCacheBlock | None]] = {}
@@ -181,7 +189,8 @@ class BlockManager:
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if i else None
-            seq.block_hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+            salt = () if self.block_salt is None else self.block_salt(i * bs, (i + 1) * bs, seq.num_prompt_tokens)
+            seq.block_hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs : (i + 1) * bs], salt))
         return seq.block_hashes[:num_full_blocks]
 
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[KVCacheBlock], int]:

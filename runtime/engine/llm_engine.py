@@ -23,6 +23,7 @@ from lmforge.runtime.engine.model_runner import ModelRunner
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
+from lmforge.runtime.models.layers import rope_block_salt
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 
@@ -73,7 +74,8 @@ class LLMEngine:
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
         if not args.enforce_eager and self.runner.supports_cuda_graphs:
             self.cuda_graph_seconds = self.runner.prepare_decode_graphs(args.max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, kv_window)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, kv_window,
+                                          block_salt=rope_block_salt(self.runner.model))
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.long_prefill_token_threshold), self.block_manager)
@@ -259,6 +261,10 @@ class LLMEngine:
 def _max_model_len(cfg: ModelConfig, requested: int | None) -> int:
     """The model's positions; a sliding window does not limit the context (the kernels apply it per layer)."""
     limit = cfg.max_position_embeddings
+    scaling = cfg.rope_scaling or {}
+    if requested is not None and scaling.get("rope_type") == "dynamic":
+        # dynamic NTK exists to stretch past max_position_embeddings: up to factor times it, on request
+        limit = int(limit * scaling["factor"])
     if requested is None:
         return limit
     if requested > limit:

@@ -18,7 +18,7 @@ from typing import Any
 NORMS = ("rms", "rms_1p", "layer", "layer_no_bias", "layer_no_affine")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYOUTS = ("pre", "parallel", "parallel_2norm", "sandwich", "post")
-QK_NORMS = ("head", "full", "head_layer", "head_layer_per_head")
+QK_NORMS = ("head", "full", "head_layer", "head_layer_per_head", "head_layer_modules")
 # Architectures with their own graph and config parser (the module's `config_from_hf`), not the family table.
 LEGACY_FAMILY_MODULES = {"GPT2LMHeadModel": "gpt2", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
                          "MptForCausalLM": "mpt", "FalconForCausalLM": "falcon"}
@@ -37,7 +37,8 @@ class ModelConfig:
             "post" x + na(attn(x)); h + nm(mlp(h))                           OLMo2
     qk_norm: "head" (RMS over head_dim, weight [D]: Qwen3, Gemma3), "full" (RMS over all heads,
             weight [H*D]: OLMo2), "head_layer" (LayerNorm over D, weight+bias [D]: Phi),
-            "head_layer_per_head" (LayerNorm over D, one weight [H, D]: Cohere, StableLM)
+            "head_layer_per_head" (LayerNorm over D, one weight [H, D]: Cohere), "head_layer_modules"
+            (the same math as one bias-free LayerNorm module per head: StableLM's `norms.<h>.weight`)
     """
 
     architecture: str
@@ -57,9 +58,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}; None: plain RoPE
     rotary_dim: int | None = None  # partial rotary: the first rotary_dim dims of each head rotate; None: all
     rope_is_neox_style: bool = True  # False: GPT-J / GLM interleaved pairs
-    # Gemma3: the sliding layers' own RoPE (theta, scaling); None: the same as the global layers
+    # Gemma3: the layers typed "sliding_attention" (local_rope_layers[i]) have their own RoPE (theta,
+    # scaling), whatever their window; None: one RoPE for every layer
     local_rope_theta: float | None = None
     local_rope_scaling: dict[str, Any] | None = None
+    local_rope_layers: tuple[bool, ...] = ()
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias

@@ -66,9 +66,9 @@ def _qk_norm(cfg: ModelConfig, num_heads: int, ops: Any) -> nn.Module | None:
         return make_norm("rms", num_heads * d, cfg.rms_norm_eps, ops)
     if cfg.qk_norm == "head_layer":  # Phi: one LayerNorm (weight + bias) shared by the heads
         return LayerNorm(d, cfg.rms_norm_eps)
-    if cfg.architecture == "StableLmForCausalLM":
+    if cfg.qk_norm == "head_layer_modules":  # StableLM
         return HeadNormList(num_heads, d, cfg.rms_norm_eps)
-    return PerHeadLayerNorm(num_heads, d, cfg.rms_norm_eps)
+    return PerHeadLayerNorm(num_heads, d, cfg.rms_norm_eps)  # Cohere
 
 
 class Attention(nn.Module):
@@ -182,7 +182,7 @@ class DecoderModel(nn.Module):
             self.local_rotary_emb = local
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, local if local is not None and cfg.layer_window(i) else self.rotary_emb, backend)
+            DecoderLayer(cfg, i, local if local is not None and cfg.local_rope_layers[i] else self.rotary_emb, backend)
             for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, backend.ops)
 
@@ -205,8 +205,6 @@ class DecoderForCausalLM(nn.Module):
         self.config = cfg
         self.family = FAMILIES[cfg.architecture]
         self.packed_modules_mapping = dict(self.family.packed)  # HF name -> (our fused parameter, shard id)
-        if cfg.architecture == "GPTNeoXForCausalLM":
-            self.packed_modules_mapping["qkv_proj"] = ("qkv_proj", "per_head")
         self.model = DecoderModel(cfg, max_positions, backend)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
                                                                       bias=cfg.lm_head_bias)

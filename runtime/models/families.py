@@ -216,6 +216,8 @@ def _gemma2(r: Reader) -> dict[str, Any]:
 def _gemma3(r: Reader) -> dict[str, Any]:
     fields = _gemma2(r)
     r("use_bidirectional_attention")
+    types = r("layer_types") or ["sliding_attention"] * fields["num_layers"]
+    fields["local_rope_layers"] = tuple(t == "sliding_attention" for t in types)
     local = dict((r.hf.get("rope_parameters") or {}).get("sliding_attention") or {})
     if local:
         rope_type = local.get("rope_type", "default")
@@ -256,7 +258,7 @@ def _stablelm(r: Reader) -> dict[str, Any]:
     return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("layer_norm_eps"), norm="layer",
                 layout="parallel" if r("use_parallel_residual") else "pre",
                 hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bool(r("use_qkv_bias")),
-                qk_norm="head_layer_per_head" if r("qk_layernorm") else None)
+                qk_norm="head_layer_modules" if r("qk_layernorm") else None)
 
 
 def _olmo(r: Reader) -> dict[str, Any]:
@@ -360,7 +362,8 @@ FAMILIES: dict[str, Family] = {
                                              "embed_out.": "lm_head.", ".attention.query_key_value.":
                                              ".self_attn.qkv_proj.", ".attention.dense.": ".self_attn.o_proj.",
                                              ".mlp.dense_h_to_4h.": ".mlp.up_proj.",
-                                             ".mlp.dense_4h_to_h.": ".mlp.down_proj."}),
+                                             ".mlp.dense_4h_to_h.": ".mlp.down_proj."},
+                                 packed={"qkv_proj": ("qkv_proj", "per_head")}),  # rows [H, (q|k|v), D]
     "StableLmForCausalLM": Family("stablelm", {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True, partial_default=0.25),
                                                "layer_norm_eps": Key(1e-5), "qk_layernorm": Key(False, BOOLS),
                                                "use_parallel_residual": Key(False, BOOLS),

@@ -10,6 +10,7 @@ write HF's separate q/k/v (gate/up) tensors into one matrix; T = tokens in the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,8 +140,10 @@ class RotaryEmbedding(nn.Module):
             self.threshold = spec["original_max_position_embeddings"]
             self.register_buffer("inv_freq_table", rope_cache.dynamic_inv_freq_table(
                 self.rotary_dim, theta, spec["factor"], self.threshold, max_positions), persistent=False)
-            cache = rope_cache.cos_sin(torch.arange(max_positions), rope_cache.compute_inv_freq(
-                self.rotary_dim, theta, spec))  # the table while no sequence passes the threshold
+            init_inv_freq = rope_cache.compute_inv_freq(self.rotary_dim, theta, spec,
+                                                        max_position_embeddings=self.threshold)  # fmt: skip
+            cache = rope_cache.cos_sin(torch.arange(max_positions, device="cpu"), init_inv_freq).to(
+                rope_cache.target_device(None))  # the table while no sequence passes the threshold
         else:
             cache = rope_cache.build_rope_cache(self.rotary_dim, max_positions, theta, spec)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
@@ -171,6 +174,21 @@ class RotaryEmbedding(nn.Module):
         seq_lens = rope_cache.hf_seq_lens(positions, prompt_lens)  # dynamic: [T]
         per_token = rope_cache.cos_sin(positions, self.inv_freq_table[seq_lens - 1])  # [T, R]
         return torch.arange(positions.shape[0], device=positions.device), per_token
+
+
+def rope_block_salt(model: nn.Module) -> Callable[[int, int, int], tuple[int, ...]] | None:
+    """The prefix cache's extra block key for a model whose rotations depend on the sequence length:
+    (start, end, prompt_len) -> one `rope_cache.block_rope_key` per such RotaryEmbedding; None when every
+    rotary of the model rotates by position alone (block hashes stay plain token hashes)."""
+    rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding) and m.needs_prompt_lens]
+    if not rotaries:
+        return None
+    keys = [(m.rope_type, m.threshold) for m in dict.fromkeys(rotaries)]
+
+    def salt(start: int, end: int, prompt_len: int) -> tuple[int, ...]:
+        return tuple(rope_cache.block_rope_key(t, th, start, end, prompt_len) for t, th in keys)
+
+    return salt
 
 
 def rotary_dim_of(head_dim: int, rotary_dim: int | None, scaling: dict[str, Any] | None) -> int:

@@ -161,3 +161,42 @@ def test_rope_llama_sizes_gpu():
     rope(positions, q, k, cache)
     torch.testing.assert_close(q, q_ref, **TOL[torch.bfloat16])
     torch.testing.assert_close(k, k_ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope_type", ["longrope", "dynamic"])
+def test_length_dependent_rope_replays_in_a_cuda_graph(rope_type):
+    """The longrope row choice and the dynamic per-token table run inside a captured graph (no host sync,
+    static shapes): a replay with new positions / prompt lengths equals the eager layer."""
+    from lmforge.kernels.backend import get_ops
+    from lmforge.runtime.models.layers import RotaryEmbedding
+
+    n = 64
+    scaling = {
+        "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+                     "short_factor": [1.0 + i / 100 for i in range(32)], "long_factor": [1.0 + i for i in range(32)]},
+        "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    }[rope_type]  # fmt: skip
+    layer = RotaryEmbedding(128, 8192, 10000.0, scaling, get_ops("cuda"), rotary_dim=64, is_neox_style=False,
+                            max_position_embeddings=1024).cuda()  # fmt: skip
+    positions = torch.zeros(n, dtype=torch.int32, device="cuda")
+    prompt_lens = torch.zeros(n, dtype=torch.int32, device="cuda")
+    q = torch.randn(n, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(n, 8, 128, dtype=torch.bfloat16, device="cuda")
+    layer(positions, q, k, prompt_lens)  # warm up (Triton compiles outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(positions, q, k, prompt_lens)
+    new_pos = torch.randint(0, 8192, (n,), device="cuda", dtype=torch.int32)
+    new_prompt = torch.randint(1, 8192, (n,), device="cuda", dtype=torch.int32)
+    q0, k0 = torch.randn_like(q), torch.randn_like(k)
+    positions.copy_(new_pos)
+    prompt_lens.copy_(new_prompt)
+    q.copy_(q0)
+    k.copy_(k0)
+    graph.replay()
+    q_ref, k_ref = q0.clone(), k0.clone()
+    layer(new_pos, q_ref, k_ref, new_prompt)
+    torch.testing.assert_close(q, q_ref, atol=0, rtol=0)
+    torch.testing.assert_close(k, k_ref, atol=0, rtol=0)

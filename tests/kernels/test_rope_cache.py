@@ -228,9 +228,15 @@ def test_cos_sin_layout_and_scale():
          "'truncate' must be true or false"),
         ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "original_max_position_embeddings": 32,
           "low_freq_factor": 1.0}, "key 'low_freq_factor'"),
+        ({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+         "rope_type 'longrope' needs 'original_max_position_embeddings'"),
+        ({"rope_type": "linear", "factor": None}, "'factor' of rope_type 'linear' is null"),
+        ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": "2.0", "original_max_position_embeddings": 32},
+         "'long_factor' must be a list of numbers"),
     ],
     ids=["mrope", "proportional", "linear-no-factor", "unknown-key", "llama3-missing", "yarn-bad-value",
-         "yarn-bad-truncate", "longrope-foreign-key"],
+         "yarn-bad-truncate", "longrope-foreign-key", "longrope-no-original-max", "null-factor",
+         "longrope-bad-list"],
 )  # fmt: skip
 def test_unsupported_rope_scaling_is_refused_by_name(scaling, match):
     with pytest.raises(ValueError, match=match):
@@ -241,3 +247,23 @@ def test_longrope_factor_length_is_checked():
     scaling, _ = _phi3_longrope(head_dim=32)
     with pytest.raises(ValueError, match="need rotary_dim/2 = 8 values, got 16"):
         build_longrope_cache(16, 64, 1e4, scaling, max_position_embeddings=512)
+
+
+def test_tables_ignore_the_default_dtype_and_build_on_the_cpu():
+    """The model runner builds models under a bf16 default dtype: the tables stay HF's fp32 values."""
+    longrope, _ = _phi3_longrope()
+    expected = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+                build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+                dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+               build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+               dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    with torch.device("meta"):  # a default device: the table lands there, computed elsewhere
+        assert build_rope_cache(8, 4, 100.0).device.type == "meta"

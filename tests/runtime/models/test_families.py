@@ -134,4 +134,7 @@ def test_gemma3_reads_each_layer_types_rope():
     cfg = ModelConfig.from_hf(_base("Gemma3ForCausalLM"))
     assert (cfg.rope_theta, cfg.rope_scaling["rope_type"], cfg.rope_scaling["factor"]) == (1e6, "linear", 4.0)
     assert (cfg.local_rope_theta, cfg.local_rope_scaling) == (10000.0, None)
-    assert cfg.attn_scale == 24**-0.5 and cfg.layer_sliding_windows == (512, None)
+    assert cfg.attn_scale == 24**-0.5 and cfg.layer_sliding_windows == (24, None)
+    assert cfg.local_rope_layers == (True, False)
+    no_window = ModelConfig.from_hf({**_base("Gemma3ForCausalLM"), "sliding_window": None})
+    assert no_window.layer_sliding_windows == () and no_window.local_rope_layers == (True, False)  # HF: by type

@@ -59,8 +59,8 @@ def test_unknown_architecture_names_the_supported_ones():
 
 
 def test_unsupported_rope_scaling():
-    with pytest.raises(ValueError, match="'bogus' is not supported"):
-        compute_inv_freq(4, 10000.0, {"rope_type": "bogus", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'mrope' is not supported"):
+        compute_inv_freq(4, 10000.0, {"rope_type": "mrope", "factor": 2.0})
 
 
 def test_loader_fuses_qkv_and_reads_sharded_checkpoints(tmp_path):
