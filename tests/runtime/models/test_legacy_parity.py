@@ -191,3 +191,17 @@ def test_bf16_stays_near_hf(tmp_path, arch):
     llm = LLM(path, device="cpu", dtype="bfloat16", max_model_len=256, num_blocks=64)
     assert llm.llm_engine.runner.dtype == torch.bfloat16
     assert worst_gap(path, prompts, llm.generate(prompts, SHORT)) < NEAR_BEST
+
+
+def test_gpt2_hub_layout_loads(checkpoints, tmp_path):
+    """The hub's original gpt2 files: names saved from GPT2Model (no `transformer.` prefix) plus the
+    causal-mask buffers `attn.bias` / `attn.masked_bias`; served with the same tokens and logprobs."""
+    from safetensors.torch import load_file, save_file
+
+    hub = altered_copy(checkpoints["gpt2"], tmp_path / "hub")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(hub / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, hub / "model.safetensors")
+    prompts = random_prompts([3, 40])
+    assert mismatch(checkpoints["gpt2"], prompts, serve(hub).generate(prompts, PARAMS)) is None
