@@ -1,7 +1,7 @@
 """Falcon (FalconForCausalLM) over a paged KV cache, every variant transformers implements:
 
     7B     multi_query (one K/V head), parallel_attn: x + attn(ln(x)) + mlp(ln(x)), one norm
-    40B    new_decoder_architecture: grouped K/V heads (num_kv_heads), ln_attn / ln_mlp (or one norm)
+    40B    new_decoder_architecture: grouped K/V heads (num_kv_heads), ln_attn / ln_mlp (11B: one norm)
     RW     parallel_attn=False (sequential blocks), all heads K/V, biases, alibi=True instead of RoPE
 
 The fused `query_key_value` stays one Linear (also when quantized); its output is split per layout:

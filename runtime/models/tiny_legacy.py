@@ -16,7 +16,7 @@ from torch import nn
 
 from lmforge.runtime.models.tiny import build_tokenizer
 
-LEGACY_ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-rw", "falcon-40b")
+LEGACY_ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-rw", "falcon-40b", "falcon-11b")
 
 
 def legacy_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
@@ -45,6 +45,7 @@ def legacy_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_l
             "falcon": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False),  # 7b
             "falcon-rw": dict(alibi=True, multi_query=False, parallel_attn=False, bias=True),  # rw-1b
             "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
+            "falcon-11b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
         }
         config = FalconConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                               num_attention_heads=num_heads, max_position_embeddings=max_positions,

@@ -83,7 +83,7 @@ def altered_copy(path: Path, dest: Path, **changes: Any) -> Path:
 # --- the tests ----------------------------------------------------------------------------------------
 
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP_K, ignore_eos=True)
-ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-40b", "falcon-rw")
+ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-40b", "falcon-11b", "falcon-rw")
 # arch -> (config key, value) that changes the math while every weight still loads
 NEGATIVE_CONTROLS: dict[str, dict[str, Any]] = {
     "gpt2": {"activation_function": "relu"},
@@ -93,6 +93,7 @@ NEGATIVE_CONTROLS: dict[str, dict[str, Any]] = {
     "mpt": {"attn_config": {"clip_qkv": None}},
     "falcon": {"rope_parameters": {"rope_theta": 500000.0}},
     "falcon-40b": {"activation": "gelu_pytorch_tanh"},
+    "falcon-11b": {"activation": "relu"},
     "falcon-rw": {"alibi": False},  # RoPE instead of ALiBi
 }
 
