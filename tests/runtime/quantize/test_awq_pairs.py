@@ -31,6 +31,7 @@ CASES: dict[str, tuple[str, dict, int]] = {
         "apply_residual_connection_post_layernorm": True}, 1),
     "mpt": ("legacy:mpt", {}, 2), "mpt-noclip": ("legacy:mpt", {"attn_config": {"clip_qkv": None}}, 3),
     "falcon": ("legacy:falcon", {}, 1), "falcon-40b": ("legacy:falcon-40b", {}, 2),
+    "falcon-11b": ("legacy:falcon-11b", {}, 1),
     "falcon-rw": ("legacy:falcon-rw", {}, 3),
 }
 
