@@ -206,3 +206,17 @@ def test_gpt2_hub_layout_loads(checkpoints, tmp_path):
     save_file(tensors, hub / "model.safetensors")
     prompts = random_prompts([3, 40])
     assert mismatch(checkpoints["gpt2"], prompts, serve(hub).generate(prompts, PARAMS)) is None
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("mpt", {"attn_config": {"softmax_scale": 0.1, "clip_qkv": None}}),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu"}),
+    ("gpt2", {"scale_attn_weights": False}),
+    ("opt", {"enable_bias": False, "layer_norm_elementwise_affine": False}),
+    ("bloom", {"apply_residual_connection_post_layernorm": True}),
+], ids=["mpt-softmax_scale", "gpt2-inverse-layer-idx", "gpt2-unscaled", "opt-no-bias-no-affine",
+        "bloom-residual-post-ln"])
+def test_config_switches_match_hf(tmp_path, arch, overrides):
+    path = save_legacy_tiny_model(tmp_path / arch, arch, **overrides)
+    prompts = random_prompts([3, 40, 90])
+    assert mismatch(path, prompts, serve(path).generate(prompts, PARAMS)) is None
