@@ -55,7 +55,6 @@ class Reader:
 
     def __init__(self, architecture: str, family: Family, hf: dict[str, Any]):
         self.architecture, self.family, self.hf = architecture, family, hf
-        self.read: set[str] = set()
 
     def __call__(self, key: str) -> Any:
         spec = self.family.keys.get(key)
@@ -70,7 +69,6 @@ class Reader:
                 why = f" ({spec.why})" if spec.why else ""
                 raise ValueError(f"{self.architecture}: config key {key!r} = {v!r} is not supported{why}; "
                                  f"supported: {', '.join(map(repr, spec.accepts))}")
-        self.read.add(key)
         return value
 
     def _raw(self, key: str, default: Any) -> Any:
