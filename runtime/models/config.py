@@ -19,6 +19,9 @@ NORMS = ("rms", "rms_1p", "layer", "layer_no_bias", "layer_no_affine")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYOUTS = ("pre", "parallel", "parallel_2norm", "sandwich", "post")
 QK_NORMS = ("head", "full", "head_layer", "head_layer_per_head", "head_layer_modules")
+# Architectures with their own graph and config parser (the module's `config_from_hf`), not the family table.
+LEGACY_FAMILY_MODULES = {"GPT2LMHeadModel": "gpt2", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
+                         "MptForCausalLM": "mpt", "FalconForCausalLM": "falcon"}
 
 
 @dataclass(slots=True)
@@ -77,6 +80,8 @@ class ModelConfig:
     torch_dtype: str | None = None  # the checkpoint's dtype ("bfloat16", ...)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
+    # --- older families with their own graph files (gpt2.py, opt.py, bloom.py, mpt.py, falcon.py) ---
+    family: Any = None  # that family's frozen options dataclass: what only its graph reads
     # Set by the engine, not read from config.json:
     model: str = ""  # the checkpoint directory served
     max_model_len: int = 0  # the served context limit (prompt + generated tokens)
@@ -108,6 +113,11 @@ class ModelConfig:
         from lmforge.runtime.models.families import architecture_of, parse_family
 
         architecture = architecture_of(hf)
+        if architecture in LEGACY_FAMILY_MODULES:  # their own parser, in their model file
+            import importlib
+
+            module = importlib.import_module(f"lmforge.runtime.models.{LEGACY_FAMILY_MODULES[architecture]}")
+            return module.config_from_hf(hf)
         fields = parse_family(architecture, hf)
         return cls(
             architecture=architecture,

@@ -48,6 +48,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         if hf_name.endswith(_SKIPPED_SUFFIXES):
             continue
         name = rename(hf_name) if rename is not None else hf_name
+        if name is None:
+            continue  # the family says: not a weight (e.g. GPT-2's causal-mask buffers)
         if name == "lm_head.weight" and "lm_head.weight" not in params:
             continue  # tied embeddings: some checkpoints still carry a copy
         for hf_part, (fused, shard_id) in packed.items():

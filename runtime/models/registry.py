@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from lmforge.runtime.models import bloom, falcon, gpt2, mpt, opt
 from lmforge.runtime.models.decoder import DecoderForCausalLM
 from lmforge.runtime.models.families import FAMILIES
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(FAMILIES, DecoderForCausalLM)
+# the older families: one graph file each (their config parsers: config.LEGACY_FAMILY_MODULES)
+MODEL_REGISTRY.update({
+    gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel, opt.ARCHITECTURE: opt.OPTForCausalLM,
+    bloom.ARCHITECTURE: bloom.BloomForCausalLM, mpt.ARCHITECTURE: mpt.MptForCausalLM,
+    falcon.ARCHITECTURE: falcon.FalconForCausalLM,
+})
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.runtime.quantize.awq_pairs import ScalePair
 from lmforge.runtime.quantize.rtn import dequantize_int, int_range, quantize_int, rtn_int, store_scale
 
 GRID = 20  # alphas 0, 1/20, ..., 1
@@ -154,39 +155,66 @@ def quantize_with_clipping(w: torch.Tensor, x: torch.Tensor, bits: int, group_si
     return q, scale
 
 
+def _is_one_plus_weight_norm(module: nn.Module) -> bool:
+    """Gemma's RMSNorm scales by (1 + weight) (weight initialised to 0)."""
+    return type(module).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
 @torch.no_grad()
-def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
-    """previous's output channel c is divided by s[c] (a norm's weight, or a linear's rows + bias);
-    each following linear's input column c is multiplied by s[c]. The block's function is unchanged."""
+def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: torch.Tensor,
+                rows: torch.Tensor | None = None) -> None:
+    """previous's output channel c is divided by s[c] (a norm's weight and bias, or a linear's rows + bias;
+    `rows`: which output rows of a fused linear are the consumers' inputs); each following linear's input
+    column c is multiplied by s[c]. The block's function is unchanged."""
     s = scales.to(device=previous.weight.device, dtype=torch.float32)
+    weight, bias = previous.weight, getattr(previous, "bias", None)
     if isinstance(previous, nn.Linear):
-        previous.weight.copy_((previous.weight.float() / s[:, None]).to(previous.weight.dtype))
-        if previous.bias is not None:
-            previous.bias.copy_((previous.bias.float() / s).to(previous.bias.dtype))
-    else:  # RMSNorm-style: y = weight * normalized(x)
-        previous.weight.copy_((previous.weight.float() / s).to(previous.weight.dtype))
+        index = torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
+        weight[index] = (weight[index].float() / s[:, None]).to(weight.dtype)
+        if bias is not None:
+            bias[index] = (bias[index].float() / s).to(bias.dtype)
+    else:  # a norm: y = weight * normalized(x) (+ bias); Gemma: (1 + weight) * normalized(x)
+        if _is_one_plus_weight_norm(previous):
+            weight.copy_(((1.0 + weight.float()) / s - 1.0).to(weight.dtype))
+        else:
+            weight.copy_((weight.float() / s).to(weight.dtype))
+        if bias is not None:
+            bias.copy_((bias.float() / s).to(bias.dtype))
     for linear in linears:
         linear.weight.copy_((linear.weight.float() * s[None, :]).to(linear.weight.dtype))
 
 
-# Llama-family layer: (module producing the shared input, linears consuming it), names within a layer.
-LLAMA_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
+def pair_rows(pair: ScalePair, previous: nn.Module, num_heads: int) -> torch.Tensor | None:
+    """Output rows of a fused `previous` that its pair's consumers read (None: all of them)."""
+    if pair.rows is None:
+        return None
+    out = previous.weight.shape[0]
+    if pair.rows == "second_half":
+        return torch.arange(out // 2, out)
+    if pair.rows == "v_last":
+        return torch.arange(2 * out // 3, out)  # [q | k | v] with as many v rows as q rows (no GQA)
+    if pair.rows == "v_interleaved":
+        head_dim = out // (3 * num_heads)
+        heads = torch.arange(num_heads)[:, None] * 3 * head_dim + 2 * head_dim  # [H, 1]: start of head h's v
+        return (heads + torch.arange(head_dim)[None, :]).reshape(-1)
+    raise ValueError(f"unknown AWQ row selector {pair.rows!r}")
 
 
-def layer_groups(layer: nn.Module, quantized: set[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """The LLAMA_GROUPS present in `layer` whose linears are all quantized and whose shapes allow a fold
-    (v -> o only without grouped-query attention: o's input channels must be v's output channels)."""
+def layer_groups(layer: nn.Module, quantized: set[str], pairs: list[ScalePair], num_heads: int
+                 ) -> list[tuple[ScalePair, torch.Tensor | None]]:
+    """The `pairs` present in `layer` whose consumers are all quantized and whose shapes allow the fold
+    (v -> o only without grouped-query attention: o's input channels must be v's output channels).
+    A pair whose `previous` exists must list all of the linears its output feeds (awq_pairs.py)."""
     modules = dict(layer.named_modules())
     groups = []
-    for previous, linears in LLAMA_GROUPS:
-        if previous not in modules or not all(name in modules and name in quantized for name in linears):
+    for pair in pairs:
+        if pair.previous not in modules or getattr(modules[pair.previous], "weight", None) is None:
+            continue  # e.g. OLMo's parameter-free LayerNorm
+        if not all(name in modules and name in quantized for name in pair.consumers):
             continue
-        width = modules[previous].weight.shape[0]
-        if all(modules[name].in_features == width for name in linears):
-            groups.append((previous, linears))
+        previous = modules[pair.previous]
+        rows = pair_rows(pair, previous, num_heads)
+        width = previous.weight.shape[0] if rows is None else len(rows)
+        if all(modules[name].in_features == width for name in pair.consumers):
+            groups.append((pair, rows))
     return groups

@@ -85,6 +85,16 @@ def target_linears(model: nn.Module, ignore: list[str], bits: int, group_size: i
     return targets
 
 
+def refuse_conv1d(model: nn.Module, hf_config: dict[str, Any]) -> None:
+    """GPT-2-style checkpoints keep their projections in transformers' Conv1D ([in, out] weights): neither
+    compressed-tensors nor this quantizer handles those, so the family is refused rather than left dense."""
+    conv = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv:
+        raise QuantizeError(f"model_type {hf_config.get('model_type')!r} stores its projections as transformers "
+                            f"Conv1D modules ({conv[0]}, ... {len(conv)} of them), which compressed-tensors "
+                            "checkpoints cannot hold: this family cannot be quantized")
+
+
 def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +117,7 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
                           eval_samples=options.eval_samples, eval_seq_len=options.eval_seq_len, log=log)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()
     model.requires_grad_(False)
+    refuse_conv1d(model, hf_config)
     ignore = options.ignore_list
     targets = target_linears(model, ignore, options.bits, options.effective_group_size)
     log(f"[lmforge.quantize] {options.method}: {len(targets)} Linear modules on {device} "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.kernels.quant_pack import pack_int_weights
-from lmforge.runtime.quantize import awq, calibration, gptq, rtn
+from lmforge.runtime.quantize import awq, awq_pairs, calibration, gptq, rtn
 from lmforge.runtime.quantize.config import QuantizeOptions
 
 Tensors = dict[str, torch.Tensor]
@@ -151,22 +151,28 @@ class W4A16AWQ(LayerwiseScheme):
         super().__init__(bits, group_size, dtype, log)
         self.seed = seed
 
+    def quantize_model(self, model, targets, samples, device):
+        config = model.config
+        self.pairs = awq_pairs.pairs_for(config.to_dict())  # refuses a family without a table
+        self.num_heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        return super().quantize_model(model, targets, samples, device)
+
     def quantize_layer(self, layer, linears, inputs):
-        groups = awq.layer_groups(layer, set(linears))
+        groups = awq.layer_groups(layer, set(linears), self.pairs, self.num_heads)
         stats = {name: awq.ActivationStats(linear.in_features, max_rows=2048, seed=self.seed)
                  for name, linear in linears.items()}
         _observe(layer, linears, inputs, {name: s.add for name, s in stats.items()})
         modules = dict(layer.named_modules())
         inputs_of = {name: s.sample() for name, s in stats.items()}  # [rows, in] fp32, CPU
         searches = []
-        for _, consumers in groups:
-            first = stats[consumers[0]]
-            weights = [linears[name].weight.detach() for name in consumers]
-            searches.append(awq.search_scales(weights, inputs_of[consumers[0]], first.mean_abs, self.bits,
+        for pair, _ in groups:
+            first = stats[pair.consumers[0]]
+            weights = [linears[name].weight.detach() for name in pair.consumers]
+            searches.append(awq.search_scales(weights, inputs_of[pair.consumers[0]], first.mean_abs, self.bits,
                                               self.group_size, self.dtype))
-        for (previous, consumers), search in zip(groups, searches, strict=True):
-            awq.fold_scales(modules[previous], [linears[name] for name in consumers], search.scales)
-            for name in consumers:  # their input is now x / s
+        for (pair, rows), search in zip(groups, searches, strict=True):
+            awq.fold_scales(modules[pair.previous], [linears[name] for name in pair.consumers], search.scales, rows)
+            for name in pair.consumers:  # their input is now x / s
                 inputs_of[name] = inputs_of[name] / search.scales.cpu()
         out = {}
         for name, linear in linears.items():

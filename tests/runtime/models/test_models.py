@@ -54,8 +54,8 @@ def test_llama3_rope_frequencies_match_transformers(arch):
 
 
 def test_unknown_architecture_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"'FalconForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"):
-        get_model_class("FalconForCausalLM")
+    with pytest.raises(ValueError, match=r"'DbrxForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"):
+        get_model_class("DbrxForCausalLM")
 
 
 def test_unsupported_rope_scaling():
