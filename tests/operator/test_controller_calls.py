@@ -5,6 +5,7 @@ that make every step safe to repeat. Paths that post kopf Events run in the e2e 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,52 @@ def test_trainjob_creates_the_gang_once(apiserver) -> None:
     asyncio.run(act_twice())
     assert sorted(apiserver.objects) == [f"{CORE}/configmaps/{tj_build.config_map_name('llama')}",
                                          f"{CORE}/pods/llama-0", f"{CORE}/pods/llama-1", f"{CORE}/services/llama"]
-    assert set(apiserver.calls()) == {("POST", f"{CORE}/pods"), ("POST", f"{CORE}/services"),
-                                                    ("POST", f"{CORE}/configmaps")}
-    assert len(apiserver.requests) == 8  # 4 creates, then 4 x 409 AlreadyExists taken as success
+    assert set(apiserver.calls()) == {("POST", f"{CORE}/pods"), ("PATCH", f"{CORE}/services/llama"),
+                                      ("PATCH", f"{CORE}/configmaps/llama-config")}
+    assert len(apiserver.requests) == 8  # 2 applies + 2 pod creates, then the same with 2 x 409 AlreadyExists
+
+
+def test_trainjob_gang_start_rewrites_an_outdated_config_map(apiserver) -> None:
+    """D1: a ConfigMap left by an older spec (or a person) is brought to this spec before the pods."""
+    path = f"{CORE}/configmaps/llama-config"
+    apiserver.put(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "llama-config", "namespace": NS},
+                         "data": {"train.json": '{"model": "/models/old"}'}})
+    job = trainjob_body()
+    job["spec"]["model"] = "/models/new"
+    spec = TrainJobSpec.model_validate(job["spec"])
+    decision = decide(Observed(name="llama", generation=2, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+
+    async def act() -> None:
+        api = api_for(apiserver)
+        try:
+            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)
+        finally:
+            await api.close()
+
+    asyncio.run(act())
+    assert json.loads(apiserver.objects[path]["data"]["train.json"])["model"] == "/models/new"
+    assert apiserver.calls()[0] in {("PATCH", path), ("PATCH", f"{CORE}/services/llama")}  # before any pod
+
+
+def test_trainjob_refused_pod_is_reported_not_raised_as_an_api_error(apiserver) -> None:
+    """D6: a 403 on pod creation (missing ServiceAccount) is a PodRefused naming the pod."""
+    apiserver.fail[("POST", f"{CORE}/pods")] = (403, "Forbidden", 'pods "llama-0" is forbidden: error looking up '
+                                                "service account team-a/trainer: serviceaccount \"trainer\" not found")
+    job = trainjob_body()
+    spec = TrainJobSpec.model_validate(job["spec"])
+    decision = decide(Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+
+    async def act() -> None:
+        api = api_for(apiserver)
+        try:
+            await trainjob._act(api, tj_build.BuildConfig(service_account="trainer"), job, spec, decision)
+        finally:
+            await api.close()
+
+    with pytest.raises(trainjob.PodRefused) as refused:
+        asyncio.run(act())
+    assert refused.value.pod == "llama-0" and refused.value.error.status == 403
+    assert "serviceaccount" in refused.value.error.message
 
 
 def test_trainjob_deletes_pods_gracefully_or_at_once(apiserver) -> None:
@@ -139,6 +183,7 @@ def test_trainjob_status_write_on_a_stale_view(apiserver, stored: bool) -> None:
     else:
         assert delay is None and apiserver.calls() == [("PUT", path + "/status")]
     assert not any(r.path.startswith(CORE) for r in apiserver.requests)  # nothing acted on a stale view
+    assert handle.applied_generation is None  # nor applied its ConfigMap
 
 
 # --- InferenceService ------------------------------------------------------------------------------
@@ -249,9 +294,15 @@ def test_peering_objects_per_namespace(apiserver, kubeconfig_for) -> None:
                                          "/apis/kopf.dev/v1/namespaces/team-b/kopfpeerings/lmforge"]
 
 
-def test_peering_without_its_crd_is_a_permanent_error(apiserver, kubeconfig_for) -> None:
+def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, kubeconfig_for, caplog) -> None:
+    """D3: a 403 (terminating namespace) or 404 (missing namespace / CRD) never stops the operator;
+    the namespaces that work are set up, the others come back for a retry."""
     kubeconfig_for(apiserver)
-    apiserver.fail[("POST", "/apis/kopf.dev/v1/clusterkopfpeerings")] = (404, "NotFound", "the server could "
-                                                                         "not find the requested resource")
-    with pytest.raises(kopf.PermanentError, match="404 Not Found.*are the CRDs in crds/ installed"):
-        asyncio.run(main.ensure_peering_object(main.OperatorOptions()))
+    apiserver.fail[("POST", "/apis/kopf.dev/v1/namespaces/gone/kopfpeerings")] = (
+        403, "Forbidden", 'kopfpeerings "lmforge" is forbidden: unable to create new content in namespace gone '
+        "because it is being terminated")
+    with caplog.at_level(logging.WARNING, logger="lmforge.operator"):
+        failed = asyncio.run(main.ensure_peering_object(main.OperatorOptions(namespaces=("gone", "team-a"))))
+    assert [body["metadata"]["namespace"] for body in failed] == ["gone"]
+    assert "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge" in apiserver.objects
+    assert "namespace 'gone'): 403 Forbidden" in caplog.text
