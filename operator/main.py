@@ -90,6 +90,9 @@ def apply_settings(settings: kopf.OperatorSettings, options: OperatorOptions, pr
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.error_backoffs = OUTAGE_BACKOFFS
+    # Events are best effort: kopf posts them one at a time from one queue, so an Event that cannot
+    # be posted (a terminating namespace: 403) must not hold every other Event for a minute
+    settings.posting.default_backoffs = (1, 2)
 
 
 def register_handlers() -> None:
@@ -98,10 +101,15 @@ def register_handlers() -> None:
 
 
 def _make_startup(options: OperatorOptions, priority: int, heartbeat: watchdog.Heartbeat):
-    async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: object) -> None:
+    async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, memo: kopf.Memo,
+                        **_: object) -> None:
+        from lmforge.operator.controllers import namespace_release
+
         apply_settings(settings, options, priority)
-        # kopf cancels this task at shutdown; until then it tells the main thread kopf is alive
+        # kopf cancels these tasks at shutdown; until then the first tells the main thread kopf is alive
         asyncio.create_task(watchdog.watch_kopf(heartbeat), name="lmforge watchdog beat")
+        asyncio.create_task(namespace_release.sweep_forever(memo, options.namespaces, settings.persistence.finalizer,
+                                                            logger), name="lmforge namespace release")
         if not options.standalone:
             missing = await ensure_peering_object(options, priority, logger)
             if missing:

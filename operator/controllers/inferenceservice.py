@@ -204,6 +204,8 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
                   logger: logging.Logger, inferenceservice_pods: kopf.Index,
                   inferenceservice_deployments: kopf.Index, **_: Any) -> None:
     runtime: Runtime = memo.inferenceservice
+    if (namespace, name) in runtime.released:
+        return  # its namespace is being deleted and kopf no longer watches it
     handle = runtime.handle(namespace, name)
     if handle.applied_generation != meta.get("generation"):
         return  # the apply handler has not (yet) applied what this body says

@@ -192,6 +192,8 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     job = handle.latest if _resource_version(handle.latest) > _resource_version(live) else live
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
+    if (namespace, name) in runtime.released:
+        return None  # its namespace is being deleted and kopf no longer watches it
     if meta.get("deletionTimestamp"):
         return 5.0  # kopf stops the daemon and runs the cleanup handler
     try:
