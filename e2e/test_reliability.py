@@ -203,7 +203,7 @@ def test_namespace_deletion_completes_and_other_namespaces_keep_working(cluster,
 def test_takeover_after_kill_9_takes_seconds(cluster, crds, operator_process, wait_for):
     """A restarted replica (no POD_NAME: a new identity, as for a replacement pod) must not wait
     for the dead one's peering record. Measured: kill -9 -> a TrainJob applied right after has
-    its gang, 5 times; the median is reported and must stay under 20 s."""
+    its gang, 5 times; the median is reported, and every one must stay under 20 s."""
     ns = namespace(cluster, "takeover")
     op = operator_process(namespace=ns, standalone=False, name="takeover", liveness=True)
     op.wait_healthy()
@@ -219,8 +219,9 @@ def test_takeover_after_kill_9_takes_seconds(cluster, crds, operator_process, wa
         takeovers.append(time.monotonic() - killed)
     median = statistics.median(takeovers)
     print(f"takeover after kill -9: {', '.join(f'{t:.1f}' for t in takeovers)} s; median {median:.1f} s")
-    assert "waiting for peer" not in op.logs() or median < 20
-    assert median < 20, takeovers
+    # every restart, not the median: with random priorities about half the restarts waited ~60 s
+    assert max(takeovers) < 20, takeovers
+    assert "waiting for peer" not in op.logs(), op.tail()
     cluster.kubectl("delete", "trainjobs", "--all", "-n", ns, "--timeout=60s")
 
 
