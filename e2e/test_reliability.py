@@ -301,6 +301,33 @@ def test_operator_recovers_from_a_120_s_api_server_outage(cluster, crds, operato
     cluster.kubectl("delete", "trainjobs", "--all", "-n", ns, "--timeout=60s", check=False)
 
 
+def test_operator_whose_retries_run_out_exits_1_and_is_restarted(cluster, crds, operator_process, wait_for):
+    """The other half of D2: past --api-retry-seconds the peering keep-alive dies (what froze the
+    operator before); now /healthz fails and the process exits 1 within seconds, instead of
+    hanging; restarted (the test is the kubelet), it reconciles once the API server is back."""
+    ns = namespace(cluster, "retries")
+    op = operator_process("--api-retry-seconds", "10", namespace=ns, standalone=False, name="retries",
+                          liveness=True)
+    op.wait_healthy()
+    stop_supervisor(cluster)
+    kill(component(cluster, "kube-apiserver"))
+    killed = time.monotonic()
+    # kopf touches its peering record every ~50 s, then retries 10 s (and 10 s more to withdraw)
+    unhealthy = wait_for(lambda: not op.healthy() and time.monotonic(), 120, interval=0.5, message=op.tail)
+    wait_for(lambda: not op.running(), 30, interval=0.5, message=op.tail)
+    exited = time.monotonic()
+    assert op.proc.returncode == 1, op.tail()
+    assert "reconcilers are dead" in op.logs(), op.tail()
+    print(f"/healthz failed {unhealthy - killed:.1f} s and the process exited 1 {exited - killed:.1f} s "
+          "after the API server went down")
+    localcluster.up(cluster.state_dir, log=lambda _: None)
+    op.start()
+    trainjob(cluster, ns, "after", numNodes=1)
+    wait_for(lambda: running_gang(cluster, ns, "after", 1), 60, message=op.tail)
+    assert op.stop() == 0
+    cluster.kubectl("delete", "trainjobs", "--all", "-n", ns, "--timeout=60s", check=False)
+
+
 def test_cluster_reset_needs_a_confirmation(cluster):
     result = subprocess.run([str(Path(sys.executable).parent / "lmforge"), "cluster", "reset", "--state-dir",
                              str(cluster.state_dir)], input="", capture_output=True, text=True, timeout=60)

@@ -39,9 +39,12 @@ from lmforge.operator import watchdog
 log = logging.getLogger("lmforge.operator")
 
 PEERING_API = ("kopf.dev", "v1")
-# kopf's per-request retries (kopf's default sums to ~1 min, after which the peering keep-alive dies
-# and every handler with it): the first seconds as kopf's, then every 30 s for ~10 minutes.
-OUTAGE_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21, *(30,) * 18)
+# kopf's per-request retries: kopf's default sums to ~1 min, after which the peering keep-alive dies
+# and every handler with it. Ours ride out API_RETRY_SECONDS (an outage, a control-plane upgrade);
+# past that the watchdog exits 1 and Kubernetes restarts the container.
+API_RETRY_SECONDS = 600
+KOPF_BACKOFFS = (1, 1, 2, 3, 5, 8, 13, 21)
+MAX_BACKOFF_S = 30
 PEERING_RETRY_S = 30.0
 
 
@@ -54,6 +57,21 @@ class OperatorOptions:
     liveness_port: int = 8080
     verbose: bool = False
     json_logs: bool = True
+    api_retry_seconds: int = API_RETRY_SECONDS
+
+
+def retry_backoffs(total_seconds: int) -> tuple[int, ...]:
+    """Backoffs (s) between retries of one API call, summing to `total_seconds`: kopf's own first
+    steps, then MAX_BACKOFF_S each, the last one shortened to fit."""
+    if total_seconds < 1:
+        raise ValueError(f"--api-retry-seconds must be at least 1, got {total_seconds}")
+    out: list[int] = []
+    for step in (*KOPF_BACKOFFS, *(MAX_BACKOFF_S,) * (total_seconds // MAX_BACKOFF_S + 1)):
+        left = total_seconds - sum(out)
+        if left <= 0:
+            break
+        out.append(min(step, left))
+    return tuple(out)
 
 
 def choose_priority(requested: int | None, now: float | None = None, rng: random.Random | None = None) -> int:
@@ -89,7 +107,7 @@ def apply_settings(settings: kopf.OperatorSettings, options: OperatorOptions, pr
     )
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.networking.error_backoffs = OUTAGE_BACKOFFS
+    settings.networking.error_backoffs = retry_backoffs(options.api_retry_seconds)
     # Events are best effort: kopf posts them one at a time from one queue, so an Event that cannot
     # be posted (a terminating namespace: 403) must not hold every other Event for a minute
     settings.posting.default_backoffs = (1, 2)
@@ -162,6 +180,8 @@ async def ensure_peering_object(options: OperatorOptions, priority: int | None =
     be created (403 in a terminating namespace, 404 for a missing namespace or CRD): each is logged,
     and the caller retries them; the other namespaces work meanwhile. Also logs, at start, the live
     peers that outrank this replica (it waits for them)."""
+    import aiohttp
+
     from lmforge.operator.kube import CLUSTER_KOPF_PEERINGS, KOPF_PEERINGS, ApiError, KubeApi
 
     logger = logger or log
@@ -175,12 +195,13 @@ async def ensure_peering_object(options: OperatorOptions, priority: int | None =
                                          meta.get("namespace"), meta["name"])
                 if existing is None:
                     await api.create(body)  # None when another replica created it meanwhile
-            except ApiError as exc:
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:  # never an exit: retried
                 where = f"namespace {meta['namespace']!r}" if meta.get("namespace") else "cluster-wide"
+                cause = f"{exc.status} {exc.reason}" if isinstance(exc, ApiError) else repr(exc)
                 logger.warning(
-                    "cannot create the peering object %r (%s): %s %s; handlers there wait for it, retrying every "
+                    "cannot create the peering object %r (%s): %s; handlers there wait for it, retrying every "
                     "%.0f s (are the CRDs in crds/ installed, does the namespace exist?)",
-                    options.peering, where, exc.status, exc.reason, PEERING_RETRY_S)
+                    options.peering, where, cause, PEERING_RETRY_S)
                 failed.append(body)
                 continue
             if priority is not None:
@@ -221,13 +242,15 @@ def run(
     priority: int | None = None,
     json_logs: bool = True,
     stop_flag: threading.Event | None = None,
+    api_retry_seconds: int = API_RETRY_SECONDS,
 ) -> int:
     """Run until SIGTERM/SIGINT or `stop_flag` is set (0), or until the reconcilers die (1, so that
     Kubernetes restarts the container). Never outlives a stop request by more than STOP_DEADLINE_S."""
     options = OperatorOptions(
         namespaces=tuple(namespaces), peering=peering, standalone=standalone, priority=priority,
-        liveness_port=liveness_port, verbose=verbose, json_logs=json_logs,
+        liveness_port=liveness_port, verbose=verbose, json_logs=json_logs, api_retry_seconds=api_retry_seconds,
     )
+    retry_backoffs(api_retry_seconds)  # refuse a bad value before anything starts
     for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
         stream.reconfigure(line_buffering=True)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)

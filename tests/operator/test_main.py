@@ -6,6 +6,7 @@ import random
 from datetime import UTC, datetime
 
 import kopf
+import pytest
 
 from lmforge.operator.main import (
     OperatorOptions,
@@ -13,6 +14,7 @@ from lmforge.operator.main import (
     choose_priority,
     higher_peers,
     peer_identity,
+    retry_backoffs,
 )
 
 
@@ -56,7 +58,15 @@ def test_settings_retry_api_calls_through_a_long_outage() -> None:
     """D2: kopf's default retries end after ~1 min, and the peering keep-alive dies with them."""
     settings = kopf.OperatorSettings()
     apply_settings(settings, OperatorOptions(), priority=1)
-    assert sum(settings.networking.error_backoffs) >= 540
+    assert sum(settings.networking.error_backoffs) == 600
+
+
+def test_retry_backoffs_sum_to_the_budget() -> None:
+    assert retry_backoffs(10) == (1, 1, 2, 3, 3)
+    assert retry_backoffs(100) == (1, 1, 2, 3, 5, 8, 13, 21, 30, 16)
+    assert max(retry_backoffs(600)) == 30 and sum(retry_backoffs(600)) == 600
+    with pytest.raises(ValueError, match="--api-retry-seconds must be at least 1, got 0"):
+        retry_backoffs(0)
 
 
 def test_settings_cluster_wide_with_mandatory_peering() -> None:
