@@ -126,8 +126,10 @@ def _make_startup(options: OperatorOptions, priority: int, heartbeat: watchdog.H
         apply_settings(settings, options, priority)
         # kopf cancels these tasks at shutdown; until then the first tells the main thread kopf is alive
         asyncio.create_task(watchdog.watch_kopf(heartbeat), name="lmforge watchdog beat")
-        asyncio.create_task(namespace_release.sweep_forever(memo, options.namespaces, settings.persistence.finalizer,
-                                                            logger), name="lmforge namespace release")
+        if options.namespaces:  # only kopf's per-namespace watches stop early (cluster-wide ones see deletions)
+            asyncio.create_task(namespace_release.sweep_forever(memo, options.namespaces,
+                                                                settings.persistence.finalizer, logger),
+                                name="lmforge namespace release")
         if not options.standalone:
             missing = await ensure_peering_object(options, priority, logger)
             if missing:
