@@ -299,7 +299,7 @@ def run(
                 request_stop()
             now = time.monotonic()
             started, last_beat, dead = heartbeat.snapshot()
-            if dead and dead_since is None:
+            if dead and dead_since is None and not requested:  # kopf's tasks end on a requested stop too
                 dead_since = now
                 log.error("reconcilers are dead (%s): stopping kopf, then exiting 1", ", ".join(dead))
                 kopf_stop.set()  # a clean stop releases our peering record for the next replica
