@@ -19,6 +19,7 @@ from lmforge.operator import main
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import inferenceservice as isvc_build
 from lmforge.operator.builders import trainjob as tj_build
+from lmforge.operator.builders.inferenceservice_status import DeploymentView
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, decide
 from lmforge.operator.builders.trainjob_testing import T0, spec_dict
 from lmforge.operator.controllers import inferenceservice, trainjob
@@ -306,3 +307,37 @@ def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, ku
     assert [body["metadata"]["namespace"] for body in failed] == ["gone"]
     assert "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge" in apiserver.objects
     assert "namespace 'gone'): 403 Forbidden" in caplog.text
+
+
+def test_inferenceservice_timer_puts_back_an_edited_deployment(apiserver, monkeypatch) -> None:
+    """D1: every REAPPLY_SECONDS the timer server-side applies the owned objects again, keeping the
+    Deployment's size: a Deployment someone edited gets our template back."""
+    _, runtime = apply_isvc(apiserver, isvc_body(replicas=2))
+    path = f"{APPS}/deployments/chat"
+    desired = apiserver.objects[path]["spec"]["template"]
+    drifted = json.loads(json.dumps(apiserver.objects[path]))
+    drifted["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
+    apiserver.put(path, drifted)
+    handle = runtime.handle(NS, "chat")
+    handle.applied_at -= inferenceservice.REAPPLY_SECONDS  # the last apply was a minute ago
+    monkeypatch.setattr(inferenceservice, "_post", lambda body, events: None)  # Events need kopf's loop
+    view = DeploymentView.from_deployment(apiserver.objects[path])
+
+    async def timer() -> None:
+        try:
+            body = isvc_body(replicas=2)
+            await inferenceservice.observe(body=body, meta=body["metadata"], namespace=NS, name="chat",
+                                           patch=kopf.Patch(), memo=memo_of(runtime), logger=LOG,
+                                           inferenceservice_pods={}, inferenceservice_deployments={(NS, "chat"): [view]})
+        finally:
+            await runtime.api.close()
+
+    asyncio.run(timer())
+    assert apiserver.objects[path]["spec"]["template"] == desired
+    assert apiserver.objects[path]["spec"]["replicas"] == 2
+
+
+def memo_of(runtime: inferenceservice.Runtime) -> kopf.Memo:
+    memo = kopf.Memo()
+    memo.inferenceservice = runtime
+    return memo
