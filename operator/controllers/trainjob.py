@@ -249,20 +249,32 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
 
 async def _record_refusal(runtime: Runtime, handle: JobHandle, job: dict[str, Any], generation: int,
                           refused: PodRefused, logger: logging.Logger) -> None:
-    """Created=False with the cause in the status; the Event only when the cause is new."""
+    """Created=False with the cause in the status, then the Event, only when the cause is new and
+    the status write went through (kopf's own annotation patches race with it at creation: on 409
+    the job is read again, so the Event is never posted twice for one cause)."""
     current = handle.latest if _resource_version(handle.latest) > _resource_version(job) else job
-    status = TrainJobStatus.model_validate(current.get("status") or {})
-    new, event = creation_failed(status, generation, now_utc(), refused.pod, refused.error.status,
-                                 refused.error.message, runtime.cfg.service_account, job["metadata"]["namespace"])
-    if event is not None:
-        logger.warning("worker pod refused: %s", event.message)
-        kopf.event(job, type=event.type, reason=event.reason, message=event.message)
-    if new != status:
+    for _ in range(3):
+        status = TrainJobStatus.model_validate(current.get("status") or {})
+        new, event = creation_failed(status, generation, now_utc(), refused.pod, refused.error.status,
+                                     refused.error.message, runtime.cfg.service_account, job["metadata"]["namespace"])
+        if new == status:
+            return
         try:
             handle.latest = await runtime.api.replace_status({**current, "status": new.to_k8s()})
         except ApiError as exc:
-            if exc.status not in (404, 409):  # gone, or changed meanwhile: the next pass decides again
+            if exc.status != 409:
+                if exc.status == 404:
+                    return
                 raise
+            fresh = await runtime.api.get(TRAINJOBS, job["metadata"]["namespace"], job["metadata"]["name"])
+            if fresh is None:
+                return
+            current = handle.latest = fresh
+            continue
+        if event is not None:
+            logger.warning("worker pod refused: %s", event.message)
+            kopf.event(job, type=event.type, reason=event.reason, message=event.message)
+        return
 
 
 async def apply_children(api: KubeApi, ref: build.JobRef, spec: TrainJobSpec, cfg: build.BuildConfig) -> None:

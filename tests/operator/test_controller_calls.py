@@ -23,7 +23,7 @@ from lmforge.operator.builders.inferenceservice_status import DeploymentView
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, decide
 from lmforge.operator.builders.trainjob_testing import T0, spec_dict
 from lmforge.operator.controllers import inferenceservice, trainjob
-from lmforge.operator.kube import KubeApi
+from lmforge.operator.kube import ApiError, KubeApi
 
 NS = "team-a"
 LOG = logging.getLogger("test")
@@ -341,3 +341,31 @@ def memo_of(runtime: inferenceservice.Runtime) -> kopf.Memo:
     memo = kopf.Memo()
     memo.inferenceservice = runtime
     return memo
+
+
+def test_trainjob_refusal_event_only_after_its_status_write(apiserver, monkeypatch) -> None:
+    """D6: kopf's own patches race with the first status write (409): the job is read again and the
+    condition written; the Event goes out once, after the write, and not again for the same cause."""
+    path = f"{LMFORGE}/trainjobs/llama"
+    stored = apiserver.put(path, trainjob_body())  # newer than the view the daemon holds
+    posted: list[str] = []
+    monkeypatch.setattr(trainjob.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
+    runtime = trainjob.Runtime(cfg=tj_build.BuildConfig(service_account="trainer"),
+                               api_factory=lambda: api_for(apiserver))
+    handle = runtime.handle(NS, "llama")
+    error = ApiError(403, "Forbidden", json.dumps({"message": 'pods "llama-0" is forbidden: error looking up service '
+                                                   'account team-a/trainer: serviceaccount "trainer" not found'}))
+
+    async def refuse_twice() -> None:
+        try:
+            for _ in range(2):
+                await trainjob._record_refusal(runtime, handle, trainjob_body(), 1,
+                                               trainjob.PodRefused("llama-0", error), LOG)
+        finally:
+            await runtime.api.close()
+
+    asyncio.run(refuse_twice())
+    assert stored["metadata"]["resourceVersion"] != "1"
+    created = next(c for c in apiserver.objects[path]["status"]["conditions"] if c["type"] == "Created")
+    assert (created["status"], created["reason"]) == ("False", "ServiceAccountMissing")
+    assert posted == ["ServiceAccountMissing"]
