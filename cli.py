@@ -11,6 +11,11 @@ from collections.abc import Sequence
 def _operator_run(args: argparse.Namespace) -> int:
     from lmforge.operator.main import run
 
+    if args.api_retry_seconds < 1:
+        print(f"lmforge operator run: --api-retry-seconds must be at least 1, got {args.api_retry_seconds}",
+              file=sys.stderr)
+        return 2
+
     return run(
         namespaces=args.namespace,
         peering=args.peering,
@@ -18,6 +23,7 @@ def _operator_run(args: argparse.Namespace) -> int:
         priority=args.priority,
         liveness_port=args.liveness_port,
         verbose=args.verbose,
+        api_retry_seconds=args.api_retry_seconds,
     )
 
 
@@ -67,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kopf peering name: replicas sharing it never reconcile the same object (default: lmforge)")
     run.add_argument("--standalone", action="store_true", help="no peering (single replica, e.g. local debugging)")
     run.add_argument("--priority", type=int, default=None,
-                     help="peering priority; the highest live replica works, others stand by (default: random)")
+                     help="peering priority; the highest live replica works, others stand by "
+                          "(default: the start time, so the newest replica works)")
+    run.add_argument("--api-retry-seconds", type=int, default=600,
+                     help="how long one API call is retried (an API-server outage) before the operator exits 1 "
+                          "for Kubernetes to restart it (default: 600)")
     run.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: disabled)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_operator_run)

@@ -47,7 +47,7 @@ NAMESPACED_GRANTS = {
     "jobs.batch": "create list watch",
     "pods": "create delete deletecollection list watch",
     "services": "create delete patch",
-    "configmaps": "create delete",
+    "configmaps": "create delete patch",
     "deployments.apps": "create get list patch watch",
     "deployments.apps/scale": "patch",
     "poddisruptionbudgets.policy": "create delete patch",
@@ -346,7 +346,7 @@ class TestClusterWide(ClusterWide):
         extra = {k: v for k, v in can_i_list(cluster, self.SA, self.NS).items() if baseline(self.NS).get(k) != v}
         expected = grants({**NAMESPACED_GRANTS, **DISCOVERY_GRANTS,
                            "clusterkopfpeerings.kopf.dev": "create list watch"})
-        expected[f"clusterkopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "patch")
+        expected[f"clusterkopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "get patch")
         assert extra == expected
 
     @pytest.mark.parametrize(("verb", "resource", "args"), DANGEROUS, ids=[f"{v}-{r}{''.join(a[1:])}" for v, r, a in DANGEROUS])
@@ -426,7 +426,7 @@ class TestWatchNamespaces(WatchNamespaces):
             extra = {k: v for k, v in can_i_list(cluster, self.SA, namespace).items()
                      if baseline(namespace).get(k) != v}
             expected = {**grants({**NAMESPACED_GRANTS, "kopfpeerings.kopf.dev": "create list watch"}), **discovery}
-            expected[f"kopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "patch")
+            expected[f"kopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "get patch")
             assert extra == expected, namespace
         elsewhere = {k: v for k, v in can_i_list(cluster, self.SA, self.OTHER).items()
                      if baseline(self.OTHER).get(k) != v}

@@ -15,6 +15,9 @@ Objects are plain dicts in and out. What the controllers rely on:
 - `replace_status` is a PUT carrying the object's resourceVersion: 409 Conflict when someone wrote
   it since it was read, 404 when it is gone, both raised as `ApiError`;
 - `apply` is server-side apply with `force`: the field manager takes ownership of what it sets;
+- `list` returns the collection (None for 404: e.g. a CRD that is not installed);
+- `merge_patch` returns the patched object, None for 404 (raises 409 when a resourceVersion in the
+  patch is stale);
 - any other response >= 300 raises `ApiError` (`status`, `reason`, the API server's `message`).
 
 Connection errors and timeouts are aiohttp's (`aiohttp.ClientError`, `TimeoutError`).
@@ -98,6 +101,7 @@ INFERENCESERVICES = Resource(c.GROUP, c.VERSION, "inferenceservices")
 QUANTIZEJOBS = Resource(c.GROUP, c.VERSION, "quantizejobs")
 KOPF_PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
 CLUSTER_KOPF_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
+NAMESPACES = Resource("", "v1", "namespaces", namespaced=False)
 
 # (apiVersion, kind) -> resource: what `create`, `apply` and `replace_status` accept.
 KINDS: dict[tuple[str, str], Resource] = {
@@ -159,6 +163,15 @@ class KubeApi:
     async def get(self, resource: Resource, namespace: str | None, name: str) -> Object | None:
         """The object, or None when it does not exist."""
         return await self._request("GET", resource.path(namespace, name), ok=(404,))
+
+    async def list(self, resource: Resource, namespace: str | None = None, **params: str) -> Object | None:
+        """The collection (`items`), with query `params` such as fieldSelector; None for 404."""
+        return await self._request("GET", resource.path(namespace), ok=(404,), **params)
+
+    async def merge_patch(self, resource: Resource, namespace: str | None, name: str,
+                          patch: Mapping[str, Any]) -> Object | None:
+        """JSON merge patch; None when the object is gone."""
+        return await self._request("PATCH", resource.path(namespace, name), patch, ok=(404,), content_type=MERGE_PATCH)
 
     async def create(self, obj: Mapping[str, Any]) -> Object | None:
         """POST to the object's collection: the created object, or None when one of that name
@@ -257,6 +270,9 @@ class ControllerRuntime:
     built on first use by `api_factory` (tests pass one that points at their server)."""
 
     api_factory: Callable[[], KubeApi] = KubeApi.from_environment
+    # (namespace, name) of objects whose finalizer was released in a terminating namespace
+    # (controllers/namespace_release.py): kopf no longer watches them, so their handlers stop here.
+    released: set[tuple[str, str]] = field(default_factory=set)
     _api: KubeApi | None = field(default=None, repr=False)
 
     @property

@@ -25,6 +25,9 @@ ANNOTATION_KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
 ANNOTATION_PROGRESS = f"{GROUP}/progress"
 # Local cluster (kwok) only: how a fake pod ends ("succeed" or "fail-<exit code>").
 ANNOTATION_FATE = f"{GROUP}/fate"
+# Hash of the spec fields a gang is built from (builders/trainjob.py `gang_spec_hash`): a running pod
+# whose hash differs from the job's was built from an older spec and is replaced.
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 
 # --- TrainJob ------------------------------------------------------------------------------------
 MASTER_PORT = 29500
@@ -62,6 +65,16 @@ ReasonRetryableFailure = "RetryableFailure"
 MessageRetryableFailure = "pod {pod} failed ({detail}); restarting the gang, attempt {attempt} of {max_attempts}"
 ReasonRestartBackoff = "RestartBackoff"
 MessageRestartBackoff = "waiting {seconds}s before recreating the gang"
+ReasonCreatingPods = "CreatingPods"
+MessageCreatingPods = "creating {num_nodes} worker pods (attempt {attempt})"
+ReasonPodCreationFailed = "PodCreationFailed"
+MessagePodCreationFailed = "the API server refused worker pod {pod}: {error}"
+ReasonServiceAccountMissing = "ServiceAccountMissing"
+MessageServiceAccountMissing = ("worker pod {pod} needs ServiceAccount {account!r} in namespace {namespace!r} "
+                                "(LMFORGE_WORKER_SERVICE_ACCOUNT / the chart's workerServiceAccount): {error}")
+ReasonSpecChanged = "SpecChanged"
+MessageSpecChanged = ("the running gang was built from an older spec (generation {generation} changed it): "
+                      "replacing it")
 ReasonGangRestarted = "GangRestarted"
 MessageGangRestarted = "recreated {num_nodes} worker pods (attempt {attempt})"
 ReasonNonRetryableExitCode = "NonRetryableExitCode"

@@ -58,10 +58,27 @@ class ServeAfter(ApiModel):
     """Its replicas."""
 
 
+# Every field the Job is built from: a Job's pod template is immutable, so these are too (a change
+# would be acknowledged and never reach the pod). serveAfter is applied on every pass and may change.
+JOB_FIELDS = ("model", "method", "groupSize", "calibration", "ignore", "output", "image", "resources",
+              "activeDeadlineSeconds", "ttlSecondsAfterFinished", "nodeSelector", "tolerations", "env", "volumes",
+              "volumeMounts")
+
+
 class QuantizeJobSpec(ApiModel):
-    """Desired state of a QuantizeJob."""
+    """Desired state of a QuantizeJob. Only serveAfter can change after creation (the Job is immutable): create a new QuantizeJob to quantize differently."""
 
     __rules__ = (
+        *(
+            Rule(
+                cel=f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+                message=f"{f} cannot be changed once the QuantizeJob exists (its Job is immutable): "
+                        "create a new QuantizeJob",
+                check=None,
+                field_path=f".{f}",
+            )
+            for f in JOB_FIELDS
+        ),
         Rule(
             cel="!has(self.groupSize) || self.method.startsWith('w')",
             message="groupSize may only be set for w8a16 and w4a16-* methods",

@@ -188,8 +188,14 @@ class EnvVar(ApiModel):
     """secretKeyRef / configMapKeyRef / fieldRef / resourceFieldRef, as in a pod spec."""
 
 
+# Optional spec fields a gang is built from (see GANG rules below; the required ones are listed there).
+GANG_OPTIONAL_FIELDS = ("lora", "zeroStage", "procsPerNode", "resourcesPerNode", "image", "command", "hyperparameters",
+                        "checkpoint", "schedulerName", "priorityClassName", "queueName", "nodeSelector", "tolerations",
+                        "env", "volumes", "volumeMounts")
+
+
 class TrainJobSpec(ApiModel):
-    """Desired state of a TrainJob. numNodes, method and backend can only change while the job is suspended."""
+    """Desired state of a TrainJob. Only suspend, failurePolicy, activeDeadlineSeconds and ttlSecondsAfterFinished change a running job; every other field can only change while the job is suspended (the next gang uses it)."""
 
     __rules__ = (
         Rule(
@@ -222,15 +228,25 @@ class TrainJobSpec(ApiModel):
             or s.resources_per_node.gpus() == 0 or s.procs_per_node <= s.resources_per_node.gpus(),
             field_path=".procsPerNode",
         ),
-        # Transition rules (API server only): the gang's shape is fixed while pods exist.
+        # Transition rules (API server only): everything a gang is built from (its pods and
+        # train.json) is fixed unless the job was suspended; the next gang reads the new values.
         *(
             Rule(
                 cel=f"oldSelf.suspend || self.{f} == oldSelf.{f}",
-                message=f"{f} can only be changed while the job is suspended",
+                message=f"{f} can only be changed while the job is suspended (suspend it, edit, resume)",
                 check=None,
                 field_path=f".{f}",
             )
-            for f in ("numNodes", "method", "backend")
+            for f in ("numNodes", "method", "backend", "model", "dataset", "output")
+        ),
+        *(
+            Rule(
+                cel=f"oldSelf.suspend || (has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f}))",
+                message=f"{f} can only be changed while the job is suspended (suspend it, edit, resume)",
+                check=None,
+                field_path=f".{f}",
+            )
+            for f in GANG_OPTIONAL_FIELDS
         ),
     )
 

@@ -8,12 +8,14 @@ AlreadyExists, never a duplicate: an operator killed at any moment cannot leave 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from lmforge.operator.api.constants import (
     ANNOTATION_KUEUE_POD_GROUP_COUNT,
+    ANNOTATION_SPEC_HASH,
     CONFIG_FILE,
     CONFIG_MOUNT_PATH,
     LABEL_JOB_NAME,
@@ -37,6 +39,9 @@ DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 
 
 JobRef = OwnerRef  # the TrainJob the objects belong to
+# Spec fields the operator reads live on every reconcile; every other field is baked into the gang
+# (pods + train.json) when it starts, so it may change only while the job is suspended (CEL).
+LIVE_FIELDS = frozenset({"suspend", "failurePolicy", "activeDeadlineSeconds", "ttlSecondsAfterFinished"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,14 @@ def config_map(job: JobRef, spec: TrainJobSpec) -> dict[str, Any]:
     }
 
 
+def gang_spec_hash(spec: TrainJobSpec) -> str:
+    """16 hex digits over the spec fields a gang is built from (not LIVE_FIELDS): stamped on every
+    worker pod, so a gang built from an older spec is recognised however the change got in (an
+    edit while suspended that the operator, down at the time, never saw suspended)."""
+    baked = {k: v for k, v in spec.to_k8s().items() if k not in LIVE_FIELDS}
+    return hashlib.sha256(json.dumps(baked, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildConfig = BuildConfig()) -> list[str]:
     """`lmforge.runtime.train.launch`: torchrun with a static rendezvous on rank 0, its shape taken
     from the PET_* env (worker_env), for both backends (DeepSpeed initialises from the same env, no
@@ -206,8 +219,9 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
     name = pod_name(job.name, rank)
     metadata = _metadata(job, name, pod_labels(job.name, spec, rank, attempt))
     storage, storage_mounts = storage_volumes(spec)
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: gang_spec_hash(spec)}
     if spec.queue_name:
-        metadata["annotations"] = {ANNOTATION_KUEUE_POD_GROUP_COUNT: str(spec.num_nodes)}
+        metadata["annotations"][ANNOTATION_KUEUE_POD_GROUP_COUNT] = str(spec.num_nodes)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image or cfg.default_image,

@@ -54,6 +54,7 @@ class WorkerPod:
     deletion_timestamp: datetime | None = None  # set: Terminating; the pod should be gone by then
     progress: str | None = None  # raw lmforge.dev/progress annotation
     waiting: str | None = None  # why a Pending pod is not running yet (Unschedulable, ImagePullBackOff, ...)
+    spec_hash: str | None = None  # lmforge.dev/spec-hash: the spec the pod was built from (None: an older operator)
 
     @property
     def deleting(self) -> bool:
@@ -95,6 +96,7 @@ class WorkerPod:
             deletion_timestamp=parse_time(meta.get("deletionTimestamp")),
             progress=(meta.get("annotations") or {}).get(c.ANNOTATION_PROGRESS),
             waiting=": ".join(filter(None, (waiting.get("reason"), waiting.get("message")))) or None,
+            spec_hash=(meta.get("annotations") or {}).get(c.ANNOTATION_SPEC_HASH),
         )
 
 
@@ -108,6 +110,8 @@ class Observed:
     status: TrainJobStatus
     pods: tuple[WorkerPod, ...]
     now: datetime
+    spec_hash: str | None = None  # gang_spec_hash(spec): what current pods must carry (None: not checked)
+    children_applied: bool = True  # the ConfigMap and Service hold this generation's spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,10 +298,12 @@ def decide(obs: Observed) -> Decision:
     spec, now = obs.spec, obs.now
     plan = _Plan(obs=obs, status=obs.status.model_copy(deep=True))
     st = plan.status
-    st.observed_generation = obs.generation
     attempt = st.restarts
     current = [p for p in obs.pods if p.attempt == attempt]
     stale = [p for p in obs.pods if p.attempt != attempt]
+    outdated = [p for p in current if p.active and obs.spec_hash and p.spec_hash and p.spec_hash != obs.spec_hash]
+    if obs.children_applied and not outdated:  # observedGeneration: the children match this generation
+        st.observed_generation = obs.generation
 
     _force_delete_stuck(plan)
     plan.delete_all(stale)
@@ -322,6 +328,10 @@ def decide(obs: Observed) -> Decision:
     if st.phase == c.PhaseSuspended:
         plan.transition(c.PhasePending, "Normal", c.ReasonResumed, c.MessageResumed)
         plan.condition(c.ConditionSuspended, False, c.ReasonResumed, c.MessageResumed)
+
+    if outdated and st.phase != c.PhaseSuspended:
+        _replace_outdated(plan, current)
+        return plan.decision()
 
     if rank0 is not None and rank0.phase == "Succeeded":
         _finish(plan, c.PhaseSucceeded, c.ReasonAllWorkersSucceeded, c.MessageAllWorkersSucceeded, "Normal")
@@ -360,6 +370,39 @@ def decide(obs: Observed) -> Decision:
 
     _run(plan, current)
     return plan.decision()
+
+
+def _replace_outdated(plan: _Plan, current: list[WorkerPod]) -> None:
+    """A gang built from an older spec runs (the change got in while suspended, but the operator
+    never saw the suspended state): delete it and start over from Pending, like a resume. Not a
+    failure: restarts and the backoff are untouched."""
+    message = c.MessageSpecChanged.format(generation=plan.obs.generation)
+    plan.delete_all(current)
+    plan.transition(c.PhasePending, "Normal", c.ReasonSpecChanged, message)
+    plan.condition(c.ConditionRunning, False, c.ReasonSpecChanged, message)
+    plan.condition(c.ConditionCreated, False, c.ReasonSpecChanged, message)
+    plan.requeue.append(1.0)
+
+
+def creation_failed(status: TrainJobStatus, generation: int, now: datetime, pod: str, http_status: int,
+                    error: str, service_account: str | None, namespace: str) -> tuple[TrainJobStatus, JobEvent | None]:
+    """The API server refused a worker pod (403 missing ServiceAccount / RBAC / quota, 404, 422):
+    Created=False naming the cause. The Event goes out only when the cause is new (same reason and
+    message as the condition already holds: no Event), so a retry loop posts it once."""
+    missing_account = service_account is not None and "serviceaccount" in error.lower()
+    if missing_account:
+        reason = c.ReasonServiceAccountMissing
+        message = c.MessageServiceAccountMissing.format(pod=pod, account=service_account, namespace=namespace,
+                                                        error=error)
+    else:
+        reason = c.ReasonPodCreationFailed
+        message = c.MessagePodCreationFailed.format(pod=pod, error=f"{http_status} {error}")
+    message = message[:MAX_MESSAGE]
+    before = next((cond for cond in status.conditions if cond.type == c.ConditionCreated), None)
+    new = status.model_copy(deep=True)
+    new.conditions = set_condition(new.conditions, c.ConditionCreated, False, reason, message, now, generation)
+    repeated = before is not None and before.status == "False" and (before.reason, before.message) == (reason, message)
+    return new, None if repeated else JobEvent("Warning", reason, message)
 
 
 def _force_delete_stuck(plan: _Plan) -> None:
@@ -446,6 +489,12 @@ def _on_failure(plan: _Plan, failures: list[WorkerPod], current: list[WorkerPod]
     plan.after(now + timedelta(seconds=backoff_seconds(policy, st.restarts)))
 
 
+def _creation_failing(plan: _Plan) -> bool:
+    return any(cond.type == c.ConditionCreated and cond.status == "False"
+               and cond.reason in (c.ReasonServiceAccountMissing, c.ReasonPodCreationFailed)
+               for cond in plan.status.conditions)
+
+
 def _run(plan: _Plan, current: list[WorkerPod]) -> None:
     """Create the gang when nothing of the job is left; then track it until all run."""
     obs, st = plan.obs, plan.status
@@ -461,17 +510,21 @@ def _run(plan: _Plan, current: list[WorkerPod]) -> None:
     if missing:
         plan.create.extend(missing)
         plan.requeue.append(5.0)
-        if not current:  # a whole new gang
+        if not current:  # a whole new gang: Created only once its pods exist (next pass)
             if st.start_time is None:
                 st.start_time = obs.now
-            if st.restarts:
-                message = c.MessageGangRestarted.format(num_nodes=num_nodes, attempt=st.restarts)
-                plan.events.append(JobEvent("Normal", c.ReasonGangRestarted, message))
-            else:
-                message = c.MessageGangCreated.format(num_nodes=num_nodes, attempt=st.restarts)
-                plan.events.append(JobEvent("Normal", c.ReasonGangCreated, message))
-            plan.condition(c.ConditionCreated, True, c.ReasonGangCreated, message)
+            if not _creation_failing(plan):  # keep the refusal's message until pods exist
+                plan.condition(c.ConditionCreated, False, c.ReasonCreatingPods,
+                               c.MessageCreatingPods.format(num_nodes=num_nodes, attempt=st.restarts))
         return
+    if not plan.has_condition(c.ConditionCreated):  # every rank's pod exists now
+        if st.restarts:
+            message = c.MessageGangRestarted.format(num_nodes=num_nodes, attempt=st.restarts)
+            plan.events.append(JobEvent("Normal", c.ReasonGangRestarted, message))
+        else:
+            message = c.MessageGangCreated.format(num_nodes=num_nodes, attempt=st.restarts)
+            plan.events.append(JobEvent("Normal", c.ReasonGangCreated, message))
+        plan.condition(c.ConditionCreated, True, c.ReasonGangCreated, message)
     running = sum(p.phase in ("Running", "Succeeded") for p in current)  # ranks > 0 may finish first
     if running == num_nodes:
         message = c.MessageAllWorkersRunning.format(num_nodes=num_nodes)

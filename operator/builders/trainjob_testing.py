@@ -47,9 +47,10 @@ def status(**fields: Any) -> TrainJobStatus:
 
 
 def observed(spec: TrainJobSpec | None = None, status: TrainJobStatus | None = None,
-             pods: list[WorkerPod] | tuple[WorkerPod, ...] = (), now: datetime = T0, generation: int = 1) -> Observed:
+             pods: list[WorkerPod] | tuple[WorkerPod, ...] = (), now: datetime = T0, generation: int = 1,
+             spec_hash: str | None = None) -> Observed:
     return Observed(name=JOB.name, generation=generation, spec=spec or make_spec(num_nodes=4),
-                    status=status or TrainJobStatus(), pods=tuple(pods), now=now)
+                    status=status or TrainJobStatus(), pods=tuple(pods), now=now, spec_hash=spec_hash)
 
 
 def pod_dict(rank: int, attempt: int = 0, phase: str = "Running", exit_code: int | None = None,

@@ -10,6 +10,9 @@
 
 Apply and observe of one object never interleave (a per-object lock), and the timer skips a pass
 while the object's generation is not applied yet, so a stale view never undoes a spec change.
+Every REAPPLY_SECONDS the timer server-side applies the owned objects again (keeping the
+Deployment's current size): a no-op unless someone edited or deleted one of them, which is then
+put back.
 The scrape history lives in this process only (see operator/autoscaler.py for why that is safe);
 it starts over when the Deployment's size changes under the autoscaler (kubectl scale, a spec
 change, a wake from zero).
@@ -46,6 +49,7 @@ from lmforge.operator.kube import DEPLOYMENTS, POD_DISRUPTION_BUDGETS, ApiError,
 PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
 AUTOSCALING_STATUS_REFRESH = 30.0  # rewrite status.autoscaling without a change at most this often
+REAPPLY_SECONDS = 60.0  # re-apply the owned objects this often (drift back to the desired state)
 FIELD_MANAGER = "lmforge-operator"
 AUTOSCALER_MANAGER = "lmforge-autoscaler"
 OWNED = {build.LABEL_INFERENCESERVICE: kopf.PRESENT}
@@ -67,6 +71,7 @@ class Handle:
     expected: tuple[int, float] | None = None  # (replicas we set, monotonic deadline for the watch to show it)
     size: int | None = None  # the Deployment size the autoscaler last saw or set
     autoscaling_written: float = 0.0  # monotonic time of the last status.autoscaling write
+    applied_at: float = 0.0  # monotonic time of the last apply of the owned objects
 
 
 @dataclass(slots=True)
@@ -158,17 +163,14 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
             existing = await api.get(DEPLOYMENTS, namespace, name)
             current = None if existing is None else existing.get("spec", {}).get("replicas")
             replicas = build.replicas_to_apply(spec, current, replicas_changed)
-            await api.apply(build.deployment(ref, spec, replicas, runtime.cfg), FIELD_MANAGER)
-            await api.apply(build.service(ref), FIELD_MANAGER)
-            pdb = build.pod_disruption_budget(ref, spec)
-            await (api.apply(pdb, FIELD_MANAGER) if pdb else api.delete(POD_DISRUPTION_BUDGETS, namespace, name))
+            pdb = await apply_owned(runtime, ref, spec, replicas)
         except Exception as exc:  # noqa: BLE001 - API errors, connection errors: retried
             if isinstance(exc, ApiError) and exc.status == 422:  # e.g. a passed-through volume the server refuses
                 _reject(body, patch, status, generation, f"the API server refused an owned object: {exc.message}",
                         logger)
                 return
             raise kopf.TemporaryError(f"applying the owned objects failed: {exc}", delay=10) from exc
-        handle.applied_generation = generation
+        handle.applied_generation, handle.applied_at = generation, time.monotonic()
         if current != replicas:
             handle.expected = (replicas, time.monotonic() + 3 * INTERVAL)
     new = status.model_copy(update={"observed_generation": generation, "url": build.url(name, namespace, runtime.cfg),
@@ -181,6 +183,18 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
         _post(body, [StatusEvent("Normal", "Applied", f"applied {parts} for generation {generation} "
                                                       f"({replicas} replica(s))"),
                      *(StatusEvent("Normal", "ModelFromHub", note) for note in location.notes)])
+
+
+async def apply_owned(runtime: Runtime, ref: build.ServiceRef, spec: InferenceServiceSpec,
+                      replicas: int) -> dict[str, Any] | None:
+    """Server-side apply of the Deployment (at `replicas`), the Service and the PDB (or its
+    deletion when at most one replica can exist). Returns the PDB applied, if any."""
+    api = runtime.api
+    await api.apply(build.deployment(ref, spec, replicas, runtime.cfg), FIELD_MANAGER)
+    await api.apply(build.service(ref), FIELD_MANAGER)
+    pdb = build.pod_disruption_budget(ref, spec)
+    await (api.apply(pdb, FIELD_MANAGER) if pdb else api.delete(POD_DISRUPTION_BUDGETS, ref.namespace, ref.name))
+    return pdb
 
 
 def _reject(body: kopf.Body, patch: kopf.Patch, status: InferenceServiceStatus, generation: int | None,
@@ -204,6 +218,8 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
                   logger: logging.Logger, inferenceservice_pods: kopf.Index,
                   inferenceservice_deployments: kopf.Index, **_: Any) -> None:
     runtime: Runtime = memo.inferenceservice
+    if (namespace, name) in runtime.released:
+        return  # its namespace is being deleted and kopf no longer watches it
     handle = runtime.handle(namespace, name)
     if handle.applied_generation != meta.get("generation"):
         return  # the apply handler has not (yet) applied what this body says
@@ -217,6 +233,15 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
     pods = list(inferenceservice_pods.get(key, ()))
     now = _now()
     async with handle.lock:
+        if time.monotonic() - handle.applied_at >= REAPPLY_SECONDS:  # put back what someone changed
+            size = deployment.replicas if deployment is not None else build.replicas_to_apply(spec, None, False)
+            try:
+                await apply_owned(runtime, build.ServiceRef(name=name, namespace=namespace, uid=meta["uid"]), spec,
+                                  size)
+            except Exception as exc:  # noqa: BLE001 - retried at the next pass
+                logger.warning("re-applying the owned objects failed: %s", exc)
+            else:
+                handle.applied_at = time.monotonic()
         reflection = reflect(name, spec, previous, deployment, pods, now.replace(microsecond=0))
         status, events = reflection.status, list(reflection.events)
         if deployment is not None:

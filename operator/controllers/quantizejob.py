@@ -89,9 +89,9 @@ def quantizejob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body,
 async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid: str, patch: kopf.Patch,
                     memo: kopf.Memo, logger: logging.Logger, quantizejob_jobs: kopf.Index,
                     quantizejob_pods: kopf.Index, **_: Any) -> None:
-    if meta.get("deletionTimestamp"):
-        return
     runtime: Runtime = memo.quantizejob
+    if meta.get("deletionTimestamp") or (namespace, name) in runtime.released:
+        return
     generation = meta.get("generation") or 0
     status = QuantizeJobStatus.model_validate(plain(body.get("status")) or {})
     ref = build.JobRef(name=name, namespace=namespace, uid=uid)

@@ -8,7 +8,12 @@ in the cluster (status + pods), so an operator killed at any moment resumes wher
 - the status is written first, with the job's resourceVersion (PUT): a decision taken on a stale
   view fails with 409 Conflict and is taken again on a fresh read;
 - pods, the Service and the ConfigMap have fixed names: AlreadyExists is success, NotFound on
-  delete is success.
+  delete is success;
+- the ConfigMap (train.json) and the Service are server-side applied whenever the job's generation
+  is new to this process and before every gang start, so the next gang always reads this spec;
+  status.observedGeneration moves only after that (and only while no pod of an older spec runs);
+- a worker pod the API server refuses (403: a missing ServiceAccount or RBAC; 404; 422) sets
+  Created=False naming the cause, with one Event per cause, and is retried quietly.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ import kopf
 from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build
-from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, decide
+from lmforge.operator.builders.trainjob_policy import Decision, Observed, WorkerPod, creation_failed, decide
 from lmforge.operator.controllers.bodies import plain
 from lmforge.operator.kube import CONFIG_MAPS, PODS, SERVICES, TRAINJOBS, ApiError, ControllerRuntime, KubeApi
 
 PLURAL = "trainjobs"
 COALESCE_SECONDS = 0.2  # pods of a gang change together: one reconcile for the burst
+REFUSED_RETRY_SECONDS = 5.0  # a refused worker pod (missing ServiceAccount, ...): try again this often
+FIELD_MANAGER = "lmforge-operator"
+REFUSALS = (403, 404, 422)  # answers to a pod creation that retrying alone will not fix
 POD_LABELS = {c.LABEL_KIND: "TrainJob", c.LABEL_JOB_NAME: kopf.PRESENT}
 
 
@@ -54,6 +62,15 @@ class JobHandle:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     latest: dict[str, Any] | None = None
     generation: int | None = None
+    applied_generation: int | None = None  # the ConfigMap and Service were applied for this generation
+
+
+class PodRefused(Exception):
+    """The API server refused a worker pod with one of REFUSALS."""
+
+    def __init__(self, pod: str, error: ApiError) -> None:
+        super().__init__(f"{pod}: {error}")
+        self.pod, self.error = pod, error
 
 
 @dataclass(slots=True)
@@ -175,6 +192,8 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     job = handle.latest if _resource_version(handle.latest) > _resource_version(live) else live
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
+    if (namespace, name) in runtime.released:
+        return None  # its namespace is being deleted and kopf no longer watches it
     if meta.get("deletionTimestamp"):
         return 5.0  # kopf stops the daemon and runs the cleanup handler
     try:
@@ -184,10 +203,14 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
         kopf.event(job, type="Warning", reason="InvalidSpec", message=str(exc)[:1024])
         return 300.0
     status = TrainJobStatus.model_validate(job.get("status") or {})
-    observed = Observed(name=name, generation=meta.get("generation", 0), spec=spec, status=status,
-                        pods=tuple(pods_index.get((namespace, name), ())), now=now_utc())
-    decision = decide(observed)
+    generation = meta.get("generation", 0)
     api = runtime.api
+    finished = status.phase in c.TERMINAL_PHASES
+    observed = Observed(name=name, generation=generation, spec=spec, status=status,
+                        pods=tuple(pods_index.get((namespace, name), ())), now=now_utc(),
+                        spec_hash=build.gang_spec_hash(spec),
+                        children_applied=finished or handle.applied_generation == generation)
+    decision = decide(observed)
 
     if decision.status != status:
         try:
@@ -201,9 +224,21 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
             raise
     for event in decision.events:
         kopf.event(job, type=event.type, reason=event.reason, message=event.message)
-    await _act(api, runtime.cfg, job, spec, decision)
+    requeue_now = False
+    if not finished and not decision.delete_job and handle.applied_generation != generation:
+        # after the status write (a stale view never reaches here) and before observedGeneration
+        # says so (the next pass, at once, writes it)
+        await apply_children(api, build.JobRef(name=name, namespace=namespace, uid=meta["uid"]), spec, runtime.cfg)
+        handle.applied_generation, requeue_now = generation, True
+    try:
+        await _act(api, runtime.cfg, job, spec, decision, children_applied=requeue_now)
+    except PodRefused as refused:
+        await _record_refusal(runtime, handle, job, generation, refused, logger)
+        return REFUSED_RETRY_SECONDS
     if decision.delete_job:
         return None
+    if requeue_now:
+        return 0.0
     finished = decision.status.phase in c.TERMINAL_PHASES
     settled = all(not p.active and not p.deleting for p in observed.pods)  # only finished pods, kept for logs
     idle = settled and not (decision.delete_pods or decision.force_delete_pods)
@@ -212,8 +247,45 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     return decision.requeue_after
 
 
+async def _record_refusal(runtime: Runtime, handle: JobHandle, job: dict[str, Any], generation: int,
+                          refused: PodRefused, logger: logging.Logger) -> None:
+    """Created=False with the cause in the status, then the Event, only when the cause is new and
+    the status write went through (kopf's own annotation patches race with it at creation: on 409
+    the job is read again, so the Event is never posted twice for one cause)."""
+    current = handle.latest if _resource_version(handle.latest) > _resource_version(job) else job
+    for _ in range(3):
+        status = TrainJobStatus.model_validate(current.get("status") or {})
+        new, event = creation_failed(status, generation, now_utc(), refused.pod, refused.error.status,
+                                     refused.error.message, runtime.cfg.service_account, job["metadata"]["namespace"])
+        if new == status:
+            return
+        try:
+            handle.latest = await runtime.api.replace_status({**current, "status": new.to_k8s()})
+        except ApiError as exc:
+            if exc.status != 409:
+                if exc.status == 404:
+                    return
+                raise
+            fresh = await runtime.api.get(TRAINJOBS, job["metadata"]["namespace"], job["metadata"]["name"])
+            if fresh is None:
+                return
+            current = handle.latest = fresh
+            continue
+        if event is not None:
+            logger.warning("worker pod refused: %s", event.message)
+            kopf.event(job, type=event.type, reason=event.reason, message=event.message)
+        return
+
+
+async def apply_children(api: KubeApi, ref: build.JobRef, spec: TrainJobSpec, cfg: build.BuildConfig) -> None:
+    """Server-side apply of the Service and the ConfigMap: they hold this spec afterwards, whatever
+    an older spec (or a person) left in them."""
+    await asyncio.gather(api.apply(build.headless_service(ref, cfg), FIELD_MANAGER),
+                         api.apply(build.config_map(ref, spec), FIELD_MANAGER))
+
+
 async def _act(api: KubeApi, cfg: build.BuildConfig, job: dict[str, Any], spec: TrainJobSpec,
-               decision: Decision) -> None:
+               decision: Decision, children_applied: bool = False) -> None:
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     ref = build.JobRef(name=name, namespace=namespace, uid=meta["uid"])
@@ -221,9 +293,16 @@ async def _act(api: KubeApi, cfg: build.BuildConfig, job: dict[str, Any], spec: 
                            for pod in decision.force_delete_pods))
     await asyncio.gather(*(api.delete(PODS, namespace, pod) for pod in decision.delete_pods))
     if decision.create_ranks:  # all at once: a pod waits for its ConfigMap in the kubelet, not here
+        if not children_applied:  # the gang reads exactly this spec's train.json
+            await apply_children(api, ref, spec, cfg)
         pods = build.gang(ref, spec, decision.status.restarts, list(decision.create_ranks), cfg)
-        children = [build.headless_service(ref, cfg), build.config_map(ref, spec), *pods]
-        await asyncio.gather(*(api.create(child) for child in children))
+        results = await asyncio.gather(*(api.create(pod) for pod in pods), return_exceptions=True)
+        for pod, result in zip(pods, results, strict=True):  # rank order: the first refusal is reported
+            if isinstance(result, ApiError) and result.status in REFUSALS:
+                raise PodRefused(pod["metadata"]["name"], result)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
     if decision.delete_job:
         await delete_children(api, namespace, name)
         await api.delete(TRAINJOBS, namespace, name)

@@ -1,4 +1,4 @@
-"""`lmforge cluster up|down|status|build`: argument wiring only; the work is in cluster.py."""
+"""`lmforge cluster up|down|reset|status|build`: argument wiring only; the work is in cluster.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="start etcd, kube-apiserver, controller-manager, scheduler and kwok nodes "
                                  "(builds the binaries on first use)")
     up.add_argument("--nodes", type=int, default=4, help="number of simulated 8-GPU nodes (default: 4)")
-    actions.add_parser("down", parents=[common], help="stop every process the cluster started")
+    actions.add_parser("down", parents=[common], help="stop every process the cluster started (data is kept)")
+    reset = actions.add_parser("reset", parents=[common],
+                               help="stop the cluster and DELETE its data (every namespace, CRD and object)")
+    reset.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     status = actions.add_parser("status", parents=[common], help="components, pids and health")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     actions.add_parser("build", help="only build (or check) the cached binaries and print their directory")
@@ -38,6 +41,12 @@ def main(args: argparse.Namespace) -> int:
         if args.cluster_command == "down":
             cluster.down(args.state_dir)
             return 0
+        if args.cluster_command == "reset":
+            if not args.yes and not confirm_reset(cluster.layout_for(args.state_dir).state_dir):
+                print("lmforge cluster reset: nothing deleted (confirm with 'yes', or pass --yes)", file=sys.stderr)
+                return 1
+            cluster.reset(args.state_dir)
+            return 0
         if args.cluster_command == "status":
             return _print_status(cluster.status(args.state_dir), as_json=args.json)
         if args.cluster_command == "build":
@@ -47,6 +56,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"lmforge cluster {args.cluster_command}: {error}", file=sys.stderr)
         return 1
     raise AssertionError(args.cluster_command)
+
+
+def confirm_reset(state_dir, ask=input, interactive=None) -> bool:
+    """True only when a person typed 'yes'; a non-interactive stdin never confirms."""
+    if not (sys.stdin.isatty() if interactive is None else interactive):
+        return False
+    answer = ask(f"delete every object of the cluster in {state_dir} (etcd data)? type 'yes': ")
+    return answer.strip().lower() == "yes"
 
 
 def _print_status(current, as_json: bool) -> int:

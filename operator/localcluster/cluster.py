@@ -1,8 +1,13 @@
-"""`up`, `down` and `status` of one local cluster, identified by its state dir.
+"""`up`, `down`, `reset` and `status` of one local cluster, identified by its state dir.
 
 The state dir holds everything of one cluster (pki/, logs/, etcd-data/, kubeconfigs/,
 state.json with the pids and ports we started), so clusters in different dirs never collide and
 `down` never has to guess what to stop. A file lock serializes commands on the same dir.
+
+Data is never deleted behind the user's back: `up` keeps etcd-data/ (a cluster that is partly up
+gets only its dead components restarted, on the same ports), `down` stops processes, and `reset`
+is the one command that wipes. A supervisor process (supervisor.py) restarts a component that
+exits while the cluster is up.
 """
 
 from __future__ import annotations
@@ -122,14 +127,16 @@ def up(state_dir: Path | str | None = None, num_nodes: int = NUM_NODES, log: Log
     layout = layout_for(state_dir)
     layout.state_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(layout.lock_file):
-        state = _read_state(layout)
+        state = read_state(layout)
         if state:
             current = _status(layout, state)
             if current.running:
+                if not _supervisor_alive(state):
+                    _start_supervisor(layout, state, log)
                 log(f"cluster in {layout.state_dir} is already up")
                 return _info(layout, state, already_running=True)
-            if current.any_alive:
-                log("cluster is only partly up (see `lmforge cluster status`): restarting it")
+            if current.any_alive and current.ready:
+                return _repair(layout, state, current, num_nodes, log)
             _stop_all(layout, state, log)
         try:
             bins = ensure_binaries(log=log)
@@ -137,6 +144,73 @@ def up(state_dir: Path | str | None = None, num_nodes: int = NUM_NODES, log: Log
         except (BuildError, CertError) as error:
             raise ClusterError(str(error)) from None
         return _start(layout, bins, pki, num_nodes, log)
+
+
+def _repair(layout: Layout, state: dict, current: ClusterStatus, num_nodes: int, log: Log) -> ClusterInfo:
+    """Restart only the components that are down, on their recorded ports, keeping etcd's data."""
+    dead = [c.name for c in current.components if not c.alive]
+    log(f"cluster is only partly up: restarting {', '.join(dead) or 'nothing (waiting for the unhealthy ones)'}; "
+        f"etcd data in {layout.etcd_data} is kept (`lmforge cluster reset` deletes it)")
+    pki = certs.ensure_pki(layout.pki.directory)
+    bins = BinPaths(Path(state["bin_dir"]))
+    by_name = {c.name: c for c in components(bins, layout, Ports(**state["ports"]))}
+    try:
+        for entry in state["processes"]:
+            process = processes.Process.from_dict(entry)
+            if not processes.is_alive(process):
+                processes.reap(process.pid)
+                log(f"restarting {entry['name']}")
+                process = restart_component(layout, state, entry["name"])
+            _wait_healthy(by_name[entry["name"]], process, pki)
+        _wait_nodes(bins, layout, num_nodes)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise ClusterError(str(error)) from None
+    if not _supervisor_alive(state):
+        _start_supervisor(layout, state, log)
+    log(f"cluster up again: {state['apiserver']}")
+    return _info(layout, state)
+
+
+def restart_component(layout: Layout, state: dict, name: str) -> processes.Process:
+    """Start component `name` again with the argv, env and ports it was started with (state.json's
+    ports; the argv is rebuilt from them) and record its new pid. The caller holds the lock."""
+    bins = BinPaths(Path(state["bin_dir"]))
+    component = next(c for c in components(bins, layout, Ports(**state["ports"])) if c.name == name)
+    env = dict(os.environ, **dict(component.env))
+    process = replace(processes.start(component.name, list(component.argv), layout.logs, env), ports=component.ports)
+    entry = next(e for e in state["processes"] if e["name"] == name)
+    entry.update(process.to_dict())
+    _write_state(layout, state)
+    return process
+
+
+def reset(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
+    """Stop the cluster and delete its etcd data (every namespace, CRD and object). True if there
+    was data to delete. The only command that wipes; the CLI asks first (or needs --yes)."""
+    log = log or _stderr
+    layout = layout_for(state_dir)
+    with file_lock(layout.lock_file):
+        state = read_state(layout)
+        if state:
+            _stop_all(layout, state, log)
+        existed = layout.etcd_data.exists()
+        shutil.rmtree(layout.etcd_data, ignore_errors=True)
+    log(f"deleted the cluster data in {layout.etcd_data}" if existed else f"no cluster data in {layout.etcd_data}")
+    return existed
+
+
+def _supervisor_alive(state: dict) -> bool:
+    data = state.get("supervisor")
+    return bool(data) and processes.is_alive(processes.Process.from_dict(data))
+
+
+def _start_supervisor(layout: Layout, state: dict, log: Log) -> None:
+    from lmforge.operator.localcluster.supervisor import MODULE
+
+    process = processes.start("supervisor", [sys.executable, "-P", "-m", MODULE, str(layout.state_dir)], layout.logs)
+    state["supervisor"] = process.to_dict()
+    _write_state(layout, state)
+    log(f"supervisor started (pid {process.pid}): it restarts a component that exits; log {process.log}")
 
 
 def down(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
@@ -147,7 +221,7 @@ def down(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
         log(f"no cluster running in {layout.state_dir}")
         return False
     with file_lock(layout.lock_file):
-        state = _read_state(layout)
+        state = read_state(layout)
         if not state:
             return False
         _stop_all(layout, state, log)
@@ -157,7 +231,7 @@ def down(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
 
 def status(state_dir: Path | str | None = None) -> ClusterStatus:
     layout = layout_for(state_dir)
-    state = _read_state(layout)
+    state = read_state(layout)
     return _status(layout, state) if state else ClusterStatus(layout.state_dir)
 
 
@@ -166,7 +240,8 @@ def _start(layout: Layout, bins: BinPaths, pki: certs.Pki, num_nodes: int, log: 
     ports = Ports.from_list(_pick_ports(layout))
     url = apiserver_url(ports)
     _write_kubeconfigs(layout, pki, url)
-    shutil.rmtree(layout.etcd_data, ignore_errors=True)  # every start is a fresh cluster
+    if layout.etcd_data.exists():  # never wiped here: `lmforge cluster reset` does that
+        log(f"keeping the cluster data in {layout.etcd_data} (`lmforge cluster reset` deletes it)")
     state = {"apiserver": url, "kubeconfig": str(layout.admin_kubeconfig), "bin_dir": str(bins.bin_dir),
              "ports": ports.__dict__, "processes": []}
     try:
@@ -193,6 +268,7 @@ def _start(layout: Layout, bins: BinPaths, pki: certs.Pki, num_nodes: int, log: 
         raise
     state["ready"] = True
     _write_state(layout, state)
+    _start_supervisor(layout, state, log)
     log(f"cluster up in {time.monotonic() - started_at:.1f} s: {url}, {num_nodes} nodes")
     return _info(layout, state)
 
@@ -263,7 +339,10 @@ def _kubectl(bins: BinPaths, layout: Layout, *args: str, input: str | None = Non
 
 
 def _stop_all(layout: Layout, state: dict, log: Log) -> None:
-    """Reverse start order; then the recorded ports must be free, else we say which are not."""
+    """The supervisor first (it would restart what we stop), then reverse start order; then the
+    recorded ports must be free, else we say which are not."""
+    if state.get("supervisor"):
+        processes.stop(processes.Process.from_dict(state["supervisor"]))
     recorded = [processes.Process.from_dict(p) for p in state.get("processes", [])]
     for process in reversed(recorded):
         if processes.is_alive(process):
@@ -294,7 +373,7 @@ def _info(layout: Layout, state: dict, already_running: bool = False) -> Cluster
                        BinPaths(Path(state["bin_dir"])), already_running)
 
 
-def _read_state(layout: Layout) -> dict | None:
+def read_state(layout: Layout) -> dict | None:
     try:
         return json.loads(layout.state_file.read_text())
     except (OSError, ValueError):

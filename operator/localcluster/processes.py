@@ -85,15 +85,15 @@ def is_alive(process: Process) -> bool:
 def stop(process: Process, timeout: float = 15.0) -> bool:
     """SIGTERM, wait, then SIGKILL. Returns True if the process is gone (or was never ours)."""
     if not is_alive(process):
-        _reap(process.pid)
+        reap(process.pid)
         return True
     _signal(process.pid, signal.SIGTERM)
     if wait_until(lambda: not is_alive(process), timeout):
-        _reap(process.pid)
+        reap(process.pid)
         return True
     _signal(process.pid, signal.SIGKILL)
     gone = wait_until(lambda: not is_alive(process), 5.0)
-    _reap(process.pid)
+    reap(process.pid)
     return gone
 
 
@@ -134,8 +134,9 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the process is our own child (inside a test session)."""
+def reap(pid: int) -> None:
+    """Collect the exit status when the process is our own child (inside a test session, or the
+    supervisor's restarted components), so it does not linger as a zombie."""
     child = _children.pop(pid, None)
     if child is not None:
         child.poll()

@@ -28,7 +28,7 @@ NAMESPACED: dict[tuple[str, str], str] = {
     ("batch", "jobs"): "list watch create",
     ("", "pods"): "list watch create delete deletecollection",
     ("", "services"): "create patch delete",
-    ("", "configmaps"): "create delete",
+    ("", "configmaps"): "create patch delete",
     ("apps", "deployments"): "get list watch create patch",
     ("apps", "deployments/scale"): "patch",
     ("policy", "poddisruptionbudgets"): "create patch delete",
@@ -39,8 +39,8 @@ DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): "list watch"
 
 def grants(table: dict[tuple[str, str], str], named: dict[tuple[str, str], tuple[str, str]] | None = None) -> set[Grant]:
     out = {(group, resource, verb, "") for (group, resource), verbs in table.items() for verb in verbs.split()}
-    for (group, resource), (verb, name) in (named or {}).items():
-        out.add((group, resource, verb, name))
+    for (group, resource), (verbs, name) in (named or {}).items():
+        out |= {(group, resource, verb, name) for verb in verbs.split()}
     return out
 
 
@@ -52,9 +52,9 @@ def rule_grants(rules: list[dict[str, Any]]) -> set[Grant]:
 
 EXPECTED_CLUSTER_WIDE = grants({**NAMESPACED, **DISCOVERY,
                                 ("kopf.dev", "clusterkopfpeerings"): "list watch create"},
-                               {("kopf.dev", "clusterkopfpeerings"): ("patch", "lmforge")})
+                               {("kopf.dev", "clusterkopfpeerings"): ("get patch", "lmforge")})
 EXPECTED_PER_NAMESPACE = grants({**NAMESPACED, ("kopf.dev", "kopfpeerings"): "list watch create"},
-                                {("kopf.dev", "kopfpeerings"): ("patch", "lmforge")})
+                                {("kopf.dev", "kopfpeerings"): ("get patch", "lmforge")})
 EXPECTED_NAMESPACED_CLUSTER_PART = grants({**DISCOVERY, ("", "namespaces"): "list watch"})
 
 

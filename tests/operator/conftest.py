@@ -78,7 +78,7 @@ class FakeApiServer:
         rest = parts[offset:]
         if rest[:1] == ["namespaces"]:
             rest = rest[2:]
-        plural, name, sub = (rest + [None, None])[:3]
+        plural, name, sub = (rest + [None, None, None])[:3]
         obj_path = path.rsplit("/", 1)[0] if sub else path
         collection = name is None
         if method == "GET" and not collection:
@@ -107,6 +107,20 @@ class FakeApiServer:
             found["spec"]["replicas"] = body["spec"]["replicas"]
             self.put(obj_path, found)
             return self._json(200, {"kind": "Scale", "spec": {"replicas": body["spec"]["replicas"]}})
+        if method == "GET" and collection:  # a LIST; fieldSelector: only status.phase=<phase>
+            phase = request.query.get("fieldSelector", "").removeprefix("status.phase=") or None
+            items = [o for p, o in self.objects.items() if p.rsplit("/", 1)[0] == path
+                     and (phase is None or (o.get("status") or {}).get("phase") == phase)]
+            return self._json(200, {"kind": "List", "items": items})
+        if method == "PATCH" and not collection and not sub and request.content_type == "application/merge-patch+json":
+            found = self.objects.get(obj_path)  # only metadata fields, resourceVersion checked
+            if found is None:
+                return self._status(404, "NotFound", f'{plural} "{name}" not found')
+            meta = dict(body.get("metadata") or {})
+            version = meta.pop("resourceVersion", None)
+            if version is not None and version != found["metadata"]["resourceVersion"]:
+                return self._status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}"')
+            return self._json(200, self.put(obj_path, {**found, "metadata": {**found["metadata"], **meta}}))
         if method == "PATCH" and not collection and not sub:
             if request.content_type != "application/apply-patch+yaml":
                 return self._status(415, "UnsupportedMediaType", request.content_type)

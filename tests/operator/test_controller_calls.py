@@ -5,6 +5,7 @@ that make every step safe to repeat. Paths that post kopf Events run in the e2e 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from lmforge.operator import main
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import inferenceservice as isvc_build
 from lmforge.operator.builders import trainjob as tj_build
+from lmforge.operator.builders.inferenceservice_status import DeploymentView
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, decide
 from lmforge.operator.builders.trainjob_testing import T0, spec_dict
 from lmforge.operator.controllers import inferenceservice, trainjob
-from lmforge.operator.kube import KubeApi
+from lmforge.operator.kube import ApiError, KubeApi
 
 NS = "team-a"
 LOG = logging.getLogger("test")
@@ -63,9 +65,52 @@ def test_trainjob_creates_the_gang_once(apiserver) -> None:
     asyncio.run(act_twice())
     assert sorted(apiserver.objects) == [f"{CORE}/configmaps/{tj_build.config_map_name('llama')}",
                                          f"{CORE}/pods/llama-0", f"{CORE}/pods/llama-1", f"{CORE}/services/llama"]
-    assert set(apiserver.calls()) == {("POST", f"{CORE}/pods"), ("POST", f"{CORE}/services"),
-                                                    ("POST", f"{CORE}/configmaps")}
-    assert len(apiserver.requests) == 8  # 4 creates, then 4 x 409 AlreadyExists taken as success
+    assert set(apiserver.calls()) == {("POST", f"{CORE}/pods"), ("PATCH", f"{CORE}/services/llama"),
+                                      ("PATCH", f"{CORE}/configmaps/llama-config")}
+    assert len(apiserver.requests) == 8  # 2 applies + 2 pod creates, then the same with 2 x 409 AlreadyExists
+
+
+def test_trainjob_gang_start_rewrites_an_outdated_config_map(apiserver) -> None:
+    """D1: a ConfigMap left by an older spec (or a person) is brought to this spec before the pods."""
+    path = f"{CORE}/configmaps/llama-config"
+    apiserver.put(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "llama-config", "namespace": NS},
+                         "data": {"train.json": '{"model": "/models/old"}'}})
+    job = trainjob_body()
+    job["spec"]["model"] = "/models/new"
+    spec = TrainJobSpec.model_validate(job["spec"])
+    decision = decide(Observed(name="llama", generation=2, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+
+    async def act() -> None:
+        api = api_for(apiserver)
+        try:
+            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)
+        finally:
+            await api.close()
+
+    asyncio.run(act())
+    assert json.loads(apiserver.objects[path]["data"]["train.json"])["model"] == "/models/new"
+    assert apiserver.calls()[0] in {("PATCH", path), ("PATCH", f"{CORE}/services/llama")}  # before any pod
+
+
+def test_trainjob_refused_pod_is_reported_not_raised_as_an_api_error(apiserver) -> None:
+    """D6: a 403 on pod creation (missing ServiceAccount) is a PodRefused naming the pod."""
+    apiserver.fail[("POST", f"{CORE}/pods")] = (403, "Forbidden", 'pods "llama-0" is forbidden: error looking up '
+                                                "service account team-a/trainer: serviceaccount \"trainer\" not found")
+    job = trainjob_body()
+    spec = TrainJobSpec.model_validate(job["spec"])
+    decision = decide(Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+
+    async def act() -> None:
+        api = api_for(apiserver)
+        try:
+            await trainjob._act(api, tj_build.BuildConfig(service_account="trainer"), job, spec, decision)
+        finally:
+            await api.close()
+
+    with pytest.raises(trainjob.PodRefused) as refused:
+        asyncio.run(act())
+    assert refused.value.pod == "llama-0" and refused.value.error.status == 403
+    assert "serviceaccount" in refused.value.error.message
 
 
 def test_trainjob_deletes_pods_gracefully_or_at_once(apiserver) -> None:
@@ -139,6 +184,7 @@ def test_trainjob_status_write_on_a_stale_view(apiserver, stored: bool) -> None:
     else:
         assert delay is None and apiserver.calls() == [("PUT", path + "/status")]
     assert not any(r.path.startswith(CORE) for r in apiserver.requests)  # nothing acted on a stale view
+    assert handle.applied_generation is None  # nor applied its ConfigMap
 
 
 # --- InferenceService ------------------------------------------------------------------------------
@@ -249,9 +295,77 @@ def test_peering_objects_per_namespace(apiserver, kubeconfig_for) -> None:
                                          "/apis/kopf.dev/v1/namespaces/team-b/kopfpeerings/lmforge"]
 
 
-def test_peering_without_its_crd_is_a_permanent_error(apiserver, kubeconfig_for) -> None:
+def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, kubeconfig_for, caplog) -> None:
+    """D3: a 403 (terminating namespace) or 404 (missing namespace / CRD) never stops the operator;
+    the namespaces that work are set up, the others come back for a retry."""
     kubeconfig_for(apiserver)
-    apiserver.fail[("POST", "/apis/kopf.dev/v1/clusterkopfpeerings")] = (404, "NotFound", "the server could "
-                                                                         "not find the requested resource")
-    with pytest.raises(kopf.PermanentError, match="404 Not Found.*are the CRDs in crds/ installed"):
-        asyncio.run(main.ensure_peering_object(main.OperatorOptions()))
+    apiserver.fail[("POST", "/apis/kopf.dev/v1/namespaces/gone/kopfpeerings")] = (
+        403, "Forbidden", 'kopfpeerings "lmforge" is forbidden: unable to create new content in namespace gone '
+        "because it is being terminated")
+    with caplog.at_level(logging.WARNING, logger="lmforge.operator"):
+        failed = asyncio.run(main.ensure_peering_object(main.OperatorOptions(namespaces=("gone", "team-a"))))
+    assert [body["metadata"]["namespace"] for body in failed] == ["gone"]
+    assert "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge" in apiserver.objects
+    assert "namespace 'gone'): 403 Forbidden" in caplog.text
+
+
+def test_inferenceservice_timer_puts_back_an_edited_deployment(apiserver, monkeypatch) -> None:
+    """D1: every REAPPLY_SECONDS the timer server-side applies the owned objects again, keeping the
+    Deployment's size: a Deployment someone edited gets our template back."""
+    _, runtime = apply_isvc(apiserver, isvc_body(replicas=2))
+    path = f"{APPS}/deployments/chat"
+    desired = apiserver.objects[path]["spec"]["template"]
+    drifted = json.loads(json.dumps(apiserver.objects[path]))
+    drifted["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
+    apiserver.put(path, drifted)
+    handle = runtime.handle(NS, "chat")
+    handle.applied_at -= inferenceservice.REAPPLY_SECONDS  # the last apply was a minute ago
+    monkeypatch.setattr(inferenceservice, "_post", lambda body, events: None)  # Events need kopf's loop
+    view = DeploymentView.from_deployment(apiserver.objects[path])
+
+    async def timer() -> None:
+        try:
+            body = isvc_body(replicas=2)
+            await inferenceservice.observe(body=body, meta=body["metadata"], namespace=NS, name="chat",
+                                           patch=kopf.Patch(), memo=memo_of(runtime), logger=LOG,
+                                           inferenceservice_pods={}, inferenceservice_deployments={(NS, "chat"): [view]})
+        finally:
+            await runtime.api.close()
+
+    asyncio.run(timer())
+    assert apiserver.objects[path]["spec"]["template"] == desired
+    assert apiserver.objects[path]["spec"]["replicas"] == 2
+
+
+def memo_of(runtime: inferenceservice.Runtime) -> kopf.Memo:
+    memo = kopf.Memo()
+    memo.inferenceservice = runtime
+    return memo
+
+
+def test_trainjob_refusal_event_only_after_its_status_write(apiserver, monkeypatch) -> None:
+    """D6: kopf's own patches race with the first status write (409): the job is read again and the
+    condition written; the Event goes out once, after the write, and not again for the same cause."""
+    path = f"{LMFORGE}/trainjobs/llama"
+    stored = apiserver.put(path, trainjob_body())  # newer than the view the daemon holds
+    posted: list[str] = []
+    monkeypatch.setattr(trainjob.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
+    runtime = trainjob.Runtime(cfg=tj_build.BuildConfig(service_account="trainer"),
+                               api_factory=lambda: api_for(apiserver))
+    handle = runtime.handle(NS, "llama")
+    error = ApiError(403, "Forbidden", json.dumps({"message": 'pods "llama-0" is forbidden: error looking up service '
+                                                   'account team-a/trainer: serviceaccount "trainer" not found'}))
+
+    async def refuse_twice() -> None:
+        try:
+            for _ in range(2):
+                await trainjob._record_refusal(runtime, handle, trainjob_body(), 1,
+                                               trainjob.PodRefused("llama-0", error), LOG)
+        finally:
+            await runtime.api.close()
+
+    asyncio.run(refuse_twice())
+    assert stored["metadata"]["resourceVersion"] != "1"
+    created = next(c for c in apiserver.objects[path]["status"]["conditions"] if c["type"] == "Created")
+    assert (created["status"], created["reason"]) == ("False", "ServiceAccountMissing")
+    assert posted == ["ServiceAccountMissing"]

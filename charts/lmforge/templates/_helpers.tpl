@@ -91,10 +91,10 @@ ClusterRole; with watchNamespaces into one Role per namespace. */}}
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "patch", "delete"]
-# TrainJob's config (train.json) per job.
+# TrainJob's config (train.json) per job: server-side applied (patch; create when it is missing).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "delete"]
+  verbs: ["create", "patch", "delete"]
 # InferenceService's Deployment: read its size, index it (list/watch), server-side apply.
 - apiGroups: ["apps"]
   resources: ["deployments"]
@@ -113,8 +113,8 @@ ClusterRole; with watchNamespaces into one Role per namespace. */}}
   verbs: ["create"]
 {{- end -}}
 
-{{/* Peering with watchNamespaces: a KopfPeering per namespace, created by the operator at start
-and patched by kopf's keep-alive (only the one named peering.name). */}}
+{{/* Peering with watchNamespaces: a KopfPeering per namespace, read and created by the operator at
+start and patched by kopf's keep-alive (only the one named peering.name). */}}
 {{- define "lmforge.namespacedPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
@@ -122,7 +122,7 @@ and patched by kopf's keep-alive (only the one named peering.name). */}}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   resourceNames: [{{ .Values.peering.name | quote }}]
-  verbs: ["patch"]
+  verbs: ["get", "patch"]
 {{- end -}}
 
 {{/* kopf's discovery: it watches CRDs to notice resources appearing/changing after start. */}}

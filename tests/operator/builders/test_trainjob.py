@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from lmforge.operator.builders.trainjob import (
+    LIVE_FIELDS,
     BuildConfig,
     config_map,
     gang,
+    gang_spec_hash,
     headless_service,
     storage_volumes,
     train_config,
@@ -117,7 +119,7 @@ POD_CASES = [
         _with(expected_pod(), lambda p: (
             p["metadata"]["labels"].update({"kueue.x-k8s.io/queue-name": "gpu-queue",
                                             "kueue.x-k8s.io/pod-group-name": "llama-0"}),
-            p["metadata"].update(annotations={"kueue.x-k8s.io/pod-group-total-count": "4"}))),
+            p["metadata"].setdefault("annotations", {}).update({"kueue.x-k8s.io/pod-group-total-count": "4"}))),
         id="kueue-queue",
     ),
     pytest.param(
@@ -144,13 +146,34 @@ POD_CASES = [
 
 @pytest.mark.parametrize(("overrides", "want"), POD_CASES)
 def test_worker_pod(overrides: dict[str, Any], want: dict[str, Any]) -> None:
-    assert worker_pod(JOB, make_spec(**{**BASE, **overrides}), rank=1, attempt=0) == want
+    spec = make_spec(**{**BASE, **overrides})
+    want = _with(want, lambda p: p["metadata"].setdefault("annotations", {}).update(
+        {"lmforge.dev/spec-hash": gang_spec_hash(spec)}))
+    assert worker_pod(JOB, spec, rank=1, attempt=0) == want
 
 
 def test_restart_attempt_is_labelled_and_in_env() -> None:
     got = worker_pod(JOB, make_spec(**BASE), rank=1, attempt=3)
-    assert got == expected_pod(rank=1, attempt=3) | {"spec": {**expected_pod()["spec"], "containers": [
+    want = expected_pod(rank=1, attempt=3) | {"spec": {**expected_pod()["spec"], "containers": [
         {**_container(expected_pod()), "env": expected_env(attempt=3)}]}}
+    want["metadata"]["annotations"] = {"lmforge.dev/spec-hash": gang_spec_hash(make_spec(**BASE))}
+    assert got == want
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("suspend", True), ("failurePolicy", {"maxRestarts": 9}), ("activeDeadlineSeconds", 60),
+    ("ttlSecondsAfterFinished", 5)], ids=lambda v: str(v))
+def test_spec_hash_ignores_the_fields_read_live(field: str, value: Any) -> None:
+    assert field in LIVE_FIELDS
+    assert gang_spec_hash(make_spec(**{**BASE, field: value})) == gang_spec_hash(make_spec(**BASE))
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("model", "/models/other"), ("hyperparameters", {"learningRate": 0.5}), ("numNodes", 2),
+    ("image", "me/trainer:2"), ("env", [{"name": "X", "value": "1"}])], ids=lambda v: str(v))
+def test_spec_hash_changes_with_what_the_gang_is_built_from(field: str, value: Any) -> None:
+    assert gang_spec_hash(make_spec(**{**BASE, field: value})) != gang_spec_hash(make_spec(**BASE))
+    assert len(gang_spec_hash(make_spec(**BASE))) == 16
 
 
 def test_procs_per_node_defaults_to_one_without_gpus() -> None:

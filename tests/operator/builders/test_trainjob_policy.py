@@ -6,12 +6,14 @@ import json
 
 import pytest
 
+from lmforge.operator.api.base import Condition
 from lmforge.operator.api.trainjob import FailurePolicy, Progress, TrainJobStatus
 from lmforge.operator.builders.trainjob_policy import (
     RESYNC_SECONDS,
     JobEvent,
     WorkerPod,
     backoff_seconds,
+    creation_failed,
     decide,
     fold_progress,
     format_duration,
@@ -22,8 +24,12 @@ from lmforge.operator.builders.trainjob_testing import T0, at, make_spec, observ
 NAMES = ("llama-0", "llama-1", "llama-2", "llama-3")
 
 
+CREATED = [Condition(type="Created", status="True", reason="GangCreated", message="created 4 worker pods (attempt 0)",
+                     last_transition_time=T0)]
+
+
 def running_status(**fields) -> TrainJobStatus:
-    return TrainJobStatus(phase="Running", start_time=T0, **fields)
+    return TrainJobStatus(phase="Running", start_time=T0, **{"conditions": CREATED, **fields})
 
 
 def conditions(status: TrainJobStatus) -> dict[str, tuple[str, str]]:
@@ -38,9 +44,48 @@ def test_new_job_creates_the_whole_gang() -> None:
     assert d.create_ranks == (0, 1, 2, 3)
     assert (d.status.phase, d.status.start_time, d.status.restarts, d.status.observed_generation) == (
         "Pending", T0, 0, 1)
-    assert conditions(d.status) == {"Created": ("True", "GangCreated")}
-    assert d.events == (JobEvent("Normal", "GangCreated", "created 4 worker pods (attempt 0)"),)
+    assert conditions(d.status) == {"Created": ("False", "CreatingPods")}  # not before the pods exist
+    assert d.events == ()
     assert (d.delete_pods, d.force_delete_pods, d.delete_job) == ((), (), False)
+
+
+def test_created_once_every_pod_exists() -> None:
+    first = decide(observed())
+    d = decide(observed(status=first.status, pods=workers(4, phase="Pending"), now=at(1)))
+    assert d.create_ranks == ()
+    assert conditions(d.status)["Created"] == ("True", "GangCreated")
+    assert d.events == (JobEvent("Normal", "GangCreated", "created 4 worker pods (attempt 0)"),)
+    again = decide(observed(status=d.status, pods=workers(4, phase="Pending"), now=at(2)))
+    assert again.events == ()
+
+
+def test_refused_pod_creation_names_the_service_account_once() -> None:
+    first = decide(observed())
+    error = 'pods "llama-0" is forbidden: error looking up service account team-a/trainer: serviceaccount "trainer" not found'
+    status, event = creation_failed(first.status, 1, at(1), "llama-0", 403, error, "trainer", "team-a")
+    assert conditions(status)["Created"] == ("False", "ServiceAccountMissing")
+    assert event is not None and event.reason == "ServiceAccountMissing" and "'trainer'" in event.message
+    retry = decide(observed(status=status, now=at(6)))  # still no pods: creates again, keeps the cause
+    assert retry.create_ranks == (0, 1, 2, 3) and retry.events == ()
+    assert conditions(retry.status)["Created"] == ("False", "ServiceAccountMissing")
+    again, second = creation_failed(retry.status, 1, at(6), "llama-0", 403, error, "trainer", "team-a")
+    assert second is None and again == retry.status  # one Event per cause
+
+
+def test_refused_pod_creation_without_a_service_account() -> None:
+    status, event = creation_failed(TrainJobStatus(), 1, T0, "llama-0", 403, "forbidden: exceeded quota", None, "ns")
+    assert conditions(status)["Created"] == ("False", "PodCreationFailed")
+    assert event is not None and event.message == "the API server refused worker pod llama-0: 403 forbidden: exceeded quota"
+
+
+def test_a_gang_of_an_older_spec_is_replaced_and_not_observed() -> None:
+    pods = [worker(r, spec_hash="old") for r in range(4)]
+    d = decide(observed(status=running_status(observed_generation=1), pods=pods, generation=3, spec_hash="new"))
+    assert (d.status.phase, d.delete_pods, d.create_ranks) == ("Pending", NAMES, ())
+    assert d.status.restarts == 0 and d.status.observed_generation == 1  # not a failure; not observed yet
+    assert [e.reason for e in d.events] == ["SpecChanged"]
+    same = decide(observed(status=running_status(), pods=pods, generation=3, spec_hash="old"))
+    assert (same.delete_pods, same.status.observed_generation) == ((), 3)
 
 
 def test_operator_killed_mid_creation_creates_only_the_missing_ranks() -> None:
@@ -68,7 +113,8 @@ def test_waiting_condition_says_why_pods_do_not_run() -> None:
 
 
 def test_all_workers_running_makes_the_job_running() -> None:
-    d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4), now=at(5)))
+    d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0, conditions=CREATED), pods=workers(4),
+                        now=at(5)))
     assert d.status.phase == "Running"
     assert conditions(d.status)["Running"] == ("True", "AllWorkersRunning")
     assert d.events == (JobEvent("Normal", "AllWorkersRunning", "all 4 worker pods are running"),)
@@ -186,6 +232,8 @@ def test_after_the_backoff_a_new_gang_is_created() -> None:
     status = TrainJobStatus(phase="Restarting", restarts=1, start_time=T0, last_restart_time=at(100))
     d = decide(observed(status=status, now=at(111)))
     assert d.create_ranks == (0, 1, 2, 3)
+    assert d.events == ()
+    d = decide(observed(status=d.status, pods=workers(4, attempt=1, phase="Pending"), now=at(112)))
     assert d.events == (JobEvent("Normal", "GangRestarted", "recreated 4 worker pods (attempt 1)"),)
 
 
@@ -223,7 +271,7 @@ def test_resume_recreates_the_gang() -> None:
     status = TrainJobStatus(phase="Suspended", restarts=1)
     d = decide(observed(status=status, now=at(30)))
     assert (d.status.phase, d.status.start_time, d.create_ranks) == ("Pending", at(30), (0, 1, 2, 3))
-    assert [e.reason for e in d.events] == ["JobResumed", "GangRestarted"]
+    assert [e.reason for e in d.events] == ["JobResumed"]  # GangRestarted once the pods exist
     assert conditions(d.status)["Suspended"] == ("False", "JobResumed")
 
 
