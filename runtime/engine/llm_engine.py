@@ -19,6 +19,7 @@ from typing import Any
 from lmforge.runtime.engine.block_manager import BlockManager
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
+from lmforge.runtime.engine.guided import GuidedDecoder
 from lmforge.runtime.engine.model_runner import ModelRunner
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
@@ -103,11 +104,26 @@ class LLMEngine:
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
+        if params.structured_outputs is not None:  # before queuing: an invalid grammar queues nothing
+            guided = self._guided_decoder()
+            try:
+                for seq in req.seqs:
+                    guided.add(seq.seq_id, params.structured_outputs)
+            except ValueError:
+                for seq in req.seqs:
+                    guided.release(seq.seq_id)
+                raise
         for seq in req.seqs:
             seq.detokenizer = (IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
                                if params.detokenize else NullDetokenizer())
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
+
+    def _guided_decoder(self) -> GuidedDecoder:
+        if self.runner.guided is None:
+            self.runner.guided = GuidedDecoder(self.tokenizer, self.model_config.vocab_size,
+                                               sorted(self.eos_token_ids))
+        return self.runner.guided
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size

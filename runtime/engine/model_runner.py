@@ -25,6 +25,7 @@ from lmforge.runtime.engine.attention import (
 )
 from lmforge.runtime.engine.config import KV_CACHE_DTYPES
 from lmforge.runtime.engine.cuda_graph import DecodeGraphRunner
+from lmforge.runtime.engine.guided import GuidedDecoder
 from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
@@ -95,6 +96,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.max_model_len = max_model_len
         self.decode_graphs: DecodeGraphRunner | None = None  # see prepare_decode_graphs
+        self.guided: GuidedDecoder | None = None  # set by the engine on the first constrained request
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -234,11 +236,20 @@ class ModelRunner:
 
             def row_logits(rows: list[int]) -> torch.Tensor:
                 return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+        # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
+        meta = self._sampling_metadata(sample_seqs)
+        guided = self.guided
+        if guided is not None and guided.matchers:
+            meta.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
+            if meta.guided_rows:
+                meta.token_bitmask = guided.fill_bitmask([sample_seqs[row].seq_id for row in meta.guided_rows])
         if prompt_lp.rows:
             out.prompt_logprobs = prompt_lp.compute(row_logits)
         if not sample_seqs:
             return out
-        result = self.sampler(row_logits(logit_rows), self._sampling_metadata(sample_seqs))
+        result = self.sampler(row_logits(logit_rows), meta)
+        for row in meta.guided_rows:
+            guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
             if result.logprobs[row] is not None:
@@ -272,5 +283,7 @@ class ModelRunner:
         )
 
     def release(self, seq_id: int) -> None:
-        """A sequence finished: drop its generator."""
+        """A sequence finished: drop its generator and grammar matcher."""
         self.generators.pop(seq_id, None)
+        if self.guided is not None:
+            self.guided.release(seq_id)
