@@ -137,7 +137,10 @@ class ServerState:
             tokenizer = await _in_daemon_thread(_load_tokenizer, self.args.model)
             await self.engine.wait_loaded()
             model_config = self.engine.engine.model_config  # immutable once loaded
-            self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size))
+            self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size),
+                                        tool_call_parser=getattr(self.args, "tool_call_parser", None),
+                                        enable_auto_tool_choice=getattr(self.args, "enable_auto_tool_choice", False),
+                                        task=getattr(self.args, "task", "generate"))
             self.ready = True
             logger.info("model %s ready (max_model_len=%d)", self.model_names[0], self.context.max_model_len)
         except asyncio.CancelledError:  # shut down while loading
@@ -163,6 +166,14 @@ class ServerState:
             raise APIError(503, "The server is loading the model; retry later.", "service_unavailable", None,
                            "loading")
         return self.context
+
+    def generating(self) -> ModelContext:
+        """The context of a server that generates text (not one started with --task embed)."""
+        context = self.loaded()
+        if context.task != "generate":
+            raise APIError(400, f"This server runs --task {context.task}: text generation is not served.",
+                           "invalid_request_error", "model")
+        return context
 
     def token_str(self, token_id: int) -> str:
         """A token's text alone, cached: logprobs ask for the same few thousand ids over and over."""
@@ -326,11 +337,21 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def card(name: str) -> proto.ModelCard:
+        context = state.loaded()
+        return proto.ModelCard(id=name, root=state.args.model, max_model_len=context.max_model_len,
+                               task=context.task)
+
     @app.get("/v1/models")
     async def models() -> Response:
-        cards = [proto.ModelCard(id=name, root=state.args.model, max_model_len=state.loaded().max_model_len)
-                 for name in state.model_names]
-        return _json(proto.ModelList(data=cards))
+        return _json(proto.ModelList(data=[card(name) for name in state.model_names]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:  # what client.models.retrieve calls
+        if model_id not in state.model_names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model",
+                           "model_not_found")
+        return _json(card(model_id))
 
     @app.post("/tokenize")
     async def tokenize(req: proto.TokenizeRequest) -> Response:
@@ -355,12 +376,12 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: proto.CompletionRequest, raw: Request) -> Response:
-        prepared = prepare_completion(req, state.loaded(), state.resolve_model(req.model))
+        prepared = prepare_completion(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: proto.ChatCompletionRequest, raw: Request) -> Response:
-        prepared = prepare_chat(req, state.loaded(), state.resolve_model(req.model))
+        prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
 
     return GateMiddleware(app, state)  # type: ignore[return-value]
