@@ -21,10 +21,12 @@ from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dt
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.guided import GuidedDecoder
 from lmforge.runtime.engine.model_runner import ModelRunner
+from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
 
 
@@ -65,9 +67,13 @@ class LLMEngine:
                 " or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
-        if not args.enforce_eager and self.runner.supports_cuda_graphs:
+        self.embed = args.task == "embed"
+        if not args.enforce_eager and self.runner.supports_cuda_graphs and not self.embed:  # graphs decode
             self.cuda_graph_seconds = self.runner.prepare_decode_graphs(args.max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        if self.embed:
+            self.runner.pooler = Pooler(args.pooler_config or PoolerConfig())
+        # embed: no prefix cache, every prompt token's hidden state is computed (MEAN pools them all)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching and not self.embed)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.long_prefill_token_threshold), self.block_manager)
@@ -103,6 +109,10 @@ class LLMEngine:
         else:
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
+        if self.embed and (params.n != 1 or params.logprobs is not None or params.prompt_logprobs is not None
+                           or params.structured_outputs is not None):
+            raise ValueError("task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs "
+                             "do not apply")
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
         if params.structured_outputs is not None:  # before queuing: an invalid grammar queues nothing
             guided = self._guided_decoder()
@@ -168,6 +178,12 @@ class LLMEngine:
         advanced = self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, Request] = {}
         now = time.monotonic()
+        for s in sched.scheduled:  # task "embed": a pooled prompt is a finished request
+            embedding = result.embeddings.get(s.seq.seq_id)
+            if embedding is not None:
+                req = touched[s.seq.request_id] = self.requests[s.seq.request_id]
+                req.embedding = embedding
+                self._finish(s.seq, FinishReason.STOP)
         for seq in advanced:
             lp = result.logprobs.get(seq.seq_id)
             if lp is not None:
@@ -246,7 +262,7 @@ class LLMEngine:
             prompt_logprobs = [None, *req.seqs[0].prompt_logprobs]
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions,
                              finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics, prompt_logprobs=prompt_logprobs)
+                             metrics=metrics, prompt_logprobs=prompt_logprobs, embedding=req.embedding)
 
     # --- introspection --------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
