@@ -48,6 +48,7 @@ class ModelContext:
     tool_call_parser: str | None = None  # --tool-call-parser
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
     task: str = "generate"  # --task: "generate" or "embed"
+    hidden_size: int = 0  # the embeddings' width (task "embed")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -360,6 +361,28 @@ def prepare_completion(req: proto.CompletionRequest, context: ModelContext, mode
                          for ids in ids_list)
     params = sampling_params(req, max_tokens, req.logprobs, req.num_prompt_logprobs(), structured_outputs(req))
     return Prepared(ids_list, texts, params, model, echo_only=req.echo_only)
+
+
+def prepare_embedding(req: proto.EmbeddingRequest, context: ModelContext, model: str) -> Prepared:
+    """Every input tokenized (with the tokenizer's special tokens) and fitting the context window."""
+    if context.task != "embed":
+        raise bad_request("This server generates text: start it with --task embed to serve embeddings.", "model")
+    if req.dimensions is not None and req.dimensions != context.hidden_size:
+        raise bad_request(f"dimensions={req.dimensions} is not supported: this model's embeddings have "
+                          f"{context.hidden_size} dimensions", "dimensions")
+    if isinstance(req.input, list) and not req.input:
+        raise bad_request("input must not be empty", "input")
+    ids_list = []
+    for item in req.inputs():
+        if isinstance(item, str):
+            ids = encode(context.tokenizer, item, True, "input")
+        else:
+            check_token_ids(item, context.vocab_size, "input")
+            ids = item
+        check_prompt_len(context.max_model_len, len(ids), "input", min_room=0)
+        ids_list.append(ids)
+    params = SamplingParams(max_tokens=1, detokenize=False, temperature=0.0)
+    return Prepared(ids_list, [""] * len(ids_list), params, model)
 
 
 def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model: str) -> Prepared:

@@ -9,8 +9,10 @@ the first byte is sent and an SSE error event after (`with_error_event`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -210,6 +212,21 @@ def chat_response(req: proto.ChatCompletionRequest, prepared: Prepared, response
     return proto.ChatCompletionResponse(id=response_id, model=prepared.model, choices=choices,
                                         usage=usage(prepared, finals),
                                         prompt_logprobs=prompt_logprobs_body(finals[0].prompt_logprobs))
+
+
+def embedding_response(req: proto.EmbeddingRequest, prepared: Prepared,
+                       finals: dict[int, RequestOutput]) -> proto.EmbeddingResponse:
+    data = []
+    for i in sorted(finals):
+        vector = finals[i].embedding
+        if vector is None:  # the engine was not started with task "embed"
+            raise APIError(500, "the engine returned no embedding", "internal_error")
+        encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() \
+            if req.encoding_format == "base64" else vector
+        data.append(proto.EmbeddingData(index=i, embedding=encoded))
+    num_tokens = sum(len(ids) for ids in prepared.prompt_ids)
+    return proto.EmbeddingResponse(model=prepared.model, data=data,
+                                   usage=proto.EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
 
 
 # --- streams ---------------------------------------------------------------------------------------

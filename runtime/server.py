@@ -56,6 +56,7 @@ from lmforge.runtime.openai_requests import (
     encode,
     prepare_chat,
     prepare_completion,
+    prepare_embedding,
     validation_error,
 )
 from lmforge.runtime.openai_responses import (
@@ -63,6 +64,7 @@ from lmforge.runtime.openai_responses import (
     chat_stream,
     completion_response,
     completion_stream,
+    embedding_response,
     engine_error,
     with_error_event,
 )
@@ -94,10 +96,14 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
 
     def build() -> Any:
         from lmforge.runtime.engine.llm_engine import EngineArgs, LLMEngine
+        from lmforge.runtime.pooling_params import PoolerConfig
 
+        pooler = getattr(args, "pooler_config", None)
         optional = {"max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
                     "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
-                    "load_format": getattr(args, "load_format", None)}
+                    "load_format": getattr(args, "load_format", None),
+                    "task": getattr(args, "task", None),
+                    "pooler_config": None if pooler is None else PoolerConfig.from_json(pooler)}
         return LLMEngine(EngineArgs(
             model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
@@ -140,7 +146,8 @@ class ServerState:
             self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size),
                                         tool_call_parser=getattr(self.args, "tool_call_parser", None),
                                         enable_auto_tool_choice=getattr(self.args, "enable_auto_tool_choice", False),
-                                        task=getattr(self.args, "task", "generate"))
+                                        task=getattr(self.args, "task", "generate"),
+                                        hidden_size=int(getattr(model_config, "hidden_size", 0)))
             self.ready = True
             logger.info("model %s ready (max_model_len=%d)", self.model_names[0], self.context.max_model_len)
         except asyncio.CancelledError:  # shut down while loading
@@ -384,6 +391,11 @@ def build_app(state: ServerState) -> FastAPI:
         prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: proto.EmbeddingRequest, raw: Request) -> Response:
+        prepared = prepare_embedding(req, state.loaded(), state.resolve_model(req.model))
+        return await _with_cancellation(raw, _serve_embeddings(state, req, prepared))
+
     return GateMiddleware(app, state)  # type: ignore[return-value]
 
 
@@ -415,6 +427,27 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
         raise engine_error(exc) from None
     build = chat_response if chat else completion_response
     return _json(build(req, prepared, response_id, finals, state.token_str))
+
+
+async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:
+    """Every input is one engine request; the engine batches them like any prompts."""
+    response_id = proto.random_id("embd")
+    gens = [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
+            for i, ids in enumerate(prepared.prompt_ids)]
+    try:
+        firsts = await start_streams(gens)
+    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
+        if isinstance(exc, QueueFullError):
+            state.metrics.observe_rejected("queue_full")
+        raise engine_error(exc) from None
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async with contextlib.aclosing(merge_streams(gens, firsts)) as stream:
+            async for i, out in stream:
+                finals[i] = out
+    except (RequestAbortedError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    return _json(embedding_response(req, prepared, finals))
 
 
 # --- process entry point ---------------------------------------------------------------------------
