@@ -69,6 +69,7 @@ from lmforge.runtime.openai_responses import (
     with_error_event,
 )
 from lmforge.runtime.outputs import RequestOutput
+from lmforge.runtime.responses_api import ResponsesRequest, final_response, response_stream, to_chat_request
 from lmforge.runtime.serve_args import served_model_names
 from lmforge.runtime.serve_startup import limit_cpu_threads, unsupported_model_flags
 
@@ -391,6 +392,12 @@ def build_app(state: ServerState) -> FastAPI:
         prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
 
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, raw: Request) -> Response:
+        chat = to_chat_request(req)
+        prepared = prepare_chat(chat, state.generating(), state.resolve_model(req.model))
+        return await _with_cancellation(raw, _serve_responses(state, req, prepared))
+
     @app.post("/v1/embeddings")
     async def embeddings(req: proto.EmbeddingRequest, raw: Request) -> Response:
         prepared = prepare_embedding(req, state.loaded(), state.resolve_model(req.model))
@@ -427,6 +434,30 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
         raise engine_error(exc) from None
     build = chat_response if chat else completion_response
     return _json(build(req, prepared, response_id, finals, state.token_str))
+
+
+async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
+    response_id = proto.random_id("resp")
+    gen = state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)
+    try:
+        firsts = await start_streams([gen])
+    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
+        if isinstance(exc, QueueFullError):
+            state.metrics.observe_rejected("queue_full")
+        raise engine_error(exc) from None
+    stream = merge_streams([gen], firsts)
+    if req.stream:
+        body = response_stream(req, prepared, response_id, stream)
+        return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    last = None
+    try:
+        async with contextlib.aclosing(stream):
+            async for _, out in stream:
+                last = out
+    except (RequestAbortedError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    return JSONResponse(final_response(req, prepared, response_id, last))
 
 
 async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:

@@ -283,3 +283,73 @@ def test_sse_escapes_unicode_line_separators_for_line_readers(agent_server, path
             choice = json.loads(line[6:])["choices"][0]
             got += choice.get("text") or choice.get("delta", {}).get("content") or ""
     assert got == text
+
+
+# --- Responses API --------------------------------------------------------------------------------
+
+RESPONSE_TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather now", "parameters": WEATHER},
+                  {"type": "function", "name": "search", "parameters": SEARCH}]
+
+
+def test_responses_text_and_json_schema(client):
+    response = client.responses.create(model="tiny", input="Hello", instructions="Be brief.", max_output_tokens=6)
+    assert response.object == "response" and response.status == "incomplete"  # 6 tokens: cut by max_output_tokens
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].type == "message" and response.output_text == response.output[0].content[0].text
+    assert response.usage.output_tokens == 6 and response.usage.input_tokens > 0
+    structured = client.responses.create(
+        model="tiny", input=[{"role": "user", "content": [{"type": "input_text", "text": "Plan"}]}],
+        temperature=0.8, max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "s", "schema": SEARCH, "strict": True}})
+    assert structured.status == "completed"
+    jsonschema.validate(json.loads(structured.output_text), SEARCH)
+
+
+def test_responses_tool_call_round_trip(client):
+    response = client.responses.create(model="tiny", input="Weather in Paris?", tools=RESPONSE_TOOLS,
+                                       tool_choice="required", parallel_tool_calls=False, temperature=1.0,
+                                       max_output_tokens=200)
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert call.call_id.startswith("call_") and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    follow_up = client.responses.create(model="tiny", tools=RESPONSE_TOOLS, max_output_tokens=5, tool_choice="none",
+                                        input=[{"role": "user", "content": "Weather in Paris?"},
+                                               {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                                "arguments": call.arguments},
+                                               {"type": "function_call_output", "call_id": call.call_id,
+                                                "output": "sunny"}])
+    assert follow_up.output[0].type == "message"
+    assert follow_up.usage.input_tokens > response.usage.input_tokens  # the call and its result are in the prompt
+
+
+def test_responses_stream_events(client):
+    events = list(client.responses.create(model="tiny", input="Hello", max_output_tokens=12, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == next(e.text for e in events if e.type == "response.output_text.done")
+    assert events[-1].response.output_text == text
+    named = {"type": "function", "name": "search"}
+    events = list(client.responses.create(model="tiny", input="Find", tools=RESPONSE_TOOLS, tool_choice=named,
+                                          temperature=0.9, max_output_tokens=200, stream=True))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == args and events[-1].type == "response.completed"
+    jsonschema.validate(json.loads(args), SEARCH)
+    assert events[-1].response.output[0].arguments == args
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "x", "store": True}, "store"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input.0.content.0.type"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": []}, "input"),
+], ids=["previous-response", "store", "builtin-tool", "image-item", "file-part", "background", "empty-input"])
+def test_responses_refusals_name_the_field(agent_server, body, param):
+    response = agent_server.post("/v1/responses", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
