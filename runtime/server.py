@@ -373,6 +373,17 @@ def build_app(state: ServerState) -> FastAPI:
         return _json(proto.TokenizeResponse(count=len(ids), max_model_len=context.max_model_len, tokens=ids,
                                             token_strs=strs))
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        """What a client needs to tokenize as the server does (lm-eval probes this, as vLLM serves it)."""
+        context = state.loaded()
+        tok = context.tokenizer
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": context.max_model_len,
+                "vocab_size": len(tok), "chat_template": tok.chat_template,
+                **{name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+                "added_tokens_decoder": {str(i): t.content for i, t in sorted(tok.added_tokens_decoder.items())}}
+        return JSONResponse(info)
+
     @app.post("/detokenize")
     async def detokenize(req: proto.DetokenizeRequest) -> Response:
         state.resolve_model(req.model)

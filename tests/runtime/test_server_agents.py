@@ -258,6 +258,16 @@ def test_auto_tool_choice_needs_the_server_flag(server):
     assert "--enable-auto-tool-choice" in response.json()["error"]["message"]
 
 
+def test_tokenizer_info(agent_server, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    info = agent_server.get("/tokenizer_info").json()
+    assert info["chat_template"] == TOOL_TEMPLATE and info["model_max_length"] == 512
+    assert (info["eos_token"], info["bos_token"], info["vocab_size"]) == ("</s>", "<s>", len(tok))
+    assert info["added_tokens_decoder"] == {"0": "<s>", "1": "</s>", "2": "<pad>"}
+
+
 # --- models/{id}, SSE escaping ------------------------------------------------------------------------
 
 
