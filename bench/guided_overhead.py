@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # guided_backends beside this file
+sys.path.append(str(Path(__file__).resolve().parent))  # guided_backends beside this file (last: shadows nothing)
 
 from guided_backends import AGENT_SCHEMA, stdlib_tokenizer  # noqa: E402
 
