@@ -246,18 +246,18 @@ class ModelRunner:
             def row_logits(rows: list[int]) -> torch.Tensor:
                 return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
         # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
-        meta = self._sampling_metadata(sample_seqs)
+        sampling = self._sampling_metadata(sample_seqs)
         guided = self.guided
         if guided is not None and guided.matchers:
-            meta.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
-            if meta.guided_rows:
-                meta.token_bitmask = guided.fill_bitmask([sample_seqs[row].seq_id for row in meta.guided_rows])
+            sampling.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
+            if sampling.guided_rows:
+                sampling.token_bitmask = guided.fill_bitmask([sample_seqs[r].seq_id for r in sampling.guided_rows])
         if prompt_lp.rows:
             out.prompt_logprobs = prompt_lp.compute(row_logits)
         if not sample_seqs:
             return out
-        result = self.sampler(row_logits(logit_rows), meta)
-        for row in meta.guided_rows:
+        result = self.sampler(row_logits(logit_rows), sampling)
+        for row in sampling.guided_rows:
             guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
