@@ -19,8 +19,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from lmforge.runtime import openai_protocol as proto
+from lmforge.runtime.async_engine import EngineDeadError, RequestAbortedError
 from lmforge.runtime.openai_requests import Prepared, bad_request
-from lmforge.runtime.openai_responses import OutputStream, StreamCursor, chat_message, sse, tool_parser_for
+from lmforge.runtime.openai_responses import (
+    OutputStream,
+    StreamCursor,
+    chat_message,
+    engine_error,
+    sse,
+    tool_parser_for,
+)
 from lmforge.runtime.outputs import RequestOutput
 from lmforge.runtime.tool_parsers import ToolCallStreamer
 
@@ -220,7 +228,8 @@ class _EventWriter:
 async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id: str,
                           stream: OutputStream) -> AsyncIterator[str]:
     """The Responses API's typed SSE events for one generation: text deltas in a message item,
-    each tool call its own function_call item with argument deltas."""
+    each tool call its own function_call item with argument deltas; an engine failure after the
+    headers went out is an `error` event, then `response.failed`."""
     created, emit = int(time.time()), _EventWriter()
     yield emit("response.created", response=response_body(req, prepared, response_id, created, "in_progress", [], None))
     yield emit("response.in_progress", response=response_body(req, prepared, response_id, created, "in_progress", [],
@@ -231,53 +240,54 @@ async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id
     message: dict[str, Any] | None = None  # the open message item
     calls: dict[int, dict[str, Any]] = {}  # call index -> its function_call item
     text = ""
-
-    def close_message() -> list[str]:
-        events, index = [], output.index(message)
+    try:
+        async for _, out in stream:
+            last = out
+            c = out.outputs[0]
+            delta, _, _ = cursor.take(c, 0)
+            updates = []
+            if streamer is not None:
+                delta, updates = streamer.feed(c.text[:cursor.text_sent], c.finished)
+            if delta:
+                if message is None:
+                    message = _message_item(proto.random_id("msg"), "", "in_progress")
+                    message["content"] = []
+                    output.append(message)
+                    yield emit("response.output_item.added", output_index=len(output) - 1, item=message)
+                    message["content"] = [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]
+                    yield emit("response.content_part.added", item_id=message["id"], output_index=len(output) - 1,
+                               content_index=0, part=message["content"][0])
+                text += delta
+                yield emit("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
+                           content_index=0, delta=delta, logprobs=[])
+            for u in updates:
+                if not prepared.tool_mode.parallel and u.index > 0:
+                    continue
+                if u.id is not None:
+                    item = calls[u.index] = _call_item(u.id, u.name, "", "in_progress")
+                    output.append(item)
+                    yield emit("response.output_item.added", output_index=len(output) - 1, item=item)
+                item = calls[u.index]
+                if u.arguments:
+                    item["arguments"] += u.arguments
+                    yield emit("response.function_call_arguments.delta", item_id=item["id"],
+                               output_index=output.index(item), delta=u.arguments)
+    except (RequestAbortedError, EngineDeadError) as exc:  # headers are sent: the failure is an event
+        err = engine_error(exc)
+        yield emit("error", code=err.type, message=err.message, param=None)
+        body = response_body(req, prepared, response_id, created, "failed", output, last)
+        yield emit("response.failed", response={**body, "error": {"code": err.type, "message": err.message}})
+        return
+    if message is not None:
+        index = output.index(message)
         part = message["content"][0]
         part["text"] = text
-        events.append(emit("response.output_text.done", item_id=message["id"], output_index=index,
-                           content_index=0, text=text, logprobs=[]))
-        events.append(emit("response.content_part.done", item_id=message["id"], output_index=index,
-                           content_index=0, part=part))
+        yield emit("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
+                   text=text, logprobs=[])
+        yield emit("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
+                   part=part)
         message["status"] = "completed"
-        events.append(emit("response.output_item.done", output_index=index, item=message))
-        return events
-
-    async for _, out in stream:
-        last = out
-        c = out.outputs[0]
-        delta, _, _ = cursor.take(c, 0)
-        updates = []
-        if streamer is not None:
-            delta, updates = streamer.feed(c.text[:cursor.text_sent], c.finished)
-        if delta:
-            if message is None:
-                message = _message_item(proto.random_id("msg"), "", "in_progress")
-                message["content"] = []
-                output.append(message)
-                yield emit("response.output_item.added", output_index=len(output) - 1, item=message)
-                message["content"] = [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]
-                yield emit("response.content_part.added", item_id=message["id"], output_index=len(output) - 1,
-                           content_index=0, part=message["content"][0])
-            text += delta
-            yield emit("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
-                       content_index=0, delta=delta, logprobs=[])
-        for u in updates:
-            if not prepared.tool_mode.parallel and u.index > 0:
-                continue
-            if u.id is not None:
-                item = calls[u.index] = _call_item(u.id, u.name, "", "in_progress")
-                output.append(item)
-                yield emit("response.output_item.added", output_index=len(output) - 1, item=item)
-            item = calls[u.index]
-            if u.arguments:
-                item["arguments"] += u.arguments
-                yield emit("response.function_call_arguments.delta", item_id=item["id"],
-                           output_index=output.index(item), delta=u.arguments)
-    if message is not None:
-        for event in close_message():
-            yield event
+        yield emit("response.output_item.done", output_index=index, item=message)
     for item in calls.values():
         index = output.index(item)
         yield emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
