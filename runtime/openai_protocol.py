@@ -267,7 +267,13 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # refused when false (openai_requests.tool_mode)
+    parallel_tool_calls: bool | None = None  # false: at most one call (openai_requests.tool_mode)
+    # OpenAI fields this server refuses by name (openai_requests.UNSUPPORTED_CHAT_FIELDS), never ignores
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -385,7 +385,19 @@ def prepare_embedding(req: proto.EmbeddingRequest, context: ModelContext, model:
     return Prepared(ids_list, [""] * len(ids_list), params, model)
 
 
+UNSUPPORTED_CHAT_FIELDS = {
+    "functions": "the legacy functions field is not supported: send tools",
+    "function_call": "the legacy function_call field is not supported: send tool_choice",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+}
+
+
 def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model: str) -> Prepared:
+    for name, why in UNSUPPORTED_CHAT_FIELDS.items():
+        if getattr(req, name) is not None:
+            raise bad_request(why, name)
     constraint = structured_outputs(req)
     mode = tool_mode(req, context)
     forced = tool_constraint(mode, req.tools or [])

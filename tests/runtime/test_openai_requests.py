@@ -239,3 +239,9 @@ def test_tool_constraints_pin_vllm_formats():
     assert refusal(tool_mode, auto, CONTEXT)[1] == "tool_choice"  # the server runs without --enable-auto-tool-choice
     with_flag = ModelContext(CharTokenizer(), 32, 256, tool_call_parser="mistral", enable_auto_tool_choice=True)
     assert tool_mode(auto, with_flag).parser == "mistral"
+
+
+@pytest.mark.parametrize("field", ["functions", "function_call", "audio", "prediction", "web_search_options"])
+def test_unsupported_chat_fields_are_refused_by_name(field):
+    req = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **{field: {"x": 1}})
+    assert refusal(prepare_chat, req, CONTEXT, "m")[:2] == (400, field)
