@@ -6,7 +6,8 @@
 Sections:
   copy          measured device copy bandwidth (torch copy_ of a 1 GiB buffer): the roofline below
   decode_attn   paged decode attention (Llama-3-8B heads: 32 q / 8 KV, head_dim 128, block 16), bf16 and
-                INT8 KV: bytes of K/V (+ scales) read per call / time, as GB/s and as a fraction of copy
+                INT8 KV: bytes of K/V (+ scales) read per call / time, as GB/s and as a fraction of copy;
+                plus soft cap + 4096 window (bytes of the window only) and ALiBi rows
   gemv          W4A16 (group 128) and W8A16 (per-channel) vs bf16 cuBLAS at batch 1, Llama-3-8B shapes
   rmsnorm       fused residual-add + RMSNorm vs the eager torch reference, hidden 4096
   sampling      top-k/top-p/min-p threshold search + Gumbel-max vs greedy, vocab 128256
@@ -42,6 +43,7 @@ def bench_copy() -> dict:
 
 
 def bench_decode_attention(copy_gbps: float) -> list[dict]:
+    from lmforge.kernels.alibi import alibi_slopes
     from lmforge.kernels.decode_attention import paged_decode_attention
     from lmforge.kernels.random_cache import random_paged_cache
 
@@ -56,6 +58,16 @@ def bench_decode_attention(copy_gbps: float) -> list[dict]:
             gbps = kv_bytes / us / 1e3
             rows.append({"batch": batch, "context": context, "kv": "int8" if int8 else "bf16", "us": us,
                          "gbps": gbps, "fraction_of_copy": gbps / copy_gbps})  # fmt: skip
+    # per-layer score options at batch 8, context 8192: a Gemma2-like local layer reads only its window
+    caches, _, bt, sl = random_paged_cache([8192] * 8, 8, 128, 16, torch.bfloat16, "cuda")
+    q = torch.randn(8, 32, 128, dtype=torch.bfloat16, device="cuda")
+    slopes = alibi_slopes(32).cuda()
+    for name, kw in [("softcap50+window4096", dict(logits_soft_cap=50.0, sliding_window=4096)),
+                     ("alibi", dict(alibi_slopes=slopes))]:
+        us = _bench_us(lambda: paged_decode_attention(q, *caches, bt, sl, 128**-0.5, **kw))  # noqa: B023
+        gbps = 2 * 8 * min(8192, kw.get("sliding_window", 8192)) * 8 * 128 * 2 / us / 1e3
+        rows.append({"batch": 8, "context": 8192, "kv": "bf16", "options": name, "us": us, "gbps": gbps,
+                     "fraction_of_copy": gbps / copy_gbps})  # fmt: skip
     return rows
 
 

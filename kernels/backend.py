@@ -28,14 +28,15 @@ class Ops:
     name: str
     rms_norm: Callable  # (x, weight, eps) -> out
     fused_add_rms_norm: Callable  # (x, residual, weight, eps) -> (out, new_residual)
-    rope: Callable  # (positions, q, k, cos_sin_cache) -> (q, k), in place
+    rope: Callable  # (positions, q, k, cos_sin_cache, is_neox_style=True) -> (q, k), in place
     silu_and_mul: Callable  # (x [..., 2I]) -> [..., I]
     reshape_and_cache: Callable  # (key, value, k_cache, v_cache, slot_mapping) -> None
     reshape_and_cache_int8: Callable  # (key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping)
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale, *, k_scale_cache,
-    #                                    v_scale_cache, sliding_window, num_splits) -> out
+    #          v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap, num_splits) -> out
     paged_prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
-    #                                     scale, *, k_scale_cache, v_scale_cache, sliding_window) -> out
+    #          scale, *, k_scale_cache, v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap) -> out
+    # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
 

@@ -10,7 +10,11 @@ split's normalized partial output and base-2 log-sum-exp, and stage 2, grid (B, 
     seq_lens [B] int32 (the current token's K/V already cached; 0 = padding row -> zeros)
 INT8 KV: int8 caches + k/v_scale_cache [num_blocks, block_size, Hkv] fp32; the K scale multiplies the
 scores, the V scale the probabilities, so the dots stay 16-bit. Reference: `reference.paged_decode_attention`.
-The wrapper never reads device values: safe inside CUDA-graph capture.
+Per-layer score options (see `reference.attention_scores`): sliding_window (a runtime int: only the last
+`window` keys are read, so blocks before them may already belong to someone else), logits_soft_cap
+(a runtime float; cap * tanh(s / cap) under a constexpr switch) and alibi_slopes ([Hq] fp32, a pointer).
+The wrapper never reads device values: safe inside CUDA-graph capture (window, cap and slopes are fixed
+per layer, so a captured graph holds them as constants).
 """
 
 from __future__ import annotations
@@ -23,19 +27,39 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # the same, readable inside kernels
 NO_WINDOW = 1 << 30  # sliding_window passed to the kernels when there is none
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2, saturating (no NaN) for any |x|; `tl` has no tanh on every backend."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E)) + 1.0)
+
+
+@triton.jit
+def score_options(s, distance, slopes, sm_scale, soft_cap, SOFT_CAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Natural-log scores -> log2 domain: (cap * tanh(s * scale / cap) + slope * distance) * log2(e).
+    distance = key_pos - query_pos; slopes broadcastable to s. Shared by the decode and prefill kernels."""
+    s = s * sm_scale
+    if SOFT_CAP:
+        s = soft_cap * _tanh(s / soft_cap)
+    if ALIBI:
+        s = s + slopes * distance.to(tl.float32)
+    return s * _LOG2E
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr, alibi_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale,  # softmax scale * log2(e)
+    sm_scale, soft_cap,
     stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     split_len, sliding_window,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, INT8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFT_CAP: tl.constexpr, ALIBI: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -54,6 +78,9 @@ def _decode_split_kernel(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=mask_h[:, None] & mask_d[None, :], other=0.0,
     )  # [BLOCK_H, BLOCK_D]
+    slopes = tl.zeros([BLOCK_H, 1], dtype=tl.float32)
+    if ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=mask_h, other=0.0)[:, None]  # [BLOCK_H, 1]
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)  # finite: a fully masked tile yields p = 0, not NaN
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -74,7 +101,8 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N] fp32
         if INT8:
             s = s * tl.load(k_scale_ptr + slots * NUM_KV_HEADS + kv_head, mask=mask_n, other=0.0)[None, :]
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        s = score_options(s, offs_n[None, :] - (seq_len - 1), slopes, sm_scale, soft_cap, SOFT_CAP, ALIBI)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -134,7 +162,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return int(max(1, min(max_useful, wanted, 64)))
 
 
-def check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache, v_scale_cache):
+def check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache, v_scale_cache,
+                               sliding_window=None, alibi_slopes=None, logits_soft_cap=None):
     """Shared by the decode and prefill wrappers; returns (group, int8)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     assert q.dim() == 3 and q.shape[2] == head_dim and q.stride(-1) == 1, (q.shape, q.stride(), k_cache.shape)
@@ -153,6 +182,12 @@ def check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_sc
     else:
         assert k_cache.dtype == q.dtype, f"cache {k_cache.dtype} vs q {q.dtype}"
     assert head_dim >= 16, "tl.dot needs head_dim >= 16"
+    assert sliding_window is None or sliding_window > 0, f"sliding_window must be positive, got {sliding_window}"
+    assert logits_soft_cap is None or logits_soft_cap > 0, f"logits_soft_cap must be positive, got {logits_soft_cap}"
+    if alibi_slopes is not None:
+        assert alibi_slopes.shape == (q.shape[1],) and alibi_slopes.dtype == torch.float32, (
+            f"alibi_slopes must be [{q.shape[1]}] fp32, got {tuple(alibi_slopes.shape)} {alibi_slopes.dtype}")
+        assert alibi_slopes.device == q.device and alibi_slopes.is_contiguous(), alibi_slopes.device
     return q.shape[1] // num_kv_heads, int8
 
 
@@ -167,11 +202,14 @@ def paged_decode_attention(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] -> out [B, Hq, D] (q.dtype). num_splits None: chosen from the static shapes
     (block_tables.shape[1] * block_size bounds the context), never from seq_lens' values."""
-    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache, v_scale_cache)
+    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache,
+                                             v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap)
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     block_n = 64 if q.is_cuda else 16
@@ -193,13 +231,15 @@ def paged_decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+        alibi_slopes if alibi_slopes is not None else seq_lens,  # unused pointer without ALiBi
         out, mid_o, mid_lse,
-        scale * LOG2E,
+        scale, logits_soft_cap or 1.0,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         split_len, sliding_window or NO_WINDOW,
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, INT8=int8, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFT_CAP=logits_soft_cap is not None, ALIBI=alibi_slopes is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:

@@ -3,7 +3,8 @@
 A varlen batch of query chunks: sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (q_len of them),
 which are the LAST q_len of its seq_lens[b] cached tokens (the chunk's own K/V are already written).
 Query i of the chunk sits at position prefix + i (prefix = seq_len - q_len) and attends to keys
-0..prefix+i (and only the last `sliding_window` of those when set).
+0..prefix+i (and only the last `sliding_window` of those when set: keys before that window are never
+read), with the per-layer score options of the decode kernel (soft cap, ALiBi; `reference.attention_scores`).
 
 Grid (cdiv(max_q_len, BLOCK_M), B, Hq): a program owns BLOCK_M query rows of one head and streams that
 sequence's keys up to its last row's position through the block table, BLOCK_N at a time, with an
@@ -17,19 +18,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import LOG2E, NO_WINDOW, check_paged_attention_args
+from .decode_attention import NO_WINDOW, check_paged_attention_args, score_options
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
-    out_ptr,
-    qk_scale,  # softmax scale * log2(e)
+    alibi_ptr, out_ptr,
+    sm_scale, soft_cap,
     stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
     sliding_window,
     GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INT8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT8: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFT_CAP: tl.constexpr, ALIBI: tl.constexpr,
 ):  # fmt: skip
     m_start = tl.program_id(0) * BLOCK_M
     seq = tl.program_id(1).to(tl.int64)
@@ -50,6 +51,9 @@ def _prefill_kernel(
         q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
         mask=mask_m[:, None] & mask_d[None, :], other=0.0,
     )  # [BLOCK_M, BLOCK_D]
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + head)
 
     # Keys this program needs: [first row's window start, last valid row's position]; none past the chunk.
     kv_start = tl.maximum(prefix + m_start - sliding_window + 1, 0)
@@ -75,8 +79,10 @@ def _prefill_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if INT8:
             s = s * tl.load(k_scale_ptr + slots * NUM_KV_HEADS + kv_head, mask=mask_n, other=0.0)[None, :]
-        visible = (offs_n[None, :] <= q_pos[:, None]) & (q_pos[:, None] - offs_n[None, :] < sliding_window)
-        s = tl.where(visible & mask_n[None, :], s * qk_scale, float("-inf"))
+        distance = offs_n[None, :] - q_pos[:, None]  # key_pos - query_pos [BLOCK_M, BLOCK_N]
+        s = score_options(s, distance, slope, sm_scale, soft_cap, SOFT_CAP, ALIBI)
+        visible = (distance <= 0) & (distance > -sliding_window)
+        s = tl.where(visible & mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -104,10 +110,13 @@ def paged_prefill_attention(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q [total_q, Hq, D] -> out [total_q, Hq, D]. cu_seqlens_q [B+1] int32; max_q_len (a host int, >= every
     chunk length) sizes the grid, so the wrapper never reads device values."""
-    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache, v_scale_cache)
+    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache,
+                                             v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap)
     batch = block_tables.shape[0]
     assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.dtype == torch.int32, cu_seqlens_q.shape
     total_q, num_q_heads, head_dim = q.shape
@@ -123,13 +132,15 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_q_len, block_m), batch, num_q_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, cu_seqlens_q,
+        alibi_slopes if alibi_slopes is not None else seq_lens,  # unused pointer without ALiBi
         out,
-        scale * LOG2E,
+        scale, logits_soft_cap or 1.0,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         sliding_window or NO_WINDOW,
         GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         INT8=int8, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SOFT_CAP=logits_soft_cap is not None, ALIBI=alibi_slopes is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .alibi import alibi_slopes as alibi_slopes  # re-exported: one home, next to its derivation
 from .quant_pack import dequantize_weight
 
 # --- normalization / activation -------------------------------------------------------------------
@@ -39,23 +40,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # exact (erf)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh
+    "relu": F.relu,
+}
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(x) in fp32, rounded to x.dtype; act one of silu, gelu, gelu_tanh, relu (the plain-MLP activation)."""
+    return _ACTIVATIONS[act](x.float()).to(x.dtype)
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2I] -> [..., I]: act(gate) * up, gate = first half (silu: `silu_and_mul`; gelu_tanh: GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return (_ACTIVATIONS[act](gate.float()) * up.float()).to(x.dtype)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: normalize and scale by (1 + weight), both in fp32, then round to x.dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
 # --- rotary embedding -------------------------------------------------------------------------------
 
 
 def rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox_style: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox / HF rotate_half RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
+    """RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
 
-    cos_sin_cache [max_pos, R] (R = rotary dim <= D): cos half then sin half. Only the first R dims rotate.
+    cos_sin_cache [rows, R] (R = rotary dim <= D): cos half then sin half; `positions` [T] picks each
+    token's row. Only the first R dims rotate, the rest pass through (partial rotary). Pair i is
+    (x[i], x[i + R/2]) in the neox / HF rotate_half layout, (x[2i], x[2i+1]) in the interleaved GPT-J
+    layout (is_neox_style=False: GLM, ChatGLM, GPT-J, Cohere); both turn pair i by angle i:
+        (a, b) -> (a*cos - b*sin, b*cos + a*sin).
     """
     half = cos_sin_cache.shape[1] // 2
     cos, sin = cos_sin_cache[positions.long()].float().split(half, dim=-1)  # [T, R/2] each
     cos, sin = cos[:, None, :], sin[:, None, :]
     for x in (q, k):
-        x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        x[..., : 2 * half] = rotated.to(x.dtype)
+        rot = x[..., : 2 * half]
+        pairs = rot.unflatten(-1, (2, half)) if is_neox_style else rot.unflatten(-1, (half, 2)).transpose(-1, -2)
+        a, b = pairs[..., 0, :].float(), pairs[..., 1, :].float()  # [T, H, R/2] each
+        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-2)  # [T, H, 2, R/2]
+        if not is_neox_style:
+            rotated = rotated.transpose(-1, -2)  # [T, H, R/2, 2]: back to (2i, 2i+1)
+        x[..., : 2 * half] = rotated.flatten(-2).to(x.dtype)
     return q, k
 
 
@@ -125,23 +160,43 @@ def gather_kv(
     return x
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float, sliding_window: int | None
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_positions: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """q [Tq, Hq, D] at absolute q_positions, k/v [S, Hkv, D] fp32 at positions 0..S-1 -> [Tq, Hq, D] fp32.
-
-    Query at position i sees keys j with j <= i (and i - j < sliding_window when set).
+    """Masked fp32 scores [Hq, Tq, S] of q [Tq, Hq, D] at absolute q_positions against k [S, Hkv, D] at
+    positions 0..S-1 (GQA: query head h reads KV head h // (Hq / Hkv)). In this order:
+        s = scale * q.k                                    (scale: head_dim ** -0.5 or the layer's own)
+        s = cap * tanh(s / cap)                            (logits_soft_cap, Gemma2)
+        s = s + slope[h] * (j - i)                         (alibi_slopes [Hq], BLOOM / MPT / Falcon)
+        s = -inf unless i - window < j <= i                (causal; sliding_window: the last `window` keys)
     """
     group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    k = k.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    key_positions = torch.arange(k.shape[0], device=q.device)
-    visible = key_positions[None, :] <= q_positions[:, None]
-    if sliding_window:
-        visible &= q_positions[:, None] - key_positions[None, :] < sliding_window
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    distance = torch.arange(k.shape[0], device=q.device)[None, :] - q_positions[:, None]  # j - i [Tq, S]
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes.float()[:, None, None] * distance
+    visible = distance <= 0
+    if sliding_window is not None:
+        visible &= distance > -sliding_window
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float,
+            **score_args) -> torch.Tensor:
+    """softmax(attention_scores) @ v: q [Tq, Hq, D], v [S, Hkv, D] -> [Tq, Hq, D] fp32."""
+    group = q.shape[1] // v.shape[1]
+    probs = attention_scores(q, k, q_positions, scale, **score_args).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float().repeat_interleave(group, dim=1))
 
 
 def paged_decode_attention(
@@ -155,12 +210,16 @@ def paged_decode_attention(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """One new token per sequence: q [B, Hq, D] attends to its seq_lens[b] cached tokens -> [B, Hq, D].
 
-    A sequence with seq_len 0 (batch padding) yields zeros. num_splits is a kernel tuning knob, ignored here.
+    Scores as in `attention_scores`. A sequence with seq_len 0 (batch padding) yields zeros.
+    num_splits is a kernel tuning knob, ignored here.
     """
+    score_args = dict(sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
     out = torch.zeros_like(q)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
@@ -168,7 +227,7 @@ def paged_decode_attention(
         k = gather_kv(k_cache, block_tables[b], seq_len, k_scale_cache)
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale_cache)
         position = torch.tensor([seq_len - 1], device=q.device)
-        out[b] = _attend(q[b : b + 1], k, v, position, scale, sliding_window)[0].to(q.dtype)
+        out[b] = _attend(q[b : b + 1], k, v, position, scale, **score_args)[0].to(q.dtype)
     return out
 
 
@@ -185,11 +244,15 @@ def paged_prefill_attention(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Varlen chunks: q [total_q, Hq, D]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the LAST
     q_len of its seq_lens[b] cached tokens (its own K/V already written), and attends causally to all
-    seq_lens[b] of them -> [total_q, Hq, D]. max_q_len sizes the kernel grid, ignored here.
+    seq_lens[b] of them (scores as in `attention_scores`) -> [total_q, Hq, D]. max_q_len sizes the kernel
+    grid, ignored here.
     """
+    score_args = dict(sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
@@ -199,7 +262,7 @@ def paged_prefill_attention(
         k = gather_kv(k_cache, block_tables[b], seq_len, k_scale_cache)
         v = gather_kv(v_cache, block_tables[b], seq_len, v_scale_cache)
         q_positions = torch.arange(seq_len - (q_end - q_start), seq_len, device=q.device)
-        out[q_start:q_end] = _attend(q[q_start:q_end], k, v, q_positions, scale, sliding_window).to(q.dtype)
+        out[q_start:q_end] = _attend(q[q_start:q_end], k, v, q_positions, scale, **score_args).to(q.dtype)
     return out
 
 

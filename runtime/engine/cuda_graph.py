@@ -26,7 +26,7 @@ from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
 
-_NUM_FIELDS = 4  # input_ids, positions, slot_mapping, seq_lens: one row each in the input buffer
+_NUM_FIELDS = 5  # input_ids, positions, slot_mapping, seq_lens, prompt_lens: one row each in the input buffer
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -65,8 +65,8 @@ class DecodeGraphRunner:
         self.host = torch.zeros(numel, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
-        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.dev[: _NUM_FIELDS * rows].view(
-            _NUM_FIELDS, rows)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.prompt_lens = self.dev[
+            : _NUM_FIELDS * rows].view(_NUM_FIELDS, rows)
         self.block_tables = self.dev[_NUM_FIELDS * rows :].view(rows, max_blocks_per_seq)
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
@@ -83,6 +83,7 @@ class DecodeGraphRunner:
         meta = KernelAttentionMetadata(
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], max_q_len=1, decode_only=True,
+            prompt_lens=self.prompt_lens[:size],
         )
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
         return self.model.compute_logits(hidden)
@@ -103,7 +104,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
-            block_tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
+            block_tables: list[list[int]], seq_lens: list[int], prompt_lens: list[int]) -> torch.Tensor:
         """One decode step for n <= max_batch sequences (one new token each) -> logits [n, vocab]."""
         num_seqs, rows = len(input_ids), self.rows
         size = padded_size(num_seqs, self.sizes)
@@ -116,6 +117,7 @@ class DecodeGraphRunner:
         h[2 * rows + num_seqs : 2 * rows + size] = -1  # padding rows: no KV write
         h[3 * rows : 3 * rows + num_seqs] = seq_lens
         h[3 * rows + num_seqs : 3 * rows + size] = 1  # padding rows: attend to one (any) position
+        h[4 * rows : 4 * rows + num_seqs] = prompt_lens  # padding rows keep earlier values (rotated, dropped)
         tables = h[_NUM_FIELDS * rows :].reshape(rows, self.max_blocks)
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge.runtime.engine.block_manager import BlockManager
+from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_seq, reusable_window
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.guided import GuidedDecoder
@@ -25,6 +25,7 @@ from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
+from lmforge.runtime.models.layers import rope_block_salt
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
@@ -60,11 +61,18 @@ class LLMEngine:
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
             args.cpu_kv_cache_gb)
-        if num_blocks * args.block_size < max_model_len:
+        # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
+        kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
+        chunk = args.max_num_batched_tokens
+        if args.long_prefill_token_threshold > 0:
+            chunk = min(chunk, args.long_prefill_token_threshold)
+        blocks_per_seq = max_blocks_per_seq(max_model_len, args.block_size, kv_window, chunk)
+        if num_blocks < blocks_per_seq:
             raise ValueError(
-                f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens = {num_blocks * args.block_size}"
-                f" tokens, fewer than max_model_len={max_model_len}; raise num_blocks / gpu_memory_utilization"
-                " or lower max_model_len")
+                f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens, fewer than"
+                f" max_model_len={max_model_len} needs ({blocks_per_seq} blocks for one sequence"
+                f"{'' if kv_window is None else f' with sliding window {kv_window}'}); raise num_blocks /"
+                " gpu_memory_utilization or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
         self.embed = args.task == "embed"
@@ -73,7 +81,8 @@ class LLMEngine:
         if self.embed:
             self.runner.pooler = Pooler(args.pooler_config or PoolerConfig())
         # embed: no prefix cache, every prompt token's hidden state is computed (MEAN pools them all)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching and not self.embed)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching and not self.embed,
+                                          kv_window, block_salt=rope_block_salt(self.runner.model))
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.long_prefill_token_threshold), self.block_manager)
@@ -282,9 +291,12 @@ class LLMEngine:
 
 
 def _max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    """The model's positions; a sliding window does not limit the context (the kernels apply it per layer)."""
     limit = cfg.max_position_embeddings
-    if cfg.sliding_window:  # we attend over the full context, so stay inside the window
-        limit = min(limit, cfg.sliding_window)
+    scaling = cfg.rope_scaling or {}
+    if requested is not None and scaling.get("rope_type") == "dynamic":
+        # dynamic NTK exists to stretch past max_position_embeddings: up to factor times it, on request
+        limit = int(limit * scaling["factor"])
     if requested is None:
         return limit
     if requested > limit:

@@ -158,13 +158,13 @@ class ModelRunner:
         slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
                  for i, n in enumerate(lens) for p in range(n)]
         self.allocate_kv_cache(max(self.num_blocks, len(lens) * blocks_per_seq))
-        common = self._common_meta(slots, tables, lens, lens)
+        common = self._common_meta(slots, tables, lens, lens, [n for n in lens for _ in range(n)])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device),
                             torch.tensor(positions, device=self.device), self.backend.build_metadata(common))
         self.model.compute_logits(hidden[:num_logits]).float().softmax(-1)
 
     def _common_meta(self, slots: list[int], tables: list[list[int]], query_lens: list[int],
-                     seq_lens: list[int]) -> CommonAttentionMetadata:
+                     seq_lens: list[int], prompt_lens: list[int]) -> CommonAttentionMetadata:
         padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)  # right-padded with 0
         for row, table in enumerate(tables):
             padded[row, : len(table)] = table
@@ -172,6 +172,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=torch.from_numpy(padded).to(self.device),
             query_lens=query_lens, seq_lens=seq_lens, block_size=self.block_size,
+            prompt_lens=torch.tensor(prompt_lens, dtype=torch.long, device=self.device),
         )
 
     # --- CUDA graphs ----------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class ModelRunner:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
+        prompt_lens: list[int] = []  # per token: its sequence's prompt length (length-dependent RoPE)
         slots: list[int] = []
         tables, query_lens, seq_lens = [], [], []
         logit_rows: list[int] = []
@@ -220,6 +222,7 @@ class ModelRunner:
                 prompt_lp.add(seq, start, end, len(input_ids))
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
+            prompt_lens += [seq.num_prompt_tokens] * s.num_new_tokens
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             tables.append(s.block_ids)
             query_lens.append(s.num_new_tokens)
@@ -229,14 +232,15 @@ class ModelRunner:
                 sample_seqs.append(seq)
         out = ModelRunnerOutput()
         if self._graph_step(query_lens):
-            graph_logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens)  # [B, V]
+            graph_logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens,
+                                                  prompt_lens)  # [B, V]
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
                 if len(rows) == len(query_lens):
                     return graph_logits
                 return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
         else:
-            meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens))
+            meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens))
             hidden = self.model(torch.tensor(input_ids, device=self.device),
                                 torch.tensor(positions, device=self.device), meta)  # [T, hidden]
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled

@@ -4,6 +4,8 @@ Each step gives every running sequence the tokens it still lacks (one for a deco
 its prompt, capped by the budget, for a chunked prefill), then admits waiting sequences FCFS while
 budget, `max_num_seqs` and free blocks last. When a running sequence cannot get a block, the
 newest running sequence is preempted (blocks freed, recomputed later from its tokens so far).
+With sliding windows on every layer, each step's `allocate_slots` first releases the blocks that fell
+behind the window (block_manager.py), so a long-running sequence keeps giving blocks back.
 No torch here: the scheduler talks to the runner through `SchedulerOutput` and sampled token ids.
 """
 

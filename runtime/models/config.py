@@ -1,7 +1,11 @@
-"""ModelConfig: the few numbers a Llama-family forward needs, read from an HF `config.json`.
+"""ModelConfig: every number and switch a decoder forward needs, read from an HF `config.json`.
 
-Accepts both the transformers<5 layout (`rope_theta` + `rope_scaling`) and the transformers>=5
-layout (`rope_parameters`). Nothing here imports torch.
+The per-family reading lives in `families.py` (one table: which keys each architecture reads and
+which values it accepts). `load_model_config` first lets transformers' own config class fill in its
+defaults and old key names (`rotary_pct`, `rope_local_base_freq`, top-level `rope_theta`, ...), so
+that a key missing from config.json means what it means to transformers. `ModelConfig.from_hf` is
+pure (no torch, no transformers) and accepts both the transformers<5 layout (`rope_theta` +
+`rope_scaling`) and the transformers>=5 layout (`rope_parameters`).
 """
 
 from __future__ import annotations
@@ -11,9 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+NORMS = ("rms", "rms_1p", "layer", "layer_no_bias", "layer_no_affine")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+LAYOUTS = ("pre", "parallel", "parallel_2norm", "sandwich", "post")
+QK_NORMS = ("head", "full", "head_layer", "head_layer_per_head", "head_layer_modules")
+
 
 @dataclass(slots=True)
 class ModelConfig:
+    """Decoder shape and switches. Defaults are Llama's, so a Llama config only sets shapes.
+
+    norm:   "rms" (Llama), "rms_1p" (Gemma: x * (1 + w)), "layer" (LayerNorm with bias),
+            "layer_no_bias" (Cohere), "layer_no_affine" (OLMo: no weight, no bias)
+    layout: "pre" x + attn(n1(x)); h + mlp(n2(h))                           Llama
+            "parallel" x + attn(n1(x)) + mlp(n1(x))                          Phi, Cohere, GPT-J
+            "parallel_2norm" x + attn(n1(x)) + mlp(n2(x))                    GPT-NeoX, StableLM-parallel
+            "sandwich" x + na(attn(n1(x))); h + nm(mlp(n2(h)))              Gemma2/3, GLM-4
+            "post" x + na(attn(x)); h + nm(mlp(h))                           OLMo2
+    qk_norm: "head" (RMS over head_dim, weight [D]: Qwen3, Gemma3), "full" (RMS over all heads,
+            weight [H*D]: OLMo2), "head_layer" (LayerNorm over D, weight+bias [D]: Phi),
+            "head_layer_per_head" (LayerNorm over D, one weight [H, D]: Cohere), "head_layer_modules"
+            (the same math as one bias-free LayerNorm module per head: StableLM's `norms.<h>.weight`)
+    """
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -22,14 +46,34 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the eps of every norm (RMS or Layer)
+    norm: str = "rms"
+    hidden_act: str = "silu"  # canonical name (ACTIVATIONS)
+    gated_mlp: bool = True  # act(gate(x)) * up(x) vs act(up(x))
+    layout: str = "pre"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3"|"linear", ...}; None: plain RoPE
+    rotary_dim: int | None = None  # partial rotary: the first rotary_dim dims of each head rotate; None: all
+    rope_is_neox_style: bool = True  # False: GPT-J / GLM interleaved pairs
+    # Gemma3: the layers typed "sliding_attention" (local_rope_layers[i]) have their own RoPE (theta,
+    # scaling), whatever their window; None: one RoPE for every layer
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict[str, Any] | None = None
+    local_rope_layers: tuple[bool, ...] = ()
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias
     o_bias: bool = False  # Llama with attention_bias=True: o_proj too
-    sliding_window: int | None = None
+    mlp_bias: bool = False
+    lm_head_bias: bool = False  # Phi
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # OLMo: q, k, v clamped to [-clip, clip]
+    embedding_multiplier: float | None = None  # Gemma: sqrt(hidden_size), in the activation dtype
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # Gemma2: cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma2: on the logits
+    logit_scale: float | None = None  # Cohere: logits * scale
+    layer_sliding_windows: tuple[int | None, ...] = ()  # per layer; () or None entries: full attention
     torch_dtype: str | None = None  # the checkpoint's dtype ("bfloat16", ...)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
@@ -40,41 +84,37 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        for name, value, allowed in (("norm", self.norm, NORMS), ("hidden_act", self.hidden_act, ACTIVATIONS),
+                                     ("layout", self.layout, LAYOUTS), ("qk_norm", self.qk_norm, (None, *QK_NORMS))):
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name}={value!r}: expected one of {allowed}")
+        if self.layer_sliding_windows and len(self.layer_sliding_windows) != self.num_layers:
+            raise ValueError(f"layer_sliding_windows has {len(self.layer_sliding_windows)} entries for "
+                             f"{self.num_layers} layers")
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The smallest window of any layer (None: every layer attends to the full context)."""
+        windows = [w for w in self.layer_sliding_windows if w]
+        return min(windows) if windows else None
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        return self.layer_sliding_windows[layer_idx] if self.layer_sliding_windows else None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        archs = hf.get("architectures") or []
-        if hf.get("mlp_bias"):
-            raise ValueError("mlp_bias=True checkpoints are not supported")
-        num_heads = hf["num_attention_heads"]
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = rope or dict(hf.get("rope_scaling") or {})
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = None if rope_type == "default" else {**scaling, "rope_type": rope_type}
-        sliding = hf.get("sliding_window")
-        if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window", False):
-            sliding = None
+        """Parses an HF config dict by its `architectures[0]` (see families.FAMILIES); refuses, by
+        architecture, key and value, anything the engine does not implement."""
+        from lmforge.runtime.models.families import architecture_of, parse_family
+
+        architecture = architecture_of(hf)
+        fields = parse_family(architecture, hf)
         return cls(
-            architecture=archs[0] if archs else "",
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", False)) or hf.get("model_type") == "qwen2",
-            o_bias=bool(hf.get("attention_bias", False)),
-            sliding_window=sliding,
+            architecture=architecture,
             torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
             eos_token_ids=_as_list(hf.get("eos_token_id")),
             bos_token_id=hf.get("bos_token_id"),
+            **fields,
         )
 
 
@@ -84,13 +124,30 @@ def _as_list(x: int | list[int] | None) -> list[int]:
     return list(x) if isinstance(x, list | tuple) else [int(x)]
 
 
+def normalize_with_transformers(hf: dict[str, Any]) -> dict[str, Any]:
+    """config.json through transformers' own config class (`model_type`): its defaults for absent keys,
+    its renames of old keys, its derived `layer_types`. Unknown model types are left as they are (the
+    family table then refuses the architecture by name)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = hf.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return hf
+    try:
+        normalized = CONFIG_MAPPING[model_type].from_dict(dict(hf)).to_dict()
+    except (TypeError, ValueError, KeyError) as e:
+        archs = hf.get("architectures") or [model_type]
+        raise ValueError(f"{archs[0]}: transformers rejects this config.json: {e}") from e
+    return {**normalized, "architectures": hf.get("architectures") or normalized.get("architectures")}
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Reads config.json (+ generation_config.json's eos ids, which Llama 3 lists there)."""
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
-    config = ModelConfig.from_hf(json.loads(path.read_text()))
+    config = ModelConfig.from_hf(normalize_with_transformers(json.loads(path.read_text())))
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():
         gen_eos = _as_list(json.loads(gen_path.read_text()).get("eos_token_id"))

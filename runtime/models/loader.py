@@ -1,7 +1,8 @@
 """Load an HF safetensors checkpoint (single file or sharded with an index) into our modules.
 
-Each checkpoint tensor goes through its parameter's `weight_loader`; HF's separate q/k/v and
-gate/up tensors are routed into the fused parameters by the model's `packed_modules_mapping`.
+Each checkpoint tensor goes through its parameter's `weight_loader`; names are first renamed onto
+our modules by the model's `hf_to_ours` (the family's table), then HF's separate q/k/v and gate/up
+tensors are routed into the fused parameters by the model's `packed_modules_mapping`.
 """
 
 from __future__ import annotations
@@ -41,20 +42,22 @@ def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    rename = getattr(model, "hf_to_ours", None)  # the family's checkpoint -> module name renames
     loaded: set[str] = set()
-    for name, tensor in iter_checkpoint(model_dir):
-        if name.endswith(_SKIPPED_SUFFIXES):
+    for hf_name, tensor in iter_checkpoint(model_dir):
+        if hf_name.endswith(_SKIPPED_SUFFIXES):
             continue
+        name = rename(hf_name) if rename is not None else hf_name
         if name == "lm_head.weight" and "lm_head.weight" not in params:
             continue  # tied embeddings: some checkpoints still carry a copy
         for hf_part, (fused, shard_id) in packed.items():
             if f".{hf_part}." in name:
                 target = name.replace(f".{hf_part}.", f".{fused}.")
-                params[_known(target, params, name)].weight_loader(params[target], tensor, shard_id)
+                params[_known(target, params, hf_name)].weight_loader(params[target], tensor, shard_id)
                 loaded.add(target)
                 break
         else:
-            param = params[_known(name, params, name)]
+            param = params[_known(name, params, hf_name)]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
     missing = sorted(set(params) - loaded)

@@ -111,9 +111,9 @@ def _shards(module: nn.Linear) -> dict[Any, tuple[int, int]]:
 class _ShardedParams(nn.Module):
     """Output-row-stacked parameters with a shard-aware `weight_loader` (row slices of each shard)."""
 
-    def __init__(self, shards: dict[Any, tuple[int, int]], in_features: int):
+    def __init__(self, shards: dict[Any, tuple[int, int]], in_features: int, head_dim: int | None = None):
         super().__init__()
-        self.shards, self.in_features = shards, in_features
+        self.shards, self.in_features, self.head_dim = shards, in_features, head_dim
         self.out_features = sum(size for _, size in shards.values())
 
     def _register(self) -> None:
@@ -121,11 +121,20 @@ class _ShardedParams(nn.Module):
             p.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size = self.shards[shard_id]
+        """shard_id: a shard of a fused module (q/k/v, gate/up); None: the whole stack (already fused in
+        the checkpoint: Phi-3 qkv_proj, GLM gate_up_proj); "per_head": GPT-NeoX's [H, (q|k|v), D] rows."""
+        whole = shard_id not in self.shards
+        if whole and shard_id not in (None, "per_head"):
+            raise ValueError(f"unknown shard {shard_id!r} for a fused quantized linear ({list(self.shards)})")
+        offset, size = (0, self.out_features) if whole else self.shards[shard_id]
         if param is getattr(self, "weight_shape", None):
             if tuple(loaded.tolist()) != (size, self.in_features):
                 raise ValueError(f"weight_shape {loaded.tolist()} does not match the model: {[size, self.in_features]}")
             return
+        if shard_id == "per_head":  # rows [H*3*D] -> [3*H*D], as QKVLinear does for dense weights
+            num_heads = self.shards["q"][1] // self.head_dim
+            loaded = loaded.reshape(num_heads, 3, self.head_dim, *loaded.shape[1:]).transpose(0, 1).reshape(
+                loaded.shape)
         default_weight_loader(param.data.narrow(0, offset, size), loaded)
 
 
@@ -197,7 +206,8 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        names = _hf_names(name, module, packed)
+        to_hf = getattr(model, "ours_to_hf", None)  # the family's renames, reversed (lm_head <- embed_out)
+        names = [to_hf(n) if to_hf else n for n in _hf_names(name, module, packed)]
         schemes = {scheme_for(hf, module, config) for hf in names}
         if len(schemes) > 1:
             raise ValueError(f"{', '.join(names)} are fused into {name} but quantized differently")
@@ -212,6 +222,7 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
             new: nn.Module = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
         else:
             new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)
+        new.head_dim = getattr(module, "head_dim", None)  # QKVLinear: for GPT-NeoX's per-head rows
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
         swapped += 1

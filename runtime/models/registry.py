@@ -1,16 +1,14 @@
-"""Architecture name (config.json `architectures[0]`) -> model class."""
+"""Architecture name (config.json `architectures[0]`) -> model class: every family of the table
+(families.FAMILIES) is served by the one decoder graph."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from lmforge.runtime.models.llama import LlamaForCausalLM
+from lmforge.runtime.models.decoder import DecoderForCausalLM
+from lmforge.runtime.models.families import FAMILIES
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(FAMILIES, DecoderForCausalLM)
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:

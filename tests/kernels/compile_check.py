@@ -98,6 +98,15 @@ def run_wrappers() -> None:
             decode_attention.paged_decode_attention(q, kc, kc, block_tables, seq_lens, 0.1, num_splits=num_splits, **kw)
         q = c(torch.randn(5, 32, 128, dtype=dtype))
         prefill_attention.paged_prefill_attention(q, kc, kc, block_tables, seq_lens, cu_seqlens_q, 3, 0.1, **kw)
+    # per-layer score options (constexpr SOFT_CAP / ALIBI switches, a runtime window): Gemma2- and BLOOM-like
+    kc, slopes = c(torch.zeros(8, 16, 8, 128, dtype=bf16)), c(torch.rand(32))
+    for opts in (dict(logits_soft_cap=50.0, sliding_window=4096), dict(alibi_slopes=slopes),
+                 dict(alibi_slopes=slopes, logits_soft_cap=30.0, sliding_window=7)):
+        for num_splits in (1, 4):
+            decode_attention.paged_decode_attention(c(torch.randn(2, 32, 128, dtype=bf16)), kc, kc, block_tables,
+                                                    seq_lens, 0.1, num_splits=num_splits, **opts)
+        prefill_attention.paged_prefill_attention(c(torch.randn(5, 32, 128, dtype=bf16)), kc, kc, block_tables,
+                                                  seq_lens, cu_seqlens_q, 3, 0.1, **opts)
 
     logits = c(torch.randn(2, 1000))
     ones = c(torch.ones(2))

@@ -73,7 +73,7 @@ def test_backends_agree_on_a_decoder_layer_step(device):
     torch.testing.assert_close(results["triton"][3][-1], results["triton"][4][0], atol=1e-5, rtol=1e-5)
 
 
-TORCH_ONLY = ["backend", "reference", "rope_cache", "quant_pack", "_interp"]
+TORCH_ONLY = ["backend", "reference", "rope_cache", "quant_pack", "_interp", "alibi"]
 
 
 @pytest.mark.parametrize("module", TORCH_ONLY)

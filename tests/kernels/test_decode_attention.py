@@ -16,8 +16,8 @@ def make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device
                               spare_blocks=3, pad_columns=1)
 
 
-def run_both(q, caches, scales, block_tables, seq_lens, **kwargs):
-    scale = q.shape[-1] ** -0.5
+def run_both(q, caches, scales, block_tables, seq_lens, scale=None, **kwargs):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kw = dict(k_scale_cache=scales[0], v_scale_cache=scales[1], **kwargs)
     out = paged_decode_attention(q, *caches, block_tables, seq_lens, scale, **kw)
     ref = reference.paged_decode_attention(q, *caches, block_tables, seq_lens, scale, **kw)
@@ -77,6 +77,48 @@ def test_decode_sliding_window(device):
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
     full = reference.paged_decode_attention(q, *caches, bt, sl, 0.25)
     assert torch.allclose(out[0], full[0], atol=1e-5) and not torch.allclose(out[1], full[1], atol=1e-3)
+
+
+def test_decode_window_never_reads_blocks_before_it(device):
+    """Blocks wholly before the window may already hold another sequence's K/V (the block manager frees
+    them): filling them with NaN must not change the output."""
+    seq_lens = [45]
+    caches, scales, bt, sl = make_paged_cache(seq_lens, 2, 16, 8, torch.float32, device)
+    q = torch.randn(1, 4, 16, device=device)
+    out, ref = run_both(q, caches, scales, bt, sl, sliding_window=20, num_splits=2)
+    for cache in caches:
+        cache[bt[0, :3].long()] = float("nan")  # positions 0..23; the window is 25..44
+    poisoned, _ = run_both(q, caches, scales, bt, sl, sliding_window=20, num_splits=2)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert torch.equal(poisoned, out)
+
+
+# (dtype, option set): each option alone in fp32, all of them together in bf16 and with an int8 cache.
+OPTIONS = {
+    "alibi": dict(alibi=True),
+    "softcap": dict(logits_soft_cap=1.5),
+    "scale": dict(scale=0.05),
+    "all": dict(alibi=True, logits_soft_cap=2.0, sliding_window=11, scale=1 / 12),
+}
+
+
+@pytest.mark.parametrize("dtype,option,int8", [
+    (torch.float32, "alibi", False), (torch.float32, "softcap", False), (torch.float32, "scale", False),
+    (torch.bfloat16, "all", False), (torch.float32, "all", True),
+], ids=["fp32-alibi", "fp32-softcap", "fp32-scale", "bf16-all", "int8-all"])
+def test_decode_score_options(device, dtype, option, int8):
+    """ALiBi slopes (6 heads: not a power of two), logit soft-capping, a custom scale, and all with a window."""
+    opts = dict(OPTIONS[option])
+    if opts.pop("alibi", False):
+        opts["alibi_slopes"] = reference.alibi_slopes(6).to(device)
+    seq_lens = [1, 19, 40]
+    caches, scales, bt, sl = make_paged_cache(seq_lens, 2, 16, 8, dtype, device, int8=int8)
+    q = 3 * torch.randn(3, 6, 16, dtype=dtype, device=device)  # large scores: the cap and the bias matter
+    out, ref = run_both(q, caches, scales, bt, sl, num_splits=2, **opts)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    plain = reference.paged_decode_attention(q, *caches, bt, sl, 0.25, k_scale_cache=scales[0],
+                                             v_scale_cache=scales[1])
+    assert not torch.allclose(out[2].float(), plain[2].float(), atol=0.05)  # the option changed the answer
 
 
 @pytest.mark.gpu

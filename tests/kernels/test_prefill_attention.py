@@ -21,8 +21,8 @@ def make_batch(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dtype, d
     return q, caches, scales, block_tables, sl, cu.to(device), max(q_lens)
 
 
-def run_both(q, caches, scales, bt, sl, cu, max_q_len, **kwargs):
-    scale = q.shape[-1] ** -0.5
+def run_both(q, caches, scales, bt, sl, cu, max_q_len, scale=None, **kwargs):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kw = dict(k_scale_cache=scales[0], v_scale_cache=scales[1], **kwargs)
     out = paged_prefill_attention(q, *caches, bt, sl, cu, max_q_len, scale, **kw)
     ref = reference.paged_prefill_attention(q, *caches, bt, sl, cu, max_q_len, scale, **kw)
@@ -66,6 +66,37 @@ def test_prefill_sliding_window_and_odd_head_dim(device):
     batch = make_batch([(9, 14), (0, 3)], 1, 1, 24, 16, torch.float32, device)
     out, ref = run_both(*batch, sliding_window=6)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_prefill_window_chunks_never_read_blocks_before_the_window(device):
+    """Chunked prefill past the window: blocks before every query's window may belong to someone else."""
+    q, caches, scales, bt, sl, cu, max_q = make_batch([(24, 9)], 2, 1, 16, 8, torch.float32, device)
+    out, ref = run_both(q, caches, scales, bt, sl, cu, max_q, sliding_window=7)
+    for cache in caches:
+        cache[bt[0, :2].long()] = float("nan")  # positions 0..15; the first query (24) sees 18..24
+    poisoned, _ = run_both(q, caches, scales, bt, sl, cu, max_q, sliding_window=7)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert torch.equal(poisoned, out)
+
+
+@pytest.mark.parametrize("dtype,int8", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "int8"])
+def test_prefill_score_options(device, dtype, int8):
+    """ALiBi (6 heads), soft cap, custom scale and a window together, over a fresh prompt, a prefix hit and a
+    chunk crossing tiles; each option alone in fp32 too."""
+    chunks = [(0, 5), (16, 3), (20, 18)]
+    batch = make_batch(chunks, 6, 2, 16, 8, dtype, device, int8=int8)
+    q, caches, scales, bt, sl, cu, max_q = batch
+    q.mul_(3)  # large scores: the cap and the bias matter
+    slopes = reference.alibi_slopes(6).to(device)
+    every = dict(alibi_slopes=slopes, logits_soft_cap=2.0, sliding_window=9, scale=1 / 12)
+    singles = [dict(alibi_slopes=slopes), dict(logits_soft_cap=1.5), dict(scale=0.05)] if dtype == torch.float32 else []
+    plain = reference.paged_prefill_attention(q, *caches, bt, sl, cu, max_q, 0.25, k_scale_cache=scales[0],
+                                              v_scale_cache=scales[1])
+    for opts in [every, *singles]:
+        out, ref = run_both(*batch, **opts)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+        assert not torch.allclose(out.float(), plain.float(), atol=0.05), opts
 
 
 def test_prefill_max_q_len_larger_than_needed(device):

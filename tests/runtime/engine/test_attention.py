@@ -75,3 +75,37 @@ def test_sdpa_gqa_matches_repeat():  # the backend relies on enable_gqa
     a = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
     b = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1))
     assert_close(a, b)
+
+
+def test_score_options_match_the_kernel_reference():
+    """Window, ALiBi, soft cap and scale in the torch backend's three paths (fresh prompt, chunk after a
+    cached prefix, batched decode) against `reference.paged_prefill_attention` on the same cache."""
+    import pytest
+
+    from lmforge.kernels import reference as ref
+    from lmforge.kernels.random_cache import random_paged_cache
+
+    g = torch.Generator().manual_seed(1)
+    chunks = [(0, 7), (9, 5), (13, 1), (3, 1), (0, 1)]  # (cached, new)
+    seq_lens = [c + n for c, n in chunks]
+    torch.manual_seed(1)
+    caches, _, bt, sl = random_paged_cache(seq_lens, HKV, D, BS, torch.float32, "cpu", spare_blocks=2)
+    slots = torch.tensor([int(bt[b, p // BS]) * BS + p % BS for b, (c, n) in enumerate(chunks) for p in range(c, c + n)])
+    k_new = caches[0].view(-1, HKV, D)[slots].clone()  # the step "writes" what the cache already holds
+    v_new = caches[1].view(-1, HKV, D)[slots].clone()
+    q = 3 * torch.randn(len(slots), H, D, generator=g)
+    common = CommonAttentionMetadata(slots, bt.long(), [n for _, n in chunks], seq_lens, BS)
+    cu = torch.tensor([0] + [n for _, n in chunks]).cumsum(0).to(torch.int32)
+    backend = get_attention_backend("torch")
+    slopes = ref.alibi_slopes(H)
+    outputs = []
+    for opts in [{}, dict(sliding_window=3), dict(alibi_slopes=slopes), dict(logits_soft_cap=0.5),
+                 dict(sliding_window=5, alibi_slopes=slopes, logits_soft_cap=2.0)]:
+        out = backend.forward(q, k_new, v_new, caches[0], caches[1], backend.build_metadata(common), 0.3, **opts)
+        expected = ref.paged_prefill_attention(q, *caches, bt, sl, cu, 7, 0.3, **opts)
+        assert_close(out, expected, atol=2e-6)
+        outputs.append(out)
+    for other in outputs[1:]:  # every option changes the answer
+        assert not torch.allclose(other, outputs[0], atol=1e-3)
+    with pytest.raises(AssertionError):  # and the check has teeth: a wrong window is caught
+        assert_close(outputs[1], ref.paged_prefill_attention(q, *caches, bt, sl, cu, 7, 0.3, sliding_window=4))

@@ -54,13 +54,13 @@ def test_llama3_rope_frequencies_match_transformers(arch):
 
 
 def test_unknown_architecture_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"'FalconForCausalLM'; supported: LlamaForCausalLM, MistralForCausalLM"):
+    with pytest.raises(ValueError, match=r"'FalconForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"):
         get_model_class("FalconForCausalLM")
 
 
 def test_unsupported_rope_scaling():
-    with pytest.raises(NotImplementedError, match="'yarn' is not supported"):
-        compute_inv_freq(4, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'mrope' is not supported"):
+        compute_inv_freq(4, 10000.0, {"rope_type": "mrope", "factor": 2.0})
 
 
 def test_loader_fuses_qkv_and_reads_sharded_checkpoints(tmp_path):
@@ -124,4 +124,4 @@ def test_every_tiny_arch_loads(tmp_path, arch):
     cfg = load_model_config(path)
     model = get_model_class(cfg.architecture)(cfg, 32, get_attention_backend())
     load_weights(model, path)
-    assert (model.lm_head is None) == (arch == "llama32")
+    assert (model.lm_head is None) == cfg.tie_word_embeddings
