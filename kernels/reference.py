@@ -299,6 +299,20 @@ def sampling_mask(
     return keep
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Guided decoding: logits [B, V] with rows[i]'s disallowed tokens set to -inf, in place.
+
+    bitmask [R, ceil(V / 32)] int32, one row per entry of rows [R] (int64 row indices into logits):
+    bit t % 32 of word t // 32 set means token t is allowed (llguidance / xgrammar layout). Rows not
+    listed are untouched, so unconstrained rows pay nothing beyond this gather.
+    """
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [R, V]
+    logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,

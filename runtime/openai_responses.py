@@ -9,8 +9,10 @@ the first byte is sent and an SSE error event after (`with_error_event`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +27,14 @@ from lmforge.runtime.async_engine import (
 )
 from lmforge.runtime.openai_requests import APIError, Prepared, bad_request
 from lmforge.runtime.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from lmforge.runtime.tool_parsers import (
+    NamedToolParser,
+    RequiredToolParser,
+    ToolCallStreamer,
+    ToolParser,
+    get_tool_parser,
+    new_call_id,
+)
 
 MIN_LOGPROB = -9999.0  # what JSON gets instead of -inf (JSON has no infinities)
 SSE_DONE = "data: [DONE]\n\n"
@@ -33,10 +43,16 @@ TokenStr = Callable[[int], str]  # token id -> its text alone (the server caches
 OutputStream = AsyncIterator[tuple[int, RequestOutput]]  # (prompt index, cumulative output)
 
 
-def sse(payload: BaseModel | dict) -> str:
-    """One server-sent event."""
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
+# Line breaks to Unicode but not to JSON: line-based SSE readers (httpx iter_lines, str.splitlines)
+# would split an event inside a string there. JSON may escape any character, so they travel escaped.
+_SSE_UNSAFE = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def sse(payload: BaseModel | dict, event: str | None = None) -> str:
+    """One server-sent event (`event:` line for the Responses API's typed events)."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data.translate(_SSE_UNSAFE)}\n\n"
 
 
 def finite(x: float | None) -> float:
@@ -151,20 +167,66 @@ def completion_response(req: proto.CompletionRequest, prepared: Prepared, respon
                                     usage=usage(prepared, finals))
 
 
+def tool_parser_for(prepared: Prepared) -> ToolParser | None:
+    mode = prepared.tool_mode
+    if mode.choice == "none":
+        return None
+    if mode.choice == "named":
+        return NamedToolParser(mode.function_name)
+    return RequiredToolParser() if mode.choice == "required" else get_tool_parser(mode.parser)
+
+
+def tool_finish_reason(prepared: Prepared, finish_reason: str | None, num_calls: int) -> str | None:
+    """OpenAI: "tool_calls" when the model chose to call tools; a forced named call ends "stop"."""
+    if num_calls and finish_reason == "stop" and prepared.tool_mode.choice in ("auto", "required"):
+        return "tool_calls"
+    return finish_reason
+
+
+def chat_message(prepared: Prepared, text: str) -> proto.ChatResponseMessage:
+    """The assistant message: plain content, or content + tool calls read by the request's parser."""
+    parser = tool_parser_for(prepared)
+    if parser is None:
+        return proto.ChatResponseMessage(content=text)
+    parsed = parser.parse(text, final=True)
+    calls = [proto.ToolCall(id=new_call_id(), function=proto.FunctionCall(name=c.name, arguments=c.arguments))
+             for c in parsed.calls if c.name is not None]
+    if not prepared.tool_mode.parallel:
+        calls = calls[:1]
+    return proto.ChatResponseMessage(content=parsed.content or None, tool_calls=calls)
+
+
 def chat_response(req: proto.ChatCompletionRequest, prepared: Prepared, response_id: str,
                   finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.ChatCompletionResponse:
     k = req.num_logprobs()
-    choices = [
-        proto.ChatCompletionChoice(
-            index=c.index, message=proto.ChatResponseMessage(content=c.text),
-            logprobs=None if k is None else chat_logprobs(token_str, c, 0, len(c.token_ids), k),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-        for out in finals.values() for c in out.outputs
-    ]
+    choices = []
+    for out in finals.values():
+        for c in out.outputs:
+            message = chat_message(prepared, c.text)
+            choices.append(proto.ChatCompletionChoice(
+                index=c.index, message=message,
+                logprobs=None if k is None else chat_logprobs(token_str, c, 0, len(c.token_ids), k),
+                finish_reason=tool_finish_reason(prepared, c.finish_reason, len(message.tool_calls)),
+                stop_reason=c.stop_reason))
     choices.sort(key=lambda ch: ch.index)
     return proto.ChatCompletionResponse(id=response_id, model=prepared.model, choices=choices,
                                         usage=usage(prepared, finals),
                                         prompt_logprobs=prompt_logprobs_body(finals[0].prompt_logprobs))
+
+
+def embedding_response(req: proto.EmbeddingRequest, prepared: Prepared,
+                       finals: dict[int, RequestOutput]) -> proto.EmbeddingResponse:
+    data = []
+    for i in sorted(finals):
+        vector = finals[i].embedding
+        if vector is None:  # the engine was not started with task "embed"
+            raise APIError(500, "the engine returned no embedding", "internal_error")
+        encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() \
+            if req.encoding_format == "base64" else vector
+        data.append(proto.EmbeddingData(index=i, embedding=encoded))
+    num_tokens = sum(len(ids) for ids in prepared.prompt_ids)
+    return proto.EmbeddingResponse(model=prepared.model, data=data,
+                                   usage=proto.EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
 
 
 # --- streams ---------------------------------------------------------------------------------------
@@ -259,6 +321,7 @@ async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, resp
 
     yield chunk([proto.ChatStreamChoice(index=i, delta=proto.DeltaMessage(role="assistant", content=""))
                  for i in range(req.n)])
+    tools: dict[int, ToolCallStreamer] = {}
     async for _, out in stream:
         finals[0] = out
         choices = []
@@ -269,10 +332,24 @@ async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, resp
             delta, start, end = cursor.take(c, hold)
             if not delta and start == end and not c.finished:
                 continue
+            message, finish_reason = proto.DeltaMessage(content=delta or None), c.finish_reason
+            parser = tool_parser_for(prepared)
+            if parser is not None:  # the text goes through the parser: content and call deltas
+                streamer = tools.setdefault(c.index, ToolCallStreamer(parser))
+                content, updates = streamer.feed(c.text[:cursor.text_sent], c.finished)
+                if not prepared.tool_mode.parallel:
+                    updates = [u for u in updates if u.index == 0]
+                message = proto.DeltaMessage(content=content or None, tool_calls=[
+                    proto.ToolCallDelta(index=u.index, id=u.id, type="function" if u.id else None,
+                                        function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments))
+                    for u in updates] or None)
+                finish_reason = tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
+                if message.content is None and message.tool_calls is None and start == end and not c.finished:
+                    continue
             choices.append(proto.ChatStreamChoice(
-                index=c.index, delta=proto.DeltaMessage(content=delta or None),
+                index=c.index, delta=message,
                 logprobs=None if k is None else chat_logprobs(token_str, c, start, end, k),
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                finish_reason=finish_reason, stop_reason=c.stop_reason))
         if choices:
             yield chunk(choices)
     if include_usage:

@@ -45,3 +45,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first-token/finish times (monotonic s)
     prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs; see PromptLogprobs
+    embedding: list[float] | None = None  # task "embed": the pooled prompt (outputs then hold no tokens)

@@ -4,6 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """One constraint on the generated text (vLLM's StructuredOutputsParams / guided_* fields),
+    enforced token by token with a grammar mask (engine/guided.py). Exactly one field is set."""
+
+    json: str | None = None  # a JSON schema, serialized
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # Lark or GBNF (llama.cpp) grammar text
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs need exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            raise ValueError("structured outputs choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False))
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -28,6 +54,7 @@ class SamplingParams:
     # "cumulative": an output after every step (streaming); "final_only": only when the request ends
     # (offline generate: saves copying every growing output every step, as vLLM's RequestOutputKind)
     output_kind: str = "cumulative"
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +87,9 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True (use stop_token_ids to stop on ids)")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}")
+        if self.structured_outputs is not None and (self.ignore_eos or self.min_tokens):
+            # the grammar's end is EOS: banning it could leave a row with no allowed token
+            raise ValueError("ignore_eos and min_tokens cannot be combined with structured outputs")
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,8 @@ import argparse
 import os
 
 API_KEY_ENV = "LMFORGE_API_KEY"
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # runtime/tool_parsers.py (a test keeps them equal)
+TASKS = ("generate", "embed")
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +57,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                         help="KV cache element type: auto (the model dtype) or int8 (per-token-head scales, "
                              "~2x the blocks of bf16); fp8 is not implemented yet")
+    engine.add_argument("--task", default="generate", choices=TASKS,
+                        help="generate: completions/chat/responses; embed: /v1/embeddings only, pooled hidden "
+                             "states of the decoder (prefill only, no KV kept) (default: generate)")
+    engine.add_argument("--pooler-config", default=None, metavar="JSON",
+                        help='--task embed: {"pooling_type": "LAST" or "MEAN", "normalize": true/false} '
+                             "(default: LAST, normalized)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                         help="auto: the checkpoint's safetensors; dummy: random weights from config.json "
@@ -72,6 +80,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--graceful-shutdown-seconds", type=float, default=30.0,
                         help="after SIGTERM: refuse new requests (503) and let in-flight ones finish for "
                              "up to this long, then exit 0 (default: 30)")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='serve tool_choice "auto": the model decides, --tool-call-parser reads its calls')
+    server.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                        help="the model family's tool-call format: hermes (Hermes, Qwen 2.5/3), llama3_json "
+                             "(Llama 3.x), mistral")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="default: info")
     return parser

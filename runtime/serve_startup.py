@@ -16,6 +16,17 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
     """Refuse at start-up, with a reason, what would otherwise fail later or silently differ: a
     checkpoint whose quantization is not the one the InferenceService asked for, and KV cache
     types the engine does not implement yet."""
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
+        return "--enable-auto-tool-choice needs --tool-call-parser (the format the model writes tool calls in)"
+    if getattr(args, "pooler_config", None) is not None:
+        if getattr(args, "task", "generate") != "embed":
+            return "--pooler-config applies to --task embed only"
+        from lmforge.runtime.pooling_params import PoolerConfig
+
+        try:
+            PoolerConfig.from_json(args.pooler_config)
+        except ValueError as exc:
+            return f"--pooler-config: {exc}"
     if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "int8"):
         return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto or int8)"
     expected = getattr(args, "quantization", None)

@@ -56,6 +56,7 @@ from lmforge.runtime.openai_requests import (
     encode,
     prepare_chat,
     prepare_completion,
+    prepare_embedding,
     validation_error,
 )
 from lmforge.runtime.openai_responses import (
@@ -63,10 +64,12 @@ from lmforge.runtime.openai_responses import (
     chat_stream,
     completion_response,
     completion_stream,
+    embedding_response,
     engine_error,
     with_error_event,
 )
 from lmforge.runtime.outputs import RequestOutput
+from lmforge.runtime.responses_api import ResponsesRequest, final_response, response_stream, to_chat_request
 from lmforge.runtime.serve_args import served_model_names
 from lmforge.runtime.serve_startup import limit_cpu_threads, unsupported_model_flags
 
@@ -94,10 +97,14 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
 
     def build() -> Any:
         from lmforge.runtime.engine.llm_engine import EngineArgs, LLMEngine
+        from lmforge.runtime.pooling_params import PoolerConfig
 
+        pooler = getattr(args, "pooler_config", None)
         optional = {"max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
                     "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
-                    "load_format": getattr(args, "load_format", None)}
+                    "load_format": getattr(args, "load_format", None),
+                    "task": getattr(args, "task", None),
+                    "pooler_config": None if pooler is None else PoolerConfig.from_json(pooler)}
         return LLMEngine(EngineArgs(
             model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
             max_model_len=args.max_model_len, block_size=args.block_size,
@@ -137,7 +144,11 @@ class ServerState:
             tokenizer = await _in_daemon_thread(_load_tokenizer, self.args.model)
             await self.engine.wait_loaded()
             model_config = self.engine.engine.model_config  # immutable once loaded
-            self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size))
+            self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size),
+                                        tool_call_parser=getattr(self.args, "tool_call_parser", None),
+                                        enable_auto_tool_choice=getattr(self.args, "enable_auto_tool_choice", False),
+                                        task=getattr(self.args, "task", "generate"),
+                                        hidden_size=int(getattr(model_config, "hidden_size", 0)))
             self.ready = True
             logger.info("model %s ready (max_model_len=%d)", self.model_names[0], self.context.max_model_len)
         except asyncio.CancelledError:  # shut down while loading
@@ -163,6 +174,14 @@ class ServerState:
             raise APIError(503, "The server is loading the model; retry later.", "service_unavailable", None,
                            "loading")
         return self.context
+
+    def generating(self) -> ModelContext:
+        """The context of a server that generates text (not one started with --task embed)."""
+        context = self.loaded()
+        if context.task != "generate":
+            raise APIError(400, f"This server runs --task {context.task}: text generation is not served.",
+                           "invalid_request_error", "model")
+        return context
 
     def token_str(self, token_id: int) -> str:
         """A token's text alone, cached: logprobs ask for the same few thousand ids over and over."""
@@ -326,11 +345,21 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def card(name: str) -> proto.ModelCard:
+        context = state.loaded()
+        return proto.ModelCard(id=name, root=state.args.model, max_model_len=context.max_model_len,
+                               task=context.task)
+
     @app.get("/v1/models")
     async def models() -> Response:
-        cards = [proto.ModelCard(id=name, root=state.args.model, max_model_len=state.loaded().max_model_len)
-                 for name in state.model_names]
-        return _json(proto.ModelList(data=cards))
+        return _json(proto.ModelList(data=[card(name) for name in state.model_names]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:  # what client.models.retrieve calls
+        if model_id not in state.model_names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model",
+                           "model_not_found")
+        return _json(card(model_id))
 
     @app.post("/tokenize")
     async def tokenize(req: proto.TokenizeRequest) -> Response:
@@ -344,6 +373,17 @@ def build_app(state: ServerState) -> FastAPI:
         return _json(proto.TokenizeResponse(count=len(ids), max_model_len=context.max_model_len, tokens=ids,
                                             token_strs=strs))
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        """What a client needs to tokenize as the server does (lm-eval probes this, as vLLM serves it)."""
+        context = state.loaded()
+        tok = context.tokenizer
+        info = {"tokenizer_class": type(tok).__name__, "model_max_length": context.max_model_len,
+                "vocab_size": len(tok), "chat_template": tok.chat_template,
+                **{name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+                "added_tokens_decoder": {str(i): t.content for i, t in sorted(tok.added_tokens_decoder.items())}}
+        return JSONResponse(info)
+
     @app.post("/detokenize")
     async def detokenize(req: proto.DetokenizeRequest) -> Response:
         state.resolve_model(req.model)
@@ -355,13 +395,24 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: proto.CompletionRequest, raw: Request) -> Response:
-        prepared = prepare_completion(req, state.loaded(), state.resolve_model(req.model))
+        prepared = prepare_completion(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: proto.ChatCompletionRequest, raw: Request) -> Response:
-        prepared = prepare_chat(req, state.loaded(), state.resolve_model(req.model))
+        prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
         return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
+
+    @app.post("/v1/responses")
+    async def responses(req: ResponsesRequest, raw: Request) -> Response:
+        chat = to_chat_request(req)
+        prepared = prepare_chat(chat, state.generating(), state.resolve_model(req.model))
+        return await _with_cancellation(raw, _serve_responses(state, req, prepared))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: proto.EmbeddingRequest, raw: Request) -> Response:
+        prepared = prepare_embedding(req, state.loaded(), state.resolve_model(req.model))
+        return await _with_cancellation(raw, _serve_embeddings(state, req, prepared))
 
     return GateMiddleware(app, state)  # type: ignore[return-value]
 
@@ -394,6 +445,51 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
         raise engine_error(exc) from None
     build = chat_response if chat else completion_response
     return _json(build(req, prepared, response_id, finals, state.token_str))
+
+
+async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
+    response_id = proto.random_id("resp")
+    gen = state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)
+    try:
+        firsts = await start_streams([gen])
+    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
+        if isinstance(exc, QueueFullError):
+            state.metrics.observe_rejected("queue_full")
+        raise engine_error(exc) from None
+    stream = merge_streams([gen], firsts)
+    if req.stream:
+        body = response_stream(req, prepared, response_id, stream)
+        return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    last = None
+    try:
+        async with contextlib.aclosing(stream):
+            async for _, out in stream:
+                last = out
+    except (RequestAbortedError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    return JSONResponse(final_response(req, prepared, response_id, last))
+
+
+async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:
+    """Every input is one engine request; the engine batches them like any prompts."""
+    response_id = proto.random_id("embd")
+    gens = [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
+            for i, ids in enumerate(prepared.prompt_ids)]
+    try:
+        firsts = await start_streams(gens)
+    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
+        if isinstance(exc, QueueFullError):
+            state.metrics.observe_rejected("queue_full")
+        raise engine_error(exc) from None
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async with contextlib.aclosing(merge_streams(gens, firsts)) as stream:
+            async for i, out in stream:
+                finals[i] = out
+    except (RequestAbortedError, EngineDeadError) as exc:
+        raise engine_error(exc) from None
+    return _json(embedding_response(req, prepared, finals))
 
 
 # --- process entry point ---------------------------------------------------------------------------

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import torch
 
+from lmforge.runtime.pooling_params import PoolerConfig
+
+TASKS = ("generate", "embed")
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -38,6 +42,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
     kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8": per-(token, head) absmax/127 codes + fp32 scales
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
+    task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
+    pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -52,6 +58,10 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.pooler_config is not None and self.task != "embed":
+            raise ValueError("pooler_config applies to task='embed' only")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

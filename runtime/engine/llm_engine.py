@@ -19,12 +19,15 @@ from typing import Any
 from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_seq, reusable_window
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
+from lmforge.runtime.engine.guided import GuidedDecoder
 from lmforge.runtime.engine.model_runner import ModelRunner
+from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.models.layers import rope_block_salt
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
+from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
 
 
@@ -72,10 +75,14 @@ class LLMEngine:
                 " gpu_memory_utilization or lower max_model_len")
         self.runner.allocate_kv_cache(num_blocks)
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
-        if not args.enforce_eager and self.runner.supports_cuda_graphs:
+        self.embed = args.task == "embed"
+        if not args.enforce_eager and self.runner.supports_cuda_graphs and not self.embed:  # graphs decode
             self.cuda_graph_seconds = self.runner.prepare_decode_graphs(args.max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, kv_window,
-                                          block_salt=rope_block_salt(self.runner.model))
+        if self.embed:
+            self.runner.pooler = Pooler(args.pooler_config or PoolerConfig())
+        # embed: no prefix cache, every prompt token's hidden state is computed (MEAN pools them all)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching and not self.embed,
+                                          kv_window, block_salt=rope_block_salt(self.runner.model))
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.long_prefill_token_threshold), self.block_manager)
@@ -111,12 +118,31 @@ class LLMEngine:
         else:
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
+        if self.embed and (params.n != 1 or params.logprobs is not None or params.prompt_logprobs is not None
+                           or params.structured_outputs is not None):
+            raise ValueError("task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs "
+                             "do not apply")
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
+        if params.structured_outputs is not None:  # before queuing: an invalid grammar queues nothing
+            guided = self._guided_decoder()
+            try:
+                for seq in req.seqs:
+                    guided.add(seq.seq_id, params.structured_outputs)
+            except ValueError:
+                for seq in req.seqs:
+                    guided.release(seq.seq_id)
+                raise
         for seq in req.seqs:
             seq.detokenizer = (IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
                                if params.detokenize else NullDetokenizer())
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
+
+    def _guided_decoder(self) -> GuidedDecoder:
+        if self.runner.guided is None:
+            self.runner.guided = GuidedDecoder(self.tokenizer, self.model_config.vocab_size,
+                                               sorted(self.eos_token_ids))
+        return self.runner.guided
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         max_len, vocab = self.model_config.max_model_len, self.model_config.vocab_size
@@ -161,6 +187,12 @@ class LLMEngine:
         advanced = self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, Request] = {}
         now = time.monotonic()
+        for s in sched.scheduled:  # task "embed": a pooled prompt is a finished request
+            embedding = result.embeddings.get(s.seq.seq_id)
+            if embedding is not None:
+                req = touched[s.seq.request_id] = self.requests[s.seq.request_id]
+                req.embedding = embedding
+                self._finish(s.seq, FinishReason.STOP)
         for seq in advanced:
             lp = result.logprobs.get(seq.seq_id)
             if lp is not None:
@@ -239,7 +271,7 @@ class LLMEngine:
             prompt_logprobs = [None, *req.seqs[0].prompt_logprobs]
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions,
                              finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics, prompt_logprobs=prompt_logprobs)
+                             metrics=metrics, prompt_logprobs=prompt_logprobs, embedding=req.embedding)
 
     # --- introspection --------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:

@@ -25,6 +25,8 @@ from lmforge.runtime.engine.attention import (
 )
 from lmforge.runtime.engine.config import KV_CACHE_DTYPES
 from lmforge.runtime.engine.cuda_graph import DecodeGraphRunner
+from lmforge.runtime.engine.guided import GuidedDecoder
+from lmforge.runtime.engine.pooler import PoolChunk, Pooler
 from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
@@ -44,6 +46,7 @@ class ModelRunnerOutput:
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
     sampled_logprob: dict[int, float] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[dict[int, Logprob]]] = field(default_factory=dict)  # seq_id -> new entries
+    embeddings: dict[int, list[float]] = field(default_factory=dict)  # task "embed": seq_id -> pooled prompt
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -95,6 +98,8 @@ class ModelRunner:
         self.num_blocks = 0
         self.max_model_len = max_model_len
         self.decode_graphs: DecodeGraphRunner | None = None  # see prepare_decode_graphs
+        self.guided: GuidedDecoder | None = None  # set by the engine on the first constrained request
+        self.pooler: Pooler | None = None  # task "embed" (set by the engine): pool, never sample
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -207,9 +212,12 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_lp = PromptLogprobsBatch()
+        pool_chunks: list[PoolChunk] = []
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
+            if self.pooler is not None:
+                pool_chunks.append(PoolChunk(seq, len(input_ids), start, s.num_new_tokens, s.samples))
             if seq.params.prompt_logprobs is not None:  # the only cost to requests that did not ask
                 prompt_lp.add(seq, start, end, len(input_ids))
             input_ids += seq.token_ids[start:end]
@@ -235,14 +243,26 @@ class ModelRunner:
             meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens))
             hidden = self.model(torch.tensor(input_ids, device=self.device),
                                 torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+            if self.pooler is not None:  # embeddings: prefill only, nothing sampled
+                out.embeddings = self.pooler(hidden, pool_chunks)
+                return out
 
             def row_logits(rows: list[int]) -> torch.Tensor:
                 return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+        # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
+        sampling = self._sampling_metadata(sample_seqs)
+        guided = self.guided
+        if guided is not None and guided.matchers:
+            sampling.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
+            if sampling.guided_rows:
+                sampling.token_bitmask = guided.fill_bitmask([sample_seqs[r].seq_id for r in sampling.guided_rows])
         if prompt_lp.rows:
             out.prompt_logprobs = prompt_lp.compute(row_logits)
         if not sample_seqs:
             return out
-        result = self.sampler(row_logits(logit_rows), self._sampling_metadata(sample_seqs))
+        result = self.sampler(row_logits(logit_rows), sampling)
+        for row in sampling.guided_rows:
+            guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
             if result.logprobs[row] is not None:
@@ -276,5 +296,9 @@ class ModelRunner:
         )
 
     def release(self, seq_id: int) -> None:
-        """A sequence finished: drop its generator."""
+        """A sequence finished: drop its generator and grammar matcher."""
         self.generators.pop(seq_id, None)
+        if self.guided is not None:
+            self.guided.release(seq_id)
+        if self.pooler is not None:
+            self.pooler.release(seq_id)

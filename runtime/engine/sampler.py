@@ -1,6 +1,7 @@
 """Next-token sampling for a batch of rows with per-row SamplingParams.
 
-Order (vLLM v1): raw log-softmax for logprobs -> min_tokens EOS ban -> repetition / presence /
+Order (vLLM v1): guided-decoding bitmask (rows with a grammar; both draw paths below see the same
+masked logits) -> raw log-softmax for logprobs -> min_tokens EOS ban -> repetition / presence /
 frequency penalties -> greedy rows take the argmax -> temperature -> min-p -> top-k / top-p ->
 one draw per row. Rows with a `seed` draw their noise from their own torch.Generator, so their
 tokens do not depend on what else is in the batch.
@@ -15,11 +16,12 @@ Two implementations of the draw, picked by the kernel backend the model runs on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lmforge.kernels.reference import apply_token_bitmask
 from lmforge.runtime.sampling_params import SamplingParams
 
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy
@@ -32,6 +34,8 @@ class SamplingMetadata:
     output_token_ids: list[list[int]]
     generators: dict[int, torch.Generator]  # row -> generator of a seeded request
     stop_ids_before_min_tokens: list[list[int]]  # per row: EOS + stop ids banned until min_tokens
+    guided_rows: list[int] = field(default_factory=list)  # rows with a grammar, in bitmask order
+    token_bitmask: torch.Tensor | None = None  # [len(guided_rows), ceil(V/32)] int32, see apply_token_bitmask
 
 
 @dataclass(slots=True)
@@ -50,6 +54,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [N, V]
         num_rows = logits.shape[0]
+        if meta.guided_rows:
+            rows = torch.tensor(meta.guided_rows, device=logits.device)
+            logits = apply_token_bitmask(logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows)
         want = [p.logprobs for p in meta.params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want) else None
 

@@ -101,6 +101,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
+    embedding: list[float] | None = None  # task "embed": set when the prompt has been pooled
 
     def __post_init__(self) -> None:
         if not self.seqs:

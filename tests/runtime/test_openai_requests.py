@@ -197,3 +197,51 @@ def test_validation_error_whole_body_and_malformed_json():
 def test_api_error_body_defaults_code_to_status():
     assert APIError(404, "gone", "NotFoundError", "model").body().model_dump() == {
         "error": {"message": "gone", "type": "NotFoundError", "param": "model", "code": 404}}
+
+
+# --- structured outputs and tools ---------------------------------------------------------------------
+
+
+def test_structured_outputs_spellings_map_to_one_constraint():
+    from lmforge.runtime.openai_requests import structured_outputs
+    from lmforge.runtime.sampling_params import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    expected = StructuredOutputsParams(json='{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    for fields in ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+                   {"guided_json": schema}, {"structured_outputs": {"json": schema}}):
+        assert structured_outputs(proto.CompletionRequest(prompt="x", **fields)) == expected
+    assert structured_outputs(proto.CompletionRequest(prompt="x", guided_choice=["a", "b"])) == \
+        StructuredOutputsParams(choice=("a", "b"))
+    assert structured_outputs(proto.CompletionRequest(prompt="x", response_format={"type": "text"})) is None
+    assert refusal(structured_outputs, proto.CompletionRequest(prompt="x", guided_choice=[]))[1] == "guided_choice"
+
+
+def test_tool_constraints_pin_vllm_formats():
+    import json
+
+    from lmforge.runtime.openai_requests import tool_constraint, tool_mode
+
+    tools = [proto.ChatTool(type="function", function={"name": "f", "parameters": {"type": "object"}}),
+             proto.ChatTool(type="function", function={"name": "g"})]
+    req = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools,
+                                      tool_choice="required", parallel_tool_calls=False)
+    mode = tool_mode(req, CONTEXT)
+    assert (mode.choice, mode.parser, mode.parallel) == ("required", "required", False)
+    schema = json.loads(tool_constraint(mode, tools).json)
+    assert schema["minItems"] == 1 and schema["maxItems"] == 1
+    assert [c["properties"]["name"] for c in schema["items"]["anyOf"]] == [{"const": "f"}, {"const": "g"}]
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"type": "object"}  # no parameters: any object
+    named = req.model_copy(update={"tool_choice": proto.NamedToolChoice(type="function", function={"name": "f"}),
+                                   "parallel_tool_calls": None})
+    assert json.loads(tool_constraint(tool_mode(named, CONTEXT), tools).json) == {"type": "object"}
+    auto = req.model_copy(update={"tool_choice": "auto"})
+    assert refusal(tool_mode, auto, CONTEXT)[1] == "tool_choice"  # the server runs without --enable-auto-tool-choice
+    with_flag = ModelContext(CharTokenizer(), 32, 256, tool_call_parser="mistral", enable_auto_tool_choice=True)
+    assert tool_mode(auto, with_flag).parser == "mistral"
+
+
+@pytest.mark.parametrize("field", ["functions", "function_call", "audio", "prediction", "web_search_options"])
+def test_unsupported_chat_fields_are_refused_by_name(field):
+    req = proto.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **{field: {"x": 1}})
+    assert refusal(prepare_chat, req, CONTEXT, "m")[:2] == (400, field)

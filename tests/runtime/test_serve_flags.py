@@ -82,3 +82,25 @@ def test_load_format_dummy_serves_a_shape_without_weights(tmp_path: Path) -> Non
     assert len(outs[-1].outputs[0].token_ids) == 3
     with pytest.raises(SystemExit):
         _args(bare, "--load-format", "pt")
+
+
+@pytest.mark.parametrize(("flags", "problem"), [
+    pytest.param(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], None, id="auto-with-parser"),
+    pytest.param(["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser", id="no-parser"),
+    pytest.param(["--task", "embed", "--pooler-config", '{"pooling_type": "mean"}'], None, id="pooler-mean"),
+    pytest.param(["--pooler-config", '{"pooling_type": "MEAN"}'], "applies to --task embed only", id="pooler-no-embed"),
+    pytest.param(["--task", "embed", "--pooler-config", '{"pooling": "MEAN"}'], "unknown key(s) pooling",
+                 id="pooler-unknown-key"),
+    pytest.param(["--task", "embed", "--pooler-config", '{"pooling_type": "CLS"}'], "pooling_type must be one of",
+                 id="pooler-bad-type"),
+])
+def test_tool_and_embedding_flags(tmp_path, flags, problem):
+    result = unsupported_model_flags(_args(_model(tmp_path, None), *flags))
+    assert result == problem if problem is None else problem in result
+
+
+def test_tool_call_parser_choices_are_the_parsers():
+    from lmforge.runtime.serve_args import TOOL_CALL_PARSERS
+    from lmforge.runtime.tool_parsers import TOOL_PARSERS
+
+    assert set(TOOL_CALL_PARSERS) == set(TOOL_PARSERS)

@@ -169,3 +169,23 @@ def test_kernel_path_mixes_greedy_seeded_and_penalised_rows():
     row = torch.tensor([[5.0, 4.0, -1.0]])
     out = sampler(row, meta([SamplingParams(temperature=0.01, repetition_penalty=2.0)], prompts=[[0]], outputs=[[]]))
     assert out.token_ids == [1]
+
+
+def test_guided_bitmask_reaches_both_draw_paths():
+    """The bitmask is applied before the draw: torch and Triton sampling see the same masked logits,
+    so a constrained row only ever gets an allowed token, whatever its temperature."""
+    vocab, rows = 70, 24
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(3))
+    bitmask = torch.zeros(1, 3, dtype=torch.int32)
+    bitmask[0, 0], bitmask[0, 2] = 1 << 9, 1 << 1  # tokens 9 and 65
+    params = [SamplingParams(temperature=1.5)] * rows
+    for sampler in (Sampler(torch.Generator().manual_seed(0)), kernel_sampler(0)):
+        for row in (0, 5, rows - 1):
+            m = meta(params)
+            m.guided_rows, m.token_bitmask = [row], bitmask
+            assert sampler(logits.clone(), m).token_ids[row] in (9, 65)
+        greedy = meta([SamplingParams(temperature=0.0)] * rows)
+        greedy.guided_rows, greedy.token_bitmask = [2], bitmask
+        out = sampler(logits.clone(), greedy)
+        assert out.token_ids[2] == (9 if logits[2, 9] > logits[2, 65] else 65)
+        assert out.token_ids[:2] + out.token_ids[3:] == (logits.argmax(-1).tolist()[:2] + logits.argmax(-1).tolist()[3:])
