@@ -1,8 +1,8 @@
 """What guided decoding costs an engine step: decode steps at batch B with no guided row (baseline)
 and with one guided row, in the same process on the same model.
 
-    python -P bench/guided_overhead.py --device cpu --batches 1 64
-    python -P bench/guided_overhead.py --device cuda --dtype bfloat16 --hidden-size 1024 --num-layers 8
+    python -m bench.guided_overhead --device cpu --batches 1 64
+    python -m bench.guided_overhead --device cuda --dtype bfloat16 --hidden-size 1024 --num-layers 8
 
 A random llama of the given shape with a 32k byte-level BPE (bench/guided_backends.py's, so the
 mask has a realistic width) is written to a temp dir. Every row decodes greedily; the guided row
@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent))  # guided_backends beside this file (last: shadows nothing)
-
-from guided_backends import AGENT_SCHEMA, stdlib_tokenizer  # noqa: E402
+from bench.guided_backends import AGENT_SCHEMA, stdlib_tokenizer
 
 
 def write_model(path: Path, vocab_size: int, hidden_size: int, num_layers: int) -> Path:
