@@ -110,9 +110,12 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Parses an HF config dict by its `architectures[0]` (see families.FAMILIES); refuses, by
         architecture, key and value, anything the engine does not implement."""
-        from lmforge.runtime.models.families import architecture_of, parse_family
+        from lmforge.runtime.models.families import FAMILIES, architecture_of, parse_family
 
         architecture = architecture_of(hf)
+        if architecture not in FAMILIES and architecture not in LEGACY_FAMILY_MODULES:
+            supported = ", ".join(sorted([*FAMILIES, *LEGACY_FAMILY_MODULES]))
+            raise ValueError(f"unsupported model architecture {architecture!r}; supported: {supported}")
         if architecture in LEGACY_FAMILY_MODULES:  # their own parser, in their model file
             import importlib
 

@@ -100,9 +100,9 @@ def test_unknown_architecture_and_small_cache_errors(tmp_path, model_dir):
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["DbrxForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM"):
+    with pytest.raises(ValueError, match="DbrxForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM"):
         LLMEngine(EngineArgs(model=bad, device="cpu", num_blocks=16))
     with pytest.raises(ValueError, match="fewer than max_model_len=128"):
         LLMEngine(EngineArgs(model=model_dir, device="cpu", num_blocks=7, max_model_len=128))
