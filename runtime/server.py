@@ -420,22 +420,26 @@ def build_app(state: ServerState) -> FastAPI:
 # --- generation ------------------------------------------------------------------------------------
 
 
-async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCompletionRequest,
-                 prepared: Prepared, chat: bool) -> Response:
-    response_id = proto.random_id("chatcmpl" if chat else "cmpl")
-    gens = [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
-            for i, ids in enumerate(prepared.prompt_ids)]
+async def _start(state: ServerState, gens: list) -> Any:
+    """Starts every engine request and merges their streams; the engine's refusals (a full queue,
+    not ready, dead, aborted, a bad prompt) become HTTP errors before any byte is sent."""
     try:
         firsts = await start_streams(gens)
     except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
         if isinstance(exc, QueueFullError):
             state.metrics.observe_rejected("queue_full")
         raise engine_error(exc) from None
-    stream = merge_streams(gens, firsts)
-    if req.stream:
-        body = (chat_stream if chat else completion_stream)(req, prepared, response_id, stream, state.token_str)
-        return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return merge_streams(gens, firsts)
+
+
+def _event_stream(body: Any, stream: Any) -> StreamingResponse:
+    """An SSE response; an engine failure mid-stream becomes an error event (with_error_event)."""
+    return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(stream: Any) -> dict[int, RequestOutput]:
+    """The last output of every request of a merged stream, by its index."""
     finals: dict[int, RequestOutput] = {}
     try:
         async with contextlib.aclosing(stream):
@@ -443,53 +447,38 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
                 finals[i] = out
     except (RequestAbortedError, EngineDeadError) as exc:
         raise engine_error(exc) from None
+    return finals
+
+
+def _generate_all(state: ServerState, prepared: Prepared, response_id: str) -> list:
+    return [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
+            for i, ids in enumerate(prepared.prompt_ids)]
+
+
+async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCompletionRequest,
+                 prepared: Prepared, chat: bool) -> Response:
+    response_id = proto.random_id("chatcmpl" if chat else "cmpl")
+    stream = await _start(state, _generate_all(state, prepared, response_id))
+    if req.stream:
+        body = (chat_stream if chat else completion_stream)(req, prepared, response_id, stream, state.token_str)
+        return _event_stream(body, stream)
     build = chat_response if chat else completion_response
-    return _json(build(req, prepared, response_id, finals, state.token_str))
+    return _json(build(req, prepared, response_id, await _collect(stream), state.token_str))
 
 
 async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
     response_id = proto.random_id("resp")
-    gen = state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)
-    try:
-        firsts = await start_streams([gen])
-    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
-        if isinstance(exc, QueueFullError):
-            state.metrics.observe_rejected("queue_full")
-        raise engine_error(exc) from None
-    stream = merge_streams([gen], firsts)
+    stream = await _start(state, [state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)])
     if req.stream:
-        body = response_stream(req, prepared, response_id, stream)
-        return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    last = None
-    try:
-        async with contextlib.aclosing(stream):
-            async for _, out in stream:
-                last = out
-    except (RequestAbortedError, EngineDeadError) as exc:
-        raise engine_error(exc) from None
-    return JSONResponse(final_response(req, prepared, response_id, last))
+        return _event_stream(response_stream(req, prepared, response_id, stream), stream)
+    return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream)).get(0)))
 
 
 async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:
     """Every input is one engine request; the engine batches them like any prompts."""
     response_id = proto.random_id("embd")
-    gens = [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
-            for i, ids in enumerate(prepared.prompt_ids)]
-    try:
-        firsts = await start_streams(gens)
-    except (QueueFullError, EngineNotReadyError, EngineDeadError, RequestAbortedError, ValueError) as exc:
-        if isinstance(exc, QueueFullError):
-            state.metrics.observe_rejected("queue_full")
-        raise engine_error(exc) from None
-    finals: dict[int, RequestOutput] = {}
-    try:
-        async with contextlib.aclosing(merge_streams(gens, firsts)) as stream:
-            async for i, out in stream:
-                finals[i] = out
-    except (RequestAbortedError, EngineDeadError) as exc:
-        raise engine_error(exc) from None
-    return _json(embedding_response(req, prepared, finals))
+    stream = await _start(state, _generate_all(state, prepared, response_id))
+    return _json(embedding_response(req, prepared, await _collect(stream)))
 
 
 # --- process entry point ---------------------------------------------------------------------------
