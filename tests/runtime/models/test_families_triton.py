@@ -5,6 +5,10 @@ are the kernels, not the references.
 
 On CPU the kernels run in the Triton interpreter, in a subprocess (TRITON_INTERPRET must be set before
 triton is imported); with CUDA the same check runs on the GPU.
+
+The older families (BLOOM, MPT, Falcon-RW: ALiBi paged attention with per-head slopes, MPT's own and
+Falcon's bf16-rounded ones divided by sqrt(head_dim); Falcon 7B: multi-query attention, one K/V head)
+go through the same comparison.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import pytest
 import torch
 
 from lmforge.runtime.models.tiny import save_tiny_model
+from lmforge.runtime.models.tiny_legacy import save_legacy_tiny_model
 
-ARCHS = ["qwen3", "gemma2", "glm"]
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
@@ -42,11 +46,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~70 s in the Triton interpreter on 2 busy cores
-def test_families_on_the_triton_backend_match_torch(tmp_path):
+def assert_triton_matches_torch(paths: dict[str, str]) -> None:
+    """Runs SCRIPT on each checkpoint with both backends; tokens equal, top-3 logprobs within 1e-4."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = {arch: str(save_tiny_model(tmp_path / arch, arch, widen=True, hidden_size=32, num_heads=2,
-                                       num_kv_heads=1, num_layers=2)) for arch in ARCHS}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_KERNEL_BACKEND": ""}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
@@ -54,10 +56,25 @@ def test_families_on_the_triton_backend_match_torch(tmp_path):
                           text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    for arch in ARCHS:
+    for arch in paths:
         torch_out, triton_out = result[f"{arch}/torch"], result[f"{arch}/triton"]
         for (t_ids, t_lps), (k_ids, k_lps) in zip(torch_out, triton_out, strict=True):
             assert k_ids == t_ids, arch
             for t_step, k_step in zip(t_lps, k_lps, strict=True):
                 for token, lp in t_step.items():
                     assert k_step[token] == pytest.approx(lp, abs=1e-4), arch
+
+
+@pytest.mark.slow  # ~70 s in the Triton interpreter on 2 busy cores
+def test_families_on_the_triton_backend_match_torch(tmp_path):
+    assert_triton_matches_torch({
+        arch: str(save_tiny_model(tmp_path / arch, arch, widen=True, hidden_size=32, num_heads=2, num_kv_heads=1,
+                                  num_layers=2))
+        for arch in ("qwen3", "gemma2", "glm")})
+
+
+@pytest.mark.slow  # ~90 s in the Triton interpreter on 2 busy cores
+def test_legacy_families_on_the_triton_backend_match_torch(tmp_path):
+    assert_triton_matches_torch({
+        arch: str(save_legacy_tiny_model(tmp_path / arch, arch, hidden_size=32, num_heads=2, num_layers=2))
+        for arch in ("bloom", "mpt", "falcon-rw", "falcon")})
