@@ -24,7 +24,15 @@ if TYPE_CHECKING:
     from lmforge.runtime.outputs import CompletionOutput, RequestOutput
     from lmforge.runtime.sampling_params import SamplingParams
 
-__all__ = ["API_GROUP", "API_VERSION", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "API_GROUP",
+    "API_VERSION",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "__version__",
+]
 
 _LAZY = {
     "LLM": "lmforge.runtime.llm",

@@ -12,8 +12,10 @@ def _operator_run(args: argparse.Namespace) -> int:
     from lmforge.operator.main import run
 
     if args.api_retry_seconds < 1:
-        print(f"lmforge operator run: --api-retry-seconds must be at least 1, got {args.api_retry_seconds}",
-              file=sys.stderr)
+        print(
+            f"lmforge operator run: --api-retry-seconds must be at least 1, got {args.api_retry_seconds}",
+            file=sys.stderr,
+        )
         return 2
 
     return run(
@@ -60,29 +62,55 @@ def _node(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
 
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train, quantize and serve LLMs on Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Train, quantize and serve LLMs on Kubernetes."
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator")
     operator_commands = operator.add_subparsers(dest="operator_command", required=True, metavar="ACTION")
-    run = operator_commands.add_parser("run", help="start the kopf operator (cluster-wide unless --namespace)")
-    run.add_argument("-n", "--namespace", action="append", default=[],
-                     help="watch only this namespace (repeatable); default: all namespaces")
-    run.add_argument("--peering", default="lmforge",
-                     help="kopf peering name: replicas sharing it never reconcile the same object (default: lmforge)")
-    run.add_argument("--standalone", action="store_true", help="no peering (single replica, e.g. local debugging)")
-    run.add_argument("--priority", type=int, default=None,
-                     help="peering priority; the highest live replica works, others stand by "
-                          "(default: the start time, so the newest replica works)")
-    run.add_argument("--api-retry-seconds", type=int, default=600,
-                     help="how long one API call is retried (an API-server outage) before the operator exits 1 "
-                          "for Kubernetes to restart it (default: 600)")
-    run.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: disabled)")
+    run = operator_commands.add_parser(
+        "run", help="start the kopf operator (cluster-wide unless --namespace)"
+    )
+    run.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: all namespaces",
+    )
+    run.add_argument(
+        "--peering",
+        default="lmforge",
+        help="kopf peering name: replicas sharing it never reconcile the same object (default: lmforge)",
+    )
+    run.add_argument(
+        "--standalone", action="store_true", help="no peering (single replica, e.g. local debugging)"
+    )
+    run.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; the highest live replica works, others stand by "
+        "(default: the start time, so the newest replica works)",
+    )
+    run.add_argument(
+        "--api-retry-seconds",
+        type=int,
+        default=600,
+        help="how long one API call is retried (an API-server outage) before the operator exits 1 "
+        "for Kubernetes to restart it (default: 600)",
+    )
+    run.add_argument(
+        "--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (0: disabled)"
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_operator_run)
 
-    cluster = commands.add_parser("cluster", help="local Kubernetes control plane (etcd, apiserver, kwok nodes)")
+    cluster = commands.add_parser(
+        "cluster", help="local Kubernetes control plane (etcd, apiserver, kwok nodes)"
+    )
     from lmforge.operator.localcluster.cli import add_arguments as add_cluster_arguments
 
     add_cluster_arguments(cluster)
@@ -100,13 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=_train)
 
-    quantize = commands.add_parser("quantize", help="quantize a checkpoint to compressed-tensors (W8A16, W4A16, FP8)")
+    quantize = commands.add_parser(
+        "quantize", help="quantize a checkpoint to compressed-tensors (W8A16, W4A16, FP8)"
+    )
     from lmforge.runtime.quantize_args import add_quantize_arguments
 
     add_quantize_arguments(quantize)
     quantize.set_defaults(func=_quantize)
 
-    node = commands.add_parser("node", help="local process node: run pods bound to it as local processes (dev)")
+    node = commands.add_parser(
+        "node", help="local process node: run pods bound to it as local processes (dev)"
+    )
     from lmforge.operator.localnode.cli import add_arguments as add_node_arguments
 
     add_node_arguments(node)

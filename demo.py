@@ -60,8 +60,10 @@ class Table:
         if not lines:
             return
         if not self.header:
-            print(f"$ kubectl get {self.kind} -n {NAMESPACE}   (every 2 s; a row when it changes)\n{lines[0]}",
-                  flush=True)
+            print(
+                f"$ kubectl get {self.kind} -n {NAMESPACE}   (every 2 s; a row when it changes)\n{lines[0]}",
+                flush=True,
+            )
             self.header = True
         rows = lines[1:]
         key = "\n".join(" ".join(row.split()[:-1]) for row in rows)  # without AGE
@@ -75,7 +77,10 @@ def human(num_bytes: int | None) -> str:
 
 
 def main() -> int:
-    step(1, "local Kubernetes: etcd, kube-apiserver, controller-manager, scheduler, kwok (4 simulated GPU nodes)")
+    step(
+        1,
+        "local Kubernetes: etcd, kube-apiserver, controller-manager, scheduler, kwok (4 simulated GPU nodes)",
+    )
     info = local_cluster.up(log=print)
     kubectl = Kubectl.of(info)
 
@@ -83,7 +88,10 @@ def main() -> int:
     out = pipeline.apply_crds(kubectl, ROOT / "crds")
     print(f"$ kubectl apply -f crds/\n{out.rstrip()}")
 
-    step(3, f"the local process node (pods run as processes on this machine) and the operator (namespace {NAMESPACE})")
+    step(
+        3,
+        f"the local process node (pods run as processes on this machine) and the operator (namespace {NAMESPACE})",
+    )
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     pipeline.prepare(kubectl, NAMESPACE, DEMO_DIR)  # namespace, worker ServiceAccount, tiny Llama + chat data
     started: list[subprocess.Popen] = []
@@ -94,8 +102,10 @@ def main() -> int:
         started.append(pipeline.start_node(kubectl, DEMO_DIR / "node", agent_log))
         operator_log = DEMO_DIR / "operator.log"
         port = pipeline.free_port()
-        print(f"$ LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT} lmforge operator run -n {NAMESPACE}"
-              f" --liveness-port {port}  (log: {operator_log})")
+        print(
+            f"$ LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT} lmforge operator run -n {NAMESPACE}"
+            f" --liveness-port {port}  (log: {operator_log})"
+        )
         started.append(pipeline.start_operator(kubectl, NAMESPACE, operator_log, port))
         print(f"operator running (pid {started[-1].pid}), liveness http://127.0.0.1:{port}/healthz")
         old = pipeline.delete_resources(kubectl, NAMESPACE)
@@ -103,49 +113,82 @@ def main() -> int:
             print(f"deleted the previous run's {', '.join(old)}")
         kubectl.show("get", "nodes", "-L", pipeline.NODE_TYPE_LABEL)
 
-        step(4, f"TrainJob {pipeline.TRAINJOB}: full fine-tune of a tiny random Llama, 2 worker processes"
-                " (torchrun, gloo), 50 steps")
+        step(
+            4,
+            f"TrainJob {pipeline.TRAINJOB}: full fine-tune of a tiny random Llama, 2 worker processes"
+            " (torchrun, gloo), 50 steps",
+        )
         print(f"inputs: {DEMO_DIR / 'tiny-llama'}, {DEMO_DIR / 'chat.jsonl'}")
         print(f"$ kubectl apply -f examples/demo/trainjob.yaml   (${{DEMO_DIR}} = {DEMO_DIR})")
         started_at = time.monotonic()
         status = pipeline.train(kubectl, NAMESPACE, DEMO_DIR, on_poll=Table(kubectl, "trainjobs.lmforge.dev"))
         progress = status.get("progress") or {}
-        print(f"Succeeded in {time.monotonic() - started_at:.0f}s: step {progress.get('step')}/"
-              f"{progress.get('totalSteps')}, loss {progress.get('loss')}, checkpoint in {DEMO_DIR / 'tuned'}")
+        print(
+            f"Succeeded in {time.monotonic() - started_at:.0f}s: step {progress.get('step')}/"
+            f"{progress.get('totalSteps')}, loss {progress.get('loss')}, checkpoint in {DEMO_DIR / 'tuned'}"
+        )
 
-        step(5, f"QuantizeJob {pipeline.QUANTIZEJOB}: W4A16 (RTN, group 32) of the fine-tuned model, then serve it")
+        step(
+            5,
+            f"QuantizeJob {pipeline.QUANTIZEJOB}: W4A16 (RTN, group 32) of the fine-tuned model, then serve it",
+        )
         print("$ kubectl apply -f examples/demo/quantizejob.yaml")
         started_at = time.monotonic()
-        status = pipeline.quantize(kubectl, NAMESPACE, DEMO_DIR, on_poll=Table(kubectl, "quantizejobs.lmforge.dev"))
+        status = pipeline.quantize(
+            kubectl, NAMESPACE, DEMO_DIR, on_poll=Table(kubectl, "quantizejobs.lmforge.dev")
+        )
         result = status.get("result") or {}
-        print(f"Succeeded in {time.monotonic() - started_at:.0f}s: {human(result.get('sizeBytesBefore'))} -> "
-              f"{human(result.get('sizeBytesAfter'))}, KL(original || W4A16) {result.get('klDivergence')}, "
-              f"top-1 agreement {result.get('top1Agreement')}, written to {result.get('outputPath')}")
+        print(
+            f"Succeeded in {time.monotonic() - started_at:.0f}s: {human(result.get('sizeBytesBefore'))} -> "
+            f"{human(result.get('sizeBytesAfter'))}, KL(original || W4A16) {result.get('klDivergence')}, "
+            f"top-1 agreement {result.get('top1Agreement')}, written to {result.get('outputPath')}"
+        )
 
-        step(6, f"InferenceService {pipeline.SERVICE} (created by serveAfter): lmforge serve on the process node"
-                " + the openai client")
+        step(
+            6,
+            f"InferenceService {pipeline.SERVICE} (created by serveAfter): lmforge serve on the process node"
+            " + the openai client",
+        )
         started_at = time.monotonic()
-        _, endpoint = pipeline.serve(kubectl, NAMESPACE, on_poll=Table(kubectl, "inferenceservices.lmforge.dev"))
-        print(f"Ready in {time.monotonic() - started_at:.0f}s; `lmforge node endpoints {pipeline.SERVICE} -n {NAMESPACE}`"
-              f" -> {endpoint}")
+        _, endpoint = pipeline.serve(
+            kubectl, NAMESPACE, on_poll=Table(kubectl, "inferenceservices.lmforge.dev")
+        )
+        print(
+            f"Ready in {time.monotonic() - started_at:.0f}s; `lmforge node endpoints {pipeline.SERVICE} -n {NAMESPACE}`"
+            f" -> {endpoint}"
+        )
         reply = pipeline.chat(endpoint, QUESTION)
-        print(f"$ OpenAI(base_url='http://{endpoint}/v1').chat.completions.create(model='{pipeline.SERVICE}', ...)")
+        print(
+            f"$ OpenAI(base_url='http://{endpoint}/v1').chat.completions.create(model='{pipeline.SERVICE}', ...)"
+        )
         print(f"user:      {QUESTION}")
         print(f"assistant: {reply.choices[0].message.content!r}")
-        print("           (a random 64-wide Llama after 50 steps on 4 question/answer pairs, in 4 bits: it parrots"
-              " its training data, through the real path)")
+        print(
+            "           (a random 64-wide Llama after 50 steps on 4 question/answer pairs, in 4 bits: it parrots"
+            " its training data, through the real path)"
+        )
         print(f"usage:     {reply.usage.model_dump()}")
         kubectl.show("get", "lmforge", "-n", NAMESPACE)
         kubectl.show("get", "pods", "-n", NAMESPACE, "-o", "wide")
         failed = False
     except pipeline.PipelineError as error:
         print(f"\ndemo: {error}", file=sys.stderr)
-        print(f"pods: kubectl get pods -n {NAMESPACE}; their logs: {BIN / 'lmforge'} node logs <pod> -n {NAMESPACE}"
-              f" --state-dir {DEMO_DIR / 'node'}", file=sys.stderr)
+        print(
+            f"pods: kubectl get pods -n {NAMESPACE}; their logs: {BIN / 'lmforge'} node logs <pod> -n {NAMESPACE}"
+            f" --state-dir {DEMO_DIR / 'node'}",
+            file=sys.stderr,
+        )
     finally:
-        step(7, "done: " + ("stop the node agent and the operator (the failed run's resources stay for a look;"
-                            " the next run deletes them)" if failed else
-                            "delete the demo's resources, stop the node agent and the operator"))
+        step(
+            7,
+            "done: "
+            + (
+                "stop the node agent and the operator (the failed run's resources stay for a look;"
+                " the next run deletes them)"
+                if failed
+                else "delete the demo's resources, stop the node agent and the operator"
+            ),
+        )
         if len(started) == 2 and not failed:  # the operator's finalizers let the resources go
             try:
                 deleted = pipeline.delete_resources(kubectl, NAMESPACE)
@@ -156,24 +199,31 @@ def main() -> int:
             pipeline.stop(process)
         if started:
             kubectl("delete", "node", NODE_NAME, "--wait=false", check=False)
-            print(f"stopped the operator and the node agent (logs: {DEMO_DIR / 'operator.log'}, {DEMO_DIR / 'node.log'})")
+            print(
+                f"stopped the operator and the node agent (logs: {DEMO_DIR / 'operator.log'}, {DEMO_DIR / 'node.log'})"
+            )
     if failed:
         return 1
-    print(f"\ndemo finished in {time.monotonic() - T0:.0f}s. Checkpoints stay in {DEMO_DIR}: tiny-llama/, tuned/,"
-          f" tuned-w4a16/.\nThe cluster keeps running. Try:\n"
-          f"  export KUBECONFIG={info.kubeconfig}\n"
-          f"  {BIN / 'lmforge'} serve --model {DEMO_DIR / 'tuned-w4a16'}   # the quantized model, outside Kubernetes\n"
-          f"  {BIN / 'lmforge'} node run &  LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT}"
-          f" {BIN / 'lmforge'} operator run -n {NAMESPACE} &\n"
-          f"  sed 's|${{DEMO_DIR}}|{DEMO_DIR}|' examples/demo/trainjob.yaml | kubectl apply -n {NAMESPACE} -f -"
-          f"   # the pipeline by hand\n"
-          f"  {BIN / 'lmforge'} cluster down   # stop the cluster")
+    print(
+        f"\ndemo finished in {time.monotonic() - T0:.0f}s. Checkpoints stay in {DEMO_DIR}: tiny-llama/, tuned/,"
+        f" tuned-w4a16/.\nThe cluster keeps running. Try:\n"
+        f"  export KUBECONFIG={info.kubeconfig}\n"
+        f"  {BIN / 'lmforge'} serve --model {DEMO_DIR / 'tuned-w4a16'}   # the quantized model, outside Kubernetes\n"
+        f"  {BIN / 'lmforge'} node run &  LMFORGE_WORKER_SERVICE_ACCOUNT={pipeline.WORKER_SERVICE_ACCOUNT}"
+        f" {BIN / 'lmforge'} operator run -n {NAMESPACE} &\n"
+        f"  sed 's|${{DEMO_DIR}}|{DEMO_DIR}|' examples/demo/trainjob.yaml | kubectl apply -n {NAMESPACE} -f -"
+        f"   # the pipeline by hand\n"
+        f"  {BIN / 'lmforge'} cluster down   # stop the cluster"
+    )
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -P -m lmforge.demo", description=__doc__.split("\n\n")[0],
-                                     epilog="`make demo` installs everything first and then runs this.")
+    parser = argparse.ArgumentParser(
+        prog="python -P -m lmforge.demo",
+        description=__doc__.split("\n\n")[0],
+        epilog="`make demo` installs everything first and then runs this.",
+    )
     return parser.parse_args(argv)
 
 

@@ -39,12 +39,21 @@ def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -
     from lmforge import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(path, load_format="dummy", device=args.device, dtype=args.dtype,
-              max_model_len=args.prompt_len + args.new_tokens + 16, max_num_seqs=args.batch,
-              enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        path,
+        load_format="dummy",
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.prompt_len + args.new_tokens + 16,
+        max_num_seqs=args.batch,
+        enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager,
+    )
     engine = llm.llm_engine
     startup = time.perf_counter() - started
-    params = SamplingParams(max_tokens=args.new_tokens + 1, temperature=0.0, ignore_eos=True, detokenize=False)
+    params = SamplingParams(
+        max_tokens=args.new_tokens + 1, temperature=0.0, ignore_eos=True, detokenize=False
+    )
     llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False))
     best = 0.0
     for _ in range(args.repeats):
@@ -53,10 +62,14 @@ def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -
         first = min(o.metrics["first_token_time"] for o in outs)
         last = max(o.metrics["finish_time"] for o in outs)
         best = max(best, len(outs) * args.new_tokens / (last - first))
-    result = {"decode_tok_s": round(best, 1), "startup_s": round(startup, 2),
-              "cuda_graph_capture_s": round(engine.cuda_graph_seconds, 2),
-              "cuda_graphs": engine.runner.decode_graphs is not None and bool(engine.runner.decode_graphs.graphs),
-              "kernel_backend": engine.runner.backend.name, "kv_cache_blocks": engine.runner.num_blocks}
+    result = {
+        "decode_tok_s": round(best, 1),
+        "startup_s": round(startup, 2),
+        "cuda_graph_capture_s": round(engine.cuda_graph_seconds, 2),
+        "cuda_graphs": engine.runner.decode_graphs is not None and bool(engine.runner.decode_graphs.graphs),
+        "kernel_backend": engine.runner.backend.name,
+        "kv_cache_blocks": engine.runner.num_blocks,
+    }
     return result, engine.runner.model
 
 
@@ -87,26 +100,44 @@ def bench_hf(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if model_shapes.cuda_missing(args.device):
-        print("bench/decode_roofline.py needs a CUDA GPU (or --device cpu --shape tiny for a smoke run)",
-              file=sys.stderr)
+        print(
+            "bench/decode_roofline.py needs a CUDA GPU (or --device cpu --shape tiny for a smoke run)",
+            file=sys.stderr,
+        )
         return 2
     env = model_shapes.environment(args.device)
     bandwidth = model_shapes.copy_bandwidth_gbps(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = model_shapes.write_shape(Path(tmp) / "model", args.shape, args.prompt_len + args.new_tokens + 16)
+        path = model_shapes.write_shape(
+            Path(tmp) / "model", args.shape, args.prompt_len + args.new_tokens + 16
+        )
         config = json.loads((path / "config.json").read_text())
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, config["vocab_size"], (args.batch, args.prompt_len), generator=gen).tolist()
+        prompts = torch.randint(
+            3, config["vocab_size"], (args.batch, args.prompt_len), generator=gen
+        ).tolist()
         ours, model = bench_ours(path, prompts, args)
-        step = model_shapes.decode_step_bytes(model, config, args.batch, args.prompt_len + args.new_tokens / 2,
-                                              torch.empty(0, dtype=getattr(torch, args.dtype)).element_size())
+        step = model_shapes.decode_step_bytes(
+            model,
+            config,
+            args.batch,
+            args.prompt_len + args.new_tokens / 2,
+            torch.empty(0, dtype=getattr(torch, args.dtype)).element_size(),
+        )
         del model
         roofline = args.batch * bandwidth * 1e9 / step["total"]
         report = {
-            "benchmark": "decode_roofline", "shape": args.shape, "dtype": args.dtype, "batch": args.batch,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "env": env,
-            "copy_bandwidth_gbps": round(bandwidth, 1), "bytes_per_step": step,
-            "roofline_tok_s": round(roofline, 1), "lmforge": ours,
+            "benchmark": "decode_roofline",
+            "shape": args.shape,
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "env": env,
+            "copy_bandwidth_gbps": round(bandwidth, 1),
+            "bytes_per_step": step,
+            "roofline_tok_s": round(roofline, 1),
+            "lmforge": ours,
             "roofline_fraction": round(ours["decode_tok_s"] / roofline, 3),
         }
         if not args.skip_hf:

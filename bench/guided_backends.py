@@ -39,10 +39,15 @@ AGENT_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
         },
         "confidence": {"type": "number"},
-        "sources": {"type": "array", "items": {
-            "type": "object",
-            "properties": {"url": {"type": "string"}, "title": {"type": "string"}},
-            "required": ["url"], "additionalProperties": False}},
+        "sources": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"url": {"type": "string"}, "title": {"type": "string"}},
+                "required": ["url"],
+                "additionalProperties": False,
+            },
+        },
     },
     "required": ["thought", "action", "arguments"],
     "additionalProperties": False,
@@ -58,8 +63,12 @@ def stdlib_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train(files, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -87,12 +96,17 @@ def walk(fill, accept, num_rows: int, steps: int, vocab: int, eos: int, seed: in
             if token == eos:
                 live.remove(row)
     fill_s.sort()
-    return {"steps": len(fill_s), "fill_us_median": round(fill_s[len(fill_s) // 2] * 1e6, 1),
-            "fill_us_mean": round(sum(fill_s) / len(fill_s) * 1e6, 1),
-            "per_row_us_median": round(fill_s[len(fill_s) // 2] * 1e6 / num_rows, 2)}
+    return {
+        "steps": len(fill_s),
+        "fill_us_median": round(fill_s[len(fill_s) // 2] * 1e6, 1),
+        "fill_us_mean": round(sum(fill_s) / len(fill_s) * 1e6, 1),
+        "per_row_us_median": round(fill_s[len(fill_s) // 2] * 1e6 / num_rows, 2),
+    }
 
 
-def bench_xgrammar(tokenizer, vocab: int, schema: str, batch: int, steps: int, seed: int, threads: int) -> dict:
+def bench_xgrammar(
+    tokenizer, vocab: int, schema: str, batch: int, steps: int, seed: int, threads: int
+) -> dict:
     import xgrammar as xgr
 
     start = time.perf_counter()
@@ -111,12 +125,17 @@ def bench_xgrammar(tokenizer, vocab: int, schema: str, batch: int, steps: int, s
     def accept(row, token):
         assert matchers[row].accept_token(token)
 
-    return {"version": importlib.metadata.version("xgrammar"), "tokenizer_init_ms": round(tokenizer_s * 1e3, 1),
-            "compile_ms": round(compile_s * 1e3, 2),
-            **walk(fill, accept, batch, steps, vocab, tokenizer.eos_token_id, seed)}
+    return {
+        "version": importlib.metadata.version("xgrammar"),
+        "tokenizer_init_ms": round(tokenizer_s * 1e3, 1),
+        "compile_ms": round(compile_s * 1e3, 2),
+        **walk(fill, accept, batch, steps, vocab, tokenizer.eos_token_id, seed),
+    }
 
 
-def bench_llguidance(tokenizer, vocab: int, schema: str, batch: int, steps: int, seed: int, threads: int) -> dict:
+def bench_llguidance(
+    tokenizer, vocab: int, schema: str, batch: int, steps: int, seed: int, threads: int
+) -> dict:
     import llguidance
     import llguidance.hf
     import llguidance.torch
@@ -125,8 +144,7 @@ def bench_llguidance(tokenizer, vocab: int, schema: str, batch: int, steps: int,
     lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
     tokenizer_s = time.perf_counter() - start
     start = time.perf_counter()
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(
-        schema, defaults={"whitespace_flexible": False})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
     first = llguidance.LLMatcher(lltok, grammar)  # llguidance compiles lazily: the first matcher pays
     compile_s = time.perf_counter() - start
     assert not first.is_error(), first.get_error()
@@ -139,9 +157,12 @@ def bench_llguidance(tokenizer, vocab: int, schema: str, batch: int, steps: int,
     def accept(row, token):
         assert matchers[row].consume_token(token), matchers[row].get_error()
 
-    return {"version": importlib.metadata.version("llguidance"), "tokenizer_init_ms": round(tokenizer_s * 1e3, 1),
-            "compile_ms": round(compile_s * 1e3, 2),
-            **walk(fill, accept, batch, steps, vocab, tokenizer.eos_token_id, seed)}
+    return {
+        "version": importlib.metadata.version("llguidance"),
+        "tokenizer_init_ms": round(tokenizer_s * 1e3, 1),
+        "compile_ms": round(compile_s * 1e3, 2),
+        **walk(fill, accept, batch, steps, vocab, tokenizer.eos_token_id, seed),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     schema = json.dumps(AGENT_SCHEMA)
     report = {"vocab_size": vocab, "batch": args.batch, "threads": args.threads, "schema_bytes": len(schema)}
     for name, fn in (("xgrammar", bench_xgrammar), ("llguidance", bench_llguidance)):
-        report[name] = {f"batch_{b}": fn(tokenizer, vocab, schema, b, args.steps, args.seed, args.threads)
-                        for b in sorted({1, args.batch})}
+        report[name] = {
+            f"batch_{b}": fn(tokenizer, vocab, schema, b, args.steps, args.seed, args.threads)
+            for b in sorted({1, args.batch})
+        }
     print(json.dumps(report))
     return 0
 

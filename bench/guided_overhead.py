@@ -32,8 +32,14 @@ def write_model(path: Path, vocab_size: int, hidden_size: int, num_layers: int) 
     from lmforge.runtime.models.tiny import tiny_hf_config
 
     tokenizer = stdlib_tokenizer(vocab_size)
-    config = tiny_hf_config("llama", len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
-                            num_heads=max(1, hidden_size // 64), num_kv_heads=max(1, hidden_size // 128))
+    config = tiny_hf_config(
+        "llama",
+        len(tokenizer),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=max(1, hidden_size // 64),
+        num_kv_heads=max(1, hidden_size // 128),
+    )
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, None
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -65,8 +71,11 @@ def run(engine, batch: int, guided: bool, steps: int) -> dict:
 
     decoder.fill_bitmask, runner.sampler = timed_fill, timed_sampler
     plain = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    constrained = SamplingParams(max_tokens=steps + 8, temperature=0.0,
-                                 structured_outputs=StructuredOutputsParams(json=json.dumps(AGENT_SCHEMA)))
+    constrained = SamplingParams(
+        max_tokens=steps + 8,
+        temperature=0.0,
+        structured_outputs=StructuredOutputsParams(json=json.dumps(AGENT_SCHEMA)),
+    )
     for i in range(batch):
         engine.add_request(f"r{i}", "def main():", constrained if guided and i == 0 else plain)
     step_s = []
@@ -80,10 +89,12 @@ def run(engine, batch: int, guided: bool, steps: int) -> dict:
             engine.abort_request([f"r{i}" for i in range(batch)])
     decoder.fill_bitmask, runner.sampler = original, sampler
     engine.step()  # deliver the aborts
-    decode = step_s[2:steps + 2]
-    return {"step_us_median": round(statistics.median(decode) * 1e6, 1),
-            "sampler_us_median": round(statistics.median(sample_s[2:steps + 2]) * 1e6, 1),
-            "fill_bitmask_us_median": round(statistics.median(fill_s[2:]) * 1e6, 1) if len(fill_s) > 2 else 0.0}
+    decode = step_s[2 : steps + 2]
+    return {
+        "step_us_median": round(statistics.median(decode) * 1e6, 1),
+        "sampler_us_median": round(statistics.median(sample_s[2 : steps + 2]) * 1e6, 1),
+        "fill_bitmask_us_median": round(statistics.median(fill_s[2:]) * 1e6, 1) if len(fill_s) > 2 else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +115,25 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp) / "model", args.vocab_size, args.hidden_size, args.num_layers)
-        engine = LLMEngine(EngineArgs(model=path, device=args.device, dtype=args.dtype, max_model_len=512,
-                                      max_num_seqs=max(args.batches), num_blocks=max(args.batches) * 8 + 64))
+        engine = LLMEngine(
+            EngineArgs(
+                model=path,
+                device=args.device,
+                dtype=args.dtype,
+                max_model_len=512,
+                max_num_seqs=max(args.batches),
+                num_blocks=max(args.batches) * 8 + 64,
+            )
+        )
         engine._guided_decoder()  # built once up front: its ~0.5 s tokenizer conversion is not a step
-        report = {"device": args.device, "dtype": args.dtype, "vocab_size": engine.model_config.vocab_size,
-                  "hidden_size": args.hidden_size, "num_layers": args.num_layers, "steps": args.steps}
+        report = {
+            "device": args.device,
+            "dtype": args.dtype,
+            "vocab_size": engine.model_config.vocab_size,
+            "hidden_size": args.hidden_size,
+            "num_layers": args.num_layers,
+            "steps": args.steps,
+        }
         for batch in args.batches:
             base = run(engine, batch, guided=False, steps=args.steps)
             with_guided = run(engine, batch, guided=True, steps=args.steps)
@@ -119,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_sampler_us": base["sampler_us_median"],
                 "one_guided_row_sampler_us": with_guided["sampler_us_median"],
                 "fill_bitmask_us": with_guided["fill_bitmask_us_median"],  # llguidance, on the CPU
-                "baseline_fill_bitmask_us": base["fill_bitmask_us_median"],  # 0.0: unguided rows never reach it
+                "baseline_fill_bitmask_us": base[
+                    "fill_bitmask_us_median"
+                ],  # 0.0: unguided rows never reach it
                 # what the guided row adds to a step: its mask fill + the sampler's bitmask application
                 "mask_overhead_us": round(with_guided["fill_bitmask_us_median"] + apply_us, 1),
             }

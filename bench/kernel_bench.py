@@ -50,11 +50,15 @@ def bench_decode_attention(copy_gbps: float) -> list[dict]:
     rows = []
     for batch, context in [(1, 8192), (8, 4096), (32, 2048), (64, 1024), (128, 512)]:
         for int8 in (False, True):
-            caches, scales, bt, sl = random_paged_cache([context] * batch, 8, 128, 16, torch.bfloat16, "cuda", int8=int8)
+            caches, scales, bt, sl = random_paged_cache(
+                [context] * batch, 8, 128, 16, torch.bfloat16, "cuda", int8=int8
+            )
             q = torch.randn(batch, 32, 128, dtype=torch.bfloat16, device="cuda")
             kw = dict(k_scale_cache=scales[0], v_scale_cache=scales[1])
             us = _bench_us(lambda: paged_decode_attention(q, *caches, bt, sl, 128**-0.5, **kw))  # noqa: B023
-            kv_bytes = 2 * batch * context * 8 * 128 * (1 if int8 else 2) + (2 * batch * context * 8 * 4 if int8 else 0)
+            kv_bytes = 2 * batch * context * 8 * 128 * (1 if int8 else 2) + (
+                2 * batch * context * 8 * 4 if int8 else 0
+            )
             gbps = kv_bytes / us / 1e3
             rows.append({"batch": batch, "context": context, "kv": "int8" if int8 else "bf16", "us": us,
                          "gbps": gbps, "fraction_of_copy": gbps / copy_gbps})  # fmt: skip
@@ -62,8 +66,10 @@ def bench_decode_attention(copy_gbps: float) -> list[dict]:
     caches, _, bt, sl = random_paged_cache([8192] * 8, 8, 128, 16, torch.bfloat16, "cuda")
     q = torch.randn(8, 32, 128, dtype=torch.bfloat16, device="cuda")
     slopes = alibi_slopes(32).cuda()
-    for name, kw in [("softcap50+window4096", dict(logits_soft_cap=50.0, sliding_window=4096)),
-                     ("alibi", dict(alibi_slopes=slopes))]:
+    for name, kw in [
+        ("softcap50+window4096", dict(logits_soft_cap=50.0, sliding_window=4096)),
+        ("alibi", dict(alibi_slopes=slopes)),
+    ]:
         us = _bench_us(lambda: paged_decode_attention(q, *caches, bt, sl, 128**-0.5, **kw))  # noqa: B023
         gbps = 2 * 8 * min(8192, kw.get("sliding_window", 8192)) * 8 * 128 * 2 / us / 1e3
         rows.append({"batch": 8, "context": 8192, "kv": "bf16", "options": name, "us": us, "gbps": gbps,

@@ -19,19 +19,51 @@ from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
-                         rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, head_dim=128,
-                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 8.0}),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
+    ),
     # CPU smoke runs of the scripts (tests): same code path, seconds instead of minutes
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=1024, tie_word_embeddings=True, head_dim=16,
-                 rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 32}),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+        head_dim=16,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 32},
+    ),
 }
 
 
@@ -70,24 +102,42 @@ def write_shape(path: pathlib.Path, shape: str, max_position_embeddings: int) ->
     dims = SHAPES[shape]
     path.mkdir(parents=True, exist_ok=True)
     # transformers warns unless the llama3 rope's original context is below the model's
-    max_position_embeddings = max(max_position_embeddings, dims["rope_scaling"]["original_max_position_embeddings"] + 1)
+    max_position_embeddings = max(
+        max_position_embeddings, dims["rope_scaling"]["original_max_position_embeddings"] + 1
+    )
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-5, "initializer_range": 0.02,
-        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2, "torch_dtype": "bfloat16",
-        "attention_bias": False, "mlp_bias": False, **dims,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+        "torch_dtype": "bfloat16",
+        "attention_bias": False,
+        "mlp_bias": False,
+        **dims,
     }
     (path / "config.json").write_text(json.dumps(config, indent=1))
     build_tokenizer().save_pretrained(path)
     return path
 
 
-def decode_step_bytes(model: Any, config: dict[str, Any], batch: int, mean_context: float, kv_itemsize: int) -> dict:
+def decode_step_bytes(
+    model: Any, config: dict[str, Any], batch: int, mean_context: float, kv_itemsize: int
+) -> dict:
     """Bytes one decode step must read from memory: every weight once (the input embedding is a row
     lookup unless it doubles as the tied LM head) plus each sequence's K and V so far."""
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-                       if config["tie_word_embeddings"] or "embed_tokens" not in name)
-    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * kv_itemsize
+    weight_bytes = sum(
+        p.numel() * p.element_size()
+        for name, p in model.named_parameters()
+        if config["tie_word_embeddings"] or "embed_tokens" not in name
+    )
+    kv_per_token = (
+        2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"] * kv_itemsize
+    )
     kv_bytes = int(batch * mean_context * kv_per_token)
     return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "total": weight_bytes + kv_bytes}
 
@@ -151,4 +201,3 @@ def cuda_missing(device: str) -> bool:
     import torch
 
     return device.startswith("cuda") and not torch.cuda.is_available()
-

@@ -45,13 +45,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, list[list[int]]]:
+def bench_ours(
+    path: Path, prompts: list[list[int]], args: argparse.Namespace
+) -> tuple[dict, list[list[int]]]:
     from lmforge import LLM, SamplingParams
 
     max_len = args.prompt_len + args.max_tokens
-    llm = LLM(path, device=args.device, dtype=args.dtype, max_model_len=max_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)
+    llm = LLM(
+        path,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=max_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     sync(args.device)
@@ -66,25 +74,32 @@ def bench_ours(path: Path, prompts: list[list[int]], args: argparse.Namespace) -
 def bench_hf(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, list[list[int]]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    )
     ids = torch.tensor(prompts, device=args.device)
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
-        model.generate(ids[:2], max_new_tokens=4, min_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(ids[:2])})
+        model.generate(
+            ids[:2], max_new_tokens=4, min_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(ids[:2])}
+        )
         sync(args.device)
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, **kw)
         sync(args.device)
     seconds = time.perf_counter() - start
-    tokens = out[:, ids.shape[1]:].tolist()
+    tokens = out[:, ids.shape[1] :].tolist()
     return _result(seconds, sum(map(len, tokens)), args), tokens
 
 
 def _result(seconds: float, generated: int, args: argparse.Namespace) -> dict:
     prompt_tokens = args.num_prompts * args.prompt_len
-    return {"seconds": round(seconds, 4), "generated_tokens": generated,
-            "output_tok_s": round(generated / seconds, 1),
-            "total_tok_s": round((generated + prompt_tokens) / seconds, 1)}
+    return {
+        "seconds": round(seconds, 4),
+        "generated_tokens": generated,
+        "output_tok_s": round(generated / seconds, 1),
+        "total_tok_s": round((generated + prompt_tokens) / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -97,26 +112,45 @@ def main() -> None:
         else:
             from lmforge.runtime.models.tiny import save_tiny_model
 
-            path = save_tiny_model(Path(tmp) / "model", args.arch, hidden_size=args.hidden_size,
-                                   num_layers=args.num_layers, num_heads=args.num_heads,
-                                   num_kv_heads=args.num_kv_heads, vocab_size=args.vocab_size)
+            path = save_tiny_model(
+                Path(tmp) / "model",
+                args.arch,
+                hidden_size=args.hidden_size,
+                num_layers=args.num_layers,
+                num_heads=args.num_heads,
+                num_kv_heads=args.num_kv_heads,
+                vocab_size=args.vocab_size,
+            )
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(3, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
         ours, our_tokens = bench_ours(path, prompts, args)
         report = {
-            "model": str(args.model) if args.model else {"arch": args.arch, "hidden_size": args.hidden_size,
-                                                        "num_layers": args.num_layers, "num_heads": args.num_heads,
-                                                        "num_kv_heads": args.num_kv_heads, "vocab_size": vocab},
-            "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+            "model": str(args.model)
+            if args.model
+            else {
+                "arch": args.arch,
+                "hidden_size": args.hidden_size,
+                "num_layers": args.num_layers,
+                "num_heads": args.num_heads,
+                "num_kv_heads": args.num_kv_heads,
+                "vocab_size": vocab,
+            },
+            "device": args.device,
+            "dtype": args.dtype,
+            "threads": torch.get_num_threads(),
+            "num_prompts": args.num_prompts,
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
             "lmforge": ours,
         }
         if not args.skip_hf:
             hf, hf_tokens = bench_hf(path, prompts, args)
             report["hf"] = hf
             report["speedup_output_tok_s"] = round(ours["output_tok_s"] / hf["output_tok_s"], 3)
-            report["greedy_sequences_identical"] = sum(a == b for a, b in zip(our_tokens, hf_tokens, strict=True))
+            report["greedy_sequences_identical"] = sum(
+                a == b for a, b in zip(our_tokens, hf_tokens, strict=True)
+            )
         print(json.dumps(report))  # one line, last on stdout (libraries may log above it)
 
 

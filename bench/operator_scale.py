@@ -39,8 +39,12 @@ def trainjob(name: str, namespace: str, nodes: int) -> dict[str, Any]:
         "apiVersion": "lmforge.dev/v1alpha1",
         "kind": "TrainJob",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"},
-                 "output": {"dir": f"/out/{name}"}, "numNodes": nodes},
+        "spec": {
+            "model": "/models/llama",
+            "dataset": {"source": "/data/train.jsonl"},
+            "output": {"dir": f"/out/{name}"},
+            "numNodes": nodes,
+        },
     }
 
 
@@ -54,11 +58,14 @@ class Watch(threading.Thread):
         config.load_kube_config()
         if kind == "pods":
             api = client.CoreV1Api()
-            self.list = lambda **kw: api.list_namespaced_pod(namespace, label_selector="lmforge.dev/job-name", **kw)
+            self.list = lambda **kw: api.list_namespaced_pod(
+                namespace, label_selector="lmforge.dev/job-name", **kw
+            )
         else:
             api = client.CustomObjectsApi()
-            self.list = lambda **kw: api.list_namespaced_custom_object("lmforge.dev", "v1alpha1", namespace,
-                                                                       "trainjobs", **kw)
+            self.list = lambda **kw: api.list_namespaced_custom_object(
+                "lmforge.dev", "v1alpha1", namespace, "trainjobs", **kw
+            )
         self.first_seen: dict[str, float] = {}
         self.stop = threading.Event()
 
@@ -119,8 +126,11 @@ def run(jobs: int, nodes: int, namespace: str, batch: int, timeout: float, log_p
     job_watcher.start()
     time.sleep(2)  # both watches established
     log = open(log_path, "w")  # noqa: SIM115
-    operator = subprocess.Popen([LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", namespace],
-                                stdout=log, stderr=subprocess.STDOUT)
+    operator = subprocess.Popen(
+        [LMFORGE, "operator", "run", "--standalone", "--liveness-port", "0", "-n", namespace],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     sampler = Sampler(operator.pid)
     sampler.start()
     try:
@@ -130,8 +140,12 @@ def run(jobs: int, nodes: int, namespace: str, batch: int, timeout: float, log_p
         names = [f"scale-{i:04d}" for i in range(jobs)]
         start = time.monotonic()
         for offset in range(0, jobs, batch):
-            chunk = names[offset:offset + batch]
-            body = {"apiVersion": "v1", "kind": "List", "items": [trainjob(n, namespace, nodes) for n in chunk]}
+            chunk = names[offset : offset + batch]
+            body = {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [trainjob(n, namespace, nodes) for n in chunk],
+            }
             before = time.monotonic()
             kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body))
             for name in chunk:
@@ -143,8 +157,11 @@ def run(jobs: int, nodes: int, namespace: str, batch: int, timeout: float, log_p
         while not expected <= watcher.first_seen.keys() and time.monotonic() < deadline:
             time.sleep(0.5)
         seen = watcher.first_seen
-        latencies = [max(seen[f"{n}-{r}"] for r in range(nodes)) - applied[n]
-                     for n in names if all(f"{n}-{r}" in seen for r in range(nodes))]
+        latencies = [
+            max(seen[f"{n}-{r}"] for r in range(nodes)) - applied[n]
+            for n in names
+            if all(f"{n}-{r}" in seen for r in range(nodes))
+        ]
         last = max((seen[p] for p in expected if p in seen), default=start)
         return {
             "jobs": jobs,
@@ -162,8 +179,11 @@ def run(jobs: int, nodes: int, namespace: str, batch: int, timeout: float, log_p
                 "max": round(max(latencies), 2) if latencies else None,
                 "mean": round(statistics.fmean(latencies), 2) if latencies else None,
             },
-            "operator_rss_mb": {"idle": round(idle_rss, 1), "peak": round(sampler.peak_rss_mb, 1),
-                                "end": round(sampler.rss_mb(), 1)},
+            "operator_rss_mb": {
+                "idle": round(idle_rss, 1),
+                "peak": round(sampler.peak_rss_mb, 1),
+                "end": round(sampler.rss_mb(), 1),
+            },
             "operator_cpu_seconds": round(sampler.cpu_seconds(), 1),
             "cpu_count": os.cpu_count(),
         }
@@ -172,8 +192,10 @@ def run(jobs: int, nodes: int, namespace: str, batch: int, timeout: float, log_p
         watcher.stop.set()
         job_watcher.stop.set()
         # delete the jobs while the operator runs: it releases their finalizers
-        subprocess.run(["kubectl", "delete", "trainjobs", "--all", "-n", namespace, "--timeout=600s"],
-                       capture_output=True)
+        subprocess.run(
+            ["kubectl", "delete", "trainjobs", "--all", "-n", namespace, "--timeout=600s"],
+            capture_output=True,
+        )
         operator.send_signal(signal.SIGTERM)
         try:
             operator.wait(30)

@@ -47,7 +47,9 @@ class RequestResult:
 # --- prompts -----------------------------------------------------------------------------------------
 
 
-def random_prompts(tokenizer_path: str, num: int, input_len: int, seed: int) -> tuple[list[list[int]], list[str]]:
+def random_prompts(
+    tokenizer_path: str, num: int, input_len: int, seed: int
+) -> tuple[list[list[int]], list[str]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -61,11 +63,23 @@ def random_prompts(tokenizer_path: str, num: int, input_len: int, seed: int) -> 
 # --- one request ---------------------------------------------------------------------------------------
 
 
-async def send(client: httpx.AsyncClient, endpoint: str, model: str, prompt_ids: list[int], prompt_text: str,
-               output_len: int) -> RequestResult:
+async def send(
+    client: httpx.AsyncClient,
+    endpoint: str,
+    model: str,
+    prompt_ids: list[int],
+    prompt_text: str,
+    output_len: int,
+) -> RequestResult:
     result = RequestResult(prompt_len=len(prompt_ids))
-    body: dict = {"model": model, "max_tokens": output_len, "stream": True, "ignore_eos": True,
-                  "temperature": 0.0, "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": model,
+        "max_tokens": output_len,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream_options": {"include_usage": True},
+    }
     if endpoint == "chat":
         path = "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": prompt_text}]
@@ -111,13 +125,17 @@ async def send(client: httpx.AsyncClient, endpoint: str, model: str, prompt_ids:
 # --- load --------------------------------------------------------------------------------------------
 
 
-async def run_load(args: argparse.Namespace, base_url: str, prompts: tuple[list[list[int]], list[str]]) -> dict:
+async def run_load(
+    args: argparse.Namespace, base_url: str, prompts: tuple[list[list[int]], list[str]]
+) -> dict:
     ids, texts = prompts
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     concurrency = args.max_concurrency or len(ids)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     rng = random.Random(args.seed)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=args.timeout, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=args.timeout, limits=limits
+    ) as client:
         for i in range(min(args.warmup, len(ids))):
             await send(client, args.endpoint, args.model_name, ids[i], texts[i], min(args.output_len, 8))
         sem = asyncio.Semaphore(concurrency)
@@ -142,9 +160,11 @@ def _percentiles(values: list[float], name: str, unit_scale: float = 1000.0) -> 
         return {f"mean_{name}_ms": 0.0, f"median_{name}_ms": 0.0, f"p99_{name}_ms": 0.0}
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return {f"mean_{name}_ms": statistics.fmean(values) * unit_scale,
-            f"median_{name}_ms": statistics.median(values) * unit_scale,
-            f"p99_{name}_ms": p99 * unit_scale}
+    return {
+        f"mean_{name}_ms": statistics.fmean(values) * unit_scale,
+        f"median_{name}_ms": statistics.median(values) * unit_scale,
+        f"p99_{name}_ms": p99 * unit_scale,
+    }
 
 
 def summarize(args: argparse.Namespace, results: list[RequestResult], duration: float) -> dict:
@@ -153,11 +173,19 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
     output_tokens = sum(r.output_tokens for r in done)
     tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
     summary = {
-        "endpoint": args.endpoint, "num_prompts": len(results), "input_len": args.input_len,
-        "output_len": args.output_len, "request_rate": str(args.request_rate),
-        "max_concurrency": args.max_concurrency, "completed": len(done), "failed": len(results) - len(done),
-        "duration_s": duration, "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
-        "request_throughput": len(done) / duration, "output_throughput": output_tokens / duration,
+        "endpoint": args.endpoint,
+        "num_prompts": len(results),
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "request_rate": str(args.request_rate),
+        "max_concurrency": args.max_concurrency,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration_s": duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         **_percentiles([r.ttft_s for r in done], "ttft"),
         **_percentiles(tpot, "tpot"),
@@ -172,15 +200,21 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
 
 def print_summary(s: dict) -> None:
     rows = [
-        ("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+        ("Successful requests", s["completed"]),
+        ("Failed requests", s["failed"]),
         ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
-        ("Total input tokens", s["total_input_tokens"]), ("Total generated tokens", s["total_output_tokens"]),
+        ("Total input tokens", s["total_input_tokens"]),
+        ("Total generated tokens", s["total_output_tokens"]),
         ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
     ]
-    for metric, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
-                          ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
+    for metric, label in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
         rows.append((f"-- {label} --", ""))
         for stat in ("mean", "median", "p99"):
             rows.append((f"{stat.capitalize()} {metric.upper()} (ms)", f"{s[f'{stat}_{metric}_ms']:.2f}"))
@@ -202,8 +236,19 @@ def _free_port() -> int:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", args.model, "--port", str(port),
-           "--served-model-name", args.model_name, *shlex.split(args.serve_args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--served-model-name",
+        args.model_name,
+        *shlex.split(args.serve_args),
+    ]
     log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -229,14 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-args", default="", help="extra `lmforge serve` flags (with --model), one string")
     p.add_argument("--server-log", default=None, help="where the started server's output goes")
     p.add_argument("--server-timeout", type=float, default=600.0)
-    p.add_argument("--model-name", default=None, help="`model` in requests (default: the --model basename or "
-                                                       "the first of /v1/models)")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="`model` in requests (default: the --model basename or the first of /v1/models)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer for random prompts (default: --model)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--max-concurrency", type=int, default=None, help="closed loop: at most N requests in flight")
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, help="closed loop: at most N requests in flight"
+    )
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     p.add_argument("--warmup", type=int, default=2, help="short requests before timing starts")
     p.add_argument("--seed", type=int, default=0)
@@ -262,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.model_name:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-            args.model_name = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+            args.model_name = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][
+                0
+            ]["id"]
         summary = asyncio.run(run_load(args, base_url, prompts))
     finally:
         if proc is not None:

@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the binaries before any test starts: a cold build takes far longer than the
     per-test timeout, which would otherwise count it against the first e2e test."""
-    if session.config.option.collectonly or not any("cluster" in getattr(i, "fixturenames", ())
-                                                    for i in session.items):
+    if session.config.option.collectonly or not any(
+        "cluster" in getattr(i, "fixturenames", ()) for i in session.items
+    ):
         return
     from lmforge.operator.localcluster.build import BuildError, ensure_binaries
 
@@ -55,8 +56,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         session.config.stash[BUILD_ERROR] = str(error)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5,
-             message: str | Callable[[], str] = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60.0,
+    interval: float = 0.5,
+    message: str | Callable[[], str] = "",
+) -> Any:
     """Poll `predicate` until it returns something truthy and return that; fail the test after
     `timeout` seconds with `message` (a callable is evaluated only then, e.g. to read a log).
     Exceptions from the predicate count as 'not yet' but the last one is reported."""
@@ -93,29 +98,36 @@ class Cluster:
         self.kubectl_path: Path = info.kubectl
         self.helm_path: Path = info.helm
 
-    def _run(self, binary: Path, args: tuple[str, ...], check: bool, input: str | None,
-             timeout: float) -> subprocess.CompletedProcess:
+    def _run(
+        self, binary: Path, args: tuple[str, ...], check: bool, input: str | None, timeout: float
+    ) -> subprocess.CompletedProcess:
         command = [str(binary), *map(str, args)]
-        result = subprocess.run(command, input=input, capture_output=True, text=True,
-                                env=self.info.env(), timeout=timeout)
+        result = subprocess.run(
+            command, input=input, capture_output=True, text=True, env=self.info.env(), timeout=timeout
+        )
         if check and result.returncode != 0:
             raise CommandError(result.returncode, command, result.stdout, result.stderr)
         return result
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = COMMAND_TIMEOUT_S
+    ) -> subprocess.CompletedProcess:
         return self._run(self.kubectl_path, args, check, input, timeout)
 
     def kubectl_json(self, *args: str) -> dict:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
-    def helm(self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
+    def helm(
+        self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S
+    ) -> subprocess.CompletedProcess:
         return self._run(self.helm_path, args, check, None, timeout)
 
     def apply(self, manifest: dict | list[dict]) -> subprocess.CompletedProcess:
         """`kubectl apply` of in-memory objects."""
         items = manifest if isinstance(manifest, list) else [manifest]
-        return self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        return self.kubectl(
+            "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        )
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +168,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def operator_process(cluster: Cluster,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., OperatorProcess]]:
+def operator_process(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., OperatorProcess]]:
     """Factory of operator processes against the session's cluster, all stopped (SIGTERM) when the
     module is done; stop them earlier where the order matters (kopf's finalizers need a running
     operator to let custom resources go, so delete those first).
@@ -177,11 +190,21 @@ def operator_process(cluster: Cluster,
     directory = tmp_path_factory.mktemp("operator")
     started: list[OperatorProcess] = []
 
-    def start(*args: str, namespace: str | None = None, standalone: bool = True,
-              env: dict[str, str] | None = None, liveness: bool = False, name: str = "operator") -> OperatorProcess:
+    def start(
+        *args: str,
+        namespace: str | None = None,
+        standalone: bool = True,
+        env: dict[str, str] | None = None,
+        liveness: bool = False,
+        name: str = "operator",
+    ) -> OperatorProcess:
         flags = (*(["--standalone"] if standalone else []), *(["-n", namespace] if namespace else []), *args)
-        op = OperatorProcess({**cluster.info.env(), **(env or {})}, directory / f"{len(started):02d}-{name}.log",
-                             flags, free_port() if liveness else 0)
+        op = OperatorProcess(
+            {**cluster.info.env(), **(env or {})},
+            directory / f"{len(started):02d}-{name}.log",
+            flags,
+            free_port() if liveness else 0,
+        )
         started.append(op)
         return op.start()
 

@@ -27,8 +27,14 @@ def ns(cluster):
 
 def pod(name: str, annotations: dict | None = None, finalizers: list | None = None, **spec) -> dict:
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "annotations": annotations or {}, "finalizers": finalizers or []},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "annotations": annotations or {},
+            "finalizers": finalizers or [],
+        },
         "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": IMAGE}], **spec},
     }
 
@@ -42,7 +48,9 @@ def phase(cluster, name: str) -> str | None:
 
 
 def is_ready(obj: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", [])
+    )
 
 
 def test_four_ready_nodes_with_eight_gpus(cluster):
@@ -65,13 +73,28 @@ def test_versions_are_the_real_ones(cluster):
 def test_deployment_pods_run_on_kwok_nodes(cluster, ns, wait_for):
     labels = {"app": "gpu-deploy"}
     container = {"name": "main", "image": IMAGE, "resources": {"limits": {"nvidia.com/gpu": "8"}}}
-    cluster.apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gpu-deploy", "namespace": ns},
-        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
-                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}},
-    })
-    wait_for(lambda: cluster.kubectl_json("get", "deployment", "gpu-deploy", "-n", ns)
-             .get("status", {}).get("readyReplicas") == 2, timeout=60, message="deployment never had 2 ready replicas")
+    cluster.apply(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "gpu-deploy", "namespace": ns},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            },
+        }
+    )
+    wait_for(
+        lambda: (
+            cluster.kubectl_json("get", "deployment", "gpu-deploy", "-n", ns)
+            .get("status", {})
+            .get("readyReplicas")
+            == 2
+        ),
+        timeout=60,
+        message="deployment never had 2 ready replicas",
+    )
     pods = cluster.kubectl_json("get", "pods", "-n", ns, "-l", "app=gpu-deploy")["items"]
     assert len(pods) == 2
     assert all(p["status"]["phase"] == "Running" and is_ready(p) and p["status"].get("podIP") for p in pods)
@@ -99,7 +122,9 @@ def test_fate_set_on_a_running_pod(cluster, ns, wait_for):
     cluster.apply(pod("late-fate"))
     wait_for(lambda: phase(cluster, "late-fate") == "Running", timeout=60, message="pod never Running")
     cluster.kubectl("annotate", "pod", "late-fate", "-n", ns, "lmforge.dev/fate=fail-137")
-    wait_for(lambda: phase(cluster, "late-fate") == "Failed", timeout=60, message="annotated pod never Failed")
+    wait_for(
+        lambda: phase(cluster, "late-fate") == "Failed", timeout=60, message="annotated pod never Failed"
+    )
     status = get_pod(cluster, "late-fate")["status"]
     assert status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
     assert not is_ready(get_pod(cluster, "late-fate"))
@@ -112,17 +137,30 @@ def test_readiness_follows_the_annotation(cluster, ns, wait_for):
     cluster.kubectl("annotate", "pod", "unready", "-n", ns, "lmforge.dev/ready=true", "--overwrite")
     wait_for(lambda: is_ready(get_pod(cluster, "unready")), timeout=60, message="pod never became Ready")
     cluster.kubectl("annotate", "pod", "unready", "-n", ns, "lmforge.dev/ready=false", "--overwrite")
-    wait_for(lambda: not is_ready(get_pod(cluster, "unready")), timeout=60, message="pod never became unready")
+    wait_for(
+        lambda: not is_ready(get_pod(cluster, "unready")), timeout=60, message="pod never became unready"
+    )
 
 
 def test_job_pods_complete(cluster, ns, wait_for):
-    cluster.apply({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "job", "namespace": ns},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never", "containers": [{"name": "main", "image": IMAGE}]}}},
-    })
-    wait_for(lambda: cluster.kubectl_json("get", "job", "job", "-n", ns).get("status", {}).get("succeeded") == 1,
-             timeout=90, message="job never succeeded")
+    cluster.apply(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "job", "namespace": ns},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": IMAGE}]}
+                },
+            },
+        }
+    )
+    wait_for(
+        lambda: cluster.kubectl_json("get", "job", "job", "-n", ns).get("status", {}).get("succeeded") == 1,
+        timeout=90,
+        message="job never succeeded",
+    )
 
 
 def test_deleting_a_pod_removes_it_once_finalizers_are_gone(cluster, ns, wait_for):
@@ -136,14 +174,26 @@ def test_deleting_a_pod_removes_it_once_finalizers_are_gone(cluster, ns, wait_fo
     cluster.kubectl("delete", "pod", "doomed", "held", "-n", ns, "--wait=false")
     wait_for(lambda: gone("doomed"), timeout=60, message="deleted pod still there")
     assert get_pod(cluster, "held")["metadata"].get("deletionTimestamp")
-    cluster.kubectl("patch", "pod", "held", "-n", ns, "--type=json",
-                    "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    cluster.kubectl(
+        "patch",
+        "pod",
+        "held",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        '[{"op": "remove", "path": "/metadata/finalizers"}]',
+    )
     wait_for(lambda: gone("held"), timeout=60, message="pod still there after its finalizer was removed")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "lmforge.cli", "cluster", *args],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "lmforge.cli", "cluster", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_second_cluster_up_is_idempotent_and_down_leaves_nothing(cluster, tmp_path):
@@ -157,8 +207,11 @@ def test_second_cluster_up_is_idempotent_and_down_leaves_nothing(cluster, tmp_pa
         assert again.returncode == 0 and "already up" in again.stderr
         state = json.loads((tmp_path / "second" / "state.json").read_text())
         assert _cli("status", "--state-dir", state_dir).returncode == 0
-        session_ports = {p for p in json.loads((cluster.state_dir / "state.json").read_text())["processes"]
-                         for p in p["ports"]}
+        session_ports = {
+            p
+            for p in json.loads((cluster.state_dir / "state.json").read_text())["processes"]
+            for p in p["ports"]
+        }
         assert not session_ports & {port for p in state["processes"] for port in p["ports"]}
     finally:
         down = _cli("down", "--state-dir", state_dir)

@@ -56,18 +56,28 @@ NAMESPACED_GRANTS = {
 DISCOVERY_GRANTS = {"customresourcedefinitions.apiextensions.k8s.io": "list watch"}
 # Never granted, whatever the values: (verb, resource, extra kubectl args).
 DANGEROUS = [
-    ("get", "secrets", ["-A"]), ("list", "secrets", ["-A"]), ("watch", "secrets", ["-A"]),
+    ("get", "secrets", ["-A"]),
+    ("list", "secrets", ["-A"]),
+    ("watch", "secrets", ["-A"]),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", []),
     ("create", "customresourcedefinitions.apiextensions.k8s.io", []),
     ("update", "customresourcedefinitions.apiextensions.k8s.io", []),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", []),
-    ("escalate", "clusterroles.rbac.authorization.k8s.io", []), ("bind", "clusterroles.rbac.authorization.k8s.io", []),
-    ("impersonate", "serviceaccounts", ["-A"]), ("create", "serviceaccounts", ["-A", "--subresource=token"]),
-    ("create", "pods", ["-A", "--subresource=exec"]), ("get", "pods", ["-A", "--subresource=log"]),
-    ("update", "deployments.apps", ["-A"]), ("delete", "deployments.apps", ["-A"]),
-    ("delete", "namespaces", []), ("create", "namespaces", []), ("patch", "nodes", []),
-    ("update", "trainjobs.lmforge.dev", ["-A"]), ("patch", "trainjobs.lmforge.dev", ["-A", "--subresource=status"]),
-    ("delete", "inferenceservices.lmforge.dev", ["-A"]), ("get", "configmaps", ["-A"]),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io", []),
+    ("bind", "clusterroles.rbac.authorization.k8s.io", []),
+    ("impersonate", "serviceaccounts", ["-A"]),
+    ("create", "serviceaccounts", ["-A", "--subresource=token"]),
+    ("create", "pods", ["-A", "--subresource=exec"]),
+    ("get", "pods", ["-A", "--subresource=log"]),
+    ("update", "deployments.apps", ["-A"]),
+    ("delete", "deployments.apps", ["-A"]),
+    ("delete", "namespaces", []),
+    ("create", "namespaces", []),
+    ("patch", "nodes", []),
+    ("update", "trainjobs.lmforge.dev", ["-A"]),
+    ("patch", "trainjobs.lmforge.dev", ["-A", "--subresource=status"]),
+    ("delete", "inferenceservices.lmforge.dev", ["-A"]),
+    ("get", "configmaps", ["-A"]),
 ]
 
 
@@ -112,7 +122,9 @@ class OperatorAs:
         kubeconfig.write_text(json.dumps(sa_kubeconfig(cluster, namespace, pod["serviceAccountName"])))
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT,
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **env, "POD_NAME": f"{deployment}-local", "KUBECONFIG": str(kubeconfig)},
         )
 
@@ -137,14 +149,27 @@ class OperatorAs:
 def sa_kubeconfig(cluster, namespace: str, service_account: str) -> dict[str, Any]:
     """A kubeconfig for the API server of `cluster` that authenticates with a token of the
     ServiceAccount (what the pod would mount), not the admin's client certificate."""
-    token = cluster.kubectl("create", "token", service_account, "-n", namespace, "--duration=2h").stdout.strip()
+    token = cluster.kubectl(
+        "create", "token", service_account, "-n", namespace, "--duration=2h"
+    ).stdout.strip()
     admin = cluster.kubectl_json("config", "view", "--raw", "--minify", "--flatten")
     server = admin["clusters"][0]["cluster"]
-    return {"apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "local", "cluster": {"server": server["server"],
-                                                       "certificate-authority-data": server["certificate-authority-data"]}}],
-            "users": [{"name": service_account, "user": {"token": token}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account}}]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "sa",
+        "clusters": [
+            {
+                "name": "local",
+                "cluster": {
+                    "server": server["server"],
+                    "certificate-authority-data": server["certificate-authority-data"],
+                },
+            }
+        ],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account}}],
+    }
 
 
 class Kube:
@@ -154,13 +179,21 @@ class Kube:
         self.cluster, self.wait_for, self.operator = cluster, wait_for, operator
 
     def apply(self, kind: str, namespace: str, name: str, **spec: Any) -> None:
-        obj = {"apiVersion": "lmforge.dev/v1alpha1", "kind": kind,
-               "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        obj = {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
 
     def trainjob(self, namespace: str, name: str, **spec: Any) -> None:
-        base = {"model": MODEL, "dataset": {"source": "/data/train.jsonl"}, "output": {"dir": "/out/llama"},
-                "failurePolicy": {"backoffSeconds": 1}}
+        base = {
+            "model": MODEL,
+            "dataset": {"source": "/data/train.jsonl"},
+            "output": {"dir": "/out/llama"},
+            "failurePolicy": {"backoffSeconds": 1},
+        }
         self.apply("TrainJob", namespace, name, **{**base, **spec})
 
     def get(self, namespace: str, kind: str, name: str, check: bool = True) -> dict[str, Any] | None:
@@ -175,28 +208,55 @@ class Kube:
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
     def reasons(self, namespace: str, kind: str, name: str) -> set[str]:
-        items = self.cluster.kubectl_json("get", "events", "-n", namespace, "--field-selector",
-                                          f"involvedObject.name={name},involvedObject.kind={kind}")["items"]
+        items = self.cluster.kubectl_json(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            f"involvedObject.name={name},involvedObject.kind={kind}",
+        )["items"]
         return {e["reason"] for e in items}
 
-    def wait_status(self, namespace: str, kind: str, name: str, timeout: float = 90, **want: Any) -> dict[str, Any]:
+    def wait_status(
+        self, namespace: str, kind: str, name: str, timeout: float = 90, **want: Any
+    ) -> dict[str, Any]:
         def match() -> dict[str, Any] | None:
             status = self.status(namespace, kind, name)
             return status if all(status.get(k) == v for k, v in want.items()) else None
 
-        return self.wait_for(match, timeout=timeout, message=lambda: (
-            f"{kind} {namespace}/{name} never had {want}: {self.status(namespace, kind, name)}\n"
-            f"{self.operator.log()[-8000:]}"))
+        return self.wait_for(
+            match,
+            timeout=timeout,
+            message=lambda: (
+                f"{kind} {namespace}/{name} never had {want}: {self.status(namespace, kind, name)}\n"
+                f"{self.operator.log()[-8000:]}"
+            ),
+        )
 
     def wait_gone(self, namespace: str, kind: str, name: str, timeout: float = 60) -> None:
-        self.wait_for(lambda: self.get(namespace, kind, name, check=False) is None, timeout=timeout,
-                      message=lambda: f"{kind} {namespace}/{name} was never deleted\n{self.operator.log()[-8000:]}")
+        self.wait_for(
+            lambda: self.get(namespace, kind, name, check=False) is None,
+            timeout=timeout,
+            message=lambda: f"{kind} {namespace}/{name} was never deleted\n{self.operator.log()[-8000:]}",
+        )
 
 
 def install(cluster, release: str, namespace: str, *values: str) -> None:
     sets = [arg for value in values for arg in ("--set", value)]
-    cluster.helm("install", release, CHART, "-n", namespace, "--create-namespace", *sets,
-                 "--wait", "--timeout", "120s", timeout=180)
+    cluster.helm(
+        "install",
+        release,
+        CHART,
+        "-n",
+        namespace,
+        "--create-namespace",
+        *sets,
+        "--wait",
+        "--timeout",
+        "120s",
+        timeout=180,
+    )
 
 
 def uninstall(cluster, release: str, namespace: str) -> None:
@@ -205,7 +265,9 @@ def uninstall(cluster, release: str, namespace: str) -> None:
 
 
 def can_i_list(cluster, service_account: str, namespace: str) -> dict[str, tuple[str, str]]:
-    return parse_can_i(cluster.kubectl("auth", "can-i", "--list", f"--as={service_account}", "-n", namespace).stdout)
+    return parse_can_i(
+        cluster.kubectl("auth", "can-i", "--list", f"--as={service_account}", "-n", namespace).stdout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +285,17 @@ def baseline(cluster) -> Callable[[str], dict[str, tuple[str, str]]]:
 def test_lint_and_template(cluster) -> None:
     out = cluster.helm("lint", "--strict", CHART).stdout
     assert "0 chart(s) failed" in out and "[WARNING]" not in out
-    for values in ([], ["--set", "watchNamespaces={default,kube-public}", "--set", "dashboards.enabled=true",
-                        "--set", "workerServiceAccount.name=trainer"]):
+    for values in (
+        [],
+        [
+            "--set",
+            "watchNamespaces={default,kube-public}",
+            "--set",
+            "dashboards.enabled=true",
+            "--set",
+            "workerServiceAccount.name=trainer",
+        ],
+    ):
         rendered = cluster.helm("template", "lmforge", CHART, "-n", "default", *values).stdout
         kinds = re.findall(r"^kind: (\w+)$", rendered, re.M)
         assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"} <= set(kinds)
@@ -234,17 +305,25 @@ def test_lint_and_template(cluster) -> None:
         cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 1"),
-    ("replicaCount=two", "at '/replicaCount': got string, want integer"),
-    ("watchNamespaces=team-a", "at '/watchNamespaces': got string, want array"),
-    ("peering.name=Not_Valid", "at '/peering/name'"),
-], ids=["negative", "string", "not-a-list", "bad-name"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 1"),
+        ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+        ("watchNamespaces=team-a", "at '/watchNamespaces': got string, want array"),
+        ("peering.name=Not_Valid", "at '/peering/name'"),
+    ],
+    ids=["negative", "string", "not-a-list", "bad-name"],
+)
 def test_install_rejects_bad_values_with_a_clear_message(cluster, value: str, message: str) -> None:
     release = f"bad-{SUFFIX}"
-    result = cluster.helm("install", release, CHART, "-n", f"e2e-helm-bad-{SUFFIX}", "--set", value, check=False)
+    result = cluster.helm(
+        "install", release, CHART, "-n", f"e2e-helm-bad-{SUFFIX}", "--set", value, check=False
+    )
     assert result.returncode != 0
-    assert "values don't meet the specifications of the schema(s)" in result.stderr and message in result.stderr
+    assert (
+        "values don't meet the specifications of the schema(s)" in result.stderr and message in result.stderr
+    )
     assert cluster.helm("status", release, "-n", f"e2e-helm-bad-{SUFFIX}", check=False).returncode != 0
 
 
@@ -263,11 +342,20 @@ def clusterwide_operator(cluster, tmp_path_factory) -> Iterator[OperatorAs]:
     c = ClusterWide
     install(cluster, c.RELEASE, SYSTEM_NS, f"peering.name={c.PEERING}")
     cluster.kubectl("create", "namespace", c.NS)
-    op = OperatorAs(cluster, SYSTEM_NS, c.RELEASE, tmp_path_factory.mktemp("helm-clusterwide") / "operator.log")
+    op = OperatorAs(
+        cluster, SYSTEM_NS, c.RELEASE, tmp_path_factory.mktemp("helm-clusterwide") / "operator.log"
+    )
     yield op
     # the operator releases its finalizers; then it stops, then the release goes
-    cluster.kubectl("delete", "trainjobs,quantizejobs,inferenceservices", "--all", "-n", c.NS, "--timeout=60s",
-                    check=False)
+    cluster.kubectl(
+        "delete",
+        "trainjobs,quantizejobs,inferenceservices",
+        "--all",
+        "-n",
+        c.NS,
+        "--timeout=60s",
+        check=False,
+    )
     op.stop()
     uninstall(cluster, c.RELEASE, SYSTEM_NS)
     cluster.kubectl("delete", "namespace", c.NS, "--wait=false", check=False)
@@ -285,22 +373,32 @@ class TestClusterWide(ClusterWide):
     def test_installed_deployment_runs_hardened(self, cluster, operator) -> None:
         deployment = cluster.kubectl_json("get", "deployment", self.RELEASE, "-n", SYSTEM_NS)
         assert deployment["status"].get("readyReplicas") == 2  # `helm install --wait` saw them ready (kwok)
-        pods = cluster.kubectl_json("get", "pods", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/instance={self.RELEASE}")
+        pods = cluster.kubectl_json(
+            "get", "pods", "-n", SYSTEM_NS, "-l", f"app.kubernetes.io/instance={self.RELEASE}"
+        )
         for pod in pods["items"]:
             spec = pod["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True
             assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
         assert operator.command[1:4] == ["operator", "run", "--peering"]
 
-    def test_operator_as_its_service_account_reconciles_without_a_403(self, kube: Kube, cluster, wait_for,
-                                                                      operator: OperatorAs) -> None:
+    def test_operator_as_its_service_account_reconciles_without_a_403(
+        self, kube: Kube, cluster, wait_for, operator: OperatorAs
+    ) -> None:
         ns = self.NS
         # TrainJob: gang created (pods, headless Service, ConfigMap), status written, Events posted
         kube.trainjob(ns, "gang", numNodes=2)
         kube.trainjob(ns, "ttl", numNodes=2, ttlSecondsAfterFinished=1)
         kube.apply("InferenceService", ns, "chat", model={"source": MODEL}, replicas=2)
-        kube.apply("QuantizeJob", ns, "quant", model=MODEL, method="w4a16-rtn", output="/out/llama-w4",
-                   serveAfter={"name": "quant-chat", "replicas": 1})
+        kube.apply(
+            "QuantizeJob",
+            ns,
+            "quant",
+            model=MODEL,
+            method="w4a16-rtn",
+            output="/out/llama-w4",
+            serveAfter={"name": "quant-chat", "replicas": 1},
+        )
         status = kube.wait_status(ns, "trainjob", "gang", phase="Running")
         assert status["observedGeneration"] == 1 and status["replicas"]["active"] == 2
         assert kube.get(ns, "service", "gang") and kube.get(ns, "configmap", "gang-config")
@@ -312,10 +410,18 @@ class TestClusterWide(ClusterWide):
         kube.wait_status(ns, "trainjob", "ttl", phase="Running")
         cluster.kubectl("annotate", "-n", ns, "pod", "ttl-0", "lmforge.dev/fate=succeed")
         kube.wait_gone(ns, "trainjob", "ttl")
-        wait_for(lambda: not kube.pods(ns, "lmforge.dev/job-name=ttl"), timeout=60, message="ttl pods outlived the job")
+        wait_for(
+            lambda: not kube.pods(ns, "lmforge.dev/job-name=ttl"),
+            timeout=60,
+            message="ttl pods outlived the job",
+        )
         # deleting a running job: the cleanup handler removes its children
         cluster.kubectl("delete", "-n", ns, "trainjob", "gang", "--timeout=60s")
-        wait_for(lambda: not kube.pods(ns, "lmforge.dev/job-name=gang"), timeout=60, message="gang pods left behind")
+        wait_for(
+            lambda: not kube.pods(ns, "lmforge.dev/job-name=gang"),
+            timeout=60,
+            message="gang pods left behind",
+        )
 
         # InferenceService: Deployment + Service + PDB by server-side apply, status, Events
         status = kube.wait_status(ns, "inferenceservice", "chat", phase="Ready", readyReplicas=2)
@@ -323,16 +429,26 @@ class TestClusterWide(ClusterWide):
         assert kube.get(ns, "pdb", "chat") and kube.get(ns, "service", "chat")
         # drift repair through deployments/scale
         cluster.kubectl("scale", "-n", ns, "deployment/chat", "--replicas=1")
-        wait_for(lambda: "ReplicasRestored" in kube.reasons(ns, "InferenceService", "chat")
-                 and kube.get(ns, "deployment", "chat")["spec"]["replicas"] == 2, timeout=60, message=operator.log)
+        wait_for(
+            lambda: (
+                "ReplicasRestored" in kube.reasons(ns, "InferenceService", "chat")
+                and kube.get(ns, "deployment", "chat")["spec"]["replicas"] == 2
+            ),
+            timeout=60,
+            message=operator.log,
+        )
         # one replica: the PDB is deleted
-        cluster.kubectl("patch", "-n", ns, "lmisvc", "chat", "--type=merge", "-p", '{"spec": {"replicas": 1}}')
+        cluster.kubectl(
+            "patch", "-n", ns, "lmisvc", "chat", "--type=merge", "-p", '{"spec": {"replicas": 1}}'
+        )
         kube.wait_status(ns, "inferenceservice", "chat", observedGeneration=2, replicas=1)
         wait_for(lambda: kube.get(ns, "pdb", "chat", check=False) is None, timeout=60, message=operator.log)
 
         # QuantizeJob: a batch Job (kwok completes its pod), status, then serveAfter creates an
         # InferenceService by server-side apply, which the InferenceService controller serves
-        status = kube.wait_status(ns, "quantizejob", "quant", phase="Succeeded", inferenceService="quant-chat")
+        status = kube.wait_status(
+            ns, "quantizejob", "quant", phase="Succeeded", inferenceService="quant-chat"
+        )
         assert status["observedGeneration"] == 1 and kube.get(ns, "job", "quant")
         kube.wait_status(ns, "inferenceservice", "quant-chat", observedGeneration=1)
         assert kube.get(ns, "deployment", "quant-chat")
@@ -343,21 +459,34 @@ class TestClusterWide(ClusterWide):
         assert operator.forbidden_lines() == [], "\n".join(operator.forbidden_lines())
 
     def test_grants_are_exactly_the_expected_set(self, cluster, operator, baseline) -> None:
-        extra = {k: v for k, v in can_i_list(cluster, self.SA, self.NS).items() if baseline(self.NS).get(k) != v}
-        expected = grants({**NAMESPACED_GRANTS, **DISCOVERY_GRANTS,
-                           "clusterkopfpeerings.kopf.dev": "create list watch"})
+        extra = {
+            k: v for k, v in can_i_list(cluster, self.SA, self.NS).items() if baseline(self.NS).get(k) != v
+        }
+        expected = grants(
+            {**NAMESPACED_GRANTS, **DISCOVERY_GRANTS, "clusterkopfpeerings.kopf.dev": "create list watch"}
+        )
         expected[f"clusterkopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "get patch")
         assert extra == expected
 
-    @pytest.mark.parametrize(("verb", "resource", "args"), DANGEROUS, ids=[f"{v}-{r}{''.join(a[1:])}" for v, r, a in DANGEROUS])
-    def test_dangerous_verbs_are_refused(self, cluster, operator, verb: str, resource: str, args: list[str]) -> None:
+    @pytest.mark.parametrize(
+        ("verb", "resource", "args"), DANGEROUS, ids=[f"{v}-{r}{''.join(a[1:])}" for v, r, a in DANGEROUS]
+    )
+    def test_dangerous_verbs_are_refused(
+        self, cluster, operator, verb: str, resource: str, args: list[str]
+    ) -> None:
         result = cluster.kubectl("auth", "can-i", verb, resource, f"--as={self.SA}", *args, check=False)
         assert result.stdout.strip() == "no", f"{self.SA} may {verb} {resource}"
 
     def test_peering_patch_is_limited_to_its_own_object(self, cluster, operator) -> None:
         def can(name: str) -> str:
-            return cluster.kubectl("auth", "can-i", "patch", f"clusterkopfpeerings.kopf.dev/{name}", f"--as={self.SA}",
-                                   check=False).stdout.strip()
+            return cluster.kubectl(
+                "auth",
+                "can-i",
+                "patch",
+                f"clusterkopfpeerings.kopf.dev/{name}",
+                f"--as={self.SA}",
+                check=False,
+            ).stdout.strip()
 
         assert (can(self.PEERING), can("someone-else")) == ("yes", "no")
 
@@ -379,13 +508,27 @@ def namespaced_operator(cluster, tmp_path_factory) -> Iterator[OperatorAs]:
     c = WatchNamespaces
     for namespace in (c.A, c.B, c.OTHER):
         cluster.kubectl("create", "namespace", namespace)
-    install(cluster, c.RELEASE, c.SYSTEM, f"watchNamespaces={{{c.A},{c.B}}}", f"peering.name={c.PEERING}",
-            "workerServiceAccount.name=lmforge-worker", "replicaCount=1")
+    install(
+        cluster,
+        c.RELEASE,
+        c.SYSTEM,
+        f"watchNamespaces={{{c.A},{c.B}}}",
+        f"peering.name={c.PEERING}",
+        "workerServiceAccount.name=lmforge-worker",
+        "replicaCount=1",
+    )
     op = OperatorAs(cluster, c.SYSTEM, c.RELEASE, tmp_path_factory.mktemp("helm-namespaced") / "operator.log")
     yield op
     for namespace in (c.A, c.B):
-        cluster.kubectl("delete", "trainjobs,quantizejobs,inferenceservices", "--all", "-n", namespace,
-                        "--timeout=60s", check=False)
+        cluster.kubectl(
+            "delete",
+            "trainjobs,quantizejobs,inferenceservices",
+            "--all",
+            "-n",
+            namespace,
+            "--timeout=60s",
+            check=False,
+        )
     op.stop()
     uninstall(cluster, c.RELEASE, c.SYSTEM)
     for namespace in (c.A, c.B, c.OTHER):
@@ -397,7 +540,9 @@ class TestWatchNamespaces(WatchNamespaces):
     def operator(self, namespaced_operator) -> OperatorAs:
         return namespaced_operator
 
-    def test_operator_reconciles_its_namespaces_without_a_403(self, cluster, wait_for, operator: OperatorAs) -> None:
+    def test_operator_reconciles_its_namespaces_without_a_403(
+        self, cluster, wait_for, operator: OperatorAs
+    ) -> None:
         kube = Kube(cluster, wait_for, operator)
         assert operator.command[-4:] == ["-n", self.A, "-n", self.B]
         kube.trainjob(self.A, "solo", numNodes=1)
@@ -423,22 +568,40 @@ class TestWatchNamespaces(WatchNamespaces):
     def test_grants_per_namespace(self, cluster, operator, baseline) -> None:
         discovery = grants({**DISCOVERY_GRANTS, "namespaces": "list watch"})
         for namespace in (self.A, self.B):
-            extra = {k: v for k, v in can_i_list(cluster, self.SA, namespace).items()
-                     if baseline(namespace).get(k) != v}
-            expected = {**grants({**NAMESPACED_GRANTS, "kopfpeerings.kopf.dev": "create list watch"}), **discovery}
+            extra = {
+                k: v
+                for k, v in can_i_list(cluster, self.SA, namespace).items()
+                if baseline(namespace).get(k) != v
+            }
+            expected = {
+                **grants({**NAMESPACED_GRANTS, "kopfpeerings.kopf.dev": "create list watch"}),
+                **discovery,
+            }
             expected[f"kopfpeerings.kopf.dev [{self.PEERING}]"] = (self.PEERING, "get patch")
             assert extra == expected, namespace
-        elsewhere = {k: v for k, v in can_i_list(cluster, self.SA, self.OTHER).items()
-                     if baseline(self.OTHER).get(k) != v}
+        elsewhere = {
+            k: v
+            for k, v in can_i_list(cluster, self.SA, self.OTHER).items()
+            if baseline(self.OTHER).get(k) != v
+        }
         assert elsewhere == discovery
 
-    @pytest.mark.parametrize(("verb", "resource", "where"), [
-        ("list", "pods", "-A"), ("create", "pods", "other"), ("list", "trainjobs.lmforge.dev", "-A"),
-        ("patch", "clusterkopfpeerings.kopf.dev", ""), ("create", "clusterkopfpeerings.kopf.dev", ""),
-        ("get", "secrets", "a"), ("list", "secrets", "-A"), ("patch", "deployments.apps", "other"),
-    ])
-    def test_nothing_outside_the_watched_namespaces(self, cluster, operator, verb: str, resource: str,
-                                                    where: str) -> None:
+    @pytest.mark.parametrize(
+        ("verb", "resource", "where"),
+        [
+            ("list", "pods", "-A"),
+            ("create", "pods", "other"),
+            ("list", "trainjobs.lmforge.dev", "-A"),
+            ("patch", "clusterkopfpeerings.kopf.dev", ""),
+            ("create", "clusterkopfpeerings.kopf.dev", ""),
+            ("get", "secrets", "a"),
+            ("list", "secrets", "-A"),
+            ("patch", "deployments.apps", "other"),
+        ],
+    )
+    def test_nothing_outside_the_watched_namespaces(
+        self, cluster, operator, verb: str, resource: str, where: str
+    ) -> None:
         args = {"-A": ["-A"], "": [], "other": ["-n", self.OTHER], "a": ["-n", self.A]}[where]
         result = cluster.kubectl("auth", "can-i", verb, resource, f"--as={self.SA}", *args, check=False)
         assert result.stdout.strip() == "no"

@@ -42,9 +42,11 @@ class FakeMetrics:
                 with metrics.lock:
                     value, running = metrics.waiting, metrics.running
                     metrics.first_served.setdefault(value, time.monotonic())
-                body = (f'# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name="{pod}"}} {value}\n'
-                        f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="{pod}"}} {running}\n'
-                        f'# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name="{pod}"}} 0.1\n')
+                body = (
+                    f'# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name="{pod}"}} {value}\n'
+                    f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="{pod}"}} {running}\n'
+                    f'# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name="{pod}"}} 0.1\n'
+                )
                 data = body.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -71,7 +73,9 @@ class FakeMetrics:
 def operator(cluster, operator_process) -> Iterator[OperatorProcess]:
     """`lmforge operator run --standalone` watching the module's namespace."""
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/inferenceservices.lmforge.dev")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/inferenceservices.lmforge.dev"
+    )
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
     op = operator_process(namespace=NAMESPACE, name="isvc")
     # leftovers of an earlier session on a reused cluster: gone before we start (kopf's finalizer
@@ -96,14 +100,19 @@ class Services:
         self.cluster, self.wait_for, self.operator = cluster, wait_for, operator
 
     def manifest(self, name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
-        return {"apiVersion": "lmforge.dev/v1alpha1", "kind": "InferenceService",
-                "metadata": {"name": name, "namespace": NAMESPACE, "annotations": annotations or {}},
-                "spec": {"model": {"source": MODEL}, **spec}}
+        return {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": NAMESPACE, "annotations": annotations or {}},
+            "spec": {"model": {"source": MODEL}, **spec},
+        }
 
-    def apply(self, name: str, annotations: dict[str, str] | None = None, check: bool = True,
-              **spec: Any) -> subprocess.CompletedProcess:
-        return self.cluster.kubectl("apply", "-f", "-", input=json.dumps(self.manifest(name, annotations, **spec)),
-                                    check=check)
+    def apply(
+        self, name: str, annotations: dict[str, str] | None = None, check: bool = True, **spec: Any
+    ) -> subprocess.CompletedProcess:
+        return self.cluster.kubectl(
+            "apply", "-f", "-", input=json.dumps(self.manifest(name, annotations, **spec)), check=check
+        )
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.cluster.kubectl("-n", NAMESPACE, *args, check=check)
@@ -118,7 +127,9 @@ class Services:
         return self.get("deployment", name)["spec"]["replicas"]
 
     def pods(self, name: str) -> list[dict[str, Any]]:
-        items = self.cluster.kubectl_json("get", "pods", "-n", NAMESPACE, "-l", f"lmforge.dev/inferenceservice={name}")
+        items = self.cluster.kubectl_json(
+            "get", "pods", "-n", NAMESPACE, "-l", f"lmforge.dev/inferenceservice={name}"
+        )
         return [p for p in items["items"] if not p["metadata"].get("deletionTimestamp")]
 
     def wait_status(self, name: str, timeout: float = 60, **want: Any) -> dict[str, Any]:
@@ -126,12 +137,22 @@ class Services:
             status = self.status(name)
             return status if all(status.get(k) == v for k, v in want.items()) else None
 
-        return self.wait_for(match, timeout=timeout, interval=0.5,
-                             message=lambda: f"{name}: status never had {want}: {self.status(name)}\n{self.operator.tail()}")
+        return self.wait_for(
+            match,
+            timeout=timeout,
+            interval=0.5,
+            message=lambda: f"{name}: status never had {want}: {self.status(name)}\n{self.operator.tail()}",
+        )
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        items = self.cluster.kubectl_json("get", "events", "-n", NAMESPACE, "--field-selector",
-                                          f"involvedObject.name={name},involvedObject.kind=InferenceService")["items"]
+        items = self.cluster.kubectl_json(
+            "get",
+            "events",
+            "-n",
+            NAMESPACE,
+            "--field-selector",
+            f"involvedObject.name={name},involvedObject.kind=InferenceService",
+        )["items"]
         return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
 
     def reasons(self, name: str) -> list[str]:
@@ -144,16 +165,32 @@ def services(cluster, wait_for, operator) -> Services:
 
 
 def test_apply_builds_deployment_service_pdb_and_becomes_ready(services: Services, cluster) -> None:
-    cluster.kubectl("create", "secret", "generic", "chat-key", "-n", NAMESPACE, "--from-literal=api-key=s3cret",
-                    check=False)
-    services.apply("chat", replicas=2, model={"source": MODEL, "servedName": "llama", "maxModelLen": 4096},
-                   engine={"maxNumSeqs": 64, "prefixCaching": False}, apiKeySecret={"name": "chat-key"})
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "chat-key",
+        "-n",
+        NAMESPACE,
+        "--from-literal=api-key=s3cret",
+        check=False,
+    )
+    services.apply(
+        "chat",
+        replicas=2,
+        model={"source": MODEL, "servedName": "llama", "maxModelLen": 4096},
+        engine={"maxNumSeqs": 64, "prefixCaching": False},
+        apiKeySecret={"name": "chat-key"},
+    )
     status = services.wait_status("chat", phase="Ready", readyReplicas=2, timeout=90)
     assert status["url"] == f"http://chat.{NAMESPACE}.svc.cluster.local/v1"
     assert status["selector"] == "lmforge.dev/inferenceservice=chat"
     assert status["replicas"] == 2 and status["observedGeneration"] == 1
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Ready": "True", "Progressing": "False",
-                                                                      "Degraded": "False"}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
 
     deployment = services.get("deployment", "chat")
     assert deployment["metadata"]["ownerReferences"][0]["kind"] == "InferenceService"
@@ -162,13 +199,22 @@ def test_apply_builds_deployment_service_pdb_and_becomes_ready(services: Service
     command = container["command"]
     assert command[:2] == ["lmforge", "serve"]
     flags = dict(zip(command[2::2], command[3::2], strict=False))
-    assert {k: flags[k] for k in ("--model", "--served-model-name", "--max-model-len", "--max-num-seqs",
-                                  "--host", "--port")} == {
-        "--model": MODEL, "--served-model-name": "llama", "--max-model-len": "4096", "--max-num-seqs": "64",
-        "--host": "0.0.0.0", "--port": "8000"}
+    assert {
+        k: flags[k]
+        for k in ("--model", "--served-model-name", "--max-model-len", "--max-num-seqs", "--host", "--port")
+    } == {
+        "--model": MODEL,
+        "--served-model-name": "llama",
+        "--max-model-len": "4096",
+        "--max-num-seqs": "64",
+        "--host": "0.0.0.0",
+        "--port": "8000",
+    }
     assert "--no-enable-prefix-caching" in command
     probe = container["startupProbe"]
-    assert probe["httpGet"]["path"] == "/health" and probe["periodSeconds"] * probe["failureThreshold"] >= 1200
+    assert (
+        probe["httpGet"]["path"] == "/health" and probe["periodSeconds"] * probe["failureThreshold"] >= 1200
+    )
     assert container["livenessProbe"]["httpGet"]["path"] == "/version"
     assert container["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
@@ -176,7 +222,9 @@ def test_apply_builds_deployment_service_pdb_and_becomes_ready(services: Service
     assert env["LMFORGE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "chat-key", "key": "api-key"}}
 
     service = services.get("service", "chat")
-    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", 80, "http")]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("http", 80, "http")
+    ]
     assert services.get("pdb", "chat")["spec"]["maxUnavailable"] == 1
     assert "Applied" in services.reasons("chat") and "Ready" in services.reasons("chat")
 
@@ -195,15 +243,24 @@ def test_kubectl_scale_and_drift_repair(services: Services, wait_for) -> None:
     wait_for(lambda: services.replicas("chat") == 3, timeout=30, message=services.operator.tail)
     services.wait_status("chat", phase="Ready", readyReplicas=3, replicas=3)
     services.kubectl("scale", "deployment/chat", "--replicas=1")  # behind the operator's back
-    wait_for(lambda: services.replicas("chat") == 3 and "ReplicasRestored" in services.reasons("chat"), timeout=30,
-             message=services.operator.tail)
+    wait_for(
+        lambda: services.replicas("chat") == 3 and "ReplicasRestored" in services.reasons("chat"),
+        timeout=30,
+        message=services.operator.tail,
+    )
 
 
 def test_failed_pod_is_reported_and_replaced(services: Services, wait_for) -> None:
     victim = services.pods("chat")[0]["metadata"]["name"]
     services.kubectl("annotate", "pod", victim, "lmforge.dev/fate=fail-1")
-    failure = wait_for(lambda: (services.status("chat").get("lastFailure") or {}).get("pod") == victim
-                       and services.status("chat")["lastFailure"], timeout=30, message=services.operator.tail)
+    failure = wait_for(
+        lambda: (
+            (services.status("chat").get("lastFailure") or {}).get("pod") == victim
+            and services.status("chat")["lastFailure"]
+        ),
+        timeout=30,
+        message=services.operator.tail,
+    )
     assert failure["exitCode"] == 1 and failure["reason"] == "Error"
     assert failure["message"] == "lmforge.dev/fate=fail-1"
     wait_for(lambda: "PodFailed" in services.reasons("chat"), timeout=15)
@@ -245,16 +302,30 @@ def _wait_replicas(services: Services, name: str, want: int, timeout: float) -> 
     raise AssertionError(f"{name}: Deployment never reached {want} replicas\n{services.operator.tail()}")
 
 
-def test_autoscaler_scales_up_and_down_on_engine_metrics(services: Services, fake_metrics: FakeMetrics,
-                                                         wait_for) -> None:
+def test_autoscaler_scales_up_and_down_on_engine_metrics(
+    services: Services, fake_metrics: FakeMetrics, wait_for
+) -> None:
     down_window = 10
-    services.apply("auto", annotations={"lmforge.dev/metrics-url": fake_metrics.url}, replicas=1,
-                   autoscaling={"minReplicas": 1, "maxReplicas": 4, "metric": "queue", "target": 4,
-                                "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": down_window,
-                                "maxScaleDownStep": 2})
+    services.apply(
+        "auto",
+        annotations={"lmforge.dev/metrics-url": fake_metrics.url},
+        replicas=1,
+        autoscaling={
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "metric": "queue",
+            "target": 4,
+            "scaleUpStabilizationSeconds": 0,
+            "scaleDownStabilizationSeconds": down_window,
+            "maxScaleDownStep": 2,
+        },
+    )
     services.wait_status("auto", phase="Ready", readyReplicas=1, timeout=60)
-    wait_for(lambda: (services.status("auto").get("autoscaling") or {}).get("currentMetricValue") == 0,
-             timeout=30, message=services.operator.tail)
+    wait_for(
+        lambda: (services.status("auto").get("autoscaling") or {}).get("currentMetricValue") == 0,
+        timeout=30,
+        message=services.operator.tail,
+    )
 
     changed = fake_metrics.set(12.0)  # 12 waiting on 1 replica, target 4/replica -> 3 replicas
     seen_up = _wait_replicas(services, "auto", 3, timeout=30)
@@ -277,20 +348,27 @@ def test_autoscaler_scales_up_and_down_on_engine_metrics(services: Services, fak
     assert scale_events[0]["message"] == status["history"][0]["reason"]
 
     up_latency, down_latency = seen_up - changed, seen_down - changed_down
-    report = (f"decision latency: scale-up {up_latency:.2f}s after the metric changed "
-              f"({seen_up - scraped_up:.2f}s after the first scrape that saw it); scale-down {down_latency:.2f}s "
-              f"with a {down_window}s down-window")
+    report = (
+        f"decision latency: scale-up {up_latency:.2f}s after the metric changed "
+        f"({seen_up - scraped_up:.2f}s after the first scrape that saw it); scale-down {down_latency:.2f}s "
+        f"with a {down_window}s down-window"
+    )
     print(report)
     interval = 5.0  # the operator's scrape/decide period (LMFORGE_AUTOSCALER_INTERVAL_SECONDS)
     assert up_latency <= interval + 3, report
     assert down_window <= down_latency <= down_window + 2 * interval + 3, report
 
 
-def test_scale_to_zero_and_wake_by_kubectl_scale(services: Services, fake_metrics: FakeMetrics, wait_for) -> None:
+def test_scale_to_zero_and_wake_by_kubectl_scale(
+    services: Services, fake_metrics: FakeMetrics, wait_for
+) -> None:
     fake_metrics.set(0.0)
     fake_metrics.running = 0.0  # idle: no request waiting or running anywhere
-    services.apply("idle", annotations={"lmforge.dev/metrics-url": fake_metrics.url},
-                   autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleDownStabilizationSeconds": 5})
+    services.apply(
+        "idle",
+        annotations={"lmforge.dev/metrics-url": fake_metrics.url},
+        autoscaling={"minReplicas": 0, "maxReplicas": 2, "scaleDownStabilizationSeconds": 5},
+    )
     status = services.wait_status("idle", phase="Ready", timeout=60)
     cond = next(c for c in status["conditions"] if c["type"] == "ScaleToZero")
     assert cond["reason"] == "ColdStartAfterIdle" and "no activator yet" in cond["message"]
@@ -298,7 +376,9 @@ def test_scale_to_zero_and_wake_by_kubectl_scale(services: Services, fake_metric
     services.wait_status("idle", phase="ScaledToZero", replicas=0, readyReplicas=0, timeout=30)
     assert "ScaledDown" in services.reasons("idle")
     fake_metrics.running = 1.0  # busy again once it is up
-    services.kubectl("scale", "deployment/idle", "--replicas=1")  # the documented wake-up until an activator exists
+    services.kubectl(
+        "scale", "deployment/idle", "--replicas=1"
+    )  # the documented wake-up until an activator exists
     services.wait_status("idle", phase="Ready", readyReplicas=1, timeout=30)
     time.sleep(12)  # two decisions later: not undone, the autoscaler goes on from the Deployment's size
     assert services.replicas("idle") == 1, services.status("idle")

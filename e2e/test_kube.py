@@ -30,7 +30,9 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 NS = f"e2e-kube-{uuid.uuid4().hex[:6]}"  # fresh per session, even on a reused cluster
 IMAGE = "registry.invalid/lmforge/fake:1"  # never pulled: kwok runs no containers
-NO_NODE = "e2e-kube-no-such-node"  # bound pods nobody runs: kwok leaves them alone, no kubelet confirms a delete
+NO_NODE = (
+    "e2e-kube-no-such-node"  # bound pods nobody runs: kwok leaves them alone, no kubelet confirms a delete
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,13 @@ def kube(cluster) -> Iterator[Callable[[Callable[[KubeApi], Awaitable[Any]]], An
     operator builds its own (KUBECONFIG is the cluster's here), in a namespace of this module
     with the CRDs installed; the namespace is deleted afterwards."""
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/trainjobs.lmforge.dev",
-                    "crd/clusterkopfpeerings.kopf.dev")
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/trainjobs.lmforge.dev",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
     cluster.kubectl("create", "namespace", NS)
     configuration = KubeApi.from_environment()._config
 
@@ -59,28 +66,56 @@ def kube(cluster) -> Iterator[Callable[[Callable[[KubeApi], Awaitable[Any]]], An
 
 
 def config_map(name: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "data": {"key": name}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "data": {"key": name},
+    }
 
 
 def pod(name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS},
-            "spec": {"nodeName": NO_NODE, "terminationGracePeriodSeconds": 600,
-                     "containers": [{"name": "main", "image": IMAGE}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "nodeName": NO_NODE,
+            "terminationGracePeriodSeconds": 600,
+            "containers": [{"name": "main", "image": IMAGE}],
+        },
+    }
 
 
 def deployment(name: str, replicas: int) -> dict[str, Any]:
     labels = {"app": name}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels},
-                                  "spec": {"containers": [{"name": "main", "image": IMAGE}]}}}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "main", "image": IMAGE}]},
+            },
+        },
+    }
 
 
 def trainjob(name: str, **spec: Any) -> dict[str, Any]:
-    base = {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"}, "output": {"dir": "/out/llama"}}
-    return {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob", "metadata": {"name": name, "namespace": NS},
-            "spec": {**base, **spec}}
+    base = {
+        "model": "/models/llama",
+        "dataset": {"source": "/data/train.jsonl"},
+        "output": {"dir": "/out/llama"},
+    }
+    return {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {**base, **spec},
+    }
 
 
 def managers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -89,9 +124,12 @@ def managers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_get_of_a_missing_object_is_none(kube) -> None:
     async def calls(api: KubeApi) -> list[Any]:
-        return [await api.get(PODS, NS, "missing"), await api.get(TRAINJOBS, NS, "missing"),
-                await api.get(CONFIG_MAPS, "e2e-kube-no-such-namespace", "missing"),
-                await api.get(CLUSTER_KOPF_PEERINGS, None, "e2e-kube-missing")]
+        return [
+            await api.get(PODS, NS, "missing"),
+            await api.get(TRAINJOBS, NS, "missing"),
+            await api.get(CONFIG_MAPS, "e2e-kube-no-such-namespace", "missing"),
+            await api.get(CLUSTER_KOPF_PEERINGS, None, "e2e-kube-missing"),
+        ]
 
     assert kube(calls) == [None, None, None, None]
 
@@ -131,7 +169,9 @@ def test_apply_and_scale_record_their_field_managers(kube) -> None:
 
     assert reapplied["spec"]["replicas"] == 1  # a forced apply wins the conflict over spec.replicas
     assert "f:replicas" in managers(reapplied)["e2e-kube-apply"]["fieldsV1"]["f:spec"]
-    assert "f:replicas" not in managers(reapplied).get("e2e-kube-scale", {}).get("fieldsV1", {}).get("f:spec", {})
+    assert "f:replicas" not in managers(reapplied).get("e2e-kube-scale", {}).get("fieldsV1", {}).get(
+        "f:spec", {}
+    )
 
 
 def test_pod_delete_graceful_then_immediate(kube) -> None:
@@ -157,8 +197,12 @@ def test_pod_delete_graceful_then_immediate(kube) -> None:
 
 def test_delete_collection_takes_only_the_selected_labels(kube, cluster) -> None:
     async def calls(api: KubeApi) -> None:
-        for obj in (config_map("a1", set="a"), config_map("a2", set="a", tier="x"), config_map("b1", set="b"),
-                    config_map("plain")):
+        for obj in (
+            config_map("a1", set="a"),
+            config_map("a2", set="a", tier="x"),
+            config_map("b1", set="b"),
+            config_map("plain"),
+        ):
             assert await api.create(obj) is not None
         await api.delete_collection(CONFIG_MAPS, NS, "set=a")
         await api.delete_collection(CONFIG_MAPS, NS, "set=none")  # matches nothing: fine
@@ -180,9 +224,13 @@ def test_invalid_objects_are_a_422_with_the_servers_message(kube) -> None:
         for attempt in (
             lambda: api.create(config_map("Not_Valid")),  # POST: built-in validation of the name
             lambda: api.create(no_model),  # POST: the CRD's OpenAPI schema
-            lambda: api.create(trainjob("forbidden-lora", method="full", lora={"r": 8})),  # POST: a CEL rule of the CRD
+            lambda: api.create(
+                trainjob("forbidden-lora", method="full", lora={"r": 8})
+            ),  # POST: a CEL rule of the CRD
             lambda: api.apply(bad_volume, "e2e-kube-apply"),  # server-side apply
-            lambda: api.replace_status({**job, "status": {"phase": "Bogus"}}),  # PUT status: its schema's enum
+            lambda: api.replace_status(
+                {**job, "status": {"phase": "Bogus"}}
+            ),  # PUT status: its schema's enum
         ):
             with pytest.raises(ApiError) as caught:
                 await attempt()
@@ -229,8 +277,10 @@ def test_after_delete_get_is_none_and_writes_are_404(kube) -> None:
         await api.delete(DEPLOYMENTS, NS, "deleted", grace_period_seconds=0)
         gone = (await api.get(TRAINJOBS, NS, "deleted"), await api.get(DEPLOYMENTS, NS, "deleted"))
         errors = []
-        for attempt in (lambda: api.replace_status({**job, "status": {"phase": "Running"}}),
-                        lambda: api.scale(DEPLOYMENTS, NS, "deleted", 2, "e2e-kube-scale")):
+        for attempt in (
+            lambda: api.replace_status({**job, "status": {"phase": "Running"}}),
+            lambda: api.scale(DEPLOYMENTS, NS, "deleted", 2, "e2e-kube-scale"),
+        ):
             with pytest.raises(ApiError) as caught:
                 await attempt()
             errors.append(caught.value)

@@ -29,11 +29,17 @@ def _peers(cluster, name: str) -> dict:
 def test_operator_peers_and_exits_cleanly_on_sigterm(cluster, start_operator, wait_for) -> None:
     op = start_operator("solo", "--peering", "e2e-solo")
     wait_for(op.healthy, timeout=60, message=lambda: f"liveness endpoint never answered:\n{op.logs()}")
-    wait_for(lambda: len(_peers(cluster, "e2e-solo")) == 1, timeout=60,
-             message=lambda: f"operator never announced itself in the peering object:\n{op.logs()}")
+    wait_for(
+        lambda: len(_peers(cluster, "e2e-solo")) == 1,
+        timeout=60,
+        message=lambda: f"operator never announced itself in the peering object:\n{op.logs()}",
+    )
     assert op.stop() == 0, op.logs()
-    wait_for(lambda: _peers(cluster, "e2e-solo") == {}, timeout=30,
-             message="operator left its entry in the peering object after SIGTERM")
+    wait_for(
+        lambda: _peers(cluster, "e2e-solo") == {},
+        timeout=30,
+        message="operator left its entry in the peering object after SIGTERM",
+    )
     for line in op.logs().splitlines():  # structured logs: every line is a JSON object
         json.loads(line)
 
@@ -58,6 +64,9 @@ def test_lower_priority_replica_stands_by(cluster, start_operator, wait_for) -> 
     wait_for(lambda: len(_peers(cluster, "e2e-pair")) == 2, timeout=60, message=low.logs)
     assert _never(lambda: resumed in low.logs(), seconds=5), low.logs()
     assert high.stop() == 0
-    wait_for(lambda: resumed in low.logs(), timeout=90,
-             message=lambda: f"the standby did not take over after the leader stopped:\n{low.logs()}")
+    wait_for(
+        lambda: resumed in low.logs(),
+        timeout=90,
+        message=lambda: f"the standby did not take over after the leader stopped:\n{low.logs()}",
+    )
     assert low.stop() == 0

@@ -26,10 +26,14 @@ class Env:
 
     def diagnostics(self) -> str:
         pods = self.kube("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False)
-        containers = "".join(f"\n--- {log.relative_to(self.logs)}\n{pipeline.log_tail(log, 1500)}"
-                             for log in sorted((self.logs / "node" / "pods").glob("*/logs/*/*.log")))
-        return (f"\n--- pods\n{pods}{containers}\n--- operator.log\n{pipeline.log_tail(self.logs / 'operator.log')}"
-                f"\n--- node.log\n{pipeline.log_tail(self.logs / 'node.log')}")
+        containers = "".join(
+            f"\n--- {log.relative_to(self.logs)}\n{pipeline.log_tail(log, 1500)}"
+            for log in sorted((self.logs / "node" / "pods").glob("*/logs/*/*.log"))
+        )
+        return (
+            f"\n--- pods\n{pods}{containers}\n--- operator.log\n{pipeline.log_tail(self.logs / 'operator.log')}"
+            f"\n--- node.log\n{pipeline.log_tail(self.logs / 'node.log')}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +83,20 @@ def test_train_quantize_serve_chat(env: Env) -> None:
     assert quantized["inferenceService"] == pipeline.SERVICE
 
     isvc = kube.json("get", "inferenceservices.lmforge.dev", pipeline.SERVICE, "-n", NAMESPACE)
-    assert isvc["spec"]["nodeSelector"] == {pipeline.NODE_TYPE_LABEL: "process"}  # placed like the QuantizeJob
+    assert isvc["spec"]["nodeSelector"] == {
+        pipeline.NODE_TYPE_LABEL: "process"
+    }  # placed like the QuantizeJob
     try:
         served, endpoint = pipeline.serve(kube, NAMESPACE, timeout=300)
     except pipeline.PipelineError as error:
         pytest.fail(f"{error}{env.diagnostics()}")
     assert served["phase"] == "Ready"
-    pods = kube.json("get", "pods", "-n", NAMESPACE, "-l", f"lmforge.dev/inferenceservice={pipeline.SERVICE}")["items"]
-    assert pods and all(p["spec"]["nodeName"] == NODE_NAME for p in pods), [p["spec"].get("nodeName") for p in pods]
+    pods = kube.json(
+        "get", "pods", "-n", NAMESPACE, "-l", f"lmforge.dev/inferenceservice={pipeline.SERVICE}"
+    )["items"]
+    assert pods and all(p["spec"]["nodeName"] == NODE_NAME for p in pods), [
+        p["spec"].get("nodeName") for p in pods
+    ]
 
     reply = pipeline.chat(endpoint, "Say hello.", max_tokens=8)
     assert reply.model == pipeline.SERVICE

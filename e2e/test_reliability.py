@@ -41,10 +41,21 @@ def namespace(cluster, prefix: str) -> str:
 
 
 def trainjob(cluster, ns: str, name: str, **spec: Any) -> None:
-    base = {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"}, "output": {"dir": "/out/llama"},
-            "numNodes": 2, "failurePolicy": {"backoffSeconds": 1}}
-    cluster.apply({"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob",
-                   "metadata": {"name": name, "namespace": ns}, "spec": {**base, **spec}})
+    base = {
+        "model": "/models/llama",
+        "dataset": {"source": "/data/train.jsonl"},
+        "output": {"dir": "/out/llama"},
+        "numNodes": 2,
+        "failurePolicy": {"backoffSeconds": 1},
+    }
+    cluster.apply(
+        {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {**base, **spec},
+        }
+    )
 
 
 def status(cluster, ns: str, kind: str, name: str) -> dict[str, Any]:
@@ -52,8 +63,11 @@ def status(cluster, ns: str, kind: str, name: str) -> dict[str, Any]:
 
 
 def pods(cluster, ns: str, job: str) -> list[dict[str, Any]]:
-    return [p for p in cluster.kubectl_json("get", "pods", "-n", ns, "-l", f"lmforge.dev/job-name={job}")["items"]
-            if not p["metadata"].get("deletionTimestamp")]
+    return [
+        p
+        for p in cluster.kubectl_json("get", "pods", "-n", ns, "-l", f"lmforge.dev/job-name={job}")["items"]
+        if not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def running_gang(cluster, ns: str, job: str, count: int) -> list[dict[str, Any]] | None:
@@ -63,8 +77,9 @@ def running_gang(cluster, ns: str, job: str, count: int) -> list[dict[str, Any]]
 
 
 def events(cluster, ns: str, name: str, reason: str) -> int:
-    items = cluster.kubectl_json("get", "events", "-n", ns, "--field-selector",
-                                 f"involvedObject.name={name},reason={reason}")["items"]
+    items = cluster.kubectl_json(
+        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name},reason={reason}"
+    )["items"]
     return sum(int(e.get("count") or 1) for e in items)
 
 
@@ -73,7 +88,9 @@ def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def train_json(cluster, ns: str, job: str) -> dict[str, Any]:
-    return json.loads(cluster.kubectl_json("get", "configmap", "-n", ns, f"{job}-config")["data"]["train.json"])
+    return json.loads(
+        cluster.kubectl_json("get", "configmap", "-n", ns, f"{job}-config")["data"]["train.json"]
+    )
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, str]:
@@ -103,25 +120,48 @@ def stop_supervisor(cluster) -> None:
 # --- D1: spec edits are refused while a gang runs, and reach the next gang --------------------------------
 
 
-def test_spec_edits_are_refused_while_running_and_reach_the_next_gang(cluster, crds, operator_process, wait_for):
+def test_spec_edits_are_refused_while_running_and_reach_the_next_gang(
+    cluster, crds, operator_process, wait_for
+):
     ns = namespace(cluster, "specedit")
     op = operator_process(namespace=ns)
     trainjob(cluster, ns, "edit")
     wait_for(lambda: running_gang(cluster, ns, "edit", 2), 90, message=op.tail)
 
-    for patch, field in (({"model": "/models/other"}, "spec.model"),
-                         ({"hyperparameters": {"maxSteps": 7}}, "spec.hyperparameters")):
-        result = cluster.kubectl("patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p",
-                                 json.dumps({"spec": patch}), check=False)
+    for patch, field in (
+        ({"model": "/models/other"}, "spec.model"),
+        ({"hyperparameters": {"maxSteps": 7}}, "spec.hyperparameters"),
+    ):
+        result = cluster.kubectl(
+            "patch",
+            "-n",
+            ns,
+            "trainjob",
+            "edit",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": patch}),
+            check=False,
+        )
         assert result.returncode != 0, f"{patch} was accepted while the gang runs"
         assert field in result.stderr and "suspended" in result.stderr, result.stderr
 
-    cluster.kubectl("patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p", '{"spec": {"suspend": true}}')
-    wait_for(lambda: status(cluster, ns, "trainjob", "edit").get("phase") == "Suspended"
-             and not pods(cluster, ns, "edit"), 60, message=op.tail)
+    cluster.kubectl(
+        "patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
+    wait_for(
+        lambda: (
+            status(cluster, ns, "trainjob", "edit").get("phase") == "Suspended"
+            and not pods(cluster, ns, "edit")
+        ),
+        60,
+        message=op.tail,
+    )
     edit = {"numNodes": 3, "model": "/models/other", "hyperparameters": {"learningRate": 0.5, "maxSteps": 7}}
     cluster.kubectl("patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p", json.dumps({"spec": edit}))
-    cluster.kubectl("patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    cluster.kubectl(
+        "patch", "-n", ns, "trainjob", "edit", "--type=merge", "-p", '{"spec": {"suspend": false}}'
+    )
     gang = wait_for(lambda: running_gang(cluster, ns, "edit", 3), 90, message=op.tail)
 
     config = train_json(cluster, ns, "edit")
@@ -129,15 +169,22 @@ def test_spec_edits_are_refused_while_running_and_reach_the_next_gang(cluster, c
     assert (config["hyperparameters"]["learningRate"], config["hyperparameters"]["maxSteps"]) == (0.5, 7)
     assert {env_of(p)["PET_NNODES"] for p in gang} == {"3"}  # env and train.json agree
     job = cluster.kubectl_json("get", "-n", ns, "trainjob", "edit")
-    wait_for(lambda: status(cluster, ns, "trainjob", "edit").get("observedGeneration")
-             == job["metadata"]["generation"], 30, message=op.tail)
+    wait_for(
+        lambda: (
+            status(cluster, ns, "trainjob", "edit").get("observedGeneration") == job["metadata"]["generation"]
+        ),
+        30,
+        message=op.tail,
+    )
     cluster.kubectl("delete", "trainjobs", "--all", "-n", ns, "--timeout=60s")
 
 
 # --- D6: a missing worker ServiceAccount is named, once, and no pods are claimed ----------------------------
 
 
-def test_missing_service_account_is_named_once_and_nothing_is_claimed(cluster, crds, operator_process, wait_for):
+def test_missing_service_account_is_named_once_and_nothing_is_claimed(
+    cluster, crds, operator_process, wait_for
+):
     ns = namespace(cluster, "nosa")
     op = operator_process(namespace=ns, env={"LMFORGE_WORKER_SERVICE_ACCOUNT": "trainer"}, name="nosa")
     trainjob(cluster, ns, "nosa")
@@ -156,9 +203,14 @@ def test_missing_service_account_is_named_once_and_nothing_is_claimed(cluster, c
     assert events(cluster, ns, "nosa", "ReconcileError") == 0
 
     cluster.kubectl("create", "serviceaccount", "trainer", "-n", ns)  # fixed: the gang comes, Created=True
-    wait_for(lambda: len(pods(cluster, ns, "nosa")) == 2
-             and condition(status(cluster, ns, "trainjob", "nosa"), "Created").get("status") == "True",
-             60, message=op.tail)
+    wait_for(
+        lambda: (
+            len(pods(cluster, ns, "nosa")) == 2
+            and condition(status(cluster, ns, "trainjob", "nosa"), "Created").get("status") == "True"
+        ),
+        60,
+        message=op.tail,
+    )
     assert events(cluster, ns, "nosa", "GangCreated") == 1
     cluster.kubectl("delete", "trainjobs", "--all", "-n", ns, "--timeout=60s")
 
@@ -166,23 +218,42 @@ def test_missing_service_account_is_named_once_and_nothing_is_claimed(cluster, c
 # --- D3: deleting a namespace never deadlocks, and never stops the other namespaces --------------------------
 
 
-def test_namespace_deletion_completes_and_other_namespaces_keep_working(cluster, crds, operator_process, wait_for):
+def test_namespace_deletion_completes_and_other_namespaces_keep_working(
+    cluster, crds, operator_process, wait_for
+):
     doomed, healthy = namespace(cluster, "doomed"), namespace(cluster, "healthy")
     op = operator_process("-n", healthy, namespace=doomed, standalone=False, name="namespaces", liveness=True)
     op.wait_healthy()
     trainjob(cluster, doomed, "tj")
-    cluster.apply({"apiVersion": "lmforge.dev/v1alpha1", "kind": "InferenceService",
-                   "metadata": {"name": "svc", "namespace": doomed}, "spec": {"model": {"source": "/models/llama"}}})
+    cluster.apply(
+        {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": "svc", "namespace": doomed},
+            "spec": {"model": {"source": "/models/llama"}},
+        }
+    )
     trainjob(cluster, healthy, "before")
-    wait_for(lambda: running_gang(cluster, doomed, "tj", 2) and running_gang(cluster, healthy, "before", 2),
-             90, message=op.tail)
-    wait_for(lambda: cluster.kubectl("get", "deployment", "svc", "-n", doomed, check=False).returncode == 0, 60,
-             message=op.tail)
+    wait_for(
+        lambda: running_gang(cluster, doomed, "tj", 2) and running_gang(cluster, healthy, "before", 2),
+        90,
+        message=op.tail,
+    )
+    wait_for(
+        lambda: cluster.kubectl("get", "deployment", "svc", "-n", doomed, check=False).returncode == 0,
+        60,
+        message=op.tail,
+    )
 
     started = time.monotonic()
     cluster.kubectl("delete", "namespace", doomed, "--wait=false")
-    wait_for(lambda: cluster.kubectl("get", "namespace", doomed, check=False).returncode != 0, 30,
-             message=lambda: cluster.kubectl("get", "namespace", doomed, "-o", "yaml", check=False).stdout + op.tail())
+    wait_for(
+        lambda: cluster.kubectl("get", "namespace", doomed, check=False).returncode != 0,
+        30,
+        message=lambda: (
+            cluster.kubectl("get", "namespace", doomed, "-o", "yaml", check=False).stdout + op.tail()
+        ),
+    )
     print(f"namespace {doomed} gone after {time.monotonic() - started:.1f} s")
     trainjob(cluster, healthy, "after")
     wait_for(lambda: running_gang(cluster, healthy, "after", 2), 60, message=op.tail)
@@ -215,7 +286,9 @@ def test_takeover_after_kill_9_takes_seconds(cluster, crds, operator_process, wa
         killed = time.monotonic()
         op.start()
         trainjob(cluster, ns, f"after-{run}", numNodes=1)
-        wait_for(lambda run=run: running_gang(cluster, ns, f"after-{run}", 1), 90, interval=0.2, message=op.tail)
+        wait_for(
+            lambda run=run: running_gang(cluster, ns, f"after-{run}", 1), 90, interval=0.2, message=op.tail
+        )
         takeovers.append(time.monotonic() - killed)
     median = statistics.median(takeovers)
     print(f"takeover after kill -9: {', '.join(f'{t:.1f}' for t in takeovers)} s; median {median:.1f} s")
@@ -244,16 +317,28 @@ def test_cluster_up_after_a_component_died_keeps_every_object(cluster, crds, wai
 def test_supervisor_restarts_a_component_that_exits(cluster, wait_for):
     before = component(cluster, "kube-scheduler")
     kill(before)
-    after = wait_for(lambda: (p := component(cluster, "kube-scheduler")).pid != before.pid
-                     and processes.is_alive(p) and p, 30, message="the scheduler was not restarted")
+    after = wait_for(
+        lambda: (p := component(cluster, "kube-scheduler")).pid != before.pid and processes.is_alive(p) and p,
+        30,
+        message="the scheduler was not restarted",
+    )
     log = (cluster.state_dir / "logs" / "supervisor.log").read_text()
     assert f"kube-scheduler (pid {before.pid}) exited: restarting it" in log
     assert f"restarted as pid {after.pid}" in log
     ns = namespace(cluster, "sched")  # and it schedules again
-    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": ns},
-                   "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:1"}]}})
-    wait_for(lambda: cluster.kubectl_json("get", "pod", "p", "-n", ns)["spec"].get("nodeName"), 60,
-             message="the pod was never scheduled")
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p", "namespace": ns},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:1"}]},
+        }
+    )
+    wait_for(
+        lambda: cluster.kubectl_json("get", "pod", "p", "-n", ns)["spec"].get("nodeName"),
+        60,
+        message="the pod was never scheduled",
+    )
 
 
 # --- D2: an API-server outage of 120 s -----------------------------------------------------------------------
@@ -293,7 +378,9 @@ def test_operator_recovers_from_a_120_s_api_server_outage(cluster, crds, operato
         return bool(running_gang(cluster, ns, "after", 1))
 
     wait_for(reconciled, 60, interval=1, message=op.tail)
-    print(f"reconciled {time.monotonic() - back:.1f} s after the API server returned; operator restarts: {restarts}")
+    print(
+        f"reconciled {time.monotonic() - back:.1f} s after the API server returned; operator restarts: {restarts}"
+    )
     stopping = time.monotonic()
     code = op.stop(timeout=15)
     assert time.monotonic() - stopping < 10, op.tail()
@@ -306,8 +393,9 @@ def test_operator_whose_retries_run_out_exits_1_and_is_restarted(cluster, crds, 
     operator before); now /healthz fails and the process exits 1 within seconds, instead of
     hanging; restarted (the test is the kubelet), it reconciles once the API server is back."""
     ns = namespace(cluster, "retries")
-    op = operator_process("--api-retry-seconds", "10", namespace=ns, standalone=False, name="retries",
-                          liveness=True)
+    op = operator_process(
+        "--api-retry-seconds", "10", namespace=ns, standalone=False, name="retries", liveness=True
+    )
     op.wait_healthy()
     stop_supervisor(cluster)
     kill(component(cluster, "kube-apiserver"))
@@ -318,8 +406,10 @@ def test_operator_whose_retries_run_out_exits_1_and_is_restarted(cluster, crds, 
     exited = time.monotonic()
     assert op.proc.returncode == 1, op.tail()
     assert "reconcilers are dead" in op.logs(), op.tail()
-    print(f"/healthz failed {unhealthy - killed:.1f} s and the process exited 1 {exited - killed:.1f} s "
-          "after the API server went down")
+    print(
+        f"/healthz failed {unhealthy - killed:.1f} s and the process exited 1 {exited - killed:.1f} s "
+        "after the API server went down"
+    )
     localcluster.up(cluster.state_dir, log=lambda _: None)
     op.start()
     trainjob(cluster, ns, "after", numNodes=1)
@@ -329,8 +419,19 @@ def test_operator_whose_retries_run_out_exits_1_and_is_restarted(cluster, crds, 
 
 
 def test_cluster_reset_needs_a_confirmation(cluster):
-    result = subprocess.run([str(Path(sys.executable).parent / "lmforge"), "cluster", "reset", "--state-dir",
-                             str(cluster.state_dir)], input="", capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lmforge"),
+            "cluster",
+            "reset",
+            "--state-dir",
+            str(cluster.state_dir),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1 and "nothing deleted" in result.stderr
     assert (cluster.state_dir / "etcd-data").exists()
     assert cluster.kubectl("get", "namespaces", check=False).returncode == 0

@@ -50,10 +50,18 @@ class Jobs:
 
     def apply(self, name: str, **spec: Any) -> None:
         # plain paths: pvc:// locations would be mounted, and kwok has no PVCs to bind
-        base = {"model": "/models/llama", "dataset": {"source": "/data/train.jsonl"},
-                "output": {"dir": "/out/llama"}, "failurePolicy": {"backoffSeconds": 1}}
-        obj = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob",
-               "metadata": {"name": name, "namespace": self.ns}, "spec": {**base, **spec}}
+        base = {
+            "model": "/models/llama",
+            "dataset": {"source": "/data/train.jsonl"},
+            "output": {"dir": "/out/llama"},
+            "failurePolicy": {"backoffSeconds": 1},
+        }
+        obj = {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {**base, **spec},
+        }
         self.cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
 
     def get(self, name: str) -> dict[str, Any]:
@@ -70,28 +78,46 @@ class Jobs:
         self.cluster.kubectl("annotate", "--overwrite", "-n", self.ns, "pod", pod, f"lmforge.dev/fate={fate}")
 
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-        return self.wait_for(lambda: (s := self.status(name)).get("phase") == phase and s, timeout=timeout,
-                             message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.tail()}")
+        return self.wait_for(
+            lambda: (s := self.status(name)).get("phase") == phase and s,
+            timeout=timeout,
+            message=lambda: f"{name} never reached {phase}: {self.status(name)}\n{self.operator.tail()}",
+        )
 
-    def wait_running_pods(self, name: str, count: int, attempt: int = 0, timeout: float = 60) -> list[dict[str, Any]]:
+    def wait_running_pods(
+        self, name: str, count: int, attempt: int = 0, timeout: float = 60
+    ) -> list[dict[str, Any]]:
         def ready() -> list[dict[str, Any]] | None:
             pods = [p for p in self.pods(name) if not p["metadata"].get("deletionTimestamp")]
             ok = len(pods) == count and all(
-                p["status"].get("phase") == "Running" and p["metadata"]["labels"]["lmforge.dev/restart"] == str(attempt)
-                for p in pods)
+                p["status"].get("phase") == "Running"
+                and p["metadata"]["labels"]["lmforge.dev/restart"] == str(attempt)
+                for p in pods
+            )
             return pods if ok else None
 
-        return self.wait_for(ready, timeout=timeout,
-                             message=lambda: f"{name}: {count} running pods of attempt {attempt} never appeared: "
-                                             f"{[(p['metadata']['name'], p['status'].get('phase')) for p in self.pods(name)]}"
-                                             f"\n{self.operator.tail()}")
+        return self.wait_for(
+            ready,
+            timeout=timeout,
+            message=lambda: (
+                f"{name}: {count} running pods of attempt {attempt} never appeared: "
+                f"{[(p['metadata']['name'], p['status'].get('phase')) for p in self.pods(name)]}"
+                f"\n{self.operator.tail()}"
+            ),
+        )
 
     def delete(self, name: str) -> None:
         self.cluster.kubectl("delete", "-n", self.ns, "trainjob", name, "--wait=false", check=False)
 
     def events(self, name: str) -> list[str]:
-        items = self.cluster.kubectl_json("get", "events", "-n", self.ns,
-                                          "--field-selector", f"involvedObject.name={name},involvedObject.kind=TrainJob")
+        items = self.cluster.kubectl_json(
+            "get",
+            "events",
+            "-n",
+            self.ns,
+            "--field-selector",
+            f"involvedObject.name={name},involvedObject.kind=TrainJob",
+        )
         return [e["reason"] for e in sorted(items["items"], key=lambda e: e.get("lastTimestamp") or "")]
 
 
@@ -113,12 +139,34 @@ def test_gang_runs_reports_progress_and_succeeds(jobs: Jobs, wait_for) -> None:
         assert meta["name"] == f"gang-{rank}"
         assert (meta["labels"]["lmforge.dev/rank"], meta["labels"]["lmforge.dev/restart"]) == (str(rank), "0")
         assert meta["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-        assert (spec["hostname"], spec["subdomain"], spec["restartPolicy"]) == (f"gang-{rank}", "gang", "Never")
+        assert (spec["hostname"], spec["subdomain"], spec["restartPolicy"]) == (
+            f"gang-{rank}",
+            "gang",
+            "Never",
+        )
         env = _env(pod)
-        assert {k: env[k] for k in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
-                                    "PET_MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "NODE_RANK")} == {
-            "PET_NNODES": "4", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "gang-0.gang",
-            "PET_MASTER_PORT": "29500", "MASTER_ADDR": "gang-0.gang", "WORLD_SIZE": "4", "NODE_RANK": str(rank)}
+        assert {
+            k: env[k]
+            for k in (
+                "PET_NNODES",
+                "PET_NPROC_PER_NODE",
+                "PET_NODE_RANK",
+                "PET_MASTER_ADDR",
+                "PET_MASTER_PORT",
+                "MASTER_ADDR",
+                "WORLD_SIZE",
+                "NODE_RANK",
+            )
+        } == {
+            "PET_NNODES": "4",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(rank),
+            "PET_MASTER_ADDR": "gang-0.gang",
+            "PET_MASTER_PORT": "29500",
+            "MASTER_ADDR": "gang-0.gang",
+            "WORLD_SIZE": "4",
+            "NODE_RANK": str(rank),
+        }
     service = jobs.cluster.kubectl_json("get", "service", "-n", NAMESPACE, "gang")
     assert service["spec"]["clusterIP"] == "None"
     config = jobs.cluster.kubectl_json("get", "configmap", "-n", NAMESPACE, "gang-config")
@@ -128,13 +176,36 @@ def test_gang_runs_reports_progress_and_succeeds(jobs: Jobs, wait_for) -> None:
     assert {c["type"]: c["status"] for c in status["conditions"]} == {"Created": "True", "Running": "True"}
     assert status["replicas"] == {"active": 4, "succeeded": 0, "failed": 0}
 
-    report = {"step": 120, "totalSteps": 1000, "loss": 1.875, "tokensPerSecond": 5000.0, "etaSeconds": 125,
-              "lastCheckpoint": "/ckpt/step-100"}
-    jobs.cluster.kubectl("annotate", "--overwrite", "-n", NAMESPACE, "pod", "gang-0",
-                         f"lmforge.dev/progress={json.dumps(report)}")
-    progress = wait_for(lambda: jobs.status("gang").get("progress", {}).get("summary") == "120/1000"
-                        and jobs.status("gang")["progress"], timeout=30, message=jobs.operator.tail)
-    assert (progress["loss"], progress["eta"], progress["lastCheckpoint"]) == (1.875, "2m5s", "/ckpt/step-100")
+    report = {
+        "step": 120,
+        "totalSteps": 1000,
+        "loss": 1.875,
+        "tokensPerSecond": 5000.0,
+        "etaSeconds": 125,
+        "lastCheckpoint": "/ckpt/step-100",
+    }
+    jobs.cluster.kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        NAMESPACE,
+        "pod",
+        "gang-0",
+        f"lmforge.dev/progress={json.dumps(report)}",
+    )
+    progress = wait_for(
+        lambda: (
+            jobs.status("gang").get("progress", {}).get("summary") == "120/1000"
+            and jobs.status("gang")["progress"]
+        ),
+        timeout=30,
+        message=jobs.operator.tail,
+    )
+    assert (progress["loss"], progress["eta"], progress["lastCheckpoint"]) == (
+        1.875,
+        "2m5s",
+        "/ckpt/step-100",
+    )
     table = jobs.cluster.kubectl("get", "lmtj", "-n", NAMESPACE, "gang").stdout.split("\n")
     assert table[0].split() == ["NAME", "PHASE", "NODES", "PROGRESS", "LOSS", "ETA", "RESTARTS", "AGE"]
     assert table[1].split()[:7] == ["gang", "Running", "4", "120/1000", "1.875", "2m5s", "0"]
@@ -142,8 +213,11 @@ def test_gang_runs_reports_progress_and_succeeds(jobs: Jobs, wait_for) -> None:
     jobs.fate("gang-0", "succeed")
     status = jobs.wait_phase("gang", "Succeeded")
     assert status["completionTime"]
-    wait_for(lambda: [p["metadata"]["name"] for p in jobs.pods("gang")] == ["gang-0"], timeout=60,
-             message=lambda: f"other ranks not torn down: {[p['metadata']['name'] for p in jobs.pods('gang')]}")
+    wait_for(
+        lambda: [p["metadata"]["name"] for p in jobs.pods("gang")] == ["gang-0"],
+        timeout=60,
+        message=lambda: f"other ranks not torn down: {[p['metadata']['name'] for p in jobs.pods('gang')]}",
+    )
     assert {"GangCreated", "AllWorkersRunning", "AllWorkersSucceeded"} <= set(jobs.events("gang"))
     jobs.delete("gang")
 
@@ -170,8 +244,11 @@ def test_app_error_without_restarts_fails_the_job(jobs: Jobs, wait_for) -> None:
     failed = {c["type"]: c for c in status["conditions"]}["Failed"]
     assert (failed["status"], failed["reason"]) == ("True", "NonRetryableExitCode")
     assert status["restarts"] == 0
-    wait_for(lambda: [p["metadata"]["name"] for p in jobs.pods("apperr")] == ["apperr-2"], timeout=60,
-             message="running ranks of a failed job were not deleted (the failed pod stays for logs)")
+    wait_for(
+        lambda: [p["metadata"]["name"] for p in jobs.pods("apperr")] == ["apperr-2"],
+        timeout=60,
+        message="running ranks of a failed job were not deleted (the failed pod stays for logs)",
+    )
     time.sleep(2)
     assert jobs.status("apperr")["phase"] == "Failed"  # terminal: never changes again
     jobs.delete("apperr")
@@ -180,12 +257,14 @@ def test_app_error_without_restarts_fails_the_job(jobs: Jobs, wait_for) -> None:
 def test_suspend_and_resume(jobs: Jobs, wait_for) -> None:
     jobs.apply("pause", numNodes=2)
     jobs.wait_running_pods("pause", 2)
-    jobs.cluster.kubectl("patch", "-n", NAMESPACE, "trainjob", "pause", "--type=merge", "-p",
-                         '{"spec": {"suspend": true}}')
+    jobs.cluster.kubectl(
+        "patch", "-n", NAMESPACE, "trainjob", "pause", "--type=merge", "-p", '{"spec": {"suspend": true}}'
+    )
     jobs.wait_phase("pause", "Suspended")
     wait_for(lambda: not jobs.pods("pause"), timeout=60, message="pods of a suspended job survived")
-    jobs.cluster.kubectl("patch", "-n", NAMESPACE, "trainjob", "pause", "--type=merge", "-p",
-                         '{"spec": {"suspend": false}}')
+    jobs.cluster.kubectl(
+        "patch", "-n", NAMESPACE, "trainjob", "pause", "--type=merge", "-p", '{"spec": {"suspend": false}}'
+    )
     jobs.wait_running_pods("pause", 2)
     status = jobs.wait_phase("pause", "Running")
     assert status["restarts"] == 0  # a resume is not a restart
@@ -204,13 +283,18 @@ def test_ttl_deletes_a_finished_job_and_its_pods(jobs: Jobs, wait_for) -> None:
     jobs.apply("ttl", numNodes=2, ttlSecondsAfterFinished=2)
     jobs.wait_running_pods("ttl", 2)
     jobs.fate("ttl-0", "succeed")
-    wait_for(lambda: jobs.cluster.kubectl("get", "-n", NAMESPACE, "trainjob", "ttl", check=False).returncode != 0,
-             timeout=60, message=lambda: f"job not deleted after its TTL\n{jobs.operator.tail()}")
+    wait_for(
+        lambda: jobs.cluster.kubectl("get", "-n", NAMESPACE, "trainjob", "ttl", check=False).returncode != 0,
+        timeout=60,
+        message=lambda: f"job not deleted after its TTL\n{jobs.operator.tail()}",
+    )
     wait_for(lambda: not jobs.pods("ttl"), timeout=60, message="pods outlived their job")
 
 
 @pytest.mark.slow
-def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait_for, operator_process) -> None:
+def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(
+    cluster, wait_for, operator_process
+) -> None:
     """20 jobs, 10 SIGKILLs of the operator at random moments while it creates gangs and restarts
     failed ones; afterwards every job has exactly its ranks, of its current attempt, owned by it."""
     namespace = f"{NAMESPACE}-kill"
@@ -228,8 +312,11 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
             time.sleep(rng.uniform(0.1, 2.0))
             op.kill()
             if round_ < 8:  # fail a few running workers while it is down: the next operator must restart them
-                running = [p for p in jobs.pods()
-                           if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+                running = [
+                    p
+                    for p in jobs.pods()
+                    if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+                ]
                 for pod in rng.sample(running, k=min(3, len(running))):
                     jobs.fate(pod["metadata"]["name"], "fail-137")
             op.start()
@@ -241,8 +328,14 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
                     return False
             return True
 
-        wait_for(settled, timeout=240, interval=2,
-                 message=lambda: f"jobs never settled: {[(n, jobs.status(n).get('phase')) for n in names]}\n{op.tail()}")
+        wait_for(
+            settled,
+            timeout=240,
+            interval=2,
+            message=lambda: (
+                f"jobs never settled: {[(n, jobs.status(n).get('phase')) for n in names]}\n{op.tail()}"
+            ),
+        )
         uids = {name: jobs.get(name)["metadata"]["uid"] for name in names}
         by_job: dict[str, list[dict[str, Any]]] = {}
         for pod in jobs.pods():
@@ -254,8 +347,12 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(cluster, wait
             assert ranks == [0, 1], f"{name}: ranks {ranks}"
             for pod in pods:
                 assert pod["metadata"]["ownerReferences"][0]["uid"] == uids[name]
-                assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), f"{name}: stale attempt"
-        assert sum(jobs.status(n)["restarts"] for n in names) > 0, "no restarts happened: the test proved little"
+                assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), (
+                    f"{name}: stale attempt"
+                )
+        assert sum(jobs.status(n)["restarts"] for n in names) > 0, (
+            "no restarts happened: the test proved little"
+        )
     finally:
         if not op.running():
             op.start()

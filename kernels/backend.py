@@ -31,10 +31,14 @@ class Ops:
     rope: Callable  # (positions, q, k, cos_sin_cache, is_neox_style=True) -> (q, k), in place
     silu_and_mul: Callable  # (x [..., 2I]) -> [..., I]
     reshape_and_cache: Callable  # (key, value, k_cache, v_cache, slot_mapping) -> None
-    reshape_and_cache_int8: Callable  # (key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping)
+    reshape_and_cache_int8: (
+        Callable  # (key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping)
+    )
     paged_decode_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, scale, *, k_scale_cache,
     #          v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap, num_splits) -> out
-    paged_prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
+    paged_prefill_attention: (
+        Callable  # (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_q_len,
+    )
     #          scale, *, k_scale_cache, v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap) -> out
     # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
@@ -46,7 +50,9 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
     name = backend or os.environ.get(ENV_VAR) or ("triton" if device.type == "cuda" else "torch")
     name = name.strip().lower()
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r} (from {ENV_VAR} or argument); expected one of {BACKENDS}")
+        raise ValueError(
+            f"unknown kernel backend {name!r} (from {ENV_VAR} or argument); expected one of {BACKENDS}"
+        )
     if name == "triton" and device.type != "cuda":
         from ._interp import interpreting
 

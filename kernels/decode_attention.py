@@ -76,7 +76,8 @@ def _decode_split_kernel(
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
         q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :], other=0.0,
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
     )  # [BLOCK_H, BLOCK_D]
     slopes = tl.zeros([BLOCK_H, 1], dtype=tl.float32)
     if ALIBI:
@@ -155,38 +156,63 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int) -> int:
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_context: int, device: torch.device, block_n: int
+) -> int:
     """Enough programs to fill the GPU twice over, but at least 4 tiles of work per split."""
     max_useful = max(1, triton.cdiv(max_context, 4 * block_n))
     wanted = triton.cdiv(2 * _num_sms(device), max(1, batch * num_kv_heads))
     return int(max(1, min(max_useful, wanted, 64)))
 
 
-def check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache, v_scale_cache,
-                               sliding_window=None, alibi_slopes=None, logits_soft_cap=None):
+def check_paged_attention_args(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    k_scale_cache,
+    v_scale_cache,
+    sliding_window=None,
+    alibi_slopes=None,
+    logits_soft_cap=None,
+):
     """Shared by the decode and prefill wrappers; returns (group, int8)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     assert q.dim() == 3 and q.shape[2] == head_dim and q.stride(-1) == 1, (q.shape, q.stride(), k_cache.shape)
     assert q.shape[1] % num_kv_heads == 0, f"{q.shape[1]} query heads vs {num_kv_heads} KV heads"
     assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype, (v_cache.shape, k_cache.shape)
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches must be contiguous"
-    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32, (block_tables.shape, block_tables.dtype)
+    assert block_tables.dim() == 2 and block_tables.dtype == torch.int32, (
+        block_tables.shape,
+        block_tables.dtype,
+    )
     assert block_tables.stride(1) == 1, block_tables.stride()
-    assert seq_lens.shape == (block_tables.shape[0],) and seq_lens.dtype == torch.int32, (seq_lens.shape, seq_lens.dtype)
+    assert seq_lens.shape == (block_tables.shape[0],) and seq_lens.dtype == torch.int32, (
+        seq_lens.shape,
+        seq_lens.dtype,
+    )
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), q.dtype
     int8 = k_cache.dtype == torch.int8
     if int8:
         assert k_scale_cache is not None and v_scale_cache is not None, "INT8 KV cache needs k/v_scale_cache"
         for sc in (k_scale_cache, v_scale_cache):
-            assert sc.shape == k_cache.shape[:3] and sc.dtype == torch.float32 and sc.is_contiguous(), sc.shape
+            assert sc.shape == k_cache.shape[:3] and sc.dtype == torch.float32 and sc.is_contiguous(), (
+                sc.shape
+            )
     else:
         assert k_cache.dtype == q.dtype, f"cache {k_cache.dtype} vs q {q.dtype}"
     assert head_dim >= 16, "tl.dot needs head_dim >= 16"
-    assert sliding_window is None or sliding_window > 0, f"sliding_window must be positive, got {sliding_window}"
-    assert logits_soft_cap is None or logits_soft_cap > 0, f"logits_soft_cap must be positive, got {logits_soft_cap}"
+    assert sliding_window is None or sliding_window > 0, (
+        f"sliding_window must be positive, got {sliding_window}"
+    )
+    assert logits_soft_cap is None or logits_soft_cap > 0, (
+        f"logits_soft_cap must be positive, got {logits_soft_cap}"
+    )
     if alibi_slopes is not None:
         assert alibi_slopes.shape == (q.shape[1],) and alibi_slopes.dtype == torch.float32, (
-            f"alibi_slopes must be [{q.shape[1]}] fp32, got {tuple(alibi_slopes.shape)} {alibi_slopes.dtype}")
+            f"alibi_slopes must be [{q.shape[1]}] fp32, got {tuple(alibi_slopes.shape)} {alibi_slopes.dtype}"
+        )
         assert alibi_slopes.device == q.device and alibi_slopes.is_contiguous(), alibi_slopes.device
     return q.shape[1] // num_kv_heads, int8
 
@@ -208,8 +234,18 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """q [B, Hq, D] -> out [B, Hq, D] (q.dtype). num_splits None: chosen from the static shapes
     (block_tables.shape[1] * block_size bounds the context), never from seq_lens' values."""
-    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache,
-                                             v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap)
+    group, int8 = check_paged_attention_args(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        k_scale_cache,
+        v_scale_cache,
+        sliding_window,
+        alibi_slopes,
+        logits_soft_cap,
+    )
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     block_n = 64 if q.is_cuda else 16

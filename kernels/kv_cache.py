@@ -64,8 +64,14 @@ def _check(key, value, k_cache, v_cache, slot_mapping):
     assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype, (v_cache.shape, v_cache.dtype)
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "KV caches must be contiguous"
     assert key.stride(-1) == 1 and value.stride(-1) == 1, (key.stride(), value.stride())
-    assert slot_mapping.shape == (num_tokens,) and not slot_mapping.dtype.is_floating_point, slot_mapping.dtype
-    assert key.device == k_cache.device == slot_mapping.device, (key.device, k_cache.device, slot_mapping.device)
+    assert slot_mapping.shape == (num_tokens,) and not slot_mapping.dtype.is_floating_point, (
+        slot_mapping.dtype
+    )
+    assert key.device == k_cache.device == slot_mapping.device, (
+        key.device,
+        k_cache.device,
+        slot_mapping.device,
+    )
 
 
 def _launch(key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping, int8):
@@ -82,7 +88,11 @@ def _launch(key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping, int8):
 
 
 def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> None:
     """key, value [T, Hkv, D] (any float dtype; cast to the cache dtype) -> caches at slot_mapping [T]."""
     _check(key, value, k_cache, v_cache, slot_mapping)
@@ -103,6 +113,8 @@ def reshape_and_cache_int8(
     _check(key, value, k_cache, v_cache, slot_mapping)
     assert k_cache.dtype == torch.int8, k_cache.dtype
     for scale_cache in (k_scale_cache, v_scale_cache):
-        assert scale_cache.shape == k_cache.shape[:3] and scale_cache.dtype == torch.float32, scale_cache.shape
+        assert scale_cache.shape == k_cache.shape[:3] and scale_cache.dtype == torch.float32, (
+            scale_cache.shape
+        )
         assert scale_cache.is_contiguous()
     _launch(key, value, k_cache, v_cache, k_scale_cache, v_scale_cache, slot_mapping, True)

@@ -49,7 +49,8 @@ def _prefill_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(
         q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
     )  # [BLOCK_M, BLOCK_D]
     slope = 0.0
     if ALIBI:
@@ -115,8 +116,18 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """q [total_q, Hq, D] -> out [total_q, Hq, D]. cu_seqlens_q [B+1] int32; max_q_len (a host int, >= every
     chunk length) sizes the grid, so the wrapper never reads device values."""
-    group, int8 = check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale_cache,
-                                             v_scale_cache, sliding_window, alibi_slopes, logits_soft_cap)
+    group, int8 = check_paged_attention_args(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        k_scale_cache,
+        v_scale_cache,
+        sliding_window,
+        alibi_slopes,
+        logits_soft_cap,
+    )
     batch = block_tables.shape[0]
     assert cu_seqlens_q.shape == (batch + 1,) and cu_seqlens_q.dtype == torch.int32, cu_seqlens_q.shape
     total_q, num_q_heads, head_dim = q.shape

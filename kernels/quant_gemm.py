@@ -73,7 +73,11 @@ def _gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None],
+            other=0.0,
+        )
         w = _dequant_tile(w_ptr, s_ptr, safe_n, offs_k[:, None], k0, stride_wn, stride_sn, group_size, BITS)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -101,10 +105,15 @@ def quant_linear(
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
     K = x.shape[-1]
     N = weight_packed.shape[0]
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.stride(-1) == 1, (x.dtype, x.stride())
+    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.stride(-1) == 1, (
+        x.dtype,
+        x.stride(),
+    )
     assert weight_packed.dtype == torch.int32 and weight_packed.is_contiguous(), weight_packed.dtype
     assert weight_packed.shape == (N, K * bits // 32) and K * bits % 32 == 0, (weight_packed.shape, K, bits)
-    assert weight_scale.dim() == 2 and weight_scale.shape[0] == N and K % weight_scale.shape[1] == 0, weight_scale.shape
+    assert weight_scale.dim() == 2 and weight_scale.shape[0] == N and K % weight_scale.shape[1] == 0, (
+        weight_scale.shape
+    )
     assert weight_scale.dtype == x.dtype and weight_scale.stride(1) == 1, (weight_scale.dtype, x.dtype)
     assert bias is None or (bias.shape == (N,) and bias.is_contiguous()), bias
     group_size = K // weight_scale.shape[1]

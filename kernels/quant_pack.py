@@ -44,8 +44,12 @@ def unpack_int_weights(packed: torch.Tensor, bits: int, shape: tuple[int, int] |
     """packed [out, words] int32 -> q [out, in] int8 (shape = (out, in), the checkpoint's weight_shape)."""
     per_word = _check_bits(bits)
     out_features, in_features = (int(s) for s in shape)
-    assert packed.dtype == torch.int32 and packed.dim() == 2, f"expected int32 [out, words], got {packed.dtype}"
-    assert packed.shape == (out_features, -(-in_features // per_word)), f"{tuple(packed.shape)} vs shape {shape}"
+    assert packed.dtype == torch.int32 and packed.dim() == 2, (
+        f"expected int32 [out, words], got {packed.dtype}"
+    )
+    assert packed.shape == (out_features, -(-in_features // per_word)), (
+        f"{tuple(packed.shape)} vs shape {shape}"
+    )
     words = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
     u = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [out, words, per_word]

@@ -11,9 +11,18 @@ import math
 import torch
 
 
-def random_paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device | str, *, int8: bool = False,
-                       spare_blocks: int = 0, pad_columns: int = 0):
+def random_paged_cache(
+    seq_lens: list[int],
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    int8: bool = False,
+    spare_blocks: int = 0,
+    pad_columns: int = 0,
+):
     """-> (caches [k, v], scales [k, v] or [None, None], block_tables int32, seq_lens int32).
 
     caches [num_blocks, block_size, Hkv, D] in `dtype` (int8 codes with fp32 per-token-head scales

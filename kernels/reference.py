@@ -40,7 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
-
 _ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,  # exact (erf)
@@ -66,11 +65,16 @@ def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * (1.0 + weight.float())).to(x.dtype)
 
+
 # --- rotary embedding -------------------------------------------------------------------------------
 
 
 def rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox_style: bool = True
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q [T, Hq, D] and k [T, Hkv, D] in place; returns (q, k).
 
@@ -85,7 +89,9 @@ def rope(
     cos, sin = cos[:, None, :], sin[:, None, :]
     for x in (q, k):
         rot = x[..., : 2 * half]
-        pairs = rot.unflatten(-1, (2, half)) if is_neox_style else rot.unflatten(-1, (half, 2)).transpose(-1, -2)
+        pairs = (
+            rot.unflatten(-1, (2, half)) if is_neox_style else rot.unflatten(-1, (half, 2)).transpose(-1, -2)
+        )
         a, b = pairs[..., 0, :].float(), pairs[..., 1, :].float()  # [T, H, R/2] each
         rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-2)  # [T, H, 2, R/2]
         if not is_neox_style:
@@ -191,8 +197,9 @@ def attention_scores(
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float,
-            **score_args) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float, **score_args
+) -> torch.Tensor:
     """softmax(attention_scores) @ v: q [Tq, Hq, D], v [S, Hkv, D] -> [Tq, Hq, D] fp32."""
     group = q.shape[1] // v.shape[1]
     probs = attention_scores(q, k, q_positions, scale, **score_args).softmax(-1)
@@ -219,7 +226,9 @@ def paged_decode_attention(
     Scores as in `attention_scores`. A sequence with seq_len 0 (batch padding) yields zeros.
     num_splits is a kernel tuning knob, ignored here.
     """
-    score_args = dict(sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
+    score_args = dict(
+        sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap
+    )
     out = torch.zeros_like(q)
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
@@ -252,7 +261,9 @@ def paged_prefill_attention(
     seq_lens[b] of them (scores as in `attention_scores`) -> [total_q, Hq, D]. max_q_len sizes the kernel
     grid, ignored here.
     """
-    score_args = dict(sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap)
+    score_args = dict(
+        sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap
+    )
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):

@@ -43,7 +43,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _launch(x, residual, weight, eps):
     hidden = x.shape[-1]
-    assert weight.shape == (hidden,) and weight.is_contiguous(), f"weight {tuple(weight.shape)} vs hidden {hidden}"
+    assert weight.shape == (hidden,) and weight.is_contiguous(), (
+        f"weight {tuple(weight.shape)} vs hidden {hidden}"
+    )
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
     x2 = _rows(x)
     out = torch.empty_like(x2)

@@ -54,12 +54,20 @@ def _rope_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_r, mask=offs_r < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, HALF, IS_NEOX, BLOCK_HQ, BLOCK_R)
-    _rotate_heads(k_ptr + token * stride_kt, stride_kh, num_kv_heads, cos, sin, HALF, IS_NEOX, BLOCK_HK, BLOCK_R)
+    _rotate_heads(
+        q_ptr + token * stride_qt, stride_qh, num_q_heads, cos, sin, HALF, IS_NEOX, BLOCK_HQ, BLOCK_R
+    )
+    _rotate_heads(
+        k_ptr + token * stride_kt, stride_kh, num_kv_heads, cos, sin, HALF, IS_NEOX, BLOCK_HK, BLOCK_R
+    )
 
 
 def rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox_style: bool = True
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [T] int (row of cos_sin_cache per token); q [T, Hq, D], k [T, Hkv, D] (views of a fused
     qkv are fine: only the head dim must be contiguous); cos_sin_cache [rows, R] fp32, R <= D.

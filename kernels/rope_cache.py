@@ -60,7 +60,9 @@ def rope_type_of(rope_scaling: dict[str, Any] | None) -> str:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     rope_type = _ALIASES.get(rope_type, rope_type)
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_scaling rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        raise ValueError(
+            f"rope_scaling rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
     return rope_type
 
 
@@ -86,31 +88,46 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
             raise ValueError(f"rope_scaling {key!r} of rope_type {rope_type!r} is null")
     for key in ("short_factor", "long_factor"):
         value = scaling.get(key)
-        if value is not None and not (isinstance(value, list | tuple) and all(
-                isinstance(x, int | float) and not isinstance(x, bool) for x in value)):
-            raise ValueError(f"rope_scaling {key!r} must be a list of numbers for rope_type 'longrope', got {value!r}")
+        if value is not None and not (
+            isinstance(value, list | tuple)
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+        ):
+            raise ValueError(
+                f"rope_scaling {key!r} must be a list of numbers for rope_type 'longrope', got {value!r}"
+            )
     scaling.pop("type", None)
     scaling["rope_type"] = rope_type
 
     def need_mpe(what: str) -> int:
         if max_position_embeddings is None:
-            raise ValueError(f"rope_type {rope_type!r}: {what} needs max_position_embeddings (the HF config's)")
+            raise ValueError(
+                f"rope_type {rope_type!r}: {what} needs max_position_embeddings (the HF config's)"
+            )
         return max_position_embeddings
 
-    if rope_type in ("llama3", "yarn", "longrope") and scaling.get("original_max_position_embeddings") is None:
+    if (
+        rope_type in ("llama3", "yarn", "longrope")
+        and scaling.get("original_max_position_embeddings") is None
+    ):
         # transformers takes it from the config's top level when the config class has that attribute
         # (Phi-3), else from max_position_embeddings: only the config reader knows which, so it must say
-        raise ValueError(f"rope_scaling with rope_type {rope_type!r} needs 'original_max_position_embeddings' "
-                         "(fold in the config's top-level original_max_position_embeddings, as transformers' "
-                         "standardize_rope_params does, or max_position_embeddings where the model has none)")
-    if rope_type in ("yarn", "longrope") and scaling.get("factor") is None and (
-        rope_type == "yarn" or scaling.get("attention_factor") is None
+        raise ValueError(
+            f"rope_scaling with rope_type {rope_type!r} needs 'original_max_position_embeddings' "
+            "(fold in the config's top-level original_max_position_embeddings, as transformers' "
+            "standardize_rope_params does, or max_position_embeddings where the model has none)"
+        )
+    if (
+        rope_type in ("yarn", "longrope")
+        and scaling.get("factor") is None
+        and (rope_type == "yarn" or scaling.get("attention_factor") is None)
     ):
         scaling["factor"] = need_mpe("factor=None") / scaling["original_max_position_embeddings"]
     if rope_type == "dynamic":  # normalized: original_max_position_embeddings holds HF's threshold
         omp = scaling.get("original_max_position_embeddings")
         mpe = scaling["original_max_position_embeddings"] = need_mpe("its length threshold")
-        if omp is not None and omp != mpe:  # HF's dynamic NTK never reads it: a checkpoint that sets it expects something else
+        if (
+            omp is not None and omp != mpe
+        ):  # HF's dynamic NTK never reads it: a checkpoint that sets it expects something else
             raise ValueError(f"rope_type 'dynamic': original_max_position_embeddings={omp!r} differs from "
                              f"max_position_embeddings={mpe}; transformers' dynamic NTK scales from "
                              "max_position_embeddings and ignores the key, so its meaning is ambiguous")  # fmt: skip
@@ -118,7 +135,9 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
                 "mscale_all_dim", "attention_factor"):  # fmt: skip
         value = scaling.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"rope_scaling {key!r} must be a number for rope_type {rope_type!r}, got {value!r}")
+            raise ValueError(
+                f"rope_scaling {key!r} must be a number for rope_type {rope_type!r}, got {value!r}"
+            )
     if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
         raise ValueError(f"rope_scaling 'truncate' must be true or false for rope_type 'yarn', got "
                          f"{scaling['truncate']!r}")  # fmt: skip
@@ -151,7 +170,9 @@ def compute_inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] 
     if rope_type == "longrope":
         return longrope_inv_freq(rotary_dim, base, scaling["short_factor"])
     if rope_type == "dynamic":
-        return _dynamic_init_inv_freq(rotary_dim, base, scaling["factor"], scaling["original_max_position_embeddings"])
+        return _dynamic_init_inv_freq(
+            rotary_dim, base, scaling["factor"], scaling["original_max_position_embeddings"]
+        )
     return _base_inv_freq(rotary_dim, base)
 
 
@@ -160,10 +181,14 @@ def _dynamic_init_inv_freq(rotary_dim: int, base: float, factor: float, max_posi
     """HF's dynamic-NTK set at init (seq_len = max_position_embeddings, in python floats): the ratio is 1
     up to float64 rounding, kept exactly as HF computes it."""
     mpe = max_position_embeddings
-    return _base_inv_freq(rotary_dim, base * ((factor * mpe / mpe) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2)))
+    return _base_inv_freq(
+        rotary_dim, base * ((factor * mpe / mpe) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    )
 
 
-def attention_factor(rope_scaling: dict[str, Any] | None, max_position_embeddings: int | None = None) -> float:
+def attention_factor(
+    rope_scaling: dict[str, Any] | None, max_position_embeddings: int | None = None
+) -> float:
     """The factor HF multiplies cos and sin by (yarn: mscale; longrope: sqrt(1 + ln s / ln L); else 1)."""
     scaling = validate_rope_scaling(rope_scaling, max_position_embeddings)
     rope_type, factor = scaling["rope_type"], scaling.get("factor")
@@ -220,7 +245,9 @@ def _yarn_inv_freq(rotary_dim: int, base: float, scaling: dict[str, Any]) -> tor
     low, high = max(low, 0), min(high, rotary_dim - 1)
     if low == high:
         high += 0.001  # HF: avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    ramp = torch.clamp(
+        (torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1
+    )
 
     pos_freqs = base ** (torch.arange(0, rotary_dim, 2, device="cpu").to(dtype=torch.float) / rotary_dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
@@ -249,7 +276,9 @@ def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_posi
     computation, and at position 1e4 one ulp of inv_freq moves the angle by 1e-3).
     """
     device = target_device(device)
-    init = _dynamic_init_inv_freq(rotary_dim, base, factor, max_position_embeddings)  # on the CPU, as HF's init
+    init = _dynamic_init_inv_freq(
+        rotary_dim, base, factor, max_position_embeddings
+    )  # on the CPU, as HF's init
     table = init.to(device).repeat(max_positions, 1)
     if max_positions <= max_position_embeddings:
         return table
@@ -258,7 +287,9 @@ def dynamic_inv_freq_table(rotary_dim: int, base: float, factor: float, max_posi
     strided = torch.empty(2 * ratio.numel(), dtype=ratio.dtype, device=device)[::2]
     strided.copy_(ratio)
     scaled_base = base * strided ** (rotary_dim / (rotary_dim - 2))  # [S] fp32
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / rotary_dim
+    exponents = (
+        torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / rotary_dim
+    )
     table[max_position_embeddings:] = 1.0 / (scaled_base[:, None] ** exponents[None, :])
     return table
 

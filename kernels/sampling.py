@@ -89,7 +89,10 @@ def _sample_kernel(
                     counts += tl.sum(hit.to(tl.int32), axis=0)
                 valid = pivots < hi
                 ok = (counts >= k) & valid
-                lo, hi = tl.max(tl.where(ok, pivots, lo), axis=0), tl.min(tl.where(valid & ~ok, pivots, hi), axis=0)
+                lo, hi = (
+                    tl.max(tl.where(ok, pivots, lo), axis=0),
+                    tl.min(tl.where(valid & ~ok, pivots, hi), axis=0),
+                )
             k_cut = lo
 
         # top-p over the top-k survivors: smallest key t with mass(key > t) < top_p * Z.
@@ -115,7 +118,10 @@ def _sample_kernel(
                     mass += tl.sum(tl.where(key[:, None] > pivots[None, :], e[:, None], 0.0), axis=0)
                 valid = pivots < hi
                 ok = (mass < target) & valid
-                lo, hi = tl.max(tl.where(valid & ~ok, pivots, lo), axis=0), tl.min(tl.where(ok, pivots, hi), axis=0)
+                lo, hi = (
+                    tl.max(tl.where(valid & ~ok, pivots, lo), axis=0),
+                    tl.min(tl.where(ok, pivots, hi), axis=0),
+                )
             p_cut = hi
 
         cut = tl.maximum(k_cut, p_cut)
@@ -156,7 +162,9 @@ def sample_with_threshold(
     device = logits.device
     assert temperature.shape == (batch,), temperature.shape
     for name, t in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
-        assert t is None or (t.shape == (batch,) and t.device == device), f"{name} must be [batch] on {device}"
+        assert t is None or (t.shape == (batch,) and t.device == device), (
+            f"{name} must be [batch] on {device}"
+        )
     inv_temp = torch.where(temperature > 0, 1.0 / temperature.float(), 0.0).float()
     top_k = torch.zeros(batch, dtype=torch.int32, device=device) if top_k is None else top_k.to(torch.int32)
     top_p = torch.ones(batch, dtype=torch.float32, device=device) if top_p is None else top_p.float()

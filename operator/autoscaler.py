@@ -127,28 +127,44 @@ def recommend(scrape: Scrape, spec: Autoscaling, max_num_seqs: int | None = None
         if demand <= 0:
             return Recommendation(0, 0.0, "at zero replicas: no request waiting at the activator")
         want = max(1, _ceil(demand / target)) if metric == "queue" else 1
-        return Recommendation(want, demand, f"{_fmt(demand)} request(s) waiting at the activator (cold start): wants {want}")
+        return Recommendation(
+            want, demand, f"{_fmt(demand)} request(s) waiting at the activator (cold start): wants {want}"
+        )
     values = [pod.value(metric) for pod in scrape.pods.values()]
     if not values:
-        return Recommendation(current, None, f"no metrics from ready replicas ({scrape.not_ready} not ready, "
-                                             f"{scrape.missing} not answering): wants {current}")
+        return Recommendation(
+            current,
+            None,
+            f"no metrics from ready replicas ({scrape.not_ready} not ready, "
+            f"{scrape.missing} not answering): wants {current}",
+        )
     total = sum(values)
     avg = total / len(values)
     ratio = avg / target
     head = f"{metric} {_fmt(avg)}/replica"
     if abs(ratio - 1) <= TOLERANCE:
-        return Recommendation(current, avg, f"{head} within {TOLERANCE:.0%} of target {target:g}: wants {current}")
+        return Recommendation(
+            current, avg, f"{head} within {TOLERANCE:.0%} of target {target:g}: wants {current}"
+        )
     if ratio > 1:
         want = _ceil(total / target)
         unknown = max(current, len(values) + scrape.not_ready + scrape.missing) - len(values)
         if want <= current:
-            return Recommendation(current, avg, f"{head} > target {target:g}, but {unknown} replica(s) not ready yet "
-                                                f"count as capacity: wants {current}")
+            return Recommendation(
+                current,
+                avg,
+                f"{head} > target {target:g}, but {unknown} replica(s) not ready yet "
+                f"count as capacity: wants {current}",
+            )
         return Recommendation(want, avg, f"{head} > target {target:g}: wants {want}")
     adjusted = (total + scrape.missing * target) / (len(values) + scrape.missing)
     if adjusted / target >= 1 - TOLERANCE:
-        return Recommendation(current, avg, f"{head} < target {target:g}, but {scrape.missing} replica(s) not "
-                                            f"answering count as at target: wants {current}")
+        return Recommendation(
+            current,
+            avg,
+            f"{head} < target {target:g}, but {scrape.missing} replica(s) not "
+            f"answering count as at target: wants {current}",
+        )
     want = _ceil(current * adjusted / target)
     idle = scrape.missing == 0 and scrape.not_ready == 0 and all(p.idle for p in scrape.pods.values())
     floor, why = (0, "") if idle and spec.min_replicas == 0 else (1, "")
@@ -162,8 +178,9 @@ def recommend(scrape: Scrape, spec: Autoscaling, max_num_seqs: int | None = None
     return Recommendation(want, avg, f"{head} < target {target:g}: wants {want}{why}")
 
 
-def decide(history: Sequence[Scrape], current: int, spec: Autoscaling, now: datetime,
-           max_num_seqs: int | None = None) -> Decision:
+def decide(
+    history: Sequence[Scrape], current: int, spec: Autoscaling, now: datetime, max_num_seqs: int | None = None
+) -> Decision:
     """The replicas the Deployment should have at `now` (rules 1-4 of the module docstring).
     `history` is oldest first; its last scrape is this look."""
     low, high = spec.min_replicas, spec.max_replicas
@@ -186,23 +203,45 @@ def decide(history: Sequence[Scrape], current: int, spec: Autoscaling, now: date
     if stabilized > down_recommendation:
         stabilized = down_recommendation
     if latest.replicas > current and stabilized < latest.replicas:
-        reason += (f"; scale-up held at {stabilized}: lowest recommendation in the last "
-                   f"{spec.scale_up_stabilization_seconds}s")
+        reason += (
+            f"; scale-up held at {stabilized}: lowest recommendation in the last "
+            f"{spec.scale_up_stabilization_seconds}s"
+        )
     elif latest.replicas < current and stabilized > latest.replicas:
-        reason += (f"; scale-down held at {stabilized}: highest recommendation in the last "
-                   f"{spec.scale_down_stabilization_seconds}s")
+        reason += (
+            f"; scale-down held at {stabilized}: highest recommendation in the last "
+            f"{spec.scale_down_stabilization_seconds}s"
+        )
     if stabilized > current and not up_window:
-        stabilized, reason = current, reason + (f"; scale-up waits: observed for less than "
-                                                f"scaleUpStabilizationSeconds={spec.scale_up_stabilization_seconds}")
+        stabilized, reason = (
+            current,
+            reason
+            + (
+                f"; scale-up waits: observed for less than "
+                f"scaleUpStabilizationSeconds={spec.scale_up_stabilization_seconds}"
+            ),
+        )
     elif stabilized < current and not down_window:
-        stabilized, reason = current, reason + (f"; scale-down waits: observed for less than "
-                                                f"scaleDownStabilizationSeconds={spec.scale_down_stabilization_seconds}")
+        stabilized, reason = (
+            current,
+            reason
+            + (
+                f"; scale-down waits: observed for less than "
+                f"scaleDownStabilizationSeconds={spec.scale_down_stabilization_seconds}"
+            ),
+        )
 
     replicas = stabilized
     if replicas > current + spec.max_scale_up_step:
-        replicas, reason = current + spec.max_scale_up_step, reason + f"; limited by maxScaleUpStep {spec.max_scale_up_step}"
+        replicas, reason = (
+            current + spec.max_scale_up_step,
+            reason + f"; limited by maxScaleUpStep {spec.max_scale_up_step}",
+        )
     elif replicas < current - spec.max_scale_down_step:
-        replicas, reason = current - spec.max_scale_down_step, reason + f"; limited by maxScaleDownStep {spec.max_scale_down_step}"
+        replicas, reason = (
+            current - spec.max_scale_down_step,
+            reason + f"; limited by maxScaleDownStep {spec.max_scale_down_step}",
+        )
     bounded = max(low, min(high, replicas))
     if bounded != replicas:
         reason += f"; bounded by [{low}, {high}]"
@@ -228,8 +267,10 @@ def _in_effect(recommendations: list[tuple[datetime, int]], since: datetime) -> 
 def prune(history: Sequence[Scrape], spec: Autoscaling, now: datetime) -> tuple[Scrape, ...]:
     """Keep what `decide` can still use: every scrape inside the longest window, plus the newest
     one before it (it proves the window is covered)."""
-    horizon = now - max(timedelta(seconds=max(spec.scale_up_stabilization_seconds,
-                                              spec.scale_down_stabilization_seconds)), STALE_AFTER)
+    horizon = now - max(
+        timedelta(seconds=max(spec.scale_up_stabilization_seconds, spec.scale_down_stabilization_seconds)),
+        STALE_AFTER,
+    )
     inside = [i for i, scrape in enumerate(history) if scrape.time > horizon]
     start = (inside[0] - 1 if inside[0] > 0 else 0) if inside else max(len(history) - 1, 0)
     return tuple(history[start:][-MAX_SCRAPES:])

@@ -75,7 +75,9 @@ class Resource:
     plural: str
     namespaced: bool = True
 
-    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+    def path(
+        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
         """`/api/v1/namespaces/ns/pods/name/status`; without a name, the collection."""
         root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
         if self.namespaced:
@@ -154,8 +156,9 @@ class KubeApi:
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
-                                    client_configuration=configuration)
+            config.load_kube_config(
+                config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+            )
         return cls(configuration, **kwargs)
 
     # --- the calls ---------------------------------------------------------------------------------
@@ -168,10 +171,13 @@ class KubeApi:
         """The collection (`items`), with query `params` such as fieldSelector; None for 404."""
         return await self._request("GET", resource.path(namespace), ok=(404,), **params)
 
-    async def merge_patch(self, resource: Resource, namespace: str | None, name: str,
-                          patch: Mapping[str, Any]) -> Object | None:
+    async def merge_patch(
+        self, resource: Resource, namespace: str | None, name: str, patch: Mapping[str, Any]
+    ) -> Object | None:
         """JSON merge patch; None when the object is gone."""
-        return await self._request("PATCH", resource.path(namespace, name), patch, ok=(404,), content_type=MERGE_PATCH)
+        return await self._request(
+            "PATCH", resource.path(namespace, name), patch, ok=(404,), content_type=MERGE_PATCH
+        )
 
     async def create(self, obj: Mapping[str, Any]) -> Object | None:
         """POST to the object's collection: the created object, or None when one of that name
@@ -182,23 +188,35 @@ class KubeApi:
     async def apply(self, obj: Mapping[str, Any], field_manager: str) -> Object:
         """Server-side apply, forcing `field_manager`'s ownership of every field `obj` sets; creates
         the object when it is missing."""
-        return await self._request("PATCH", _object_path(obj), obj, content_type=APPLY_PATCH,
-                                   fieldManager=field_manager, force="true")
+        return await self._request(
+            "PATCH",
+            _object_path(obj),
+            obj,
+            content_type=APPLY_PATCH,
+            fieldManager=field_manager,
+            force="true",
+        )
 
     async def replace_status(self, obj: Mapping[str, Any]) -> Object:
         """PUT of the status subresource with the object's resourceVersion: raises ApiError 409
         when anyone wrote the object since it was read, 404 when it is gone."""
         return await self._request("PUT", _object_path(obj, "status"), obj)
 
-    async def scale(self, resource: Resource, namespace: str, name: str, replicas: int,
-                    field_manager: str) -> Object:
+    async def scale(
+        self, resource: Resource, namespace: str, name: str, replicas: int, field_manager: str
+    ) -> Object:
         """Merge patch of the /scale subresource's spec.replicas."""
-        return await self._request("PATCH", resource.path(namespace, name, "scale"),
-                                   {"spec": {"replicas": replicas}}, content_type=MERGE_PATCH,
-                                   fieldManager=field_manager)
+        return await self._request(
+            "PATCH",
+            resource.path(namespace, name, "scale"),
+            {"spec": {"replicas": replicas}},
+            content_type=MERGE_PATCH,
+            fieldManager=field_manager,
+        )
 
-    async def delete(self, resource: Resource, namespace: str | None, name: str, *,
-                     grace_period_seconds: int | None = None) -> None:
+    async def delete(
+        self, resource: Resource, namespace: str | None, name: str, *, grace_period_seconds: int | None = None
+    ) -> None:
         """Delete one object (0 seconds grace: at once, e.g. a pod whose node is gone); a missing
         object counts as deleted."""
         params = {} if grace_period_seconds is None else {"gracePeriodSeconds": str(grace_period_seconds)}
@@ -229,7 +247,8 @@ class KubeApi:
             cfg = self._config
             connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl_context())
             self._session = aiohttp.ClientSession(
-                base_url=cfg.host.rstrip("/") + "/", connector=connector,
+                base_url=cfg.host.rstrip("/") + "/",
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
         return self._session
@@ -245,17 +264,25 @@ class KubeApi:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         return context
 
-    async def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *,
-                       ok: tuple[int, ...] = (), content_type: str = "application/json",
-                       **params: str) -> Any:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        ok: tuple[int, ...] = (),
+        content_type: str = "application/json",
+        **params: str,
+    ) -> Any:
         """One call: the decoded JSON answer; None for a status in `ok`; ApiError for any
         other status >= 300."""
         headers = self._headers()
         data = None
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body), content_type
-        async with self._http().request(method, path.lstrip("/"), data=data, params=params or None,
-                                        headers=headers) as response:
+        async with self._http().request(
+            method, path.lstrip("/"), data=data, params=params or None, headers=headers
+        ) as response:
             text = await response.text()
             if response.status < 300:
                 return json.loads(text) if text else None

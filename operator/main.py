@@ -119,22 +119,29 @@ def register_handlers() -> None:
 
 
 def _make_startup(options: OperatorOptions, priority: int, heartbeat: watchdog.Heartbeat):
-    async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, memo: kopf.Memo,
-                        **_: object) -> None:
+    async def configure(
+        settings: kopf.OperatorSettings, logger: logging.Logger, memo: kopf.Memo, **_: object
+    ) -> None:
         from lmforge.operator.controllers import namespace_release
 
         apply_settings(settings, options, priority)
         # kopf cancels these tasks at shutdown; until then the first tells the main thread kopf is alive
         asyncio.create_task(watchdog.watch_kopf(heartbeat), name="lmforge watchdog beat")
-        if options.namespaces:  # only kopf's per-namespace watches stop early (cluster-wide ones see deletions)
-            asyncio.create_task(namespace_release.sweep_forever(memo, options.namespaces,
-                                                                settings.persistence.finalizer, logger),
-                                name="lmforge namespace release")
+        if (
+            options.namespaces
+        ):  # only kopf's per-namespace watches stop early (cluster-wide ones see deletions)
+            asyncio.create_task(
+                namespace_release.sweep_forever(
+                    memo, options.namespaces, settings.persistence.finalizer, logger
+                ),
+                name="lmforge namespace release",
+            )
         if not options.standalone:
             missing = await ensure_peering_object(options, priority, logger)
             if missing:
-                asyncio.create_task(_retry_peering(options, priority, missing, logger),
-                                    name="lmforge peering creator")
+                asyncio.create_task(
+                    _retry_peering(options, priority, missing, logger), name="lmforge peering creator"
+                )
         logger.info(
             "lmforge operator %s starting: peering=%s priority=%d scope=%s",
             __version__,
@@ -149,13 +156,26 @@ def _make_startup(options: OperatorOptions, priority: int, heartbeat: watchdog.H
 def peering_bodies(options: OperatorOptions) -> list[dict[str, Any]]:
     group, version = PEERING_API
     if options.namespaces:
-        return [{"apiVersion": f"{group}/{version}", "kind": "KopfPeering",
-                 "metadata": {"name": options.peering, "namespace": namespace}} for namespace in options.namespaces]
-    return [{"apiVersion": f"{group}/{version}", "kind": "ClusterKopfPeering", "metadata": {"name": options.peering}}]
+        return [
+            {
+                "apiVersion": f"{group}/{version}",
+                "kind": "KopfPeering",
+                "metadata": {"name": options.peering, "namespace": namespace},
+            }
+            for namespace in options.namespaces
+        ]
+    return [
+        {
+            "apiVersion": f"{group}/{version}",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": options.peering},
+        }
+    ]
 
 
-def higher_peers(peering: dict[str, Any] | None, priority: int, identity: str | None,
-                 now: float) -> list[tuple[str, int, float]]:
+def higher_peers(
+    peering: dict[str, Any] | None, priority: int, identity: str | None, now: float
+) -> list[tuple[str, int, float]]:
     """(identity, priority, seconds it may still hold) of the live peers that outrank us: whom a
     starting replica waits for, and for how long at most."""
     from datetime import datetime
@@ -175,8 +195,9 @@ def higher_peers(peering: dict[str, Any] | None, priority: int, identity: str | 
     return out
 
 
-async def ensure_peering_object(options: OperatorOptions, priority: int | None = None,
-                                logger: logging.Logger | None = None) -> list[dict[str, Any]]:
+async def ensure_peering_object(
+    options: OperatorOptions, priority: int | None = None, logger: logging.Logger | None = None
+) -> list[dict[str, Any]]:
     """Create the (Cluster)KopfPeering objects that are missing, so installing the CRDs is enough
     (AlreadyExists is success: every replica runs this at start). Returns the bodies that could not
     be created (403 in a terminating namespace, 404 for a missing namespace or CRD): each is logged,
@@ -193,8 +214,11 @@ async def ensure_peering_object(options: OperatorOptions, priority: int | None =
         for body in peering_bodies(options):
             meta = body["metadata"]
             try:
-                existing = await api.get(KOPF_PEERINGS if meta.get("namespace") else CLUSTER_KOPF_PEERINGS,
-                                         meta.get("namespace"), meta["name"])
+                existing = await api.get(
+                    KOPF_PEERINGS if meta.get("namespace") else CLUSTER_KOPF_PEERINGS,
+                    meta.get("namespace"),
+                    meta["name"],
+                )
                 if existing is None:
                     await api.create(body)  # None when another replica created it meanwhile
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:  # never an exit: retried
@@ -203,25 +227,38 @@ async def ensure_peering_object(options: OperatorOptions, priority: int | None =
                 logger.warning(
                     "cannot create the peering object %r (%s): %s; handlers there wait for it, retrying every "
                     "%.0f s (are the CRDs in crds/ installed, does the namespace exist?)",
-                    options.peering, where, cause, PEERING_RETRY_S)
+                    options.peering,
+                    where,
+                    cause,
+                    PEERING_RETRY_S,
+                )
                 failed.append(body)
                 continue
             if priority is not None:
-                for peer, peer_priority, left in higher_peers(existing, priority, peer_identity(os.environ),
-                                                              time.time()):
-                    logger.warning("waiting for peer %s (priority %d >= ours %d): it works until its record "
-                                   "expires in %.0f s unless it stops cleanly first", peer, peer_priority,
-                                   priority, left)
+                for peer, peer_priority, left in higher_peers(
+                    existing, priority, peer_identity(os.environ), time.time()
+                ):
+                    logger.warning(
+                        "waiting for peer %s (priority %d >= ours %d): it works until its record "
+                        "expires in %.0f s unless it stops cleanly first",
+                        peer,
+                        peer_priority,
+                        priority,
+                        left,
+                    )
     finally:
         await api.close()
     return failed
 
 
-async def _retry_peering(options: OperatorOptions, priority: int, missing: list[dict[str, Any]],
-                         logger: logging.Logger) -> None:
+async def _retry_peering(
+    options: OperatorOptions, priority: int, missing: list[dict[str, Any]], logger: logging.Logger
+) -> None:
     while missing:
         await asyncio.sleep(PEERING_RETRY_S)
-        namespaces = tuple(body["metadata"]["namespace"] for body in missing if body["metadata"].get("namespace"))
+        namespaces = tuple(
+            body["metadata"]["namespace"] for body in missing if body["metadata"].get("namespace")
+        )
         retry = OperatorOptions(namespaces=namespaces, peering=options.peering)
         missing = await ensure_peering_object(retry, priority, logger)
     logger.info("every peering object of %r exists now", options.peering)
@@ -249,8 +286,14 @@ def run(
     """Run until SIGTERM/SIGINT or `stop_flag` is set (0), or until the reconcilers die (1, so that
     Kubernetes restarts the container). Never outlives a stop request by more than STOP_DEADLINE_S."""
     options = OperatorOptions(
-        namespaces=tuple(namespaces), peering=peering, standalone=standalone, priority=priority,
-        liveness_port=liveness_port, verbose=verbose, json_logs=json_logs, api_retry_seconds=api_retry_seconds,
+        namespaces=tuple(namespaces),
+        peering=peering,
+        standalone=standalone,
+        priority=priority,
+        liveness_port=liveness_port,
+        verbose=verbose,
+        json_logs=json_logs,
+        api_retry_seconds=api_retry_seconds,
     )
     retry_backoffs(api_retry_seconds)  # refuse a bad value before anything starts
     for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
@@ -267,9 +310,16 @@ def run(
 
     def run_kopf() -> None:
         try:
-            kopf.run(registry=registry, standalone=standalone, priority=chosen, peering_name=peering,
-                     identity=identity, clusterwide=not namespaces, namespaces=list(namespaces),
-                     stop_flag=kopf_stop)
+            kopf.run(
+                registry=registry,
+                standalone=standalone,
+                priority=chosen,
+                peering_name=peering,
+                identity=identity,
+                clusterwide=not namespaces,
+                namespaces=list(namespaces),
+                stop_flag=kopf_stop,
+            )
         except BaseException:  # noqa: BLE001 - reported here, decided on by the watchdog
             log.exception("kopf failed")
 
@@ -281,7 +331,10 @@ def run(
             _exit_now(0)
         if not requested:
             requested.append(time.monotonic())
-            log.info("stop requested (%s): stopping the handlers", signal.Signals(signum).name if signum else "flag")
+            log.info(
+                "stop requested (%s): stopping the handlers",
+                signal.Signals(signum).name if signum else "flag",
+            )
         kopf_stop.set()
 
     if threading.current_thread() is threading.main_thread():
@@ -304,8 +357,14 @@ def run(
                 log.error("reconcilers are dead (%s): stopping kopf, then exiting 1", ", ".join(dead))
                 kopf_stop.set()  # a clean stop releases our peering record for the next replica
             current[0] = verdict = watchdog.verdict(
-                now, kopf_running=thread.is_alive(), started=started, last_beat=last_beat, dead=dead,
-                stop_requested_at=requested[0] if requested else None, dead_since=dead_since)
+                now,
+                kopf_running=thread.is_alive(),
+                started=started,
+                last_beat=last_beat,
+                dead=dead,
+                stop_requested_at=requested[0] if requested else None,
+                dead_since=dead_since,
+            )
             if verdict.exit_code is not None:
                 break
     finally:

@@ -64,8 +64,9 @@ def metrics_url(template: str | None, *, pod: str, ip: str | None, namespace: st
     return template
 
 
-async def scrape(urls: Mapping[str, str], session: Any = None,
-                 timeout: float = TIMEOUT_SECONDS) -> dict[str, PodSample | None]:
+async def scrape(
+    urls: Mapping[str, str], session: Any = None, timeout: float = TIMEOUT_SECONDS
+) -> dict[str, PodSample | None]:
     """GET every url concurrently: pod -> its sample, or None when it did not answer in time,
     answered non-200, or without engine gauges."""
     import aiohttp

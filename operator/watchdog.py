@@ -33,8 +33,14 @@ STALE_BEAT_S = 30.0  # kopf's loop did not beat for this long: blocked or dead
 STOP_DEADLINE_S = 8.0  # SIGTERM -> exit, even when kopf's own shutdown hangs (pods get 30 s)
 DEAD_GRACE_S = 5.0  # dead reconcilers: time for kopf to stop cleanly (and release its peering record)
 # kopf's eternal tasks (kopf/_core/reactor/running.py): any of them ending means nothing reconciles.
-ETERNAL_TASKS = ("multidimensional multitasker", "resource observer", "namespace observer", "poster of events",
-                 "daemon killer", "startup/cleanup activities")
+ETERNAL_TASKS = (
+    "multidimensional multitasker",
+    "resource observer",
+    "namespace observer",
+    "poster of events",
+    "daemon killer",
+    "startup/cleanup activities",
+)
 ETERNAL_PREFIXES = ("peering keep-alive for ", "peering observer for ")
 
 
@@ -51,8 +57,13 @@ class TaskState:
 def dead_tasks(tasks: Iterable[TaskState]) -> tuple[str, ...]:
     """Names of kopf's eternal tasks that failed or ended on their own. A cancelled one is not
     dead: kopf cancels a namespace's peering tasks when that namespace goes away."""
-    return tuple(sorted(t.name for t in tasks
-                        if t.done and not t.cancelled and (t.name in ETERNAL_TASKS or t.name.startswith(ETERNAL_PREFIXES))))
+    return tuple(
+        sorted(
+            t.name
+            for t in tasks
+            if t.done and not t.cancelled and (t.name in ETERNAL_TASKS or t.name.startswith(ETERNAL_PREFIXES))
+        )
+    )
 
 
 @dataclass(slots=True)
@@ -80,27 +91,44 @@ class Verdict:
     healthy: bool
 
 
-def verdict(now: float, *, kopf_running: bool, started: bool, last_beat: float | None, dead: tuple[str, ...],
-            stop_requested_at: float | None, dead_since: float | None) -> Verdict:
+def verdict(
+    now: float,
+    *,
+    kopf_running: bool,
+    started: bool,
+    last_beat: float | None,
+    dead: tuple[str, ...],
+    stop_requested_at: float | None,
+    dead_since: float | None,
+) -> Verdict:
     """The whole exit policy, pure (unit-tested with made-up clocks)."""
     if stop_requested_at is not None:
         if not kopf_running:
             return Verdict(0, "stopped", False)
         if now - stop_requested_at >= STOP_DEADLINE_S:
-            return Verdict(0, f"kopf did not stop within {STOP_DEADLINE_S:.0f} s of the stop request: exiting anyway",
-                           False)
+            return Verdict(
+                0,
+                f"kopf did not stop within {STOP_DEADLINE_S:.0f} s of the stop request: exiting anyway",
+                False,
+            )
         return Verdict(None, "stopping", False)
     if not kopf_running:
-        return Verdict(1, "kopf stopped on its own (see the log above): exiting so that Kubernetes restarts us",
-                       False)
+        return Verdict(
+            1, "kopf stopped on its own (see the log above): exiting so that Kubernetes restarts us", False
+        )
     if dead:
         if dead_since is not None and now - dead_since >= DEAD_GRACE_S:
-            return Verdict(1, f"reconcilers are dead ({', '.join(dead)}): exiting so that Kubernetes restarts us",
-                           False)
+            return Verdict(
+                1, f"reconcilers are dead ({', '.join(dead)}): exiting so that Kubernetes restarts us", False
+            )
         return Verdict(None, f"reconcilers are dead ({', '.join(dead)})", False)
     if started and last_beat is not None and now - last_beat >= STALE_BEAT_S:
-        return Verdict(1, f"kopf's event loop has not run for {now - last_beat:.0f} s: exiting so that Kubernetes "
-                          "restarts us", False)
+        return Verdict(
+            1,
+            f"kopf's event loop has not run for {now - last_beat:.0f} s: exiting so that Kubernetes "
+            "restarts us",
+            False,
+        )
     return Verdict(None, "ok" if started else "starting", started)
 
 
@@ -120,8 +148,14 @@ class _TaskTracker:
         for key, task in list(self.seen.items()):
             done = task.done()
             cancelled = done and task.cancelled()
-            out.append(TaskState(name=task.get_name(), done=done, cancelled=cancelled,
-                                 failed=done and not cancelled and task.exception() is not None))
+            out.append(
+                TaskState(
+                    name=task.get_name(),
+                    done=done,
+                    cancelled=cancelled,
+                    failed=done and not cancelled and task.exception() is not None,
+                )
+            )
             if cancelled:
                 del self.seen[key]
         return out

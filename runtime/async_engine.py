@@ -322,8 +322,7 @@ class AsyncLLM:
             except queue.Empty:
                 return commands
 
-    def _apply(self, engine: Any, commands: list, live: dict[str, _Timing],
-               outbox: list) -> tuple[int, bool]:
+    def _apply(self, engine: Any, commands: list, live: dict[str, _Timing], outbox: list) -> tuple[int, bool]:
         num_adds, stop = 0, False
         for command in commands:
             if isinstance(command, _Add):
@@ -331,7 +330,9 @@ class AsyncLLM:
                 try:
                     engine.add_request(command.request_id, command.prompt, command.params)
                 except Exception as exc:  # noqa: BLE001 - a bad request must not stop the loop
-                    outbox.append((command.request_id, exc if isinstance(exc, ValueError) else ValueError(str(exc))))
+                    outbox.append(
+                        (command.request_id, exc if isinstance(exc, ValueError) else ValueError(str(exc)))
+                    )
                     continue
                 live[command.request_id] = _Timing(arrival_time=command.arrival_time)
             elif isinstance(command, _Abort):
@@ -417,8 +418,9 @@ async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[Reques
     return results  # type: ignore[return-value]
 
 
-async def merge_streams(gens: list[AsyncIterator[RequestOutput]],
-                        firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_streams(
+    gens: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(stream index, output) from streams started by start_streams, as outputs arrive. Closing
     the merged iterator closes every stream."""
     for i, first in enumerate(firsts):

@@ -40,7 +40,7 @@ def is_hf_uri(uri: str) -> bool:
 
 def repo_id(uri: str) -> str:
     """hf://org/name -> org/name."""
-    name = uri[len(HF_SCHEME):] if is_hf_uri(uri) else ""
+    name = uri[len(HF_SCHEME) :] if is_hf_uri(uri) else ""
     if name.count("/") != 1 or not all(name.split("/")):
         raise HubError(f"{uri!r}: expected hf://<org>/<name>")
     return name
@@ -80,6 +80,10 @@ def resolve(uri: str, *, repo_type: str = "model", what: str | None = None) -> P
             )
     except Exception as exc:  # network, 401/404, disk: one message that names the URI
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if os.environ.get("HF_TOKEN") else " (gated or private repos need HF_TOKEN in the environment)"
-        raise HubError(f"{prefix}cannot download {uri} ({repo_type} repo) into {cache}: {detail}{hint}") from exc
+        hint = (
+            "" if os.environ.get("HF_TOKEN") else " (gated or private repos need HF_TOKEN in the environment)"
+        )
+        raise HubError(
+            f"{prefix}cannot download {uri} ({repo_type} repo) into {cache}: {detail}{hint}"
+        ) from exc
     return Path(path)

@@ -17,27 +17,54 @@ Prompt = str | list[int] | dict[str, Any]  # text, token ids, {"prompt": ...} or
 
 
 class LLM:
-    def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None, dtype: str = "auto",
-                 device: str = "auto", max_model_len: int | None = None, block_size: int = 16,
-                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None, seed: int = 0, enforce_eager: bool = False,
-                 kv_cache_dtype: str = "auto", **kwargs: Any):
-        args = EngineArgs(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
-                          max_model_len=max_model_len, block_size=block_size,
-                          gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens,
-                          enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks, seed=seed,
-                          enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype, **kwargs)
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        num_blocks: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        kv_cache_dtype: str = "auto",
+        **kwargs: Any,
+    ):
+        args = EngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            num_blocks=num_blocks,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            kv_cache_dtype=kv_cache_dtype,
+            **kwargs,
+        )
         self.llm_engine = LLMEngine(args)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs come back in input order."""
         prompts = _as_prompt_list(prompts)
         params = sampling_params or SamplingParams()
@@ -51,23 +78,32 @@ class LLM:
             rid = str(next(self._ids))
             order[rid] = len(order)
             if isinstance(prompt, dict):
-                self.llm_engine.add_request(rid, prompt.get("prompt") or prompt["prompt_token_ids"], p,
-                                            prompt_token_ids=prompt.get("prompt_token_ids"))
+                self.llm_engine.add_request(
+                    rid,
+                    prompt.get("prompt") or prompt["prompt_token_ids"],
+                    p,
+                    prompt_token_ids=prompt.get("prompt_token_ids"),
+                )
             else:
                 self.llm_engine.add_request(rid, prompt, p)
         return self._run(order)
 
-    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, chat_template: str | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to one conversation or a list of them, then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts: list[Prompt] = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=chat_template)
+            text = tok.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

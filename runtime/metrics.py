@@ -20,12 +20,74 @@ from prometheus_client.registry import Collector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's bucket edges (seconds).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-               20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-               240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +110,14 @@ class EngineStats:
         """From LLMEngine.get_stats() (a dataclass; a dict with the same names works too)."""
         get = raw.get if isinstance(raw, dict) else (lambda name, default: getattr(raw, name, default))
         return cls(
-            num_running=int(get("num_running", 0)), num_waiting=int(get("num_waiting", 0)),
-            kv_cache_usage=float(get("kv_cache_usage", 0.0)), num_free_blocks=int(get("num_free_blocks", 0)),
+            num_running=int(get("num_running", 0)),
+            num_waiting=int(get("num_waiting", 0)),
+            kv_cache_usage=float(get("kv_cache_usage", 0.0)),
+            num_free_blocks=int(get("num_free_blocks", 0)),
             num_total_blocks=int(get("num_total_blocks", 0)),
             prefix_cache_queries=int(get("prefix_cache_queries", 0)),
-            prefix_cache_hits=int(get("prefix_cache_hits", 0)), num_preemptions=int(get("num_preemptions", 0)),
+            prefix_cache_hits=int(get("prefix_cache_hits", 0)),
+            num_preemptions=int(get("num_preemptions", 0)),
             prompt_tokens=int(get("prompt_tokens_total", 0)),
             generation_tokens=int(get("generation_tokens_total", 0)),
         )
@@ -86,10 +151,14 @@ class EngineStatsCollector(Collector):
         yield self._counter("vllm:prompt_tokens", "Prefill tokens processed.", s.prompt_tokens)
         yield self._counter("vllm:generation_tokens", "Generated tokens.", s.generation_tokens)
         yield self._counter("vllm:num_preemptions", "Requests preempted (KV cache full).", s.num_preemptions)
-        yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            s.prefix_cache_queries)
-        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                            s.prefix_cache_hits)
+        yield self._counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            s.prefix_cache_queries,
+        )
+        yield self._counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
+        )
 
 
 class ServerMetrics:
@@ -101,16 +170,39 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(model_name, snapshot))
         labels = ["model_name"]
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
-                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             labels, buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last output.", labels,
-                             buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
-        self._success = Counter("vllm:request_success", "Finished requests by finish reason.",
-                                ["model_name", "finished_reason"], registry=self.registry)
-        self._rejected = Counter("lmforge:requests_rejected", "Requests refused, by reason.",
-                                 ["model_name", "reason"], registry=self.registry)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Arrival to last output.",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self._success = Counter(
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._rejected = Counter(
+            "lmforge:requests_rejected",
+            "Requests refused, by reason.",
+            ["model_name", "reason"],
+            registry=self.registry,
+        )
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

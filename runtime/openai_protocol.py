@@ -30,6 +30,7 @@ class OpenAIModel(BaseModel):
 
 # --- errors -----------------------------------------------------------------------------------------
 
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -42,6 +43,7 @@ class ErrorResponse(BaseModel):
 
 
 # --- shared request pieces -------------------------------------------------------------------------
+
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
@@ -130,6 +132,7 @@ class UsageInfo(BaseModel):
 
 # --- /v1/completions -------------------------------------------------------------------------------
 
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt alone (and its logprobs)
@@ -206,6 +209,7 @@ class CompletionResponse(BaseModel):
 
 # --- /v1/chat/completions --------------------------------------------------------------------------
 
+
 class FunctionCall(OpenAIModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -254,7 +258,9 @@ class ChatMessage(OpenAIModel):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"unsupported content part type {part.get('type')!r}: only text parts are served")
+                raise ValueError(
+                    f"unsupported content part type {part.get('type')!r}: only text parts are served"
+                )
             parts.append(part["text"])
         return "\n".join(parts)
 
@@ -384,6 +390,7 @@ class ChatCompletionChunk(BaseModel):
 
 # --- /v1/embeddings --------------------------------------------------------------------------------
 
+
 class EmbeddingRequest(OpenAIModel):
     model: str | None = None
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
@@ -420,6 +427,7 @@ class EmbeddingResponse(BaseModel):
 
 
 # --- /v1/models, /tokenize, /detokenize ------------------------------------------------------------
+
 
 class ModelCard(BaseModel):
     id: str

@@ -23,15 +23,22 @@ _MAX_VALIDATION_MESSAGES = 5  # a bad request lists at most this many fields
 class APIError(Exception):
     """A request refused with an OpenAI error body; `code` defaults to the HTTP status."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: int | str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: int | str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
         self.code = status if code is None else code
 
     def body(self) -> proto.ErrorResponse:
-        return proto.ErrorResponse(error=proto.ErrorInfo(message=self.message, type=self.type, param=self.param,
-                                                         code=self.code))
+        return proto.ErrorResponse(
+            error=proto.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -99,7 +106,9 @@ def validation_error(errors: list[Mapping[str, Any]]) -> APIError:
     seen: dict[str, str] = {}  # param -> first message
     for e in errors:
         seen.setdefault(param_from_loc(e.get("loc", ())), str(e.get("msg")).removeprefix("Value error, "))
-    message = "; ".join(f"{param or 'body'}: {msg}" for param, msg in list(seen.items())[:_MAX_VALIDATION_MESSAGES])
+    message = "; ".join(
+        f"{param or 'body'}: {msg}" for param, msg in list(seen.items())[:_MAX_VALIDATION_MESSAGES]
+    )
     return bad_request(message, next(iter(seen), None) or None)
 
 
@@ -129,9 +138,14 @@ def template_message(m: proto.ChatMessage) -> dict[str, Any]:
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
     if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function",
-                              "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
-                             for c in m.tool_calls]
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)},
+            }
+            for c in m.tool_calls
+        ]
     return out
 
 
@@ -142,9 +156,14 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-def chat_ids(tokenizer: Any, messages: list[proto.ChatMessage], add_generation_prompt: bool,
-             continue_final_message: bool, template_kwargs: dict | None,
-             tools: list[proto.ChatTool] | None = None) -> list[int]:
+def chat_ids(
+    tokenizer: Any,
+    messages: list[proto.ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict | None,
+    tools: list[proto.ChatTool] | None = None,
+) -> list[int]:
     """The conversation (and the tools, for templates that render them) through the model's chat
     template, then tokenized without special tokens (the template already wrote them)."""
     try:
@@ -154,8 +173,9 @@ def chat_ids(tokenizer: Any, messages: list[proto.ChatMessage], add_generation_p
             kwargs["continue_final_message"] = True
         if tools:
             kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
@@ -171,12 +191,16 @@ def check_prompt_len(max_model_len: int, num_prompt: int, param: str, min_room: 
     if num_prompt == 0:
         raise bad_request("The prompt is empty.", param)
     if max_model_len - num_prompt < min_room:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, "
-                          f"but the prompt is {num_prompt} tokens. Please shorten it.", param)
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, "
+            f"but the prompt is {num_prompt} tokens. Please shorten it.",
+            param,
+        )
 
 
-def resolve_max_tokens(max_model_len: int, num_prompt: int, requested: int | None, explicit: bool,
-                       param: str) -> int:
+def resolve_max_tokens(
+    max_model_len: int, num_prompt: int, requested: int | None, explicit: bool, param: str
+) -> int:
     """The completion budget: what was asked for, or the rest of the context window. Only an
     explicit `max_tokens` that does not fit is an error; the default is quietly capped (as OpenAI)."""
     check_prompt_len(max_model_len, num_prompt, param, min_room=1)
@@ -187,13 +211,19 @@ def resolve_max_tokens(max_model_len: int, num_prompt: int, requested: int | Non
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} for the completion). "
-            "Please reduce the length of the prompt or the completion.", "max_tokens")
+            "Please reduce the length of the prompt or the completion.",
+            "max_tokens",
+        )
     return min(requested, room)
 
 
-def sampling_params(req: proto.SamplingFields, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None,
-                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+def sampling_params(
+    req: proto.SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    constraint: StructuredOutputsParams | None = None,
+) -> SamplingParams:
     """OpenAI/vLLM request fields as engine parameters; `max_tokens` is already resolved against the
     context window. A combination SamplingParams rejects becomes a 400, not a 500."""
     top_k = req.top_k if req.top_k not in (None, 0) else -1  # vLLM: 0 and -1 both disable
@@ -236,8 +266,11 @@ def structured_outputs(req: proto.SamplingFields) -> StructuredOutputsParams | N
         if getattr(req, name) is not None:
             raise bad_request(f"{name} is not supported", name)
     if req.guided_decoding_backend not in (None, *_GUIDED_BACKENDS):
-        raise bad_request(f"guided_decoding_backend {req.guided_decoding_backend!r} is not served; this server "
-                          f"uses llguidance ({', '.join(_GUIDED_BACKENDS)})", "guided_decoding_backend")
+        raise bad_request(
+            f"guided_decoding_backend {req.guided_decoding_backend!r} is not served; this server "
+            f"uses llguidance ({', '.join(_GUIDED_BACKENDS)})",
+            "guided_decoding_backend",
+        )
     found: list[tuple[str, StructuredOutputsParams]] = []
 
     def add(param: str, **kwargs: Any) -> None:
@@ -251,16 +284,26 @@ def structured_outputs(req: proto.SamplingFields) -> StructuredOutputsParams | N
         add("response_format", json_object=True)
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise bad_request("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+            raise bad_request(
+                "response_format json_schema needs json_schema.schema", "response_format.json_schema"
+            )
         add("response_format.json_schema.schema", json=json.dumps(fmt.json_schema.schema_))
     so = req.structured_outputs
     if so is not None:
         schema = so.json_ if so.json_ is None or isinstance(so.json_, str) else json.dumps(so.json_)
-        add("structured_outputs", json=schema, regex=so.regex,
-            choice=tuple(so.choice) if so.choice is not None else None, grammar=so.grammar,
-            json_object=bool(so.json_object))
+        add(
+            "structured_outputs",
+            json=schema,
+            regex=so.regex,
+            choice=tuple(so.choice) if so.choice is not None else None,
+            grammar=so.grammar,
+            json_object=bool(so.json_object),
+        )
     if req.guided_json is not None:
-        add("guided_json", json=req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json))
+        add(
+            "guided_json",
+            json=req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json),
+        )
     if req.guided_regex is not None:
         add("guided_regex", regex=req.guided_regex)
     if req.guided_choice is not None:
@@ -297,18 +340,24 @@ def tool_mode(req: proto.ChatCompletionRequest, context: ModelContext) -> ToolMo
         raise bad_request("tool function names must be unique", "tools")
     for i, tool in enumerate(req.tools):
         if tool.function.parameters is not None:
-            check_constraint(StructuredOutputsParams(json=json.dumps(tool.function.parameters)),
-                             f"tools.{i}.function.parameters")
+            check_constraint(
+                StructuredOutputsParams(json=json.dumps(tool.function.parameters)),
+                f"tools.{i}.function.parameters",
+            )
     if choice == "auto":
         if not (context.enable_auto_tool_choice and context.tool_call_parser):
-            raise bad_request('"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
-                              "--tool-call-parser", "tool_choice")
+            raise bad_request(
+                '"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
+                "--tool-call-parser",
+                "tool_choice",
+            )
         return ToolMode("auto", context.tool_call_parser, parallel=parallel)
     if choice == "required":
         return ToolMode("required", "required", parallel=parallel)
     if choice.function.name not in names:
-        raise bad_request(f"tool_choice names function {choice.function.name!r}, which is not in tools",
-                          "tool_choice")
+        raise bad_request(
+            f"tool_choice names function {choice.function.name!r}, which is not in tools", "tool_choice"
+        )
     return ToolMode("named", "named", choice.function.name)
 
 
@@ -328,9 +377,21 @@ def tool_constraint(mode: ToolMode, tools: list[proto.ChatTool]) -> StructuredOu
         return StructuredOutputsParams(json=json.dumps(_parameters(tool)))
     if mode.choice != "required":
         return None
-    calls = [{"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **({} if mode.parallel else {"maxItems": 1})}
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    array = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": calls},
+        **({} if mode.parallel else {"maxItems": 1}),
+    }
     return StructuredOutputsParams(json=json.dumps(array))
 
 
@@ -350,26 +411,36 @@ def prepare_completion(req: proto.CompletionRequest, context: ModelContext, mode
         texts.append(text)
     if req.max_tokens == 0:
         if not req.echo:
-            raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo: the prompt alone)",
-                              "max_tokens")
+            raise bad_request(
+                "max_tokens must be at least 1 (0 is allowed only with echo: the prompt alone)", "max_tokens"
+            )
         for ids in ids_list:  # the one step vLLM runs anyway fits even a prompt of max_model_len tokens
             check_prompt_len(context.max_model_len, len(ids), "prompt", min_room=0)
         max_tokens = 1
     else:
         explicit = "max_tokens" in req.model_fields_set
-        max_tokens = min(resolve_max_tokens(context.max_model_len, len(ids), req.max_tokens, explicit, "prompt")
-                         for ids in ids_list)
-    params = sampling_params(req, max_tokens, req.logprobs, req.num_prompt_logprobs(), structured_outputs(req))
+        max_tokens = min(
+            resolve_max_tokens(context.max_model_len, len(ids), req.max_tokens, explicit, "prompt")
+            for ids in ids_list
+        )
+    params = sampling_params(
+        req, max_tokens, req.logprobs, req.num_prompt_logprobs(), structured_outputs(req)
+    )
     return Prepared(ids_list, texts, params, model, echo_only=req.echo_only)
 
 
 def prepare_embedding(req: proto.EmbeddingRequest, context: ModelContext, model: str) -> Prepared:
     """Every input tokenized (with the tokenizer's special tokens) and fitting the context window."""
     if context.task != "embed":
-        raise bad_request("This server generates text: start it with --task embed to serve embeddings.", "model")
+        raise bad_request(
+            "This server generates text: start it with --task embed to serve embeddings.", "model"
+        )
     if req.dimensions is not None and req.dimensions != context.hidden_size:
-        raise bad_request(f"dimensions={req.dimensions} is not supported: this model's embeddings have "
-                          f"{context.hidden_size} dimensions", "dimensions")
+        raise bad_request(
+            f"dimensions={req.dimensions} is not supported: this model's embeddings have "
+            f"{context.hidden_size} dimensions",
+            "dimensions",
+        )
     if isinstance(req.input, list) and not req.input:
         raise bad_request("input must not be empty", "input")
     ids_list = []
@@ -402,13 +473,26 @@ def prepare_chat(req: proto.ChatCompletionRequest, context: ModelContext, model:
     mode = tool_mode(req, context)
     forced = tool_constraint(mode, req.tools or [])
     if forced is not None and constraint is not None:
-        raise bad_request(f"tool_choice {_choice_name(req.tool_choice)} cannot be combined with another output "
-                          "constraint (response_format / structured_outputs / guided_*)", "tool_choice")
-    ids = chat_ids(context.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message,
-                   req.chat_template_kwargs, req.tools)
+        raise bad_request(
+            f"tool_choice {_choice_name(req.tool_choice)} cannot be combined with another output "
+            "constraint (response_format / structured_outputs / guided_*)",
+            "tool_choice",
+        )
+    ids = chat_ids(
+        context.tokenizer,
+        req.messages,
+        req.add_generation_prompt,
+        req.continue_final_message,
+        req.chat_template_kwargs,
+        req.tools,
+    )
     requested = req.requested_max_tokens()
-    max_tokens = resolve_max_tokens(context.max_model_len, len(ids), requested, requested is not None, "messages")
+    max_tokens = resolve_max_tokens(
+        context.max_model_len, len(ids), requested, requested is not None, "messages"
+    )
     params = sampling_params(req, max_tokens, req.num_logprobs(), req.prompt_logprobs, forced or constraint)
     if mode.choice == "auto" and mode.parser in ("mistral", "llama3_json"):
-        params.skip_special_tokens = False  # [TOOL_CALLS] / <|python_tag|> are special tokens the parser reads
+        params.skip_special_tokens = (
+            False  # [TOOL_CALLS] / <|python_tag|> are special tokens the parser reads
+        )
     return Prepared([ids], [""], params, model, tool_mode=mode)

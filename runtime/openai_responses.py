@@ -50,7 +50,11 @@ _SSE_UNSAFE = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 def sse(payload: BaseModel | dict, event: str | None = None) -> str:
     """One server-sent event (`event:` line for the Responses API's typed events)."""
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, ensure_ascii=False)
+    data = (
+        payload.model_dump_json()
+        if isinstance(payload, BaseModel)
+        else json.dumps(payload, ensure_ascii=False)
+    )
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {data.translate(_SSE_UNSAFE)}\n\n"
 
@@ -66,8 +70,12 @@ def usage(prepared: Prepared, finals: dict[int, RequestOutput]) -> proto.UsageIn
     """Prompt tokens of every prompt (each counted once, whatever n) and every generated token (none
     for echo with max_tokens=0: the token the engine ran for is not returned)."""
     prompt = sum(len(ids) for ids in prepared.prompt_ids)
-    completion = 0 if prepared.echo_only else sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
-    return proto.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    completion = (
+        0 if prepared.echo_only else sum(len(c.token_ids) for out in finals.values() for c in out.outputs)
+    )
+    return proto.UsageInfo(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def choice_index(prompt_index: int, c: CompletionOutput, n: int) -> int:
@@ -75,8 +83,15 @@ def choice_index(prompt_index: int, c: CompletionOutput, n: int) -> int:
     return prompt_index * n + c.index
 
 
-def completion_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int, k: int,
-                        offset: int, result: proto.CompletionLogprobs | None = None) -> proto.CompletionLogprobs:
+def completion_logprobs(
+    token_str: TokenStr,
+    c: CompletionOutput,
+    start: int,
+    end: int,
+    k: int,
+    offset: int,
+    result: proto.CompletionLogprobs | None = None,
+) -> proto.CompletionLogprobs:
     """Tokens [start, end) of `c` (appended to `result` when given); text offsets start at `offset`.
     The top-k map always holds the sampled token too (OpenAI's legacy shape), so it can have k+1
     entries."""
@@ -96,8 +111,14 @@ def prompt_completion_logprobs(token_str: TokenStr, out: RequestOutput, k: int) 
     return result
 
 
-def _add_legacy_logprob(result: proto.CompletionLogprobs, token_str: TokenStr, token_id: int,
-                        dist: dict[int, float] | None, k: int, offset: int) -> int:
+def _add_legacy_logprob(
+    result: proto.CompletionLogprobs,
+    token_str: TokenStr,
+    token_id: int,
+    dist: dict[int, float] | None,
+    k: int,
+    offset: int,
+) -> int:
     """Appends one token; returns the next token's text offset."""
     token = token_str(token_id)
     result.tokens.append(token)
@@ -119,33 +140,48 @@ def prompt_logprobs_body(prompt_logprobs: PromptLogprobs | None) -> proto.Prompt
     after the first; -inf becomes MIN_LOGPROB."""
     if prompt_logprobs is None:
         return None
-    return [None if entry is None else {t: _prompt_logprob(lp) for t, lp in entry.items()}
-            for entry in prompt_logprobs]
+    return [
+        None if entry is None else {t: _prompt_logprob(lp) for t, lp in entry.items()}
+        for entry in prompt_logprobs
+    ]
 
 
 def _prompt_logprob(lp: Logprob) -> proto.PromptLogprob:
     return proto.PromptLogprob(logprob=finite(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
 
 
-def chat_logprobs(token_str: TokenStr, c: CompletionOutput, start: int, end: int,
-                  k: int) -> proto.ChatChoiceLogprobs:
+def chat_logprobs(
+    token_str: TokenStr, c: CompletionOutput, start: int, end: int, k: int
+) -> proto.ChatChoiceLogprobs:
     """Tokens [start, end) of `c` in the chat shape: exactly the top k alternatives, with UTF-8 bytes."""
     content = []
     for token_id, dist in zip(c.token_ids[start:end], (c.logprobs or [])[start:end], strict=False):
         token = token_str(token_id)
         top = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
-        content.append(proto.ChatLogprobEntry(
-            token=token, logprob=finite(dist.get(token_id)), bytes=list(token.encode()),
-            top_logprobs=[proto.ChatLogprob(token=(s := token_str(t)), logprob=finite(v),
-                                            bytes=list(s.encode())) for t, v in top]))
+        content.append(
+            proto.ChatLogprobEntry(
+                token=token,
+                logprob=finite(dist.get(token_id)),
+                bytes=list(token.encode()),
+                top_logprobs=[
+                    proto.ChatLogprob(token=(s := token_str(t)), logprob=finite(v), bytes=list(s.encode()))
+                    for t, v in top
+                ],
+            )
+        )
     return proto.ChatChoiceLogprobs(content=content)
 
 
 # --- whole responses -------------------------------------------------------------------------------
 
 
-def completion_response(req: proto.CompletionRequest, prepared: Prepared, response_id: str,
-                        finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.CompletionResponse:
+def completion_response(
+    req: proto.CompletionRequest,
+    prepared: Prepared,
+    response_id: str,
+    finals: dict[int, RequestOutput],
+    token_str: TokenStr,
+) -> proto.CompletionResponse:
     choices = []
     for i in sorted(finals):
         out = finals[i]
@@ -156,15 +192,23 @@ def completion_response(req: proto.CompletionRequest, prepared: Prepared, respon
             if req.logprobs is not None:
                 logprobs = prompt_completion_logprobs(token_str, out, req.logprobs) if req.echo else None
                 if not prepared.echo_only:
-                    logprobs = completion_logprobs(token_str, c, 0, len(c.token_ids), req.logprobs, len(prefix),
-                                                   logprobs)
-            choices.append(proto.CompletionChoice(index=choice_index(i, c, req.n),
-                                                  text=prefix if prepared.echo_only else prefix + c.text,
-                                                  logprobs=logprobs, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason, prompt_logprobs=prompt_logprobs))
+                    logprobs = completion_logprobs(
+                        token_str, c, 0, len(c.token_ids), req.logprobs, len(prefix), logprobs
+                    )
+            choices.append(
+                proto.CompletionChoice(
+                    index=choice_index(i, c, req.n),
+                    text=prefix if prepared.echo_only else prefix + c.text,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    prompt_logprobs=prompt_logprobs,
+                )
+            )
     choices.sort(key=lambda ch: ch.index)
-    return proto.CompletionResponse(id=response_id, model=prepared.model, choices=choices,
-                                    usage=usage(prepared, finals))
+    return proto.CompletionResponse(
+        id=response_id, model=prepared.model, choices=choices, usage=usage(prepared, finals)
+    )
 
 
 def tool_parser_for(prepared: Prepared) -> ToolParser | None:
@@ -189,44 +233,67 @@ def chat_message(prepared: Prepared, text: str) -> proto.ChatResponseMessage:
     if parser is None:
         return proto.ChatResponseMessage(content=text)
     parsed = parser.parse(text, final=True)
-    calls = [proto.ToolCall(id=new_call_id(), function=proto.FunctionCall(name=c.name, arguments=c.arguments))
-             for c in parsed.calls if c.name is not None]
+    calls = [
+        proto.ToolCall(id=new_call_id(), function=proto.FunctionCall(name=c.name, arguments=c.arguments))
+        for c in parsed.calls
+        if c.name is not None
+    ]
     if not prepared.tool_mode.parallel:
         calls = calls[:1]
     return proto.ChatResponseMessage(content=parsed.content or None, tool_calls=calls)
 
 
-def chat_response(req: proto.ChatCompletionRequest, prepared: Prepared, response_id: str,
-                  finals: dict[int, RequestOutput], token_str: TokenStr) -> proto.ChatCompletionResponse:
+def chat_response(
+    req: proto.ChatCompletionRequest,
+    prepared: Prepared,
+    response_id: str,
+    finals: dict[int, RequestOutput],
+    token_str: TokenStr,
+) -> proto.ChatCompletionResponse:
     k = req.num_logprobs()
     choices = []
     for out in finals.values():
         for c in out.outputs:
             message = chat_message(prepared, c.text)
-            choices.append(proto.ChatCompletionChoice(
-                index=c.index, message=message,
-                logprobs=None if k is None else chat_logprobs(token_str, c, 0, len(c.token_ids), k),
-                finish_reason=tool_finish_reason(prepared, c.finish_reason, len(message.tool_calls)),
-                stop_reason=c.stop_reason))
+            choices.append(
+                proto.ChatCompletionChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=None if k is None else chat_logprobs(token_str, c, 0, len(c.token_ids), k),
+                    finish_reason=tool_finish_reason(prepared, c.finish_reason, len(message.tool_calls)),
+                    stop_reason=c.stop_reason,
+                )
+            )
     choices.sort(key=lambda ch: ch.index)
-    return proto.ChatCompletionResponse(id=response_id, model=prepared.model, choices=choices,
-                                        usage=usage(prepared, finals),
-                                        prompt_logprobs=prompt_logprobs_body(finals[0].prompt_logprobs))
+    return proto.ChatCompletionResponse(
+        id=response_id,
+        model=prepared.model,
+        choices=choices,
+        usage=usage(prepared, finals),
+        prompt_logprobs=prompt_logprobs_body(finals[0].prompt_logprobs),
+    )
 
 
-def embedding_response(req: proto.EmbeddingRequest, prepared: Prepared,
-                       finals: dict[int, RequestOutput]) -> proto.EmbeddingResponse:
+def embedding_response(
+    req: proto.EmbeddingRequest, prepared: Prepared, finals: dict[int, RequestOutput]
+) -> proto.EmbeddingResponse:
     data = []
     for i in sorted(finals):
         vector = finals[i].embedding
         if vector is None:  # the engine was not started with task "embed"
             raise APIError(500, "the engine returned no embedding", "internal_error")
-        encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() \
-            if req.encoding_format == "base64" else vector
+        encoded = (
+            base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            if req.encoding_format == "base64"
+            else vector
+        )
         data.append(proto.EmbeddingData(index=i, embedding=encoded))
     num_tokens = sum(len(ids) for ids in prepared.prompt_ids)
-    return proto.EmbeddingResponse(model=prepared.model, data=data,
-                                   usage=proto.EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
+    return proto.EmbeddingResponse(
+        model=prepared.model,
+        data=data,
+        usage=proto.EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens),
+    )
 
 
 # --- streams ---------------------------------------------------------------------------------------
@@ -244,7 +311,7 @@ class StreamCursor:
         """(new text, first new token, end token). Holds back `holdback` chars while running so a
         stop string split across steps is never sent before the engine truncates it."""
         end = len(c.text) if c.finished else max(self.text_sent, len(c.text) - holdback)
-        delta = c.text[self.text_sent:end]
+        delta = c.text[self.text_sent : end]
         self.text_sent = max(self.text_sent, end)
         start, self.tokens_sent = self.tokens_sent, len(c.token_ids)
         self.finished = c.finished
@@ -264,8 +331,13 @@ def _usage_flags(req: proto.SamplingFields) -> tuple[bool, bool]:
     return include_usage, bool(include_usage and req.stream_options.continuous_usage_stats)
 
 
-async def completion_stream(req: proto.CompletionRequest, prepared: Prepared, response_id: str,
-                            stream: OutputStream, token_str: TokenStr) -> AsyncIterator[str]:
+async def completion_stream(
+    req: proto.CompletionRequest,
+    prepared: Prepared,
+    response_id: str,
+    stream: OutputStream,
+    token_str: TokenStr,
+) -> AsyncIterator[str]:
     """SSE events of a streamed completion, ending with `data: [DONE]`. With echo, each choice's
     first chunk starts with its prompt text."""
     created, hold = int(time.time()), holdback(req)
@@ -293,20 +365,45 @@ async def completion_stream(req: proto.CompletionRequest, prepared: Prepared, re
             if req.logprobs is not None:
                 logprobs = prompt_completion_logprobs(token_str, out, req.logprobs) if echo_now else None
                 logprobs = completion_logprobs(token_str, c, start, end, req.logprobs, len(prefix), logprobs)
-            choices.append(proto.CompletionChoice(index=index, text=prefix + delta, logprobs=logprobs,
-                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            choices.append(
+                proto.CompletionChoice(
+                    index=index,
+                    text=prefix + delta,
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
         if choices:
-            yield sse(proto.CompletionResponse(id=response_id, created=created, model=prepared.model,
-                                               choices=choices,
-                                               usage=usage(prepared, finals) if continuous else None))
+            yield sse(
+                proto.CompletionResponse(
+                    id=response_id,
+                    created=created,
+                    model=prepared.model,
+                    choices=choices,
+                    usage=usage(prepared, finals) if continuous else None,
+                )
+            )
     if include_usage:
-        yield sse(proto.CompletionResponse(id=response_id, created=created, model=prepared.model, choices=[],
-                                           usage=usage(prepared, finals)))
+        yield sse(
+            proto.CompletionResponse(
+                id=response_id,
+                created=created,
+                model=prepared.model,
+                choices=[],
+                usage=usage(prepared, finals),
+            )
+        )
     yield SSE_DONE
 
 
-async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, response_id: str,
-                      stream: OutputStream, token_str: TokenStr) -> AsyncIterator[str]:
+async def chat_stream(
+    req: proto.ChatCompletionRequest,
+    prepared: Prepared,
+    response_id: str,
+    stream: OutputStream,
+    token_str: TokenStr,
+) -> AsyncIterator[str]:
     """SSE events of a streamed chat completion: a role chunk per choice first (as OpenAI), then
     content deltas, ending with `data: [DONE]`."""
     created, hold, k = int(time.time()), holdback(req), req.num_logprobs()
@@ -315,12 +412,22 @@ async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, resp
     finals: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[proto.ChatStreamChoice]) -> str:
-        return sse(proto.ChatCompletionChunk(id=response_id, created=created, model=prepared.model,
-                                             choices=choices,
-                                             usage=usage(prepared, finals) if continuous else None))
+        return sse(
+            proto.ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=prepared.model,
+                choices=choices,
+                usage=usage(prepared, finals) if continuous else None,
+            )
+        )
 
-    yield chunk([proto.ChatStreamChoice(index=i, delta=proto.DeltaMessage(role="assistant", content=""))
-                 for i in range(req.n)])
+    yield chunk(
+        [
+            proto.ChatStreamChoice(index=i, delta=proto.DeltaMessage(role="assistant", content=""))
+            for i in range(req.n)
+        ]
+    )
     tools: dict[int, ToolCallStreamer] = {}
     async for _, out in stream:
         finals[0] = out
@@ -336,25 +443,46 @@ async def chat_stream(req: proto.ChatCompletionRequest, prepared: Prepared, resp
             parser = tool_parser_for(prepared)
             if parser is not None:  # the text goes through the parser: content and call deltas
                 streamer = tools.setdefault(c.index, ToolCallStreamer(parser))
-                content, updates = streamer.feed(c.text[:cursor.text_sent], c.finished)
+                content, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
                 if not prepared.tool_mode.parallel:
                     updates = [u for u in updates if u.index == 0]
-                message = proto.DeltaMessage(content=content or None, tool_calls=[
-                    proto.ToolCallDelta(index=u.index, id=u.id, type="function" if u.id else None,
-                                        function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments))
-                    for u in updates] or None)
+                message = proto.DeltaMessage(
+                    content=content or None,
+                    tool_calls=[
+                        proto.ToolCallDelta(
+                            index=u.index,
+                            id=u.id,
+                            type="function" if u.id else None,
+                            function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments),
+                        )
+                        for u in updates
+                    ]
+                    or None,
+                )
                 finish_reason = tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
                 if message.content is None and message.tool_calls is None and start == end and not c.finished:
                     continue
-            choices.append(proto.ChatStreamChoice(
-                index=c.index, delta=message,
-                logprobs=None if k is None else chat_logprobs(token_str, c, start, end, k),
-                finish_reason=finish_reason, stop_reason=c.stop_reason))
+            choices.append(
+                proto.ChatStreamChoice(
+                    index=c.index,
+                    delta=message,
+                    logprobs=None if k is None else chat_logprobs(token_str, c, start, end, k),
+                    finish_reason=finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
         if choices:
             yield chunk(choices)
     if include_usage:
-        yield sse(proto.ChatCompletionChunk(id=response_id, created=created, model=prepared.model, choices=[],
-                                            usage=usage(prepared, finals)))
+        yield sse(
+            proto.ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=prepared.model,
+                choices=[],
+                usage=usage(prepared, finals),
+            )
+        )
     yield SSE_DONE
 
 
@@ -384,5 +512,7 @@ async def with_error_event(body: AsyncIterator[str], stream: AsyncIterator[objec
                 yield event
     except (RequestAbortedError, EngineDeadError) as exc:
         err = engine_error(exc)
-        yield sse(proto.ErrorResponse(error=proto.ErrorInfo(message=err.message, type=err.type, code=err.status)))
+        yield sse(
+            proto.ErrorResponse(error=proto.ErrorInfo(message=err.message, type=err.type, code=err.status))
+        )
         yield SSE_DONE

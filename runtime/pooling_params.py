@@ -20,7 +20,9 @@ class PoolerConfig:
 
     def __post_init__(self) -> None:
         if self.pooling_type not in POOLING_TYPES:
-            raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}")
+            raise ValueError(
+                f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {self.pooling_type!r}"
+            )
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
 
@@ -39,4 +41,7 @@ class PoolerConfig:
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: pooling_type, normalize")
         pooling_type = raw.get("pooling_type", "LAST")
-        return cls(pooling_type.upper() if isinstance(pooling_type, str) else pooling_type, raw.get("normalize", True))
+        return cls(
+            pooling_type.upper() if isinstance(pooling_type, str) else pooling_type,
+            raw.get("normalize", True),
+        )

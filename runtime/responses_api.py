@@ -33,8 +33,15 @@ from lmforge.runtime.outputs import RequestOutput
 from lmforge.runtime.tool_parsers import ToolCallStreamer
 
 # Fields whose meaning needs server state or features this server does not have.
-REFUSED = ("previous_response_id", "background", "reasoning", "conversation", "prompt", "max_tool_calls",
-           "top_logprobs")
+REFUSED = (
+    "previous_response_id",
+    "background",
+    "reasoning",
+    "conversation",
+    "prompt",
+    "max_tool_calls",
+    "top_logprobs",
+)
 
 
 class ResponseTool(proto.OpenAIModel):
@@ -94,11 +101,16 @@ def _item_text(content: Any, param: str) -> str:
         raise bad_request("content must be a string or a list of text parts", param)
     parts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") \
-                or not isinstance(part.get("text"), str):
+        if (
+            not isinstance(part, dict)
+            or part.get("type") not in ("input_text", "output_text", "text")
+            or not isinstance(part.get("text"), str)
+        ):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad_request(f"content part type {kind!r} is not supported: only text parts are served",
-                              f"{param}.{j}.type")
+            raise bad_request(
+                f"content part type {kind!r} is not supported: only text parts are served",
+                f"{param}.{j}.type",
+            )
         parts.append(part["text"])
     return "\n".join(parts)
 
@@ -107,15 +119,20 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
     """The equivalent chat request; every field that does not map is refused by name."""
     for name in REFUSED:
         if getattr(req, name) is not None:
-            raise bad_request(f"{name} is not supported (this server stores no responses and has no "
-                              "reasoning or prompt templates)", name)
+            raise bad_request(
+                f"{name} is not supported (this server stores no responses and has no "
+                "reasoning or prompt templates)",
+                name,
+            )
     if req.store:
         raise bad_request("store=true is not supported: responses are not stored", "store")
     if req.include:
         raise bad_request(f"include {req.include} is not supported", "include")
     if req.truncation == "auto":
         raise bad_request("truncation 'auto' is not supported (a prompt too long is a 400)", "truncation")
-    messages: list[dict[str, Any]] = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages: list[dict[str, Any]] = (
+        [{"role": "system", "content": req.instructions}] if req.instructions else []
+    )
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     if not items:
         raise bad_request("input must not be empty", "input")
@@ -124,30 +141,54 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
         if kind == "message":
             if item.get("role") not in ("user", "system", "developer", "assistant"):
                 raise bad_request(f"role {item.get('role')!r} is not supported", f"input.{i}.role")
-            messages.append({"role": item["role"], "content": _item_text(item.get("content"), f"input.{i}.content")})
+            messages.append(
+                {"role": item["role"], "content": _item_text(item.get("content"), f"input.{i}.content")}
+            )
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
             if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
                 messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                             "content": output if isinstance(output, str) else _item_text(output, f"input.{i}.output")})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": output if isinstance(output, str) else _item_text(output, f"input.{i}.output"),
+                }
+            )
         else:
-            raise bad_request(f"input item type {kind!r} is not supported (message, function_call, "
-                              "function_call_output are)", f"input.{i}.type")
+            raise bad_request(
+                f"input item type {kind!r} is not supported (message, function_call, "
+                "function_call_output are)",
+                f"input.{i}.type",
+            )
     tools = None
     if req.tools:
         for i, tool in enumerate(req.tools):
             if tool.type != "function" or not tool.name:
-                raise bad_request(f"tool type {tool.type!r} is not supported: only named function tools are served",
-                                  f"tools.{i}.type")
-        tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                   "parameters": t.parameters, "strict": t.strict}}
-                 for t in req.tools]
+                raise bad_request(
+                    f"tool type {tool.type!r} is not supported: only named function tools are served",
+                    f"tools.{i}.type",
+                )
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                    "strict": t.strict,
+                },
+            }
+            for t in req.tools
+        ]
     tool_choice = req.tool_choice
     if isinstance(tool_choice, ResponseToolChoice):
         tool_choice = {"type": "function", "function": {"name": tool_choice.name}}
@@ -159,9 +200,17 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
             response_format["json_schema"] = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}
     try:
         return proto.ChatCompletionRequest(
-            model=req.model, messages=messages, tools=tools, tool_choice=tool_choice,
-            parallel_tool_calls=req.parallel_tool_calls, max_completion_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, response_format=response_format, user=req.user)
+            model=req.model,
+            messages=messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls,
+            max_completion_tokens=req.max_output_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            response_format=response_format,
+            user=req.user,
+        )
     except ValueError as exc:  # pydantic: a malformed item (e.g. a function_call without its name)
         raise bad_request(f"input could not be read: {exc}", "input") from None
 
@@ -173,45 +222,89 @@ def _usage(prepared: Prepared, out: RequestOutput | None) -> dict[str, Any]:
     prompt = sum(len(ids) for ids in prepared.prompt_ids)
     completion = sum(len(c.token_ids) for c in out.outputs) if out is not None else 0
     cached = out.num_cached_tokens if out is not None else 0
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + completion}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
 
 
 def _call_item(call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": call_id.replace("call_", "fc_", 1), "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+    return {
+        "type": "function_call",
+        "id": call_id.replace("call_", "fc_", 1),
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
 
 
-def response_body(req: ResponsesRequest, prepared: Prepared, response_id: str, created: int, status: str,
-                  output: list[dict[str, Any]], out: RequestOutput | None) -> dict[str, Any]:
+def response_body(
+    req: ResponsesRequest,
+    prepared: Prepared,
+    response_id: str,
+    created: int,
+    status: str,
+    output: list[dict[str, Any]],
+    out: RequestOutput | None,
+) -> dict[str, Any]:
     incomplete = None
     if out is not None and out.outputs and out.outputs[0].finish_reason == "length":
         status, incomplete = "incomplete", {"reason": "max_output_tokens"}
-    tool_choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else (req.tool_choice or "auto")
-    return {"id": response_id, "object": "response", "created_at": created, "status": status, "model": prepared.model,
-            "output": output, "error": None, "incomplete_details": incomplete, "instructions": req.instructions,
-            "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
-            "parallel_tool_calls": prepared.tool_mode.parallel, "temperature": req.temperature,
-            "top_p": req.top_p, "tool_choice": tool_choice,
-            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-            "text": req.text.model_dump(by_alias=True, exclude_none=True) if req.text else {"format": {"type": "text"}},
-            "store": False, "truncation": "disabled",
-            "usage": _usage(prepared, out) if status != "in_progress" else None}
+    tool_choice = (
+        req.tool_choice.model_dump()
+        if isinstance(req.tool_choice, BaseModel)
+        else (req.tool_choice or "auto")
+    )
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "model": prepared.model,
+        "output": output,
+        "error": None,
+        "incomplete_details": incomplete,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "metadata": req.metadata or {},
+        "parallel_tool_calls": prepared.tool_mode.parallel,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "tool_choice": tool_choice,
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+        "text": req.text.model_dump(by_alias=True, exclude_none=True)
+        if req.text
+        else {"format": {"type": "text"}},
+        "store": False,
+        "truncation": "disabled",
+        "usage": _usage(prepared, out) if status != "in_progress" else None,
+    }
 
 
-def final_response(req: ResponsesRequest, prepared: Prepared, response_id: str,
-                   out: RequestOutput) -> dict[str, Any]:
+def final_response(
+    req: ResponsesRequest, prepared: Prepared, response_id: str, out: RequestOutput
+) -> dict[str, Any]:
     message = chat_message(prepared, out.outputs[0].text)
     output = []
     if message.content:
         output.append(_message_item(proto.random_id("msg"), message.content, "completed"))
-    output += [_call_item(c.id, c.function.name, c.function.arguments, "completed") for c in message.tool_calls]
+    output += [
+        _call_item(c.id, c.function.name, c.function.arguments, "completed") for c in message.tool_calls
+    ]
     return response_body(req, prepared, response_id, int(time.time()), "completed", output, out)
 
 
@@ -225,15 +318,21 @@ class _EventWriter:
         return sse(event, event=kind)
 
 
-async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id: str,
-                          stream: OutputStream) -> AsyncIterator[str]:
+async def response_stream(
+    req: ResponsesRequest, prepared: Prepared, response_id: str, stream: OutputStream
+) -> AsyncIterator[str]:
     """The Responses API's typed SSE events for one generation: text deltas in a message item,
     each tool call its own function_call item with argument deltas; an engine failure after the
     headers went out is an `error` event, then `response.failed`."""
     created, emit = int(time.time()), _EventWriter()
-    yield emit("response.created", response=response_body(req, prepared, response_id, created, "in_progress", [], None))
-    yield emit("response.in_progress", response=response_body(req, prepared, response_id, created, "in_progress", [],
-                                                              None))
+    yield emit(
+        "response.created",
+        response=response_body(req, prepared, response_id, created, "in_progress", [], None),
+    )
+    yield emit(
+        "response.in_progress",
+        response=response_body(req, prepared, response_id, created, "in_progress", [], None),
+    )
     parser = tool_parser_for(prepared)
     streamer = ToolCallStreamer(parser) if parser is not None else None
     cursor, output, last = StreamCursor(), [], None
@@ -247,19 +346,32 @@ async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id
             delta, _, _ = cursor.take(c, 0)
             updates = []
             if streamer is not None:
-                delta, updates = streamer.feed(c.text[:cursor.text_sent], c.finished)
+                delta, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
             if delta:
                 if message is None:
                     message = _message_item(proto.random_id("msg"), "", "in_progress")
                     message["content"] = []
                     output.append(message)
                     yield emit("response.output_item.added", output_index=len(output) - 1, item=message)
-                    message["content"] = [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]
-                    yield emit("response.content_part.added", item_id=message["id"], output_index=len(output) - 1,
-                               content_index=0, part=message["content"][0])
+                    message["content"] = [
+                        {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                    ]
+                    yield emit(
+                        "response.content_part.added",
+                        item_id=message["id"],
+                        output_index=len(output) - 1,
+                        content_index=0,
+                        part=message["content"][0],
+                    )
                 text += delta
-                yield emit("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
-                           content_index=0, delta=delta, logprobs=[])
+                yield emit(
+                    "response.output_text.delta",
+                    item_id=message["id"],
+                    output_index=output.index(message),
+                    content_index=0,
+                    delta=delta,
+                    logprobs=[],
+                )
             for u in updates:
                 if not prepared.tool_mode.parallel and u.index > 0:
                     continue
@@ -270,8 +382,12 @@ async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id
                 item = calls[u.index]
                 if u.arguments:
                     item["arguments"] += u.arguments
-                    yield emit("response.function_call_arguments.delta", item_id=item["id"],
-                               output_index=output.index(item), delta=u.arguments)
+                    yield emit(
+                        "response.function_call_arguments.delta",
+                        item_id=item["id"],
+                        output_index=output.index(item),
+                        delta=u.arguments,
+                    )
     except (RequestAbortedError, EngineDeadError) as exc:  # headers are sent: the failure is an event
         err = engine_error(exc)
         yield emit("error", code=err.type, message=err.message, param=None)
@@ -282,17 +398,35 @@ async def response_stream(req: ResponsesRequest, prepared: Prepared, response_id
         index = output.index(message)
         part = message["content"][0]
         part["text"] = text
-        yield emit("response.output_text.done", item_id=message["id"], output_index=index, content_index=0,
-                   text=text, logprobs=[])
-        yield emit("response.content_part.done", item_id=message["id"], output_index=index, content_index=0,
-                   part=part)
+        yield emit(
+            "response.output_text.done",
+            item_id=message["id"],
+            output_index=index,
+            content_index=0,
+            text=text,
+            logprobs=[],
+        )
+        yield emit(
+            "response.content_part.done",
+            item_id=message["id"],
+            output_index=index,
+            content_index=0,
+            part=part,
+        )
         message["status"] = "completed"
         yield emit("response.output_item.done", output_index=index, item=message)
     for item in calls.values():
         index = output.index(item)
-        yield emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                   name=item["name"], arguments=item["arguments"])
+        yield emit(
+            "response.function_call_arguments.done",
+            item_id=item["id"],
+            output_index=index,
+            name=item["name"],
+            arguments=item["arguments"],
+        )
         item["status"] = "completed"
         yield emit("response.output_item.done", output_index=index, item=item)
     body = response_body(req, prepared, response_id, created, "completed", output, last)
-    yield emit("response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body)
+    yield emit(
+        "response.incomplete" if body["status"] == "incomplete" else "response.completed", response=body
+    )

@@ -21,8 +21,10 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError(f"structured outputs need exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}; "
-                             f"got {', '.join(given) or 'none'}")
+            raise ValueError(
+                f"structured outputs need exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}; "
+                f"got {', '.join(given) or 'none'}"
+            )
         if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
             raise ValueError("structured outputs choice must be a non-empty list of non-empty strings")
 
@@ -47,7 +49,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = None  # number of top logprobs per generated token (the sampled one always included)
+    logprobs: int | None = (
+        None  # number of top logprobs per generated token (the sampled one always included)
+    )
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: outputs carry token ids only (text stays ""); no stop strings then

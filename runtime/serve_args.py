@@ -27,66 +27,140 @@ def _fraction(text: str) -> float:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the server's flags (vLLM's names where one exists) to `parser` and returns it."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, metavar="PATH",
-                       help="local HF checkpoint directory (config.json, *.safetensors, tokenizer files)")
-    model.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
-                       help="name clients put in `model` (repeatable; the first is reported); "
-                            "default: the basename of --model")
-    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                       help="weights/activations dtype; auto: bfloat16 on cuda, float32 on cpu")
+    model.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="local HF checkpoint directory (config.json, *.safetensors, tokenizer files)",
+    )
+    model.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="name clients put in `model` (repeatable; the first is reported); "
+        "default: the basename of --model",
+    )
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights/activations dtype; auto: bfloat16 on cuda, float32 on cpu",
+    )
     model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    model.add_argument("--quantization", default=None, choices=["w8a16", "w4a16", "fp8"],
-                       help="expected weight quantization; checked against the checkpoint's quantization_config "
-                            "(default: whatever the checkpoint declares)")
+    model.add_argument(
+        "--quantization",
+        default=None,
+        choices=["w8a16", "w4a16", "fp8"],
+        help="expected weight quantization; checked against the checkpoint's quantization_config "
+        "(default: whatever the checkpoint declares)",
+    )
     model.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests (default: 0)")
 
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-model-len", type=_positive_int, default=None,
-                        help="context length (prompt + output); default: the model config's")
-    engine.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV cache block (default: 16)")
-    engine.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
-                        help="fraction of device memory the engine may use (default: 0.9)")
-    engine.add_argument("--max-num-seqs", type=_positive_int, default=256,
-                        help="most sequences in one batch (default: 256)")
-    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
-                        help="most tokens in one step; default: the engine's")
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse KV blocks of shared prompt prefixes (default: on)")
-    engine.add_argument("--num-blocks", type=_positive_int, default=None,
-                        help="KV cache blocks; default: sized from --gpu-memory-utilization")
-    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                        help="KV cache element type: auto (the model dtype) or int8 (per-token-head scales, "
-                             "~2x the blocks of bf16); fp8 is not implemented yet")
-    engine.add_argument("--task", default="generate", choices=TASKS,
-                        help="generate: completions/chat/responses; embed: /v1/embeddings only, pooled hidden "
-                             "states of the decoder (prefill only, no KV kept) (default: generate)")
-    engine.add_argument("--pooler-config", default=None, metavar="JSON",
-                        help='--task embed: {"pooling_type": "LAST" or "MEAN", "normalize": true/false} '
-                             "(default: LAST, normalized)")
+    engine.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="context length (prompt + output); default: the model config's",
+    )
+    engine.add_argument(
+        "--block-size", type=_positive_int, default=16, help="tokens per KV cache block (default: 16)"
+    )
+    engine.add_argument(
+        "--gpu-memory-utilization",
+        type=_fraction,
+        default=0.9,
+        help="fraction of device memory the engine may use (default: 0.9)",
+    )
+    engine.add_argument(
+        "--max-num-seqs", type=_positive_int, default=256, help="most sequences in one batch (default: 256)"
+    )
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=None,
+        help="most tokens in one step; default: the engine's",
+    )
+    engine.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV blocks of shared prompt prefixes (default: on)",
+    )
+    engine.add_argument(
+        "--num-blocks",
+        type=_positive_int,
+        default=None,
+        help="KV cache blocks; default: sized from --gpu-memory-utilization",
+    )
+    engine.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8", "fp8"],
+        help="KV cache element type: auto (the model dtype) or int8 (per-token-head scales, "
+        "~2x the blocks of bf16); fp8 is not implemented yet",
+    )
+    engine.add_argument(
+        "--task",
+        default="generate",
+        choices=TASKS,
+        help="generate: completions/chat/responses; embed: /v1/embeddings only, pooled hidden "
+        "states of the decoder (prefill only, no KV kept) (default: generate)",
+    )
+    engine.add_argument(
+        "--pooler-config",
+        default=None,
+        metavar="JSON",
+        help='--task embed: {"pooling_type": "LAST" or "MEAN", "normalize": true/false} '
+        "(default: LAST, normalized)",
+    )
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    engine.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                        help="auto: the checkpoint's safetensors; dummy: random weights from config.json "
-                             "alone (benchmarks of a model shape, as vLLM's --load-format dummy)")
+    engine.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="auto: the checkpoint's safetensors; dummy: random weights from config.json "
+        "alone (benchmarks of a model shape, as vLLM's --load-format dummy)",
+    )
 
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port)")
-    server.add_argument("--max-queue", type=_positive_int, default=None,
-                        help="reject a new request with HTTP 429 when this many are already waiting "
-                             "(default: unbounded)")
-    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}); "
-                             "/health, /metrics and /version stay open")
-    server.add_argument("--graceful-shutdown-seconds", type=float, default=30.0,
-                        help="after SIGTERM: refuse new requests (503) and let in-flight ones finish for "
-                             "up to this long, then exit 0 (default: 30)")
-    server.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help='serve tool_choice "auto": the model decides, --tool-call-parser reads its calls')
-    server.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
-                        help="the model family's tool-call format: hermes (Hermes, Qwen 2.5/3), llama3_json "
-                             "(Llama 3.x), mistral")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="default: info")
+    server.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=None,
+        help="reject a new request with HTTP 429 when this many are already waiting (default: unbounded)",
+    )
+    server.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require `Authorization: Bearer KEY` on /v1/* (default: ${API_KEY_ENV}); "
+        "/health, /metrics and /version stay open",
+    )
+    server.add_argument(
+        "--graceful-shutdown-seconds",
+        type=float,
+        default=30.0,
+        help="after SIGTERM: refuse new requests (503) and let in-flight ones finish for "
+        "up to this long, then exit 0 (default: 30)",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='serve tool_choice "auto": the model decides, --tool-call-parser reads its calls',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="the model family's tool-call format: hermes (Hermes, Qwen 2.5/3), llama3_json "
+        "(Llama 3.x), mistral",
+    )
+    server.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
     return parser
 
 

@@ -17,7 +17,9 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
     checkpoint whose quantization is not the one the InferenceService asked for, and KV cache
     types the engine does not implement yet."""
     if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
-        return "--enable-auto-tool-choice needs --tool-call-parser (the format the model writes tool calls in)"
+        return (
+            "--enable-auto-tool-choice needs --tool-call-parser (the format the model writes tool calls in)"
+        )
     if getattr(args, "pooler_config", None) is not None:
         if getattr(args, "task", "generate") != "embed":
             return "--pooler-config applies to --task embed only"
@@ -35,11 +37,16 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
     with open(os.path.join(args.model, "config.json")) as f:
         qconfig = json.load(f).get("quantization_config") or {}
     groups = qconfig.get("config_groups") or {}
-    found = {(g.get("weights") or {}).get("num_bits"): (g.get("weights") or {}).get("type") for g in groups.values()}
+    found = {
+        (g.get("weights") or {}).get("num_bits"): (g.get("weights") or {}).get("type")
+        for g in groups.values()
+    }
     bits, kind = QUANTIZATION_WEIGHTS[expected]
     if qconfig.get("quant_method") != "compressed-tensors" or found.get(bits) != kind:
-        return (f"--quantization {expected} but {args.model}/config.json declares "
-                f"{qconfig.get('quant_method') or 'no quantization'} {found or ''}".rstrip())
+        return (
+            f"--quantization {expected} but {args.model}/config.json declares "
+            f"{qconfig.get('quant_method') or 'no quantization'} {found or ''}".rstrip()
+        )
     return None
 
 

@@ -78,8 +78,9 @@ logger = logging.getLogger("lmforge.runtime.server")
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: int | str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, type_: str, param: str | None = None, code: int | str | None = None
+) -> JSONResponse:
     return api_error_response(APIError(status, message, type_, param, code))
 
 
@@ -100,17 +101,29 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
         from lmforge.runtime.pooling_params import PoolerConfig
 
         pooler = getattr(args, "pooler_config", None)
-        optional = {"max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
-                    "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
-                    "load_format": getattr(args, "load_format", None),
-                    "task": getattr(args, "task", None),
-                    "pooler_config": None if pooler is None else PoolerConfig.from_json(pooler)}
-        return LLMEngine(EngineArgs(
-            model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-            max_model_len=args.max_model_len, block_size=args.block_size,
-            gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-            enable_prefix_caching=args.enable_prefix_caching, num_blocks=args.num_blocks,
-            enforce_eager=args.enforce_eager, **{k: v for k, v in optional.items() if v is not None}))
+        optional = {
+            "max_num_batched_tokens": args.max_num_batched_tokens,  # None: the engine's default
+            "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
+            "load_format": getattr(args, "load_format", None),
+            "task": getattr(args, "task", None),
+            "pooler_config": None if pooler is None else PoolerConfig.from_json(pooler),
+        }
+        return LLMEngine(
+            EngineArgs(
+                model=args.model,
+                dtype=args.dtype,
+                device=args.device,
+                seed=args.seed,
+                max_model_len=args.max_model_len,
+                block_size=args.block_size,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_num_seqs=args.max_num_seqs,
+                enable_prefix_caching=args.enable_prefix_caching,
+                num_blocks=args.num_blocks,
+                enforce_eager=args.enforce_eager,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        )
 
     return build
 
@@ -122,8 +135,9 @@ class ServerState:
         self.args = args
         self.model_names = served_model_names(args)
         self.metrics = ServerMetrics(self.model_names[0], lambda: self.engine.stats())
-        self.engine = AsyncLLM(engine_factory or default_engine_factory(args), max_queue=args.max_queue,
-                               observer=self.metrics)
+        self.engine = AsyncLLM(
+            engine_factory or default_engine_factory(args), max_queue=args.max_queue, observer=self.metrics
+        )
         self.context: ModelContext | None = None  # set once the model and the tokenizer are loaded
         self.ready = False
         self.draining = False
@@ -144,11 +158,15 @@ class ServerState:
             tokenizer = await _in_daemon_thread(_load_tokenizer, self.args.model)
             await self.engine.wait_loaded()
             model_config = self.engine.engine.model_config  # immutable once loaded
-            self.context = ModelContext(tokenizer, int(model_config.max_model_len), int(model_config.vocab_size),
-                                        tool_call_parser=getattr(self.args, "tool_call_parser", None),
-                                        enable_auto_tool_choice=getattr(self.args, "enable_auto_tool_choice", False),
-                                        task=getattr(self.args, "task", "generate"),
-                                        hidden_size=int(getattr(model_config, "hidden_size", 0)))
+            self.context = ModelContext(
+                tokenizer,
+                int(model_config.max_model_len),
+                int(model_config.vocab_size),
+                tool_call_parser=getattr(self.args, "tool_call_parser", None),
+                enable_auto_tool_choice=getattr(self.args, "enable_auto_tool_choice", False),
+                task=getattr(self.args, "task", "generate"),
+                hidden_size=int(getattr(model_config, "hidden_size", 0)),
+            )
             self.ready = True
             logger.info("model %s ready (max_model_len=%d)", self.model_names[0], self.context.max_model_len)
         except asyncio.CancelledError:  # shut down while loading
@@ -171,16 +189,21 @@ class ServerState:
     def loaded(self) -> ModelContext:
         """The model and tokenizer; GateMiddleware keeps every route that needs them out until then."""
         if self.context is None:
-            raise APIError(503, "The server is loading the model; retry later.", "service_unavailable", None,
-                           "loading")
+            raise APIError(
+                503, "The server is loading the model; retry later.", "service_unavailable", None, "loading"
+            )
         return self.context
 
     def generating(self) -> ModelContext:
         """The context of a server that generates text (not one started with --task embed)."""
         context = self.loaded()
         if context.task != "generate":
-            raise APIError(400, f"This server runs --task {context.task}: text generation is not served.",
-                           "invalid_request_error", "model")
+            raise APIError(
+                400,
+                f"This server runs --task {context.task}: text generation is not served.",
+                "invalid_request_error",
+                "model",
+            )
         return context
 
     def token_str(self, token_id: int) -> str:
@@ -194,7 +217,9 @@ class ServerState:
     def resolve_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
             return self.model_names[0]
-        raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found")
+        raise APIError(
+            404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found"
+        )
 
 
 async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -254,13 +279,23 @@ class GateMiddleware:
             headers = dict(scope["headers"])
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {state.args.api_key}".encode()):
-                await error_response(401, "Invalid or missing API key (Authorization: Bearer <key>).",
-                                     "authentication_error", None, "invalid_api_key")(scope, receive, send)
+                await error_response(
+                    401,
+                    "Invalid or missing API key (Authorization: Bearer <key>).",
+                    "authentication_error",
+                    None,
+                    "invalid_api_key",
+                )(scope, receive, send)
                 return
         if state.draining or not state.ready:
             status = "shutting down" if state.draining else "loading the model"
-            await error_response(503, f"The server is {status}; retry later.", "service_unavailable",
-                                 None, "draining" if state.draining else "loading")(scope, receive, send)
+            await error_response(
+                503,
+                f"The server is {status}; retry later.",
+                "service_unavailable",
+                None,
+                "draining" if state.draining else "loading",
+            )(scope, receive, send)
             return
         state.num_inflight += 1
         state.idle.clear()
@@ -347,8 +382,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     def card(name: str) -> proto.ModelCard:
         context = state.loaded()
-        return proto.ModelCard(id=name, root=state.args.model, max_model_len=context.max_model_len,
-                               task=context.task)
+        return proto.ModelCard(
+            id=name, root=state.args.model, max_model_len=context.max_model_len, task=context.task
+        )
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -357,8 +393,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:  # what client.models.retrieve calls
         if model_id not in state.model_names:
-            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model",
-                           "model_not_found")
+            raise APIError(
+                404, f"The model `{model_id}` does not exist.", "NotFoundError", "model", "model_not_found"
+            )
         return _json(card(model_id))
 
     @app.post("/tokenize")
@@ -370,18 +407,28 @@ def build_app(state: ServerState) -> FastAPI:
         else:
             ids = encode(context.tokenizer, req.prompt, req.add_special_tokens, "prompt")
         strs = context.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return _json(proto.TokenizeResponse(count=len(ids), max_model_len=context.max_model_len, tokens=ids,
-                                            token_strs=strs))
+        return _json(
+            proto.TokenizeResponse(
+                count=len(ids), max_model_len=context.max_model_len, tokens=ids, token_strs=strs
+            )
+        )
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> Response:
         """What a client needs to tokenize as the server does (lm-eval probes this, as vLLM serves it)."""
         context = state.loaded()
         tok = context.tokenizer
-        info = {"tokenizer_class": type(tok).__name__, "model_max_length": context.max_model_len,
-                "vocab_size": len(tok), "chat_template": tok.chat_template,
-                **{name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
-                "added_tokens_decoder": {str(i): t.content for i, t in sorted(tok.added_tokens_decoder.items())}}
+        info = {
+            "tokenizer_class": type(tok).__name__,
+            "model_max_length": context.max_model_len,
+            "vocab_size": len(tok),
+            "chat_template": tok.chat_template,
+            **{
+                name: getattr(tok, name, None)
+                for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+            },
+            "added_tokens_decoder": {str(i): t.content for i, t in sorted(tok.added_tokens_decoder.items())},
+        }
         return JSONResponse(info)
 
     @app.post("/detokenize")
@@ -434,8 +481,11 @@ async def _start(state: ServerState, gens: list) -> Any:
 
 def _event_stream(body: Any, stream: Any) -> StreamingResponse:
     """An SSE response; an engine failure mid-stream becomes an error event (with_error_event)."""
-    return StreamingResponse(with_error_event(body, stream), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        with_error_event(body, stream),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _collect(stream: Any) -> dict[int, RequestOutput]:
@@ -451,16 +501,24 @@ async def _collect(stream: Any) -> dict[int, RequestOutput]:
 
 
 def _generate_all(state: ServerState, prepared: Prepared, response_id: str) -> list:
-    return [state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
-            for i, ids in enumerate(prepared.prompt_ids)]
+    return [
+        state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
+        for i, ids in enumerate(prepared.prompt_ids)
+    ]
 
 
-async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCompletionRequest,
-                 prepared: Prepared, chat: bool) -> Response:
+async def _serve(
+    state: ServerState,
+    req: proto.CompletionRequest | proto.ChatCompletionRequest,
+    prepared: Prepared,
+    chat: bool,
+) -> Response:
     response_id = proto.random_id("chatcmpl" if chat else "cmpl")
     stream = await _start(state, _generate_all(state, prepared, response_id))
     if req.stream:
-        body = (chat_stream if chat else completion_stream)(req, prepared, response_id, stream, state.token_str)
+        body = (chat_stream if chat else completion_stream)(
+            req, prepared, response_id, stream, state.token_str
+        )
         return _event_stream(body, stream)
     build = chat_response if chat else completion_response
     return _json(build(req, prepared, response_id, await _collect(stream), state.token_str))
@@ -468,7 +526,9 @@ async def _serve(state: ServerState, req: proto.CompletionRequest | proto.ChatCo
 
 async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
     response_id = proto.random_id("resp")
-    stream = await _start(state, [state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)])
+    stream = await _start(
+        state, [state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)]
+    )
     if req.stream:
         return _event_stream(response_stream(req, prepared, response_id, stream), stream)
     return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream)).get(0)))
@@ -513,15 +573,25 @@ async def _drain(state: ServerState, server: Any, grace_s: float) -> None:
     server.should_exit = True
 
 
-async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any] | None = None,
-                      state: ServerState | None = None) -> int:
+async def serve_async(
+    args: argparse.Namespace,
+    engine_factory: Callable[[], Any] | None = None,
+    state: ServerState | None = None,
+) -> int:
     import uvicorn
 
     state = state or ServerState(args, engine_factory)
     app = build_app(state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=args.log_level == "debug", timeout_graceful_shutdown=2,
-                            timeout_keep_alive=5, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=5,
+        lifespan="off",
+    )
     server = _make_server(config)
     loop = asyncio.get_running_loop()
     signals: list[int] = []
@@ -562,8 +632,11 @@ async def serve_async(args: argparse.Namespace, engine_factory: Callable[[], Any
 
 def run_server(args: argparse.Namespace) -> int:
     """`lmforge serve`: blocks until shut down; 0 after a graceful shutdown, 1 if loading failed."""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def _call_at(text: str, start: int, args_keys: tuple[str, ...]) -> tuple[ParsedC
         key = next((k for k in args_keys if k in obj), None)
         if head is not None:
             _, value_end = _DECODER.raw_decode(text, head.end())
-            arguments = text[head.end():value_end]
+            arguments = text[head.end() : value_end]
         else:
             arguments = json.dumps(obj[key], ensure_ascii=False) if key else "{}"
         return ParsedCall(obj["name"], arguments, True), end
@@ -69,9 +69,9 @@ def _call_at(text: str, start: int, args_keys: tuple[str, ...]) -> tuple[ParsedC
     name = json.loads(f'"{head.group(1)}"')
     try:
         _, value_end = _DECODER.raw_decode(text, head.end())
-        return ParsedCall(name, text[head.end():value_end]), -1
+        return ParsedCall(name, text[head.end() : value_end]), -1
     except json.JSONDecodeError:
-        return ParsedCall(name, text[head.end():]), -1
+        return ParsedCall(name, text[head.end() :]), -1
 
 
 def _skip(text: str, i: int, chars: str) -> int:
@@ -222,7 +222,9 @@ class NamedToolParser(ToolParser):
                 complete = True
             except json.JSONDecodeError:
                 pass
-        return ParsedOutput("", [ParsedCall(self.function_name, stripped if final else text.lstrip(), complete)])
+        return ParsedOutput(
+            "", [ParsedCall(self.function_name, stripped if final else text.lstrip(), complete)]
+        )
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
@@ -261,7 +263,7 @@ class ToolCallStreamer:
 
     def feed(self, text: str, final: bool) -> tuple[str, list[ToolCallUpdate]]:
         parsed = self.parser.parse(text, final)
-        content = parsed.content[self.content_sent:] if len(parsed.content) > self.content_sent else ""
+        content = parsed.content[self.content_sent :] if len(parsed.content) > self.content_sent else ""
         self.content_sent = max(self.content_sent, len(parsed.content))
         updates = []
         for index, call in enumerate(parsed.calls):
@@ -271,10 +273,13 @@ class ToolCallStreamer:
             if new_call:
                 self.ids.append(new_call_id())
                 self.args_sent.append(0)
-            delta = call.arguments[self.args_sent[index]:]
+            delta = call.arguments[self.args_sent[index] :]
             if new_call or delta:
-                updates.append(ToolCallUpdate(index, self.ids[index] if new_call else None,
-                                              call.name if new_call else None, delta))
+                updates.append(
+                    ToolCallUpdate(
+                        index, self.ids[index] if new_call else None, call.name if new_call else None, delta
+                    )
+                )
                 self.args_sent[index] = len(call.arguments)
         return content, updates
 

@@ -59,8 +59,11 @@ def test_no_checkout_path_shadows_a_distribution_or_stdlib_module(where: str) ->
     `kernels` distribution, which a `kernels/__init__.py` here used to replace."""
     installed = set(importlib.metadata.packages_distributions())
     taken = installed | set(sys.stdlib_module_names)
-    clashes = {name: str(path.relative_to(ROOT)) for name, path in _regular_import_names(ROOT / where).items()
-               if name in taken and name != "__init__"}
+    clashes = {
+        name: str(path.relative_to(ROOT))
+        for name, path in _regular_import_names(ROOT / where).items()
+        if name in taken and name != "__init__"
+    }
     assert not clashes, f"these checkout paths shadow installed or stdlib modules: {clashes}"
 
 
@@ -77,15 +80,21 @@ print(json.dumps({"kernels": getattr(kernels, "__file__", None), "operator": ope
 def test_imports_from_inside_the_checkout_find_the_installed_modules(where: str) -> None:
     """`python -c` from the root or bench/ puts that folder first on sys.path: transformers, the
     `kernels` distribution it imports, and the stdlib `operator` must still come from the install."""
-    out = subprocess.run([sys.executable, "-c", _IMPORTS], cwd=ROOT / where, check=True, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], cwd=ROOT / where, check=True, capture_output=True, text=True
+    )
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["has_itemgetter"] and Path(found["operator"]).name == "operator.py"
     for name in ("kernels", "transformers"):
         assert found[name] and Path(found[name]).is_relative_to(SITE_PACKAGES), (name, found[name])
     # the demo entry point imports the operator, the local cluster and the runtime pipeline
-    help_out = subprocess.run([sys.executable, "-m", "lmforge.demo", "--help"], cwd=ROOT / where, check=True,
-                              capture_output=True, text=True)
+    help_out = subprocess.run(
+        [sys.executable, "-m", "lmforge.demo", "--help"],
+        cwd=ROOT / where,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "usage:" in help_out.stdout
 
 
@@ -117,7 +126,15 @@ def test_every_python_folder_is_declared_in_pyproject() -> None:
 
 def test_console_script_help() -> None:
     exe = Path(sys.executable).parent / "lmforge"
-    for args in (["--help"], ["operator", "run", "--help"], ["cluster", "--help"], ["serve", "--help"], ["train", "--help"], ["quantize", "--help"], ["node", "--help"]):
+    for args in (
+        ["--help"],
+        ["operator", "run", "--help"],
+        ["cluster", "--help"],
+        ["serve", "--help"],
+        ["train", "--help"],
+        ["quantize", "--help"],
+        ["node", "--help"],
+    ):
         out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True)
         assert "usage: lmforge" in out.stdout
 
@@ -133,8 +150,21 @@ def test_non_editable_wheel_installs_and_imports(tmp_path: Path) -> None:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = (tmp_path / "dist").glob("lmforge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -143,12 +173,18 @@ def test_non_editable_wheel_installs_and_imports(tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     code = (
         "import lmforge, lmforge.operator.main, lmforge.runtime.sampling_params, operator, sys;"
         "assert lmforge.__file__.startswith(sys.argv[1]), lmforge.__file__;"
         "assert hasattr(operator, 'itemgetter')"
     )
-    subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, check=True,
-                   env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-c", code, str(target)],
+        cwd=tmp_path,
+        check=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )

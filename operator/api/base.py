@@ -107,8 +107,10 @@ _URI_RE = re.compile(URI_PATTERN)
 
 
 def s3_message(field: str) -> str:
-    return (f"{field}: s3:// is not supported yet; copy the data to a volume and use pvc://<claim>/<path> "
-            "or hostPath:///<abs path>")
+    return (
+        f"{field}: s3:// is not supported yet; copy the data to a volume and use pvc://<claim>/<path> "
+        "or hostPath:///<abs path>"
+    )
 
 
 def _check_uri(value: str) -> str:

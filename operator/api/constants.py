@@ -62,7 +62,9 @@ MessageAllWorkersRunning = "all {num_nodes} worker pods are running"
 ReasonAllWorkersSucceeded = "AllWorkersSucceeded"
 MessageAllWorkersSucceeded = "rank 0 exited 0: training finished"
 ReasonRetryableFailure = "RetryableFailure"
-MessageRetryableFailure = "pod {pod} failed ({detail}); restarting the gang, attempt {attempt} of {max_attempts}"
+MessageRetryableFailure = (
+    "pod {pod} failed ({detail}); restarting the gang, attempt {attempt} of {max_attempts}"
+)
 ReasonRestartBackoff = "RestartBackoff"
 MessageRestartBackoff = "waiting {seconds}s before recreating the gang"
 ReasonCreatingPods = "CreatingPods"
@@ -70,17 +72,22 @@ MessageCreatingPods = "creating {num_nodes} worker pods (attempt {attempt})"
 ReasonPodCreationFailed = "PodCreationFailed"
 MessagePodCreationFailed = "the API server refused worker pod {pod}: {error}"
 ReasonServiceAccountMissing = "ServiceAccountMissing"
-MessageServiceAccountMissing = ("worker pod {pod} needs ServiceAccount {account!r} in namespace {namespace!r} "
-                                "(LMFORGE_WORKER_SERVICE_ACCOUNT / the chart's workerServiceAccount): {error}")
+MessageServiceAccountMissing = (
+    "worker pod {pod} needs ServiceAccount {account!r} in namespace {namespace!r} "
+    "(LMFORGE_WORKER_SERVICE_ACCOUNT / the chart's workerServiceAccount): {error}"
+)
 ReasonSpecChanged = "SpecChanged"
-MessageSpecChanged = ("the running gang was built from an older spec (generation {generation} changed it): "
-                      "replacing it")
+MessageSpecChanged = (
+    "the running gang was built from an older spec (generation {generation} changed it): replacing it"
+)
 ReasonGangRestarted = "GangRestarted"
 MessageGangRestarted = "recreated {num_nodes} worker pods (attempt {attempt})"
 ReasonNonRetryableExitCode = "NonRetryableExitCode"
 MessageNonRetryableExitCode = "pod {pod} failed ({detail}): not retryable under spec.failurePolicy"
 ReasonMaxRestartsExceeded = "MaxRestartsExceeded"
-MessageMaxRestartsExceeded = "pod {pod} failed ({detail}) after {restarts} restarts (failurePolicy.maxRestarts={max_restarts})"
+MessageMaxRestartsExceeded = (
+    "pod {pod} failed ({detail}) after {restarts} restarts (failurePolicy.maxRestarts={max_restarts})"
+)
 ReasonDeadlineExceeded = "DeadlineExceeded"
 MessageDeadlineExceeded = "the job ran longer than activeDeadlineSeconds={seconds}"
 ReasonSuspended = "JobSuspended"

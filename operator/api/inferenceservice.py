@@ -198,7 +198,9 @@ CRD = CrdInfo(
     root_rules=(name_rule(50, "it names the Deployment and the Service"),),
     scale=ScaleSubresource(),
     printer_columns=(
-        PrinterColumn("Phase", ".status.phase", description="Pending, Loading, Ready, Degraded, ScaledToZero or Failed"),
+        PrinterColumn(
+            "Phase", ".status.phase", description="Pending, Loading, Ready, Degraded, ScaledToZero or Failed"
+        ),
         PrinterColumn("Ready", ".status.readyReplicas", "integer", "Replicas passing /health"),
         PrinterColumn("Replicas", ".status.replicas", "integer", "Replicas that exist"),
         PrinterColumn("URL", ".status.url", description="OpenAI API base URL"),

@@ -60,9 +60,23 @@ class ServeAfter(ApiModel):
 
 # Every field the Job is built from: a Job's pod template is immutable, so these are too (a change
 # would be acknowledged and never reach the pod). serveAfter is applied on every pass and may change.
-JOB_FIELDS = ("model", "method", "groupSize", "calibration", "ignore", "output", "image", "resources",
-              "activeDeadlineSeconds", "ttlSecondsAfterFinished", "nodeSelector", "tolerations", "env", "volumes",
-              "volumeMounts")
+JOB_FIELDS = (
+    "model",
+    "method",
+    "groupSize",
+    "calibration",
+    "ignore",
+    "output",
+    "image",
+    "resources",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "nodeSelector",
+    "tolerations",
+    "env",
+    "volumes",
+    "volumeMounts",
+)
 
 
 class QuantizeJobSpec(ApiModel):
@@ -73,7 +87,7 @@ class QuantizeJobSpec(ApiModel):
             Rule(
                 cel=f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
                 message=f"{f} cannot be changed once the QuantizeJob exists (its Job is immutable): "
-                        "create a new QuantizeJob",
+                "create a new QuantizeJob",
                 check=None,
                 field_path=f".{f}",
             )
@@ -89,7 +103,9 @@ class QuantizeJobSpec(ApiModel):
         Rule(
             cel="!has(self.groupSize) || !self.method.startsWith('w4a16') || self.groupSize in [32, 64, 128]",
             message="groupSize must be 32, 64 or 128 for w4a16 methods",
-            check=lambda s: s.group_size is None or not s.method.startswith("w4a16") or s.group_size in (32, 64, 128),
+            check=lambda s: (
+                s.group_size is None or not s.method.startswith("w4a16") or s.group_size in (32, 64, 128)
+            ),
             field_path=".groupSize",
         ),
         Rule(

@@ -1,7 +1,7 @@
 """TrainJob: fine-tune a model (full or LoRA) on a gang of worker pods, one per node.
 
-    kubectl apply -f examples/trainjob.yaml
-    kubectl get lmtj            # PHASE NODES PROGRESS LOSS ETA RESTARTS AGE
+kubectl apply -f examples/trainjob.yaml
+kubectl get lmtj            # PHASE NODES PROGRESS LOSS ETA RESTARTS AGE
 """
 
 from __future__ import annotations
@@ -189,9 +189,24 @@ class EnvVar(ApiModel):
 
 
 # Optional spec fields a gang is built from (see GANG rules below; the required ones are listed there).
-GANG_OPTIONAL_FIELDS = ("lora", "zeroStage", "procsPerNode", "resourcesPerNode", "image", "command", "hyperparameters",
-                        "checkpoint", "schedulerName", "priorityClassName", "queueName", "nodeSelector", "tolerations",
-                        "env", "volumes", "volumeMounts")
+GANG_OPTIONAL_FIELDS = (
+    "lora",
+    "zeroStage",
+    "procsPerNode",
+    "resourcesPerNode",
+    "image",
+    "command",
+    "hyperparameters",
+    "checkpoint",
+    "schedulerName",
+    "priorityClassName",
+    "queueName",
+    "nodeSelector",
+    "tolerations",
+    "env",
+    "volumes",
+    "volumeMounts",
+)
 
 
 class TrainJobSpec(ApiModel):
@@ -224,8 +239,12 @@ class TrainJobSpec(ApiModel):
             "!('nvidia.com/gpu' in self.resourcesPerNode.limits) || "
             "self.procsPerNode <= int(string(self.resourcesPerNode.limits['nvidia.com/gpu']))",
             message="procsPerNode must not exceed the nvidia.com/gpu limit in resourcesPerNode",
-            check=lambda s: s.procs_per_node is None or s.resources_per_node is None
-            or s.resources_per_node.gpus() == 0 or s.procs_per_node <= s.resources_per_node.gpus(),
+            check=lambda s: (
+                s.procs_per_node is None
+                or s.resources_per_node is None
+                or s.resources_per_node.gpus() == 0
+                or s.procs_per_node <= s.resources_per_node.gpus()
+            ),
             field_path=".procsPerNode",
         ),
         # Transition rules (API server only): everything a gang is built from (its pods and
@@ -407,7 +426,11 @@ CRD = CrdInfo(
     description="Fine-tune an LLM (full or LoRA) on a gang of worker pods under torchrun or DeepSpeed.",
     root_rules=(name_rule(56, "it names the headless Service and the pods <name>-<rank>"),),
     printer_columns=(
-        PrinterColumn("Phase", ".status.phase", description="Pending, Running, Restarting, Succeeded, Failed or Suspended"),
+        PrinterColumn(
+            "Phase",
+            ".status.phase",
+            description="Pending, Running, Restarting, Succeeded, Failed or Suspended",
+        ),
         PrinterColumn("Nodes", ".spec.numNodes", "integer", "Worker pods"),
         PrinterColumn("Progress", ".status.progress.summary", description="step/totalSteps"),
         PrinterColumn("Loss", ".status.progress.loss", "number", "Training loss"),

@@ -110,8 +110,12 @@ def owner_reference(ref: ServiceRef) -> dict[str, Any]:
 
 
 def _metadata(ref: ServiceRef) -> dict[str, Any]:
-    return {"name": ref.name, "namespace": ref.namespace, "labels": common_labels(ref.name),
-            "ownerReferences": [owner_reference(ref)]}
+    return {
+        "name": ref.name,
+        "namespace": ref.namespace,
+        "labels": common_labels(ref.name),
+        "ownerReferences": [owner_reference(ref)],
+    }
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -125,20 +129,25 @@ def model_location(spec: InferenceServiceSpec) -> ModelLocation:
     user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
     location = locate(source)
     if location is not None and location.kind == "pvc":
-        volume = {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": location.claim, "readOnly": True}}
+        volume = {
+            "name": MODEL_VOLUME,
+            "persistentVolumeClaim": {"claimName": location.claim, "readOnly": True},
+        }
         return _mounted(location.path, location.mount_path, volume, user_paths)
     if location is not None:
         volume = {"name": MODEL_VOLUME, "hostPath": {"path": location.path, "type": "Directory"}}
         return _mounted(location.path, location.path, volume, user_paths)
     if source.startswith("hf://"):
-        repo = source[len("hf://"):]
+        repo = source[len("hf://") :]
         return ModelLocation(
             path=repo,
             volumes=({"name": HF_CACHE_VOLUME, "emptyDir": {}},),
             mounts=({"name": HF_CACHE_VOLUME, "mountPath": HF_CACHE_PATH},),
             env=({"name": "HF_HOME", "value": HF_CACHE_PATH},),
-            notes=(f"model {repo} is downloaded from the Hugging Face Hub by every replica at start: the pods "
-                   "need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts faster",),
+            notes=(
+                f"model {repo} is downloaded from the Hugging Face Hub by every replica at start: the pods "
+                "need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts faster",
+            ),
         )
     raise UnsupportedModelSource(
         f"model source {source!r}: the server reads a local directory or hf://; copy s3:// checkpoints to a "
@@ -149,8 +158,11 @@ def model_location(spec: InferenceServiceSpec) -> ModelLocation:
 def _mounted(path: str, mount_path: str, volume: dict[str, Any], user_paths: set[Any]) -> ModelLocation:
     if mount_path in user_paths:  # the user mounts it (spec.volumes/volumeMounts): theirs wins
         return ModelLocation(path=path)
-    return ModelLocation(path=path, volumes=(volume,),
-                         mounts=({"name": MODEL_VOLUME, "mountPath": mount_path, "readOnly": True},))
+    return ModelLocation(
+        path=path,
+        volumes=(volume,),
+        mounts=({"name": MODEL_VOLUME, "mountPath": mount_path, "readOnly": True},),
+    )
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -191,8 +203,14 @@ def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocat
         *location.env,
     ]
     if spec.api_key_secret is not None:  # `lmforge serve` reads --api-key from this env by default
-        ours.append({"name": "LMFORGE_API_KEY", "valueFrom": {"secretKeyRef": {
-            "name": spec.api_key_secret.name, "key": spec.api_key_secret.key}}})
+        ours.append(
+            {
+                "name": "LMFORGE_API_KEY",
+                "valueFrom": {
+                    "secretKeyRef": {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}
+                },
+            }
+        )
     user = [dict(e) for e in spec.env or ()]
     overridden = {e.get("name") for e in user}
     return [e for e in ours if e["name"] not in overridden] + user
@@ -202,13 +220,25 @@ def probes(spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> dict
     health = {"path": "/health", "port": PORT_NAME}
     period = cfg.startup_period_seconds
     return {
-        "startupProbe": {"httpGet": health, "periodSeconds": period, "timeoutSeconds": 5,
-                         "failureThreshold": -(-spec.startup_timeout_seconds // period)},
-        "readinessProbe": {"httpGet": health, "periodSeconds": cfg.readiness_period_seconds, "timeoutSeconds": 3,
-                           "successThreshold": 1, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/version", "port": PORT_NAME},
-                          "periodSeconds": cfg.liveness_period_seconds, "timeoutSeconds": 5,
-                          "failureThreshold": cfg.liveness_failure_threshold},
+        "startupProbe": {
+            "httpGet": health,
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": -(-spec.startup_timeout_seconds // period),
+        },
+        "readinessProbe": {
+            "httpGet": health,
+            "periodSeconds": cfg.readiness_period_seconds,
+            "timeoutSeconds": 3,
+            "successThreshold": 1,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/version", "port": PORT_NAME},
+            "periodSeconds": cfg.liveness_period_seconds,
+            "timeoutSeconds": 5,
+            "failureThreshold": cfg.liveness_failure_threshold,
+        },
     }
 
 
@@ -216,7 +246,9 @@ def termination_grace_seconds(spec: InferenceServiceSpec, cfg: BuildConfig = Bui
     return cfg.pre_stop_sleep_seconds + spec.graceful_shutdown_seconds + ENGINE_SHUTDOWN_MARGIN_SECONDS
 
 
-def pod_template(ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+def pod_template(
+    ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()
+) -> dict[str, Any]:
     location = model_location(spec)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -242,8 +274,11 @@ def pod_template(ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig =
     return {
         "metadata": {
             "labels": common_labels(ref.name),
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVER_PORT),
-                            "prometheus.io/path": "/metrics"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(SERVER_PORT),
+                "prometheus.io/path": "/metrics",
+            },
         },
         "spec": pod_spec,
     }
@@ -252,8 +287,9 @@ def pod_template(ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig =
 # --- the owned objects ----------------------------------------------------------------------------
 
 
-def deployment(ref: ServiceRef, spec: InferenceServiceSpec, replicas: int,
-               cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+def deployment(
+    ref: ServiceRef, spec: InferenceServiceSpec, replicas: int, cfg: BuildConfig = BuildConfig()
+) -> dict[str, Any]:
     """`replicas` is the controller's choice (spec.replicas, or the autoscaler's current size)."""
     return {
         "apiVersion": "apps/v1",

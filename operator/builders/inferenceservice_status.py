@@ -35,10 +35,17 @@ from lmforge.operator.builders.inferenceservice import CONTAINER_NAME
 # in lastFailure until a newer failure replaces it.
 FAILURE_WINDOW = timedelta(minutes=5)
 HISTORY_LENGTH = 10
-BAD_WAITING_REASONS = frozenset({
-    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
-    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-})
+BAD_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
 
 # Condition types.
 ConditionReady = "Ready"
@@ -120,7 +127,8 @@ class ServingPod:
             waiting_reason=waiting.get("reason"),
             waiting_message=waiting.get("message"),
             unschedulable=scheduled.get("message") or "unschedulable"
-            if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable" else None,
+            if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+            else None,
             exit_code=terminated.get("exitCode"),
             reason=terminated.get("reason") or status.get("reason"),
             message=terminated.get("message") or status.get("message"),
@@ -151,18 +159,32 @@ class ServingPod:
         return self.active and self.phase == "Running" and self.started and not self.ready
 
     def failed_recently(self, now: datetime) -> bool:
-        return (not self.deleting and self.phase == "Failed"
-                and (self.finished_at is None or now - self.finished_at <= FAILURE_WINDOW))
+        return (
+            not self.deleting
+            and self.phase == "Failed"
+            and (self.finished_at is None or now - self.finished_at <= FAILURE_WINDOW)
+        )
 
     def failure(self, now: datetime) -> LastFailure | None:
         """This pod's failure, if it has one worth reporting."""
         if self.crash_looping:
-            return LastFailure(pod=self.name, node=self.node, exit_code=self.exit_code,
-                               reason=self.waiting_reason,
-                               message=self.message or self.waiting_message, time=self.finished_at or now)
+            return LastFailure(
+                pod=self.name,
+                node=self.node,
+                exit_code=self.exit_code,
+                reason=self.waiting_reason,
+                message=self.message or self.waiting_message,
+                time=self.finished_at or now,
+            )
         if self.phase == "Failed":
-            return LastFailure(pod=self.name, node=self.node, exit_code=self.exit_code,
-                               reason=self.reason or "Failed", message=self.message, time=self.finished_at or now)
+            return LastFailure(
+                pod=self.name,
+                node=self.node,
+                exit_code=self.exit_code,
+                reason=self.reason or "Failed",
+                message=self.message,
+                time=self.finished_at or now,
+            )
         return None
 
 
@@ -179,10 +201,13 @@ class DeploymentView:
     @classmethod
     def from_deployment(cls, obj: Mapping[str, Any]) -> DeploymentView:
         spec, status, meta = obj.get("spec") or {}, obj.get("status") or {}, obj.get("metadata") or {}
-        return cls(replicas=int(spec.get("replicas", 1)), generation=int(meta.get("generation") or 0),
-                   observed_generation=int(status.get("observedGeneration") or 0),
-                   updated_replicas=int(status.get("updatedReplicas") or 0),
-                   ready_replicas=int(status.get("readyReplicas") or 0))
+        return cls(
+            replicas=int(spec.get("replicas", 1)),
+            generation=int(meta.get("generation") or 0),
+            observed_generation=int(status.get("observedGeneration") or 0),
+            updated_replicas=int(status.get("updatedReplicas") or 0),
+            ready_replicas=int(status.get("readyReplicas") or 0),
+        )
 
     @property
     def rolling(self) -> bool:
@@ -207,13 +232,26 @@ def _failure_key(failure: LastFailure) -> tuple:
     return failure.pod, failure.reason, failure.exit_code, failure.message
 
 
-def set_condition(conditions: Sequence[Condition], type_: str, status: str, reason: str, message: str,
-                  now: datetime, generation: int | None) -> list[Condition]:
+def set_condition(
+    conditions: Sequence[Condition],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
     """Replace (or add) condition `type_`; lastTransitionTime moves only when `status` changes."""
     old = next((cond for cond in conditions if cond.type == type_), None)
     since = old.last_transition_time if old is not None and old.status == status else now
-    new = Condition(type=type_, status=status, reason=reason, message=message, last_transition_time=since,
-                    observed_generation=generation)
+    new = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
     return [cond for cond in conditions if cond.type != type_] + [new]
 
 
@@ -222,8 +260,14 @@ def _names(pods: Sequence[ServingPod], limit: int = 3) -> str:
     return ", ".join(names) + (f" and {len(pods) - limit} more" if len(pods) > limit else "")
 
 
-def reflect(name: str, spec: InferenceServiceSpec, previous: InferenceServiceStatus,
-            deployment: DeploymentView | None, pods: Sequence[ServingPod], now: datetime) -> Reflection:
+def reflect(
+    name: str,
+    spec: InferenceServiceSpec,
+    previous: InferenceServiceStatus,
+    deployment: DeploymentView | None,
+    pods: Sequence[ServingPod],
+    now: datetime,
+) -> Reflection:
     """The new status (autoscaling, history, url, selector and observedGeneration carried over)
     and the Events for what changed since `previous`."""
     desired = deployment.replicas if deployment is not None else None
@@ -247,54 +291,110 @@ def reflect(name: str, spec: InferenceServiceSpec, previous: InferenceServiceSta
     conditions = list(previous.conditions)
     want = desired if desired is not None else 0
     if ready:
-        conditions = set_condition(conditions, ConditionReady, "True", ReasonReplicasReady,
-                                   f"{ready}/{want} replicas ready", now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionReady,
+            "True",
+            ReasonReplicasReady,
+            f"{ready}/{want} replicas ready",
+            now,
+            gen,
+        )
     else:
         reason, message = {
             "ScaledToZero": (ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"),
             "Failed": (ReasonReplicasFailing, f"no replica ready; failing: {_names(failing)}"),
             "Loading": (ReasonModelLoading, f"{len(loading)} replica(s) loading the model"),
-        }.get(phase, (ReasonPodsPending, "waiting for pods to be scheduled and started"
-                      if deployment is not None else "waiting for the Deployment"))
+        }.get(
+            phase,
+            (
+                ReasonPodsPending,
+                "waiting for pods to be scheduled and started"
+                if deployment is not None
+                else "waiting for the Deployment",
+            ),
+        )
         conditions = set_condition(conditions, ConditionReady, "False", reason, message, now, gen)
 
     if deployment is not None and deployment.rolling:
         progressing = (ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated")
     elif unschedulable:
-        progressing = (ReasonUnschedulable, f"{len(unschedulable)} replica(s) cannot be scheduled: "
-                                            f"{unschedulable[0].unschedulable}")
+        progressing = (
+            ReasonUnschedulable,
+            f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}",
+        )
     elif len(active) > want:
         progressing = (ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
     elif ready < want and (loading or pending or len(active) < want):
-        progressing = (ReasonModelLoading if loading else ReasonPodsPending,
-                       f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending")
+        progressing = (
+            ReasonModelLoading if loading else ReasonPodsPending,
+            f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending",
+        )
     else:
         progressing = None
     if progressing:
         conditions = set_condition(conditions, ConditionProgressing, "True", *progressing, now, gen)
     elif ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
-        conditions = set_condition(conditions, ConditionProgressing, "False",
-                                   ReasonReplicasFailing if failing else ReasonReplicasNotReady,
-                                   f"{ready}/{want} replicas ready and none on its way", now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionProgressing,
+            "False",
+            ReasonReplicasFailing if failing else ReasonReplicasNotReady,
+            f"{ready}/{want} replicas ready and none on its way",
+            now,
+            gen,
+        )
     else:
-        conditions = set_condition(conditions, ConditionProgressing, "False", ReasonSettled,
-                                   f"{ready} replica(s) ready, nothing in progress", now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionProgressing,
+            "False",
+            ReasonSettled,
+            f"{ready} replica(s) ready, nothing in progress",
+            now,
+            gen,
+        )
 
     if failing:
-        conditions = set_condition(conditions, ConditionDegraded, "True", ReasonReplicasFailing,
-                                   f"failing: {_names(failing)}", now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionDegraded,
+            "True",
+            ReasonReplicasFailing,
+            f"failing: {_names(failing)}",
+            now,
+            gen,
+        )
     elif fell_out:
-        conditions = set_condition(conditions, ConditionDegraded, "True", ReasonReplicasNotReady,
-                                   f"not passing readiness: {_names(fell_out)}", now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionDegraded,
+            "True",
+            ReasonReplicasNotReady,
+            f"not passing readiness: {_names(fell_out)}",
+            now,
+            gen,
+        )
     else:
-        conditions = set_condition(conditions, ConditionDegraded, "False", ReasonHealthy,
-                                   "no replica is failing", now, gen)
+        conditions = set_condition(
+            conditions, ConditionDegraded, "False", ReasonHealthy, "no replica is failing", now, gen
+        )
 
     autoscaling = spec.autoscaling
     if autoscaling is not None and autoscaling.min_replicas == 0:
-        conditions = set_condition(conditions, ConditionScaleToZero, "True", ReasonColdStart, MessageColdStart.format(
-            idle=autoscaling.scale_down_stabilization_seconds, startup=spec.startup_timeout_seconds, name=name),
-            now, gen)
+        conditions = set_condition(
+            conditions,
+            ConditionScaleToZero,
+            "True",
+            ReasonColdStart,
+            MessageColdStart.format(
+                idle=autoscaling.scale_down_stabilization_seconds,
+                startup=spec.startup_timeout_seconds,
+                name=name,
+            ),
+            now,
+            gen,
+        )
     else:
         conditions = [cond for cond in conditions if cond.type != ConditionScaleToZero]
 
@@ -303,15 +403,27 @@ def reflect(name: str, spec: InferenceServiceSpec, previous: InferenceServiceSta
     failures = [f for f in (p.failure(now) for p in pods) if f is not None]
     newest = max(failures, key=lambda f: f.time, default=None)
     if newest is not None and (last_failure is None or _failure_key(newest) != _failure_key(last_failure)):
-        detail = ", ".join(x for x in (newest.reason, None if newest.exit_code is None else f"exit code {newest.exit_code}",
-                                       newest.message) if x)
+        detail = ", ".join(
+            x
+            for x in (
+                newest.reason,
+                None if newest.exit_code is None else f"exit code {newest.exit_code}",
+                newest.message,
+            )
+            if x
+        )
         events.append(StatusEvent("Warning", ReasonPodFailed, f"pod {newest.pod} failed: {detail}"))
         last_failure = newest
 
-    status = previous.model_copy(update={
-        "phase": phase, "conditions": conditions, "replicas": len(active), "ready_replicas": ready,
-        "last_failure": last_failure,
-    })
+    status = previous.model_copy(
+        update={
+            "phase": phase,
+            "conditions": conditions,
+            "replicas": len(active),
+            "ready_replicas": ready,
+            "last_failure": last_failure,
+        }
+    )
     if phase != previous.phase:
         events.append(_phase_event(phase, ready, want, status))
     return Reflection(status=status, events=tuple(events))
@@ -333,9 +445,16 @@ def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceSt
     return StatusEvent("Warning", "Failed", f"no replica can serve{detail}")
 
 
-def record_autoscaling(status: InferenceServiceStatus, *, desired: int, metric_value: float | None, reason: str,
-                       scaled_from: int | None = None, scaled_to: int | None = None,
-                       now: datetime) -> tuple[InferenceServiceStatus, StatusEvent | None]:
+def record_autoscaling(
+    status: InferenceServiceStatus,
+    *,
+    desired: int,
+    metric_value: float | None,
+    reason: str,
+    scaled_from: int | None = None,
+    scaled_to: int | None = None,
+    now: datetime,
+) -> tuple[InferenceServiceStatus, StatusEvent | None]:
     """Fold one autoscaler decision into the status; a change of replicas also goes into
     `history` (the last HISTORY_LENGTH, newest last) and returns its Event."""
     previous = status.autoscaling or AutoscalingStatus()

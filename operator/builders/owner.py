@@ -23,5 +23,11 @@ class OwnerRef:
 
 
 def owner_reference(ref: OwnerRef, kind: str) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": kind, "name": ref.name, "uid": ref.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

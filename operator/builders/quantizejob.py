@@ -85,8 +85,12 @@ def owner_reference(ref: JobRef) -> dict[str, Any]:
 
 
 def _metadata(ref: JobRef, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": ref.namespace, "labels": common_labels(ref.name),
-            "ownerReferences": [owner_reference(ref)]}
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": common_labels(ref.name),
+        "ownerReferences": [owner_reference(ref)],
+    }
 
 
 # --- storage --------------------------------------------------------------------------------------
@@ -106,11 +110,19 @@ def storage(spec: QuantizeJobSpec) -> Storage:
             if existing is not None:
                 if writable:  # the output shares the claim: the one mount must be writable
                     existing.pop("readOnly", None)
-                    next(v for v in volumes if v["name"] == name)["persistentVolumeClaim"].pop("readOnly", None)
+                    next(v for v in volumes if v["name"] == name)["persistentVolumeClaim"].pop(
+                        "readOnly", None
+                    )
             elif location.mount_path not in user_paths:
                 claim_ref = {"claimName": location.claim, **({} if writable else {"readOnly": True})}
                 volumes.append({"name": name, "persistentVolumeClaim": claim_ref})
-                mounts.append({"name": name, "mountPath": location.mount_path, **({} if writable else {"readOnly": True})})
+                mounts.append(
+                    {
+                        "name": name,
+                        "mountPath": location.mount_path,
+                        **({} if writable else {"readOnly": True}),
+                    }
+                )
             return location.path
         if location is not None:
             path = location.path
@@ -123,12 +135,17 @@ def storage(spec: QuantizeJobSpec) -> Storage:
         raise UnsupportedLocation(
             f"{role} {uri!r}: a QuantizeJob reads and writes pvc://, hostPath:// or absolute paths"
             + (" (and reads models from hf://)" if role == "model" else "")
-            + "; copy s3:// data to a PVC first")
+            + "; copy s3:// data to a PVC first"
+        )
 
     model = place(spec.model, "model", "Directory", writable=False)
-    calibration = place(spec.calibration.dataset, "calibration", "File", writable=False) if spec.calibration else None
+    calibration = (
+        place(spec.calibration.dataset, "calibration", "File", writable=False) if spec.calibration else None
+    )
     output = place(spec.output, "output", "DirectoryOrCreate", writable=True)
-    return Storage(model=model, output=output, calibration=calibration, volumes=tuple(volumes), mounts=tuple(mounts))
+    return Storage(
+        model=model, output=output, calibration=calibration, volumes=tuple(volumes), mounts=tuple(mounts)
+    )
 
 
 # --- the pod --------------------------------------------------------------------------------------
@@ -136,15 +153,30 @@ def storage(spec: QuantizeJobSpec) -> Storage:
 
 def quantize_command(spec: QuantizeJobSpec, paths: Storage) -> list[str]:
     """`lmforge quantize` (runtime/quantize_args.py flags); lm_head is always kept by the runtime."""
-    command = ["lmforge", "quantize", "--model", paths.model, "--method", spec.method, "--output", paths.output]
+    command = [
+        "lmforge",
+        "quantize",
+        "--model",
+        paths.model,
+        "--method",
+        spec.method,
+        "--output",
+        paths.output,
+    ]
     if spec.group_size is not None:
         command += ["--group-size", str(spec.group_size)]
     for name in spec.ignore:
         if name != "lm_head":
             command += ["--ignore", name]
     if spec.calibration is not None and paths.calibration is not None:
-        command += ["--calibration", paths.calibration, "--samples", str(spec.calibration.samples),
-                    "--seq-len", str(spec.calibration.seq_len)]
+        command += [
+            "--calibration",
+            paths.calibration,
+            "--samples",
+            str(spec.calibration.samples),
+            "--seq-len",
+            str(spec.calibration.seq_len),
+        ]
     return command
 
 
@@ -163,8 +195,12 @@ def pod_env(ref: JobRef, spec: QuantizeJobSpec) -> list[dict[str, Any]]:
     return [e for e in ours if e["name"] not in overridden] + user
 
 
-def pod_template(ref: JobRef, spec: QuantizeJobSpec, annotations: dict[str, str] | None = None,
-                 cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+def pod_template(
+    ref: JobRef,
+    spec: QuantizeJobSpec,
+    annotations: dict[str, str] | None = None,
+    cfg: BuildConfig = BuildConfig(),
+) -> dict[str, Any]:
     paths = storage(spec)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -176,16 +212,21 @@ def pod_template(ref: JobRef, spec: QuantizeJobSpec, annotations: dict[str, str]
         "volumeMounts": [*paths.mounts, *(spec.volume_mounts or ())],
     }
     if spec.resources:  # quantities as strings, the form the API (and its clients) expect
-        container["resources"] = {section: {k: str(v) for k, v in table.items()}
-                                  for section, table in spec.resources.to_k8s().items()}
+        container["resources"] = {
+            section: {k: str(v) for k, v in table.items()}
+            for section, table in spec.resources.to_k8s().items()
+        }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "containers": [container],
         "volumes": [*paths.volumes, *(spec.volumes or ())],
     }
-    optional = {"serviceAccountName": cfg.service_account, "nodeSelector": spec.node_selector,
-                "tolerations": spec.tolerations}
+    optional = {
+        "serviceAccountName": cfg.service_account,
+        "nodeSelector": spec.node_selector,
+        "tolerations": spec.tolerations,
+    }
     pod_spec.update({k: v for k, v in optional.items() if v})
     metadata: dict[str, Any] = {"labels": common_labels(ref.name)}
     passed = {k: v for k, v in (annotations or {}).items() if k in POD_ANNOTATIONS_PASSED}
@@ -194,8 +235,12 @@ def pod_template(ref: JobRef, spec: QuantizeJobSpec, annotations: dict[str, str]
     return {"metadata": metadata, "spec": pod_spec}
 
 
-def job(ref: JobRef, spec: QuantizeJobSpec, annotations: dict[str, str] | None = None,
-        cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+def job(
+    ref: JobRef,
+    spec: QuantizeJobSpec,
+    annotations: dict[str, str] | None = None,
+    cfg: BuildConfig = BuildConfig(),
+) -> dict[str, Any]:
     """One pod, never retried (backoffLimit 0): a failed quantization is reported, not rerun."""
     job_spec: dict[str, Any] = {"backoffLimit": 0, "template": pod_template(ref, spec, annotations, cfg)}
     if spec.active_deadline_seconds is not None:
@@ -220,5 +265,9 @@ def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | No
     if spec.tolerations:
         isvc_spec["tolerations"] = [dict(t) for t in spec.tolerations]
     InferenceServiceSpec.model_validate(isvc_spec)  # only what we set: the API server fills the defaults
-    return {"apiVersion": API_VERSION, "kind": "InferenceService",
-            "metadata": _metadata(ref, spec.serve_after.name), "spec": isvc_spec}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "InferenceService",
+        "metadata": _metadata(ref, spec.serve_after.name),
+        "spec": isvc_spec,
+    }

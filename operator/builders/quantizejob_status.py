@@ -73,11 +73,19 @@ class JobView:
 
     @classmethod
     def from_job(cls, job: Mapping[str, Any]) -> JobView:
-        conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or ()
-                      if c.get("status") == "True"}
+        conditions = {
+            c.get("type"): c
+            for c in (job.get("status") or {}).get("conditions") or ()
+            if c.get("status") == "True"
+        }
         failed = conditions.get("Failed") or {}
-        return cls(name=(job.get("metadata") or {}).get("name", ""), complete="Complete" in conditions,
-                   failed=bool(failed), failed_reason=failed.get("reason"), failed_message=failed.get("message"))
+        return cls(
+            name=(job.get("metadata") or {}).get("name", ""),
+            complete="Complete" in conditions,
+            failed=bool(failed),
+            failed_reason=failed.get("reason"),
+            failed_message=failed.get("message"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +110,14 @@ class QuantizePod:
         main = next((s for s in statuses if s.get("name") == CONTAINER_NAME), statuses[0] if statuses else {})
         state = main.get("state") or {}
         terminated = state.get("terminated") or {}
-        unscheduled = next((c for c in status.get("conditions") or ()
-                            if c.get("type") == "PodScheduled" and c.get("status") == "False"), None)
+        unscheduled = next(
+            (
+                c
+                for c in status.get("conditions") or ()
+                if c.get("type") == "PodScheduled" and c.get("status") == "False"
+            ),
+            None,
+        )
         waiting = state.get("waiting") or unscheduled or {}
         return cls(
             name=meta.get("name", ""),
@@ -199,8 +213,11 @@ def failure_detail(pod: QuantizePod) -> str:
 
 def _latest(pods: Sequence[QuantizePod]) -> QuantizePod | None:
     epoch = datetime.min.replace(tzinfo=None)
-    return max(pods, key=lambda p: (p.created_at.replace(tzinfo=None) if p.created_at else epoch, p.name),
-               default=None)
+    return max(
+        pods,
+        key=lambda p: (p.created_at.replace(tzinfo=None) if p.created_at else epoch, p.name),
+        default=None,
+    )
 
 
 def _created_at(status: QuantizeJobStatus) -> datetime | None:
@@ -219,11 +236,25 @@ def decide(obs: Observed) -> Decision:
     if obs.job is None:
         created = _created_at(status)
         if created is None:
-            conditions = set_condition(status.conditions, ConditionCreated, True, ReasonJobCreated,
-                                       MessageJobCreated.format(job=obs.name, method=spec.method), now, gen)
+            conditions = set_condition(
+                status.conditions,
+                ConditionCreated,
+                True,
+                ReasonJobCreated,
+                MessageJobCreated.format(job=obs.name, method=spec.method),
+                now,
+                gen,
+            )
             new = status.model_copy(update={"phase": PhasePending, "conditions": conditions})
-            return Decision(new, create_job=True, events=(StatusEvent(
-                "Normal", ReasonJobCreated, MessageJobCreated.format(job=obs.name, method=spec.method)),))
+            return Decision(
+                new,
+                create_job=True,
+                events=(
+                    StatusEvent(
+                        "Normal", ReasonJobCreated, MessageJobCreated.format(job=obs.name, method=spec.method)
+                    ),
+                ),
+            )
         if now - created > JOB_GONE_GRACE:
             return _fail(obs, status, ReasonJobDeleted, MessageJobDeleted.format(job=obs.name), None)
         return Decision(status)
@@ -238,7 +269,8 @@ def decide(obs: Observed) -> Decision:
             text = MessageDeadlineExceeded.format(seconds=spec.active_deadline_seconds)
             return _fail(obs, status, ReasonDeadlineExceeded, text, pod)
         text = f"Job {obs.job.name} failed: {obs.job.failed_reason or 'unknown reason'}" + (
-            f" ({obs.job.failed_message})" if obs.job.failed_message else "")
+            f" ({obs.job.failed_message})" if obs.job.failed_message else ""
+        )
         return _fail(obs, status, ReasonJobFailed, text, pod)
     if (pod is not None and pod.phase == "Succeeded") or obs.job.complete:
         return _succeed(obs, status, pod)
@@ -247,18 +279,30 @@ def decide(obs: Observed) -> Decision:
         status = status.model_copy(update={"start_time": pod.created_at or now})
     if pod is not None and pod.phase == "Running":
         message = MessagePodRunning.format(pod=pod.name, method=spec.method)
-        conditions = set_condition(status.conditions, ConditionRunning, True, ReasonPodRunning, message, now, gen)
+        conditions = set_condition(
+            status.conditions, ConditionRunning, True, ReasonPodRunning, message, now, gen
+        )
         new = status.model_copy(update={"phase": PhaseRunning, "conditions": conditions})
-        events = () if obs.status.phase == PhaseRunning else (StatusEvent("Normal", ReasonPodRunning, message),)
+        events = (
+            () if obs.status.phase == PhaseRunning else (StatusEvent("Normal", ReasonPodRunning, message),)
+        )
         return Decision(new, events=events)
     detail = f" ({pod.waiting})" if pod is not None and pod.waiting else ""
-    conditions = set_condition(status.conditions, ConditionRunning, False, ReasonPodPending,
-                               MessagePodPending.format(detail=detail), now, gen)
+    conditions = set_condition(
+        status.conditions,
+        ConditionRunning,
+        False,
+        ReasonPodPending,
+        MessagePodPending.format(detail=detail),
+        now,
+        gen,
+    )
     return Decision(status.model_copy(update={"phase": PhasePending, "conditions": conditions}))
 
 
-def _finish_conditions(status: QuantizeJobStatus, phase: str, reason: str, message: str, now: datetime,
-                       gen: int) -> list:
+def _finish_conditions(
+    status: QuantizeJobStatus, phase: str, reason: str, message: str, now: datetime, gen: int
+) -> list:
     conditions = status.conditions
     if any(c.type == ConditionRunning for c in conditions):
         conditions = set_condition(conditions, ConditionRunning, False, reason, message, now, gen)
@@ -269,27 +313,44 @@ def _finish_conditions(status: QuantizeJobStatus, phase: str, reason: str, messa
 def _succeed(obs: Observed, status: QuantizeJobStatus, pod: QuantizePod | None) -> Decision:
     result = parse_result(pod.result if pod else None, obs.spec.output)
     message = MessageQuantized.format(output=obs.spec.output, summary=summary(result))[:MAX_MESSAGE]
-    new = status.model_copy(update={
-        "phase": PhaseSucceeded, "result": result, "size": size_column(result),
-        "completion_time": (pod.finished_at if pod and pod.finished_at else obs.now),
-        "start_time": status.start_time or (pod.created_at if pod else None),
-        "conditions": _finish_conditions(status, PhaseSucceeded, ReasonQuantized, message, obs.now, obs.generation),
-    })
+    new = status.model_copy(
+        update={
+            "phase": PhaseSucceeded,
+            "result": result,
+            "size": size_column(result),
+            "completion_time": (pod.finished_at if pod and pod.finished_at else obs.now),
+            "start_time": status.start_time or (pod.created_at if pod else None),
+            "conditions": _finish_conditions(
+                status, PhaseSucceeded, ReasonQuantized, message, obs.now, obs.generation
+            ),
+        }
+    )
     decision = _serve(obs, new)
     return replace(decision, events=(StatusEvent("Normal", ReasonQuantized, message), *decision.events))
 
 
-def _fail(obs: Observed, status: QuantizeJobStatus, reason: str, message: str, pod: QuantizePod | None) -> Decision:
+def _fail(
+    obs: Observed, status: QuantizeJobStatus, reason: str, message: str, pod: QuantizePod | None
+) -> Decision:
     message = message[:MAX_MESSAGE]
     failure = status.last_failure
     if pod is not None and pod.phase == "Failed":
-        failure = LastFailure(pod=pod.name, node=pod.node, exit_code=pod.exit_code, reason=pod.reason,
-                              message=(pod.message or "").strip()[:MAX_MESSAGE] or None,
-                              time=pod.finished_at or obs.now)
-    new = status.model_copy(update={
-        "phase": PhaseFailed, "last_failure": failure, "completion_time": obs.now,
-        "conditions": _finish_conditions(status, PhaseFailed, reason, message, obs.now, obs.generation),
-    })
+        failure = LastFailure(
+            pod=pod.name,
+            node=pod.node,
+            exit_code=pod.exit_code,
+            reason=pod.reason,
+            message=(pod.message or "").strip()[:MAX_MESSAGE] or None,
+            time=pod.finished_at or obs.now,
+        )
+    new = status.model_copy(
+        update={
+            "phase": PhaseFailed,
+            "last_failure": failure,
+            "completion_time": obs.now,
+            "conditions": _finish_conditions(status, PhaseFailed, reason, message, obs.now, obs.generation),
+        }
+    )
     return Decision(new, events=(StatusEvent("Warning", reason, message),))
 
 
@@ -308,9 +369,14 @@ def invalid(status: QuantizeJobStatus, generation: int, message: str, now: datet
     if status.phase in TERMINAL_PHASES:
         return Decision(status)
     message = message[:MAX_MESSAGE]
-    new = status.model_copy(update={
-        "phase": PhaseFailed, "observed_generation": generation, "completion_time": now,
-        "conditions": set_condition(status.conditions, ConditionFailed, True, ReasonInvalidSpec, message, now,
-                                    generation),
-    })
+    new = status.model_copy(
+        update={
+            "phase": PhaseFailed,
+            "observed_generation": generation,
+            "completion_time": now,
+            "conditions": set_condition(
+                status.conditions, ConditionFailed, True, ReasonInvalidSpec, message, now, generation
+            ),
+        }
+    )
     return Decision(new, events=(StatusEvent("Warning", ReasonInvalidSpec, message),))

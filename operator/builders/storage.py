@@ -28,12 +28,12 @@ def locate(uri: str) -> Location | None:
     """The in-pod location of a local URI; None for remote ones (hf://, s3://) that the runtime
     fetches itself or the builder refuses."""
     if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://"):].partition("/")
+        claim, _, rest = uri[len("pvc://") :].partition("/")
         root = f"{PVC_ROOT}/{claim}"
         inner = rest.strip("/")
         return Location("pvc", root, f"{root}/{inner}" if inner else root, claim)
     if uri.startswith("hostPath://"):
-        directory = uri[len("hostPath://"):].rstrip("/") or "/"
+        directory = uri[len("hostPath://") :].rstrip("/") or "/"
         return Location("hostPath", directory, directory)
     if uri.startswith("/"):
         directory = uri.rstrip("/") or "/"

@@ -81,7 +81,12 @@ def _common_labels(job_name: str) -> dict[str, str]:
 
 
 def _metadata(job: JobRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "namespace": job.namespace, "labels": labels, "ownerReferences": [owner_reference(job)]}
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(job)],
+    }
 
 
 def headless_service(job: JobRef, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
@@ -95,7 +100,9 @@ def headless_service(job: JobRef, cfg: BuildConfig = BuildConfig()) -> dict[str,
             "clusterIP": "None",
             "selector": selector_labels(job.name),
             "publishNotReadyAddresses": True,
-            "ports": [{"name": "master", "port": cfg.master_port, "targetPort": cfg.master_port, "protocol": "TCP"}],
+            "ports": [
+                {"name": "master", "port": cfg.master_port, "targetPort": cfg.master_port, "protocol": "TCP"}
+            ],
         },
     }
 
@@ -104,7 +111,9 @@ def train_config(job: JobRef, spec: TrainJobSpec) -> TrainConfig:
     """The worker's view of the job: every default resolved, nothing Kubernetes-specific."""
     checkpoint = spec.checkpoint
     if checkpoint.dir is None:
-        checkpoint = Checkpoint(**{**checkpoint.model_dump(), "dir": f"{spec.output.dir.rstrip('/')}/checkpoints"})
+        checkpoint = Checkpoint(
+            **{**checkpoint.model_dump(), "dir": f"{spec.output.dir.rstrip('/')}/checkpoints"}
+        )
     return TrainConfig(
         job_name=job.name,
         model=spec.model,
@@ -139,7 +148,9 @@ def gang_spec_hash(spec: TrainJobSpec) -> str:
     return hashlib.sha256(json.dumps(baked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildConfig = BuildConfig()) -> list[str]:
+def launcher_command(
+    job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildConfig = BuildConfig()
+) -> list[str]:
     """`lmforge.runtime.train.launch`: torchrun with a static rendezvous on rank 0, its shape taken
     from the PET_* env (worker_env), for both backends (DeepSpeed initialises from the same env, no
     ssh launcher). Plain torchrun exits 1 on SIGTERM, which would read as an application error; the
@@ -148,10 +159,19 @@ def launcher_command(job_name: str, spec: TrainJobSpec, rank: int, cfg: BuildCon
     0): the operator restarts the whole gang. `spec.command` (bring your own script) wins."""
     if spec.command:
         return list(spec.command)
-    return ["python", "-P", "-m", "lmforge.runtime.train.launch", "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}"]
+    return [
+        "python",
+        "-P",
+        "-m",
+        "lmforge.runtime.train.launch",
+        "--config",
+        f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE}",
+    ]
 
 
-def worker_env(job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:
+def worker_env(
+    job_name: str, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()
+) -> list[dict[str, Any]]:
     """The env contract (DESIGN.md). WORLD_SIZE is the total process count (torch's meaning),
     NODE_RANK the pod's rank. User `env` entries replace ours of the same name."""
     nproc = spec.effective_procs_per_node()
@@ -190,12 +210,17 @@ def storage_volumes(spec: TrainJobSpec) -> tuple[list[dict[str, Any]], list[dict
     for uri in (spec.model, spec.dataset.source, *writable):
         location = locate(uri)
         if location is not None and location.kind == "pvc":
-            path, volume = location.mount_path, {"name": location.pvc_volume_name,
-                                                 "persistentVolumeClaim": {"claimName": location.claim}}
+            path, volume = (
+                location.mount_path,
+                {"name": location.pvc_volume_name, "persistentVolumeClaim": {"claimName": location.claim}},
+            )
         elif location is not None and location.kind == "hostPath":
             path = location.path
             kind = "DirectoryOrCreate" if uri in writable else ""
-            volume = {"name": f"host-{len(volumes)}", "hostPath": {"path": path, **({"type": kind} if kind else {})}}
+            volume = {
+                "name": f"host-{len(volumes)}",
+                "hostPath": {"path": path, **({"type": kind} if kind else {})},
+            }
         else:
             continue  # plain paths come from the image or user volumes; hf:// is downloaded by the worker (runtime/hub.py)
         if path in user_paths or any(m["mountPath"] == path for m in mounts):
@@ -213,7 +238,9 @@ def pod_labels(job_name: str, spec: TrainJobSpec, rank: int, attempt: int) -> di
     return labels
 
 
-def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()) -> dict[str, Any]:
+def worker_pod(
+    job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: BuildConfig = BuildConfig()
+) -> dict[str, Any]:
     """Worker `rank` of gang `attempt`. restartPolicy Never: a failed worker is the operator's
     decision (restart the whole gang or fail the job), never the kubelet's."""
     name = pod_name(job.name, rank)
@@ -229,12 +256,17 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
         "command": launcher_command(job.name, spec, rank, cfg),
         "env": worker_env(job.name, spec, rank, attempt, cfg),
         "ports": [{"name": "master", "containerPort": cfg.master_port, "protocol": "TCP"}],
-        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
-                         *storage_mounts, *(spec.volume_mounts or ())],
+        "volumeMounts": [
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
+            *storage_mounts,
+            *(spec.volume_mounts or ()),
+        ],
     }
     if spec.resources_per_node:  # quantities as strings, the form the API (and its clients) expect
-        container["resources"] = {section: {k: str(v) for k, v in table.items()}
-                                  for section, table in spec.resources_per_node.to_k8s().items()}
+        container["resources"] = {
+            section: {k: str(v) for k, v in table.items()}
+            for section, table in spec.resources_per_node.to_k8s().items()
+        }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,
@@ -242,8 +274,11 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": cfg.termination_grace_seconds,
         "containers": [container],
-        "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}},
-                    *storage, *(spec.volumes or ())],
+        "volumes": [
+            {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(job.name)}},
+            *storage,
+            *(spec.volumes or ()),
+        ],
     }
     optional = {
         "serviceAccountName": cfg.service_account,
@@ -256,7 +291,15 @@ def worker_pod(job: JobRef, spec: TrainJobSpec, rank: int, attempt: int, cfg: Bu
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def gang(job: JobRef, spec: TrainJobSpec, attempt: int, ranks: list[int] | None = None,
-         cfg: BuildConfig = BuildConfig()) -> list[dict[str, Any]]:
+def gang(
+    job: JobRef,
+    spec: TrainJobSpec,
+    attempt: int,
+    ranks: list[int] | None = None,
+    cfg: BuildConfig = BuildConfig(),
+) -> list[dict[str, Any]]:
     """Worker pods of `attempt` for `ranks` (default: all)."""
-    return [worker_pod(job, spec, rank, attempt, cfg) for rank in (range(spec.num_nodes) if ranks is None else ranks)]
+    return [
+        worker_pod(job, spec, rank, attempt, cfg)
+        for rank in (range(spec.num_nodes) if ranks is None else ranks)
+    ]

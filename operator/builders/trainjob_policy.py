@@ -54,7 +54,9 @@ class WorkerPod:
     deletion_timestamp: datetime | None = None  # set: Terminating; the pod should be gone by then
     progress: str | None = None  # raw lmforge.dev/progress annotation
     waiting: str | None = None  # why a Pending pod is not running yet (Unschedulable, ImagePullBackOff, ...)
-    spec_hash: str | None = None  # lmforge.dev/spec-hash: the spec the pod was built from (None: an older operator)
+    spec_hash: str | None = (
+        None  # lmforge.dev/spec-hash: the spec the pod was built from (None: an older operator)
+    )
 
     @property
     def deleting(self) -> bool:
@@ -79,8 +81,14 @@ class WorkerPod:
         terminated = (main.get("state") or {}).get("terminated") or {}
         conditions = status.get("conditions") or ()
         ready = any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in conditions)
-        unscheduled = next((cond for cond in conditions
-                            if cond.get("type") == "PodScheduled" and cond.get("status") == "False"), None)
+        unscheduled = next(
+            (
+                cond
+                for cond in conditions
+                if cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+            ),
+            None,
+        )
         waiting = (main.get("state") or {}).get("waiting") or unscheduled or {}
         return cls(
             name=meta.get("name", ""),
@@ -189,8 +197,15 @@ def failure_detail(pod: WorkerPod) -> str:
     return ", ".join(parts)
 
 
-def set_condition(conditions: Iterable[Condition], type_: str, status: bool, reason: str, message: str,
-                  now: datetime, generation: int) -> list[Condition]:
+def set_condition(
+    conditions: Iterable[Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> list[Condition]:
     """Upsert one condition; lastTransitionTime moves only when the status flips."""
     value = "True" if status else "False"
     out, found = [], False
@@ -200,12 +215,27 @@ def set_condition(conditions: Iterable[Condition], type_: str, status: bool, rea
             continue
         found = True
         changed = cond.status != value
-        out.append(Condition(type=type_, status=value, reason=reason, message=message,
-                             last_transition_time=now if changed else cond.last_transition_time,
-                             observed_generation=generation))
+        out.append(
+            Condition(
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else cond.last_transition_time,
+                observed_generation=generation,
+            )
+        )
     if not found:
-        out.append(Condition(type=type_, status=value, reason=reason, message=message,
-                             last_transition_time=now, observed_generation=generation))
+        out.append(
+            Condition(
+                type=type_,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
     return out
 
 
@@ -260,13 +290,16 @@ class _Plan:
     delete_job: bool = False
 
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.status.conditions = set_condition(self.status.conditions, type_, status, reason, message,
-                                               self.obs.now, self.obs.generation)
+        self.status.conditions = set_condition(
+            self.status.conditions, type_, status, reason, message, self.obs.now, self.obs.generation
+        )
 
     def has_condition(self, type_: str) -> bool:
         return any(cond.type == type_ and cond.status == "True" for cond in self.status.conditions)
 
-    def transition(self, phase: str, event_type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+    def transition(
+        self, phase: str, event_type: Literal["Normal", "Warning"], reason: str, message: str
+    ) -> None:
         if self.status.phase != phase:
             self.events.append(JobEvent(event_type, reason, message))
         self.status.phase = phase
@@ -301,7 +334,9 @@ def decide(obs: Observed) -> Decision:
     attempt = st.restarts
     current = [p for p in obs.pods if p.attempt == attempt]
     stale = [p for p in obs.pods if p.attempt != attempt]
-    outdated = [p for p in current if p.active and obs.spec_hash and p.spec_hash and p.spec_hash != obs.spec_hash]
+    outdated = [
+        p for p in current if p.active and obs.spec_hash and p.spec_hash and p.spec_hash != obs.spec_hash
+    ]
     if obs.children_applied and not outdated:  # observedGeneration: the children match this generation
         st.observed_generation = obs.generation
 
@@ -341,14 +376,34 @@ def decide(obs: Observed) -> Decision:
     failures = [p for p in current if p.phase == "Failed"]
     if st.phase == c.PhaseRunning:
         # A worker that vanishes or is deleted under a running gang broke the gang just as surely.
-        failures += [WorkerPod(name=p.name, rank=p.rank, attempt=attempt, phase="Failed", reason=c.ReasonPodDeleted,
-                               message="the pod was deleted while the job ran", node=p.node, finished_at=now)
-                     for p in current if p.deleting and p.phase not in ("Succeeded", "Failed")]
+        failures += [
+            WorkerPod(
+                name=p.name,
+                rank=p.rank,
+                attempt=attempt,
+                phase="Failed",
+                reason=c.ReasonPodDeleted,
+                message="the pod was deleted while the job ran",
+                node=p.node,
+                finished_at=now,
+            )
+            for p in current
+            if p.deleting and p.phase not in ("Succeeded", "Failed")
+        ]
         present = {p.rank for p in current}
-        failures += [WorkerPod(name=pod_name(obs.name, r), rank=r, attempt=attempt, phase="Failed",
-                               reason=c.ReasonPodDeleted, message="the pod disappeared while the job ran",
-                               finished_at=now)
-                     for r in range(spec.num_nodes) if r not in present]
+        failures += [
+            WorkerPod(
+                name=pod_name(obs.name, r),
+                rank=r,
+                attempt=attempt,
+                phase="Failed",
+                reason=c.ReasonPodDeleted,
+                message="the pod disappeared while the job ran",
+                finished_at=now,
+            )
+            for r in range(spec.num_nodes)
+            if r not in present
+        ]
     if failures:
         _on_failure(plan, failures, current)
         return plan.decision()
@@ -363,7 +418,9 @@ def decide(obs: Observed) -> Decision:
         plan.after(deadline)
 
     if st.phase == c.PhaseRestarting and st.last_restart_time:
-        resume_at = st.last_restart_time + timedelta(seconds=backoff_seconds(spec.failure_policy, st.restarts))
+        resume_at = st.last_restart_time + timedelta(
+            seconds=backoff_seconds(spec.failure_policy, st.restarts)
+        )
         if now < resume_at:
             plan.after(resume_at)
             return plan.decision()
@@ -384,24 +441,39 @@ def _replace_outdated(plan: _Plan, current: list[WorkerPod]) -> None:
     plan.requeue.append(1.0)
 
 
-def creation_failed(status: TrainJobStatus, generation: int, now: datetime, pod: str, http_status: int,
-                    error: str, service_account: str | None, namespace: str) -> tuple[TrainJobStatus, JobEvent | None]:
+def creation_failed(
+    status: TrainJobStatus,
+    generation: int,
+    now: datetime,
+    pod: str,
+    http_status: int,
+    error: str,
+    service_account: str | None,
+    namespace: str,
+) -> tuple[TrainJobStatus, JobEvent | None]:
     """The API server refused a worker pod (403 missing ServiceAccount / RBAC / quota, 404, 422):
     Created=False naming the cause. The Event goes out only when the cause is new (same reason and
     message as the condition already holds: no Event), so a retry loop posts it once."""
     missing_account = service_account is not None and "serviceaccount" in error.lower()
     if missing_account:
         reason = c.ReasonServiceAccountMissing
-        message = c.MessageServiceAccountMissing.format(pod=pod, account=service_account, namespace=namespace,
-                                                        error=error)
+        message = c.MessageServiceAccountMissing.format(
+            pod=pod, account=service_account, namespace=namespace, error=error
+        )
     else:
         reason = c.ReasonPodCreationFailed
         message = c.MessagePodCreationFailed.format(pod=pod, error=f"{http_status} {error}")
     message = message[:MAX_MESSAGE]
     before = next((cond for cond in status.conditions if cond.type == c.ConditionCreated), None)
     new = status.model_copy(deep=True)
-    new.conditions = set_condition(new.conditions, c.ConditionCreated, False, reason, message, now, generation)
-    repeated = before is not None and before.status == "False" and (before.reason, before.message) == (reason, message)
+    new.conditions = set_condition(
+        new.conditions, c.ConditionCreated, False, reason, message, now, generation
+    )
+    repeated = (
+        before is not None
+        and before.status == "False"
+        and (before.reason, before.message) == (reason, message)
+    )
     return new, None if repeated else JobEvent("Warning", reason, message)
 
 
@@ -413,8 +485,13 @@ def _force_delete_stuck(plan: _Plan) -> None:
         if plan.obs.now >= pod.deletion_timestamp + grace:
             plan.force.append(pod.name)
             seconds = int((plan.obs.now - pod.deletion_timestamp).total_seconds())
-            plan.events.append(JobEvent("Warning", c.ReasonForceDeleted,
-                                        c.MessageForceDeleted.format(pod=pod.name, seconds=seconds)))
+            plan.events.append(
+                JobEvent(
+                    "Warning",
+                    c.ReasonForceDeleted,
+                    c.MessageForceDeleted.format(pod=pod.name, seconds=seconds),
+                )
+            )
         else:
             plan.after(pod.deletion_timestamp + grace)
 
@@ -434,7 +511,9 @@ def _finished(plan: _Plan, current: list[WorkerPod]) -> None:
         plan.after(expiry)
 
 
-def _finish(plan: _Plan, phase: str, reason: str, message: str, event_type: Literal["Normal", "Warning"]) -> None:
+def _finish(
+    plan: _Plan, phase: str, reason: str, message: str, event_type: Literal["Normal", "Warning"]
+) -> None:
     st = plan.status
     plan.transition(phase, event_type, reason, message)
     st.completion_time = plan.obs.now
@@ -464,23 +543,31 @@ def _on_failure(plan: _Plan, failures: list[WorkerPod], current: list[WorkerPod]
     st, policy, now = plan.status, plan.obs.spec.failure_policy, plan.obs.now
     root = min(failures, key=lambda p: (p.finished_at or now, p.rank))
     detail = failure_detail(root)
-    st.last_failure = LastFailure(pod=root.name, node=root.node, exit_code=root.exit_code, reason=root.reason,
-                                  message=root.message, time=root.finished_at or now)
+    st.last_failure = LastFailure(
+        pod=root.name,
+        node=root.node,
+        exit_code=root.exit_code,
+        reason=root.reason,
+        message=root.message,
+        time=root.finished_at or now,
+    )
     if not is_retryable(policy, root):
         message = c.MessageNonRetryableExitCode.format(pod=root.name, detail=detail)
         _finish(plan, c.PhaseFailed, c.ReasonNonRetryableExitCode, message, "Warning")
         plan.delete_active(current)
         return
     if st.restarts >= policy.max_restarts:
-        message = c.MessageMaxRestartsExceeded.format(pod=root.name, detail=detail, restarts=st.restarts,
-                                                      max_restarts=policy.max_restarts)
+        message = c.MessageMaxRestartsExceeded.format(
+            pod=root.name, detail=detail, restarts=st.restarts, max_restarts=policy.max_restarts
+        )
         _finish(plan, c.PhaseFailed, c.ReasonMaxRestartsExceeded, message, "Warning")
         plan.delete_active(current)
         return
     st.restarts += 1
     st.last_restart_time = now
-    message = c.MessageRetryableFailure.format(pod=root.name, detail=detail, attempt=st.restarts,
-                                               max_attempts=policy.max_restarts)
+    message = c.MessageRetryableFailure.format(
+        pod=root.name, detail=detail, attempt=st.restarts, max_attempts=policy.max_restarts
+    )
     st.phase = c.PhaseRestarting
     plan.events.append(JobEvent("Warning", c.ReasonRetryableFailure, message))
     plan.condition(c.ConditionRestarting, True, c.ReasonRetryableFailure, message)
@@ -490,9 +577,12 @@ def _on_failure(plan: _Plan, failures: list[WorkerPod], current: list[WorkerPod]
 
 
 def _creation_failing(plan: _Plan) -> bool:
-    return any(cond.type == c.ConditionCreated and cond.status == "False"
-               and cond.reason in (c.ReasonServiceAccountMissing, c.ReasonPodCreationFailed)
-               for cond in plan.status.conditions)
+    return any(
+        cond.type == c.ConditionCreated
+        and cond.status == "False"
+        and cond.reason in (c.ReasonServiceAccountMissing, c.ReasonPodCreationFailed)
+        for cond in plan.status.conditions
+    )
 
 
 def _run(plan: _Plan, current: list[WorkerPod]) -> None:
@@ -514,8 +604,12 @@ def _run(plan: _Plan, current: list[WorkerPod]) -> None:
             if st.start_time is None:
                 st.start_time = obs.now
             if not _creation_failing(plan):  # keep the refusal's message until pods exist
-                plan.condition(c.ConditionCreated, False, c.ReasonCreatingPods,
-                               c.MessageCreatingPods.format(num_nodes=num_nodes, attempt=st.restarts))
+                plan.condition(
+                    c.ConditionCreated,
+                    False,
+                    c.ReasonCreatingPods,
+                    c.MessageCreatingPods.format(num_nodes=num_nodes, attempt=st.restarts),
+                )
         return
     if not plan.has_condition(c.ConditionCreated):  # every rank's pod exists now
         if st.restarts:

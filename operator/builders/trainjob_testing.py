@@ -33,9 +33,12 @@ def make_spec(**overrides: Any) -> TrainJobSpec:
     return TrainJobSpec.model_validate(spec_dict(**overrides))
 
 
-def worker(rank: int, attempt: int = 0, phase: str = "Running", job: str = JOB.name, **fields: Any) -> WorkerPod:
-    return WorkerPod(name=pod_name(job, rank), rank=rank, attempt=attempt, phase=phase,
-                     ready=phase == "Running", **fields)
+def worker(
+    rank: int, attempt: int = 0, phase: str = "Running", job: str = JOB.name, **fields: Any
+) -> WorkerPod:
+    return WorkerPod(
+        name=pod_name(job, rank), rank=rank, attempt=attempt, phase=phase, ready=phase == "Running", **fields
+    )
 
 
 def workers(num: int, attempt: int = 0, phase: str = "Running", **fields: Any) -> list[WorkerPod]:
@@ -46,21 +49,44 @@ def status(**fields: Any) -> TrainJobStatus:
     return TrainJobStatus(**fields)
 
 
-def observed(spec: TrainJobSpec | None = None, status: TrainJobStatus | None = None,
-             pods: list[WorkerPod] | tuple[WorkerPod, ...] = (), now: datetime = T0, generation: int = 1,
-             spec_hash: str | None = None) -> Observed:
-    return Observed(name=JOB.name, generation=generation, spec=spec or make_spec(num_nodes=4),
-                    status=status or TrainJobStatus(), pods=tuple(pods), now=now, spec_hash=spec_hash)
+def observed(
+    spec: TrainJobSpec | None = None,
+    status: TrainJobStatus | None = None,
+    pods: list[WorkerPod] | tuple[WorkerPod, ...] = (),
+    now: datetime = T0,
+    generation: int = 1,
+    spec_hash: str | None = None,
+) -> Observed:
+    return Observed(
+        name=JOB.name,
+        generation=generation,
+        spec=spec or make_spec(num_nodes=4),
+        status=status or TrainJobStatus(),
+        pods=tuple(pods),
+        now=now,
+        spec_hash=spec_hash,
+    )
 
 
-def pod_dict(rank: int, attempt: int = 0, phase: str = "Running", exit_code: int | None = None,
-             annotations: dict[str, str] | None = None, deletion_timestamp: str | None = None,
-             node: str | None = "kwok-node-0", job: str = JOB.name) -> dict[str, Any]:
+def pod_dict(
+    rank: int,
+    attempt: int = 0,
+    phase: str = "Running",
+    exit_code: int | None = None,
+    annotations: dict[str, str] | None = None,
+    deletion_timestamp: str | None = None,
+    node: str | None = "kwok-node-0",
+    job: str = JOB.name,
+) -> dict[str, Any]:
     """A worker pod as the API server returns it (only the fields the policy reads)."""
     meta: dict[str, Any] = {
         "name": pod_name(job, rank),
         "namespace": JOB.namespace,
-        "labels": {"lmforge.dev/job-name": job, "lmforge.dev/rank": str(rank), "lmforge.dev/restart": str(attempt)},
+        "labels": {
+            "lmforge.dev/job-name": job,
+            "lmforge.dev/rank": str(rank),
+            "lmforge.dev/restart": str(attempt),
+        },
     }
     if annotations:
         meta["annotations"] = annotations
@@ -68,8 +94,13 @@ def pod_dict(rank: int, attempt: int = 0, phase: str = "Running", exit_code: int
         meta["deletionTimestamp"] = deletion_timestamp
     state: dict[str, Any] = {"running": {"startedAt": "2025-01-01T12:00:00Z"}}
     if exit_code is not None:
-        state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                "finishedAt": "2025-01-01T12:05:00Z"}}
+        state = {
+            "terminated": {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "finishedAt": "2025-01-01T12:05:00Z",
+            }
+        }
     return {
         "metadata": meta,
         "spec": {"nodeName": node},

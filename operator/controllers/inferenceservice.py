@@ -57,8 +57,10 @@ ReasonInvalidSpec = "InvalidSpec"
 
 
 def build_config_from_env() -> build.BuildConfig:
-    return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
-                             cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"))
+    return build.BuildConfig(
+        default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
+        cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"),
+    )
 
 
 @dataclass(slots=True)
@@ -68,7 +70,9 @@ class Handle:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     applied_generation: int | None = None
     history: tuple[autoscaler.Scrape, ...] = ()
-    expected: tuple[int, float] | None = None  # (replicas we set, monotonic deadline for the watch to show it)
+    expected: tuple[int, float] | None = (
+        None  # (replicas we set, monotonic deadline for the watch to show it)
+    )
     size: int | None = None  # the Deployment size the autoscaler last saw or set
     autoscaling_written: float = 0.0  # monotonic time of the last status.autoscaling write
     applied_at: float = 0.0  # monotonic time of the last apply of the owned objects
@@ -89,7 +93,6 @@ class Runtime(ControllerRuntime):
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession()
         return self.session
-
 
 
 def _now() -> datetime:
@@ -136,15 +139,28 @@ def inferenceservice_pods(namespace: str, labels: Mapping[str, str], body: kopf.
 
 
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
-def inferenceservice_deployments(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+def inferenceservice_deployments(
+    namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict:
     return {(namespace, labels[build.LABEL_INFERENCESERVICE]): DeploymentView.from_deployment(body)}
 
 
 @kopf.on.resume(c.GROUP, c.VERSION, PLURAL, id="inferenceservice-apply")
 @kopf.on.create(c.GROUP, c.VERSION, PLURAL, id="inferenceservice-apply")
 @kopf.on.update(c.GROUP, c.VERSION, PLURAL, id="inferenceservice-apply")
-async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid: str, reason: str,
-                diff: kopf.Diff, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def apply(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    namespace: str,
+    name: str,
+    uid: str,
+    reason: str,
+    diff: kopf.Diff,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
     runtime: Runtime = memo.inferenceservice
     handle = runtime.handle(namespace, name)
     generation = meta.get("generation")
@@ -165,45 +181,87 @@ async def apply(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid
             replicas = build.replicas_to_apply(spec, current, replicas_changed)
             pdb = await apply_owned(runtime, ref, spec, replicas)
         except Exception as exc:  # noqa: BLE001 - API errors, connection errors: retried
-            if isinstance(exc, ApiError) and exc.status == 422:  # e.g. a passed-through volume the server refuses
-                _reject(body, patch, status, generation, f"the API server refused an owned object: {exc.message}",
-                        logger)
+            if (
+                isinstance(exc, ApiError) and exc.status == 422
+            ):  # e.g. a passed-through volume the server refuses
+                _reject(
+                    body,
+                    patch,
+                    status,
+                    generation,
+                    f"the API server refused an owned object: {exc.message}",
+                    logger,
+                )
                 return
             raise kopf.TemporaryError(f"applying the owned objects failed: {exc}", delay=10) from exc
         handle.applied_generation, handle.applied_at = generation, time.monotonic()
         if current != replicas:
             handle.expected = (replicas, time.monotonic() + 3 * INTERVAL)
-    new = status.model_copy(update={"observed_generation": generation, "url": build.url(name, namespace, runtime.cfg),
-                                    "selector": build.selector(name)})
+    new = status.model_copy(
+        update={
+            "observed_generation": generation,
+            "url": build.url(name, namespace, runtime.cfg),
+            "selector": build.selector(name),
+        }
+    )
     if status.phase == "Failed" and any(cond.reason == ReasonInvalidSpec for cond in status.conditions):
         new = new.model_copy(update={"phase": "Pending"})
     _patch_status(patch, status, new)
     if reason != "resume":
         parts = "Deployment, Service" + (" and PodDisruptionBudget" if pdb else "")
-        _post(body, [StatusEvent("Normal", "Applied", f"applied {parts} for generation {generation} "
-                                                      f"({replicas} replica(s))"),
-                     *(StatusEvent("Normal", "ModelFromHub", note) for note in location.notes)])
+        _post(
+            body,
+            [
+                StatusEvent(
+                    "Normal",
+                    "Applied",
+                    f"applied {parts} for generation {generation} ({replicas} replica(s))",
+                ),
+                *(StatusEvent("Normal", "ModelFromHub", note) for note in location.notes),
+            ],
+        )
 
 
-async def apply_owned(runtime: Runtime, ref: build.ServiceRef, spec: InferenceServiceSpec,
-                      replicas: int) -> dict[str, Any] | None:
+async def apply_owned(
+    runtime: Runtime, ref: build.ServiceRef, spec: InferenceServiceSpec, replicas: int
+) -> dict[str, Any] | None:
     """Server-side apply of the Deployment (at `replicas`), the Service and the PDB (or its
     deletion when at most one replica can exist). Returns the PDB applied, if any."""
     api = runtime.api
     await api.apply(build.deployment(ref, spec, replicas, runtime.cfg), FIELD_MANAGER)
     await api.apply(build.service(ref), FIELD_MANAGER)
     pdb = build.pod_disruption_budget(ref, spec)
-    await (api.apply(pdb, FIELD_MANAGER) if pdb else api.delete(POD_DISRUPTION_BUDGETS, ref.namespace, ref.name))
+    await (
+        api.apply(pdb, FIELD_MANAGER) if pdb else api.delete(POD_DISRUPTION_BUDGETS, ref.namespace, ref.name)
+    )
     return pdb
 
 
-def _reject(body: kopf.Body, patch: kopf.Patch, status: InferenceServiceStatus, generation: int | None,
-            message: str, logger: logging.Logger) -> None:
+def _reject(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    status: InferenceServiceStatus,
+    generation: int | None,
+    message: str,
+    logger: logging.Logger,
+) -> None:
     logger.error("invalid InferenceService: %s", message)
-    conditions = set_condition(status.conditions, "Ready", "False", ReasonInvalidSpec, message[:1024],
-                               _now().replace(microsecond=0), generation)
-    _patch_status(patch, status, status.model_copy(update={"phase": "Failed", "conditions": conditions,
-                                                           "observed_generation": generation}))
+    conditions = set_condition(
+        status.conditions,
+        "Ready",
+        "False",
+        ReasonInvalidSpec,
+        message[:1024],
+        _now().replace(microsecond=0),
+        generation,
+    )
+    _patch_status(
+        patch,
+        status,
+        status.model_copy(
+            update={"phase": "Failed", "conditions": conditions, "observed_generation": generation}
+        ),
+    )
     _post(body, [StatusEvent("Warning", ReasonInvalidSpec, message)])
 
 
@@ -214,9 +272,18 @@ def _forget(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.timer(c.GROUP, c.VERSION, PLURAL, id="inferenceservice-observe", interval=INTERVAL)
-async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
-                  logger: logging.Logger, inferenceservice_pods: kopf.Index,
-                  inferenceservice_deployments: kopf.Index, **_: Any) -> None:
+async def observe(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    namespace: str,
+    name: str,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    inferenceservice_pods: kopf.Index,
+    inferenceservice_deployments: kopf.Index,
+    **_: Any,
+) -> None:
     runtime: Runtime = memo.inferenceservice
     if (namespace, name) in runtime.released:
         return  # its namespace is being deleted and kopf no longer watches it
@@ -234,10 +301,13 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
     now = _now()
     async with handle.lock:
         if time.monotonic() - handle.applied_at >= REAPPLY_SECONDS:  # put back what someone changed
-            size = deployment.replicas if deployment is not None else build.replicas_to_apply(spec, None, False)
+            size = (
+                deployment.replicas if deployment is not None else build.replicas_to_apply(spec, None, False)
+            )
             try:
-                await apply_owned(runtime, build.ServiceRef(name=name, namespace=namespace, uid=meta["uid"]), spec,
-                                  size)
+                await apply_owned(
+                    runtime, build.ServiceRef(name=name, namespace=namespace, uid=meta["uid"]), spec, size
+                )
             except Exception as exc:  # noqa: BLE001 - retried at the next pass
                 logger.warning("re-applying the owned objects failed: %s", exc)
             else:
@@ -249,12 +319,18 @@ async def observe(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, p
             if spec.autoscaling is None:
                 if current != spec.replicas:
                     await _scale(runtime, handle, namespace, name, spec.replicas, FIELD_MANAGER)
-                    events.append(StatusEvent("Normal", "ReplicasRestored",
-                                              f"the Deployment had {current} replica(s): back to spec.replicas "
-                                              f"{spec.replicas} (scale the InferenceService, not its Deployment)"))
+                    events.append(
+                        StatusEvent(
+                            "Normal",
+                            "ReplicasRestored",
+                            f"the Deployment had {current} replica(s): back to spec.replicas "
+                            f"{spec.replicas} (scale the InferenceService, not its Deployment)",
+                        )
+                    )
             else:
-                status, event = await _autoscale(runtime, handle, namespace, name, spec, body, status, pods,
-                                                 current, now, logger)
+                status, event = await _autoscale(
+                    runtime, handle, namespace, name, spec, body, status, pods, current, now, logger
+                )
                 events += [event] if event else []
     _patch_status(patch, previous, status)
     _post(body, events)
@@ -271,14 +347,26 @@ def _current_replicas(handle: Handle, deployment: DeploymentView) -> int:
     return deployment.replicas
 
 
-async def _scale(runtime: Runtime, handle: Handle, namespace: str, name: str, replicas: int, manager: str) -> None:
+async def _scale(
+    runtime: Runtime, handle: Handle, namespace: str, name: str, replicas: int, manager: str
+) -> None:
     await runtime.api.scale(DEPLOYMENTS, namespace, name, replicas, manager)
     handle.expected = (replicas, time.monotonic() + 3 * INTERVAL)
 
 
-async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str, spec: InferenceServiceSpec,
-                     body: kopf.Body, status: InferenceServiceStatus, pods: list[ServingPod], current: int,
-                     now: datetime, logger: logging.Logger) -> tuple[InferenceServiceStatus, StatusEvent | None]:
+async def _autoscale(
+    runtime: Runtime,
+    handle: Handle,
+    namespace: str,
+    name: str,
+    spec: InferenceServiceSpec,
+    body: kopf.Body,
+    status: InferenceServiceStatus,
+    pods: list[ServingPod],
+    current: int,
+    now: datetime,
+    logger: logging.Logger,
+) -> tuple[InferenceServiceStatus, StatusEvent | None]:
     policy = spec.autoscaling
     assert policy is not None
     if handle.size is not None and current != handle.size:
@@ -288,13 +376,19 @@ async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str
     handle.size = current
     template = (body.get("metadata", {}).get("annotations") or {}).get(build.ANNOTATION_METRICS_URL)
     ready = [p for p in pods if p.serving]
-    urls = {p.name: metrics_scraper.metrics_url(template, pod=p.name, ip=p.ip, namespace=namespace, name=name)
-            for p in ready}
+    urls = {
+        p.name: metrics_scraper.metrics_url(template, pod=p.name, ip=p.ip, namespace=namespace, name=name)
+        for p in ready
+    }
     samples = await metrics_scraper.scrape({pod: url for pod, url in urls.items() if url}, runtime.http())
     answered = {pod: sample for pod, sample in samples.items() if sample is not None}
-    scrape = autoscaler.Scrape(time=now, replicas=current, pods=answered,
-                               not_ready=sum(1 for p in pods if p.active and not p.serving),
-                               missing=len(ready) - len(answered))
+    scrape = autoscaler.Scrape(
+        time=now,
+        replicas=current,
+        pods=answered,
+        not_ready=sum(1 for p in pods if p.active and not p.serving),
+        missing=len(ready) - len(answered),
+    )
     handle.history = autoscaler.prune((*handle.history, scrape), policy, now)
     decision = autoscaler.decide(handle.history, current, policy, now, spec.engine.max_num_seqs)
     stamp = now.replace(microsecond=0)
@@ -307,12 +401,21 @@ async def _autoscale(runtime: Runtime, handle: Handle, namespace: str, name: str
         handle.size = decision.replicas
         logger.info("autoscaler: %s", decision.reason)
     previous = status.autoscaling
-    fresh = (decision.changed or previous is None or previous.desired_replicas != decision.recommendation
-             or time.monotonic() - handle.autoscaling_written >= AUTOSCALING_STATUS_REFRESH)
+    fresh = (
+        decision.changed
+        or previous is None
+        or previous.desired_replicas != decision.recommendation
+        or time.monotonic() - handle.autoscaling_written >= AUTOSCALING_STATUS_REFRESH
+    )
     if not fresh:
         return status, None
     handle.autoscaling_written = time.monotonic()
-    return record_autoscaling(status, desired=decision.recommendation, metric_value=decision.metric_value,
-                              reason=decision.reason, scaled_from=current if decision.changed else None,
-                              scaled_to=decision.replicas if decision.changed else None, now=stamp)
-
+    return record_autoscaling(
+        status,
+        desired=decision.recommendation,
+        metric_value=decision.metric_value,
+        reason=decision.reason,
+        scaled_from=current if decision.changed else None,
+        scaled_to=decision.replicas if decision.changed else None,
+        now=stamp,
+    )

@@ -31,8 +31,11 @@ from lmforge.operator.kube import (
 )
 
 SWEEP_SECONDS = 5.0
-KINDS: tuple[tuple[Resource, str], ...] = ((TRAINJOBS, "trainjob"), (INFERENCESERVICES, "inferenceservice"),
-                                           (QUANTIZEJOBS, "quantizejob"))  # resource, memo attribute
+KINDS: tuple[tuple[Resource, str], ...] = (
+    (TRAINJOBS, "trainjob"),
+    (INFERENCESERVICES, "inferenceservice"),
+    (QUANTIZEJOBS, "quantizejob"),
+)  # resource, memo attribute
 
 
 def terminating(namespaces: Iterable[Mapping[str, Any]], watched: tuple[str, ...]) -> list[str]:
@@ -50,12 +53,15 @@ def releases(objects: Iterable[Mapping[str, Any]], finalizer: str) -> list[tuple
         finalizers = list(meta.get("finalizers") or ())
         if meta.get("deletionTimestamp") and finalizer in finalizers:
             rest = [f for f in finalizers if f != finalizer]
-            out.append((meta["name"], {"metadata": {"finalizers": rest, "resourceVersion": meta["resourceVersion"]}}))
+            out.append(
+                (meta["name"], {"metadata": {"finalizers": rest, "resourceVersion": meta["resourceVersion"]}})
+            )
     return out
 
 
-async def sweep_once(api: KubeApi, memo: Any, watched: tuple[str, ...], finalizer: str,
-                     logger: logging.Logger) -> list[tuple[str, str, str]]:
+async def sweep_once(
+    api: KubeApi, memo: Any, watched: tuple[str, ...], finalizer: str, logger: logging.Logger
+) -> list[tuple[str, str, str]]:
     """One pass; returns (namespace, plural, name) of what it released."""
     listing = await api.list(NAMESPACES, fieldSelector="status.phase=Terminating") or {}
     released = []
@@ -76,8 +82,13 @@ async def sweep_once(api: KubeApi, memo: Any, watched: tuple[str, ...], finalize
                     wake = getattr(runtime, "wake", None)
                     if wake is not None:
                         wake(namespace, name)
-                logger.info("namespace %s is being deleted: released %s %s (removed finalizer %s)",
-                            namespace, resource.plural, name, finalizer)
+                logger.info(
+                    "namespace %s is being deleted: released %s %s (removed finalizer %s)",
+                    namespace,
+                    resource.plural,
+                    name,
+                    finalizer,
+                )
                 released.append((namespace, resource.plural, name))
     return released
 
@@ -89,8 +100,11 @@ async def sweep_forever(memo: Any, watched: tuple[str, ...], finalizer: str, log
             try:
                 await sweep_once(api, memo, watched, finalizer, logger)
             except Exception as exc:  # noqa: BLE001 - API down, RBAC: logged, tried again
-                logger.warning("releasing finalizers in terminating namespaces failed (retrying in %.0f s): %s",
-                               SWEEP_SECONDS, exc)
+                logger.warning(
+                    "releasing finalizers in terminating namespaces failed (retrying in %.0f s): %s",
+                    SWEEP_SECONDS,
+                    exc,
+                )
             await asyncio.sleep(SWEEP_SECONDS)
     finally:
         await api.close()

@@ -43,8 +43,10 @@ OWNED = {c.LABEL_KIND: build.KIND, build.LABEL_QUANTIZEJOB: kopf.PRESENT}
 def build_config_from_env() -> build.BuildConfig:
     """LMFORGE_RUNTIME_IMAGE: the pod image; LMFORGE_WORKER_SERVICE_ACCOUNT: its ServiceAccount (it
     needs `patch` on pods to put its result on itself, as TrainJob workers do with their progress)."""
-    return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
-                             service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
+    return build.BuildConfig(
+        default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
+        service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None,
+    )
 
 
 @dataclass(slots=True)
@@ -86,9 +88,19 @@ def quantizejob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body,
 
 
 @kopf.timer(c.GROUP, c.VERSION, PLURAL, id="quantizejob", interval=INTERVAL)
-async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str, uid: str, patch: kopf.Patch,
-                    memo: kopf.Memo, logger: logging.Logger, quantizejob_jobs: kopf.Index,
-                    quantizejob_pods: kopf.Index, **_: Any) -> None:
+async def reconcile(
+    body: kopf.Body,
+    meta: kopf.Meta,
+    namespace: str,
+    name: str,
+    uid: str,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    quantizejob_jobs: kopf.Index,
+    quantizejob_pods: kopf.Index,
+    **_: Any,
+) -> None:
     runtime: Runtime = memo.quantizejob
     if meta.get("deletionTimestamp") or (namespace, name) in runtime.released:
         return
@@ -104,9 +116,15 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str,
         decision = invalid(status, generation, str(exc), _now())
     else:
         key = (namespace, name)
-        observed = Observed(name=name, generation=generation, spec=spec, status=status,
-                            job=next(iter(quantizejob_jobs.get(key, ())), None),
-                            pods=tuple(quantizejob_pods.get(key, ())), now=_now())
+        observed = Observed(
+            name=name,
+            generation=generation,
+            spec=spec,
+            status=status,
+            job=next(iter(quantizejob_jobs.get(key, ())), None),
+            pods=tuple(quantizejob_pods.get(key, ())),
+            now=_now(),
+        )
         decision = decide(observed)
         try:
             if decision.create_job:
@@ -115,9 +133,13 @@ async def reconcile(body: kopf.Body, meta: kopf.Meta, namespace: str, name: str,
                 await runtime.api.apply(isvc, FIELD_MANAGER)
         except ApiError as exc:
             if exc.status == 422:  # e.g. a passed-through volume the API server refuses: not worth retrying
-                decision = invalid(status, generation, f"the API server refused an owned object: {exc}", _now())
+                decision = invalid(
+                    status, generation, f"the API server refused an owned object: {exc}", _now()
+                )
             else:
-                raise kopf.TemporaryError(f"creating the owned objects failed: {exc}", delay=INTERVAL) from exc
+                raise kopf.TemporaryError(
+                    f"creating the owned objects failed: {exc}", delay=INTERVAL
+                ) from exc
     before, after = status.to_k8s(), decision.status.to_k8s()
     for key, value in after.items():  # a merge patch of what changed: never undoes someone else's field
         if before.get(key) != value:

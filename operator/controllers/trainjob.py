@@ -50,8 +50,10 @@ def now_utc() -> datetime:
 def build_config_from_env() -> build.BuildConfig:
     """LMFORGE_RUNTIME_IMAGE: the default worker image; LMFORGE_WORKER_SERVICE_ACCOUNT: the
     workers' ServiceAccount (it needs `patch` on pods for the progress annotation)."""
-    return build.BuildConfig(default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
-                             service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None)
+    return build.BuildConfig(
+        default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
+        service_account=os.environ.get("LMFORGE_WORKER_SERVICE_ACCOUNT") or None,
+    )
 
 
 @dataclass(slots=True)
@@ -94,7 +96,6 @@ def _resource_version(obj: Mapping[str, Any] | None) -> int:
         return -1
 
 
-
 # --- handlers -------------------------------------------------------------------------------------
 
 
@@ -117,8 +118,9 @@ async def _cleanup_runtime(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index("pods", labels=POD_LABELS)
-async def trainjob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo,
-                        **_: Any) -> dict:
+async def trainjob_pods(
+    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> dict:
     """(namespace, job name) -> the job's worker pods, kept current by the pod watch."""
     job = labels[c.LABEL_JOB_NAME]
     memo.trainjob.wake(namespace, job)
@@ -127,8 +129,9 @@ async def trainjob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Bo
 
 
 @kopf.index(c.GROUP, c.VERSION, PLURAL)
-async def trainjob_generations(namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo,
-                               **_: Any) -> dict:
+async def trainjob_generations(
+    namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> dict:
     """(namespace, name) -> metadata.generation. A new generation (suspend flips, TTL edits) wakes
     the job's daemon at once; our own status writes do not."""
     generation = meta.get("generation")
@@ -140,8 +143,16 @@ async def trainjob_generations(namespace: str, name: str, meta: Mapping[str, Any
 
 
 @kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="trainjob", cancellation_timeout=10.0)
-async def trainjob_daemon(body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped,
-                          memo: kopf.Memo, trainjob_pods: kopf.Index, logger: logging.Logger, **_: Any) -> None:
+async def trainjob_daemon(
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    trainjob_pods: kopf.Index,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
     runtime: Runtime = memo.trainjob
     handle = runtime.handle(namespace, name)
     handle.generation = body.get("metadata", {}).get("generation")
@@ -154,7 +165,7 @@ async def trainjob_daemon(body: kopf.Body, namespace: str, name: str, stopped: k
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - API errors, quota, invalid user volumes: retry, visibly
                 failures += 1
-                delay = min(2.0 ** failures, 60.0)
+                delay = min(2.0**failures, 60.0)
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
                 kopf.event(plain(body), type="Warning", reason="ReconcileError", message=str(exc)[:1024])
             if delay is None:
@@ -184,8 +195,9 @@ async def _cleanup(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None
 # --- one reconcile ----------------------------------------------------------------------------------
 
 
-async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_index: kopf.Index,
-                    logger: logging.Logger) -> float | None:
+async def reconcile(
+    runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_index: kopf.Index, logger: logging.Logger
+) -> float | None:
     """One observe/decide/act pass. Returns seconds until the next pass (0: at once), or None
     when the job is finished and nothing is left to watch."""
     live = plain(body)
@@ -206,10 +218,16 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     generation = meta.get("generation", 0)
     api = runtime.api
     finished = status.phase in c.TERMINAL_PHASES
-    observed = Observed(name=name, generation=generation, spec=spec, status=status,
-                        pods=tuple(pods_index.get((namespace, name), ())), now=now_utc(),
-                        spec_hash=build.gang_spec_hash(spec),
-                        children_applied=finished or handle.applied_generation == generation)
+    observed = Observed(
+        name=name,
+        generation=generation,
+        spec=spec,
+        status=status,
+        pods=tuple(pods_index.get((namespace, name), ())),
+        now=now_utc(),
+        spec_hash=build.gang_spec_hash(spec),
+        children_applied=finished or handle.applied_generation == generation,
+    )
     decision = decide(observed)
 
     if decision.status != status:
@@ -228,7 +246,9 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     if not finished and not decision.delete_job and handle.applied_generation != generation:
         # after the status write (a stale view never reaches here) and before observedGeneration
         # says so (the next pass, at once, writes it)
-        await apply_children(api, build.JobRef(name=name, namespace=namespace, uid=meta["uid"]), spec, runtime.cfg)
+        await apply_children(
+            api, build.JobRef(name=name, namespace=namespace, uid=meta["uid"]), spec, runtime.cfg
+        )
         handle.applied_generation, requeue_now = generation, True
     try:
         await _act(api, runtime.cfg, job, spec, decision, children_applied=requeue_now)
@@ -247,16 +267,30 @@ async def reconcile(runtime: Runtime, handle: JobHandle, body: kopf.Body, pods_i
     return decision.requeue_after
 
 
-async def _record_refusal(runtime: Runtime, handle: JobHandle, job: dict[str, Any], generation: int,
-                          refused: PodRefused, logger: logging.Logger) -> None:
+async def _record_refusal(
+    runtime: Runtime,
+    handle: JobHandle,
+    job: dict[str, Any],
+    generation: int,
+    refused: PodRefused,
+    logger: logging.Logger,
+) -> None:
     """Created=False with the cause in the status, then the Event, only when the cause is new and
     the status write went through (kopf's own annotation patches race with it at creation: on 409
     the job is read again, so the Event is never posted twice for one cause)."""
     current = handle.latest if _resource_version(handle.latest) > _resource_version(job) else job
     for _ in range(3):
         status = TrainJobStatus.model_validate(current.get("status") or {})
-        new, event = creation_failed(status, generation, now_utc(), refused.pod, refused.error.status,
-                                     refused.error.message, runtime.cfg.service_account, job["metadata"]["namespace"])
+        new, event = creation_failed(
+            status,
+            generation,
+            now_utc(),
+            refused.pod,
+            refused.error.status,
+            refused.error.message,
+            runtime.cfg.service_account,
+            job["metadata"]["namespace"],
+        )
         if new == status:
             return
         try:
@@ -280,17 +314,26 @@ async def _record_refusal(runtime: Runtime, handle: JobHandle, job: dict[str, An
 async def apply_children(api: KubeApi, ref: build.JobRef, spec: TrainJobSpec, cfg: build.BuildConfig) -> None:
     """Server-side apply of the Service and the ConfigMap: they hold this spec afterwards, whatever
     an older spec (or a person) left in them."""
-    await asyncio.gather(api.apply(build.headless_service(ref, cfg), FIELD_MANAGER),
-                         api.apply(build.config_map(ref, spec), FIELD_MANAGER))
+    await asyncio.gather(
+        api.apply(build.headless_service(ref, cfg), FIELD_MANAGER),
+        api.apply(build.config_map(ref, spec), FIELD_MANAGER),
+    )
 
 
-async def _act(api: KubeApi, cfg: build.BuildConfig, job: dict[str, Any], spec: TrainJobSpec,
-               decision: Decision, children_applied: bool = False) -> None:
+async def _act(
+    api: KubeApi,
+    cfg: build.BuildConfig,
+    job: dict[str, Any],
+    spec: TrainJobSpec,
+    decision: Decision,
+    children_applied: bool = False,
+) -> None:
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     ref = build.JobRef(name=name, namespace=namespace, uid=meta["uid"])
-    await asyncio.gather(*(api.delete(PODS, namespace, pod, grace_period_seconds=0)
-                           for pod in decision.force_delete_pods))
+    await asyncio.gather(
+        *(api.delete(PODS, namespace, pod, grace_period_seconds=0) for pod in decision.force_delete_pods)
+    )
     await asyncio.gather(*(api.delete(PODS, namespace, pod) for pod in decision.delete_pods))
     if decision.create_ranks:  # all at once: a pod waits for its ConfigMap in the kubelet, not here
         if not children_applied:  # the gang reads exactly this spec's train.json

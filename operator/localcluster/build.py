@@ -123,20 +123,42 @@ def build_plan(versions: Versions = Versions()) -> list[BuildStep]:
     k8s = "k8s.io/kubernetes/cmd/"
     return [
         BuildStep("kube-apiserver", "kubernetes", k8s + "kube-apiserver", versions.kubernetes, kube),
-        BuildStep("etcd", "etcd", "go.etcd.io/etcd/server/v3", versions.etcd,
-                  (f"-X go.etcd.io/etcd/api/v3/version.GitSHA={versions.etcd}",)),
-        BuildStep("kube-controller-manager", "kubernetes", k8s + "kube-controller-manager", versions.kubernetes, kube),
-        BuildStep("kwok", "kwok", "sigs.k8s.io/kwok/cmd/kwok", versions.kwok,
-                  (f"-X sigs.k8s.io/kwok/pkg/consts.Version={versions.kwok.lstrip('v')}",)),
+        BuildStep(
+            "etcd",
+            "etcd",
+            "go.etcd.io/etcd/server/v3",
+            versions.etcd,
+            (f"-X go.etcd.io/etcd/api/v3/version.GitSHA={versions.etcd}",),
+        ),
+        BuildStep(
+            "kube-controller-manager",
+            "kubernetes",
+            k8s + "kube-controller-manager",
+            versions.kubernetes,
+            kube,
+        ),
+        BuildStep(
+            "kwok",
+            "kwok",
+            "sigs.k8s.io/kwok/cmd/kwok",
+            versions.kwok,
+            (f"-X sigs.k8s.io/kwok/pkg/consts.Version={versions.kwok.lstrip('v')}",),
+        ),
         BuildStep("kube-scheduler", "kubernetes", k8s + "kube-scheduler", versions.kubernetes, kube),
-        BuildStep("helm", "helm", "helm.sh/helm/v3/cmd/helm", versions.helm, (
-            f"-X helm.sh/helm/v3/internal/version.version={versions.helm}",
-            "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
-            "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1",
-            f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={versions.helm_kube_minor}",
-            "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1",
-            f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={versions.helm_kube_minor}",
-        )),
+        BuildStep(
+            "helm",
+            "helm",
+            "helm.sh/helm/v3/cmd/helm",
+            versions.helm,
+            (
+                f"-X helm.sh/helm/v3/internal/version.version={versions.helm}",
+                "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+                "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1",
+                f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={versions.helm_kube_minor}",
+                "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1",
+                f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={versions.helm_kube_minor}",
+            ),
+        ),
         BuildStep("kubectl", "kubernetes", k8s + "kubectl", versions.kubernetes, kube),
     ]
 
@@ -174,8 +196,9 @@ def find_go() -> str:
     go = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     if go is None:
         raise BuildError("step 'find Go' failed: no `go` binary found.\n" + hint)
-    result = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True,
-                            env=dict(os.environ, GOTOOLCHAIN="local"))
+    result = subprocess.run(
+        [go, "env", "GOVERSION"], capture_output=True, text=True, env=dict(os.environ, GOTOOLCHAIN="local")
+    )
     found = parse_go_version(result.stdout)
     if result.returncode != 0 or found is None or found < MIN_GO:
         reported = (result.stdout or result.stderr).strip() or "unknown"
@@ -215,8 +238,10 @@ def build(steps: list[BuildStep], directory: Path, log: Callable[[str], None]) -
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    log(f"building {len(steps)} binaries into {directory} with {go} "
-        f"(at most {MAX_PARALLEL_BUILDS} at a time; a cold build takes many minutes)")
+    log(
+        f"building {len(steps)} binaries into {directory} with {go} "
+        f"(at most {MAX_PARALLEL_BUILDS} at a time; a cold build takes many minutes)"
+    )
     failed = threading.Event()  # fail fast: once a step fails, steps not yet started are skipped
 
     def run(index: int, step: BuildStep) -> None:
@@ -237,8 +262,17 @@ def build(steps: list[BuildStep], directory: Path, log: Callable[[str], None]) -
     log(f"built {len(steps)} binaries in {time.monotonic() - started:.0f} s")
 
 
-def _build_one(go: str, step: BuildStep, index: int, total: int, directory: Path, root: Path,
-               env: dict[str, str], log_dir: Path, log: Callable[[str], None]) -> None:
+def _build_one(
+    go: str,
+    step: BuildStep,
+    index: int,
+    total: int,
+    directory: Path,
+    root: Path,
+    env: dict[str, str],
+    log_dir: Path,
+    log: Callable[[str], None],
+) -> None:
     log(f"building {step.binary} {step.version} ({index}/{total})…")
     started = time.monotonic()
     # A private copy of the wrapper module: the package dir may be read-only (site-packages).
@@ -249,26 +283,39 @@ def _build_one(go: str, step: BuildStep, index: int, total: int, directory: Path
     output = directory / f".{step.binary}.partial"
     build_log = log_dir / f"{step.binary}.log"
     with open(build_log, "w") as out:
-        result = subprocess.run(go_build_command(go, step, output), cwd=workdir, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            go_build_command(go, step, output), cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     if result.returncode != 0:
-        raise BuildError(f"step 'build {step.binary}' failed (go exited {result.returncode}); "
-                         f"last lines of {build_log}:\n{tail(build_log)}")
+        raise BuildError(
+            f"step 'build {step.binary}' failed (go exited {result.returncode}); "
+            f"last lines of {build_log}:\n{tail(build_log)}"
+        )
     output.replace(directory / step.binary)
     _record(directory, step)
     log(f"built {step.binary} in {time.monotonic() - started:.0f} s")
 
 
-NETWORK_SYMPTOMS = ("dial tcp", "no such host", "i/o timeout", "connection refused", "TLS handshake",
-                    "lookup disabled by GOPROXY=off", "proxyconnect", "network is unreachable")
+NETWORK_SYMPTOMS = (
+    "dial tcp",
+    "no such host",
+    "i/o timeout",
+    "connection refused",
+    "TLS handshake",
+    "lookup disabled by GOPROXY=off",
+    "proxyconnect",
+    "network is unreachable",
+)
 
 
 def network_hint(go_output: str, goproxy: str) -> str:
     """The first build downloads ~1.6 GB of modules; say so when go could not reach them."""
     if not any(symptom in go_output for symptom in NETWORK_SYMPTOMS):
         return ""
-    return (f"\n\nGo could not download modules (GOPROXY={goproxy}). The first build needs the Go module "
-            f"proxy; set GOPROXY to a reachable proxy or pre-fill {paths.go_root() / 'mod'}.")
+    return (
+        f"\n\nGo could not download modules (GOPROXY={goproxy}). The first build needs the Go module "
+        f"proxy; set GOPROXY to a reachable proxy or pre-fill {paths.go_root() / 'mod'}."
+    )
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -35,8 +35,13 @@ IDENTITIES = (
 )
 
 APISERVER_SANS = (
-    "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-    "DNS:kubernetes.default.svc.cluster.local", "IP:127.0.0.1", f"IP:{KUBERNETES_SERVICE_IP}",
+    "DNS:localhost",
+    "DNS:kubernetes",
+    "DNS:kubernetes.default",
+    "DNS:kubernetes.default.svc",
+    "DNS:kubernetes.default.svc.cluster.local",
+    "IP:127.0.0.1",
+    f"IP:{KUBERNETES_SERVICE_IP}",
 )
 
 
@@ -93,20 +98,47 @@ def ensure_pki(directory: Path) -> Pki:
         return pki
     openssl = shutil.which("openssl")
     if openssl is None:
-        raise CertError("step 'generate certificates' failed: the `openssl` command is missing "
-                        "(apt-get install openssl).")
+        raise CertError(
+            "step 'generate certificates' failed: the `openssl` command is missing (apt-get install openssl)."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     run = _runner(openssl)
     run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", pki.ca_key)
-    run("req", "-x509", "-new", "-key", pki.ca_key, "-subj", "/CN=lmforge-local-ca", "-days", DAYS,
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,digitalSignature,keyCertSign,cRLSign", "-out", pki.ca_cert)
-    _issue(run, pki, pki.apiserver_key, pki.apiserver_cert, "/CN=kube-apiserver",
-           leaf_extensions(server=True, sans=APISERVER_SANS))
+    run(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        pki.ca_key,
+        "-subj",
+        "/CN=lmforge-local-ca",
+        "-days",
+        DAYS,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyCertSign,cRLSign",
+        "-out",
+        pki.ca_cert,
+    )
+    _issue(
+        run,
+        pki,
+        pki.apiserver_key,
+        pki.apiserver_cert,
+        "/CN=kube-apiserver",
+        leaf_extensions(server=True, sans=APISERVER_SANS),
+    )
     for identity in IDENTITIES:
-        _issue(run, pki, pki.client_key(identity.name), pki.client_cert(identity.name),
-               subject(identity.user, identity.groups), leaf_extensions(server=False))
+        _issue(
+            run,
+            pki,
+            pki.client_key(identity.name),
+            pki.client_cert(identity.name),
+            subject(identity.user, identity.groups),
+            leaf_extensions(server=False),
+        )
     run("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", pki.sa_key)
     run("pkey", "-in", pki.sa_key, "-pubout", "-out", pki.sa_pub)
     return pki
@@ -118,15 +150,34 @@ def _issue(run, pki: Pki, key: Path, cert: Path, subj: str, extensions: str) -> 
         ext.write_text(extensions)
         run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key)
         run("req", "-new", "-key", key, "-subj", subj, "-out", csr)
-        run("x509", "-req", "-in", csr, "-CA", pki.ca_cert, "-CAkey", pki.ca_key,
-            "-set_serial", "0x" + secrets.token_hex(16), "-days", DAYS, "-sha256",
-            "-extfile", ext, "-out", cert)
+        run(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            pki.ca_cert,
+            "-CAkey",
+            pki.ca_key,
+            "-set_serial",
+            "0x" + secrets.token_hex(16),
+            "-days",
+            DAYS,
+            "-sha256",
+            "-extfile",
+            ext,
+            "-out",
+            cert,
+        )
 
 
 def _runner(openssl: str):
     def run(*args: object) -> None:
         result = subprocess.run([openssl, *map(str, args)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise CertError(f"step 'generate certificates' failed: openssl {args[0]} exited "
-                            f"{result.returncode}:\n{result.stderr.strip()}")
+            raise CertError(
+                f"step 'generate certificates' failed: openssl {args[0]} exited "
+                f"{result.returncode}:\n{result.stderr.strip()}"
+            )
+
     return run

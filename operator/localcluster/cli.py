@@ -11,17 +11,26 @@ from lmforge.operator.localcluster import paths
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", default=None,
-                        help=f"directory of this cluster's pids, logs, certs and data "
-                             f"(default: ${paths.CLUSTER_DIR_ENV} or ~/.cache/lmforge/cluster)")
+    common.add_argument(
+        "--state-dir",
+        default=None,
+        help=f"directory of this cluster's pids, logs, certs and data "
+        f"(default: ${paths.CLUSTER_DIR_ENV} or ~/.cache/lmforge/cluster)",
+    )
     actions = parser.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
-    up = actions.add_parser("up", parents=[common],
-                            help="start etcd, kube-apiserver, controller-manager, scheduler and kwok nodes "
-                                 "(builds the binaries on first use)")
+    up = actions.add_parser(
+        "up",
+        parents=[common],
+        help="start etcd, kube-apiserver, controller-manager, scheduler and kwok nodes "
+        "(builds the binaries on first use)",
+    )
     up.add_argument("--nodes", type=int, default=4, help="number of simulated 8-GPU nodes (default: 4)")
     actions.add_parser("down", parents=[common], help="stop every process the cluster started (data is kept)")
-    reset = actions.add_parser("reset", parents=[common],
-                               help="stop the cluster and DELETE its data (every namespace, CRD and object)")
+    reset = actions.add_parser(
+        "reset",
+        parents=[common],
+        help="stop the cluster and DELETE its data (every namespace, CRD and object)",
+    )
     reset.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
     status = actions.add_parser("status", parents=[common], help="components, pids and health")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -43,7 +52,10 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if args.cluster_command == "reset":
             if not args.yes and not confirm_reset(cluster.layout_for(args.state_dir).state_dir):
-                print("lmforge cluster reset: nothing deleted (confirm with 'yes', or pass --yes)", file=sys.stderr)
+                print(
+                    "lmforge cluster reset: nothing deleted (confirm with 'yes', or pass --yes)",
+                    file=sys.stderr,
+                )
                 return 1
             cluster.reset(args.state_dir)
             return 0
@@ -69,18 +81,35 @@ def confirm_reset(state_dir, ask=input, interactive=None) -> bool:
 def _print_status(current, as_json: bool) -> int:
     """Exit 0 when the cluster is fully up, 1 otherwise (scripts can test it)."""
     if as_json:
-        print(json.dumps({
-            "state_dir": str(current.state_dir), "running": current.running,
-            "kubeconfig": str(current.kubeconfig) if current.kubeconfig else None,
-            "apiserver": current.apiserver_url,
-            "components": [{"name": c.name, "pid": c.pid, "alive": c.alive, "healthy": c.healthy,
-                            "ports": list(c.ports), "log": c.log} for c in current.components],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "state_dir": str(current.state_dir),
+                    "running": current.running,
+                    "kubeconfig": str(current.kubeconfig) if current.kubeconfig else None,
+                    "apiserver": current.apiserver_url,
+                    "components": [
+                        {
+                            "name": c.name,
+                            "pid": c.pid,
+                            "alive": c.alive,
+                            "healthy": c.healthy,
+                            "ports": list(c.ports),
+                            "log": c.log,
+                        }
+                        for c in current.components
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0 if current.running else 1
     if not current.components:
         print(f"not running (state dir {current.state_dir})")
         return 1
-    print(f"{'up' if current.running else 'DEGRADED'}: {current.apiserver_url}  KUBECONFIG={current.kubeconfig}")
+    print(
+        f"{'up' if current.running else 'DEGRADED'}: {current.apiserver_url}  KUBECONFIG={current.kubeconfig}"
+    )
     print(f"{'COMPONENT':<24} {'PID':>8}  {'STATE':<9} PORTS")
     for c in current.components:
         state = "healthy" if c.healthy else ("unhealthy" if c.alive else "dead")

@@ -120,7 +120,9 @@ def layout_for(state_dir: Path | str | None) -> Layout:
     return Layout(directory, paths.kubeconfig_path(directory))
 
 
-def up(state_dir: Path | str | None = None, num_nodes: int = NUM_NODES, log: Log | None = None) -> ClusterInfo:
+def up(
+    state_dir: Path | str | None = None, num_nodes: int = NUM_NODES, log: Log | None = None
+) -> ClusterInfo:
     """Start the cluster (building binaries first if needed) and return once every node is
     schedulable and the default service account exists. Already up: returns at once."""
     log = log or _stderr
@@ -149,8 +151,10 @@ def up(state_dir: Path | str | None = None, num_nodes: int = NUM_NODES, log: Log
 def _repair(layout: Layout, state: dict, current: ClusterStatus, num_nodes: int, log: Log) -> ClusterInfo:
     """Restart only the components that are down, on their recorded ports, keeping etcd's data."""
     dead = [c.name for c in current.components if not c.alive]
-    log(f"cluster is only partly up: restarting {', '.join(dead) or 'nothing (waiting for the unhealthy ones)'}; "
-        f"etcd data in {layout.etcd_data} is kept (`lmforge cluster reset` deletes it)")
+    log(
+        f"cluster is only partly up: restarting {', '.join(dead) or 'nothing (waiting for the unhealthy ones)'}; "
+        f"etcd data in {layout.etcd_data} is kept (`lmforge cluster reset` deletes it)"
+    )
     pki = certs.ensure_pki(layout.pki.directory)
     bins = BinPaths(Path(state["bin_dir"]))
     by_name = {c.name: c for c in components(bins, layout, Ports(**state["ports"]))}
@@ -177,7 +181,9 @@ def restart_component(layout: Layout, state: dict, name: str) -> processes.Proce
     bins = BinPaths(Path(state["bin_dir"]))
     component = next(c for c in components(bins, layout, Ports(**state["ports"])) if c.name == name)
     env = dict(os.environ, **dict(component.env))
-    process = replace(processes.start(component.name, list(component.argv), layout.logs, env), ports=component.ports)
+    process = replace(
+        processes.start(component.name, list(component.argv), layout.logs, env), ports=component.ports
+    )
     entry = next(e for e in state["processes"] if e["name"] == name)
     entry.update(process.to_dict())
     _write_state(layout, state)
@@ -195,7 +201,11 @@ def reset(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
             _stop_all(layout, state, log)
         existed = layout.etcd_data.exists()
         shutil.rmtree(layout.etcd_data, ignore_errors=True)
-    log(f"deleted the cluster data in {layout.etcd_data}" if existed else f"no cluster data in {layout.etcd_data}")
+    log(
+        f"deleted the cluster data in {layout.etcd_data}"
+        if existed
+        else f"no cluster data in {layout.etcd_data}"
+    )
     return existed
 
 
@@ -207,7 +217,9 @@ def _supervisor_alive(state: dict) -> bool:
 def _start_supervisor(layout: Layout, state: dict, log: Log) -> None:
     from lmforge.operator.localcluster.supervisor import MODULE
 
-    process = processes.start("supervisor", [sys.executable, "-P", "-m", MODULE, str(layout.state_dir)], layout.logs)
+    process = processes.start(
+        "supervisor", [sys.executable, "-P", "-m", MODULE, str(layout.state_dir)], layout.logs
+    )
     state["supervisor"] = process.to_dict()
     _write_state(layout, state)
     log(f"supervisor started (pid {process.pid}): it restarts a component that exits; log {process.log}")
@@ -242,24 +254,42 @@ def _start(layout: Layout, bins: BinPaths, pki: certs.Pki, num_nodes: int, log: 
     _write_kubeconfigs(layout, pki, url)
     if layout.etcd_data.exists():  # never wiped here: `lmforge cluster reset` does that
         log(f"keeping the cluster data in {layout.etcd_data} (`lmforge cluster reset` deletes it)")
-    state = {"apiserver": url, "kubeconfig": str(layout.admin_kubeconfig), "bin_dir": str(bins.bin_dir),
-             "ports": ports.__dict__, "processes": []}
+    state = {
+        "apiserver": url,
+        "kubeconfig": str(layout.admin_kubeconfig),
+        "bin_dir": str(bins.bin_dir),
+        "ports": ports.__dict__,
+        "processes": [],
+    }
     try:
         for component in components(bins, layout, ports):
             log(f"starting {component.name}")
             env = dict(os.environ, **dict(component.env))
-            process = replace(processes.start(component.name, list(component.argv), layout.logs, env),
-                              ports=component.ports)
-            state["processes"].append({**process.to_dict(), "health_url": component.health_url,
-                                       "verify_with_ca": component.verify_with_ca})
+            process = replace(
+                processes.start(component.name, list(component.argv), layout.logs, env), ports=component.ports
+            )
+            state["processes"].append(
+                {
+                    **process.to_dict(),
+                    "health_url": component.health_url,
+                    "verify_with_ca": component.verify_with_ca,
+                }
+            )
             _write_state(layout, state)  # recorded before waiting: a failed start is still stoppable
             _wait_healthy(component, process, pki)
         log(f"registering {num_nodes} kwok nodes")
         _kubectl(bins, layout, "apply", "-f", "-", input=json.dumps(nodes.node_list(num_nodes)))
         _wait_nodes(bins, layout, num_nodes)
-        _poll(lambda: _kubectl(bins, layout, "get", "serviceaccount", "default", "-n", "default",
-                               check=False).returncode == 0,
-              30.0, "the default service account was not created (see logs/kube-controller-manager.log)")
+        _poll(
+            lambda: (
+                _kubectl(
+                    bins, layout, "get", "serviceaccount", "default", "-n", "default", check=False
+                ).returncode
+                == 0
+            ),
+            30.0,
+            "the default service account was not created (see logs/kube-controller-manager.log)",
+        )
     except BaseException as error:  # Ctrl-C included: never leave half a cluster behind
         log("start failed: stopping what was started")
         _stop_all(layout, state, log)
@@ -289,8 +319,13 @@ def _pick_ports(layout: Layout) -> list[int]:
 
 def _write_kubeconfigs(layout: Layout, pki: certs.Pki, url: str) -> None:
     def render(identity: str) -> dict:
-        return render_kubeconfig(url, pki.ca_cert.read_bytes(), pki.client_cert(identity).read_bytes(),
-                                 pki.client_key(identity).read_bytes(), user=identity)
+        return render_kubeconfig(
+            url,
+            pki.ca_cert.read_bytes(),
+            pki.client_cert(identity).read_bytes(),
+            pki.client_key(identity).read_bytes(),
+            user=identity,
+        )
 
     write_kubeconfig(layout.admin_kubeconfig, render("admin"))
     write_kubeconfig(layout.component_kubeconfig("kwok"), render("admin"))  # kwok plays every kubelet
@@ -304,11 +339,15 @@ def _wait_healthy(component: Component, process: processes.Process, pki: certs.P
     deadline = time.monotonic() + timeout
     while not health.is_healthy(component.health_url, context):
         if not processes.is_alive(process):
-            raise ClusterError(f"{component.name} exited while starting; last lines of {process.log}:\n"
-                               f"{build.tail(Path(process.log))}")
+            raise ClusterError(
+                f"{component.name} exited while starting; last lines of {process.log}:\n"
+                f"{build.tail(Path(process.log))}"
+            )
         if time.monotonic() > deadline:
-            raise ClusterError(f"{component.name} not healthy at {component.health_url} after {timeout:.0f} s; "
-                               f"last lines of {process.log}:\n{build.tail(Path(process.log))}")
+            raise ClusterError(
+                f"{component.name} not healthy at {component.health_url} after {timeout:.0f} s; "
+                f"last lines of {process.log}:\n{build.tail(Path(process.log))}"
+            )
         time.sleep(0.2)
 
 
@@ -318,9 +357,12 @@ def _wait_nodes(bins: BinPaths, layout: Layout, count: int) -> None:
         items = json.loads(result.stdout).get("items", []) if result.returncode == 0 else []
         return sum(nodes.is_schedulable(n) for n in items) >= count
 
-    _poll(all_schedulable, NODES_READY_TIMEOUT_S,
-          f"nodes not Ready after {NODES_READY_TIMEOUT_S:.0f} s; last lines of logs/kwok.log:\n"
-          + build.tail(layout.logs / "kwok.log"))
+    _poll(
+        all_schedulable,
+        NODES_READY_TIMEOUT_S,
+        f"nodes not Ready after {NODES_READY_TIMEOUT_S:.0f} s; last lines of logs/kwok.log:\n"
+        + build.tail(layout.logs / "kwok.log"),
+    )
 
 
 def _poll(predicate: Callable[[], bool], timeout: float, message: str) -> None:
@@ -328,11 +370,17 @@ def _poll(predicate: Callable[[], bool], timeout: float, message: str) -> None:
         raise ClusterError(message)
 
 
-def _kubectl(bins: BinPaths, layout: Layout, *args: str, input: str | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(bins.kubectl), f"--kubeconfig={layout.admin_kubeconfig}", *args],
-                            input=input, capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, **client_env(layout.state_dir)))
+def _kubectl(
+    bins: BinPaths, layout: Layout, *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(bins.kubectl), f"--kubeconfig={layout.admin_kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, **client_env(layout.state_dir)),
+    )
     if check and result.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result
@@ -364,13 +412,23 @@ def _status(layout: Layout, state: dict) -> ClusterStatus:
         context = health.context_for(data["health_url"], pki, data.get("verify_with_ca", False))
         healthy = alive and health.is_healthy(data["health_url"], context)
         result.append(ComponentStatus(process.name, process.pid, alive, healthy, process.ports, process.log))
-    return ClusterStatus(layout.state_dir, Path(state["kubeconfig"]), state["apiserver"], tuple(result),
-                         bool(state.get("ready")))
+    return ClusterStatus(
+        layout.state_dir,
+        Path(state["kubeconfig"]),
+        state["apiserver"],
+        tuple(result),
+        bool(state.get("ready")),
+    )
 
 
 def _info(layout: Layout, state: dict, already_running: bool = False) -> ClusterInfo:
-    return ClusterInfo(layout.state_dir, Path(state["kubeconfig"]), state["apiserver"],
-                       BinPaths(Path(state["bin_dir"])), already_running)
+    return ClusterInfo(
+        layout.state_dir,
+        Path(state["kubeconfig"]),
+        state["apiserver"],
+        BinPaths(Path(state["bin_dir"])),
+        already_running,
+    )
 
 
 def read_state(layout: Layout) -> dict | None:

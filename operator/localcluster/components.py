@@ -77,53 +77,112 @@ def components(bins: BinPaths, layout: Layout, ports: Ports) -> list[Component]:
     etcd_url = f"http://{local}:{ports.etcd_client}"
     peer_url = f"http://{local}:{ports.etcd_peer}"
     return [
-        Component("etcd", (
-            str(bins.etcd), "--name=lmforge", f"--data-dir={layout.etcd_data}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=lmforge={peer_url}", "--initial-cluster-state=new",
-            "--auto-compaction-retention=1", "--log-level=warn",
-            "--unsafe-no-fsync=true",  # a throwaway dev cluster: fsync only slows tests down
-        ), (ports.etcd_client, ports.etcd_peer), f"{etcd_url}/health"),
-        Component("kube-apiserver", (
-            str(bins.kube_apiserver), f"--etcd-servers={etcd_url}", "--etcd-prefix=/registry",
-            f"--bind-address={local}", f"--advertise-address={local}", f"--secure-port={ports.apiserver}",
-            f"--cert-dir={layout.state_dir / 'apiserver'}",
-            f"--tls-cert-file={pki.apiserver_cert}", f"--tls-private-key-file={pki.apiserver_key}",
-            f"--client-ca-file={pki.ca_cert}", "--authorization-mode=Node,RBAC",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--allow-privileged=true", "--endpoint-reconciler-type=none", "--profiling=false",
-        ), (ports.apiserver,), f"{apiserver_url(ports)}/readyz", verify_with_ca=True),
-        Component("kube-controller-manager", (
-            str(bins.kube_controller_manager), *_client_flags(layout, "kube-controller-manager"),
-            f"--bind-address={local}", f"--secure-port={ports.controller_manager}",
-            f"--cert-dir={layout.state_dir / 'kube-controller-manager'}",
-            f"--root-ca-file={pki.ca_cert}", f"--service-account-private-key-file={pki.sa_key}",
-            "--use-service-account-credentials=true",  # each controller under its own RBAC role
-            f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--leader-elect=false", "--profiling=false",
-        ), (ports.controller_manager,), f"https://{local}:{ports.controller_manager}/healthz"),
-        Component("kube-scheduler", (
-            str(bins.kube_scheduler), *_client_flags(layout, "kube-scheduler"),
-            f"--bind-address={local}", f"--secure-port={ports.scheduler}",
-            f"--cert-dir={layout.state_dir / 'kube-scheduler'}", "--leader-elect=false", "--profiling=false",
-        ), (ports.scheduler,), f"https://{local}:{ports.scheduler}/healthz"),
-        Component("kwok", (
-            str(bins.kwok), f"--kubeconfig={layout.component_kubeconfig('kwok')}", f"--config={STAGES_FILE}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
-            f"--node-ip={local}", f"--node-port={ports.kwok}", f"--server-address={local}:{ports.kwok}",
-            f"--cidr={POD_CIDR}", f"--node-lease-duration-seconds={NODE_LEASE_SECONDS}",
-        ), (ports.kwok,), f"http://{local}:{ports.kwok}/healthz",
-            env=(("KWOK_WORKDIR", str(layout.kwok_workdir)),)),  # never read ~/.kwok/kwok.yaml
+        Component(
+            "etcd",
+            (
+                str(bins.etcd),
+                "--name=lmforge",
+                f"--data-dir={layout.etcd_data}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=lmforge={peer_url}",
+                "--initial-cluster-state=new",
+                "--auto-compaction-retention=1",
+                "--log-level=warn",
+                "--unsafe-no-fsync=true",  # a throwaway dev cluster: fsync only slows tests down
+            ),
+            (ports.etcd_client, ports.etcd_peer),
+            f"{etcd_url}/health",
+        ),
+        Component(
+            "kube-apiserver",
+            (
+                str(bins.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--etcd-prefix=/registry",
+                f"--bind-address={local}",
+                f"--advertise-address={local}",
+                f"--secure-port={ports.apiserver}",
+                f"--cert-dir={layout.state_dir / 'apiserver'}",
+                f"--tls-cert-file={pki.apiserver_cert}",
+                f"--tls-private-key-file={pki.apiserver_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+            ),
+            (ports.apiserver,),
+            f"{apiserver_url(ports)}/readyz",
+            verify_with_ca=True,
+        ),
+        Component(
+            "kube-controller-manager",
+            (
+                str(bins.kube_controller_manager),
+                *_client_flags(layout, "kube-controller-manager"),
+                f"--bind-address={local}",
+                f"--secure-port={ports.controller_manager}",
+                f"--cert-dir={layout.state_dir / 'kube-controller-manager'}",
+                f"--root-ca-file={pki.ca_cert}",
+                f"--service-account-private-key-file={pki.sa_key}",
+                "--use-service-account-credentials=true",  # each controller under its own RBAC role
+                f"--cluster-signing-cert-file={pki.ca_cert}",
+                f"--cluster-signing-key-file={pki.ca_key}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ),
+            (ports.controller_manager,),
+            f"https://{local}:{ports.controller_manager}/healthz",
+        ),
+        Component(
+            "kube-scheduler",
+            (
+                str(bins.kube_scheduler),
+                *_client_flags(layout, "kube-scheduler"),
+                f"--bind-address={local}",
+                f"--secure-port={ports.scheduler}",
+                f"--cert-dir={layout.state_dir / 'kube-scheduler'}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ),
+            (ports.scheduler,),
+            f"https://{local}:{ports.scheduler}/healthz",
+        ),
+        Component(
+            "kwok",
+            (
+                str(bins.kwok),
+                f"--kubeconfig={layout.component_kubeconfig('kwok')}",
+                f"--config={STAGES_FILE}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION[0]}={KWOK_NODE_ANNOTATION[1]}",
+                f"--node-ip={local}",
+                f"--node-port={ports.kwok}",
+                f"--server-address={local}:{ports.kwok}",
+                f"--cidr={POD_CIDR}",
+                f"--node-lease-duration-seconds={NODE_LEASE_SECONDS}",
+            ),
+            (ports.kwok,),
+            f"http://{local}:{ports.kwok}/healthz",
+            env=(("KWOK_WORKDIR", str(layout.kwok_workdir)),),
+        ),  # never read ~/.kwok/kwok.yaml
     ]
 
 
 def _client_flags(layout: Layout, identity: str) -> tuple[str, ...]:
     kubeconfig = layout.component_kubeconfig(identity)
-    return (f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}", f"--kube-api-qps={KUBE_API_QPS}",
-            f"--kube-api-burst={KUBE_API_BURST}")
+    return (
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        f"--kube-api-qps={KUBE_API_QPS}",
+        f"--kube-api-burst={KUBE_API_BURST}",
+    )

@@ -10,17 +10,26 @@ from pathlib import Path
 import yaml
 
 
-def render_kubeconfig(server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
-                      name: str = "lmforge", user: str = "admin") -> dict:
+def render_kubeconfig(
+    server: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, name: str = "lmforge", user: str = "admin"
+) -> dict:
     """One cluster, one user, one context (`name`), current-context set."""
+
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}}],
+        "clusters": [
+            {"name": name, "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)},
+            }
+        ],
         "contexts": [{"name": name, "context": {"cluster": name, "user": user, "namespace": "default"}}],
         "current-context": name,
         "preferences": {},

@@ -67,8 +67,10 @@ def supervise(state_dir: Path) -> int:
                     continue
                 failures[name] = failures.get(name, 0) + 1
                 delay = restart_delay(failures[name] + 1)
-                _log(f"{name} (pid {process.pid}) exited: restarting it (restart {failures[name]}; "
-                     f"last lines in {process.log})")
+                _log(
+                    f"{name} (pid {process.pid}) exited: restarting it (restart {failures[name]}; "
+                    f"last lines in {process.log})"
+                )
                 try:
                     new = cluster.restart_component(layout, state, name)
                 except (OSError, KeyError, ValueError) as error:

@@ -32,8 +32,20 @@ from lmforge.operator.localnode.kubelet import KubeletServer
 TICK_S = 0.5
 HEARTBEAT_S = 10.0
 DNS_WAIT_S = 120.0  # how long a pod waits for a peer's name (e.g. <job>-0.<job>) before starting anyway
-ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "LMFORGE_CACHE_DIR", "HF_HOME",
-                   "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+ENV_PASSTHROUGH = (
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "LMFORGE_CACHE_DIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TRITON_INTERPRET",
+    "CUDA_VISIBLE_DEVICES",
+)
 Log = Callable[[str], None]
 
 
@@ -100,16 +112,23 @@ def venv_bin() -> Path:
 
 
 class Agent:
-    def __init__(self, kubeconfig: Path | str | None, state_dir: Path, node_name: str = nodes.NODE_NAME,
-                 kubelet_port: int = 0, log: Log | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path | str | None,
+        state_dir: Path,
+        node_name: str = nodes.NODE_NAME,
+        kubelet_port: int = 0,
+        log: Log | None = None,
+    ) -> None:
         from kubernetes import client, config
 
         self.log = log or (lambda m: print(m, flush=True))
         self.state_dir = Path(state_dir)
         self.node_name = node_name
         configuration = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None,
-                                client_configuration=configuration)
+        config.load_kube_config(
+            config_file=str(kubeconfig) if kubeconfig else None, client_configuration=configuration
+        )
         self.api_client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.api_client)
         self.coordination = client.CoordinationV1Api(self.api_client)
@@ -149,8 +168,13 @@ class Agent:
         except ApiException as error:
             if error.status != 409:
                 raise
-            self.core.patch_node(self.node_name, {"metadata": {"labels": manifest["metadata"]["labels"]},
-                                                  "spec": {"taints": manifest["spec"]["taints"]}})
+            self.core.patch_node(
+                self.node_name,
+                {
+                    "metadata": {"labels": manifest["metadata"]["labels"]},
+                    "spec": {"taints": manifest["spec"]["taints"]},
+                },
+            )
         self.heartbeat()
 
     def heartbeat(self, ready: bool = True) -> None:
@@ -161,7 +185,9 @@ class Agent:
         uid = body["metadata"]["uid"]
         lease = nodes.lease_manifest(self.node_name, uid, nodes.now_micro())
         try:
-            self.coordination.patch_namespaced_lease(self.node_name, nodes.LEASE_NAMESPACE, {"spec": lease["spec"]})
+            self.coordination.patch_namespaced_lease(
+                self.node_name, nodes.LEASE_NAMESPACE, {"spec": lease["spec"]}
+            )
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -179,8 +205,10 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.kubelet.start()
         self.register()
-        self.log(f"node {self.node_name} Ready; kubelet API on https://127.0.0.1:{self.kubelet.port}; "
-                 f"pods under {self.state_dir / 'pods'}")
+        self.log(
+            f"node {self.node_name} Ready; kubelet API on https://127.0.0.1:{self.kubelet.port}; "
+            f"pods under {self.state_dir / 'pods'}"
+        )
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         try:
             while not self.stop_event.is_set():
@@ -199,7 +227,9 @@ class Agent:
                 for container in run.containers:
                     container.stop(5.0)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(c.alive for r in self.runs.values() for c in r.containers):
+            while time.monotonic() < deadline and any(
+                c.alive for r in self.runs.values() for c in r.containers
+            ):
                 for run in self.runs.values():
                     for container in run.containers:
                         container.tick()
@@ -211,8 +241,9 @@ class Agent:
         self.kubelet.stop()
 
     def sync(self) -> None:
-        listing = self._get_json(self.core.list_pod_for_all_namespaces,
-                                 field_selector=f"spec.nodeName={self.node_name}")
+        listing = self._get_json(
+            self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node_name}"
+        )
         seen = set()
         with self.lock:
             for pod in listing.get("items", []):
@@ -220,8 +251,9 @@ class Agent:
                 seen.add(uid)
                 run = self.runs.get(uid)
                 if run is None:
-                    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") \
-                            and not pod["metadata"].get("deletionTimestamp"):
+                    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") and not pod[
+                        "metadata"
+                    ].get("deletionTimestamp"):
                         self.ips.reserve(uid, (pod.get("status") or {}).get("podIP"))
                         continue  # finished before this agent started: nothing to run
                     run = self._new_run(pod)
@@ -240,13 +272,24 @@ class Agent:
         meta = pod["metadata"]
         uid = meta["uid"]
         self.ips.reserve(uid, (pod.get("status") or {}).get("podIP"))  # an earlier agent's pod keeps its IP
-        run = PodRun(uid, meta.get("namespace", "default"), meta["name"], self.ips.allocate(uid),
-                     self.state_dir / "pods" / pod_dir_name(meta.get("namespace", "default"), meta["name"], uid),
-                     pod, start_time=nodes.now(), transition_time=nodes.now())
+        run = PodRun(
+            uid,
+            meta.get("namespace", "default"),
+            meta["name"],
+            self.ips.allocate(uid),
+            self.state_dir / "pods" / pod_dir_name(meta.get("namespace", "default"), meta["name"], uid),
+            pod,
+            start_time=nodes.now(),
+            transition_time=nodes.now(),
+        )
         policy = (pod.get("spec") or {}).get("restartPolicy", "Always")
         for spec in (pod.get("spec") or {}).get("containers") or ():
-            spec = {**spec, "terminationGracePeriodSeconds": (pod.get("spec") or {}).get(
-                "terminationGracePeriodSeconds", 30)}
+            spec = {
+                **spec,
+                "terminationGracePeriodSeconds": (pod.get("spec") or {}).get(
+                    "terminationGracePeriodSeconds", 30
+                ),
+            }
             run.containers.append(Container(spec, policy, run.directory / "logs" / spec["name"], run.ip))
         self.runs[uid] = run
         self.log(f"pod {run.namespace}/{run.name}: IP {run.ip}, dir {run.directory}")
@@ -282,8 +325,12 @@ class Agent:
         from kubernetes.client.rest import ApiException
 
         try:
-            self.core.delete_namespaced_pod(run.name, run.namespace, grace_period_seconds=0,
-                                            body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0})
+            self.core.delete_namespaced_pod(
+                run.name,
+                run.namespace,
+                grace_period_seconds=0,
+                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},
+            )
         except ApiException as error:
             if error.status not in (404, 409):
                 raise
@@ -298,20 +345,33 @@ class Agent:
             for container in run.containers:
                 needed |= podspec.mentions(container.spec, pending)
             if needed and time.monotonic() - run.first_seen < DNS_WAIT_S:
-                run.waiting = ("ContainerCreating", f"waiting for {', '.join(sorted(needed))} to get a pod IP")
+                run.waiting = (
+                    "ContainerCreating",
+                    f"waiting for {', '.join(sorted(needed))} to get a pod IP",
+                )
                 return
-            mounted = volumes.materialise(run.pod, run.directory, self.state_dir / "pvc", self._sources(), run.ip)
+            mounted = volumes.materialise(
+                run.pod, run.directory, self.state_dir / "pvc", self._sources(), run.ip
+            )
             base = self._base_env(run)
             specs = []
             for container in run.containers:
                 ctx = podspec.PodContext(
-                    pod=run.pod, pod_ip=run.ip, config_maps=self._env_sources(run, container.spec, "configMap"),
+                    pod=run.pod,
+                    pod_ip=run.ip,
+                    config_maps=self._env_sources(run, container.spec, "configMap"),
                     secrets=self._env_sources(run, container.spec, "secret"),
-                    mount_map=volumes.mount_map(container.spec, mounted), dns=dns, base_env=base)
+                    mount_map=volumes.mount_map(container.spec, mounted),
+                    dns=dns,
+                    base_env=base,
+                )
                 spec = podspec.process_spec(container.spec, ctx)
                 if self.bind_mounts:
-                    spec = podspec.ProcessSpec(podspec.with_bind_mounts(
-                        spec.argv, podspec.bind_mountable(ctx.mount_map)), spec.env, spec.cwd)
+                    spec = podspec.ProcessSpec(
+                        podspec.with_bind_mounts(spec.argv, podspec.bind_mountable(ctx.mount_map)),
+                        spec.env,
+                        spec.cwd,
+                    )
                 specs.append(spec)
         except podspec.SpecError as error:
             self._fail_to_start(run, error.reason, str(error))
@@ -319,8 +379,10 @@ class Agent:
         run.started, run.waiting = True, None
         for container, spec in zip(run.containers, specs, strict=True):
             container.start(spec, str(run.directory / "work"))
-            self.log(f"pod {run.namespace}/{run.name}: started {container.state.name} "
-                     f"(pid {container.process.pid if container.process else '-'}): {' '.join(spec.argv)}")
+            self.log(
+                f"pod {run.namespace}/{run.name}: started {container.state.name} "
+                f"(pid {container.process.pid if container.process else '-'}): {' '.join(spec.argv)}"
+            )
 
     def _fail_to_start(self, run: PodRun, reason: str, message: str) -> None:
         """Config errors: retried while young (a ConfigMap may be created right after the pod)."""
@@ -343,14 +405,23 @@ class Agent:
 
         def token(pod: Mapping[str, Any], audience: str | None, seconds: int) -> str:
             meta = pod["metadata"]
-            spec: dict[str, Any] = {"expirationSeconds": seconds,
-                                    "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
-                                                       "name": meta["name"], "uid": meta["uid"]}}
+            spec: dict[str, Any] = {
+                "expirationSeconds": seconds,
+                "boundObjectRef": {
+                    "kind": "Pod",
+                    "apiVersion": "v1",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            }
             if audience:
                 spec["audiences"] = [audience]
-            body = self._get_json(self.core.create_namespaced_service_account_token,
-                                  (pod.get("spec") or {}).get("serviceAccountName") or "default",
-                                  meta.get("namespace", "default"), {"spec": spec})
+            body = self._get_json(
+                self.core.create_namespaced_service_account_token,
+                (pod.get("spec") or {}).get("serviceAccountName") or "default",
+                meta.get("namespace", "default"),
+                {"spec": spec},
+            )
             return body["status"]["token"]
 
         return volumes.Sources(config_map, secret, token)
@@ -382,8 +453,11 @@ class Agent:
         pods = self._get_json(self.core.list_namespaced_pod, run.namespace).get("items", [])
         for pod in pods:
             names = podspec.pod_dns_names(pod)
-            ip = ours[pod["metadata"]["uid"]].ip if pod["metadata"]["uid"] in ours else \
-                (pod.get("status") or {}).get("podIP")
+            ip = (
+                ours[pod["metadata"]["uid"]].ip
+                if pod["metadata"]["uid"] in ours
+                else (pod.get("status") or {}).get("podIP")
+            )
             for name in names:
                 if ip:
                     dns[name] = ip
@@ -394,9 +468,13 @@ class Agent:
             selector = (service.get("spec") or {}).get("selector")
             if not selector:
                 continue
-            matching = [p for p in pods if all((p["metadata"].get("labels") or {}).get(k) == v
-                                               for k, v in selector.items())
-                        and p["metadata"]["uid"] in ours and not p["metadata"].get("deletionTimestamp")]
+            matching = [
+                p
+                for p in pods
+                if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+                and p["metadata"]["uid"] in ours
+                and not p["metadata"].get("deletionTimestamp")
+            ]
             matching.sort(key=lambda p: not (ours[p["metadata"]["uid"]].last_status or {}).get("podIP"))
             if matching:
                 for name in podspec.service_dns_names(service["metadata"]["name"], run.namespace):
@@ -406,15 +484,17 @@ class Agent:
     def _base_env(self, run: PodRun) -> dict[str, str]:
         bin_dir = venv_bin()
         env = {k: os.environ[k] for k in ENV_PASSTHROUGH if k in os.environ}
-        env.update({
-            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
-            "VIRTUAL_ENV": str(bin_dir.parent),
-            "HOSTNAME": (run.pod.get("spec") or {}).get("hostname") or run.name,
-            "PYTHONUNBUFFERED": "1",
-            "KUBERNETES_SERVICE_HOST": self.apiserver_host,
-            "KUBERNETES_SERVICE_PORT": str(self.apiserver_port),
-            "KUBERNETES_SERVICE_PORT_HTTPS": str(self.apiserver_port),
-        })
+        env.update(
+            {
+                "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
+                "VIRTUAL_ENV": str(bin_dir.parent),
+                "HOSTNAME": (run.pod.get("spec") or {}).get("hostname") or run.name,
+                "PYTHONUNBUFFERED": "1",
+                "KUBERNETES_SERVICE_HOST": self.apiserver_host,
+                "KUBERNETES_SERVICE_PORT": str(self.apiserver_port),
+                "KUBERNETES_SERVICE_PORT_HTTPS": str(self.apiserver_port),
+            }
+        )
         return env
 
     # --- status ------------------------------------------------------------------------------------
@@ -423,19 +503,31 @@ class Agent:
         reason = message = None
         if run.failed:
             for state in states:
-                state.state, state.exit_code = "terminated", state.exit_code if state.exit_code is not None else 128
+                state.state, state.exit_code = (
+                    "terminated",
+                    state.exit_code if state.exit_code is not None else 128,
+                )
                 state.reason, state.message = run.failed
                 state.finished_at = state.finished_at or nodes.now()
             reason, message = run.failed
         elif run.waiting:
             for state in states:
                 state.reason, state.message = run.waiting
-        key = json.dumps([podstatus.phase(states, run.restart_policy),
-                          [c.to_k8s() for c in states]], sort_keys=True)
+        key = json.dumps(
+            [podstatus.phase(states, run.restart_policy), [c.to_k8s() for c in states]], sort_keys=True
+        )
         if key != run.last_key:
             run.transition_time = nodes.now()
-        status = podstatus.pod_status(states, run.restart_policy, run.ip, "127.0.0.1", run.start_time,
-                                      run.transition_time, reason, message)
+        status = podstatus.pod_status(
+            states,
+            run.restart_policy,
+            run.ip,
+            "127.0.0.1",
+            run.start_time,
+            run.transition_time,
+            reason,
+            message,
+        )
         if status == run.last_status:
             return
         from kubernetes.client.rest import ApiException
@@ -467,9 +559,15 @@ class Agent:
         return logs[-2] if previous else logs[-1], lambda: False
 
     def _write_index(self) -> None:
-        index = {f"{r.namespace}/{r.name}": {"dir": str(r.directory), "ip": r.ip, "uid": r.uid,
-                                             "pids": {c.state.name: c.process.pid for c in r.containers if c.process}}
-                 for r in self.runs.values()}
+        index = {
+            f"{r.namespace}/{r.name}": {
+                "dir": str(r.directory),
+                "ip": r.ip,
+                "uid": r.uid,
+                "pids": {c.state.name: c.process.pid for c in r.containers if c.process},
+            }
+            for r in self.runs.values()
+        }
         path = self.state_dir / "index.json"
         tmp = path.with_name("index.json.tmp")
         tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
@@ -485,6 +583,9 @@ class Agent:
 
 def find_pod_dir(state_dir: Path, namespace: str, name: str) -> Path | None:
     """The newest directory of pod namespace/name (pods are recreated under the same name)."""
-    candidates = [p for p in (state_dir / "pods").glob(f"{namespace}_{name}_*")
-                  if p.name.rsplit("_", 1)[0] == f"{namespace}_{name}"]
+    candidates = [
+        p
+        for p in (state_dir / "pods").glob(f"{namespace}_{name}_*")
+        if p.name.rsplit("_", 1)[0] == f"{namespace}_{name}"
+    ]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None

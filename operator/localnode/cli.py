@@ -1,9 +1,9 @@
 """`lmforge node run | logs | endpoints | kill` (wired by cli.py: `add_arguments` + `main`).
 
-    lmforge node run                      # register lmforge-local and run its pods (foreground)
-    lmforge node logs <pod> [-c C] [-p]   # a container's log file (what `kubectl logs` also serves)
-    lmforge node endpoints <service>      # ready pod IP:targetPort of a Service, reachable from the host
-    lmforge node kill <pod> [--signal S]  # signal a container's main process (crash injection)
+lmforge node run                      # register lmforge-local and run its pods (foreground)
+lmforge node logs <pod> [-c C] [-p]   # a container's log file (what `kubectl logs` also serves)
+lmforge node endpoints <service>      # ready pod IP:targetPort of a Service, reachable from the host
+lmforge node kill <pod> [--signal S]  # signal a container's main process (crash injection)
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ def default_state_dir() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help=f"pod directories, logs, index (default: ${STATE_DIR_ENV} or <cache>/localnode)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"pod directories, logs, index (default: ${STATE_DIR_ENV} or <cache>/localnode)",
+    )
     actions = parser.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     run = actions.add_parser("run", help="register the process node and run the pods bound to it")
     run.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), help="default: $KUBECONFIG")
@@ -86,14 +90,17 @@ def run(state_dir: Path, kubeconfig: str | None, name: str = NODE_NAME, kubelet_
     return 0
 
 
-def logs(state_dir: Path, namespace: str, pod: str, container: str | None = None,
-         previous: bool = False) -> str | None:
+def logs(
+    state_dir: Path, namespace: str, pod: str, container: str | None = None, previous: bool = False
+) -> str | None:
     from lmforge.operator.localnode.agent import find_pod_dir
 
     directory = find_pod_dir(state_dir, namespace, pod)
     if directory is None:
         return None
-    containers = sorted(p.name for p in (directory / "logs").iterdir()) if (directory / "logs").exists() else []
+    containers = (
+        sorted(p.name for p in (directory / "logs").iterdir()) if (directory / "logs").exists() else []
+    )
     name = container or (containers[0] if containers else None)
     files = sorted((directory / "logs" / name).glob("*.log"), key=lambda p: int(p.stem)) if name else []
     if len(files) < (2 if previous else 1):
@@ -111,19 +118,26 @@ def endpoints(kubeconfig: str | None, namespace: str, service: str) -> list[str]
     if not selector:
         return []
     label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
-    pods = json.loads(api.list_namespaced_pod(namespace, label_selector=label_selector,
-                                              _preload_content=False).data)["items"]
+    pods = json.loads(
+        api.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False).data
+    )["items"]
     out = []
     for pod in pods:
         status = pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ()
+        )
         if not (ready and status.get("podIP")) or pod["metadata"].get("deletionTimestamp"):
             continue
         for port in (svc.get("spec") or {}).get("ports") or ():
             target = port.get("targetPort", port.get("port"))
             if isinstance(target, str) and not target.isdigit():
-                named = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports") or ()
-                         if p.get("name") == target]
+                named = [
+                    p["containerPort"]
+                    for c in pod["spec"]["containers"]
+                    for p in c.get("ports") or ()
+                    if p.get("name") == target
+                ]
                 if not named:
                     continue
                 target = named[0]

@@ -73,9 +73,15 @@ class Container:
         log = open(self.log_path(), "ab")  # noqa: SIM115 - the child writes it
         state = self.state
         try:
-            self.process = subprocess.Popen(list(self.process_spec.argv), env=self.process_spec.env, cwd=self.cwd,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                list(self.process_spec.argv),
+                env=self.process_spec.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as error:
             log.write(f"lmforge-localnode: cannot start {self.process_spec.argv[0]!r}: {error}\n".encode())
             self.process = None
@@ -91,16 +97,18 @@ class Container:
         state.started_at, state.finished_at, state.exit_code = now(), None, None
         state.started = probe is None
         state.ready = state.started and self.spec.get("readinessProbe") is None
-        threading.Thread(target=self._probe_loop, args=(self._generation,), daemon=True,
-                         name=f"probe-{state.name}").start()
+        threading.Thread(
+            target=self._probe_loop, args=(self._generation,), daemon=True, name=f"probe-{state.name}"
+        ).start()
 
     def _terminated(self, code: int, reason: str, message: str = "") -> None:
         state = self.state
         state.state, state.exit_code, state.reason, state.message = "terminated", code, reason, message
         state.finished_at = state.finished_at or now()
         state.ready = state.started = False
-        restart = not self.stopping and (self.restart_policy == "Always"
-                                         or (self.restart_policy == "OnFailure" and code != 0))
+        restart = not self.stopping and (
+            self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and code != 0)
+        )
         if restart:
             state.last_terminated = state.terminated_dict()
             state.restart_count += 1
@@ -124,8 +132,12 @@ class Container:
             if self.process is not None and self.kill_at is not None and time.monotonic() >= self.kill_at:
                 _signal_group(self.process.pid, signal.SIGKILL)
                 self.kill_at = None
-            if (self.restart_at is not None and time.monotonic() >= self.restart_at
-                    and self.process is None and not self.stopping):
+            if (
+                self.restart_at is not None
+                and time.monotonic() >= self.restart_at
+                and self.process is None
+                and not self.stopping
+            ):
                 self.restart_at = None
                 self._launch()
                 changed = True
@@ -162,7 +174,9 @@ class Container:
     def _probe_loop(self, generation: int) -> None:
         started_mono = time.monotonic()
         spec = self.spec
-        probes = {kind: spec[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if spec.get(kind)}
+        probes = {
+            kind: spec[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if spec.get(kind)
+        }
         if not probes:
             return
         due = {kind: started_mono + ProbeTiming.of(p).initial_delay_s for kind, p in probes.items()}

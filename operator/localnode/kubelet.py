@@ -27,10 +27,30 @@ def ensure_certificate(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "kubelet.crt", directory / "kubelet.key"
     if not (cert.exists() and key.exists()):
         directory.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
-                        "-subj", "/CN=lmforge-local", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=lmforge-local",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            ],
+            check=True,
+            capture_output=True,
+        )
     return cert, key
 
 
@@ -62,8 +82,11 @@ class KubeletServer:
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 found = lookup_(*match.groups(), query.get("previous") == "true")
                 if found is None:
-                    self._reply(404, f"container {match.group(3)} of pod {match.group(1)}/{match.group(2)} "
-                                     "has no logs here\n".encode())
+                    self._reply(
+                        404,
+                        f"container {match.group(3)} of pod {match.group(1)}/{match.group(2)} "
+                        "has no logs here\n".encode(),
+                    )
                     return
                 path, running = found
                 data = path.read_bytes() if path.exists() else b""

@@ -44,8 +44,12 @@ def capacity(cpus: int | None = None, memory_bytes: int | None = None, pods: int
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             memory_bytes = 8 << 30
-    return {"cpu": str(cpus), "memory": f"{memory_bytes // 1024}Ki", "pods": str(pods),
-            "ephemeral-storage": "100Gi"}
+    return {
+        "cpu": str(cpus),
+        "memory": f"{memory_bytes // 1024}Ki",
+        "pods": str(pods),
+        "ephemeral-storage": "100Gi",
+    }
 
 
 def node_manifest(name: str = NODE_NAME) -> dict[str, Any]:
@@ -54,15 +58,24 @@ def node_manifest(name: str = NODE_NAME) -> dict[str, Any]:
         "kind": "Node",
         "metadata": {
             "name": name,
-            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                       "kubernetes.io/arch": "amd64", LABEL_NODE_TYPE[0]: LABEL_NODE_TYPE[1]},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                LABEL_NODE_TYPE[0]: LABEL_NODE_TYPE[1],
+            },
         },
         "spec": {"taints": [dict(TAINT)]},
     }
 
 
-def node_status(kubelet_port: int, node_ip: str = "127.0.0.1", ready: bool = True,
-                transition_time: str | None = None, cap: dict[str, str] | None = None) -> dict[str, Any]:
+def node_status(
+    kubelet_port: int,
+    node_ip: str = "127.0.0.1",
+    ready: bool = True,
+    transition_time: str | None = None,
+    cap: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Only an InternalIP address: the apiserver dials the first of Hostname, InternalDNS,
     InternalIP..., and our node name does not resolve."""
     stamp = now()
@@ -70,13 +83,23 @@ def node_status(kubelet_port: int, node_ip: str = "127.0.0.1", ready: bool = Tru
     cap = cap or capacity()
 
     def condition(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
-        return {"type": kind, "status": status, "reason": reason, "message": message,
-                "lastHeartbeatTime": stamp, "lastTransitionTime": since}
+        return {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": since,
+        }
 
     return {
         "conditions": [
-            condition("Ready", "True" if ready else "False", "KubeletReady" if ready else "KubeletNotReady",
-                      "lmforge local process node is posting ready status" if ready else "agent stopping"),
+            condition(
+                "Ready",
+                "True" if ready else "False",
+                "KubeletReady" if ready else "KubeletNotReady",
+                "lmforge local process node is posting ready status" if ready else "agent stopping",
+            ),
             condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "ok"),
             condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "ok"),
             condition("PIDPressure", "False", "KubeletHasSufficientPID", "ok"),
@@ -86,10 +109,16 @@ def node_status(kubelet_port: int, node_ip: str = "127.0.0.1", ready: bool = Tru
         "capacity": dict(cap),
         "allocatable": dict(cap),
         "nodeInfo": {
-            "architecture": "amd64", "bootID": "", "machineID": "", "systemUUID": "",
-            "containerRuntimeVersion": f"{AGENT_VERSION}://processes", "kernelVersion": platform.release(),
-            "kubeProxyVersion": AGENT_VERSION, "kubeletVersion": f"v0.0.0-{AGENT_VERSION}",
-            "operatingSystem": "linux", "osImage": platform.platform(),
+            "architecture": "amd64",
+            "bootID": "",
+            "machineID": "",
+            "systemUUID": "",
+            "containerRuntimeVersion": f"{AGENT_VERSION}://processes",
+            "kernelVersion": platform.release(),
+            "kubeProxyVersion": AGENT_VERSION,
+            "kubeletVersion": f"v0.0.0-{AGENT_VERSION}",
+            "operatingSystem": "linux",
+            "osImage": platform.platform(),
         },
         "phase": "Running",
     }
@@ -99,5 +128,9 @@ def lease_manifest(name: str, node_uid: str | None, renew_time: str) -> dict[str
     metadata: dict[str, Any] = {"name": name, "namespace": LEASE_NAMESPACE}
     if node_uid:
         metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}]
-    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata,
-            "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": renew_time}}
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": metadata,
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": renew_time},
+    }

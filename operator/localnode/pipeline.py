@@ -25,10 +25,12 @@ import yaml
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
 WORKER_SERVICE_ACCOUNT = "lmforge-worker"
-PAIRS = [("What is Kubernetes?", "A system that runs containers on many machines."),
-         ("What does an operator do?", "It turns a custom resource into running pods."),
-         ("Say hello.", "Hello from lmforge!"),
-         ("What is a TrainJob?", "A gang of worker pods that fine-tunes a model.")]
+PAIRS = [
+    ("What is Kubernetes?", "A system that runs containers on many machines."),
+    ("What does an operator do?", "It turns a custom resource into running pods."),
+    ("Say hello.", "Hello from lmforge!"),
+    ("What is a TrainJob?", "A gang of worker pods that fine-tunes a model."),
+]
 
 
 def write_inputs(directory: Path) -> Path:
@@ -41,8 +43,10 @@ def write_inputs(directory: Path) -> Path:
         save_tiny_model(model, arch="llama")
     data = directory / "chat.jsonl"
     if not data.exists():
-        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for q, a in PAIRS * 8]
+        rows = [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in PAIRS * 8
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory
 
@@ -62,11 +66,23 @@ def worker_rbac(namespace: str) -> list[dict[str, Any]]:
     meta = {"name": WORKER_SERVICE_ACCOUNT, "namespace": namespace}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
-         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": WORKER_SERVICE_ACCOUNT},
-         "subjects": [{"kind": "ServiceAccount", "name": WORKER_SERVICE_ACCOUNT, "namespace": namespace}]},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": WORKER_SERVICE_ACCOUNT,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": WORKER_SERVICE_ACCOUNT, "namespace": namespace}],
+        },
     ]
 
 
@@ -92,8 +108,9 @@ class Kube:
         return cls(info.kubectl, info.env())
 
     def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> str:
-        result = subprocess.run([self.kubectl, *args], input=input, capture_output=True, text=True,
-                                env=self.env, timeout=timeout)
+        result = subprocess.run(
+            [self.kubectl, *args], input=input, capture_output=True, text=True, env=self.env, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise PipelineError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
@@ -105,7 +122,9 @@ class Kube:
         return self("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
 
 
-def wait(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str], interval: float = 0.5) -> Any:
+def wait(
+    predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str], interval: float = 0.5
+) -> Any:
     """Poll until `predicate` returns something truthy (exceptions count as 'not yet')."""
     deadline = time.monotonic() + timeout
     while True:
@@ -116,11 +135,15 @@ def wait(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], 
         except (PipelineError, OSError, ValueError):
             pass
         if time.monotonic() > deadline:
-            raise PipelineError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+            raise PipelineError(
+                f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}"
+            )
         time.sleep(interval)
 
 
-def start_process(cmd: list[str], log_path: Path, env: dict[str, str], append: bool = False) -> subprocess.Popen:
+def start_process(
+    cmd: list[str], log_path: Path, env: dict[str, str], append: bool = False
+) -> subprocess.Popen:
     """A background process in its own session (stop() signals the whole group), output to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a" if append else "w") as log:  # the child keeps its own descriptor
@@ -172,8 +195,11 @@ def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60)
     """`lmforge node run` in the background; returns once node lmforge-local is Ready and untainted."""
     from lmforge.operator.localnode.node import NODE_NAME
 
-    proc = start_process([sys.executable, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
-                         log_path, kube.env)
+    proc = start_process(
+        [sys.executable, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
+        log_path,
+        kube.env,
+    )
 
     def schedulable() -> bool:
         if proc.poll() is not None:
@@ -197,11 +223,18 @@ class OperatorProcess:
     lines) in a file. Restartable: start() after stop() or kill() appends to the same log, with a
     `--- restart N` line between runs. The one operator wrapper of the demo and the e2e tests."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (),
-                 liveness_port: int = 0) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (), liveness_port: int = 0
+    ) -> None:
         self.env, self.log_path, self.liveness_port = env, log_path, liveness_port
-        self.cmd = [str(Path(sys.executable).parent / "lmforge"), "operator", "run",
-                    "--liveness-port", str(liveness_port), *args]
+        self.cmd = [
+            str(Path(sys.executable).parent / "lmforge"),
+            "operator",
+            "run",
+            "--liveness-port",
+            str(liveness_port),
+            *args,
+        ]
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -221,7 +254,9 @@ class OperatorProcess:
     def healthy(self) -> bool:
         """Whether its liveness endpoint answers 200 (needs a liveness_port)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2
+            ) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -229,6 +264,7 @@ class OperatorProcess:
     def wait_healthy(self, timeout: float = 90) -> None:
         """Until its liveness endpoint answers. An operator that exits first ends the wait at once
         with SystemExit (wait() takes a PipelineError for 'not yet')."""
+
         def healthy() -> bool:
             if not self.running():
                 raise SystemExit(f"the operator exited ({self.proc.returncode}):\n{self.tail()}")
@@ -259,12 +295,21 @@ class OperatorProcess:
         self.stop()
 
 
-def start_operator(kube: Kube, namespace: str, log_path: Path, liveness_port: int,
-                   extra_args: tuple[str, ...] = (), timeout: float = 90) -> subprocess.Popen:
+def start_operator(
+    kube: Kube,
+    namespace: str,
+    log_path: Path,
+    liveness_port: int,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 90,
+) -> subprocess.Popen:
     """`lmforge operator run -n <namespace>` with the workers' ServiceAccount (progress and result
     annotations); returns once its liveness endpoint answers."""
-    env = {**kube.env, "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
-           "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1"}
+    env = {
+        **kube.env,
+        "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
+        "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1",
+    }
     operator = OperatorProcess(env, log_path, ("-n", namespace, *extra_args), liveness_port).start()
     try:
         operator.wait_healthy(timeout)
@@ -278,9 +323,19 @@ def apply_crds(kube: Kube, crds: Path, timeout: float = 60) -> str:
     """`kubectl apply -f crds/`, then wait until the API server serves the three kinds (a CRD
     just created has no status for a moment: `kubectl wait` would fail, not wait)."""
     out = kube("apply", "-f", str(crds))
-    wait(lambda: kube("wait", "--for=condition=Established", "--timeout=10s", "crd/trainjobs.lmforge.dev",
-                      "crd/quantizejobs.lmforge.dev", "crd/inferenceservices.lmforge.dev", timeout=20),
-         timeout, "the lmforge CRDs to be Established")
+    wait(
+        lambda: kube(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=10s",
+            "crd/trainjobs.lmforge.dev",
+            "crd/quantizejobs.lmforge.dev",
+            "crd/inferenceservices.lmforge.dev",
+            timeout=20,
+        ),
+        timeout,
+        "the lmforge CRDs to be Established",
+    )
     return out
 
 
@@ -300,9 +355,20 @@ def delete_resources(kube: Kube, namespace: str, timeout: float = 120) -> list[s
     kinds = ("inferenceservices.lmforge.dev", "quantizejobs.lmforge.dev", "trainjobs.lmforge.dev")
     existing = kube("get", ",".join(kinds), "-n", namespace, "-o", "name", check=False).split()
     if existing:
-        kube("delete", *existing, "-n", namespace, "--wait=true", f"--timeout={int(timeout)}s", timeout=timeout + 10)
-        wait(lambda: not kube.json("get", "pods", "-n", namespace)["items"], timeout,
-             lambda: f"the old pods in {namespace} to go: {kube('get', 'pods', '-n', namespace, check=False)}")
+        kube(
+            "delete",
+            *existing,
+            "-n",
+            namespace,
+            "--wait=true",
+            f"--timeout={int(timeout)}s",
+            timeout=timeout + 10,
+        )
+        wait(
+            lambda: not kube.json("get", "pods", "-n", namespace)["items"],
+            timeout,
+            lambda: f"the old pods in {namespace} to go: {kube('get', 'pods', '-n', namespace, check=False)}",
+        )
     return existing
 
 
@@ -310,8 +376,16 @@ def status_of(kube: Kube, kind: str, name: str, namespace: str) -> dict[str, Any
     return kube.json("get", kind, name, "-n", namespace).get("status") or {}
 
 
-def _wait_phase(kube: Kube, kind: str, name: str, namespace: str, phases: tuple[str, ...], timeout: float,
-                every: float, on_poll: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+def _wait_phase(
+    kube: Kube,
+    kind: str,
+    name: str,
+    namespace: str,
+    phases: tuple[str, ...],
+    timeout: float,
+    every: float,
+    on_poll: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -326,8 +400,10 @@ def _wait_phase(kube: Kube, kind: str, name: str, namespace: str, phases: tuple[
         if phase == "Failed":
             raise PipelineError(f"{kind} {namespace}/{name} failed: {json.dumps(status, indent=1)}")
         if time.monotonic() > deadline:
-            raise PipelineError(f"timed out after {timeout:.0f}s: {kind} {namespace}/{name} is not "
-                                f"{' or '.join(phases)}: {json.dumps(status, indent=1)}")
+            raise PipelineError(
+                f"timed out after {timeout:.0f}s: {kind} {namespace}/{name} is not "
+                f"{' or '.join(phases)}: {json.dumps(status, indent=1)}"
+            )
         time.sleep(every)
 
 
@@ -353,33 +429,57 @@ def wait_master_port(timeout: float = 120, log: Callable[[str], None] = print) -
         wait(lambda: port_free(MASTER_PORT), timeout, f"port {MASTER_PORT} to be free", interval=1)
 
 
-def train(kube: Kube, namespace: str, directory: Path, timeout: float = 600, every: float = 2,
-          on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def train(
+    kube: Kube,
+    namespace: str,
+    directory: Path,
+    timeout: float = 600,
+    every: float = 2,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """examples/demo/trainjob.yaml until Succeeded; returns its status."""
     wait_master_port()
     kube.apply(render("trainjob.yaml", directory, namespace))
-    return _wait_phase(kube, "trainjobs.lmforge.dev", TRAINJOB, namespace, ("Succeeded",), timeout, every, on_poll)
+    return _wait_phase(
+        kube, "trainjobs.lmforge.dev", TRAINJOB, namespace, ("Succeeded",), timeout, every, on_poll
+    )
 
 
-def quantize(kube: Kube, namespace: str, directory: Path, timeout: float = 300, every: float = 2,
-             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def quantize(
+    kube: Kube,
+    namespace: str,
+    directory: Path,
+    timeout: float = 300,
+    every: float = 2,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """examples/demo/quantizejob.yaml (W4A16 of the fine-tuned model, serveAfter demo-chat) until
     Succeeded; returns its status."""
     kube.apply(render("quantizejob.yaml", directory, namespace))
-    return _wait_phase(kube, "quantizejobs.lmforge.dev", QUANTIZEJOB, namespace, ("Succeeded",), timeout, every,
-                       on_poll)
+    return _wait_phase(
+        kube, "quantizejobs.lmforge.dev", QUANTIZEJOB, namespace, ("Succeeded",), timeout, every, on_poll
+    )
 
 
-def serve(kube: Kube, namespace: str, timeout: float = 300, every: float = 2,
-          on_poll: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], str]:
+def serve(
+    kube: Kube,
+    namespace: str,
+    timeout: float = 300,
+    every: float = 2,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], str]:
     """The serveAfter InferenceService until Ready; returns its status and one ready endpoint
     (pod IP:port, reachable from this host)."""
     from lmforge.operator.localnode.cli import endpoints
 
-    status = _wait_phase(kube, "inferenceservices.lmforge.dev", SERVICE, namespace, ("Ready",), timeout, every,
-                         on_poll)
-    found = wait(lambda: endpoints(kube.env.get("KUBECONFIG"), namespace, SERVICE), 60,
-                 f"a ready endpoint of Service {namespace}/{SERVICE}")
+    status = _wait_phase(
+        kube, "inferenceservices.lmforge.dev", SERVICE, namespace, ("Ready",), timeout, every, on_poll
+    )
+    found = wait(
+        lambda: endpoints(kube.env.get("KUBECONFIG"), namespace, SERVICE),
+        60,
+        f"a ready endpoint of Service {namespace}/{SERVICE}",
+    )
     return status, found[0]
 
 
@@ -388,5 +488,6 @@ def chat(endpoint: str, question: str, max_tokens: int = 24) -> Any:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://{endpoint}/v1", api_key="none", max_retries=2, timeout=60)
-    return client.chat.completions.create(model=SERVICE, messages=[{"role": "user", "content": question}],
-                                          max_tokens=max_tokens, temperature=0)
+    return client.chat.completions.create(
+        model=SERVICE, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+    )

@@ -59,21 +59,28 @@ class ProcessSpec:
 
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes `$(VAR)` expansion: defined variables are replaced, `$$` is `$`, the rest stays."""
+
     def replace(match: re.Match) -> str:
         if match.group(0) == "$$":
             return "$"
         name = match.group(1)
         return env[name] if name in env else match.group(0)
+
     return _VAR.sub(replace, text)
 
 
 def field_ref(pod: Mapping[str, Any], path: str, pod_ip: str, host_ip: str) -> str:
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
     simple = {
-        "metadata.name": meta.get("name", ""), "metadata.namespace": meta.get("namespace", "default"),
-        "metadata.uid": meta.get("uid", ""), "spec.nodeName": spec.get("nodeName", ""),
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", "default"),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
-        "status.podIP": pod_ip, "status.podIPs": pod_ip, "status.hostIP": host_ip, "status.hostIPs": host_ip,
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+        "status.hostIP": host_ip,
+        "status.hostIPs": host_ip,
     }
     if path in simple:
         return simple[path]
@@ -113,8 +120,10 @@ def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, st
     env: dict[str, str] = {}
     for source in container.get("envFrom") or ():
         prefix = source.get("prefix", "")
-        for kind, sources, key in (("configMap", ctx.config_maps, "configMapRef"),
-                                   ("secret", ctx.secrets, "secretRef")):
+        for kind, sources, key in (
+            ("configMap", ctx.config_maps, "configMapRef"),
+            ("secret", ctx.secrets, "secretRef"),
+        ):
             ref = source.get(key)
             if ref is None:
                 continue
@@ -138,7 +147,9 @@ def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, st
         elif "resourceFieldRef" in source:
             value = _resource(container, source["resourceFieldRef"])
         else:
-            raise SpecError("CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}")
+            raise SpecError(
+                "CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}"
+            )
         if value is not None:
             env[name] = value
     return env
@@ -154,7 +165,8 @@ def rewrite(text: str, mount_map: Mapping[str, str], dns: Mapping[str, str]) -> 
     for mount_path in sorted(mount_map, key=len, reverse=True):
         if mount_map[mount_path] != mount_path:
             text = _pattern(mount_path.rstrip("/") or "/", False).sub(
-                lambda _m, p=mount_map[mount_path]: p, text)
+                lambda _m, p=mount_map[mount_path]: p, text
+            )
     for name in sorted(dns, key=len, reverse=True):
         if name in text:
             text = _pattern(name, True).sub(lambda _m, ip=dns[name]: ip, text)
@@ -163,8 +175,11 @@ def rewrite(text: str, mount_map: Mapping[str, str], dns: Mapping[str, str]) -> 
 
 def mentions(container: Mapping[str, Any], names: set[str]) -> set[str]:
     """Which of `names` the container's command, args or literal env values use."""
-    words = [*(container.get("command") or ()), *(container.get("args") or ()),
-             *(v.get("value", "") for v in container.get("env") or ())]
+    words = [
+        *(container.get("command") or ()),
+        *(container.get("args") or ()),
+        *(v.get("value", "") for v in container.get("env") or ()),
+    ]
     return {n for n in names if any(_pattern(n, True).search(w) for w in words)}
 
 
@@ -178,9 +193,11 @@ def process_spec(container: Mapping[str, Any], ctx: PodContext) -> ProcessSpec:
     """The argv/env/cwd of `container` in pod `ctx.pod` (raises SpecError)."""
     argv = [*(container.get("command") or ()), *(container.get("args") or ())]
     if not container.get("command"):
-        raise SpecError("CreateContainerConfigError",
-                        f"container {container.get('name')!r} has no command: images are not run here, "
-                        "only commands (the process node ignores `image`)")
+        raise SpecError(
+            "CreateContainerConfigError",
+            f"container {container.get('name')!r} has no command: images are not run here, "
+            "only commands (the process node ignores `image`)",
+        )
     own = {k: rewrite(v, ctx.mount_map, ctx.dns) for k, v in container_env(container, ctx).items()}
     env = {**ctx.base_env, **own}
     if ctx.base_env.get("PATH") and "PATH" in own:  # the project's venv stays first
@@ -190,8 +207,12 @@ def process_spec(container: Mapping[str, Any], ctx: PodContext) -> ProcessSpec:
         env["OMP_NUM_THREADS"] = threads
     env[MOUNT_MAP_ENV] = json.dumps(dict(ctx.mount_map), sort_keys=True)
     argv = [rewrite(expand(a, env), ctx.mount_map, ctx.dns) for a in argv]
-    argv = [ctx.pod_ip if a == ANY_ADDRESS else a.replace(f"={ANY_ADDRESS}", f"={ctx.pod_ip}")
-            .replace(f"{ANY_ADDRESS}:", f"{ctx.pod_ip}:") for a in argv]
+    argv = [
+        ctx.pod_ip
+        if a == ANY_ADDRESS
+        else a.replace(f"={ANY_ADDRESS}", f"={ctx.pod_ip}").replace(f"{ANY_ADDRESS}:", f"{ctx.pod_ip}:")
+        for a in argv
+    ]
     cwd = container.get("workingDir")
     if cwd:
         cwd = rewrite(cwd, ctx.mount_map, {})
@@ -212,10 +233,22 @@ def with_bind_mounts(argv: tuple[str, ...], binds: Mapping[str, str]) -> tuple[s
     directory (needs root and util-linux `unshare`); a mount that fails is skipped."""
     if not binds:
         return argv
-    script = "".join(f'mkdir -p "{m}" 2>/dev/null; mount --bind "{p}" "{m}" 2>/dev/null; '
-                     for m, p in sorted(binds.items()))
-    return ("unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-            script + 'exec "$@"', "sh", *argv)
+    script = "".join(
+        f'mkdir -p "{m}" 2>/dev/null; mount --bind "{p}" "{m}" 2>/dev/null; '
+        for m, p in sorted(binds.items())
+    )
+    return (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        script + 'exec "$@"',
+        "sh",
+        *argv,
+    )
 
 
 def pod_dns_names(pod: Mapping[str, Any]) -> list[str]:

@@ -25,8 +25,13 @@ class ContainerState:
     last_terminated: dict[str, Any] | None = field(default=None)
 
     def terminated_dict(self) -> dict[str, Any]:
-        out = {"exitCode": self.exit_code, "reason": self.reason, "startedAt": self.started_at,
-               "finishedAt": self.finished_at, "containerID": f"process://{self.name}"}
+        out = {
+            "exitCode": self.exit_code,
+            "reason": self.reason,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "containerID": f"process://{self.name}",
+        }
         if self.message:
             out["message"] = self.message
         return out
@@ -37,10 +42,19 @@ class ContainerState:
         elif self.state == "terminated":
             state = {"terminated": self.terminated_dict()}
         else:
-            state = {"waiting": {"reason": self.reason, **({"message": self.message} if self.message else {})}}
-        out: dict[str, Any] = {"name": self.name, "image": self.image, "imageID": "", "state": state,
-                               "ready": self.ready, "started": self.started, "restartCount": self.restart_count,
-                               "lastState": {"terminated": self.last_terminated} if self.last_terminated else {}}
+            state = {
+                "waiting": {"reason": self.reason, **({"message": self.message} if self.message else {})}
+            }
+        out: dict[str, Any] = {
+            "name": self.name,
+            "image": self.image,
+            "imageID": "",
+            "state": state,
+            "ready": self.ready,
+            "started": self.started,
+            "restartCount": self.restart_count,
+            "lastState": {"terminated": self.last_terminated} if self.last_terminated else {},
+        }
         if self.state != "waiting" or self.restart_count:
             out["containerID"] = f"process://{self.name}"
         return out
@@ -58,25 +72,48 @@ def phase(containers: list[ContainerState], restart_policy: str) -> str:
     return "Running"
 
 
-def pod_status(containers: list[ContainerState], restart_policy: str, pod_ip: str, host_ip: str,
-               start_time: str, transition_time: str, reason: str | None = None,
-               message: str | None = None) -> dict[str, Any]:
+def pod_status(
+    containers: list[ContainerState],
+    restart_policy: str,
+    pod_ip: str,
+    host_ip: str,
+    start_time: str,
+    transition_time: str,
+    reason: str | None = None,
+    message: str | None = None,
+) -> dict[str, Any]:
     current = phase(containers, restart_policy)
     ready = current == "Running" and all(c.ready for c in containers)
     not_ready = [c.name for c in containers if not c.ready]
-    why = {} if ready else {"reason": "PodCompleted" if current in ("Succeeded", "Failed") else "ContainersNotReady",
-                            "message": f"containers with unready status: [{' '.join(not_ready)}]"}
+    why = (
+        {}
+        if ready
+        else {
+            "reason": "PodCompleted" if current in ("Succeeded", "Failed") else "ContainersNotReady",
+            "message": f"containers with unready status: [{' '.join(not_ready)}]",
+        }
+    )
 
     def condition(kind: str, status: bool, extra: dict[str, str] | None = None) -> dict[str, Any]:
-        return {"type": kind, "status": "True" if status else "False", "lastProbeTime": None,
-                "lastTransitionTime": transition_time, **(extra or {})}
+        return {
+            "type": kind,
+            "status": "True" if status else "False",
+            "lastProbeTime": None,
+            "lastTransitionTime": transition_time,
+            **(extra or {}),
+        }
 
     status: dict[str, Any] = {
         "phase": current,
-        "conditions": [condition("Initialized", True), condition("ContainersReady", ready, why),
-                       condition("Ready", ready, why)],
-        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
-        "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+        "conditions": [
+            condition("Initialized", True),
+            condition("ContainersReady", ready, why),
+            condition("Ready", ready, why),
+        ],
+        "hostIP": host_ip,
+        "hostIPs": [{"ip": host_ip}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
         "startTime": start_time,
         "containerStatuses": [c.to_k8s() for c in containers],
     }

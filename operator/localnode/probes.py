@@ -21,9 +21,13 @@ class ProbeTiming:
 
     @classmethod
     def of(cls, probe: Mapping[str, Any]) -> ProbeTiming:
-        return cls(float(probe.get("initialDelaySeconds", 0)), float(probe.get("periodSeconds", 10)),
-                   float(probe.get("timeoutSeconds", 1)), int(probe.get("successThreshold", 1)),
-                   int(probe.get("failureThreshold", 3)))
+        return cls(
+            float(probe.get("initialDelaySeconds", 0)),
+            float(probe.get("periodSeconds", 10)),
+            float(probe.get("timeoutSeconds", 1)),
+            int(probe.get("successThreshold", 1)),
+            int(probe.get("failureThreshold", 3)),
+        )
 
 
 def resolve_port(port: int | str, container: Mapping[str, Any]) -> int:
@@ -35,8 +39,13 @@ def resolve_port(port: int | str, container: Mapping[str, Any]) -> int:
     raise ValueError(f"no container port named {port!r}")
 
 
-def run_probe(probe: Mapping[str, Any], container: Mapping[str, Any], pod_ip: str,
-              env: Mapping[str, str], cwd: str | None) -> tuple[bool, str]:
+def run_probe(
+    probe: Mapping[str, Any],
+    container: Mapping[str, Any],
+    pod_ip: str,
+    env: Mapping[str, str],
+    cwd: str | None,
+) -> tuple[bool, str]:
     """(success, detail) of one attempt."""
     timeout = float(probe.get("timeoutSeconds", 1))
     try:
@@ -45,7 +54,8 @@ def run_probe(probe: Mapping[str, Any], container: Mapping[str, Any], pod_ip: st
             host, port = get.get("host") or pod_ip, resolve_port(get["port"], container)
             if get.get("scheme", "HTTP").upper() == "HTTPS":
                 conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    host, port, timeout=timeout, context=ssl._create_unverified_context())
+                    host, port, timeout=timeout, context=ssl._create_unverified_context()
+                )
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
             try:
@@ -57,12 +67,19 @@ def run_probe(probe: Mapping[str, Any], container: Mapping[str, Any], pod_ip: st
             return 200 <= status < 400, f"HTTP probe failed with statuscode: {status}"
         if "tcpSocket" in probe:
             tcp = probe["tcpSocket"]
-            with socket.create_connection((tcp.get("host") or pod_ip, resolve_port(tcp["port"], container)),
-                                          timeout=timeout):
+            with socket.create_connection(
+                (tcp.get("host") or pod_ip, resolve_port(tcp["port"], container)), timeout=timeout
+            ):
                 return True, ""
         if "exec" in probe:
-            result = subprocess.run(probe["exec"]["command"], env=dict(env), cwd=cwd, capture_output=True,
-                                    timeout=timeout, text=True)
+            result = subprocess.run(
+                probe["exec"]["command"],
+                env=dict(env),
+                cwd=cwd,
+                capture_output=True,
+                timeout=timeout,
+                text=True,
+            )
             return result.returncode == 0, (result.stdout + result.stderr)[-200:]
     except (OSError, http.client.HTTPException, subprocess.TimeoutExpired, ValueError) as error:
         return False, f"probe error: {error}"

@@ -65,12 +65,16 @@ def _keyed(kind: str, data: Mapping[str, str] | None, spec: Mapping[str, Any]) -
 
 
 def _downward(pod: Mapping[str, Any], items: list[Mapping[str, Any]], pod_ip: str) -> dict[str, str]:
-    return {i["path"]: field_ref(pod, i["fieldRef"]["fieldPath"], pod_ip, "127.0.0.1")
-            for i in items if "fieldRef" in i}
+    return {
+        i["path"]: field_ref(pod, i["fieldRef"]["fieldPath"], pod_ip, "127.0.0.1")
+        for i in items
+        if "fieldRef" in i
+    }
 
 
-def materialise(pod: Mapping[str, Any], pod_dir: Path, pvc_root: Path, sources: Sources,
-                pod_ip: str) -> dict[str, Path]:
+def materialise(
+    pod: Mapping[str, Any], pod_dir: Path, pvc_root: Path, sources: Sources, pod_ip: str
+) -> dict[str, Path]:
     """Volume name -> local directory (or file, for a hostPath file), written now."""
     namespace = pod["metadata"].get("namespace", "default")
     out: dict[str, Path] = {}
@@ -90,12 +94,19 @@ def materialise(pod: Mapping[str, Any], pod_dir: Path, pvc_root: Path, sources: 
             out[name] = path
         elif "configMap" in volume:
             spec = volume["configMap"]
-            _write(local, _keyed("configMap", sources.config_map(namespace, spec["name"]), spec),
-                   spec.get("defaultMode"))
+            _write(
+                local,
+                _keyed("configMap", sources.config_map(namespace, spec["name"]), spec),
+                spec.get("defaultMode"),
+            )
             out[name] = local
         elif "secret" in volume:
             spec = {**volume["secret"], "name": volume["secret"].get("secretName")}
-            _write(local, _keyed("secret", sources.secret(namespace, spec["name"]), spec), spec.get("defaultMode"))
+            _write(
+                local,
+                _keyed("secret", sources.secret(namespace, spec["name"]), spec),
+                spec.get("defaultMode"),
+            )
             out[name] = local
         elif "downwardAPI" in volume:
             _write(local, _downward(pod, volume["downwardAPI"].get("items") or [], pod_ip), None)
@@ -105,14 +116,23 @@ def materialise(pod: Mapping[str, Any], pod_dir: Path, pvc_root: Path, sources: 
             for source in volume["projected"].get("sources") or ():
                 if "serviceAccountToken" in source:
                     token = source["serviceAccountToken"]
-                    files[token["path"]] = sources.token(pod, token.get("audience"),
-                                                         token.get("expirationSeconds", TOKEN_SECONDS))
+                    files[token["path"]] = sources.token(
+                        pod, token.get("audience"), token.get("expirationSeconds", TOKEN_SECONDS)
+                    )
                 elif "configMap" in source:
-                    files.update(_keyed("configMap", sources.config_map(namespace, source["configMap"]["name"]),
-                                        source["configMap"]))
+                    files.update(
+                        _keyed(
+                            "configMap",
+                            sources.config_map(namespace, source["configMap"]["name"]),
+                            source["configMap"],
+                        )
+                    )
                 elif "secret" in source:
-                    files.update(_keyed("secret", sources.secret(namespace, source["secret"]["name"]),
-                                        source["secret"]))
+                    files.update(
+                        _keyed(
+                            "secret", sources.secret(namespace, source["secret"]["name"]), source["secret"]
+                        )
+                    )
                 elif "downwardAPI" in source:
                     files.update(_downward(pod, source["downwardAPI"].get("items") or [], pod_ip))
             _write(local, files, None)

@@ -60,10 +60,22 @@ class AttentionBackend(ABC):
         """Called once per step, before the model; the result is handed to every layer."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: Any, scale: float, *, k_scale_cache: torch.Tensor | None = None,
-                v_scale_cache: torch.Tensor | None = None, sliding_window: int | None = None,
-                alibi_slopes: torch.Tensor | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+        scale: float,
+        *,
+        k_scale_cache: torch.Tensor | None = None,
+        v_scale_cache: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] (new tokens) -> [T, H, D]; writes k/v into the cache first.
         With scale caches given (int8 KV cache), k/v are quantized on write and dequantized on read.
         sliding_window / alibi_slopes / logits_soft_cap: this layer's score options (module docstring)."""
@@ -114,11 +126,32 @@ class TorchAttentionBackend(AttentionBackend):
             decode_token_idx = torch.tensor([starts[b] for b in decode], device=device)
             decode_slots = _slots(common.block_tables[rows], max_len, bs)
             decode_positions = (lens - 1)[:, None]
-        return TorchAttentionMetadata(common.slot_mapping, start, decode_token_idx, decode_slots,
-                                      decode_positions, prefills, common.prompt_lens)
+        return TorchAttentionMetadata(
+            common.slot_mapping,
+            start,
+            decode_token_idx,
+            decode_slots,
+            decode_positions,
+            prefills,
+            common.prompt_lens,
+        )
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: TorchAttentionMetadata, scale, *, k_scale_cache=None,
-                v_scale_cache=None, sliding_window=None, alibi_slopes=None, logits_soft_cap=None):
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta: TorchAttentionMetadata,
+        scale,
+        *,
+        k_scale_cache=None,
+        v_scale_cache=None,
+        sliding_window=None,
+        alibi_slopes=None,
+        logits_soft_cap=None,
+    ):
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
@@ -140,7 +173,10 @@ class TorchAttentionBackend(AttentionBackend):
         for start, qlen, seq_len, slots in meta.prefills:
             qp = q[start : start + qlen].transpose(0, 1)[None]  # [1, H, qlen, D]
             if slots is None:  # fresh prompt: the new K/V are the whole context
-                kp, vp = k[start : start + qlen].transpose(0, 1)[None], v[start : start + qlen].transpose(0, 1)[None]
+                kp, vp = (
+                    k[start : start + qlen].transpose(0, 1)[None],
+                    v[start : start + qlen].transpose(0, 1)[None],
+                )
             else:  # chunk after cached tokens: query i sits at position seq_len - qlen + i
                 kp = _gather(k_flat, slots, k_sc, q.dtype).transpose(0, 1)[None]  # [1, Hkv, seq_len, D]
                 vp = _gather(v_flat, slots, v_sc, q.dtype).transpose(0, 1)[None]
@@ -159,7 +195,9 @@ class ScoreOptions:
     logits_soft_cap: float | None = None
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, o: ScoreOptions) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, o: ScoreOptions
+) -> torch.Tensor:
     """q [B, H, Lq, D] at positions q_pos [B, Lq]; k/v [B, Hkv, S, D] at positions 0..S-1 -> [B, H, Lq, D].
 
     Causal (+ window) is SDPA with a bool mask. The soft cap sits between the product and the softmax,
@@ -170,14 +208,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
     plain = o.sliding_window is None and o.alibi_slopes is None and o.logits_soft_cap is None
     if plain and q.shape[2] == num_keys:  # a fresh prompt: positions 0..S-1 on both sides
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=o.scale, enable_gqa=True)
-    distance = (torch.arange(num_keys, device=q.device)[None, None, :] - q_pos[:, :, None])[:, None]  # [B,1,Lq,S]
+    distance = (torch.arange(num_keys, device=q.device)[None, None, :] - q_pos[:, :, None])[
+        :, None
+    ]  # [B,1,Lq,S]
     visible = distance <= 0
     if o.sliding_window is not None:
         visible &= distance > -o.sliding_window
     if o.alibi_slopes is None and o.logits_soft_cap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=o.scale, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
-    scores = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * o.scale  # [B, H, Lq, S]
+    scores = (
+        q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * o.scale
+    )  # [B, H, Lq, S]
     if o.logits_soft_cap is not None:
         scores = o.logits_soft_cap * torch.tanh(scores / o.logits_soft_cap)
     if o.alibi_slopes is not None:
@@ -186,8 +228,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
     return (probs @ v.float().repeat_interleave(group, dim=1)).to(q.dtype)
 
 
-def _gather(flat_cache: torch.Tensor, slots: torch.Tensor, flat_scales: torch.Tensor | None = None,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def _gather(
+    flat_cache: torch.Tensor,
+    slots: torch.Tensor,
+    flat_scales: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """flat_cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D] (index_select: faster than indexing).
     With flat_scales [num_slots, Hkv] (int8 cache): dequantized (codes x scale, in fp32) and cast to dtype."""
     flat = slots.reshape(-1)
@@ -197,8 +243,13 @@ def _gather(flat_cache: torch.Tensor, slots: torch.Tensor, flat_scales: torch.Te
     return x.view(*slots.shape, *flat_cache.shape[1:])
 
 
-def _write_int8(x: torch.Tensor, flat_cache: torch.Tensor, flat_scales: torch.Tensor, slots: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+def _write_int8(
+    x: torch.Tensor,
+    flat_cache: torch.Tensor,
+    flat_scales: torch.Tensor,
+    slots: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Quantizes x [T, Hkv, D] per (token, head) like `reference.reshape_and_cache_int8`, writes codes and
     scales at slots, and returns the dequantized x (what a later read of those slots gives) in dtype."""
     from lmforge.kernels.reference import quantize_int8
@@ -251,19 +302,50 @@ class KernelAttentionBackend(AttentionBackend):
             prompt_lens=common.prompt_lens,
         )
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: KernelAttentionMetadata, scale, *, k_scale_cache=None,
-                v_scale_cache=None, sliding_window=None, alibi_slopes=None, logits_soft_cap=None):
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        meta: KernelAttentionMetadata,
+        scale,
+        *,
+        k_scale_cache=None,
+        v_scale_cache=None,
+        sliding_window=None,
+        alibi_slopes=None,
+        logits_soft_cap=None,
+    ):
         if k_scale_cache is None:
             self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
-            self.ops.reshape_and_cache_int8(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, meta.slot_mapping)
-        kwargs = {"k_scale_cache": k_scale_cache, "v_scale_cache": v_scale_cache, "sliding_window": sliding_window,
-                  "alibi_slopes": alibi_slopes, "logits_soft_cap": logits_soft_cap}
+            self.ops.reshape_and_cache_int8(
+                k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, meta.slot_mapping
+            )
+        kwargs = {
+            "k_scale_cache": k_scale_cache,
+            "v_scale_cache": v_scale_cache,
+            "sliding_window": sliding_window,
+            "alibi_slopes": alibi_slopes,
+            "logits_soft_cap": logits_soft_cap,
+        }
         if meta.decode_only:
-            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                   **kwargs)
-        return self.ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                                meta.cu_seqlens_q, meta.max_q_len, scale, **kwargs)
+            return self.ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **kwargs
+            )
+        return self.ops.paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.cu_seqlens_q,
+            meta.max_q_len,
+            scale,
+            **kwargs,
+        )
 
 
 _BACKENDS = {"torch": TorchAttentionBackend, "triton": KernelAttentionBackend}
@@ -276,7 +358,9 @@ def get_attention_backend(name: str = "torch", device: torch.device | str = "cpu
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: auto, {', '.join(sorted(_BACKENDS))}")
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: auto, {', '.join(sorted(_BACKENDS))}"
+        )
     return _BACKENDS[name](device)
 
 

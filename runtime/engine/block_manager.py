@@ -44,7 +44,9 @@ def reusable_window(layer_windows: Seq[int | None]) -> int | None:
     return max(layer_windows)
 
 
-def max_blocks_per_seq(max_model_len: int, block_size: int, sliding_window: int | None, max_chunk: int) -> int:
+def max_blocks_per_seq(
+    max_model_len: int, block_size: int, sliding_window: int | None, max_chunk: int
+) -> int:
     """The most blocks one sequence holds at once: its whole context, or with a reusable window the
     window behind its first new token plus the chunk (at most max_chunk tokens) computed in one step."""
     full = -(-max_model_len // block_size)
@@ -138,8 +140,14 @@ class BlockPool:
 class BlockManager:
     """Block tables per sequence on top of a BlockPool; what the scheduler talks to."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None, block_salt: Callable[[int, int, int], Seq[int]] | None = None):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+        block_salt: Callable[[int, int, int], Seq[int]] | None = None,
+    ):
         """sliding_window: `reusable_window` of the model's layers (None: never free blocks early).
         block_salt(start, end, num_prompt_tokens): extra key of the block holding positions [start, end)
         when K/V depend on more than the tokens (longrope / dynamic RoPE rotate by the sequence length
@@ -189,7 +197,11 @@ class BlockManager:
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if i else None
-            salt = () if self.block_salt is None else self.block_salt(i * bs, (i + 1) * bs, seq.num_prompt_tokens)
+            salt = (
+                ()
+                if self.block_salt is None
+                else self.block_salt(i * bs, (i + 1) * bs, seq.num_prompt_tokens)
+            )
             seq.block_hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs : (i + 1) * bs], salt))
         return seq.block_hashes[:num_full_blocks]
 
@@ -210,8 +222,9 @@ class BlockManager:
         self.prefix_cache_hits += len(blocks) * self.block_size
         return blocks, len(blocks) * self.block_size
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
-                       new_computed_blocks: Seq[KVCacheBlock] = ()) -> bool:
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, new_computed_blocks: Seq[KVCacheBlock] = ()
+    ) -> bool:
         """Grows seq's block table to hold its computed tokens, `new_computed_blocks` (a prefix hit,
         only for a sequence being scheduled from waiting) and `num_new_tokens` more. False, with
         nothing else changed, when the pool cannot supply the blocks.

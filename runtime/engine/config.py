@@ -12,9 +12,14 @@ from lmforge.runtime.pooling_params import PoolerConfig
 TASKS = ("generate", "embed")
 
 _DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
 }
 
 KV_CACHE_DTYPES = ("auto", "int8")  # fp8 is not implemented yet
@@ -35,12 +40,18 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # explicit KV cache size; None: profile (CUDA) or cpu_kv_cache_gb
     seed: int = 0
-    enforce_eager: bool = False  # True: no CUDA graphs (decode steps are captured per batch size on CUDA + triton)
+    enforce_eager: bool = (
+        False  # True: no CUDA graphs (decode steps are captured per batch size on CUDA + triton)
+    )
     cpu_kv_cache_gb: float = 0.25  # KV cache budget when running on CPU and num_blocks is None
     long_prefill_token_threshold: int = 0  # >0: cap any one sequence's prefill chunk per step
     max_logprobs: int = 20
-    attention_backend: str = "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
-    kv_cache_dtype: str = "auto"  # auto: the model dtype; "int8": per-(token, head) absmax/127 codes + fp32 scales
+    attention_backend: str = (
+        "auto"  # auto: "triton" (lmforge.kernels) on CUDA, "torch" (SDPA reference) on CPU
+    )
+    kv_cache_dtype: str = (
+        "auto"  # auto: the model dtype; "int8": per-(token, head) absmax/127 codes + fp32 scales
+    )
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
@@ -75,7 +86,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device
+) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

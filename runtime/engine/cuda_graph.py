@@ -66,7 +66,8 @@ class DecodeGraphRunner:
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.prompt_lens = self.dev[
-            : _NUM_FIELDS * rows].view(_NUM_FIELDS, rows)
+            : _NUM_FIELDS * rows
+        ].view(_NUM_FIELDS, rows)
         self.block_tables = self.dev[_NUM_FIELDS * rows :].view(rows, max_blocks_per_seq)
         self.slot_mapping.fill_(-1)
         self.seq_lens.fill_(1)
@@ -81,8 +82,12 @@ class DecodeGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = KernelAttentionMetadata(
-            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
-            seq_lens=self.seq_lens[:size], cu_seqlens_q=self.cu_seqlens_q[: size + 1], max_q_len=1, decode_only=True,
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
+            max_q_len=1,
+            decode_only=True,
             prompt_lens=self.prompt_lens[:size],
         )
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
@@ -103,8 +108,15 @@ class DecodeGraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int],
-            block_tables: list[list[int]], seq_lens: list[int], prompt_lens: list[int]) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        seq_lens: list[int],
+        prompt_lens: list[int],
+    ) -> torch.Tensor:
         """One decode step for n <= max_batch sequences (one new token each) -> logits [n, vocab]."""
         num_seqs, rows = len(input_ids), self.rows
         size = padded_size(num_seqs, self.sizes)

@@ -61,13 +61,16 @@ class GuidedDecoder:
     """Matchers of the running constrained sequences, keyed by seq_id. Built lazily by the runner on
     the first constrained request (tokenizer conversion costs ~0.5 s for a 32k vocabulary)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int], num_threads: int | None = None):
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int], num_threads: int | None = None
+    ):
         import llguidance
         import llguidance.hf
 
         # n_vocab: the model's logits width, which may exceed the tokenizer's (padded embeddings)
-        self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                       eos_token=list(eos_token_ids))
+        self._tokenizer = llguidance.hf.from_tokenizer(
+            tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids)
+        )
         self._executor = llguidance.LLExecutor(num_threads)
         self._matcher_cls = llguidance.LLMatcher
         self.vocab_size = vocab_size
@@ -88,8 +91,12 @@ class GuidedDecoder:
         is not imported: its torch.compile decorator costs tens of seconds at import)."""
         width = bitmask_width(self.vocab_size)
         bitmask = torch.empty(len(seq_ids), width, dtype=torch.int32)
-        self._executor.unsafe_compute_mask_ptr([(self.matchers[s], row) for row, s in enumerate(seq_ids)],
-                                               bitmask.data_ptr(), width * 4, len(seq_ids))
+        self._executor.unsafe_compute_mask_ptr(
+            [(self.matchers[s], row) for row, s in enumerate(seq_ids)],
+            bitmask.data_ptr(),
+            width * 4,
+            len(seq_ids),
+        )
         return bitmask
 
     def accept(self, seq_id: int, token_id: int) -> None:
@@ -97,7 +104,9 @@ class GuidedDecoder:
         (logged, the matcher stays in its error state and allows only EOS from then on)."""
         matcher = self.matchers[seq_id]
         if not matcher.consume_token(token_id):
-            logger.error("guided decoding: seq %d token %d refused: %s", seq_id, token_id, matcher.get_error())
+            logger.error(
+                "guided decoding: seq %d token %d refused: %s", seq_id, token_id, matcher.get_error()
+            )
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)

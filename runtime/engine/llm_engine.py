@@ -52,15 +52,29 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(args.model)
         dtype = resolve_dtype(args.dtype, self.model_config.torch_dtype, device)
         self.model_config.model = str(args.model)
-        self.model_config.max_model_len = max_model_len = _max_model_len(self.model_config, args.max_model_len)
+        self.model_config.max_model_len = max_model_len = _max_model_len(
+            self.model_config, args.max_model_len
+        )
         self.tokenizer = _load_tokenizer(args.tokenizer or args.model)
-        self.runner = ModelRunner(args.model, self.model_config, device=device, dtype=dtype,
-                                  max_model_len=max_model_len, block_size=args.block_size, seed=args.seed,
-                                  attention_backend=args.attention_backend,
-                                  kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format)
+        self.runner = ModelRunner(
+            args.model,
+            self.model_config,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            block_size=args.block_size,
+            seed=args.seed,
+            attention_backend=args.attention_backend,
+            kv_cache_dtype=args.kv_cache_dtype,
+            load_format=args.load_format,
+        )
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
-            args.gpu_memory_utilization, args.max_num_batched_tokens, max_model_len, args.max_num_seqs,
-            args.cpu_kv_cache_gb)
+            args.gpu_memory_utilization,
+            args.max_num_batched_tokens,
+            max_model_len,
+            args.max_num_seqs,
+            args.cpu_kv_cache_gb,
+        )
         # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
         kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
         chunk = args.max_num_batched_tokens
@@ -72,7 +86,8 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks} blocks x {args.block_size} tokens, fewer than"
                 f" max_model_len={max_model_len} needs ({blocks_per_seq} blocks for one sequence"
                 f"{'' if kv_window is None else f' with sliding window {kv_window}'}); raise num_blocks /"
-                " gpu_memory_utilization or lower max_model_len")
+                " gpu_memory_utilization or lower max_model_len"
+            )
         self.runner.allocate_kv_cache(num_blocks)
         self.cuda_graph_seconds = 0.0  # capture time; 0: eager (CPU, torch backend or enforce_eager)
         self.embed = args.task == "embed"
@@ -81,11 +96,22 @@ class LLMEngine:
         if self.embed:
             self.runner.pooler = Pooler(args.pooler_config or PoolerConfig())
         # embed: no prefix cache, every prompt token's hidden state is computed (MEAN pools them all)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching and not self.embed,
-                                          kv_window, block_salt=rope_block_salt(self.runner.model))
+        self.block_manager = BlockManager(
+            num_blocks,
+            args.block_size,
+            args.enable_prefix_caching and not self.embed,
+            kv_window,
+            block_salt=rope_block_salt(self.runner.model),
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
-                            args.long_prefill_token_threshold), self.block_manager)
+            SchedulerConfig(
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+                max_model_len,
+                args.long_prefill_token_threshold,
+            ),
+            self.block_manager,
+        )
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -104,8 +130,14 @@ class LLMEngine:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         """Queues a request. `prompt` is text (tokenized with the tokenizer's special tokens) or token
         ids; pass both text and `prompt_token_ids` to keep the text (e.g. a rendered chat) while
         skipping tokenization. Raises ValueError on an invalid prompt or parameters."""
@@ -118,10 +150,16 @@ class LLMEngine:
         else:
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
-        if self.embed and (params.n != 1 or params.logprobs is not None or params.prompt_logprobs is not None
-                           or params.structured_outputs is not None):
-            raise ValueError("task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs "
-                             "do not apply")
+        if self.embed and (
+            params.n != 1
+            or params.logprobs is not None
+            or params.prompt_logprobs is not None
+            or params.structured_outputs is not None
+        ):
+            raise ValueError(
+                "task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs "
+                "do not apply"
+            )
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
         if params.structured_outputs is not None:  # before queuing: an invalid grammar queues nothing
             guided = self._guided_decoder()
@@ -133,15 +171,19 @@ class LLMEngine:
                     guided.release(seq.seq_id)
                 raise
         for seq in req.seqs:
-            seq.detokenizer = (IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
-                               if params.detokenize else NullDetokenizer())
+            seq.detokenizer = (
+                IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
+                if params.detokenize
+                else NullDetokenizer()
+            )
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
 
     def _guided_decoder(self) -> GuidedDecoder:
         if self.runner.guided is None:
-            self.runner.guided = GuidedDecoder(self.tokenizer, self.model_config.vocab_size,
-                                               sorted(self.eos_token_ids))
+            self.runner.guided = GuidedDecoder(
+                self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
+            )
         return self.runner.guided
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -231,7 +273,9 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.seq_id)
 
-    def _append_prompt_logprobs(self, sched: SchedulerOutput, new: dict[int, list[dict[int, Logprob]]]) -> None:
+    def _append_prompt_logprobs(
+        self, sched: SchedulerOutput, new: dict[int, list[dict[int, Logprob]]]
+    ) -> None:
         for s in sched.scheduled:
             entries = new.get(s.seq.seq_id)
             if entries:
@@ -252,15 +296,17 @@ class LLMEngine:
         completions = []
         for seq in req.seqs:
             want_lp = seq.params.logprobs is not None
-            completions.append(CompletionOutput(
-                index=seq.index,
-                text=seq.detokenizer.output_text(seq.is_finished),
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
-                logprobs=list(seq.output_logprobs) if want_lp else None,
-                finish_reason=str(seq.finish_reason) if seq.finish_reason else None,
-                stop_reason=seq.stop_reason,
-            ))
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.output_text(seq.is_finished),
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                    logprobs=list(seq.output_logprobs) if want_lp else None,
+                    finish_reason=str(seq.finish_reason) if seq.finish_reason else None,
+                    stop_reason=seq.stop_reason,
+                )
+            )
         metrics = {"arrival_time": req.arrival_time}
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time
@@ -269,9 +315,17 @@ class LLMEngine:
         prompt_logprobs = None
         if req.params.prompt_logprobs is not None:  # sample 0 computed them (see Sequence)
             prompt_logprobs = [None, *req.seqs[0].prompt_logprobs]
-        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), completions,
-                             finished=req.finished, num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             metrics=metrics, prompt_logprobs=prompt_logprobs, embedding=req.embedding)
+        return RequestOutput(
+            req.request_id,
+            req.prompt,
+            list(req.prompt_token_ids),
+            completions,
+            finished=req.finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+            metrics=metrics,
+            prompt_logprobs=prompt_logprobs,
+            embedding=req.embedding,
+        )
 
     # --- introspection --------------------------------------------------------------------------
     def get_stats(self) -> EngineStats:
@@ -279,10 +333,15 @@ class LLMEngine:
         waiting = {seq.request_id for seq in self.scheduler.waiting} - running
         bm = self.block_manager
         return EngineStats(
-            num_running=len(running), num_waiting=len(waiting), kv_cache_usage=bm.usage,
-            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_total_blocks,
-            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
-            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            num_running=len(running),
+            num_waiting=len(waiting),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
         )
 

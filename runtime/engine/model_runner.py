@@ -45,7 +45,9 @@ class ModelRunnerOutput:
     sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> new token id
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
     sampled_logprob: dict[int, float] = field(default_factory=dict)
-    prompt_logprobs: dict[int, list[dict[int, Logprob]]] = field(default_factory=dict)  # seq_id -> new entries
+    prompt_logprobs: dict[int, list[dict[int, Logprob]]] = field(
+        default_factory=dict
+    )  # seq_id -> new entries
     embeddings: dict[int, list[float]] = field(default_factory=dict)  # task "embed": seq_id -> pooled prompt
 
 
@@ -70,9 +72,20 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, model_config: ModelConfig, *, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, block_size: int, seed: int = 0,
-                 attention_backend: str = "torch", kv_cache_dtype: str = "auto", load_format: str = "auto"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        model_config: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        block_size: int,
+        seed: int = 0,
+        attention_backend: str = "torch",
+        kv_cache_dtype: str = "auto",
+        load_format: str = "auto",
+    ):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -123,12 +136,22 @@ class ModelRunner:
         for attn in self.model.attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-            attn.k_scale_cache = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
-            attn.v_scale_cache = torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+            attn.k_scale_cache = (
+                torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+            )
+            attn.v_scale_cache = (
+                torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if int8 else None
+            )
         self.num_blocks = num_blocks
 
-    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int,
-                           max_model_len: int, max_num_seqs: int, cpu_kv_cache_gb: float) -> int:
+    def profile_num_blocks(
+        self,
+        gpu_memory_utilization: float,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        cpu_kv_cache_gb: float,
+    ) -> int:
         """Blocks that fit: on CUDA, what is left of `utilization` x total memory after the weights
         and the activation peak of a full-budget dummy step; on CPU, a fixed byte budget."""
         if self.device.type != "cuda":
@@ -155,23 +178,37 @@ class ModelRunner:
         blocks_per_seq = math.ceil(max(lens) / self.block_size)
         tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(len(lens))]
         positions = [p for n in lens for p in range(n)]
-        slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
-                 for i, n in enumerate(lens) for p in range(n)]
+        slots = [
+            tables[i][p // self.block_size] * self.block_size + p % self.block_size
+            for i, n in enumerate(lens)
+            for p in range(n)
+        ]
         self.allocate_kv_cache(max(self.num_blocks, len(lens) * blocks_per_seq))
         common = self._common_meta(slots, tables, lens, lens, [n for n in lens for _ in range(n)])
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, device=self.device), self.backend.build_metadata(common))
+        hidden = self.model(
+            torch.zeros(num_tokens, dtype=torch.long, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.backend.build_metadata(common),
+        )
         self.model.compute_logits(hidden[:num_logits]).float().softmax(-1)
 
-    def _common_meta(self, slots: list[int], tables: list[list[int]], query_lens: list[int],
-                     seq_lens: list[int], prompt_lens: list[int]) -> CommonAttentionMetadata:
+    def _common_meta(
+        self,
+        slots: list[int],
+        tables: list[list[int]],
+        query_lens: list[int],
+        seq_lens: list[int],
+        prompt_lens: list[int],
+    ) -> CommonAttentionMetadata:
         padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)  # right-padded with 0
         for row, table in enumerate(tables):
             padded[row, : len(table)] = table
         return CommonAttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             block_tables=torch.from_numpy(padded).to(self.device),
-            query_lens=query_lens, seq_lens=seq_lens, block_size=self.block_size,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_size=self.block_size,
             prompt_lens=torch.tensor(prompt_lens, dtype=torch.long, device=self.device),
         )
 
@@ -189,16 +226,22 @@ class ModelRunner:
         if not isinstance(self.backend, KernelAttentionBackend):
             raise ValueError("decode graphs need attention_backend='triton'")
         start = time.perf_counter()
-        self.decode_graphs = DecodeGraphRunner(self.model, max_num_seqs=max_num_seqs,
-                                               max_blocks_per_seq=math.ceil(self.max_model_len / self.block_size),
-                                               device=self.device)
+        self.decode_graphs = DecodeGraphRunner(
+            self.model,
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=math.ceil(self.max_model_len / self.block_size),
+            device=self.device,
+        )
         if capture:
             self.decode_graphs.capture()
         return time.perf_counter() - start
 
     def _graph_step(self, query_lens: list[int]) -> bool:
-        return (self.decode_graphs is not None and len(query_lens) <= self.decode_graphs.max_batch
-                and all(n == 1 for n in query_lens))
+        return (
+            self.decode_graphs is not None
+            and len(query_lens) <= self.decode_graphs.max_batch
+            and all(n == 1 for n in query_lens)
+        )
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -232,30 +275,37 @@ class ModelRunner:
                 sample_seqs.append(seq)
         out = ModelRunnerOutput()
         if self._graph_step(query_lens):
-            graph_logits = self.decode_graphs.run(input_ids, positions, slots, tables, seq_lens,
-                                                  prompt_lens)  # [B, V]
+            graph_logits = self.decode_graphs.run(
+                input_ids, positions, slots, tables, seq_lens, prompt_lens
+            )  # [B, V]
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
                 if len(rows) == len(query_lens):
                     return graph_logits
                 return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
         else:
-            meta = self.backend.build_metadata(self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens))
-            hidden = self.model(torch.tensor(input_ids, device=self.device),
-                                torch.tensor(positions, device=self.device), meta)  # [T, hidden]
+            meta = self.backend.build_metadata(
+                self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens)
+            )
+            hidden = self.model(
+                torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), meta
+            )  # [T, hidden]
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled
                 out.embeddings = self.pooler(hidden, pool_chunks)
                 return out
 
             def row_logits(rows: list[int]) -> torch.Tensor:
                 return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+
         # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
         sampling = self._sampling_metadata(sample_seqs)
         guided = self.guided
         if guided is not None and guided.matchers:
             sampling.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
             if sampling.guided_rows:
-                sampling.token_bitmask = guided.fill_bitmask([sample_seqs[r].seq_id for r in sampling.guided_rows])
+                sampling.token_bitmask = guided.fill_bitmask(
+                    [sample_seqs[r].seq_id for r in sampling.guided_rows]
+                )
         if prompt_lp.rows:
             out.prompt_logprobs = prompt_lp.compute(row_logits)
         if not sample_seqs:
@@ -272,7 +322,9 @@ class ModelRunner:
 
     def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
         params = [seq.params for seq in seqs]
-        penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        penalties = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+        )
         generators = {}
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.greedy:

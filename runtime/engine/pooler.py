@@ -34,7 +34,7 @@ class Pooler:
         """hidden [T, H] of one step -> {seq_id: embedding} for the sequences whose prompt ended."""
         done = {}
         for c in chunks:
-            rows = hidden[c.first_row:c.first_row + c.num_tokens].float()  # [n, H]
+            rows = hidden[c.first_row : c.first_row + c.num_tokens].float()  # [n, H]
             if self.config.pooling_type == "MEAN":
                 total = rows.sum(0) if c.start == 0 else self._sums[c.seq.seq_id] + rows.sum(0)
                 self._sums[c.seq.seq_id] = total

@@ -53,8 +53,9 @@ class PromptLogprobsBatch:
         self.num_top += [seq.params.prompt_logprobs] * len(positions)
         self.seq_rows.append((seq.seq_id, len(positions)))
 
-    def compute(self, row_logits: Callable[[list[int]], torch.Tensor],
-                max_rows: int = MAX_ROWS) -> dict[int, list[dict[int, Logprob]]]:
+    def compute(
+        self, row_logits: Callable[[list[int]], torch.Tensor], max_rows: int = MAX_ROWS
+    ) -> dict[int, list[dict[int, Logprob]]]:
         """seq_id -> its new entries, in position order; `row_logits(rows)` gives logits [len(rows), V]."""
         entries: list[dict[int, Logprob]] = []
         for i in range(0, len(self.rows), max_rows):

@@ -56,7 +56,9 @@ class Sampler:
         num_rows = logits.shape[0]
         if meta.guided_rows:
             rows = torch.tensor(meta.guided_rows, device=logits.device)
-            logits = apply_token_bitmask(logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows)
+            logits = apply_token_bitmask(
+                logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows
+            )
         want = [p.logprobs for p in meta.params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want) else None
 
@@ -99,7 +101,9 @@ class Sampler:
             logits = apply_min_p(logits, torch.tensor([p.min_p for p in meta.params], device=logits.device))
         if any(p.top_k > 0 or p.top_p < 1.0 for p in meta.params):
             vocab = logits.shape[-1]
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in meta.params], device=logits.device)
+            top_k = torch.tensor(
+                [p.top_k if p.top_k > 0 else vocab for p in meta.params], device=logits.device
+            )
             top_p = torch.tensor([p.top_p for p in meta.params], device=logits.device)
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = torch.softmax(logits, dim=-1)
@@ -108,15 +112,22 @@ class Sampler:
             noise[row].exponential_(generator=gen)
         return (probs / noise).argmax(dim=-1)
 
-    def _sample_with_kernel(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
+    def _sample_with_kernel(
+        self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]
+    ) -> torch.Tensor:
         """The backend's fused sampling kernel; greedy rows get temperature 0 (argmax inside the kernel)."""
         device = logits.device
         params = meta.params
-        temperature = torch.tensor([0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-                                   device=device)
+        temperature = torch.tensor(
+            [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device
+        )
         top_k = torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
-        min_p = torch.tensor([p.min_p for p in params], device=device) if any(p.min_p > 0 for p in params) else None
+        min_p = (
+            torch.tensor([p.min_p for p in params], device=device)
+            if any(p.min_p > 0 for p in params)
+            else None
+        )
         uniform = torch.rand(logits.shape, device=device, generator=self.generator)
         for row, gen in meta.generators.items():
             uniform[row] = torch.rand(logits.shape[1], device=device, generator=gen)

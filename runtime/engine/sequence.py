@@ -106,8 +106,14 @@ class Request:
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [
-                Sequence(self.request_id, i, list(self.prompt_token_ids), len(self.prompt_token_ids),
-                         _child_params(self.params, i), arrival_time=self.arrival_time)
+                Sequence(
+                    self.request_id,
+                    i,
+                    list(self.prompt_token_ids),
+                    len(self.prompt_token_ids),
+                    _child_params(self.params, i),
+                    arrival_time=self.arrival_time,
+                )
                 for i in range(self.params.n)
             ]
             for seq in self.seqs[1:]:

@@ -21,7 +21,9 @@ from lmforge.runtime.models.family_config import activation_fn, base_config, req
 from lmforge.runtime.models.layers import PagedAttention
 
 ARCHITECTURE = "BloomForCausalLM"
-DEFAULT_MAX_POSITIONS = 2048  # ALiBi has no table; BLOOM's training length unless config.json says `seq_length`
+DEFAULT_MAX_POSITIONS = (
+    2048  # ALiBi has no table; BLOOM's training length unless config.json says `seq_length`
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,13 +36,21 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hidden = require(ARCHITECTURE, hf, "hidden_size")
     heads = hf.get("n_head") or require(ARCHITECTURE, hf, "num_attention_heads")
     # pretraining_tp / slow_but_exact only split dense's matmul into slices (same sums): accepted.
-    options = BloomOptions(layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                           residual_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)))
+    options = BloomOptions(
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        residual_post_layernorm=bool(hf.get("apply_residual_connection_post_layernorm", False)),
+    )
     return base_config(
-        hf, architecture=ARCHITECTURE, hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+        hf,
+        architecture=ARCHITECTURE,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
         num_layers=hf.get("n_layer") or require(ARCHITECTURE, hf, "num_hidden_layers"),
-        intermediate_size=4 * hidden, max_position_embeddings=hf.get("seq_length") or DEFAULT_MAX_POSITIONS,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), family=options,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=hf.get("seq_length") or DEFAULT_MAX_POSITIONS,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        family=options,
     )
 
 
@@ -50,8 +60,9 @@ class BloomAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, backend,
-                                   alibi_slopes=alibi_slopes(cfg.num_heads))
+        self.attn = PagedAttention(
+            cfg.num_heads, cfg.num_heads, cfg.head_dim, backend, alibi_slopes=alibi_slopes(cfg.num_heads)
+        )
 
     def forward(self, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -110,7 +121,9 @@ class BloomForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = BloomModel(cfg, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         return self.transformer(input_ids, positions, attn_meta)

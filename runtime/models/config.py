@@ -20,8 +20,13 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 LAYOUTS = ("pre", "parallel", "parallel_2norm", "sandwich", "post")
 QK_NORMS = ("head", "full", "head_layer", "head_layer_per_head", "head_layer_modules")
 # Architectures with their own graph and config parser (the module's `config_from_hf`), not the family table.
-LEGACY_FAMILY_MODULES = {"GPT2LMHeadModel": "gpt2", "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
-                         "MptForCausalLM": "mpt", "FalconForCausalLM": "falcon"}
+LEGACY_FAMILY_MODULES = {
+    "GPT2LMHeadModel": "gpt2",
+    "OPTForCausalLM": "opt",
+    "BloomForCausalLM": "bloom",
+    "MptForCausalLM": "mpt",
+    "FalconForCausalLM": "falcon",
+}
 
 
 @dataclass(slots=True)
@@ -88,14 +93,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        for name, value, allowed in (("norm", self.norm, NORMS), ("hidden_act", self.hidden_act, ACTIVATIONS),
-                                     ("layout", self.layout, LAYOUTS), ("qk_norm", self.qk_norm, (None, *QK_NORMS))):
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("hidden_act", self.hidden_act, ACTIVATIONS),
+            ("layout", self.layout, LAYOUTS),
+            ("qk_norm", self.qk_norm, (None, *QK_NORMS)),
+        ):
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}: expected one of {allowed}")
         if self.layer_sliding_windows and len(self.layer_sliding_windows) != self.num_layers:
-            raise ValueError(f"layer_sliding_windows has {len(self.layer_sliding_windows)} entries for "
-                             f"{self.num_layers} layers")
+            raise ValueError(
+                f"layer_sliding_windows has {len(self.layer_sliding_windows)} entries for "
+                f"{self.num_layers} layers"
+            )
 
     @property
     def sliding_window(self) -> int | None:
@@ -159,7 +172,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     model_dir = Path(model_dir)
     path = model_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory")
+        raise FileNotFoundError(
+            f"no config.json in {model_dir}: expected a Hugging Face checkpoint directory"
+        )
     config = ModelConfig.from_hf(normalize_with_transformers(json.loads(path.read_text())))
     gen_path = model_dir / "generation_config.json"
     if gen_path.is_file():

@@ -72,17 +72,30 @@ def _qk_norm(cfg: ModelConfig, num_heads: int, ops: Any) -> nn.Module | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+    ):
         super().__init__()
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.head_dim, self.clip_qkv, self.qk_norm_kind = cfg.head_dim, cfg.clip_qkv, cfg.qk_norm
-        self.rotary_emb = rotary_emb  # shared by the layers of one RoPE kind (its table is a non-persistent buffer)
-        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias)
+        self.rotary_emb = (
+            rotary_emb  # shared by the layers of one RoPE kind (its table is a non-persistent buffer)
+        )
+        self.qkv_proj = QKVLinear(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = _qk_norm(cfg, cfg.num_heads, backend.ops)
         self.k_norm = _qk_norm(cfg, cfg.num_kv_heads, backend.ops)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend, scale=cfg.attn_scale,
-                                   sliding_window=cfg.layer_window(layer_idx), logits_soft_cap=cfg.attn_logit_softcap)
+        self.attn = PagedAttention(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            backend,
+            scale=cfg.attn_scale,
+            sliding_window=cfg.layer_window(layer_idx),
+            logits_soft_cap=cfg.attn_logit_softcap,
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -97,7 +110,9 @@ class Attention(nn.Module):
         v = v.view(num_tokens, -1, self.head_dim)
         if self.qk_norm_kind not in (None, "full"):
             q, k = self.q_norm(q), self.k_norm(k)
-        self.rotary_emb(positions, q, k, attn_meta.prompt_lens)  # in place (longrope/dynamic read prompt_lens)
+        self.rotary_emb(
+            positions, q, k, attn_meta.prompt_lens
+        )  # in place (longrope/dynamic read prompt_lens)
         out = self.attn(q, k, v, attn_meta)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # [T, hidden]
 
@@ -126,7 +141,9 @@ class DecoderLayer(nn.Module):
     """Norm placement by `cfg.layout` (see ModelConfig). Our norm names: input_layernorm (before
     attention), post_attention_layernorm (before the MLP), attn_out_norm / mlp_out_norm (on outputs)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
+    ):
         super().__init__()
         self.layout = cfg.layout
         self.self_attn = Attention(cfg, layer_idx, rotary_emb, backend)
@@ -139,8 +156,9 @@ class DecoderLayer(nn.Module):
         if cfg.layout in ("sandwich", "post"):
             self.attn_out_norm, self.mlp_out_norm = norm(), norm()
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                attn_meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, attn_meta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (delta, residual stream before it); the stream is x + residual (x alone first)."""
         if self.layout == "post":  # OLMo2: h = x + na(attn(x)); out = h + nm(mlp(h))
             h = x if residual is None else x + residual
@@ -153,7 +171,9 @@ class DecoderLayer(nn.Module):
         if self.layout == "parallel":
             return self.self_attn(positions, n, attn_meta) + self.mlp(n), residual
         if self.layout == "parallel_2norm":
-            return self.self_attn(positions, n, attn_meta) + self.mlp(self.post_attention_layernorm(residual)), residual
+            return self.self_attn(positions, n, attn_meta) + self.mlp(
+                self.post_attention_layernorm(residual)
+            ), residual
         a = self.self_attn(positions, n, attn_meta)
         if self.layout == "sandwich":
             a = self.attn_out_norm(a)
@@ -162,11 +182,20 @@ class DecoderLayer(nn.Module):
         return (self.mlp_out_norm(m) if self.layout == "sandwich" else m), residual
 
 
-def _rotary(cfg: ModelConfig, max_positions: int, theta: float, scaling: dict | None, ops: Any) -> RotaryEmbedding:
+def _rotary(
+    cfg: ModelConfig, max_positions: int, theta: float, scaling: dict | None, ops: Any
+) -> RotaryEmbedding:
     try:
-        return RotaryEmbedding(cfg.head_dim, max_positions, theta, scaling, ops, rotary_dim=cfg.rotary_dim,
-                               is_neox_style=cfg.rope_is_neox_style,
-                               max_position_embeddings=cfg.max_position_embeddings)
+        return RotaryEmbedding(
+            cfg.head_dim,
+            max_positions,
+            theta,
+            scaling,
+            ops,
+            rotary_dim=cfg.rotary_dim,
+            is_neox_style=cfg.rope_is_neox_style,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
     except ValueError as e:  # the rope tables validate every rope_scaling key: say whose config it is
         raise ValueError(f"{cfg.architecture}: {e}") from e
 
@@ -182,13 +211,18 @@ class DecoderModel(nn.Module):
             self.local_rotary_emb = local
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, local if local is not None and cfg.local_rope_layers[i] else self.rotary_emb, backend)
-            for i in range(cfg.num_layers))
+            DecoderLayer(
+                cfg, i, local if local is not None and cfg.local_rope_layers[i] else self.rotary_emb, backend
+            )
+            for i in range(cfg.num_layers)
+        )
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, backend.ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        if self.embedding_multiplier is not None:  # Gemma: sqrt(hidden), rounded to the activation dtype first
+        if (
+            self.embedding_multiplier is not None
+        ):  # Gemma: sqrt(hidden), rounded to the activation dtype first
             x = x * torch.tensor(self.embedding_multiplier, dtype=x.dtype)
         residual = None
         for layer in self.layers:
@@ -206,8 +240,11 @@ class DecoderForCausalLM(nn.Module):
         self.family = FAMILIES[cfg.architecture]
         self.packed_modules_mapping = dict(self.family.packed)  # HF name -> (our fused parameter, shard id)
         self.model = DecoderModel(cfg, max_positions, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size,
-                                                                      bias=cfg.lm_head_bias)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        )
 
     def hf_to_ours(self, name: str) -> str:
         return hf_to_ours(self.family, name)

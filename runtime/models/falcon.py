@@ -62,30 +62,48 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if new_arch:
         layout = "grouped"
         if not parallel:  # HF builds input/post_attention_layernorm, then calls ln_attn: no such model
-            raise FamilyConfigError(f"{arch}: new_decoder_architecture=True with parallel_attn=False is not supported")
+            raise FamilyConfigError(
+                f"{arch}: new_decoder_architecture=True with parallel_attn=False is not supported"
+            )
         if heads % num_kv:
-            raise FamilyConfigError(f"{arch}: num_kv_heads={num_kv} does not divide num_attention_heads={heads}")
+            raise FamilyConfigError(
+                f"{arch}: num_kv_heads={num_kv} does not divide num_attention_heads={heads}"
+            )
     elif multi_query:
         layout, num_kv = "multi_query", 1
     else:
         layout = "interleaved"
         if num_kv != heads:
-            raise FamilyConfigError(f"{arch}: num_kv_heads={num_kv} without new_decoder_architecture or "
-                                    f"multi_query is not supported (HF's fused layout holds {heads} K/V heads)")
+            raise FamilyConfigError(
+                f"{arch}: num_kv_heads={num_kv} without new_decoder_architecture or "
+                f"multi_query is not supported (HF's fused layout holds {heads} K/V heads)"
+            )
     if parallel and not new_arch and num_ln != 1:
-        raise FamilyConfigError(f"{arch}: num_ln_in_parallel_attn={num_ln} needs new_decoder_architecture=True")
+        raise FamilyConfigError(
+            f"{arch}: num_ln_in_parallel_attn={num_ln} needs new_decoder_architecture=True"
+        )
     if num_ln not in (1, 2):
         raise FamilyConfigError(f"{arch}: num_ln_in_parallel_attn={num_ln} is not supported (1 or 2)")
     activation = hf.get("activation", "gelu")
     activation_fn(arch, "activation", activation)
     theta, scaling = rope_from_hf(hf)
     options = FalconOptions(
-        qkv_layout=layout, parallel_attn=parallel, num_ln=num_ln, alibi=bool(hf.get("alibi", False)),
-        bias=bool(hf.get("bias", False)), activation=activation,
-        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), rope_theta=theta, rope_scaling=scaling,
+        qkv_layout=layout,
+        parallel_attn=parallel,
+        num_ln=num_ln,
+        alibi=bool(hf.get("alibi", False)),
+        bias=bool(hf.get("bias", False)),
+        activation=activation,
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
     )
     return base_config(
-        hf, architecture=arch, hidden_size=hidden, num_heads=heads, num_kv_heads=num_kv,
+        hf,
+        architecture=arch,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=num_kv,
         num_layers=require(arch, hf, "num_hidden_layers"),
         intermediate_size=hf.get("ffn_hidden_size") or 4 * hidden,
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
@@ -112,13 +130,19 @@ def falcon_alibi_slopes(num_heads: int, head_dim: int, max_positions: int) -> to
         raise FamilyConfigError(
             f"{ARCHITECTURE}: alibi=True with {num_heads} heads: transformers rounds the ALiBi bias "
             f"slope*position to bfloat16, which the engine reproduces only for positions < {exact}; "
-            f"max_model_len={max_positions} would serve a different model (pass max_model_len <= {exact})")
+            f"max_model_len={max_positions} would serve a different model (pass max_model_len <= {exact})"
+        )
     return slopes.bfloat16().float() / head_dim**0.5
 
 
 class FalconAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding | None, alibi: torch.Tensor | None,
-                 backend: AttentionBackend):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary_emb: RotaryEmbedding | None,
+        alibi: torch.Tensor | None,
+        backend: AttentionBackend,
+    ):
         super().__init__()
         opts: FalconOptions = cfg.family
         self.layout, self.head_dim = opts.qkv_layout, cfg.head_dim
@@ -163,8 +187,13 @@ class FalconMLP(nn.Module):
 
 
 class FalconDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding | None, alibi: torch.Tensor | None,
-                 backend: AttentionBackend):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary_emb: RotaryEmbedding | None,
+        alibi: torch.Tensor | None,
+        backend: AttentionBackend,
+    ):
         super().__init__()
         opts: FalconOptions = cfg.family
         self.parallel, self.two_norms = opts.parallel_attn, opts.parallel_attn and opts.num_ln == 2
@@ -199,11 +228,21 @@ class FalconModel(nn.Module):
         opts: FalconOptions = cfg.family
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         alibi = falcon_alibi_slopes(cfg.num_heads, cfg.head_dim, max_positions) if opts.alibi else None
-        self.rotary_emb = None if opts.alibi else RotaryEmbedding(
-            cfg.head_dim, max_positions, opts.rope_theta, opts.rope_scaling, backend.ops,
-            max_position_embeddings=cfg.max_position_embeddings)
-        self.h = nn.ModuleList(FalconDecoderLayer(cfg, self.rotary_emb, alibi, backend)
-                               for _ in range(cfg.num_layers))
+        self.rotary_emb = (
+            None
+            if opts.alibi
+            else RotaryEmbedding(
+                cfg.head_dim,
+                max_positions,
+                opts.rope_theta,
+                opts.rope_scaling,
+                backend.ops,
+                max_position_embeddings=cfg.max_position_embeddings,
+            )
+        )
+        self.h = nn.ModuleList(
+            FalconDecoderLayer(cfg, self.rotary_emb, alibi, backend) for _ in range(cfg.num_layers)
+        )
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=opts.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: Any) -> torch.Tensor:
@@ -218,7 +257,9 @@ class FalconForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = FalconModel(cfg, max_positions, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         return self.transformer(input_ids, positions, attn_meta)

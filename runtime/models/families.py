@@ -21,8 +21,14 @@ REQUIRED = object()  # a Key default: config.json must carry the key
 
 # HF activation name (transformers ACT2FN) -> our canonical one (config.ACTIVATIONS).
 # gelu_new and gelu_pytorch_tanh are the same tanh approximation.
-HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
 # RoPE types kernels/rope_cache.py computes exactly like transformers (its ROPE_TYPES; "su": Phi-3's old name).
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic", "su")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -67,8 +73,10 @@ class Reader:
         for v in values:
             if spec.accepts is not None and v not in spec.accepts:
                 why = f" ({spec.why})" if spec.why else ""
-                raise ValueError(f"{self.architecture}: config key {key!r} = {v!r} is not supported{why}; "
-                                 f"supported: {', '.join(map(repr, spec.accepts))}")
+                raise ValueError(
+                    f"{self.architecture}: config key {key!r} = {v!r} is not supported{why}; "
+                    f"supported: {', '.join(map(repr, spec.accepts))}"
+                )
         return value
 
     def _raw(self, key: str, default: Any) -> Any:
@@ -101,9 +109,15 @@ def _scaling(rope: dict[str, Any]) -> dict[str, Any] | None:
 # --- key sets shared by the families ------------------------------------------------------------
 
 SHAPE_KEYS = {
-    "vocab_size": Key(REQUIRED), "hidden_size": Key(REQUIRED), "intermediate_size": Key(REQUIRED),
-    "num_hidden_layers": Key(REQUIRED), "num_attention_heads": Key(REQUIRED), "num_key_value_heads": Key(None),
-    "head_dim": Key(None), "max_position_embeddings": Key(4096), "tie_word_embeddings": Key(False),
+    "vocab_size": Key(REQUIRED),
+    "hidden_size": Key(REQUIRED),
+    "intermediate_size": Key(REQUIRED),
+    "num_hidden_layers": Key(REQUIRED),
+    "num_attention_heads": Key(REQUIRED),
+    "num_key_value_heads": Key(None),
+    "head_dim": Key(None),
+    "max_position_embeddings": Key(4096),
+    "tie_word_embeddings": Key(False),
 }
 
 
@@ -111,8 +125,11 @@ def _rope_keys(theta: float = 10000.0, partial: bool = False, partial_default: f
     return {
         "rope_theta": Key(theta),
         "rope_type": Key("default", SUPPORTED_ROPE_TYPES, why="kernels/rope_cache.py implements these"),
-        "partial_rotary_factor": Key(partial_default, None if partial else (1.0,),
-                                     why="" if partial else "this family's transformers code rotates whole heads"),
+        "partial_rotary_factor": Key(
+            partial_default,
+            None if partial else (1.0,),
+            why="" if partial else "this family's transformers code rotates whole heads",
+        ),
     }
 
 
@@ -126,18 +143,28 @@ def _shapes(r: Reader) -> dict[str, Any]:
     hidden = r("hidden_size")
     kv_heads = r("num_key_value_heads") if "num_key_value_heads" in r.family.keys else None
     head_dim = r("head_dim") if "head_dim" in r.family.keys else None
-    return dict(vocab_size=r("vocab_size"), hidden_size=hidden, intermediate_size=r("intermediate_size"),
-                num_layers=r("num_hidden_layers"), num_heads=heads, num_kv_heads=kv_heads or heads,
-                head_dim=head_dim or hidden // heads, max_position_embeddings=r("max_position_embeddings"),
-                tie_word_embeddings=bool(r("tie_word_embeddings")))
+    return dict(
+        vocab_size=r("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r("intermediate_size"),
+        num_layers=r("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads or heads,
+        head_dim=head_dim or hidden // heads,
+        max_position_embeddings=r("max_position_embeddings"),
+        tie_word_embeddings=bool(r("tie_word_embeddings")),
+    )
 
 
 def _rope(r: Reader, head_dim: int) -> dict[str, Any]:
     r("rope_type")
     factor = float(r("partial_rotary_factor"))
     rotary_dim = int(head_dim * factor)
-    return dict(rope_theta=float(r("rope_theta")), rope_scaling=_scaling(_rope_dict(r.hf)),
-                rotary_dim=None if rotary_dim == head_dim else rotary_dim)
+    return dict(
+        rope_theta=float(r("rope_theta")),
+        rope_scaling=_scaling(_rope_dict(r.hf)),
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+    )
 
 
 def _windows(num_layers: int, window: int | None, layer_types: list[str] | None) -> tuple[int | None, ...]:
@@ -158,57 +185,100 @@ def _qwen_windows(r: Reader, num_layers: int) -> tuple[int | None, ...]:
     max_window_layers = r("max_window_layers")
     types = r("layer_types")
     if types is None and window:
-        types = ["sliding_attention" if i >= max_window_layers else "full_attention" for i in range(num_layers)]
+        types = [
+            "sliding_attention" if i >= max_window_layers else "full_attention" for i in range(num_layers)
+        ]
     return _windows(num_layers, window, types)
 
 
 # --- the families -------------------------------------------------------------------------------
 
+
 def _llama(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"),
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias, mlp_bias=bool(r("mlp_bias")))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(r("mlp_bias")),
+    )
 
 
 def _mistral(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"),
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")],
-                layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None),
+    )
 
 
 def _qwen2(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"),
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=True,
-                layer_sliding_windows=_qwen_windows(r, s["num_layers"]))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=True,
+        layer_sliding_windows=_qwen_windows(r, s["num_layers"]),
+    )
 
 
 def _qwen3(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"),
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias, qk_norm="head",
-                layer_sliding_windows=_qwen_windows(r, s["num_layers"]))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="head",
+        layer_sliding_windows=_qwen_windows(r, s["num_layers"]),
+    )
 
 
 def _gemma(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"), norm="rms_1p",
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias,
-                embedding_multiplier=math.sqrt(s["hidden_size"]))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        norm="rms_1p",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        embedding_multiplier=math.sqrt(s["hidden_size"]),
+    )
 
 
 def _gemma2(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"), norm="rms_1p", layout="sandwich",
-                hidden_act=HF_ACTIVATIONS[r("hidden_activation")], qkv_bias=bias, o_bias=bias,
-                embedding_multiplier=math.sqrt(s["hidden_size"]), attn_scale=float(r("query_pre_attn_scalar")) ** -0.5,
-                attn_logit_softcap=r("attn_logit_softcapping"), final_logit_softcap=r("final_logit_softcapping"),
-                layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), r("layer_types")))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        norm="rms_1p",
+        layout="sandwich",
+        hidden_act=HF_ACTIVATIONS[r("hidden_activation")],
+        qkv_bias=bias,
+        o_bias=bias,
+        embedding_multiplier=math.sqrt(s["hidden_size"]),
+        attn_scale=float(r("query_pre_attn_scalar")) ** -0.5,
+        attn_logit_softcap=r("attn_logit_softcapping"),
+        final_logit_softcap=r("final_logit_softcapping"),
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), r("layer_types")),
+    )
 
 
 def _gemma3(r: Reader) -> dict[str, Any]:
@@ -220,9 +290,13 @@ def _gemma3(r: Reader) -> dict[str, Any]:
     if local:
         rope_type = local.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"{r.architecture}: config key 'rope_type' = {rope_type!r} (sliding_attention) is not "
-                             f"supported; supported: {', '.join(map(repr, SUPPORTED_ROPE_TYPES))}")
-        fields.update(local_rope_theta=float(local.get("rope_theta", 10000.0)), local_rope_scaling=_scaling(local))
+            raise ValueError(
+                f"{r.architecture}: config key 'rope_type' = {rope_type!r} (sliding_attention) is not "
+                f"supported; supported: {', '.join(map(repr, SUPPORTED_ROPE_TYPES))}"
+            )
+        fields.update(
+            local_rope_theta=float(local.get("rope_theta", 10000.0)), local_rope_scaling=_scaling(local)
+        )
     else:  # transformers<5 layout: rope_local_base_freq, plain RoPE on the sliding layers
         fields.update(local_rope_theta=float(r("rope_local_base_freq")))
     return {**fields, "qk_norm": "head"}
@@ -230,61 +304,121 @@ def _gemma3(r: Reader) -> dict[str, Any]:
 
 def _phi3(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"),
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")],
-                layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None),
+    )
 
 
 def _phi(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("layer_norm_eps"), norm="layer", layout="parallel",
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], gated_mlp=False, qkv_bias=True, o_bias=True,
-                mlp_bias=True, lm_head_bias=True, qk_norm="head_layer" if r("qk_layernorm") else None)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("layer_norm_eps"),
+        norm="layer",
+        layout="parallel",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        gated_mlp=False,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        lm_head_bias=True,
+        qk_norm="head_layer" if r("qk_layernorm") else None,
+    )
 
 
 def _gpt_neox(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("layer_norm_eps"), norm="layer",
-                layout="parallel_2norm" if r("use_parallel_residual") else "pre",
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], gated_mlp=False, qkv_bias=bias, o_bias=bias,
-                mlp_bias=True)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("layer_norm_eps"),
+        norm="layer",
+        layout="parallel_2norm" if r("use_parallel_residual") else "pre",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        gated_mlp=False,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=True,
+    )
 
 
 def _stablelm(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("layer_norm_eps"), norm="layer",
-                layout="parallel" if r("use_parallel_residual") else "pre",
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bool(r("use_qkv_bias")),
-                qk_norm="head_layer_modules" if r("qk_layernorm") else None)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("layer_norm_eps"),
+        norm="layer",
+        layout="parallel" if r("use_parallel_residual") else "pre",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bool(r("use_qkv_bias")),
+        qk_norm="head_layer_modules" if r("qk_layernorm") else None,
+    )
 
 
 def _olmo(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=1e-5, norm="layer_no_affine",  # OlmoLayerNorm: fixed
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias, clip_qkv=r("clip_qkv"))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=1e-5,
+        norm="layer_no_affine",  # OlmoLayerNorm: fixed
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        clip_qkv=r("clip_qkv"),
+    )
 
 
 def _olmo2(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"), layout="post", qk_norm="full",
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        layout="post",
+        qk_norm="full",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+    )
 
 
 def _starcoder2(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("use_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("norm_epsilon"), norm="layer", gated_mlp=False,
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bias, o_bias=bias, mlp_bias=bias,
-                layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("norm_epsilon"),
+        norm="layer",
+        gated_mlp=False,
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None),
+    )
 
 
 def _glm(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("rms_norm_eps"), rope_is_neox_style=False,
-                hidden_act=HF_ACTIVATIONS[r("hidden_act")], qkv_bias=bool(r("attention_bias")))
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        rope_is_neox_style=False,
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bool(r("attention_bias")),
+    )
 
 
 def _glm4(r: Reader) -> dict[str, Any]:
@@ -294,102 +428,280 @@ def _glm4(r: Reader) -> dict[str, Any]:
 def _cohere(r: Reader) -> dict[str, Any]:
     s = _shapes(r)
     bias = bool(r("attention_bias"))
-    return dict(**s, **_rope(r, s["head_dim"]), rms_norm_eps=r("layer_norm_eps"), norm="layer_no_bias",
-                layout="parallel", rope_is_neox_style=False, hidden_act=HF_ACTIVATIONS[r("hidden_act")],
-                qkv_bias=bias, o_bias=bias, logit_scale=float(r("logit_scale")),
-                qk_norm="head_layer_per_head" if r("use_qk_norm") else None)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("layer_norm_eps"),
+        norm="layer_no_bias",
+        layout="parallel",
+        rope_is_neox_style=False,
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        logit_scale=float(r("logit_scale")),
+        qk_norm="head_layer_per_head" if r("use_qk_norm") else None,
+    )
 
 
 _NEOX_SHAPE_KEYS = {k: v for k, v in SHAPE_KEYS.items() if k not in ("num_key_value_heads", "head_dim")}
-_LLAMA_PACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_LLAMA_PACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 _QKV_PACKED = {k: v for k, v in _LLAMA_PACKED.items() if v[0] == "qkv_proj"}
 _WINDOW_KEYS = {"sliding_window": Key(None)}
 _MISTRAL_WINDOW_KEYS = {"sliding_window": Key(4096)}  # transformers' MistralConfig default
-_QWEN_WINDOW_KEYS = {"use_sliding_window": Key(False, BOOLS), "sliding_window": Key(4096),
-                     "max_window_layers": Key(28), "layer_types": Key(None, LAYER_TYPES, each=True)}
+_QWEN_WINDOW_KEYS = {
+    "use_sliding_window": Key(False, BOOLS),
+    "sliding_window": Key(4096),
+    "max_window_layers": Key(28),
+    "layer_types": Key(None, LAYER_TYPES, each=True),
+}
 _GEMMA2_KEYS = {
-    "attention_bias": Key(False, BOOLS), "rms_norm_eps": Key(1e-6), "query_pre_attn_scalar": Key(256),
+    "attention_bias": Key(False, BOOLS),
+    "rms_norm_eps": Key(1e-6),
+    "query_pre_attn_scalar": Key(256),
     "attn_logit_softcapping": Key(50.0),
-    "final_logit_softcapping": Key(30.0), "sliding_window": Key(4096), "layer_types": Key(None, LAYER_TYPES, each=True),
+    "final_logit_softcapping": Key(30.0),
+    "sliding_window": Key(4096),
+    "layer_types": Key(None, LAYER_TYPES, each=True),
 }
 # Gemma2/3 name their norms after where they sit; ours: input_layernorm (before attention),
 # post_attention_layernorm (before the MLP), attn_out_norm / mlp_out_norm (on the sublayer outputs).
-_SANDWICH_GEMMA = {".post_attention_layernorm.": ".attn_out_norm.", ".pre_feedforward_layernorm.":
-                   ".post_attention_layernorm.", ".post_feedforward_layernorm.": ".mlp_out_norm."}
+_SANDWICH_GEMMA = {
+    ".post_attention_layernorm.": ".attn_out_norm.",
+    ".pre_feedforward_layernorm.": ".post_attention_layernorm.",
+    ".post_feedforward_layernorm.": ".mlp_out_norm.",
+}
 
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family("llama", {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6),
-                                         "attention_bias": Key(False, BOOLS), "mlp_bias": Key(False, BOOLS)},
-                               _llama, packed=_LLAMA_PACKED),
-    "MistralForCausalLM": Family("mistral", {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6),
-                                             **_MISTRAL_WINDOW_KEYS}, _mistral, packed=_LLAMA_PACKED),
-    "Qwen2ForCausalLM": Family("qwen2", {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6),
-                                         **_QWEN_WINDOW_KEYS}, _qwen2, packed=_LLAMA_PACKED),
-    "Qwen3ForCausalLM": Family("qwen3", {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6),
-                                         "attention_bias": Key(False, BOOLS), **_QWEN_WINDOW_KEYS},
-                               _qwen3, packed=_LLAMA_PACKED),
-    "GemmaForCausalLM": Family("gemma", {**SHAPE_KEYS, **_act("gelu_pytorch_tanh"), **_rope_keys(),
-                                         "rms_norm_eps": Key(1e-6), "attention_bias": Key(False, BOOLS),
-                                         "tie_word_embeddings": Key(True)}, _gemma, packed=_LLAMA_PACKED),
-    "Gemma2ForCausalLM": Family("gemma2", {**SHAPE_KEYS, **_act("gelu_pytorch_tanh", "hidden_activation"),
-                                           **_rope_keys(), **_GEMMA2_KEYS, "tie_word_embeddings": Key(True)},
-                                _gemma2, hf_to_ours=_SANDWICH_GEMMA, packed=_LLAMA_PACKED),
-    "Gemma3ForCausalLM": Family("gemma3_text", {**SHAPE_KEYS, **_act("gelu_pytorch_tanh", "hidden_activation"),
-                                                **_rope_keys(1_000_000.0), **_GEMMA2_KEYS,
-                                                "attn_logit_softcapping": Key(None),
-                                                "final_logit_softcapping": Key(None),
-                                                "use_bidirectional_attention": Key(False, (False, None)),
-                                                "rope_local_base_freq": Key(10000.0),
-                                                "tie_word_embeddings": Key(True)},
-                                _gemma3, hf_to_ours=_SANDWICH_GEMMA, packed=_LLAMA_PACKED),
-    "Phi3ForCausalLM": Family("phi3", {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True),
-                                       "rms_norm_eps": Key(1e-5), **_WINDOW_KEYS}, _phi3),
-    "PhiForCausalLM": Family("phi", {**SHAPE_KEYS, **_act("gelu_new"), **_rope_keys(partial=True, partial_default=0.5),
-                                     "layer_norm_eps": Key(1e-5), "qk_layernorm": Key(False, BOOLS)}, _phi,
-                             hf_to_ours={".self_attn.dense.": ".self_attn.o_proj.", ".mlp.fc1.": ".mlp.up_proj.",
-                                         ".mlp.fc2.": ".mlp.down_proj.", "model.final_layernorm.": "model.norm.",
-                                         ".q_layernorm.": ".q_norm.", ".k_layernorm.": ".k_norm."},
-                             packed=_QKV_PACKED),
-    "GPTNeoXForCausalLM": Family("gpt_neox", {**_NEOX_SHAPE_KEYS, **_act("gelu"),
-                                              **_rope_keys(partial=True, partial_default=0.25),
-                                              "layer_norm_eps": Key(1e-5), "attention_bias": Key(True, BOOLS),
-                                              "use_parallel_residual": Key(True, BOOLS)}, _gpt_neox,
-                                 hf_to_ours={"gpt_neox.embed_in.": "model.embed_tokens.", "gpt_neox.layers.":
-                                             "model.layers.", "gpt_neox.final_layer_norm.": "model.norm.",
-                                             "embed_out.": "lm_head.", ".attention.query_key_value.":
-                                             ".self_attn.qkv_proj.", ".attention.dense.": ".self_attn.o_proj.",
-                                             ".mlp.dense_h_to_4h.": ".mlp.up_proj.",
-                                             ".mlp.dense_4h_to_h.": ".mlp.down_proj."},
-                                 packed={"qkv_proj": ("qkv_proj", "per_head")}),  # rows [H, (q|k|v), D]
-    "StableLmForCausalLM": Family("stablelm", {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True, partial_default=0.25),
-                                               "layer_norm_eps": Key(1e-5), "qk_layernorm": Key(False, BOOLS),
-                                               "use_parallel_residual": Key(False, BOOLS),
-                                               "use_qkv_bias": Key(False, BOOLS)}, _stablelm,
-                                  hf_to_ours={".q_layernorm.": ".q_norm.", ".k_layernorm.": ".k_norm."},
-                                  packed=_LLAMA_PACKED),
-    "OlmoForCausalLM": Family("olmo", {**SHAPE_KEYS, **_act(), **_rope_keys(), "attention_bias": Key(False, BOOLS),
-                                       "clip_qkv": Key(None)}, _olmo, packed=_LLAMA_PACKED),
-    "Olmo2ForCausalLM": Family("olmo2", {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-5),
-                                         "attention_bias": Key(False, BOOLS)}, _olmo2,
-                               hf_to_ours={".post_attention_layernorm.": ".attn_out_norm.",
-                                           ".post_feedforward_layernorm.": ".mlp_out_norm."}, packed=_LLAMA_PACKED),
-    "Starcoder2ForCausalLM": Family("starcoder2", {**SHAPE_KEYS, **_act("gelu_pytorch_tanh"), **_rope_keys(),
-                                                   "norm_epsilon": Key(1e-5), "use_bias": Key(True, BOOLS),
-                                                   **_WINDOW_KEYS, "tie_word_embeddings": Key(True)}, _starcoder2,
-                                    hf_to_ours={".mlp.c_fc.": ".mlp.up_proj.", ".mlp.c_proj.": ".mlp.down_proj."},
-                                    packed=_QKV_PACKED),
-    "GlmForCausalLM": Family("glm", {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True, partial_default=0.5),
-                                     "rms_norm_eps": Key(1.5625e-07), "attention_bias": Key(True, BOOLS)}, _glm,
-                             packed=_QKV_PACKED),
-    "Glm4ForCausalLM": Family("glm4", {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True, partial_default=0.5),
-                                       "rms_norm_eps": Key(1.5625e-07), "attention_bias": Key(True, BOOLS)}, _glm4,
-                              hf_to_ours={".post_self_attn_layernorm.": ".attn_out_norm.",
-                                          ".post_mlp_layernorm.": ".mlp_out_norm."}, packed=_QKV_PACKED),
-    "CohereForCausalLM": Family("cohere", {**SHAPE_KEYS, **_act(), **_rope_keys(500000.0),
-                                           "layer_norm_eps": Key(1e-5), "attention_bias": Key(False, BOOLS),
-                                           "logit_scale": Key(0.0625), "use_qk_norm": Key(False, BOOLS),
-                                           "tie_word_embeddings": Key(True)}, _cohere, packed=_LLAMA_PACKED),
+    "LlamaForCausalLM": Family(
+        "llama",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            "rms_norm_eps": Key(1e-6),
+            "attention_bias": Key(False, BOOLS),
+            "mlp_bias": Key(False, BOOLS),
+        },
+        _llama,
+        packed=_LLAMA_PACKED,
+    ),
+    "MistralForCausalLM": Family(
+        "mistral",
+        {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6), **_MISTRAL_WINDOW_KEYS},
+        _mistral,
+        packed=_LLAMA_PACKED,
+    ),
+    "Qwen2ForCausalLM": Family(
+        "qwen2",
+        {**SHAPE_KEYS, **_act(), **_rope_keys(), "rms_norm_eps": Key(1e-6), **_QWEN_WINDOW_KEYS},
+        _qwen2,
+        packed=_LLAMA_PACKED,
+    ),
+    "Qwen3ForCausalLM": Family(
+        "qwen3",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            "rms_norm_eps": Key(1e-6),
+            "attention_bias": Key(False, BOOLS),
+            **_QWEN_WINDOW_KEYS,
+        },
+        _qwen3,
+        packed=_LLAMA_PACKED,
+    ),
+    "GemmaForCausalLM": Family(
+        "gemma",
+        {
+            **SHAPE_KEYS,
+            **_act("gelu_pytorch_tanh"),
+            **_rope_keys(),
+            "rms_norm_eps": Key(1e-6),
+            "attention_bias": Key(False, BOOLS),
+            "tie_word_embeddings": Key(True),
+        },
+        _gemma,
+        packed=_LLAMA_PACKED,
+    ),
+    "Gemma2ForCausalLM": Family(
+        "gemma2",
+        {
+            **SHAPE_KEYS,
+            **_act("gelu_pytorch_tanh", "hidden_activation"),
+            **_rope_keys(),
+            **_GEMMA2_KEYS,
+            "tie_word_embeddings": Key(True),
+        },
+        _gemma2,
+        hf_to_ours=_SANDWICH_GEMMA,
+        packed=_LLAMA_PACKED,
+    ),
+    "Gemma3ForCausalLM": Family(
+        "gemma3_text",
+        {
+            **SHAPE_KEYS,
+            **_act("gelu_pytorch_tanh", "hidden_activation"),
+            **_rope_keys(1_000_000.0),
+            **_GEMMA2_KEYS,
+            "attn_logit_softcapping": Key(None),
+            "final_logit_softcapping": Key(None),
+            "use_bidirectional_attention": Key(False, (False, None)),
+            "rope_local_base_freq": Key(10000.0),
+            "tie_word_embeddings": Key(True),
+        },
+        _gemma3,
+        hf_to_ours=_SANDWICH_GEMMA,
+        packed=_LLAMA_PACKED,
+    ),
+    "Phi3ForCausalLM": Family(
+        "phi3",
+        {**SHAPE_KEYS, **_act(), **_rope_keys(partial=True), "rms_norm_eps": Key(1e-5), **_WINDOW_KEYS},
+        _phi3,
+    ),
+    "PhiForCausalLM": Family(
+        "phi",
+        {
+            **SHAPE_KEYS,
+            **_act("gelu_new"),
+            **_rope_keys(partial=True, partial_default=0.5),
+            "layer_norm_eps": Key(1e-5),
+            "qk_layernorm": Key(False, BOOLS),
+        },
+        _phi,
+        hf_to_ours={
+            ".self_attn.dense.": ".self_attn.o_proj.",
+            ".mlp.fc1.": ".mlp.up_proj.",
+            ".mlp.fc2.": ".mlp.down_proj.",
+            "model.final_layernorm.": "model.norm.",
+            ".q_layernorm.": ".q_norm.",
+            ".k_layernorm.": ".k_norm.",
+        },
+        packed=_QKV_PACKED,
+    ),
+    "GPTNeoXForCausalLM": Family(
+        "gpt_neox",
+        {
+            **_NEOX_SHAPE_KEYS,
+            **_act("gelu"),
+            **_rope_keys(partial=True, partial_default=0.25),
+            "layer_norm_eps": Key(1e-5),
+            "attention_bias": Key(True, BOOLS),
+            "use_parallel_residual": Key(True, BOOLS),
+        },
+        _gpt_neox,
+        hf_to_ours={
+            "gpt_neox.embed_in.": "model.embed_tokens.",
+            "gpt_neox.layers.": "model.layers.",
+            "gpt_neox.final_layer_norm.": "model.norm.",
+            "embed_out.": "lm_head.",
+            ".attention.query_key_value.": ".self_attn.qkv_proj.",
+            ".attention.dense.": ".self_attn.o_proj.",
+            ".mlp.dense_h_to_4h.": ".mlp.up_proj.",
+            ".mlp.dense_4h_to_h.": ".mlp.down_proj.",
+        },
+        packed={"qkv_proj": ("qkv_proj", "per_head")},
+    ),  # rows [H, (q|k|v), D]
+    "StableLmForCausalLM": Family(
+        "stablelm",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(partial=True, partial_default=0.25),
+            "layer_norm_eps": Key(1e-5),
+            "qk_layernorm": Key(False, BOOLS),
+            "use_parallel_residual": Key(False, BOOLS),
+            "use_qkv_bias": Key(False, BOOLS),
+        },
+        _stablelm,
+        hf_to_ours={".q_layernorm.": ".q_norm.", ".k_layernorm.": ".k_norm."},
+        packed=_LLAMA_PACKED,
+    ),
+    "OlmoForCausalLM": Family(
+        "olmo",
+        {**SHAPE_KEYS, **_act(), **_rope_keys(), "attention_bias": Key(False, BOOLS), "clip_qkv": Key(None)},
+        _olmo,
+        packed=_LLAMA_PACKED,
+    ),
+    "Olmo2ForCausalLM": Family(
+        "olmo2",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            "rms_norm_eps": Key(1e-5),
+            "attention_bias": Key(False, BOOLS),
+        },
+        _olmo2,
+        hf_to_ours={
+            ".post_attention_layernorm.": ".attn_out_norm.",
+            ".post_feedforward_layernorm.": ".mlp_out_norm.",
+        },
+        packed=_LLAMA_PACKED,
+    ),
+    "Starcoder2ForCausalLM": Family(
+        "starcoder2",
+        {
+            **SHAPE_KEYS,
+            **_act("gelu_pytorch_tanh"),
+            **_rope_keys(),
+            "norm_epsilon": Key(1e-5),
+            "use_bias": Key(True, BOOLS),
+            **_WINDOW_KEYS,
+            "tie_word_embeddings": Key(True),
+        },
+        _starcoder2,
+        hf_to_ours={".mlp.c_fc.": ".mlp.up_proj.", ".mlp.c_proj.": ".mlp.down_proj."},
+        packed=_QKV_PACKED,
+    ),
+    "GlmForCausalLM": Family(
+        "glm",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(partial=True, partial_default=0.5),
+            "rms_norm_eps": Key(1.5625e-07),
+            "attention_bias": Key(True, BOOLS),
+        },
+        _glm,
+        packed=_QKV_PACKED,
+    ),
+    "Glm4ForCausalLM": Family(
+        "glm4",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(partial=True, partial_default=0.5),
+            "rms_norm_eps": Key(1.5625e-07),
+            "attention_bias": Key(True, BOOLS),
+        },
+        _glm4,
+        hf_to_ours={
+            ".post_self_attn_layernorm.": ".attn_out_norm.",
+            ".post_mlp_layernorm.": ".mlp_out_norm.",
+        },
+        packed=_QKV_PACKED,
+    ),
+    "CohereForCausalLM": Family(
+        "cohere",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(500000.0),
+            "layer_norm_eps": Key(1e-5),
+            "attention_bias": Key(False, BOOLS),
+            "logit_scale": Key(0.0625),
+            "use_qk_norm": Key(False, BOOLS),
+            "tie_word_embeddings": Key(True),
+        },
+        _cohere,
+        packed=_LLAMA_PACKED,
+    ),
 }
 
 
@@ -407,7 +719,9 @@ def parse_family(architecture: str, hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields of `architecture` from the HF config dict (validated by its table)."""
     family = FAMILIES.get(architecture)
     if family is None:
-        raise ValueError(f"unsupported model architecture {architecture!r}; supported: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(
+            f"unsupported model architecture {architecture!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
     return family.build(Reader(architecture, family, hf))
 
 

@@ -44,16 +44,30 @@ def activation_fn(arch: str, key: str, name: str) -> Callable[[torch.Tensor], to
     """HF activation name (ACT2FN) -> the shared torch reference (kernels.reference.activation), through
     families.HF_ACTIVATIONS (gelu_new / gelu_pytorch_tanh are the tanh approximation, "gelu" erf-exact)."""
     if name not in HF_ACTIVATIONS:
-        raise FamilyConfigError(f"{arch}: {key}={name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}")
+        raise FamilyConfigError(
+            f"{arch}: {key}={name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}"
+        )
     return functools.partial(reference.activation, act=HF_ACTIVATIONS[name])
 
 
-def base_config(hf: dict[str, Any], *, architecture: str, hidden_size: int, num_heads: int, num_kv_heads: int,
-                num_layers: int, intermediate_size: int, max_position_embeddings: int,
-                tie_word_embeddings: bool, family: Any) -> ModelConfig:
+def base_config(
+    hf: dict[str, Any],
+    *,
+    architecture: str,
+    hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    num_layers: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool,
+    family: Any,
+) -> ModelConfig:
     """The shared ModelConfig numbers of a family whose HF config uses its own key names."""
     if hidden_size % num_heads:
-        raise FamilyConfigError(f"{architecture}: hidden size {hidden_size} is not a multiple of {num_heads} heads")
+        raise FamilyConfigError(
+            f"{architecture}: hidden size {hidden_size} is not a multiple of {num_heads} heads"
+        )
     return ModelConfig(
         architecture=architecture,
         vocab_size=require(architecture, hf, "vocab_size"),

@@ -45,7 +45,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("quantization_config"):
         raise FamilyConfigError(
             f"{ARCHITECTURE}: quantization_config is not supported: transformers keeps GPT-2's projections in "
-            "Conv1D modules, which compressed-tensors does not quantize (use OPT / Llama-style checkpoints)")
+            "Conv1D modules, which compressed-tensors does not quantize (use OPT / Llama-style checkpoints)"
+        )
     hidden = require(ARCHITECTURE, hf, "n_embd")
     heads = require(ARCHITECTURE, hf, "n_head")
     activation = hf.get("activation_function", "gelu_new")
@@ -58,7 +59,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
     # reorder_and_upcast_attn only changes where HF upcasts to fp32: the math is the same, so it is accepted.
     return base_config(
-        hf, architecture=ARCHITECTURE, hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+        hf,
+        architecture=ARCHITECTURE,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
         num_layers=require(ARCHITECTURE, hf, "n_layer"),
         intermediate_size=hf.get("n_inner") or 4 * hidden,
         max_position_embeddings=require(ARCHITECTURE, hf, "n_positions"),
@@ -143,7 +148,9 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = GPT2Model(cfg, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
 
     @classmethod
     def hf_to_ours(cls, name: str) -> str | None:

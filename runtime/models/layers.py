@@ -24,7 +24,9 @@ from lmforge.runtime.engine.attention import AttentionBackend
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -77,8 +79,13 @@ class LayerNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics like transformers' OLMo/Cohere norms; nn.LayerNorm on fp32 inputs is the same op
-        out = F.layer_norm(x.float(), (self.dim,), None if self.weight is None else self.weight.float(),
-                           None if self.bias is None else self.bias.float(), self.eps)
+        out = F.layer_norm(
+            x.float(),
+            (self.dim,),
+            None if self.weight is None else self.weight.float(),
+            None if self.bias is None else self.bias.float(),
+            self.eps,
+        )
         return out.to(x.dtype)
 
 
@@ -138,12 +145,18 @@ class RotaryEmbedding(nn.Module):
             cache = rope_cache.build_longrope_cache(self.rotary_dim, max_positions, theta, spec)
         elif self.rope_type == "dynamic":
             self.threshold = spec["original_max_position_embeddings"]
-            self.register_buffer("inv_freq_table", rope_cache.dynamic_inv_freq_table(
-                self.rotary_dim, theta, spec["factor"], self.threshold, max_positions), persistent=False)
+            self.register_buffer(
+                "inv_freq_table",
+                rope_cache.dynamic_inv_freq_table(
+                    self.rotary_dim, theta, spec["factor"], self.threshold, max_positions
+                ),
+                persistent=False,
+            )
             init_inv_freq = rope_cache.compute_inv_freq(self.rotary_dim, theta, spec,
                                                         max_position_embeddings=self.threshold)  # fmt: skip
             cache = rope_cache.cos_sin(torch.arange(max_positions, device="cpu"), init_inv_freq).to(
-                rope_cache.target_device(None))  # the table while no sequence passes the threshold
+                rope_cache.target_device(None)
+            )  # the table while no sequence passes the threshold
         else:
             cache = rope_cache.build_rope_cache(self.rotary_dim, max_positions, theta, spec)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
@@ -257,26 +270,44 @@ class PagedAttention(nn.Module):
     The block manager reads `sliding_window` of every layer to free blocks no layer can see any more.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend, *,
-                 scale: float | None = None, sliding_window: int | None = None,
-                 alibi_slopes: torch.Tensor | None = None, logits_soft_cap: float | None = None):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: AttentionBackend,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+        logits_soft_cap: float | None = None,
+    ):
         super().__init__()
         if scale is not None and not scale > 0:
             raise ValueError(f"PagedAttention: scale must be positive, got {scale}")
-        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                           or sliding_window < 1):
-            raise ValueError(f"PagedAttention: sliding_window must be a positive int or None, got {sliding_window!r}")
+        if sliding_window is not None and (
+            isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
+        ):
+            raise ValueError(
+                f"PagedAttention: sliding_window must be a positive int or None, got {sliding_window!r}"
+            )
         if logits_soft_cap is not None and not logits_soft_cap > 0:
-            raise ValueError(f"PagedAttention: logits_soft_cap must be positive or None, got {logits_soft_cap}")
+            raise ValueError(
+                f"PagedAttention: logits_soft_cap must be positive or None, got {logits_soft_cap}"
+            )
         if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
-            raise ValueError(f"PagedAttention: alibi_slopes must have shape ({num_heads},), "
-                             f"got {tuple(alibi_slopes.shape)}")
+            raise ValueError(
+                f"PagedAttention: alibi_slopes must have shape ({num_heads},), "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = float(scale) if scale is not None else head_dim**-0.5
         self.sliding_window = sliding_window
         self.logits_soft_cap = float(logits_soft_cap) if logits_soft_cap is not None else None
         slopes = None if alibi_slopes is None else alibi_slopes.detach().to(torch.float32).contiguous()
-        self.register_buffer("alibi_slopes", slopes, persistent=False)  # follows the model's device; fp32 always
+        self.register_buffer(
+            "alibi_slopes", slopes, persistent=False
+        )  # follows the model's device; fp32 always
         self.backend = backend
         self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D] once bound
         # int8 KV cache only: per-(token, head) fp32 scales [num_blocks, block_size, Hkv]; None otherwise
@@ -285,7 +316,17 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         # q [T, H, D]; k, v [T, Hkv, D] -> [T, H, D]
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, attn_meta, self.scale,
-                                    k_scale_cache=self.k_scale_cache, v_scale_cache=self.v_scale_cache,
-                                    sliding_window=self.sliding_window, alibi_slopes=self.alibi_slopes,
-                                    logits_soft_cap=self.logits_soft_cap)
+        return self.backend.forward(
+            q,
+            k,
+            v,
+            self.k_cache,
+            self.v_cache,
+            attn_meta,
+            self.scale,
+            k_scale_cache=self.k_scale_cache,
+            v_scale_cache=self.v_scale_cache,
+            sliding_window=self.sliding_window,
+            alibi_slopes=self.alibi_slopes,
+            logits_soft_cap=self.logits_soft_cap,
+        )

@@ -66,13 +66,22 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     clip = attn.get("clip_qkv")
     if clip is not None and not clip > 0:
         raise FamilyConfigError(f"{ARCHITECTURE}: attn_config.clip_qkv={clip!r} must be positive or null")
-    options = MptOptions(layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                         softmax_scale=attn.get("softmax_scale"), clip_qkv=clip)
+    options = MptOptions(
+        layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        softmax_scale=attn.get("softmax_scale"),
+        clip_qkv=clip,
+    )
     return base_config(
-        hf, architecture=ARCHITECTURE, hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+        hf,
+        architecture=ARCHITECTURE,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
         num_layers=hf.get("n_layers") or require(ARCHITECTURE, hf, "num_hidden_layers"),
-        intermediate_size=4 * hidden, max_position_embeddings=require(ARCHITECTURE, hf, "max_seq_len"),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), family=options,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=require(ARCHITECTURE, hf, "max_seq_len"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        family=options,
     )
 
 
@@ -99,8 +108,14 @@ class MptAttention(nn.Module):
         self.hidden, self.head_dim, self.clip_qkv = cfg.hidden_size, cfg.head_dim, cfg.family.clip_qkv
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, backend,
-                                   scale=cfg.family.softmax_scale, alibi_slopes=mpt_alibi_slopes(cfg.num_heads))
+        self.attn = PagedAttention(
+            cfg.num_heads,
+            cfg.num_heads,
+            cfg.head_dim,
+            backend,
+            scale=cfg.family.softmax_scale,
+            alibi_slopes=mpt_alibi_slopes(cfg.num_heads),
+        )
 
     def forward(self, x: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -152,7 +167,9 @@ class MptForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = MptModel(cfg, backend)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: Any) -> torch.Tensor:
         return self.transformer(input_ids, positions, attn_meta)

@@ -47,7 +47,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         word_embed_proj_dim=hf.get("word_embed_proj_dim") or hidden,
     )
     return base_config(
-        hf, architecture=ARCHITECTURE, hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+        hf,
+        architecture=ARCHITECTURE,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
         num_layers=require(ARCHITECTURE, hf, "num_hidden_layers"),
         intermediate_size=require(ARCHITECTURE, hf, "ffn_dim"),
         max_position_embeddings=require(ARCHITECTURE, hf, "max_position_embeddings"),
@@ -125,7 +129,11 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+    }
 
     def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend):
         super().__init__()

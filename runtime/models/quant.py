@@ -46,17 +46,28 @@ class WeightScheme:
         weights = group.get("weights") or {}
         fmt = group.get("format") or default_format
         if fmt not in SUPPORTED_FORMATS:
-            raise ValueError(f"compressed-tensors format {fmt!r} is not supported; supported: {SUPPORTED_FORMATS}")
+            raise ValueError(
+                f"compressed-tensors format {fmt!r} is not supported; supported: {SUPPORTED_FORMATS}"
+            )
         if not weights.get("symmetric", True) or weights.get("actorder") == "group":
-            raise ValueError("asymmetric weights (zero points) and actorder 'group' (g_idx) are not supported")
+            raise ValueError(
+                "asymmetric weights (zero points) and actorder 'group' (g_idx) are not supported"
+            )
         strategy = weights.get("strategy")
         group_size = int(weights["group_size"]) if strategy == "group" else -1
         activations = group.get("input_activations")
         fp8_act = bool(activations and activations.get("type") == "float" and activations.get("dynamic"))
-        scheme = cls(bits=int(weights.get("num_bits", 0)), type=weights.get("type", "int"), group_size=group_size,
-                     format=fmt, fp8_activations=fp8_act)
+        scheme = cls(
+            bits=int(weights.get("num_bits", 0)),
+            type=weights.get("type", "int"),
+            group_size=group_size,
+            format=fmt,
+            fp8_activations=fp8_act,
+        )
         if scheme.type == "int" and (fmt != "pack-quantized" or scheme.bits not in (4, 8)):
-            raise ValueError(f"int{scheme.bits} weights in format {fmt!r}: only pack-quantized int4/int8 are supported")
+            raise ValueError(
+                f"int{scheme.bits} weights in format {fmt!r}: only pack-quantized int4/int8 are supported"
+            )
         if scheme.type == "float" and scheme.bits != 8:
             raise ValueError(f"float{scheme.bits} weights are not supported (only fp8 e4m3)")
         if activations and not fp8_act:
@@ -70,8 +81,10 @@ def load_quantization_config(model_dir: str | Path) -> dict[str, Any] | None:
     if not config:
         return None
     if config.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"quantization method {config.get('quant_method')!r} is not supported "
-                         "(only compressed-tensors checkpoints, e.g. from `lmforge quantize`)")
+        raise ValueError(
+            f"quantization method {config.get('quant_method')!r} is not supported "
+            "(only compressed-tensors checkpoints, e.g. from `lmforge quantize`)"
+        )
     if config.get("quantization_status", "compressed") != "compressed":
         raise ValueError(f"quantization_status {config['quantization_status']!r}: expected 'compressed'")
     return config
@@ -80,7 +93,9 @@ def load_quantization_config(model_dir: str | Path) -> dict[str, Any] | None:
 def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
     """compressed-tensors matching: exact name, re:<regex> (re.match) or a class name in the MRO."""
     classes = {cls.__name__ for cls in type(module).__mro__}
-    return any(re.match(p[3:], name) if p.startswith("re:") else (p == name or p in classes) for p in patterns)
+    return any(
+        re.match(p[3:], name) if p.startswith("re:") else (p == name or p in classes) for p in patterns
+    )
 
 
 def scheme_for(name: str, module: nn.Module, config: dict[str, Any]) -> WeightScheme | None:
@@ -129,27 +144,35 @@ class _ShardedParams(nn.Module):
         offset, size = (0, self.out_features) if whole else self.shards[shard_id]
         if param is getattr(self, "weight_shape", None):
             if tuple(loaded.tolist()) != (size, self.in_features):
-                raise ValueError(f"weight_shape {loaded.tolist()} does not match the model: {[size, self.in_features]}")
+                raise ValueError(
+                    f"weight_shape {loaded.tolist()} does not match the model: {[size, self.in_features]}"
+                )
             return
         if shard_id == "per_head":  # rows [H*3*D] -> [3*H*D], as QKVLinear does for dense weights
             num_heads = self.shards["q"][1] // self.head_dim
-            loaded = loaded.reshape(num_heads, 3, self.head_dim, *loaded.shape[1:]).transpose(0, 1).reshape(
-                loaded.shape)
+            loaded = (
+                loaded.reshape(num_heads, 3, self.head_dim, *loaded.shape[1:])
+                .transpose(0, 1)
+                .reshape(loaded.shape)
+            )
         default_weight_loader(param.data.narrow(0, offset, size), loaded)
 
 
 class QuantLinear(_ShardedParams):
     """W4A16 / W8A16 on compressed-tensors pack-quantized weights (symmetric, per channel or group)."""
 
-    def __init__(self, shards: dict[Any, tuple[int, int]], in_features: int, bits: int, group_size: int,
-                 bias: bool):
+    def __init__(
+        self, shards: dict[Any, tuple[int, int]], in_features: int, bits: int, group_size: int, bias: bool
+    ):
         super().__init__(shards, in_features)
         group = in_features if group_size <= 0 else group_size
         if in_features % group or (in_features * bits) % 32:
             raise ValueError(f"in_features {in_features} is not a multiple of the group size {group}")
         self.bits = bits
         n, k = self.out_features, in_features
-        self.weight_packed = nn.Parameter(torch.zeros(n, k * bits // 32, dtype=torch.int32), requires_grad=False)
+        self.weight_packed = nn.Parameter(
+            torch.zeros(n, k * bits // 32, dtype=torch.int32), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.ones(n, k // group), requires_grad=False)
         self.weight_shape = nn.Parameter(torch.tensor([n, k], dtype=torch.int64), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n), requires_grad=False) if bias else None
@@ -161,7 +184,9 @@ class QuantLinear(_ShardedParams):
             from lmforge.kernels.backend import get_ops
 
             self._ops = get_ops(x.device)
-        return self._ops.quant_linear(x.contiguous(), self.weight_packed, self.weight_scale, self.bits, self.bias)
+        return self._ops.quant_linear(
+            x.contiguous(), self.weight_packed, self.weight_scale, self.bits, self.bias
+        )
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.weight_scale.shape[1]}"
@@ -170,10 +195,14 @@ class QuantLinear(_ShardedParams):
 class Fp8Linear(_ShardedParams):
     """FP8 e4m3 weights, per-output-channel scale; x fake-quantized per token when dynamic activations."""
 
-    def __init__(self, shards: dict[Any, tuple[int, int]], in_features: int, bias: bool, fp8_activations: bool):
+    def __init__(
+        self, shards: dict[Any, tuple[int, int]], in_features: int, bias: bool, fp8_activations: bool
+    ):
         super().__init__(shards, in_features)
         n = self.out_features
-        self.weight = nn.Parameter(torch.zeros(n, in_features, dtype=torch.float8_e4m3fn), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(n, in_features, dtype=torch.float8_e4m3fn), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.ones(n, 1), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n), requires_grad=False) if bias else None
         self.fp8_activations = fp8_activations

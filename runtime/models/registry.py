@@ -11,11 +11,15 @@ from lmforge.runtime.models.families import FAMILIES
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(FAMILIES, DecoderForCausalLM)
 # the older families: one graph file each (their config parsers: config.LEGACY_FAMILY_MODULES)
-MODEL_REGISTRY.update({
-    gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel, opt.ARCHITECTURE: opt.OPTForCausalLM,
-    bloom.ARCHITECTURE: bloom.BloomForCausalLM, mpt.ARCHITECTURE: mpt.MptForCausalLM,
-    falcon.ARCHITECTURE: falcon.FalconForCausalLM,
-})
+MODEL_REGISTRY.update(
+    {
+        gpt2.ARCHITECTURE: gpt2.GPT2LMHeadModel,
+        opt.ARCHITECTURE: opt.OPTForCausalLM,
+        bloom.ARCHITECTURE: bloom.BloomForCausalLM,
+        mpt.ARCHITECTURE: mpt.MptForCausalLM,
+        falcon.ARCHITECTURE: falcon.FalconForCausalLM,
+    }
+)
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:

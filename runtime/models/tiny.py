@@ -16,53 +16,139 @@ import torch
 # tiny arch name -> (transformers model_type, config kwargs beyond the shared shape). Each is a real
 # configuration of its family (the keys its users' checkpoints set), with windows (20-24 tokens, shorter
 # than the parity prompts), soft-caps and RoPE choices that make the family's own math matter.
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "llama31": ("llama", {"rope_parameters": _LLAMA3_ROPE}),
     "llama32": ("llama", {"rope_parameters": _LLAMA3_ROPE, "tie_word_embeddings": True}),
     # a Llama-architecture checkpoint with another activation and biases everywhere
-    "llama_gelu": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-                             "hidden_act": "gelu_pytorch_tanh", "attention_bias": True, "mlp_bias": True}),
-    "mistral": ("mistral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-                            "sliding_window": None}),
-    "mistral_window": ("mistral", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-                                   "sliding_window": 24}),  # Mistral v0.1: every layer slides
+    "llama_gelu": (
+        "llama",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "hidden_act": "gelu_pytorch_tanh",
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+    ),
+    "mistral": (
+        "mistral",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_window": None},
+    ),
+    "mistral_window": (
+        "mistral",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_window": 24},
+    ),  # Mistral v0.1: every layer slides
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
     # Qwen2.5 long context: yarn
-    "qwen2_yarn": ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
-                                                 "original_max_position_embeddings": 32}}),
-    "qwen2_window": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-                               "use_sliding_window": True, "sliding_window": 20, "max_window_layers": 1}),
-    "qwen3": ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "head_dim": 24}),
+    "qwen2_yarn": (
+        "qwen2",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 1000000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
+    "qwen2_window": (
+        "qwen2",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "use_sliding_window": True,
+            "sliding_window": 20,
+            "max_window_layers": 1,
+        },
+    ),
+    "qwen3": (
+        "qwen3",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "head_dim": 24},
+    ),
     "gemma": ("gemma", {"head_dim": 16, "hidden_act": "gelu_pytorch_tanh"}),
-    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 3.0,
-                          "final_logit_softcapping": 4.0, "sliding_window": 24}),
-    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 24,
-                               "layer_types": ["sliding_attention", "full_attention"],
-                               "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                                   "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                      "rope_theta": 1000000.0}}}),
-    "phi3": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": None}),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 4.0,
+            "sliding_window": 24,
+        },
+    ),
+    "gemma3": (
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 24,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+        },
+    ),
+    "phi3": (
+        "phi3",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": None},
+    ),
     # Phi-3-mini-128k / Phi-3.5-mini: longrope, short factors up to original_max_position_embeddings, long beyond
-    "phi3_longrope": ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
-                                                   "short_factor": [1.0 + 0.05 * i for i in range(8)],
-                                                   "long_factor": [1.0 + 0.6 * i for i in range(8)],
-                                                   "original_max_position_embeddings": 32},
-                               "original_max_position_embeddings": 32,  # Phi3Config copies it into the rope dict
-                               "sliding_window": None}),
+    "phi3_longrope": (
+        "phi3",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_factor": [1.0 + 0.6 * i for i in range(8)],
+                "original_max_position_embeddings": 32,
+            },
+            "original_max_position_embeddings": 32,  # Phi3Config copies it into the rope dict
+            "sliding_window": None,
+        },
+    ),
     # Phi-4-mini: Phi3ForCausalLM with partial rotary and tied embeddings
-    "phi3_partial": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                  "partial_rotary_factor": 0.75}, "tie_word_embeddings": True}),
-    "phi": ("phi", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
-    "gpt_neox": ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                  "partial_rotary_factor": 0.25}, "use_parallel_residual": True}),
-    "stablelm": ("stablelm", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                  "partial_rotary_factor": 0.25}, "use_qkv_bias": True}),
-    "stablelm_qknorm": ("stablelm", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                         "partial_rotary_factor": 0.25}, "qk_layernorm": True,
-                                     "use_parallel_residual": True}),
+    "phi3_partial": (
+        "phi3",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+            "tie_word_embeddings": True,
+        },
+    ),
+    "phi": (
+        "phi",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    ),
+    "gpt_neox": (
+        "gpt_neox",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "use_parallel_residual": True,
+        },
+    ),
+    "stablelm": (
+        "stablelm",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "use_qkv_bias": True,
+        },
+    ),
+    "stablelm_qknorm": (
+        "stablelm",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "qk_layernorm": True,
+            "use_parallel_residual": True,
+        },
+    ),
     "olmo": ("olmo", {"clip_qkv": 1.5}),
     "olmo2": ("olmo2", {}),
     "starcoder2": ("starcoder2", {"sliding_window": 24, "use_bias": True}),
@@ -110,28 +196,53 @@ def build_tokenizer(vocab_size: int = 384):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
-def tiny_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                   num_kv_heads: int = 2, intermediate_size: int | None = None,
-                   max_position_embeddings: int = 1024, initializer_range: float = 0.02):
+def tiny_hf_config(
+    arch: str,
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 1024,
+    initializer_range: float = 0.02,
+):
     from transformers import AutoConfig
 
     if arch not in TINY_SPECS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS}")
     model_type, extra = TINY_SPECS[arch]
     common: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
-    eps = {"rms_norm_eps": 1e-5} if model_type not in ("phi", "gpt_neox", "stablelm", "cohere", "olmo", "starcoder2") \
+    eps = (
+        {"rms_norm_eps": 1e-5}
+        if model_type not in ("phi", "gpt_neox", "stablelm", "cohere", "olmo", "starcoder2")
         else {}
+    )
     if model_type == "gpt_neox":
         common.pop("num_key_value_heads")  # multi-head only
     return AutoConfig.for_model(model_type, **common, **eps, **extra)
@@ -154,11 +265,23 @@ def widen_weights(model, seed: int, *, bias_std: float = 0.2, norm_std: float = 
                 param.copy_(noise * bias_std)
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
-                    num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
-                    vocab_size: int = 384, max_position_embeddings: int = 1024, seed: int = 0,
-                    initializer_range: float = 0.02, dtype: str = "float32", widen: bool = False,
-                    config_overrides: dict[str, Any] | None = None) -> Path:
+def save_tiny_model(
+    path: str | Path,
+    arch: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 384,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+    dtype: str = "float32",
+    widen: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+) -> Path:
     """Writes a random-init `arch` checkpoint + tokenizer to `path`; returns the path.
 
     arch: a key of TINY_SPECS ("llama" Llama 2/3, "llama31" llama3 rope scaling, "llama32" tied
@@ -170,14 +293,24 @@ def save_tiny_model(path: str | Path, arch: str = "llama", *, hidden_size: int =
 
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size)
-    config = tiny_hf_config(arch, len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
-                            num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                            max_position_embeddings=max_position_embeddings, initializer_range=initializer_range)
+    config = tiny_hf_config(
+        arch,
+        len(tokenizer),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+    )
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if widen else getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32 if widen else getattr(torch, dtype)
+        )
         if widen:  # drawn in fp32, then cast: the same weights whatever the checkpoint dtype
             widen_weights(model, seed)
             model = model.to(getattr(torch, dtype))

@@ -16,30 +16,71 @@ from torch import nn
 
 from lmforge.runtime.models.tiny import build_tokenizer
 
-LEGACY_ARCHS = ("gpt2", "opt", "opt-postln", "bloom", "mpt", "falcon", "falcon-rw", "falcon-40b", "falcon-11b")
+LEGACY_ARCHS = (
+    "gpt2",
+    "opt",
+    "opt-postln",
+    "bloom",
+    "mpt",
+    "falcon",
+    "falcon-rw",
+    "falcon-40b",
+    "falcon-11b",
+)
 
 
-def legacy_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 4, max_positions: int = 512, **overrides: Any):
+def legacy_hf_config(
+    arch: str,
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 512,
+    **overrides: Any,
+):
     """The transformers config of tiny `arch`; `overrides` set config keys (negative controls use them)."""
     from transformers import BloomConfig, FalconConfig, GPT2Config, MptConfig, OPTConfig
 
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-                            n_positions=max_positions, n_inner=3 * hidden_size, **ids)
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_positions,
+            n_inner=3 * hidden_size,
+            **ids,
+        )
     elif arch in ("opt", "opt-postln"):
         post = arch == "opt-postln"  # OPT-350m: post-LN blocks, narrower embeddings with project_in/out
-        config = OPTConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                           num_attention_heads=num_heads, ffn_dim=3 * hidden_size,
-                           max_position_embeddings=max_positions, do_layer_norm_before=not post,
-                           word_embed_proj_dim=hidden_size // 2 if post else hidden_size, **ids)
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            ffn_dim=3 * hidden_size,
+            max_position_embeddings=max_positions,
+            do_layer_norm_before=not post,
+            word_embed_proj_dim=hidden_size // 2 if post else hidden_size,
+            **ids,
+        )
     elif arch == "bloom":
-        config = BloomConfig(vocab_size=vocab_size, hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads,
-                             **ids)
+        config = BloomConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, n_layer=num_layers, n_head=num_heads, **ids
+        )
     elif arch == "mpt":
-        config = MptConfig(vocab_size=vocab_size, d_model=hidden_size, n_layers=num_layers, n_heads=num_heads,
-                           max_seq_len=max_positions, expansion_ratio=4, attn_config={"clip_qkv": 2.0}, **ids)
+        config = MptConfig(
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            n_layers=num_layers,
+            n_heads=num_heads,
+            max_seq_len=max_positions,
+            expansion_ratio=4,
+            attn_config={"clip_qkv": 2.0},
+            **ids,
+        )
     elif arch.startswith("falcon"):
         variants = {
             "falcon": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False),  # 7b
@@ -47,9 +88,16 @@ def legacy_hf_config(arch: str, vocab_size: int, *, hidden_size: int = 64, num_l
             "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
             "falcon-11b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
         }
-        config = FalconConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                              num_attention_heads=num_heads, max_position_embeddings=max_positions,
-                              ffn_hidden_size=3 * hidden_size, **variants[arch], **ids)
+        config = FalconConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            max_position_embeddings=max_positions,
+            ffn_hidden_size=3 * hidden_size,
+            **variants[arch],
+            **ids,
+        )
     else:
         raise ValueError(f"unknown tiny legacy arch {arch!r}; choose one of {LEGACY_ARCHS}")
     for key, value in overrides.items():
@@ -75,8 +123,16 @@ def widen_weights(model: nn.Module, seed: int) -> None:
             param.copy_(torch.rand(param.shape, generator=g) + 0.5)
 
 
-def save_legacy_tiny_model(path: str | Path, arch: str, *, seed: int = 0, widen: bool = True,
-                           vocab_size: int = 384, dtype: str = "float32", **config_kwargs: Any) -> Path:
+def save_legacy_tiny_model(
+    path: str | Path,
+    arch: str,
+    *,
+    seed: int = 0,
+    widen: bool = True,
+    vocab_size: int = 384,
+    dtype: str = "float32",
+    **config_kwargs: Any,
+) -> Path:
     """Writes a random `arch` checkpoint (`dtype` safetensors: the fp32 draw, cast) + tokenizer to `path`."""
     from transformers import AutoModelForCausalLM
 

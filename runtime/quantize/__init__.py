@@ -30,11 +30,15 @@ def _termination_message(message: str) -> None:
 def summary_line(result: dict) -> str:
     """One line for humans: sizes, quality, time."""
     mib = 1024 * 1024
-    parts = [f"{result['sizeBytesBefore'] / mib:.1f}MiB -> {result['sizeBytesAfter'] / mib:.1f}MiB"
-             f" ({result['compression']}x)"]
+    parts = [
+        f"{result['sizeBytesBefore'] / mib:.1f}MiB -> {result['sizeBytesAfter'] / mib:.1f}MiB"
+        f" ({result['compression']}x)"
+    ]
     if result.get("klDivergence") is not None:
-        parts.append(f"KL {result['klDivergence']:.3g}, top-1 agreement {100 * result['top1Agreement']:.1f}% "
-                     f"on {result['evalPositions']} held-out positions ({result['evalSource']})")
+        parts.append(
+            f"KL {result['klDivergence']:.3g}, top-1 agreement {100 * result['top1Agreement']:.1f}% "
+            f"on {result['evalPositions']} held-out positions ({result['evalSource']})"
+        )
     parts.append(f"{result['durationSeconds']:.1f}s")
     return f"[lmforge.quantize] {result['method']}: " + ", ".join(parts)
 

@@ -79,8 +79,15 @@ def awq_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def reconstruction_loss(weights: list[torch.Tensor], x: torch.Tensor, scales: torch.Tensor, bits: int,
-                        group_size: int, dtype: torch.dtype, reference: list[torch.Tensor] | None = None) -> float:
+def reconstruction_loss(
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    reference: list[torch.Tensor] | None = None,
+) -> float:
     """sum_i ||X W_i^T - (X / s) Q(W_i * s)^T||^2 / n, Q = symmetric RTN in the checkpoint layout
     (`reference`: the X W_i^T, when the caller computed them once for many scales)."""
     total = 0.0
@@ -94,8 +101,15 @@ def reconstruction_loss(weights: list[torch.Tensor], x: torch.Tensor, scales: to
     return total / max(x.shape[0], 1)
 
 
-def search_scales(weights: list[torch.Tensor], x: torch.Tensor, mean_abs: torch.Tensor, bits: int,
-                  group_size: int, dtype: torch.dtype, grid: int = GRID) -> ScaleSearch:
+def search_scales(
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    mean_abs: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    grid: int = GRID,
+) -> ScaleSearch:
     """weights: W_i [out_i, in] sharing the input; x [n, in] calibration inputs; mean_abs [in]."""
     x = x.to(weights[0].device).float()
     reference = [x @ w.float().t() for w in weights]
@@ -119,8 +133,15 @@ def output_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, x: torch
     return float((x @ (w.float() - dequantize_int(q, scale).float()).t()).pow(2).sum()) / max(x.shape[0], 1)
 
 
-def clipped_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
-                   ratios: tuple[float, ...] = CLIP_RATIOS, rows_per_chunk: int = 256) -> torch.Tensor:
+def clipped_scales(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    ratios: tuple[float, ...] = CLIP_RATIOS,
+    rows_per_chunk: int = 256,
+) -> torch.Tensor:
     """Per (output channel, group) scale r * absmax / ((2^bits - 1) / 2), r from `ratios` minimising that
     group's output error sum_n (x_n,g . (w_g - q_g))^2 on the calibration rows x [n, in]."""
     out_features, in_features = w.shape
@@ -140,12 +161,15 @@ def clipped_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
             err = torch.einsum("ngk,ogk->nog", xg, diff).pow(2).sum(0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best[start : start + rows_per_chunk] = torch.where(better, scale, best[start : start + rows_per_chunk])
+            best[start : start + rows_per_chunk] = torch.where(
+                better, scale, best[start : start + rows_per_chunk]
+            )
     return best
 
 
-def quantize_with_clipping(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_with_clipping(
+    w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): clipped where that lowers the whole output error on x, else plain RTN."""
     q, scale = rtn_int(w, bits, group_size, dtype)
     clipped = clipped_scales(w, x[:: max(1, x.shape[0] // CLIP_ROWS)], bits, group_size, dtype)
@@ -161,15 +185,18 @@ def _is_one_plus_weight_norm(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: torch.Tensor,
-                rows: torch.Tensor | None = None) -> None:
+def fold_scales(
+    previous: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, rows: torch.Tensor | None = None
+) -> None:
     """previous's output channel c is divided by s[c] (a norm's weight and bias, or a linear's rows + bias;
     `rows`: which output rows of a fused linear are the consumers' inputs); each following linear's input
     column c is multiplied by s[c]. The block's function is unchanged."""
     s = scales.to(device=previous.weight.device, dtype=torch.float32)
     weight, bias = previous.weight, getattr(previous, "bias", None)
     if isinstance(previous, nn.Linear):
-        index = torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
+        index = (
+            torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
+        )
         weight[index] = (weight[index].float() / s[:, None]).to(weight.dtype)
         if bias is not None:
             bias[index] = (bias[index].float() / s).to(bias.dtype)
@@ -200,8 +227,9 @@ def pair_rows(pair: ScalePair, previous: nn.Module, num_heads: int) -> torch.Ten
     raise ValueError(f"unknown AWQ row selector {pair.rows!r}")
 
 
-def layer_groups(layer: nn.Module, quantized: set[str], pairs: list[ScalePair], num_heads: int
-                 ) -> list[tuple[ScalePair, torch.Tensor | None]]:
+def layer_groups(
+    layer: nn.Module, quantized: set[str], pairs: list[ScalePair], num_heads: int
+) -> list[tuple[ScalePair, torch.Tensor | None]]:
     """The `pairs` present in `layer` whose consumers are all quantized and whose shapes allow the fold
     (v -> o only without grouped-query attention: o's input channels must be v's output channels).
     A pair whose `previous` exists must list all of the linears its output feeds (awq_pairs.py)."""

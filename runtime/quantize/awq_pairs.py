@@ -25,7 +25,9 @@ from lmforge.runtime.quantize.config import QuantizeError
 class ScalePair:
     previous: str
     consumers: tuple[str, ...]
-    rows: str | None = None  # fused `previous`: "v_last" ([q | k | v]: the last rows), "v_interleaved" ([H, 3, D]),
+    rows: str | None = (
+        None  # fused `previous`: "v_last" ([q | k | v]: the last rows), "v_interleaved" ([H, 3, D]),
+    )
     #                          "second_half" ([gate | up]); None: every output channel
 
 
@@ -40,11 +42,21 @@ UP_DOWN = ScalePair("mlp.up_proj", ("mlp.down_proj",))
 
 
 def _llama(c: dict[str, Any]) -> list[ScalePair]:
-    return [_norm_pairs("input_layernorm", *QKV), V_O, _norm_pairs("post_attention_layernorm", *GATE_UP), UP_DOWN]
+    return [
+        _norm_pairs("input_layernorm", *QKV),
+        V_O,
+        _norm_pairs("post_attention_layernorm", *GATE_UP),
+        UP_DOWN,
+    ]
 
 
 def _gemma2(c: dict[str, Any]) -> list[ScalePair]:  # post_attention_layernorm norms the attention *output*
-    return [_norm_pairs("input_layernorm", *QKV), V_O, _norm_pairs("pre_feedforward_layernorm", *GATE_UP), UP_DOWN]
+    return [
+        _norm_pairs("input_layernorm", *QKV),
+        V_O,
+        _norm_pairs("pre_feedforward_layernorm", *GATE_UP),
+        UP_DOWN,
+    ]
 
 
 def _no_norm_pairs(c: dict[str, Any]) -> list[ScalePair]:  # OLMo (no norm weights), OLMo2 (post-norms)
@@ -52,19 +64,28 @@ def _no_norm_pairs(c: dict[str, Any]) -> list[ScalePair]:  # OLMo (no norm weigh
 
 
 def _phi3(c: dict[str, Any]) -> list[ScalePair]:
-    return [_norm_pairs("input_layernorm", "self_attn.qkv_proj"),
-            ScalePair("self_attn.qkv_proj", ("self_attn.o_proj",), rows="v_last"),
-            _norm_pairs("post_attention_layernorm", "mlp.gate_up_proj"),
-            ScalePair("mlp.gate_up_proj", ("mlp.down_proj",), rows="second_half")]
+    return [
+        _norm_pairs("input_layernorm", "self_attn.qkv_proj"),
+        ScalePair("self_attn.qkv_proj", ("self_attn.o_proj",), rows="v_last"),
+        _norm_pairs("post_attention_layernorm", "mlp.gate_up_proj"),
+        ScalePair("mlp.gate_up_proj", ("mlp.down_proj",), rows="second_half"),
+    ]
 
 
 def _glm(c: dict[str, Any]) -> list[ScalePair]:  # GLM-4 (glm4) adds post-norms after attention / MLP only
-    return [_norm_pairs("input_layernorm", *QKV), V_O, _norm_pairs("post_attention_layernorm", "mlp.gate_up_proj"),
-            ScalePair("mlp.gate_up_proj", ("mlp.down_proj",), rows="second_half")]
+    return [
+        _norm_pairs("input_layernorm", *QKV),
+        V_O,
+        _norm_pairs("post_attention_layernorm", "mlp.gate_up_proj"),
+        ScalePair("mlp.gate_up_proj", ("mlp.down_proj",), rows="second_half"),
+    ]
 
 
 def _phi(c: dict[str, Any]) -> list[ScalePair]:  # parallel block, one norm; fc1 -> fc2 crosses a GELU
-    return [_norm_pairs("input_layernorm", *QKV, "mlp.fc1"), ScalePair("self_attn.v_proj", ("self_attn.dense",))]
+    return [
+        _norm_pairs("input_layernorm", *QKV, "mlp.fc1"),
+        ScalePair("self_attn.v_proj", ("self_attn.dense",)),
+    ]
 
 
 def _cohere(c: dict[str, Any]) -> list[ScalePair]:  # parallel block, one norm
@@ -82,9 +103,11 @@ def _starcoder2(c: dict[str, Any]) -> list[ScalePair]:  # c_fc -> c_proj crosses
 
 
 def _gpt_neox(c: dict[str, Any]) -> list[ScalePair]:  # parallel or not, each norm reads the block input
-    return [_norm_pairs("input_layernorm", "attention.query_key_value"),
-            ScalePair("attention.query_key_value", ("attention.dense",), rows="v_interleaved"),
-            _norm_pairs("post_attention_layernorm", "mlp.dense_h_to_4h")]
+    return [
+        _norm_pairs("input_layernorm", "attention.query_key_value"),
+        ScalePair("attention.query_key_value", ("attention.dense",), rows="v_interleaved"),
+        _norm_pairs("post_attention_layernorm", "mlp.dense_h_to_4h"),
+    ]
 
 
 def _opt(c: dict[str, Any]) -> list[ScalePair]:
@@ -100,8 +123,10 @@ def _opt(c: dict[str, Any]) -> list[ScalePair]:
 def _bloom(c: dict[str, Any]) -> list[ScalePair]:
     pairs = [ScalePair("self_attention.query_key_value", ("self_attention.dense",), rows="v_interleaved")]
     if not c.get("apply_residual_connection_post_layernorm"):  # else the norm output is also the residual
-        pairs += [_norm_pairs("input_layernorm", "self_attention.query_key_value"),
-                  _norm_pairs("post_attention_layernorm", "mlp.dense_h_to_4h")]
+        pairs += [
+            _norm_pairs("input_layernorm", "self_attention.query_key_value"),
+            _norm_pairs("post_attention_layernorm", "mlp.dense_h_to_4h"),
+        ]
     return pairs
 
 
@@ -129,10 +154,27 @@ def _falcon(c: dict[str, Any]) -> list[ScalePair]:
 
 # HF config `model_type` -> pairs of one decoder layer (as a function of the config: variants differ)
 AWQ_PAIRS: dict[str, Callable[[dict[str, Any]], list[ScalePair]]] = {
-    "llama": _llama, "mistral": _llama, "qwen2": _llama, "qwen3": _llama, "gemma": _llama,
-    "gemma2": _gemma2, "gemma3_text": _gemma2, "phi3": _phi3, "phi": _phi, "gpt_neox": _gpt_neox,
-    "stablelm": _stablelm, "olmo": _no_norm_pairs, "olmo2": _no_norm_pairs, "starcoder2": _starcoder2,
-    "glm": _glm, "glm4": _glm, "cohere": _cohere, "opt": _opt, "bloom": _bloom, "mpt": _mpt, "falcon": _falcon,
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+    "qwen3": _llama,
+    "gemma": _llama,
+    "gemma2": _gemma2,
+    "gemma3_text": _gemma2,
+    "phi3": _phi3,
+    "phi": _phi,
+    "gpt_neox": _gpt_neox,
+    "stablelm": _stablelm,
+    "olmo": _no_norm_pairs,
+    "olmo2": _no_norm_pairs,
+    "starcoder2": _starcoder2,
+    "glm": _glm,
+    "glm4": _glm,
+    "cohere": _cohere,
+    "opt": _opt,
+    "bloom": _bloom,
+    "mpt": _mpt,
+    "falcon": _falcon,
 }
 
 
@@ -140,6 +182,8 @@ def pairs_for(hf_config: dict[str, Any]) -> list[ScalePair]:
     """The AWQ pairs of this checkpoint's decoder layers; refuses a family without a table."""
     model_type = hf_config.get("model_type")
     if model_type not in AWQ_PAIRS:
-        raise QuantizeError(f"w4a16-awq does not know where to fold scales in model_type {model_type!r} (supported: "
-                            f"{', '.join(sorted(AWQ_PAIRS))}); use w4a16-gptq or w4a16-rtn for this model")
+        raise QuantizeError(
+            f"w4a16-awq does not know where to fold scales in model_type {model_type!r} (supported: "
+            f"{', '.join(sorted(AWQ_PAIRS))}); use w4a16-gptq or w4a16-rtn for this model"
+        )
     return AWQ_PAIRS[model_type](hf_config)

@@ -97,23 +97,39 @@ def chunks(stream: list[int], count: int, length: int, allow_short: bool = False
     return out
 
 
-def load_text_data(tokenizer: Any, *, calibration: str | None, samples: int, seq_len: int,
-                   eval_dataset: str | None, eval_samples: int, eval_seq_len: int,
-                   log: Callable[[str], None] = print) -> TextData:
+def load_text_data(
+    tokenizer: Any,
+    *,
+    calibration: str | None,
+    samples: int,
+    seq_len: int,
+    eval_dataset: str | None,
+    eval_samples: int,
+    eval_seq_len: int,
+    log: Callable[[str], None] = print,
+) -> TextData:
     calib: list[torch.Tensor] = []
     leftover: list[int] = []
     if calibration:
         stream = token_stream(read_jsonl(calibration, tokenizer), tokenizer)
         calib = chunks(stream, samples, seq_len)
         if not calib:
-            raise QuantizeError(f"{calibration} holds {len(stream)} tokens, fewer than one --seq-len {seq_len} sample")
+            raise QuantizeError(
+                f"{calibration} holds {len(stream)} tokens, fewer than one --seq-len {seq_len} sample"
+            )
         if len(calib) < samples:
-            log(f"[lmforge.quantize] calibration data gives {len(calib)} samples of {seq_len} tokens "
-                f"(asked for {samples})")
+            log(
+                f"[lmforge.quantize] calibration data gives {len(calib)} samples of {seq_len} tokens "
+                f"(asked for {samples})"
+            )
         leftover = stream[len(calib) * seq_len :]
     if eval_dataset:
-        evaluation = chunks(token_stream(read_jsonl(eval_dataset, tokenizer), tokenizer), eval_samples,
-                            eval_seq_len, allow_short=True)
+        evaluation = chunks(
+            token_stream(read_jsonl(eval_dataset, tokenizer), tokenizer),
+            eval_samples,
+            eval_seq_len,
+            allow_short=True,
+        )
         source = str(eval_dataset)
     elif len(leftover) >= eval_seq_len:
         evaluation, source = chunks(leftover, eval_samples, eval_seq_len), f"{calibration} (held out)"
@@ -139,16 +155,20 @@ class LayerInput:
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder layers (the longest ModuleList named `*layers`)."""
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(m)]
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(m)
+    ]
     if not found:
         raise QuantizeError("cannot find the decoder layers of this model (no ModuleList named 'layers')")
     return max(found, key=lambda item: len(item[1]))
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, samples: list[torch.Tensor],
-                         device: torch.device) -> list[LayerInput]:
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, samples: list[torch.Tensor], device: torch.device
+) -> list[LayerInput]:
     captured: list[LayerInput] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -21,8 +21,12 @@ from safetensors.torch import save_file
 
 SHARD_BYTES = 5 * 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-              "quantization_report.json"}
+NOT_COPIED = {
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "quantization_report.json",
+}
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -54,8 +58,12 @@ def read_tensor(model_dir: Path, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-def output_tensors(source: Path, state: dict[str, torch.Tensor], quantized: dict[str, dict[str, torch.Tensor]],
-                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def output_tensors(
+    source: Path,
+    state: dict[str, torch.Tensor],
+    quantized: dict[str, dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the output in the source's order. Unquantized floating tensors come from the
     model `state` (AWQ folds its scales into norms), cast to `dtype`; names the model does not know
     (buffers the loader skips) are copied from the source."""
@@ -73,15 +81,19 @@ def output_tensors(source: Path, state: dict[str, torch.Tensor], quantized: dict
         yield name, tensor.detach().cpu().contiguous()
     missing = sorted(set(quantized) - written)
     if missing:
-        raise ValueError(f"quantized modules without a '<module>.weight' tensor in the source checkpoint: "
-                         f"{', '.join(missing[:5])} (renamed by the loader?)")
+        raise ValueError(
+            f"quantized modules without a '<module>.weight' tensor in the source checkpoint: "
+            f"{', '.join(missing[:5])} (renamed by the loader?)"
+        )
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def write_weights(out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int = SHARD_BYTES) -> None:
+def write_weights(
+    out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], shard_bytes: int = SHARD_BYTES
+) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     for name, tensor in tensors:
@@ -110,9 +122,14 @@ def copy_side_files(source: Path, out_dir: Path) -> None:
             shutil.copy2(path, out_dir / path.name)
 
 
-def write_checkpoint(source: Path, out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]],
-                     quantization_config: dict[str, Any], dtype_name: str,
-                     log: Callable[[str], None] = print) -> None:
+def write_checkpoint(
+    source: Path,
+    out_dir: Path,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    quantization_config: dict[str, Any],
+    dtype_name: str,
+    log: Callable[[str], None] = print,
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").unlink(missing_ok=True)
     copy_side_files(source, out_dir)

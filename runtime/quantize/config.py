@@ -47,11 +47,16 @@ class QuantizeOptions:
         if self.method in CALIBRATED_METHODS and not self.calibration:
             raise QuantizeError(
                 f"{self.method} needs calibration data: pass --calibration FILE.jsonl (JSON Lines with a "
-                '"text" field per line; --samples and --seq-len size it). Without data use w4a16-rtn.')
+                '"text" field per line; --samples and --seq-len size it). Without data use w4a16-rtn.'
+            )
         if self.method == "fp8" and self.group_size not in (None, -1):
             raise QuantizeError("fp8 uses one scale per output channel: --group-size does not apply")
-        if self.method.startswith("w") and self.group_size is not None and self.group_size != -1 \
-                and self.group_size < 1:
+        if (
+            self.method.startswith("w")
+            and self.group_size is not None
+            and self.group_size != -1
+            and self.group_size < 1
+        ):
             raise QuantizeError(f"group size must be -1 or positive, got {self.group_size}")
 
     @classmethod
@@ -80,16 +85,34 @@ class QuantizeOptions:
 
 def weights_args(method: str, group_size: int) -> dict[str, Any]:
     if method == "fp8":
-        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
-                "group_size": None, "dynamic": False}
+        return {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "strategy": "channel",
+            "group_size": None,
+            "dynamic": False,
+        }
     bits = 4 if method.startswith("w4") else 8
     grouped = group_size > 0
-    return {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group" if grouped else "channel",
-            "group_size": group_size if grouped else None, "dynamic": False}
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group" if grouped else "channel",
+        "group_size": group_size if grouped else None,
+        "dynamic": False,
+    }
 
 
-FP8_TOKEN_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
-                         "dynamic": True, "group_size": None}
+FP8_TOKEN_ACTIVATIONS = {
+    "num_bits": 8,
+    "type": "float",
+    "symmetric": True,
+    "strategy": "token",
+    "dynamic": True,
+    "group_size": None,
+}
 
 
 def quant_format(method: str) -> str:
@@ -104,13 +127,15 @@ def quantization_config(method: str, group_size: int, ignore: Iterable[str]) -> 
         "format": fmt,
         "quantization_status": "compressed",  # anything else: transformers silently random-inits (gotcha 1)
         "version": COMPRESSED_TENSORS_VERSION,
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "format": fmt,
-            "weights": weights_args(method, group_size),
-            "input_activations": dict(FP8_TOKEN_ACTIVATIONS) if method == "fp8" else None,
-            "output_activations": None,
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": fmt,
+                "weights": weights_args(method, group_size),
+                "input_activations": dict(FP8_TOKEN_ACTIVATIONS) if method == "fp8" else None,
+                "output_activations": None,
+            }
+        },
         "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,

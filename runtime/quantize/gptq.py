@@ -34,9 +34,17 @@ class HessianAccumulator:
         self.num_tokens = total
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype, *,
-                  damp: float = 0.01, act_order: bool = True, block_size: int = 128
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in], hessian [in, in] -> (q [out, in] int8 codes, scale [out, groups] in `dtype`), with
     W_hat = q * scale (groups = in / group_size, or 1 for group_size -1)."""
     out_features, in_features = w.shape
@@ -53,8 +61,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
 
     # Scales fixed up front (per channel, or act-order's static groups); else per group, lazily below.
     static = group_size <= 0 or act_order
-    scale = int_scales(w, bits, group_size, dtype) if static else torch.empty(
-        out_features, in_features // group, dtype=dtype, device=w.device)
+    scale = (
+        int_scales(w, bits, group_size, dtype)
+        if static
+        else torch.empty(out_features, in_features // group, dtype=dtype, device=w.device)
+    )
 
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else None
     if perm is not None:
@@ -76,7 +87,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
             col = start + i
             if not static and col % group == 0:
                 g = col // group
-                scale[:, g] = store_scale(w_block[:, i : i + group].abs().amax(-1) / ((2**bits - 1) / 2), dtype)
+                scale[:, g] = store_scale(
+                    w_block[:, i : i + group].abs().amax(-1) / ((2**bits - 1) / 2), dtype
+                )
                 scale_f = scale.float()
             s = scale_f[:, column_group[col]]
             column = w_block[:, i]
@@ -105,5 +118,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
-    raise ValueError(f"the calibration Hessian is not positive definite even with damping {damp * 1000:g}; "
-                     "use more calibration samples or a larger --damp")
+    raise ValueError(
+        f"the calibration Hessian is not positive definite even with damping {damp * 1000:g}; "
+        "use more calibration samples or a larger --damp"
+    )

@@ -50,7 +50,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def storage_dtype(option: str, hf_config: dict[str, Any]) -> torch.dtype:
-    name = option if option != "auto" else (hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    name = (
+        option if option != "auto" else (hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+    )
     if name not in _DTYPES:
         raise QuantizeError(f"unsupported checkpoint dtype {name!r}; pass --dtype float32|float16|bfloat16")
     return _DTYPES[name]
@@ -72,14 +74,20 @@ def target_linears(model: nn.Module, ignore: list[str], bits: int, group_size: i
                 siblings = [f"{parent}.{part}" for part in fused if f"{parent}.{part}" in linear_names]
                 status = {s in targets for s in siblings}
                 if len(status) > 1:
-                    raise QuantizeError(f"{', '.join(siblings)} are fused by serving engines: ignore all or none "
-                                        "of them")
-    bad = [f"{name} (in_features {m.in_features})" for name, m in targets.items()
-           if (group_size > 0 and m.in_features % group_size) or (m.in_features * bits) % 32]
+                    raise QuantizeError(
+                        f"{', '.join(siblings)} are fused by serving engines: ignore all or none of them"
+                    )
+    bad = [
+        f"{name} (in_features {m.in_features})"
+        for name, m in targets.items()
+        if (group_size > 0 and m.in_features % group_size) or (m.in_features * bits) % 32
+    ]
     if bad:
-        raise QuantizeError(f"group size {group_size} does not divide the input size of {', '.join(bad[:4])}"
-                            f"{' ...' if len(bad) > 4 else ''}: pick a group size that does (32, 64, 128) "
-                            "or --ignore those modules")
+        raise QuantizeError(
+            f"group size {group_size} does not divide the input size of {', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}: pick a group size that does (32, 64, 128) "
+            "or --ignore those modules"
+        )
     if not targets:
         raise QuantizeError("no Linear module left to quantize (check --ignore)")
     return targets
@@ -90,9 +98,11 @@ def refuse_conv1d(model: nn.Module, hf_config: dict[str, Any]) -> None:
     compressed-tensors nor this quantizer handles those, so the family is refused rather than left dense."""
     conv = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     if conv:
-        raise QuantizeError(f"model_type {hf_config.get('model_type')!r} stores its projections as transformers "
-                            f"Conv1D modules ({conv[0]}, ... {len(conv)} of them), which compressed-tensors "
-                            "checkpoints cannot hold: this family cannot be quantized")
+        raise QuantizeError(
+            f"model_type {hf_config.get('model_type')!r} stores its projections as transformers "
+            f"Conv1D modules ({conv[0]}, ... {len(conv)} of them), which compressed-tensors "
+            "checkpoints cannot hold: this family cannot be quantized"
+        )
 
 
 def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
@@ -105,23 +115,34 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
         raise QuantizeError("--output must differ from --model")
     hf_config = json.loads((source / "config.json").read_text())
     if hf_config.get("quantization_config"):
-        raise QuantizeError(f"{source} is already quantized ({hf_config['quantization_config'].get('quant_method')})")
+        raise QuantizeError(
+            f"{source} is already quantized ({hf_config['quantization_config'].get('quant_method')})"
+        )
     device = resolve_device(options.device)
     dtype = storage_dtype(options.dtype, hf_config)
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
     torch.manual_seed(options.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(source)
-    data = load_text_data(tokenizer, calibration=options.calibration, samples=options.samples,
-                          seq_len=options.seq_len, eval_dataset=options.eval_dataset,
-                          eval_samples=options.eval_samples, eval_seq_len=options.eval_seq_len, log=log)
+    data = load_text_data(
+        tokenizer,
+        calibration=options.calibration,
+        samples=options.samples,
+        seq_len=options.seq_len,
+        eval_dataset=options.eval_dataset,
+        eval_samples=options.eval_samples,
+        eval_seq_len=options.eval_seq_len,
+        log=log,
+    )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()
     model.requires_grad_(False)
     refuse_conv1d(model, hf_config)
     ignore = options.ignore_list
     targets = target_linears(model, ignore, options.bits, options.effective_group_size)
-    log(f"[lmforge.quantize] {options.method}: {len(targets)} Linear modules on {device} "
-        f"(ignored: {', '.join(ignore)})")
+    log(
+        f"[lmforge.quantize] {options.method}: {len(targets)} Linear modules on {device} "
+        f"(ignored: {', '.join(ignore)})"
+    )
 
     reference = report.next_token_logprobs(model, data.evaluation, device) if options.eval else []
     scheme = make_scheme(options, dtype, log)
@@ -130,14 +151,22 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
     positions = 0
     if options.eval:
         hooks = FP8.install_activation_quant(targets) if isinstance(scheme, FP8) else []
-        kl, top1, positions = report.compare(reference, report.next_token_logprobs(model, data.evaluation, device))
+        kl, top1, positions = report.compare(
+            reference, report.next_token_logprobs(model, data.evaluation, device)
+        )
         for hook in hooks:
             hook.remove()
 
     state = model.state_dict()
     qconfig = quantization_config(options.method, scheme.group_size, ignore)
-    checkpoint.write_checkpoint(source, out_dir, checkpoint.output_tensors(source, state, quantized, dtype),
-                                qconfig, str(dtype).removeprefix("torch."), log)
+    checkpoint.write_checkpoint(
+        source,
+        out_dir,
+        checkpoint.output_tensors(source, state, quantized, dtype),
+        qconfig,
+        str(dtype).removeprefix("torch."),
+        log,
+    )
     before, after = checkpoint.checkpoint_bytes(source), checkpoint.checkpoint_bytes(out_dir)
     result = {
         "method": options.method,

@@ -20,7 +20,9 @@ RESULT_KEYS = ("sizeBytesBefore", "sizeBytesAfter", "klDivergence", "top1Agreeme
 
 
 @torch.no_grad()
-def next_token_logprobs(model: nn.Module, sequences: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def next_token_logprobs(
+    model: nn.Module, sequences: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor]:
     """log p(next token) at every position of every sequence: [T, vocab] fp32 on the CPU each."""
     out = []
     for ids in sequences:
@@ -63,6 +65,8 @@ def annotate_pod(report: dict[str, Any], log: Callable[[str], None] = print) -> 
     try:
         annotator.patch({ANNOTATION_RESULT: json.dumps(result_payload(report), separators=(",", ":"))})
     except Exception as exc:  # noqa: BLE001 - the checkpoint is written; the status just lacks numbers
-        log(f"[lmforge.quantize] cannot annotate pod {annotator.namespace}/{annotator.pod} with the result: {exc}")
+        log(
+            f"[lmforge.quantize] cannot annotate pod {annotator.namespace}/{annotator.pod} with the result: {exc}"
+        )
         return False
     return True

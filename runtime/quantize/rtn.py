@@ -58,7 +58,9 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(scale.dtype) * expand_scale(scale, q.shape[1])
 
 
-def rtn_int(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_int(
+    w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [out, in] int8, scale [out, groups] dtype) by round-to-nearest."""
     scale = int_scales(w, bits, group_size, dtype)
     return quantize_int(w, scale, bits), scale

@@ -36,9 +36,11 @@ class Scheme:
 
     # --- one weight ---------------------------------------------------------------------------------
     def int_tensors(self, q: torch.Tensor, scale: torch.Tensor) -> Tensors:
-        return {"weight_packed": pack_int_weights(q.cpu(), self.bits),
-                "weight_scale": scale.cpu().contiguous(),
-                "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64)}
+        return {
+            "weight_packed": pack_int_weights(q.cpu(), self.bits),
+            "weight_scale": scale.cpu().contiguous(),
+            "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
+        }
 
     @torch.no_grad()
     def finish(self, linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> Tensors:
@@ -51,8 +53,13 @@ class Scheme:
         return self.finish(linear, q, scale)
 
     # --- the model ----------------------------------------------------------------------------------
-    def quantize_model(self, model: nn.Module, targets: dict[str, nn.Linear], samples: list[torch.Tensor],
-                       device: torch.device) -> dict[str, Tensors]:
+    def quantize_model(
+        self,
+        model: nn.Module,
+        targets: dict[str, nn.Linear],
+        samples: list[torch.Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensors]:
         return {name: self.quantize_linear(linear) for name, linear in targets.items()}
 
 
@@ -96,7 +103,9 @@ class LayerwiseScheme(Scheme):
         inputs = calibration.capture_layer_inputs(model, layers[0], samples, device)
         for index, layer in enumerate(layers):
             prefix = f"{layers_name}.{index}."
-            local = {name[len(prefix):]: linear for name, linear in targets.items() if name.startswith(prefix)}
+            local = {
+                name[len(prefix) :]: linear for name, linear in targets.items() if name.startswith(prefix)
+            }
             for local_name, tensors in self.quantize_layer(layer, local, inputs).items():
                 out[prefix + local_name] = tensors
             if index + 1 < len(layers):
@@ -107,16 +116,23 @@ class LayerwiseScheme(Scheme):
                 out[name] = super().quantize_linear(linear)
         return out
 
-    def quantize_layer(self, layer: nn.Module, linears: dict[str, nn.Linear],
-                       inputs: list[calibration.LayerInput]) -> dict[str, Tensors]:
+    def quantize_layer(
+        self, layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[calibration.LayerInput]
+    ) -> dict[str, Tensors]:
         raise NotImplementedError
 
 
-def _observe(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[calibration.LayerInput],
-             sink: dict[str, Callable[[torch.Tensor], None]]) -> None:
+def _observe(
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: list[calibration.LayerInput],
+    sink: dict[str, Callable[[torch.Tensor], None]],
+) -> None:
     """Runs the layer over `inputs`, feeding each Linear's input activations to sink[name]."""
-    handles = [linears[name].register_forward_hook(lambda m, args, out, fn=fn: fn(args[0]))
-               for name, fn in sink.items()]
+    handles = [
+        linears[name].register_forward_hook(lambda m, args, out, fn=fn: fn(args[0]))
+        for name, fn in sink.items()
+    ]
     try:
         calibration.run_layer(layer, inputs)
     finally:
@@ -127,19 +143,36 @@ def _observe(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[calib
 class W4A16GPTQ(LayerwiseScheme):
     method = "w4a16-gptq"
 
-    def __init__(self, bits: int, group_size: int, dtype: torch.dtype, log: Log = print, *,
-                 damp: float = 0.01, act_order: bool = True):
+    def __init__(
+        self,
+        bits: int,
+        group_size: int,
+        dtype: torch.dtype,
+        log: Log = print,
+        *,
+        damp: float = 0.01,
+        act_order: bool = True,
+    ):
         super().__init__(bits, group_size, dtype, log)
         self.damp, self.act_order = damp, act_order
 
     def quantize_layer(self, layer, linears, inputs):
-        hessians = {name: gptq.HessianAccumulator(linear.in_features, linear.weight.device)
-                    for name, linear in linears.items()}
+        hessians = {
+            name: gptq.HessianAccumulator(linear.in_features, linear.weight.device)
+            for name, linear in linears.items()
+        }
         _observe(layer, linears, inputs, {name: acc.add for name, acc in hessians.items()})
         out = {}
         for name, linear in linears.items():
-            q, scale = gptq.gptq_quantize(linear.weight.detach(), hessians[name].hessian, self.bits,
-                                          self.group_size, self.dtype, damp=self.damp, act_order=self.act_order)
+            q, scale = gptq.gptq_quantize(
+                linear.weight.detach(),
+                hessians[name].hessian,
+                self.bits,
+                self.group_size,
+                self.dtype,
+                damp=self.damp,
+                act_order=self.act_order,
+            )
             out[name] = self.finish(linear, q, scale)
         return out
 
@@ -159,8 +192,10 @@ class W4A16AWQ(LayerwiseScheme):
 
     def quantize_layer(self, layer, linears, inputs):
         groups = awq.layer_groups(layer, set(linears), self.pairs, self.num_heads)
-        stats = {name: awq.ActivationStats(linear.in_features, max_rows=2048, seed=self.seed)
-                 for name, linear in linears.items()}
+        stats = {
+            name: awq.ActivationStats(linear.in_features, max_rows=2048, seed=self.seed)
+            for name, linear in linears.items()
+        }
         _observe(layer, linears, inputs, {name: s.add for name, s in stats.items()})
         modules = dict(layer.named_modules())
         inputs_of = {name: s.sample() for name, s in stats.items()}  # [rows, in] fp32, CPU
@@ -168,10 +203,20 @@ class W4A16AWQ(LayerwiseScheme):
         for pair, _ in groups:
             first = stats[pair.consumers[0]]
             weights = [linears[name].weight.detach() for name in pair.consumers]
-            searches.append(awq.search_scales(weights, inputs_of[pair.consumers[0]], first.mean_abs, self.bits,
-                                              self.group_size, self.dtype))
+            searches.append(
+                awq.search_scales(
+                    weights,
+                    inputs_of[pair.consumers[0]],
+                    first.mean_abs,
+                    self.bits,
+                    self.group_size,
+                    self.dtype,
+                )
+            )
         for (pair, rows), search in zip(groups, searches, strict=True):
-            awq.fold_scales(modules[pair.previous], [linears[name] for name in pair.consumers], search.scales, rows)
+            awq.fold_scales(
+                modules[pair.previous], [linears[name] for name in pair.consumers], search.scales, rows
+            )
             for name in pair.consumers:  # their input is now x / s
                 inputs_of[name] = inputs_of[name] / search.scales.cpu()
         out = {}
@@ -180,8 +225,9 @@ class W4A16AWQ(LayerwiseScheme):
             if name.rpartition(".")[2] in awq.NO_CLIP:
                 q, scale = rtn.rtn_int(w, self.bits, self.group_size, self.dtype)
             else:
-                q, scale = awq.quantize_with_clipping(w, inputs_of[name].to(w.device), self.bits, self.group_size,
-                                                      self.dtype)
+                q, scale = awq.quantize_with_clipping(
+                    w, inputs_of[name].to(w.device), self.bits, self.group_size, self.dtype
+                )
             out[name] = self.finish(linear, q, scale)
         return out
 

@@ -145,12 +145,13 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
     newest = committed[-1][0] if committed else -1
     for p in root.glob(".tmp-step-*"):
-        m = _NAME_RE.match(p.name[len(".tmp-"):])
+        m = _NAME_RE.match(p.name[len(".tmp-") :])
         if m and int(m.group(1)) <= newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
 # --- RNG ------------------------------------------------------------------------------------------
+
 
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}

@@ -83,8 +83,11 @@ class Hyperparameters:
         _check(self.warmup_steps >= 0, h + "warmupSteps", "must be >= 0")
         _check(self.weight_decay >= 0, h + "weightDecay", "must be >= 0")
         _check(self.max_grad_norm >= 0, h + "maxGradNorm", "must be >= 0")
-        _check(self.lr_scheduler in ("cosine", "linear", "constant"), h + "lrScheduler",
-               "must be cosine, linear or constant")
+        _check(
+            self.lr_scheduler in ("cosine", "linear", "constant"),
+            h + "lrScheduler",
+            "must be cosine, linear or constant",
+        )
         _check(self.precision in ("bf16", "fp16", "fp32"), h + "precision", "must be bf16, fp16 or fp32")
 
 
@@ -137,8 +140,14 @@ class TrainConfig:
         _check(self.method in ("full", "lora"), "method", "must be full or lora")
         _check(self.backend in ("torchrun", "deepspeed"), "backend", "must be torchrun or deepspeed")
         _check(self.zero_stage is None or self.zero_stage in (1, 2, 3), "zeroStage", "must be 1, 2 or 3")
-        _check(self.zero_stage is None or self.backend == "deepspeed", "zeroStage", "needs backend: deepspeed")
-        _check(not self.output.merge_adapter or self.method == "lora", "output.mergeAdapter", "needs method: lora")
+        _check(
+            self.zero_stage is None or self.backend == "deepspeed", "zeroStage", "needs backend: deepspeed"
+        )
+        _check(
+            not self.output.merge_adapter or self.method == "lora",
+            "output.mergeAdapter",
+            "needs method: lora",
+        )
 
     # Local paths (URIs resolved); the operator mounts pvc:// claims under $LMFORGE_PVC_ROOT.
     @property
@@ -161,10 +170,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """camelCase dict that `config_from_dict` reads back (written next to checkpoints)."""
+
         def convert(value: Any) -> Any:
             if dataclasses.is_dataclass(value):
                 return {_camel(f.name): convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
             return list(value) if isinstance(value, tuple) else value
+
         return convert(self)
 
 
@@ -180,11 +191,16 @@ def resolve_path(uri: str, key: str) -> Path:
     if uri.startswith(("hostPath://", "file://")):
         return Path(uri.split("://", 1)[1])
     if uri.startswith("pvc://"):
-        return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / uri[len("pvc://"):]
+        return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / uri[len("pvc://") :]
     if uri.startswith("hf://") and key in HUB_KEYS:
         return _hub_snapshot(uri, HUB_KEYS[key], key)
-    _check("://" not in uri, key, f"{uri!r}: the worker reads local paths, hostPath://, pvc://"
-           + (" or hf://" if key in HUB_KEYS else "") + " only")
+    _check(
+        "://" not in uri,
+        key,
+        f"{uri!r}: the worker reads local paths, hostPath://, pvc://"
+        + (" or hf://" if key in HUB_KEYS else "")
+        + " only",
+    )
     return Path(uri)
 
 
@@ -210,7 +226,11 @@ def _section(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         key = _ALIASES.get(key, key)
         name = _snake(key)
-        _check(name in names, f"{where}.{key}", f"unknown key; expected one of {sorted(_camel(n) for n in names)}")
+        _check(
+            name in names,
+            f"{where}.{key}",
+            f"unknown key; expected one of {sorted(_camel(n) for n in names)}",
+        )
         kwargs[name] = _coerce(value, names[name].type, f"{where}.{key}")
     try:
         return cls(**kwargs)
@@ -224,20 +244,29 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
         _check("None" in annotation, key, "must not be null")
         return None
     if annotation.startswith("tuple"):
-        _check(isinstance(value, list | tuple) and all(isinstance(v, str) for v in value), key,
-               "must be a list of strings")
+        _check(
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
+            key,
+            "must be a list of strings",
+        )
         return tuple(value)
     if annotation.startswith("bool"):
         _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
     elif annotation.startswith("int"):
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}"
+        )
     elif annotation.startswith("float"):
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, int | float) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            key,
+            f"must be a number, got {value!r}",
+        )
         return float(value)
     elif annotation.startswith("str"):
         _check(isinstance(value, str), key, f"must be a string, got {value!r}")
@@ -251,8 +280,13 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         _check(key in data and data[key] is not None, key, "is required")
     if isinstance(data["dataset"], str):
         data["dataset"] = {"source": data["dataset"]}
-    sections = {"dataset": DatasetConfig, "output": OutputConfig, "hyperparameters": Hyperparameters,
-                "lora": LoraConfig, "checkpoint": CheckpointConfig}
+    sections = {
+        "dataset": DatasetConfig,
+        "output": OutputConfig,
+        "hyperparameters": Hyperparameters,
+        "lora": LoraConfig,
+        "checkpoint": CheckpointConfig,
+    }
     for key, cls in sections.items():
         if data.get(key) is not None:
             data[key] = _section(cls, data[key], key)

@@ -43,6 +43,7 @@ class PackedRows:
 
 # --- reading --------------------------------------------------------------------------------------
 
+
 def dataset_files(path: Path) -> list[Path]:
     if path.is_dir():
         # The directory's own *.jsonl files; else those below it (a Hugging Face dataset repo keeps
@@ -62,15 +63,17 @@ def _check_row(row: Any, fmt: str | None, where: str) -> dict[str, Any]:
     kind = fmt or ("messages" if "messages" in row else "text")
     if kind == "text":
         if not isinstance(row.get("text"), str) or not row["text"]:
-            raise DatasetError(f"{where}: expected a non-empty string field \"text\"" +
-                               ("" if fmt else " or a \"messages\" list"))
+            raise DatasetError(
+                f'{where}: expected a non-empty string field "text"'
+                + ("" if fmt else ' or a "messages" list')
+            )
         return {"text": row["text"], "where": where}
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(f"{where}: expected a non-empty list field \"messages\"")
+        raise DatasetError(f'{where}: expected a non-empty list field "messages"')
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DatasetError(f"{where}: messages[{i}] must be an object with string \"role\" and \"content\"")
+            raise DatasetError(f'{where}: messages[{i}] must be an object with string "role" and "content"')
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{where}: no assistant message, so nothing to train on")
     return {"messages": messages, "where": where}
@@ -100,6 +103,7 @@ def read_rows(path: Path, fmt: str | None = None, max_samples: int | None = None
 
 # --- tokenizing -----------------------------------------------------------------------------------
 
+
 def tokenize_text(text: str, tokenizer: Any) -> Sample:
     ids = list(tokenizer(text).input_ids)  # BOS if the tokenizer adds one
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -119,8 +123,10 @@ def assistant_char_spans(messages: list[dict[str, str]], tokenizer: Any) -> tupl
         prompt = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = render(messages[: i + 1], tokenize=False)
         if not (text.startswith(prompt) and text.startswith(upto) and len(prompt) <= len(upto)):
-            raise DatasetError("the chat template does not render conversations prefix by prefix, so assistant "
-                               "turns cannot be located")
+            raise DatasetError(
+                "the chat template does not render conversations prefix by prefix, so assistant "
+                "turns cannot be located"
+            )
         spans.append((len(prompt), len(upto)))
     return text, spans
 
@@ -129,25 +135,31 @@ def tokenize_messages(messages: list[dict[str, str]], tokenizer: Any) -> Sample:
     text, spans = assistant_char_spans(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc.input_ids)
-    labels = [t if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-              for t, (start, _) in zip(ids, enc.offset_mapping, strict=True)]
+    labels = [
+        t if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for t, (start, _) in zip(ids, enc.offset_mapping, strict=True)
+    ]
     return Sample(ids, labels)
 
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any) -> list[Sample]:
     if tokenizer.chat_template is None and any("messages" in r for r in rows):
-        raise DatasetError("the dataset has \"messages\" rows but the tokenizer has no chat template")
+        raise DatasetError('the dataset has "messages" rows but the tokenizer has no chat template')
     samples = []
     for row in rows:
         try:
-            samples.append(tokenize_messages(row["messages"], tokenizer) if "messages" in row
-                           else tokenize_text(row["text"], tokenizer))
+            samples.append(
+                tokenize_messages(row["messages"], tokenizer)
+                if "messages" in row
+                else tokenize_text(row["text"], tokenizer)
+            )
         except Exception as exc:  # template errors, bad roles, ...: name the row
             raise DatasetError(f"{row.get('where', '?')}: {exc}") from exc
     return samples
 
 
 # --- packing --------------------------------------------------------------------------------------
+
 
 def pack(samples: list[Sample], seq_len: int, pad_id: int) -> PackedRows:
     """Greedy, order-preserving packing of whole samples into rows of `seq_len` tokens. A sample
@@ -183,6 +195,7 @@ def pack(samples: list[Sample], seq_len: int, pad_id: int) -> PackedRows:
 
 # --- order ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class DataPosition:
     """Where the data stream stands: `micro_step` micro-batches of `epoch` were consumed."""
@@ -198,7 +211,12 @@ class ShardedOrder:
 
     def __init__(self, num_rows: int, batch_size: int, world_size: int, rank: int, seed: int):
         self.num_rows, self.batch_size, self.world_size, self.rank, self.seed = (
-            num_rows, batch_size, world_size, rank, seed)
+            num_rows,
+            batch_size,
+            world_size,
+            rank,
+            seed,
+        )
         self.micro_steps_per_epoch = num_rows // (batch_size * world_size)
         self._epoch, self._perm = -1, list[int]()
 
@@ -211,7 +229,7 @@ class ShardedOrder:
 
     def indices(self, position: DataPosition) -> list[int]:
         start = (position.micro_step * self.world_size + self.rank) * self.batch_size
-        return self.permutation(position.epoch)[start: start + self.batch_size]
+        return self.permutation(position.epoch)[start : start + self.batch_size]
 
     def advance(self, position: DataPosition) -> DataPosition:
         if position.micro_step + 1 >= self.micro_steps_per_epoch:
@@ -231,7 +249,8 @@ def collate(rows: PackedRows, indices: list[int]) -> dict[str, Any]:
     }
 
 
-def build_packed_rows(path: Path, tokenizer: Any, seq_len: int, fmt: str | None = None,
-                      max_samples: int | None = None) -> PackedRows:
+def build_packed_rows(
+    path: Path, tokenizer: Any, seq_len: int, fmt: str | None = None, max_samples: int | None = None
+) -> PackedRows:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return pack(tokenize_rows(read_rows(path, fmt, max_samples), tokenizer), seq_len, pad_id)

@@ -29,8 +29,12 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
     from transformers import get_scheduler
 
     hp = cfg.hyperparameters
-    return get_scheduler(SCHEDULER_NAMES[hp.lr_scheduler], optimizer,
-                         num_warmup_steps=hp.warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(
+        SCHEDULER_NAMES[hp.lr_scheduler],
+        optimizer,
+        num_warmup_steps=hp.warmup_steps,
+        num_training_steps=total_steps,
+    )
 
 
 def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -39,14 +43,16 @@ def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torc
 
 
 class TorchEngine:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
-                 world_size: int):
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device, world_size: int
+    ):
         hp = cfg.hyperparameters
         self.cfg, self.device = cfg, device
         self.lora = cfg.method == "lora"
         self.model = shard_fsdp2(model) if world_size > 1 else model
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.learning_rate,
-                                           betas=ADAM_BETAS, eps=ADAM_EPS)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, hp.weight_decay), lr=hp.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
+        )
         self.scheduler = make_scheduler(cfg, self.optimizer, total_steps)
         self.accumulation = hp.gradient_accumulation_steps
         amp = device.type == "cuda" and hp.precision != "fp32"
@@ -74,7 +80,9 @@ class TorchEngine:
                 self.scaler.unscale_(self.optimizer)
             max_norm = self.cfg.hyperparameters.max_grad_norm
             if max_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], max_norm
+                )
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -88,7 +96,9 @@ class TorchEngine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         # LoRA: only the adapters (and their optimizer state) go into checkpoints.
-        return get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=self.lora))
+        return get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=self.lora)
+        )
 
     def save(self, directory: Path) -> None:
         """Collective. Model + optimizer shards (DCP) and, from rank 0, scheduler state."""
@@ -97,11 +107,19 @@ class TorchEngine:
         model_sd, optim_sd = self._state_dicts()
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "model"),
-                     no_dist=not dist.is_initialized())
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                checkpoint_id=str(directory / "model"),
+                no_dist=not dist.is_initialized(),
+            )
         if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save({"scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict() if self.scaler else None}, directory / "scheduler.pt")
+            torch.save(
+                {
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                },
+                directory / "scheduler.pt",
+            )
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -112,8 +130,13 @@ class TorchEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(directory / "model"), no_dist=not dist.is_initialized())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=not self.lora))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=not self.lora),
+        )
         extra = torch.load(directory / "scheduler.pt", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         if self.scaler and extra["scaler"]:
@@ -123,7 +146,9 @@ class TorchEngine:
         """Collective under FSDP: the whole unsharded state dict, on the CPU, on rank 0 (empty elsewhere)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -131,6 +156,7 @@ class TorchEngine:
 
 
 # --- DeepSpeed ------------------------------------------------------------------------------------
+
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
     """The DeepSpeed JSON config for `cfg` (pure; default ZeRO stage 2). The scheduler is ours
@@ -146,11 +172,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         "train_batch_size": hp.batch_size * hp.gradient_accumulation_steps * world_size,
         "gradient_clipping": hp.max_grad_norm,
         "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": hp.learning_rate, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": hp.weight_decay,
-            # torch.optim.AdamW: DeepSpeed's FusedAdam would be JIT-compiled with nvcc inside the pod.
-            "torch_adam": True,
-        }},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": hp.learning_rate,
+                "betas": list(ADAM_BETAS),
+                "eps": ADAM_EPS,
+                "weight_decay": hp.weight_decay,
+                # torch.optim.AdamW: DeepSpeed's FusedAdam would be JIT-compiled with nvcc inside the pod.
+                "torch_adam": True,
+            },
+        },
         "steps_per_print": 2**31 - 1,  # progress is ours
         "wall_clock_breakdown": False,
     }
@@ -164,16 +196,19 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
 class DeepSpeedEngine:
     TAG = "deepspeed"
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
-                 world_size: int):
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device, world_size: int
+    ):
         import deepspeed
 
         self.cfg, self.device = cfg, device
         self.lora = cfg.method == "lora"
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.hyperparameters.weight_decay),
+            model=model,
+            model_parameters=param_groups(model, cfg.hyperparameters.weight_decay),
             config=deepspeed_config(cfg, world_size, device.type),
-            lr_scheduler=lambda optimizer: make_scheduler(cfg, optimizer, total_steps))
+            lr_scheduler=lambda optimizer: make_scheduler(cfg, optimizer, total_steps),
+        )
 
     @property
     def lr(self) -> float:
@@ -188,12 +223,18 @@ class DeepSpeedEngine:
         return loss.item()
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory / "model"), tag=self.TAG, save_latest=False,
-                                    exclude_frozen_parameters=self.lora)
+        self.engine.save_checkpoint(
+            str(directory / "model"), tag=self.TAG, save_latest=False, exclude_frozen_parameters=self.lora
+        )
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory / "model"), tag=self.TAG, load_module_strict=not self.lora,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(
+            str(directory / "model"),
+            tag=self.TAG,
+            load_module_strict=not self.lora,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
@@ -208,7 +249,8 @@ class DeepSpeedEngine:
         return self.engine.module
 
 
-def make_engine(model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device,
-                world_size: int) -> TorchEngine | DeepSpeedEngine:
+def make_engine(
+    model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device, world_size: int
+) -> TorchEngine | DeepSpeedEngine:
     cls = DeepSpeedEngine if cfg.backend == "deepspeed" else TorchEngine
     return cls(model, cfg, total_steps, device, world_size)

@@ -78,8 +78,9 @@ def train(cfg: TrainConfig, *, on_step: StepHook | None = None) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, stop: StopSignal,
-                 on_step: StepHook | None):
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, device: torch.device, stop: StopSignal, on_step: StepHook | None
+    ):
         self.cfg, self.env, self.device, self.stop, self.on_step = cfg, env, device, stop, on_step
         self.hp = cfg.hyperparameters
 
@@ -94,25 +95,35 @@ class Trainer:
         transformers.utils.logging.disable_progress_bar()  # our own progress line is the one in the logs
         transformers.set_seed(hp.seed)
         tokenizer = load_tokenizer(cfg.model_path)
-        rows = build_packed_rows(cfg.dataset_path, tokenizer, hp.seq_len, cfg.dataset.format, cfg.dataset.max_samples)
+        rows = build_packed_rows(
+            cfg.dataset_path, tokenizer, hp.seq_len, cfg.dataset.format, cfg.dataset.max_samples
+        )
         order = ShardedOrder(len(rows), hp.batch_size, env.world_size, env.rank, hp.seed)
         steps_per_epoch = order.micro_steps_per_epoch // hp.gradient_accumulation_steps
         if steps_per_epoch < 1:
             raise DatasetError(
                 f"{cfg.dataset_path}: {len(rows)} packed rows of seqLen {hp.seq_len} are fewer than one optimizer "
                 f"step needs (batchSize {hp.batch_size} x world size {env.world_size} x gradientAccumulationSteps "
-                f"{hp.gradient_accumulation_steps})")
+                f"{hp.gradient_accumulation_steps})"
+            )
         self.order, self.rows = order, rows
         self.total_steps = hp.max_steps or (hp.epochs or 1) * steps_per_epoch
-        self.log(f"{len(rows)} packed rows of {hp.seq_len} tokens, {steps_per_epoch} steps per epoch, "
-                 f"{self.total_steps} steps; method {cfg.method}, backend {cfg.backend}, world size {env.world_size}, "
-                 f"device {self.device.type}")
+        self.log(
+            f"{len(rows)} packed rows of {hp.seq_len} tokens, {steps_per_epoch} steps per epoch, "
+            f"{self.total_steps} steps; method {cfg.method}, backend {cfg.backend}, world size {env.world_size}, "
+            f"device {self.device.type}"
+        )
 
-        self.engine = make_engine(load_model(cfg, self.device), cfg, self.total_steps, self.device, env.world_size)
+        self.engine = make_engine(
+            load_model(cfg, self.device), cfg, self.total_steps, self.device, env.world_size
+        )
         step, position = self.resume()
-        reporter = ProgressReporter(total_steps=self.total_steps, start_step=step,
-                                    log_every_steps=hp.log_every_steps,
-                                    annotator=PodAnnotator.from_env() if env.is_main else None)
+        reporter = ProgressReporter(
+            total_steps=self.total_steps,
+            start_step=step,
+            log_every_steps=hp.log_every_steps,
+            annotator=PodAnnotator.from_env() if env.is_main else None,
+        )
         self.reporter = reporter
         try:
             code = self.loop(step, position)
@@ -133,17 +144,28 @@ class Trainer:
             for micro in range(hp.gradient_accumulation_steps):
                 batch = collate(self.rows, self.order.indices(position))
                 position = self.order.advance(position)
-                loss_sum += self.engine.train_micro_batch(batch, is_last=micro == hp.gradient_accumulation_steps - 1)
+                loss_sum += self.engine.train_micro_batch(
+                    batch, is_last=micro == hp.gradient_accumulation_steps - 1
+                )
                 tokens += batch["num_tokens"]
             step += 1
             total_loss, total_tokens, stops = all_reduce_sum(
-                [loss_sum / hp.gradient_accumulation_steps, tokens, float(self.stop.signum is not None)])
+                [loss_sum / hp.gradient_accumulation_steps, tokens, float(self.stop.signum is not None)]
+            )
             loss = total_loss / env.world_size
-            epoch = (position.epoch * self.order.micro_steps_per_epoch + position.micro_step) / \
-                self.order.micro_steps_per_epoch
+            epoch = (
+                position.epoch * self.order.micro_steps_per_epoch + position.micro_step
+            ) / self.order.micro_steps_per_epoch
             if env.is_main:
-                self.append_log({"step": step, "loss": loss, "lr": self.engine.lr, "tokens": int(total_tokens),
-                                 "epoch": round(epoch, 6)})
+                self.append_log(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": self.engine.lr,
+                        "tokens": int(total_tokens),
+                        "epoch": round(epoch, 6),
+                    }
+                )
                 self.reporter.step(step, loss, int(total_tokens), epoch, lr=self.engine.lr)
             if self.on_step:
                 self.on_step(step, loss)
@@ -173,9 +195,15 @@ class Trainer:
         ckpt.save_rng(tmp, self.env.rank)
         barrier()
         if self.env.is_main:
-            state = {"step": step, "totalSteps": self.total_steps, "epoch": position.epoch,
-                     "microStep": position.micro_step, "loss": loss, "worldSize": self.env.world_size,
-                     "config": self.cfg.to_dict()}
+            state = {
+                "step": step,
+                "totalSteps": self.total_steps,
+                "epoch": position.epoch,
+                "microStep": position.micro_step,
+                "loss": loss,
+                "worldSize": self.env.world_size,
+                "config": self.cfg.to_dict(),
+            }
             ckpt.commit(root, step, state, self.cfg.checkpoint.keep_last)
             self.reporter.checkpoint(str(final))
         barrier()
@@ -188,12 +216,16 @@ class Trainer:
             try:
                 self.engine.load(found.path)
             except Exception as exc:  # same files on every rank: every rank falls back alike
-                self.log(f"cannot load checkpoint {found.path} ({type(exc).__name__}: {exc}); trying an older one")
+                self.log(
+                    f"cannot load checkpoint {found.path} ({type(exc).__name__}: {exc}); trying an older one"
+                )
                 continue
             state = found.state
             if state.get("worldSize") != self.env.world_size:
-                self.log(f"checkpoint was written by {state.get('worldSize')} ranks, now {self.env.world_size}: "
-                         "weights and optimizer reshard, the data order restarts its epoch")
+                self.log(
+                    f"checkpoint was written by {state.get('worldSize')} ranks, now {self.env.world_size}: "
+                    "weights and optimizer reshard, the data order restarts its epoch"
+                )
                 position = DataPosition(int(state["epoch"]), 0)
             else:
                 position = DataPosition(int(state["epoch"]), int(state["microStep"]))

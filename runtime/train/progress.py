@@ -35,29 +35,65 @@ def eta_seconds(step: int, total_steps: int, start_step: int, elapsed_s: float) 
     return max(0, round(elapsed_s / done * (total_steps - step)))
 
 
-def progress_payload(*, step: int, total_steps: int, loss: float | None, tokens_per_second: float | None,
-                     eta: int | None, epoch: float | None, last_checkpoint: str | None) -> dict[str, Any]:
+def progress_payload(
+    *,
+    step: int,
+    total_steps: int,
+    loss: float | None,
+    tokens_per_second: float | None,
+    eta: int | None,
+    epoch: float | None,
+    last_checkpoint: str | None,
+) -> dict[str, Any]:
     """The annotation's JSON object (keys as in operator/api/constants.py ANNOTATION_PROGRESS, plus
     `eta`, the same seconds under the short name)."""
+
     def num(value: float | None, digits: int) -> float | None:
         return None if value is None or not math.isfinite(value) else round(value, digits)
 
-    return {"step": step, "totalSteps": total_steps, "loss": num(loss, 6),
-            "tokensPerSecond": num(tokens_per_second, 1), "eta": eta, "etaSeconds": eta,
-            "epoch": num(epoch, 4), "lastCheckpoint": last_checkpoint}
+    return {
+        "step": step,
+        "totalSteps": total_steps,
+        "loss": num(loss, 6),
+        "tokensPerSecond": num(tokens_per_second, 1),
+        "eta": eta,
+        "etaSeconds": eta,
+        "epoch": num(epoch, 4),
+        "lastCheckpoint": last_checkpoint,
+    }
 
 
-def progress_line(*, step: int, total_steps: int, start_step: int, elapsed_s: float, loss: float | None,
-                  tokens_per_second: float | None, lr: float | None) -> str:
+def progress_line(
+    *,
+    step: int,
+    total_steps: int,
+    start_step: int,
+    elapsed_s: float,
+    loss: float | None,
+    tokens_per_second: float | None,
+    lr: float | None,
+) -> str:
     from tqdm import tqdm
 
-    postfix = ", ".join(part for part in (
-        f"loss={loss:.4f}" if loss is not None else "",
-        f"tok/s={tokens_per_second:.0f}" if tokens_per_second is not None else "",
-        f"lr={lr:.3g}" if lr is not None else "",
-    ) if part)
-    return tqdm.format_meter(step, total_steps, elapsed_s, ncols=110, prefix="train", unit="step",
-                             postfix=postfix, initial=start_step)
+    postfix = ", ".join(
+        part
+        for part in (
+            f"loss={loss:.4f}" if loss is not None else "",
+            f"tok/s={tokens_per_second:.0f}" if tokens_per_second is not None else "",
+            f"lr={lr:.3g}" if lr is not None else "",
+        )
+        if part
+    )
+    return tqdm.format_meter(
+        step,
+        total_steps,
+        elapsed_s,
+        ncols=110,
+        prefix="train",
+        unit="step",
+        postfix=postfix,
+        initial=start_step,
+    )
 
 
 @dataclass(slots=True)
@@ -77,6 +113,7 @@ class Throttle:
 
 
 # --- the patch ------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class PodAnnotator:
@@ -119,10 +156,15 @@ class PodAnnotator:
             self._api.patch_namespaced_pod(self.pod, self.namespace, body, _request_timeout=self.timeout_s)
             return
         request = urllib.request.Request(
-            f"{self.api_url}/api/v1/namespaces/{self.namespace}/pods/{self.pod}", method="PATCH",
+            f"{self.api_url}/api/v1/namespaces/{self.namespace}/pods/{self.pod}",
+            method="PATCH",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/merge-patch+json", "Authorization": f"Bearer {self._token()}",
-                     "Accept": "application/json"})
+            headers={
+                "Content-Type": "application/merge-patch+json",
+                "Authorization": f"Bearer {self._token()}",
+                "Accept": "application/json",
+            },
+        )
         context = None
         if self.api_url.startswith("https"):
             import ssl
@@ -183,19 +225,30 @@ class BackgroundSender:
             except Exception as exc:  # never let progress reporting break training
                 if not self._warned:
                     self._warned = True
-                    self.log(f"[lmforge.train] cannot annotate pod {self.annotator.namespace}/"
-                             f"{self.annotator.pod} with progress: {exc}")
+                    self.log(
+                        f"[lmforge.train] cannot annotate pod {self.annotator.namespace}/"
+                        f"{self.annotator.pod} with progress: {exc}"
+                    )
 
 
 # --- what the loop calls --------------------------------------------------------------------------
 
+
 class ProgressReporter:
     """Rank 0's view: `step()` after every optimizer step, `checkpoint()` after a save, `close()`."""
 
-    def __init__(self, *, total_steps: int, start_step: int, log_every_steps: int,
-                 annotator: PodAnnotator | None = None, out: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic, throttle: Throttle | None = None,
-                 sender: Any = None):
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        start_step: int,
+        log_every_steps: int,
+        annotator: PodAnnotator | None = None,
+        out: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        throttle: Throttle | None = None,
+        sender: Any = None,
+    ):
         self.total_steps, self.start_step, self.log_every_steps = total_steps, start_step, log_every_steps
         self.out = out or sys.stdout
         self.clock = clock
@@ -219,12 +272,28 @@ class ProgressReporter:
         tokens_per_second = self._window_tokens / window_s
         elapsed = now - self.started
         self._window_start, self._window_tokens, self._window_losses = now, 0, []
-        print(progress_line(step=step, total_steps=self.total_steps, start_step=self.start_step, elapsed_s=elapsed,
-                            loss=mean_loss, tokens_per_second=tokens_per_second, lr=lr), file=self.out, flush=True)
+        print(
+            progress_line(
+                step=step,
+                total_steps=self.total_steps,
+                start_step=self.start_step,
+                elapsed_s=elapsed,
+                loss=mean_loss,
+                tokens_per_second=tokens_per_second,
+                lr=lr,
+            ),
+            file=self.out,
+            flush=True,
+        )
         self.payload = progress_payload(
-            step=step, total_steps=self.total_steps, loss=mean_loss, tokens_per_second=tokens_per_second,
-            eta=eta_seconds(step, self.total_steps, self.start_step, elapsed), epoch=epoch,
-            last_checkpoint=self.last_checkpoint)
+            step=step,
+            total_steps=self.total_steps,
+            loss=mean_loss,
+            tokens_per_second=tokens_per_second,
+            eta=eta_seconds(step, self.total_steps, self.start_step, elapsed),
+            epoch=epoch,
+            last_checkpoint=self.last_checkpoint,
+        )
         self._annotate(force=last)
 
     def checkpoint(self, path: str) -> None:

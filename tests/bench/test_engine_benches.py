@@ -24,23 +24,56 @@ def test_exits_2_with_a_hint_without_cuda(name, capsys):
 
 
 def test_decode_roofline_cpu_smoke(capsys):
-    rc = load("decode_roofline").main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32",
-                                       "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1"])
+    rc = load("decode_roofline").main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "8",
+            "--repeats",
+            "1",
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     step = report["bytes_per_step"]
     # tiny shape, tied embeddings: every parameter is read once per step (fp32)
-    assert step["weight_bytes"] > 0 and step["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * 12  # layers*kv*heads*dim*4B*ctx
+    assert (
+        step["weight_bytes"] > 0 and step["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * 12
+    )  # layers*kv*heads*dim*4B*ctx
     assert step["total"] == step["weight_bytes"] + step["kv_bytes"]
     assert report["lmforge"]["decode_tok_s"] > 0 and report["hf_generate"]["decode_tok_s"] > 0
-    assert report["roofline_fraction"] == pytest.approx(report["lmforge"]["decode_tok_s"] / report["roofline_tok_s"],
-                                                        abs=1e-3)
+    assert report["roofline_fraction"] == pytest.approx(
+        report["lmforge"]["decode_tok_s"] / report["roofline_tok_s"], abs=1e-3
+    )
     assert report["env"]["device"] == "cpu" and report["lmforge"]["cuda_graphs"] is False
 
 
 def test_throughput_cpu_smoke(capsys):
-    rc = load("throughput").main(["--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--num-prompts", "6",
-                                  "--prompt-len", "8", "--max-tokens", "5", "--hf-batch", "4"])
+    rc = load("throughput").main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--dtype",
+            "float32",
+            "--num-prompts",
+            "6",
+            "--prompt-len",
+            "8",
+            "--max-tokens",
+            "5",
+            "--hf-batch",
+            "4",
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["lmforge"]["generated_tokens"] == report["hf_generate"]["generated_tokens"] == 6 * 5

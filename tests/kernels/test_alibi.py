@@ -26,7 +26,9 @@ def test_slopes_equal_bloom_and_falcon_bit_for_bit(num_heads):
 @pytest.mark.parametrize("max_bias", [8.0, 16.0])
 def test_slopes_match_mpt_with_its_bias_max(num_heads, max_bias):
     hf = -build_mpt_alibi_tensor(num_heads, 2, alibi_bias_max=max_bias)[:, 0, 0]  # slope * (0 - 1)
-    torch.testing.assert_close(alibi_slopes(num_heads, max_bias), hf, rtol=2e-6, atol=0)  # fp32 rounding of 1 / 2 ** m vs base ** k
+    torch.testing.assert_close(
+        alibi_slopes(num_heads, max_bias), hf, rtol=2e-6, atol=0
+    )  # fp32 rounding of 1 / 2 ** m vs base ** k
 
 
 def test_slopes_are_decreasing_and_exported_from_reference():

@@ -9,7 +9,9 @@ SCRIPT = pathlib.Path(__file__).with_name("compile_check.py")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LMFORGE_COMPILE_CHECK") != "1", reason="set LMFORGE_COMPILE_CHECK=1 (about a minute)")
+@pytest.mark.skipif(
+    os.environ.get("LMFORGE_COMPILE_CHECK") != "1", reason="set LMFORGE_COMPILE_CHECK=1 (about a minute)"
+)
 def test_every_kernel_compiles_for_sm90_and_sm80():
     """Ahead-of-time compilation to cubin, no GPU needed: catches what the interpreter does not check."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

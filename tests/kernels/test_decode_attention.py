@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -12,8 +11,9 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3,
 
 def make_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=False):
     """Random K/V for each sequence in randomly scattered blocks; block tables padded with block 0."""
-    return random_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=int8,
-                              spare_blocks=3, pad_columns=1)
+    return random_paged_cache(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=int8, spare_blocks=3, pad_columns=1
+    )
 
 
 def run_both(q, caches, scales, block_tables, seq_lens, scale=None, **kwargs):
@@ -28,7 +28,9 @@ def run_both(q, caches, scales, block_tables, seq_lens, scale=None, **kwargs):
 CASES = [(torch.float32, 2, 2), (torch.float16, 8, 2), (torch.bfloat16, 8, 1), (torch.bfloat16, 4, 4)]
 
 
-@pytest.mark.parametrize("dtype,num_q_heads,num_kv_heads", CASES, ids=["fp32-gqa1", "fp16-gqa4", "bf16-gqa8", "bf16-gqa1"])
+@pytest.mark.parametrize(
+    "dtype,num_q_heads,num_kv_heads", CASES, ids=["fp32-gqa1", "fp16-gqa4", "bf16-gqa8", "bf16-gqa1"]
+)
 def test_decode_matches_reference(device, dtype, num_q_heads, num_kv_heads):
     seq_lens = [1, 15, 16, 17, 40]  # block boundaries of block_size 16
     caches, scales, bt, sl = make_paged_cache(seq_lens, num_kv_heads, 32, 16, dtype, device)
@@ -102,10 +104,17 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype,option,int8", [
-    (torch.float32, "alibi", False), (torch.float32, "softcap", False), (torch.float32, "scale", False),
-    (torch.bfloat16, "all", False), (torch.float32, "all", True),
-], ids=["fp32-alibi", "fp32-softcap", "fp32-scale", "bf16-all", "int8-all"])
+@pytest.mark.parametrize(
+    "dtype,option,int8",
+    [
+        (torch.float32, "alibi", False),
+        (torch.float32, "softcap", False),
+        (torch.float32, "scale", False),
+        (torch.bfloat16, "all", False),
+        (torch.float32, "all", True),
+    ],
+    ids=["fp32-alibi", "fp32-softcap", "fp32-scale", "bf16-all", "int8-all"],
+)
 def test_decode_score_options(device, dtype, option, int8):
     """ALiBi slopes (6 heads: not a power of two), logit soft-capping, a custom scale, and all with a window."""
     opts = dict(OPTIONS[option])
@@ -116,8 +125,9 @@ def test_decode_score_options(device, dtype, option, int8):
     q = 3 * torch.randn(3, 6, 16, dtype=dtype, device=device)  # large scores: the cap and the bias matter
     out, ref = run_both(q, caches, scales, bt, sl, num_splits=2, **opts)
     torch.testing.assert_close(out, ref, **TOL[dtype])
-    plain = reference.paged_decode_attention(q, *caches, bt, sl, 0.25, k_scale_cache=scales[0],
-                                             v_scale_cache=scales[1])
+    plain = reference.paged_decode_attention(
+        q, *caches, bt, sl, 0.25, k_scale_cache=scales[0], v_scale_cache=scales[1]
+    )
     assert not torch.allclose(out[2].float(), plain[2].float(), atol=0.05)  # the option changed the answer
 
 

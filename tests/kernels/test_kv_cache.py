@@ -18,13 +18,18 @@ def _slots(num_tokens, num_blocks, block_size, device, num_padding=0):
     [(1, 1, 16, 16, 0), (7, 2, 32, 16, 2), (17, 8, 24, 8, 3)],
     ids=["one-token", "padded", "odd-head-dim"],
 )
-def test_reshape_and_cache_matches_reference(device, dtype, num_tokens, num_kv_heads, head_dim, block_size, num_padding):
+def test_reshape_and_cache_matches_reference(
+    device, dtype, num_tokens, num_kv_heads, head_dim, block_size, num_padding
+):
     num_blocks = 5
     key = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
     value = torch.randn_like(key)
     slots = _slots(num_tokens, num_blocks, block_size, device, num_padding)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
+    k_cache, v_cache = (
+        torch.randn(shape, dtype=dtype, device=device),
+        torch.randn(shape, dtype=dtype, device=device),
+    )
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reshape_and_cache(key, value, k_cache, v_cache, slots)
     reference.reshape_and_cache(key, value, k_ref, v_ref, slots)
@@ -56,7 +61,10 @@ def test_reshape_and_cache_int8_matches_reference(device, dtype, num_tokens, num
     value = torch.randn_like(key)
     value[0, 0] = 0  # an all-zero token-head: scale 0, codes 0
     slots = _slots(num_tokens, num_blocks, block_size, device, num_padding=1)
-    caches = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.int8, device=device) for _ in "kv"]
+    caches = [
+        torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.int8, device=device)
+        for _ in "kv"
+    ]
     scales = [torch.full((num_blocks, block_size, num_kv_heads), -1.0, device=device) for _ in "kv"]
     ref_caches = [c.clone() for c in caches]
     ref_scales = [s.clone() for s in scales]
@@ -64,7 +72,9 @@ def test_reshape_and_cache_int8_matches_reference(device, dtype, num_tokens, num
     reference.reshape_and_cache_int8(key, value, *ref_caches, *ref_scales, slots)
     for got, want in zip(scales, ref_scales, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=1e-6)
-    for got, want in zip(caches, ref_caches, strict=True):  # GPU fp32 division may flip a code at an exact .5 tie
+    for got, want in zip(
+        caches, ref_caches, strict=True
+    ):  # GPU fp32 division may flip a code at an exact .5 tie
         assert (got.int() - want.int()).abs().max() <= 1
         assert (got != want).float().mean() < 0.01
 
@@ -82,7 +92,10 @@ def test_reshape_and_cache_llama_sizes_gpu():
     key = torch.randn(512, 8, 128, dtype=torch.bfloat16, device="cuda")
     value = torch.randn_like(key)
     shape = (64, 16, 8, 128)
-    k_cache, v_cache = torch.zeros(shape, dtype=torch.bfloat16, device="cuda"), torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
+    k_cache, v_cache = (
+        torch.zeros(shape, dtype=torch.bfloat16, device="cuda"),
+        torch.zeros(shape, dtype=torch.bfloat16, device="cuda"),
+    )
     slots = _slots(512, 64, 16, "cuda", num_padding=10)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reshape_and_cache(key, value, k_cache, v_cache, slots)

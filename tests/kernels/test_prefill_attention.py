@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -13,8 +12,9 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3,
 def make_batch(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, int8=False):
     """chunks: [(num_cached_prefix, q_len)]. Returns q, caches, scales, block_tables, seq_lens, cu_seqlens_q."""
     seq_lens = [prefix + q_len for prefix, q_len in chunks]
-    caches, scales, block_tables, sl = random_paged_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype,
-                                                          device, int8=int8, spare_blocks=2)
+    caches, scales, block_tables, sl = random_paged_cache(
+        seq_lens, num_kv_heads, head_dim, block_size, dtype, device, int8=int8, spare_blocks=2
+    )
     q_lens = [q_len for _, q_len in chunks]
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), num_q_heads, head_dim, dtype=dtype, device=device)
@@ -36,7 +36,9 @@ CHUNKS = [(0, 5), (16, 3), (7, 1), (30, 18)]
 CASES = [(torch.float32, 2, 2), (torch.float16, 4, 1), (torch.bfloat16, 8, 1), (torch.bfloat16, 2, 2)]
 
 
-@pytest.mark.parametrize("dtype,num_q_heads,num_kv_heads", CASES, ids=["fp32-gqa1", "fp16-gqa4", "bf16-gqa8", "bf16-gqa1"])
+@pytest.mark.parametrize(
+    "dtype,num_q_heads,num_kv_heads", CASES, ids=["fp32-gqa1", "fp16-gqa4", "bf16-gqa8", "bf16-gqa1"]
+)
 def test_prefill_matches_reference(device, dtype, num_q_heads, num_kv_heads):
     batch = make_batch(CHUNKS, num_q_heads, num_kv_heads, 16, 16, dtype, device)
     out, ref = run_both(*batch)
@@ -79,8 +81,11 @@ def test_prefill_window_chunks_never_read_blocks_before_the_window(device):
     assert torch.equal(poisoned, out)
 
 
-@pytest.mark.parametrize("dtype,int8", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
-                         ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize(
+    "dtype,int8",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+    ids=["fp32", "bf16", "int8"],
+)
 def test_prefill_score_options(device, dtype, int8):
     """ALiBi (6 heads), soft cap, custom scale and a window together, over a fresh prompt, a prefix hit and a
     chunk crossing tiles; each option alone in fp32 too."""
@@ -90,9 +95,14 @@ def test_prefill_score_options(device, dtype, int8):
     q.mul_(3)  # large scores: the cap and the bias matter
     slopes = reference.alibi_slopes(6).to(device)
     every = dict(alibi_slopes=slopes, logits_soft_cap=2.0, sliding_window=9, scale=1 / 12)
-    singles = [dict(alibi_slopes=slopes), dict(logits_soft_cap=1.5), dict(scale=0.05)] if dtype == torch.float32 else []
-    plain = reference.paged_prefill_attention(q, *caches, bt, sl, cu, max_q, 0.25, k_scale_cache=scales[0],
-                                              v_scale_cache=scales[1])
+    singles = (
+        [dict(alibi_slopes=slopes), dict(logits_soft_cap=1.5), dict(scale=0.05)]
+        if dtype == torch.float32
+        else []
+    )
+    plain = reference.paged_prefill_attention(
+        q, *caches, bt, sl, cu, max_q, 0.25, k_scale_cache=scales[0], v_scale_cache=scales[1]
+    )
     for opts in [every, *singles]:
         out, ref = run_both(*batch, **opts)
         torch.testing.assert_close(out, ref, **TOL[dtype])

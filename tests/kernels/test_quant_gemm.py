@@ -25,7 +25,9 @@ def test_pack_vectors_from_the_format_notes(bits, values, word):
     packed = pack_int_weights(torch.tensor([values]), bits)
     assert packed.dtype == torch.int32 and packed.shape == (1, 1)
     assert _u32(int(packed)) == word
-    assert torch.equal(unpack_int_weights(packed, bits, (1, len(values))), torch.tensor([values], dtype=torch.int8))
+    assert torch.equal(
+        unpack_int_weights(packed, bits, (1, len(values))), torch.tensor([values], dtype=torch.int8)
+    )
 
 
 def test_packed_bytes_are_little_endian_words():
@@ -82,7 +84,9 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("bits,m,n,k,group", SHAPES, ids=[f"w{b}-m{m}-n{n}-k{k}-g{g}" for b, m, n, k, g in SHAPES])
+@pytest.mark.parametrize(
+    "bits,m,n,k,group", SHAPES, ids=[f"w{b}-m{m}-n{n}-k{k}-g{g}" for b, m, n, k, g in SHAPES]
+)
 def test_quant_linear_matches_reference(device, dtype, bits, m, n, k, group):
     packed, scale = _random_layer(bits, n, k, group, dtype, device)
     x = torch.randn(m, k, dtype=dtype, device=device)

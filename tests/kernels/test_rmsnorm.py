@@ -25,7 +25,9 @@ def test_fused_add_rms_norm_matches_reference(device, dtype, shape):
     w = torch.rand(shape[-1], dtype=dtype, device=device) + 0.5
     out, new_residual = fused_add_rms_norm(x, residual, w, 1e-5)
     ref_out, ref_residual = reference.fused_add_rms_norm(x, residual, w, 1e-5)
-    torch.testing.assert_close(new_residual, ref_residual, atol=0, rtol=0)  # one rounding of the same fp32 sum
+    torch.testing.assert_close(
+        new_residual, ref_residual, atol=0, rtol=0
+    )  # one rounding of the same fp32 sum
     torch.testing.assert_close(out, ref_out, **TOL[dtype])
 
 

@@ -31,7 +31,9 @@ def test_rope_matches_reference(device, dtype, is_neox_style, num_tokens, num_q_
     assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()  # in place
     torch.testing.assert_close(q, q_ref, **TOL[dtype])
     torch.testing.assert_close(k, k_ref, **TOL[dtype])
-    assert torch.equal(q[..., rotary_dim:], q_before[..., rotary_dim:])  # partial rotary: the rest passes through
+    assert torch.equal(
+        q[..., rotary_dim:], q_before[..., rotary_dim:]
+    )  # partial rotary: the rest passes through
 
 
 def test_interleaved_reference_matches_hf_glm():
@@ -113,7 +115,12 @@ def test_reference_matches_hf_rotate_half():
 
 @pytest.mark.parametrize(
     "scaling",
-    [None, {"rope_type": "linear", "factor": 4.0}, LLAMA31, {**LLAMA31, "factor": 32.0, "high_freq_factor": 2.0}],
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        LLAMA31,
+        {**LLAMA31, "factor": 32.0, "high_freq_factor": 2.0},
+    ],
     ids=["default", "linear", "llama3.1", "llama3-other-factors"],
 )
 @pytest.mark.parametrize("head_dim,theta", [(64, 10000.0), (128, 500000.0)])

@@ -72,7 +72,9 @@ def _hf_config(cls: str, head_dim: int, theta: float, mpe: int, scaling: dict):
     if cls == "qwen2":
         return Qwen2Config(**common)
     if cls == "phi3":
-        return Phi3Config(**common, original_max_position_embeddings=scaling["original_max_position_embeddings"])
+        return Phi3Config(
+            **common, original_max_position_embeddings=scaling["original_max_position_embeddings"]
+        )
     return LlamaConfig(**common, head_dim=head_dim)
 
 
@@ -107,7 +109,9 @@ def test_yarn_factor_none_uses_the_context_ratio():
 def test_yarn_is_not_llama3_or_plain():
     """Negative control: the yarn table differs from plain RoPE past the high-frequency dims."""
     scaling = YARN_CASES["qwen2.5"]["scaling"]
-    assert not torch.allclose(build_rope_cache(128, 64, 1e6, scaling), build_rope_cache(128, 64, 1e6), atol=1e-3)
+    assert not torch.allclose(
+        build_rope_cache(128, 64, 1e6, scaling), build_rope_cache(128, 64, 1e6), atol=1e-3
+    )
 
 
 # --- longrope --------------------------------------------------------------------------------------------
@@ -189,10 +193,14 @@ def test_dynamic_inv_freq_rows_bit_identical(head_dim, factor, mpe):
 
 
 def test_dynamic_needs_its_threshold():
-    with pytest.raises(ValueError, match="rope_type 'dynamic': its length threshold needs max_position_embeddings"):
+    with pytest.raises(
+        ValueError, match="rope_type 'dynamic': its length threshold needs max_position_embeddings"
+    ):
         validate_rope_scaling({"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="original_max_position_embeddings=2048 differs"):
-        validate_rope_scaling({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 2048}, 4096)
+        validate_rope_scaling(
+            {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 2048}, 4096
+        )
     with pytest.raises(ValueError, match="depends on the sequence length"):
         build_rope_cache(64, 128, 1e4, {"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=64)
 
@@ -252,15 +260,19 @@ def test_longrope_factor_length_is_checked():
 def test_tables_ignore_the_default_dtype_and_build_on_the_cpu():
     """The model runner builds models under a bf16 default dtype: the tables stay HF's fp32 values."""
     longrope, _ = _phi3_longrope()
-    expected = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
-                build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
-                dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+    expected = (
+        build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+        build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+        dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300),
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        got = (build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
-               build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
-               dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300))
+        got = (
+            build_rope_cache(32, 300, 1e4, YARN_CASES["qwen2.5"]["scaling"]),
+            build_longrope_cache(32, 300, 1e4, longrope, max_position_embeddings=512),
+            dynamic_inv_freq_table(32, 1e4, 2.0, 64, 300),
+        )
     finally:
         torch.set_default_dtype(old)
     for a, b in zip(got, expected, strict=True):

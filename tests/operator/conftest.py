@@ -33,8 +33,15 @@ class Request:
 
 
 def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 @dataclass
@@ -43,7 +50,9 @@ class FakeApiServer:
     token: str | None = None  # when set, requests without `Authorization: Bearer <token>` get 401
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # object path -> object
     requests: list[Request] = field(default_factory=list)
-    fail: dict[tuple[str, str], tuple[int, str, str]] = field(default_factory=dict)  # (method, path) -> answer
+    fail: dict[tuple[str, str], tuple[int, str, str]] = field(
+        default_factory=dict
+    )  # (method, path) -> answer
     _versions: Iterator[int] = field(default_factory=lambda: itertools.count(100))
 
     def calls(self) -> list[tuple[str, str]]:
@@ -60,10 +69,21 @@ class FakeApiServer:
         text = await request.text()
         body = json.loads(text) if text else None
         cert = request.transport.get_extra_info("peercert") if request.transport else None
-        client_cn = next((value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
-                          if key == "commonName"), None)
-        self.requests.append(Request(request.method, request.path, dict(request.query), request.content_type,
-                                     request.headers.get("Authorization"), body, client_cn))
+        client_cn = next(
+            (value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"),
+            None,
+        )
+        self.requests.append(
+            Request(
+                request.method,
+                request.path,
+                dict(request.query),
+                request.content_type,
+                request.headers.get("Authorization"),
+                body,
+                client_cn,
+            )
+        )
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._status(401, "Unauthorized", "Unauthorized")
         if (request.method, request.path) in self.fail:
@@ -83,7 +103,11 @@ class FakeApiServer:
         collection = name is None
         if method == "GET" and not collection:
             found = self.objects.get(obj_path)
-            return self._json(200, found) if found else self._status(404, "NotFound", f'{plural} "{name}" not found')
+            return (
+                self._json(200, found)
+                if found
+                else self._status(404, "NotFound", f'{plural} "{name}" not found')
+            )
         if method == "POST" and collection:
             obj_name = body["metadata"]["name"]
             if f"{path}/{obj_name}" in self.objects:
@@ -94,9 +118,13 @@ class FakeApiServer:
             if found is None:
                 return self._status(404, "NotFound", f'{plural} "{name}" not found')
             if body["metadata"].get("resourceVersion") != found["metadata"]["resourceVersion"]:
-                return self._status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": '
-                                                     "the object has been modified; please apply your changes "
-                                                     "to the latest version and try again")
+                return self._status(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {plural} "{name}": '
+                    "the object has been modified; please apply your changes "
+                    "to the latest version and try again",
+                )
             return self._json(200, self.put(obj_path, {**found, "status": body.get("status")}))
         if method == "PATCH" and sub == "scale":
             found = self.objects.get(obj_path)
@@ -109,10 +137,19 @@ class FakeApiServer:
             return self._json(200, {"kind": "Scale", "spec": {"replicas": body["spec"]["replicas"]}})
         if method == "GET" and collection:  # a LIST; fieldSelector: only status.phase=<phase>
             phase = request.query.get("fieldSelector", "").removeprefix("status.phase=") or None
-            items = [o for p, o in self.objects.items() if p.rsplit("/", 1)[0] == path
-                     and (phase is None or (o.get("status") or {}).get("phase") == phase)]
+            items = [
+                o
+                for p, o in self.objects.items()
+                if p.rsplit("/", 1)[0] == path
+                and (phase is None or (o.get("status") or {}).get("phase") == phase)
+            ]
             return self._json(200, {"kind": "List", "items": items})
-        if method == "PATCH" and not collection and not sub and request.content_type == "application/merge-patch+json":
+        if (
+            method == "PATCH"
+            and not collection
+            and not sub
+            and request.content_type == "application/merge-patch+json"
+        ):
             found = self.objects.get(obj_path)  # only metadata fields, resourceVersion checked
             if found is None:
                 return self._status(404, "NotFound", f'{plural} "{name}" not found')
@@ -125,17 +162,31 @@ class FakeApiServer:
             if request.content_type != "application/apply-patch+yaml":
                 return self._status(415, "UnsupportedMediaType", request.content_type)
             if not request.query.get("fieldManager"):
-                return self._status(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: "
-                                                    "Required value: is required for apply patch")
+                return self._status(
+                    422,
+                    "Invalid",
+                    'PatchOptions.meta.k8s.io "" is invalid: fieldManager: '
+                    "Required value: is required for apply patch",
+                )
             created = obj_path not in self.objects
             return self._json(201 if created else 200, self.put(obj_path, body))
         if method == "DELETE" and not collection:
             found = self.objects.pop(obj_path, None)
-            return self._json(200, found) if found else self._status(404, "NotFound", f'{plural} "{name}" not found')
+            return (
+                self._json(200, found)
+                if found
+                else self._status(404, "NotFound", f'{plural} "{name}" not found')
+            )
         if method == "DELETE" and collection:
-            wanted = dict(term.split("=", 1) for term in request.query.get("labelSelector", "").split(",") if term)
-            gone = [p for p, o in self.objects.items() if p.rsplit("/", 1)[0] == path
-                    and wanted.items() <= (o["metadata"].get("labels") or {}).items()]
+            wanted = dict(
+                term.split("=", 1) for term in request.query.get("labelSelector", "").split(",") if term
+            )
+            gone = [
+                p
+                for p, o in self.objects.items()
+                if p.rsplit("/", 1)[0] == path
+                and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+            ]
             return self._json(200, {"kind": "List", "items": [self.objects.pop(p) for p in gone]})
         return self._status(405, "MethodNotAllowed", f"{method} {path}")
 
@@ -154,6 +205,7 @@ def start_apiserver() -> Iterator[Callable[..., FakeApiServer]]:
     `ssl_context`), in a thread with its own event loop (tests drive clients with asyncio.run);
     stopped at teardown."""
     with ExitStack() as stack:
+
         def start(token: str | None = None, ssl_context: Any = None) -> FakeApiServer:
             return stack.enter_context(_serving(FakeApiServer(token=token), ssl_context))
 

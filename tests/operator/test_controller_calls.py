@@ -38,10 +38,18 @@ def api_for(server) -> KubeApi:
 
 
 def trainjob_body(num_nodes: int = 2, resource_version: str = "1") -> dict[str, Any]:
-    return {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob",
-            "metadata": {"name": "llama", "namespace": NS, "uid": "uid-1", "generation": 1,
-                         "resourceVersion": resource_version},
-            "spec": spec_dict(numNodes=num_nodes)}
+    return {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {
+            "name": "llama",
+            "namespace": NS,
+            "uid": "uid-1",
+            "generation": 1,
+            "resourceVersion": resource_version,
+        },
+        "spec": spec_dict(numNodes=num_nodes),
+    }
 
 
 # --- TrainJob -------------------------------------------------------------------------------------
@@ -50,8 +58,9 @@ def trainjob_body(num_nodes: int = 2, resource_version: str = "1") -> dict[str, 
 def test_trainjob_creates_the_gang_once(apiserver) -> None:
     job = trainjob_body()
     spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(),
-                               pods=(), now=T0))
+    decision = decide(
+        Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
+    )
     assert decision.create_ranks == (0, 1)
 
     async def act_twice() -> None:
@@ -63,22 +72,38 @@ def test_trainjob_creates_the_gang_once(apiserver) -> None:
             await api.close()
 
     asyncio.run(act_twice())
-    assert sorted(apiserver.objects) == [f"{CORE}/configmaps/{tj_build.config_map_name('llama')}",
-                                         f"{CORE}/pods/llama-0", f"{CORE}/pods/llama-1", f"{CORE}/services/llama"]
-    assert set(apiserver.calls()) == {("POST", f"{CORE}/pods"), ("PATCH", f"{CORE}/services/llama"),
-                                      ("PATCH", f"{CORE}/configmaps/llama-config")}
+    assert sorted(apiserver.objects) == [
+        f"{CORE}/configmaps/{tj_build.config_map_name('llama')}",
+        f"{CORE}/pods/llama-0",
+        f"{CORE}/pods/llama-1",
+        f"{CORE}/services/llama",
+    ]
+    assert set(apiserver.calls()) == {
+        ("POST", f"{CORE}/pods"),
+        ("PATCH", f"{CORE}/services/llama"),
+        ("PATCH", f"{CORE}/configmaps/llama-config"),
+    }
     assert len(apiserver.requests) == 8  # 2 applies + 2 pod creates, then the same with 2 x 409 AlreadyExists
 
 
 def test_trainjob_gang_start_rewrites_an_outdated_config_map(apiserver) -> None:
     """D1: a ConfigMap left by an older spec (or a person) is brought to this spec before the pods."""
     path = f"{CORE}/configmaps/llama-config"
-    apiserver.put(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "llama-config", "namespace": NS},
-                         "data": {"train.json": '{"model": "/models/old"}'}})
+    apiserver.put(
+        path,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "llama-config", "namespace": NS},
+            "data": {"train.json": '{"model": "/models/old"}'},
+        },
+    )
     job = trainjob_body()
     job["spec"]["model"] = "/models/new"
     spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(Observed(name="llama", generation=2, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+    decision = decide(
+        Observed(name="llama", generation=2, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
+    )
 
     async def act() -> None:
         api = api_for(apiserver)
@@ -94,11 +119,17 @@ def test_trainjob_gang_start_rewrites_an_outdated_config_map(apiserver) -> None:
 
 def test_trainjob_refused_pod_is_reported_not_raised_as_an_api_error(apiserver) -> None:
     """D6: a 403 on pod creation (missing ServiceAccount) is a PodRefused naming the pod."""
-    apiserver.fail[("POST", f"{CORE}/pods")] = (403, "Forbidden", 'pods "llama-0" is forbidden: error looking up '
-                                                "service account team-a/trainer: serviceaccount \"trainer\" not found")
+    apiserver.fail[("POST", f"{CORE}/pods")] = (
+        403,
+        "Forbidden",
+        'pods "llama-0" is forbidden: error looking up '
+        'service account team-a/trainer: serviceaccount "trainer" not found',
+    )
     job = trainjob_body()
     spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0))
+    decision = decide(
+        Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
+    )
 
     async def act() -> None:
         api = api_for(apiserver)
@@ -118,8 +149,9 @@ def test_trainjob_deletes_pods_gracefully_or_at_once(apiserver) -> None:
         apiserver.put(f"{CORE}/pods/{name}", {"metadata": {"name": name, "namespace": NS}})
     job = trainjob_body()
     spec = TrainJobSpec.model_validate(job["spec"])
-    decision = Decision(status=TrainJobStatus(), delete_pods=("llama-0", "gone"),
-                        force_delete_pods=("llama-1",))
+    decision = Decision(
+        status=TrainJobStatus(), delete_pods=("llama-0", "gone"), force_delete_pods=("llama-1",)
+    )
 
     async def act() -> None:
         api = api_for(apiserver)
@@ -137,8 +169,10 @@ def test_trainjob_deletes_pods_gracefully_or_at_once(apiserver) -> None:
 def test_trainjob_delete_children_and_job(apiserver) -> None:
     labels = {"lmforge.dev/job-name": "llama", "lmforge.dev/kind": "TrainJob"}
     apiserver.put(f"{CORE}/pods/llama-0", {"metadata": {"name": "llama-0", "labels": labels}})
-    apiserver.put(f"{CORE}/pods/other-0", {"metadata": {"name": "other-0",
-                                                        "labels": {**labels, "lmforge.dev/job-name": "other"}}})
+    apiserver.put(
+        f"{CORE}/pods/other-0",
+        {"metadata": {"name": "other-0", "labels": {**labels, "lmforge.dev/job-name": "other"}}},
+    )
     apiserver.put(f"{CORE}/services/llama", {"metadata": {"name": "llama"}})
     apiserver.put(f"{LMFORGE}/trainjobs/llama", trainjob_body())
     job = trainjob_body()
@@ -147,17 +181,22 @@ def test_trainjob_delete_children_and_job(apiserver) -> None:
     async def act() -> None:
         api = api_for(apiserver)
         try:
-            await trainjob._act(api, tj_build.BuildConfig(), job, spec,
-                                Decision(status=TrainJobStatus(), delete_job=True))
-            await trainjob.delete_children(api, NS, "llama")  # kopf's delete handler after it: all gone already
+            await trainjob._act(
+                api, tj_build.BuildConfig(), job, spec, Decision(status=TrainJobStatus(), delete_job=True)
+            )
+            await trainjob.delete_children(
+                api, NS, "llama"
+            )  # kopf's delete handler after it: all gone already
         finally:
             await api.close()
 
     asyncio.run(act())
     assert list(apiserver.objects) == [f"{CORE}/pods/other-0"]
     collection = next(r for r in apiserver.requests if r.path == f"{CORE}/pods")
-    assert (collection.method, collection.query) == ("DELETE", {
-        "labelSelector": "lmforge.dev/job-name=llama,lmforge.dev/kind=TrainJob"})
+    assert (collection.method, collection.query) == (
+        "DELETE",
+        {"labelSelector": "lmforge.dev/job-name=llama,lmforge.dev/kind=TrainJob"},
+    )
 
 
 @pytest.mark.parametrize("stored", [True, False], ids=["stale-view-409", "deleted-404"])
@@ -191,9 +230,12 @@ def test_trainjob_status_write_on_a_stale_view(apiserver, stored: bool) -> None:
 
 
 def isvc_body(**spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "lmforge.dev/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": "chat", "namespace": NS, "uid": "uid-1", "generation": 2},
-            "spec": {"model": {"source": "pvc://models/llama/merged"}, **spec}}
+    return {
+        "apiVersion": "lmforge.dev/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "chat", "namespace": NS, "uid": "uid-1", "generation": 2},
+        "spec": {"model": {"source": "pvc://models/llama/merged"}, **spec},
+    }
 
 
 def apply_isvc(server, body: dict[str, Any]) -> tuple[kopf.Patch, inferenceservice.Runtime]:
@@ -204,8 +246,18 @@ def apply_isvc(server, body: dict[str, Any]) -> tuple[kopf.Patch, inferenceservi
 
     async def handler() -> None:
         try:
-            await inferenceservice.apply(body=body, meta=body["metadata"], namespace=NS, name="chat", uid="uid-1",
-                                         reason="resume", diff=(), patch=patch, memo=memo, logger=LOG)
+            await inferenceservice.apply(
+                body=body,
+                meta=body["metadata"],
+                namespace=NS,
+                name="chat",
+                uid="uid-1",
+                reason="resume",
+                diff=(),
+                patch=patch,
+                memo=memo,
+                logger=LOG,
+            )
         finally:
             await runtime.api.close()
 
@@ -215,12 +267,18 @@ def apply_isvc(server, body: dict[str, Any]) -> tuple[kopf.Patch, inferenceservi
 
 def test_inferenceservice_applies_its_objects(apiserver) -> None:
     patch, runtime = apply_isvc(apiserver, isvc_body(replicas=1))
-    assert apiserver.calls() == [("GET", f"{APPS}/deployments/chat"), ("PATCH", f"{APPS}/deployments/chat"),
-                                 ("PATCH", f"{CORE}/services/chat"),
-                                 ("DELETE", f"{POLICY}/poddisruptionbudgets/chat")]  # one replica: no PDB
+    assert apiserver.calls() == [
+        ("GET", f"{APPS}/deployments/chat"),
+        ("PATCH", f"{APPS}/deployments/chat"),
+        ("PATCH", f"{CORE}/services/chat"),
+        ("DELETE", f"{POLICY}/poddisruptionbudgets/chat"),
+    ]  # one replica: no PDB
     applies = [r for r in apiserver.requests if r.method == "PATCH"]
-    assert all(r.content_type == "application/apply-patch+yaml" and
-               r.query == {"fieldManager": "lmforge-operator", "force": "true"} for r in applies)
+    assert all(
+        r.content_type == "application/apply-patch+yaml"
+        and r.query == {"fieldManager": "lmforge-operator", "force": "true"}
+        for r in applies
+    )
     assert patch.status["observedGeneration"] == 2 and patch.status["selector"]
     assert runtime.handles[(NS, "chat")].applied_generation == 2
 
@@ -232,9 +290,15 @@ def test_inferenceservice_applies_its_objects(apiserver) -> None:
 
 def test_inferenceservice_keeps_the_autoscaled_size(apiserver) -> None:
     """With autoscaling, a re-apply keeps the size the autoscaler set (read from the Deployment)."""
-    apiserver.put(f"{APPS}/deployments/chat", {"apiVersion": "apps/v1", "kind": "Deployment",
-                                               "metadata": {"name": "chat", "namespace": NS},
-                                               "spec": {"replicas": 4}})
+    apiserver.put(
+        f"{APPS}/deployments/chat",
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "chat", "namespace": NS},
+            "spec": {"replicas": 4},
+        },
+    )
     apply_isvc(apiserver, isvc_body(autoscaling={"minReplicas": 1, "maxReplicas": 6}))
     assert apiserver.objects[f"{APPS}/deployments/chat"]["spec"]["replicas"] == 4
 
@@ -271,10 +335,18 @@ def kubeconfig_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     def point_at(server) -> None:
         path = tmp_path / "kubeconfig"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "clusters": [{"name": "c", "cluster": {"server": server.url}}], "users": [{"name": "u", "user": {}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "c",
+                    "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+                    "users": [{"name": "u", "user": {}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                }
+            )
+        )
         monkeypatch.setenv("KUBECONFIG", str(path))
 
     return point_at
@@ -289,10 +361,14 @@ def test_peering_object_cluster_wide(apiserver, kubeconfig_for) -> None:
 
 def test_peering_objects_per_namespace(apiserver, kubeconfig_for) -> None:
     kubeconfig_for(apiserver)
-    apiserver.put("/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge", {"metadata": {"name": "lmforge"}})
+    apiserver.put(
+        "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge", {"metadata": {"name": "lmforge"}}
+    )
     asyncio.run(main.ensure_peering_object(main.OperatorOptions(namespaces=("team-a", "team-b"))))
-    assert sorted(apiserver.objects) == ["/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge",
-                                         "/apis/kopf.dev/v1/namespaces/team-b/kopfpeerings/lmforge"]
+    assert sorted(apiserver.objects) == [
+        "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/lmforge",
+        "/apis/kopf.dev/v1/namespaces/team-b/kopfpeerings/lmforge",
+    ]
 
 
 def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, kubeconfig_for, caplog) -> None:
@@ -300,8 +376,11 @@ def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, ku
     the namespaces that work are set up, the others come back for a retry."""
     kubeconfig_for(apiserver)
     apiserver.fail[("POST", "/apis/kopf.dev/v1/namespaces/gone/kopfpeerings")] = (
-        403, "Forbidden", 'kopfpeerings "lmforge" is forbidden: unable to create new content in namespace gone '
-        "because it is being terminated")
+        403,
+        "Forbidden",
+        'kopfpeerings "lmforge" is forbidden: unable to create new content in namespace gone '
+        "because it is being terminated",
+    )
     with caplog.at_level(logging.WARNING, logger="lmforge.operator"):
         failed = asyncio.run(main.ensure_peering_object(main.OperatorOptions(namespaces=("gone", "team-a"))))
     assert [body["metadata"]["namespace"] for body in failed] == ["gone"]
@@ -326,9 +405,17 @@ def test_inferenceservice_timer_puts_back_an_edited_deployment(apiserver, monkey
     async def timer() -> None:
         try:
             body = isvc_body(replicas=2)
-            await inferenceservice.observe(body=body, meta=body["metadata"], namespace=NS, name="chat",
-                                           patch=kopf.Patch(), memo=memo_of(runtime), logger=LOG,
-                                           inferenceservice_pods={}, inferenceservice_deployments={(NS, "chat"): [view]})
+            await inferenceservice.observe(
+                body=body,
+                meta=body["metadata"],
+                namespace=NS,
+                name="chat",
+                patch=kopf.Patch(),
+                memo=memo_of(runtime),
+                logger=LOG,
+                inferenceservice_pods={},
+                inferenceservice_deployments={(NS, "chat"): [view]},
+            )
         finally:
             await runtime.api.close()
 
@@ -350,17 +437,27 @@ def test_trainjob_refusal_event_only_after_its_status_write(apiserver, monkeypat
     stored = apiserver.put(path, trainjob_body())  # newer than the view the daemon holds
     posted: list[str] = []
     monkeypatch.setattr(trainjob.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
-    runtime = trainjob.Runtime(cfg=tj_build.BuildConfig(service_account="trainer"),
-                               api_factory=lambda: api_for(apiserver))
+    runtime = trainjob.Runtime(
+        cfg=tj_build.BuildConfig(service_account="trainer"), api_factory=lambda: api_for(apiserver)
+    )
     handle = runtime.handle(NS, "llama")
-    error = ApiError(403, "Forbidden", json.dumps({"message": 'pods "llama-0" is forbidden: error looking up service '
-                                                   'account team-a/trainer: serviceaccount "trainer" not found'}))
+    error = ApiError(
+        403,
+        "Forbidden",
+        json.dumps(
+            {
+                "message": 'pods "llama-0" is forbidden: error looking up service '
+                'account team-a/trainer: serviceaccount "trainer" not found'
+            }
+        ),
+    )
 
     async def refuse_twice() -> None:
         try:
             for _ in range(2):
-                await trainjob._record_refusal(runtime, handle, trainjob_body(), 1,
-                                               trainjob.PodRefused("llama-0", error), LOG)
+                await trainjob._record_refusal(
+                    runtime, handle, trainjob_body(), 1, trainjob.PodRefused("llama-0", error), LOG
+                )
         finally:
             await runtime.api.close()
 

@@ -39,8 +39,14 @@ class Inner(ApiModel):
 class Sample(ApiModel):
     """Sample docstring."""
 
-    __rules__ = (Rule(cel="self.low <= self.high", message="low must not exceed high", check=lambda s: True,
-                      field_path=".low"),)
+    __rules__ = (
+        Rule(
+            cel="self.low <= self.high",
+            message="low must not exceed high",
+            check=lambda s: True,
+            field_path=".low",
+        ),
+    )
 
     mode: Literal["a", "b"] = "a"
     """The mode."""
@@ -59,26 +65,48 @@ class Sample(ApiModel):
 
 
 def test_structural_schema_of_a_sample_model() -> None:
-    inner = {"description": "Inner docstring.", "type": "object",
-             "properties": {"size": {"description": "How many.", "type": "integer", "default": 3, "minimum": 1}}}
+    inner = {
+        "description": "Inner docstring.",
+        "type": "object",
+        "properties": {"size": {"description": "How many.", "type": "integer", "default": 3, "minimum": 1}},
+    }
     assert structural(Sample) == {
         "description": "Sample docstring.",
         "type": "object",
         "properties": {
             "mode": {"description": "The mode.", "type": "string", "enum": ["a", "b"], "default": "a"},
-            "low": {"description": "Lower bound.", "type": "number", "default": 0.5, "minimum": 0,
-                    "exclusiveMinimum": True, "maximum": 1},
+            "low": {
+                "description": "Lower bound.",
+                "type": "number",
+                "default": 0.5,
+                "minimum": 0,
+                "exclusiveMinimum": True,
+                "maximum": 1,
+            },
             "high": {"description": "Upper bound.", "type": "number", "default": 1.0},
             "inner": {**inner, "description": "Always there.", "default": {}},
-            "maybe": {**inner, "description": "Optional object; the field's description wins over the docstring."},
-            "limits": {"description": "Quantities.", "type": "object", "additionalProperties": {
-                "pattern": structural(Sample)["properties"]["limits"]["additionalProperties"]["pattern"],
-                "anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}},
-            "extra": {"description": "Pass-through objects.", "type": "array",
-                      "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            "maybe": {
+                **inner,
+                "description": "Optional object; the field's description wins over the docstring.",
+            },
+            "limits": {
+                "description": "Quantities.",
+                "type": "object",
+                "additionalProperties": {
+                    "pattern": structural(Sample)["properties"]["limits"]["additionalProperties"]["pattern"],
+                    "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "x-kubernetes-int-or-string": True,
+                },
+            },
+            "extra": {
+                "description": "Pass-through objects.",
+                "type": "array",
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
         },
-        "x-kubernetes-validations": [{"fieldPath": ".low", "message": "low must not exceed high",
-                                      "rule": "self.low <= self.high"}],
+        "x-kubernetes-validations": [
+            {"fieldPath": ".low", "message": "low must not exceed high", "rule": "self.low <= self.high"}
+        ],
     }
 
 
@@ -126,24 +154,35 @@ def test_names_printer_columns_and_subresources() -> None:
         "InferenceService": ("inferenceservices", ["lmisvc"], ["lmforge"]),
         "QuantizeJob": ("quantizejobs", ["lmqj"], ["lmforge"]),
     }
-    columns = {kind: [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"] if "priority" not in c]
-               for kind, crd in crds.items()}
+    columns = {
+        kind: [
+            c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"] if "priority" not in c
+        ]
+        for kind, crd in crds.items()
+    }
     assert columns == {
         "TrainJob": ["Phase", "Nodes", "Progress", "Loss", "ETA", "Restarts", "Age"],
         "InferenceService": ["Phase", "Ready", "Replicas", "URL", "Age"],
         "QuantizeJob": ["Phase", "Method", "Size", "Age"],
     }
     subresources = {kind: crd["spec"]["versions"][0]["subresources"] for kind, crd in crds.items()}
-    assert subresources["InferenceService"] == {"status": {}, "scale": {
-        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
-        "labelSelectorPath": ".status.selector"}}
+    assert subresources["InferenceService"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
     assert subresources["TrainJob"] == subresources["QuantizeJob"] == {"status": {}}
 
 
 def test_kopf_peering_crds() -> None:
     docs = list(yaml.safe_load_all(render_all()["kopf-peering.yaml"]))
     assert [(d["metadata"]["name"], d["spec"]["scope"]) for d in docs] == [
-        ("clusterkopfpeerings.kopf.dev", "Cluster"), ("kopfpeerings.kopf.dev", "Namespaced")]
+        ("clusterkopfpeerings.kopf.dev", "Cluster"),
+        ("kopfpeerings.kopf.dev", "Namespaced"),
+    ]
     for doc in docs:
         status = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
         assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}

@@ -33,6 +33,7 @@ NS = "team-a"
 
 def run(api: KubeApi, calls: Callable[[KubeApi], Awaitable[Any]]) -> Any:
     """Run `calls(api)` in a fresh event loop and close the client's session afterwards."""
+
     async def main() -> Any:
         try:
             return await calls(api)
@@ -47,26 +48,37 @@ def client(server) -> KubeApi:
 
 
 def pod(name: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
-            "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }
 
 
 def deployment(name: str, replicas: int = 1) -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NS},
-            "spec": {"replicas": replicas}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"replicas": replicas},
+    }
 
 
 # --- paths ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("resource", "args", "want"), [
-    (PODS, (NS,), "/api/v1/namespaces/team-a/pods"),
-    (PODS, (NS, "p", "status"), "/api/v1/namespaces/team-a/pods/p/status"),
-    (DEPLOYMENTS, (NS, "d", "scale"), "/apis/apps/v1/namespaces/team-a/deployments/d/scale"),
-    (JOBS, (NS, "j"), "/apis/batch/v1/namespaces/team-a/jobs/j"),
-    (TRAINJOBS, (NS, "t", "status"), "/apis/lmforge.dev/v1alpha1/namespaces/team-a/trainjobs/t/status"),
-    (CLUSTER_KOPF_PEERINGS, (None, "lmforge"), "/apis/kopf.dev/v1/clusterkopfpeerings/lmforge"),
-])
+@pytest.mark.parametrize(
+    ("resource", "args", "want"),
+    [
+        (PODS, (NS,), "/api/v1/namespaces/team-a/pods"),
+        (PODS, (NS, "p", "status"), "/api/v1/namespaces/team-a/pods/p/status"),
+        (DEPLOYMENTS, (NS, "d", "scale"), "/apis/apps/v1/namespaces/team-a/deployments/d/scale"),
+        (JOBS, (NS, "j"), "/apis/batch/v1/namespaces/team-a/jobs/j"),
+        (TRAINJOBS, (NS, "t", "status"), "/apis/lmforge.dev/v1alpha1/namespaces/team-a/trainjobs/t/status"),
+        (CLUSTER_KOPF_PEERINGS, (None, "lmforge"), "/apis/kopf.dev/v1/clusterkopfpeerings/lmforge"),
+    ],
+)
 def test_resource_paths(resource: Resource, args: tuple, want: str) -> None:
     assert resource.path(*args) == want
 
@@ -80,9 +92,11 @@ def test_every_kind_the_builders_make_has_a_resource() -> None:
     from lmforge.operator.builders import inferenceservice as isvc
     from lmforge.operator.builders import quantizejob, trainjob
 
-    for module, kinds in ((trainjob, ("Pod", "Service", "ConfigMap")), (isvc, ("Deployment", "Service",
-                                                                               "PodDisruptionBudget")),
-                          (quantizejob, ("Job", "InferenceService"))):
+    for module, kinds in (
+        (trainjob, ("Pod", "Service", "ConfigMap")),
+        (isvc, ("Deployment", "Service", "PodDisruptionBudget")),
+        (quantizejob, ("Job", "InferenceService")),
+    ):
         source = Path(module.__file__).read_text()
         for kind in kinds:
             assert f'"{kind}"' in source, (module.__name__, kind)
@@ -96,8 +110,13 @@ def test_no_controller_uses_the_official_client() -> None:
     files = [*sorted((OPERATOR_DIR / "controllers").glob("*.py")), OPERATOR_DIR / "main.py"]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n == "kubernetes" or n.startswith("kubernetes.") for n in names), path.name
 
 
@@ -140,8 +159,15 @@ def test_apply_is_server_side_apply_with_force(apiserver) -> None:
 
 def test_replace_status_is_optimistic(apiserver) -> None:
     path = f"/apis/lmforge.dev/v1alpha1/namespaces/{NS}/trainjobs/llama"
-    job = apiserver.put(path, {"apiVersion": "lmforge.dev/v1alpha1", "kind": "TrainJob",
-                               "metadata": {"name": "llama", "namespace": NS}, "spec": {}})
+    job = apiserver.put(
+        path,
+        {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "TrainJob",
+            "metadata": {"name": "llama", "namespace": NS},
+            "spec": {},
+        },
+    )
 
     async def calls(api: KubeApi) -> tuple:
         written = await api.replace_status({**job, "status": {"phase": "Pending"}})
@@ -172,8 +198,11 @@ def test_scale_patches_the_scale_subresource(apiserver) -> None:
 
     missing = run(client(apiserver), calls)
     request = apiserver.requests[0]
-    assert (request.method, request.path, request.query) == ("PATCH", path + "/scale",
-                                                             {"fieldManager": "lmforge-autoscaler"})
+    assert (request.method, request.path, request.query) == (
+        "PATCH",
+        path + "/scale",
+        {"fieldManager": "lmforge-autoscaler"},
+    )
     assert request.content_type == "application/merge-patch+json"
     assert request.body == {"spec": {"replicas": 5}}
     assert apiserver.objects[path]["spec"]["replicas"] == 5
@@ -209,8 +238,16 @@ def test_delete_collection_by_label(apiserver) -> None:
 
 def test_errors_carry_status_and_message(apiserver) -> None:
     path = f"/apis/batch/v1/namespaces/{NS}/jobs"
-    apiserver.fail[("POST", path)] = (422, "Invalid", 'Job.batch "q" is invalid: spec.template.spec.volumes[0].name')
-    apiserver.fail[("GET", f"{path}/q")] = (403, "Forbidden", 'jobs.batch "q" is forbidden: User "x" cannot get')
+    apiserver.fail[("POST", path)] = (
+        422,
+        "Invalid",
+        'Job.batch "q" is invalid: spec.template.spec.volumes[0].name',
+    )
+    apiserver.fail[("GET", f"{path}/q")] = (
+        403,
+        "Forbidden",
+        'jobs.batch "q" is forbidden: User "x" cannot get',
+    )
 
     async def calls(api: KubeApi) -> tuple:
         job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "q", "namespace": NS}}
@@ -245,11 +282,18 @@ def write_kubeconfig(path: Path, server: str, user: dict[str, Any], ca: Path | N
     cluster: dict[str, Any] = {"server": server}
     if ca is not None:
         cluster["certificate-authority"] = str(ca)
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "c", "cluster": cluster}],
+                "users": [{"name": "u", "user": user}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            }
+        )
+    )
     return path
 
 
@@ -259,10 +303,13 @@ def outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
 
 
-def test_bearer_token_from_kubeconfig(outside_a_pod, start_apiserver, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bearer_token_from_kubeconfig(
+    outside_a_pod, start_apiserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = start_apiserver(token="s3cret")
-    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "config", server.url, {"token": "s3cret"})))
+    monkeypatch.setenv(
+        "KUBECONFIG", str(write_kubeconfig(tmp_path / "config", server.url, {"token": "s3cret"}))
+    )
     assert run(KubeApi.from_environment(), lambda a: a.get(PODS, NS, "p")) is None  # 404, not 401
     assert server.requests[0].authorization == "Bearer s3cret"
     with pytest.raises(ApiError) as refused:
@@ -270,8 +317,9 @@ def test_bearer_token_from_kubeconfig(outside_a_pod, start_apiserver, tmp_path: 
     assert refused.value.status == 401
 
 
-def test_client_certificate_and_ca_from_kubeconfig(outside_a_pod, start_apiserver, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_certificate_and_ca_from_kubeconfig(
+    outside_a_pod, start_apiserver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """TLS as the local cluster does it: its own CA, a serving cert for 127.0.0.1, the admin's
     client certificate (which the server requires)."""
     from lmforge.operator.localcluster.certs import CertError, ensure_pki
@@ -285,7 +333,9 @@ def test_client_certificate_and_ca_from_kubeconfig(outside_a_pod, start_apiserve
     context.verify_mode = ssl.CERT_REQUIRED
     server = start_apiserver(ssl_context=context)
     user = {"client-certificate": str(pki.client_cert("admin")), "client-key": str(pki.client_key("admin"))}
-    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "config", server.url, user, pki.ca_cert)))
+    monkeypatch.setenv(
+        "KUBECONFIG", str(write_kubeconfig(tmp_path / "config", server.url, user, pki.ca_cert))
+    )
 
     created = run(KubeApi.from_environment(), lambda a: a.create(pod("p0")))
     assert created["metadata"]["name"] == "p0"

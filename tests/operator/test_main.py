@@ -44,11 +44,18 @@ def test_peer_identity_is_the_pod_name() -> None:
 
 
 def test_higher_peers_are_the_live_ones_that_outrank_us() -> None:
-    peering = {"status": {
-        "old": {"priority": 5, "lifetime": 60, "lastseen": "2027-01-15T08:00:00+00:00"},  # outranks us, alive
-        "low": {"priority": 1, "lifetime": 60, "lastseen": "2027-01-15T08:00:00+00:00"},
-        "expired": {"priority": 9, "lifetime": 60, "lastseen": "2027-01-15T07:00:00+00:00"},
-        "me": {"priority": 9, "lifetime": 60, "lastseen": "2027-01-15T08:00:00+00:00"}}}
+    peering = {
+        "status": {
+            "old": {
+                "priority": 5,
+                "lifetime": 60,
+                "lastseen": "2027-01-15T08:00:00+00:00",
+            },  # outranks us, alive
+            "low": {"priority": 1, "lifetime": 60, "lastseen": "2027-01-15T08:00:00+00:00"},
+            "expired": {"priority": 9, "lifetime": 60, "lastseen": "2027-01-15T07:00:00+00:00"},
+            "me": {"priority": 9, "lifetime": 60, "lastseen": "2027-01-15T08:00:00+00:00"},
+        }
+    }
     now = datetime(2027, 1, 15, 8, 0, 20, tzinfo=UTC).timestamp()
     assert higher_peers(peering, priority=3, identity="me", now=now) == [("old", 5, 40.0)]
     assert higher_peers(None, priority=3, identity="me", now=now) == []

@@ -33,31 +33,54 @@ vllm:e2e_request_latency_seconds_sum{model_name="chat"} 2.5
 """
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    pytest.param(VLLM_TEXT, PodSample(waiting=5.0, running=7.0, kv_cache=0.42), id="lmforge-serve"),
-    pytest.param('vllm:gpu_cache_usage_perc{model_name="m"} 0.5\nvllm:num_requests_waiting 1\n',
-                 PodSample(waiting=1.0, kv_cache=0.5), id="older-vllm-kv-name"),
-    pytest.param('vllm:kv_cache_usage_perc 0.25\nvllm:gpu_cache_usage_perc 0.9\n', PodSample(kv_cache=0.25),
-                 id="new-name-preferred"),
-])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        pytest.param(VLLM_TEXT, PodSample(waiting=5.0, running=7.0, kv_cache=0.42), id="lmforge-serve"),
+        pytest.param(
+            'vllm:gpu_cache_usage_perc{model_name="m"} 0.5\nvllm:num_requests_waiting 1\n',
+            PodSample(waiting=1.0, kv_cache=0.5),
+            id="older-vllm-kv-name",
+        ),
+        pytest.param(
+            "vllm:kv_cache_usage_perc 0.25\nvllm:gpu_cache_usage_perc 0.9\n",
+            PodSample(kv_cache=0.25),
+            id="new-name-preferred",
+        ),
+    ],
+)
 def test_parse(text: str, want: PodSample) -> None:
     assert parse(text) == want
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param("process_cpu_seconds_total 3\n", id="no-engine-gauges"),
-    pytest.param("<html>not metrics</html>", id="not-prometheus"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("process_cpu_seconds_total 3\n", id="no-engine-gauges"),
+        pytest.param("<html>not metrics</html>", id="not-prometheus"),
+    ],
+)
 def test_parse_rejects(text: str) -> None:
     with pytest.raises(MetricsError):
         parse(text)
 
 
 def test_metrics_url() -> None:
-    assert metrics_url(None, pod="p", ip="10.0.0.3", namespace="ns", name="chat") == "http://10.0.0.3:8000/metrics"
+    assert (
+        metrics_url(None, pod="p", ip="10.0.0.3", namespace="ns", name="chat")
+        == "http://10.0.0.3:8000/metrics"
+    )
     assert metrics_url(None, pod="p", ip=None, namespace="ns", name="chat") is None
-    assert metrics_url("http://127.0.0.1:9/m?pod={pod}&ns={namespace}&isvc={name}&x={other}", pod="p", ip=None,
-                       namespace="ns", name="chat") == "http://127.0.0.1:9/m?pod=p&ns=ns&isvc=chat&x={other}"
+    assert (
+        metrics_url(
+            "http://127.0.0.1:9/m?pod={pod}&ns={namespace}&isvc={name}&x={other}",
+            pod="p",
+            ip=None,
+            namespace="ns",
+            name="chat",
+        )
+        == "http://127.0.0.1:9/m?pod=p&ns=ns&isvc=chat&x={other}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +113,12 @@ def server() -> Iterator[str]:
 
 
 def test_scrape_many_pods_some_failing(server: str) -> None:
-    urls = {"a": f"{server}/good", "b": f"{server}/bad", "c": f"{server}/good-slow", "d": "http://127.0.0.1:1/x"}
+    urls = {
+        "a": f"{server}/good",
+        "b": f"{server}/bad",
+        "c": f"{server}/good-slow",
+        "d": "http://127.0.0.1:1/x",
+    }
     got = asyncio.run(scrape(urls, timeout=0.3))
     assert got == {"a": PodSample(waiting=5.0, running=7.0, kv_cache=0.42), "b": None, "c": None, "d": None}
     assert asyncio.run(scrape({})) == {}

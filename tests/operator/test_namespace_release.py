@@ -21,21 +21,33 @@ def obj(name: str, deleted: bool, finalizers: list[str]) -> dict:
 
 
 def test_terminating_keeps_only_watched_namespaces() -> None:
-    items = [{"metadata": {"name": "a", "deletionTimestamp": DELETED}}, {"metadata": {"name": "b"}},
-             {"metadata": {"name": "c", "deletionTimestamp": DELETED}}]
+    items = [
+        {"metadata": {"name": "a", "deletionTimestamp": DELETED}},
+        {"metadata": {"name": "b"}},
+        {"metadata": {"name": "c", "deletionTimestamp": DELETED}},
+    ]
     assert namespace_release.terminating(items, ()) == ["a", "c"]  # cluster-wide: all of them
     assert namespace_release.terminating(items, ("c", "x")) == ["c"]
 
 
 def test_releases_only_deleted_objects_with_our_finalizer_and_keeps_the_others() -> None:
-    objects = [{**obj("gone", True, [FINALIZER, "other/keep"]), "metadata": {
-                    **obj("gone", True, [FINALIZER, "other/keep"])["metadata"], "resourceVersion": "7"}},
-               {**obj("alive", False, [FINALIZER]), "metadata": {**obj("alive", False, [FINALIZER])["metadata"],
-                                                                 "resourceVersion": "8"}},
-               {**obj("foreign", True, ["other/keep"]), "metadata": {**obj("foreign", True, ["other/keep"])["metadata"],
-                                                                     "resourceVersion": "9"}}]
+    objects = [
+        {
+            **obj("gone", True, [FINALIZER, "other/keep"]),
+            "metadata": {**obj("gone", True, [FINALIZER, "other/keep"])["metadata"], "resourceVersion": "7"},
+        },
+        {
+            **obj("alive", False, [FINALIZER]),
+            "metadata": {**obj("alive", False, [FINALIZER])["metadata"], "resourceVersion": "8"},
+        },
+        {
+            **obj("foreign", True, ["other/keep"]),
+            "metadata": {**obj("foreign", True, ["other/keep"])["metadata"], "resourceVersion": "9"},
+        },
+    ]
     assert namespace_release.releases(objects, FINALIZER) == [
-        ("gone", {"metadata": {"finalizers": ["other/keep"], "resourceVersion": "7"}})]
+        ("gone", {"metadata": {"finalizers": ["other/keep"], "resourceVersion": "7"}})
+    ]
 
 
 class Memo:
@@ -44,14 +56,25 @@ class Memo:
 
 
 def test_sweep_releases_the_finalizer_and_tells_the_controller(apiserver) -> None:
-    apiserver.put("/api/v1/namespaces/doomed", {"metadata": {"name": "doomed", "deletionTimestamp": DELETED},
-                                                "status": {"phase": "Terminating"}})
+    apiserver.put(
+        "/api/v1/namespaces/doomed",
+        {"metadata": {"name": "doomed", "deletionTimestamp": DELETED}, "status": {"phase": "Terminating"}},
+    )
     apiserver.put("/api/v1/namespaces/fine", {"metadata": {"name": "fine"}, "status": {"phase": "Active"}})
     job = "/apis/lmforge.dev/v1alpha1/namespaces/doomed/trainjobs/tj"
     apiserver.put(job, obj("tj", True, [FINALIZER]))
     untouched = "/apis/lmforge.dev/v1alpha1/namespaces/fine/trainjobs/tj"
-    apiserver.put(untouched, {"metadata": {"name": "tj", "namespace": "fine", "deletionTimestamp": DELETED,
-                                           "finalizers": [FINALIZER]}})
+    apiserver.put(
+        untouched,
+        {
+            "metadata": {
+                "name": "tj",
+                "namespace": "fine",
+                "deletionTimestamp": DELETED,
+                "finalizers": [FINALIZER],
+            }
+        },
+    )
     memo = Memo()
 
     async def sweep() -> list:
@@ -63,5 +86,7 @@ def test_sweep_releases_the_finalizer_and_tells_the_controller(apiserver) -> Non
 
     assert asyncio.run(sweep()) == [("doomed", "trainjobs", "tj")]
     assert apiserver.objects[job]["metadata"]["finalizers"] == []
-    assert apiserver.objects[untouched]["metadata"]["finalizers"] == [FINALIZER]  # kopf handles live namespaces
+    assert apiserver.objects[untouched]["metadata"]["finalizers"] == [
+        FINALIZER
+    ]  # kopf handles live namespaces
     assert memo.trainjob.released == {("doomed", "tj")}

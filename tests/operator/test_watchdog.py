@@ -22,8 +22,14 @@ from lmforge.operator.watchdog import (
 
 
 def judge(now: float = 100.0, **kw) -> Verdict:
-    args = {"kopf_running": True, "started": True, "last_beat": now - 1, "dead": (), "stop_requested_at": None,
-            "dead_since": None} | kw
+    args = {
+        "kopf_running": True,
+        "started": True,
+        "last_beat": now - 1,
+        "dead": (),
+        "stop_requested_at": None,
+        "dead_since": None,
+    } | kw
     return verdict(now, **args)
 
 
@@ -52,14 +58,28 @@ def test_kopf_ending_on_its_own_or_a_stuck_loop_exit_1() -> None:
     assert judge(now=100.0, last_beat=100.0 - STALE_BEAT_S).exit_code == 1
 
 
-@pytest.mark.parametrize(("task", "dead"), [
-    (TaskState("multidimensional multitasker", done=True, failed=True), True),
-    (TaskState("peering keep-alive for lmforge@team-a", done=True, failed=True), True),
-    (TaskState("namespace observer", done=True), True),  # eternal: finishing at all is death
-    (TaskState("peering keep-alive for lmforge@team-a", done=True, cancelled=True), False),  # namespace gone
-    (TaskState("multidimensional multitasker", done=False), False),
-    (TaskState("some handler", done=True, failed=True), False),
-], ids=["multitasker-failed", "keepalive-failed", "observer-ended", "keepalive-cancelled", "running", "not-eternal"])
+@pytest.mark.parametrize(
+    ("task", "dead"),
+    [
+        (TaskState("multidimensional multitasker", done=True, failed=True), True),
+        (TaskState("peering keep-alive for lmforge@team-a", done=True, failed=True), True),
+        (TaskState("namespace observer", done=True), True),  # eternal: finishing at all is death
+        (
+            TaskState("peering keep-alive for lmforge@team-a", done=True, cancelled=True),
+            False,
+        ),  # namespace gone
+        (TaskState("multidimensional multitasker", done=False), False),
+        (TaskState("some handler", done=True, failed=True), False),
+    ],
+    ids=[
+        "multitasker-failed",
+        "keepalive-failed",
+        "observer-ended",
+        "keepalive-cancelled",
+        "running",
+        "not-eternal",
+    ],
+)
 def test_dead_tasks(task: TaskState, dead: bool) -> None:
     assert bool(dead_tasks([task])) is dead
 

@@ -42,8 +42,15 @@ class FakeEngine:
     (last_prompt_token + j + k) % 50, text 'a'..'z' per token; finishes "length" at max_tokens.
     Records the thread of every call in `threads`."""
 
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 64,
-                 max_num_seqs: int = 4, step_delay_s: float = 0.0, vocab_size: int = 384) -> None:
+    def __init__(
+        self,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        max_model_len: int = 64,
+        max_num_seqs: int = 4,
+        step_delay_s: float = 0.0,
+        vocab_size: int = 384,
+    ) -> None:
         self.num_total_blocks = self.num_free_blocks = num_blocks
         self.block_size, self.max_model_len, self.max_num_seqs = block_size, max_model_len, max_num_seqs
         self.step_delay_s = step_delay_s
@@ -107,9 +114,13 @@ class FakeEngine:
                 self.running.remove(req)
                 self.num_free_blocks += req.num_blocks
             completions = [
-                CompletionOutput(index=j, text="".join(chr(97 + t % 26) for t in out), token_ids=out,
-                                 logprobs=[{t: -0.5} for t in out] if req.params.logprobs is not None else None,
-                                 finish_reason="length" if done else None)
+                CompletionOutput(
+                    index=j,
+                    text="".join(chr(97 + t % 26) for t in out),
+                    token_ids=out,
+                    logprobs=[{t: -0.5} for t in out] if req.params.logprobs is not None else None,
+                    finish_reason="length" if done else None,
+                )
                 for j, out in enumerate(req.outputs)
             ]
             results.append(RequestOutput(req.request_id, None, req.prompt_ids, completions, finished=done))
@@ -118,9 +129,11 @@ class FakeEngine:
     def get_stats(self) -> dict:
         self._touch()
         return {
-            "num_running": len(self.running), "num_waiting": len(self.waiting),
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
             "kv_cache_usage": 1 - self.num_free_blocks / self.num_total_blocks,
-            "num_free_blocks": self.num_free_blocks, "num_total_blocks": self.num_total_blocks,
+            "num_free_blocks": self.num_free_blocks,
+            "num_total_blocks": self.num_total_blocks,
             "generation_tokens_total": self.generation_tokens,
         }
 
@@ -189,8 +202,13 @@ class ServerProcess:
     def openai(self, **kwargs):
         import openai
 
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=self.api_key or "unused", max_retries=0,
-                             timeout=60, **kwargs)
+        return openai.OpenAI(
+            base_url=self.base_url + "/v1",
+            api_key=self.api_key or "unused",
+            max_retries=0,
+            timeout=60,
+            **kwargs,
+        )
 
     def wait_healthy(self, timeout_s: float = 120.0) -> None:
         import httpx
@@ -232,8 +250,14 @@ sys.exit(asyncio.run(serve_async(args, lambda: conftest.FakeEngine(**fake_kwargs
 """
 
 
-def start_server(model_dir: Path, log_dir: Path, *extra: str, api_key: str | None = None,
-                 wait: bool = True, fake_engine: dict | None = None) -> ServerProcess:
+def start_server(
+    model_dir: Path,
+    log_dir: Path,
+    *extra: str,
+    api_key: str | None = None,
+    wait: bool = True,
+    fake_engine: dict | None = None,
+) -> ServerProcess:
     """A `lmforge serve` process; with `fake_engine` (FakeEngine kwargs), one without torch."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
@@ -241,8 +265,22 @@ def start_server(model_dir: Path, log_dir: Path, *extra: str, api_key: str | Non
         launcher = [sys.executable, "-P", "-m", "lmforge.cli", "serve"]
     else:
         launcher = [sys.executable, "-P", "-c", _FAKE_SERVE, __file__, json.dumps(fake_engine)]
-    cmd = [*launcher, "--model", str(model_dir), "--port", str(port), "--served-model-name", "tiny",
-           "--device", "cpu", "--max-model-len", "256", "--log-level", "info", *extra]
+    cmd = [
+        *launcher,
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "256",
+        "--log-level",
+        "info",
+        *extra,
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -270,10 +308,12 @@ def server_factory(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..
     """Starts servers on the tiny model; stops whatever is still running at teardown."""
     started: list[ServerProcess] = []
 
-    def make(*extra: str, api_key: str | None = None, wait: bool = True,
-             fake_engine: dict | None = None) -> ServerProcess:
-        server = start_server(tiny_model_dir, tmp_path, *extra, api_key=api_key, wait=wait,
-                              fake_engine=fake_engine)
+    def make(
+        *extra: str, api_key: str | None = None, wait: bool = True, fake_engine: dict | None = None
+    ) -> ServerProcess:
+        server = start_server(
+            tiny_model_dir, tmp_path, *extra, api_key=api_key, wait=wait, fake_engine=fake_engine
+        )
         started.append(server)
         return server
 

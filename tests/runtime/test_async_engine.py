@@ -94,8 +94,10 @@ def test_closing_the_stream_aborts_and_frees_blocks(fake_engine_cls):
 
 def test_many_cancelled_requests_return_every_block(fake_engine_cls):
     async def body(llm: AsyncLLM):
-        tasks = [asyncio.ensure_future(collect(llm, [i % 7 + 1] * (i % 5 + 1), SamplingParams(max_tokens=30)))
-                 for i in range(200)]
+        tasks = [
+            asyncio.ensure_future(collect(llm, [i % 7 + 1] * (i % 5 + 1), SamplingParams(max_tokens=30)))
+            for i in range(200)
+        ]
         await asyncio.sleep(0.3)  # some finished, some mid-stream, most still waiting
         for task in tasks:
             task.cancel()

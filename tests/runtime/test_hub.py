@@ -53,7 +53,9 @@ def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, head: bool = False) -> None:
+        def _send(
+            self, status: int, body: bytes, headers: dict[str, str] | None = None, head: bool = False
+        ) -> None:
             self.send_response(status)
             for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
                 self.send_header(k, v)
@@ -62,8 +64,12 @@ def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _not_found(self, head: bool) -> None:
-            self._send(404, b'{"error": "Repository not found"}',
-                       {"Content-Type": "application/json", "X-Error-Code": "RepoNotFound"}, head)
+            self._send(
+                404,
+                b'{"error": "Repository not found"}',
+                {"Content-Type": "application/json", "X-Error-Code": "RepoNotFound"},
+                head,
+            )
 
         def _serve(self, head: bool) -> None:
             path = self.path.split("?", 1)[0]
@@ -80,16 +86,26 @@ def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:
                 files = REPOS.get((m[1], m[2]))
                 if files is None:
                     return self._not_found(head)
-                tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for f, b in files.items()]
+                tree = [
+                    {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for f, b in files.items()
+                ]
                 return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
             if m := re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
                 files = REPOS.get(("datasets" if m[1] else "models", m[2]))
                 if files is None or m[3] not in files:
                     return self._not_found(head)
                 body = files[m[3]]
-                return self._send(200, body, {"X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
-                                              "Content-Type": "application/octet-stream"}, head)
+                return self._send(
+                    200,
+                    body,
+                    {
+                        "X-Repo-Commit": SHA,
+                        "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+                        "Content-Type": "application/octet-stream",
+                    },
+                    head,
+                )
             return self._not_found(head)
 
         def do_GET(self) -> None:  # noqa: N802
@@ -132,7 +148,9 @@ def test_model_snapshot_is_downloaded_into_hf_home(fake_hub: FakeHub, tmp_path: 
 def test_dataset_repo_keeps_only_jsonl(fake_hub: FakeHub) -> None:
     path = hub.resolve("hf://acme/chat", repo_type="dataset")
     assert "datasets--acme--chat" in str(path)
-    assert [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()] == ["data/train.jsonl"]
+    assert [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()] == [
+        "data/train.jsonl"
+    ]
     assert any(p.startswith("/datasets/acme/chat/resolve/") for _, p in fake_hub.requests)
 
 
@@ -171,8 +189,15 @@ def test_local_ranks_of_a_node_download_once(fake_hub: FakeHub) -> None:
     """Three processes (torchrun local ranks) resolve the same model at once: the cache lock lets one
     download, the others wait and get the same snapshot without fetching a file again."""
     code = "from lmforge.runtime import hub; print(hub.resolve('hf://acme/tiny'))"
-    procs = [subprocess.Popen([sys.executable, "-P", "-c", code], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "LOCAL_RANK": str(rank)}) for rank in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-P", "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "LOCAL_RANK": str(rank)},
+        )
+        for rank in range(3)
+    ]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert len(set(outputs)) == 1 and Path(outputs[0], "config.json").is_file()
@@ -195,12 +220,20 @@ def test_quantize_resolves_hf_model(fake_hub: FakeHub) -> None:
 
 
 def test_train_worker_exits_1_naming_the_uri_when_the_download_fails(
-        fake_hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lmforge.runtime.train import main
 
     config = tmp_path / "train.json"
-    config.write_text(json.dumps({"model": "hf://acme/missing", "dataset": {"source": "hf://acme/chat"},
-                                  "output": {"dir": str(tmp_path / "out")}}))
+    config.write_text(
+        json.dumps(
+            {
+                "model": "hf://acme/missing",
+                "dataset": {"source": "hf://acme/chat"},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
     assert main(["--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "lmforge train: download error: model: cannot download hf://acme/missing" in err

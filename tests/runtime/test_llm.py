@@ -14,8 +14,16 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2", "qwen2")
-    return LLM(path, dtype="float32", device="cpu", max_model_len=256, block_size=16, max_num_seqs=4,
-               max_num_batched_tokens=64, seed=0)
+    return LLM(
+        path,
+        dtype="float32",
+        device="cpu",
+        max_model_len=256,
+        block_size=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        seed=0,
+    )
 
 
 def test_prompt_forms_and_input_order(llm):
@@ -24,7 +32,11 @@ def test_prompt_forms_and_input_order(llm):
     text_out = llm.generate("Hello", params)
     ids = tok.encode("Hello")
     assert text_out[0].prompt == "Hello" and text_out[0].prompt_token_ids == ids
-    same = [llm.generate(ids, params), llm.generate([ids], params), llm.generate({"prompt_token_ids": ids}, params)]
+    same = [
+        llm.generate(ids, params),
+        llm.generate([ids], params),
+        llm.generate({"prompt_token_ids": ids}, params),
+    ]
     for outs in same:
         assert len(outs) == 1 and outs[0].outputs[0].token_ids == text_out[0].outputs[0].token_ids
     # several prompts with different lengths and budgets: outputs come back in input order
@@ -45,7 +57,9 @@ def test_chat_applies_the_template(llm):
     assert out.prompt == "<s><|user|>\nhi</s>\n<|assistant|>\n"
     assert out.prompt_token_ids == tok.encode(out.prompt, add_special_tokens=False)
     assert out.prompt_token_ids.count(tok.bos_token_id) == 1
-    two = llm.chat([messages, messages + [{"role": "assistant", "content": "yo"}]], SamplingParams(max_tokens=2))
+    two = llm.chat(
+        [messages, messages + [{"role": "assistant", "content": "yo"}]], SamplingParams(max_tokens=2)
+    )
     assert len(two) == 2 and two[1].prompt.endswith("yo</s>\n<|assistant|>\n")
 
 

@@ -112,7 +112,9 @@ def assert_matches_hf(path: Path, prompts: list[list[int]], outputs) -> None:
         completion = out.outputs[0]
         assert len(completion.token_ids) == MAX_TOKENS and completion.finish_reason == "length"
         first_bad, worst = hf_mismatch(path, prompt, completion)
-        assert first_bad is None, f"{path.name}: prompt of {len(prompt)} tokens departs from HF at step {first_bad}"
+        assert first_bad is None, (
+            f"{path.name}: prompt of {len(prompt)} tokens departs from HF at step {first_bad}"
+        )
         assert worst < LOGPROB_ATOL, f"{path.name}: logprob error {worst:.2e}"
 
 
@@ -129,8 +131,19 @@ def test_greedy_and_logprobs_match_hf(checkpoints, arch):
 
 
 # one family per norm kind / block layout / attention variant
-SCENARIO_ARCHS = ["llama31", "qwen3", "gemma2", "gemma3", "phi", "gpt_neox", "olmo2", "stablelm_qknorm", "cohere",
-                  "glm4", "mistral_window"]
+SCENARIO_ARCHS = [
+    "llama31",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi",
+    "gpt_neox",
+    "olmo2",
+    "stablelm_qknorm",
+    "cohere",
+    "glm4",
+    "mistral_window",
+]
 
 
 @pytest.mark.parametrize("arch", SCENARIO_ARCHS)
@@ -143,7 +156,9 @@ def test_chunked_prefill_matches_hf(checkpoints, arch):
 @pytest.mark.parametrize("arch", SCENARIO_ARCHS)
 def test_preemption_matches_hf(checkpoints, arch):
     prompts = random_prompts([30, 45, 60, 20, 50], seed=3)
-    llm = make_llm(checkpoints[arch], max_model_len=128, num_blocks=10, block_size=16, enable_prefix_caching=False)
+    llm = make_llm(
+        checkpoints[arch], max_model_len=128, num_blocks=10, block_size=16, enable_prefix_caching=False
+    )
     outputs = llm.generate(prompts, PARAMS)
     assert llm.llm_engine.get_stats().num_preemptions > 0
     assert_matches_hf(checkpoints[arch], prompts, outputs)
@@ -200,6 +215,7 @@ def test_bf16_stays_near_hf(checkpoints, arch):
 
 # --- negative controls: serve the checkpoint with one key altered; the comparison must fail ------------
 
+
 def _altered(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
@@ -222,15 +238,21 @@ NEGATIVE_CONTROLS = {
     "partial-rotary-changed": ("phi", lambda c: c["rope_parameters"].update(partial_rotary_factor=1.0), True),
     "parallel-residual-off": ("gpt_neox", lambda c: c.update(use_parallel_residual=False), True),
     "clip-qkv-removed": ("olmo", lambda c: c.update(clip_qkv=None), True),
-    "local-rope-theta-changed": ("gemma3", lambda c: c["rope_parameters"]["sliding_attention"].update(
-        rope_theta=1_000_000.0), True),
+    "local-rope-theta-changed": (
+        "gemma3",
+        lambda c: c["rope_parameters"]["sliding_attention"].update(rope_theta=1_000_000.0),
+        True,
+    ),
     "longrope-removed": ("phi3_longrope", _drop_rope_scaling, True),
     "yarn-removed": ("qwen2_yarn", _drop_rope_scaling, True),
     "window-removed": ("mistral_window", lambda c: c.update(sliding_window=None), True),
     "alternating-windows-removed": ("gemma2", lambda c: c.update(layer_types=["full_attention"] * 2), True),
     "attn-softcap-removed": ("gemma2", lambda c: c.update(attn_logit_softcapping=None), True),
-    "qwen2-window-layers-changed": ("qwen2_window", lambda c: c.update(max_window_layers=0, layer_types=None),
-                                    True),
+    "qwen2-window-layers-changed": (
+        "qwen2_window",
+        lambda c: c.update(max_window_layers=0, layer_types=None),
+        True,
+    ),
 }
 
 
@@ -247,7 +269,9 @@ def test_negative_control_fails_the_comparison(checkpoints, tmp_path, control):
         assert_matches_hf(checkpoints[arch], prompts, outputs)
     assert max(worst for _, worst in results) > 100 * LOGPROB_ATOL
     if tokens_change:
-        assert any(first_bad is not None for first_bad, _ in results), f"{control}: greedy tokens still match HF"
+        assert any(first_bad is not None for first_bad, _ in results), (
+            f"{control}: greedy tokens still match HF"
+        )
 
 
 # --- prompt logprobs ---------------------------------------------------------------------------------
@@ -286,10 +310,17 @@ def assert_prompt_logprobs_match_hf(path: Path, prompt: list[int], out, k: int =
 @pytest.mark.parametrize("max_num_batched_tokens", [8192, 16], ids=["whole-prompts", "chunked-prefill"])
 def test_prompt_logprobs_match_hf(checkpoints, max_num_batched_tokens):
     prompts = random_prompts([2, 17, 40, 70], seed=6)
-    llm = LLM(checkpoints["llama31"], device="cpu", dtype="float32", max_model_len=256, num_blocks=64,
-              max_num_batched_tokens=max_num_batched_tokens)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True,
-                            prompt_logprobs=PROMPT_K)
+    llm = LLM(
+        checkpoints["llama31"],
+        device="cpu",
+        dtype="float32",
+        max_model_len=256,
+        num_blocks=64,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )
+    params = SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True, prompt_logprobs=PROMPT_K
+    )
     outputs = llm.generate(prompts, params)
     assert_matches_hf(checkpoints["llama31"], prompts, outputs)  # generation is untouched
     for prompt, out in zip(prompts, outputs, strict=True):
@@ -318,13 +349,26 @@ def test_prompt_logprobs_survive_preemption_mid_prefill(checkpoints):
     """A long prompt is preempted while its chunks are being scored, then re-admitted: the prefix
     cache may restore only what was scored, and nothing is scored twice."""
     path = checkpoints["llama"]
-    engine = LLM(path, device="cpu", dtype="float32", max_model_len=64, num_blocks=8, block_size=8,
-                 max_num_batched_tokens=4).llm_engine
+    engine = LLM(
+        path,
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        num_blocks=8,
+        block_size=8,
+        max_num_batched_tokens=4,
+    ).llm_engine
     prompt = random_prompts([40], seed=8)[0]
-    engine.add_request("decoder", random_prompts([17], seed=9)[0],
-                       SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
-    engine.add_request("scored", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True,
-                                                        prompt_logprobs=PROMPT_K))
+    engine.add_request(
+        "decoder",
+        random_prompts([17], seed=9)[0],
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    )
+    engine.add_request(
+        "scored",
+        prompt,
+        SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=PROMPT_K),
+    )
     final = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

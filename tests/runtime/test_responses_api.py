@@ -15,14 +15,19 @@ from lmforge.runtime.sampling_params import SamplingParams
 
 
 def test_items_become_chat_messages():
-    req = ResponsesRequest(instructions="Be brief.", input=[
-        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
-        {"type": "function_call", "call_id": "call_1", "name": "w", "arguments": "{}"},
-        {"type": "function_call", "call_id": "call_2", "name": "w", "arguments": '{"a": 1}'},
-        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+    req = ResponsesRequest(
+        instructions="Be brief.",
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "w", "arguments": "{}"},
+            {"type": "function_call", "call_id": "call_2", "name": "w", "arguments": '{"a": 1}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        ],
         tools=[{"type": "function", "name": "w", "parameters": {"type": "object"}}],
-        tool_choice={"type": "function", "name": "w"}, max_output_tokens=7,
-        text={"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}})
+        tool_choice={"type": "function", "name": "w"},
+        max_output_tokens=7,
+        text={"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}},
+    )
     chat = to_chat_request(req)
     assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool"]
     assert [c.id for c in chat.messages[2].tool_calls] == ["call_1", "call_2"]  # parallel calls: one turn
@@ -46,7 +51,14 @@ def test_engine_failure_mid_stream_is_an_error_event_then_response_failed():
 
     parsed = [json.loads(e.split("data: ", 1)[1]) for e in asyncio.run(events())]
     kinds = [e["type"] for e in parsed]
-    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", "response.output_text.delta", "error", "response.failed"]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "error",
+        "response.failed",
+    ]
     assert parsed[4]["delta"] == "Hel" and "boom" in parsed[5]["message"]
     assert parsed[-1]["response"]["status"] == "failed" and parsed[-1]["sequence_number"] == 6

@@ -118,7 +118,9 @@ def mismatches(path: Path, prompts: list[list[int]], outputs) -> list[str]:
         for step, (ours, ref) in enumerate(zip(completion.logprobs, ref_top5, strict=True)):
             for token_id, ref_lp in ref.items():
                 if token_id not in ours or abs(ours[token_id] - ref_lp) >= LOGPROB_ATOL:
-                    errors.append(f"prompt {i} step {step}: token {token_id} {ours.get(token_id)} vs HF {ref_lp}")
+                    errors.append(
+                        f"prompt {i} step {step}: token {token_id} {ours.get(token_id)} vs HF {ref_lp}"
+                    )
     return errors
 
 
@@ -141,11 +143,24 @@ def test_greedy_and_logprobs_match_hf_generate(checkpoints, kind):
 @pytest.mark.parametrize("kind", ["longrope", "dynamic"])
 def test_chunked_prefill_and_preemption_match_hf(checkpoints, kind):
     prompts = random_prompts(LENGTHS[kind], seed=2)
-    chunked = LLM(checkpoints[kind], device="cpu", dtype="float32", max_model_len=SERVED[kind], num_blocks=96,
-                  max_num_batched_tokens=16)  # long prompts split into chunks that sit below the threshold
+    chunked = LLM(
+        checkpoints[kind],
+        device="cpu",
+        dtype="float32",
+        max_model_len=SERVED[kind],
+        num_blocks=96,
+        max_num_batched_tokens=16,
+    )  # long prompts split into chunks that sit below the threshold
     assert mismatches(checkpoints[kind], prompts, chunked.generate(prompts, PARAMS)) == []
-    tight = LLM(checkpoints[kind], device="cpu", dtype="float32", max_model_len=80, num_blocks=12,
-                block_size=8, enable_prefix_caching=False)  # recomputed sequences keep their rotations
+    tight = LLM(
+        checkpoints[kind],
+        device="cpu",
+        dtype="float32",
+        max_model_len=80,
+        num_blocks=12,
+        block_size=8,
+        enable_prefix_caching=False,
+    )  # recomputed sequences keep their rotations
     outputs = tight.generate(prompts, PARAMS)
     assert tight.llm_engine.get_stats().num_preemptions > 0
     assert mismatches(checkpoints[kind], prompts, outputs) == []

@@ -26,8 +26,10 @@ def _model(tmp_path: Path, quantization_config: dict | None) -> Path:
     return tmp_path
 
 
-W4 = {"quant_method": "compressed-tensors",
-      "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}}}}
+W4 = {
+    "quant_method": "compressed-tensors",
+    "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}}},
+}
 
 
 @pytest.mark.parametrize(
@@ -73,8 +75,11 @@ def test_load_format_dummy_serves_a_shape_without_weights(tmp_path: Path) -> Non
 
     bare = tmp_path / "bare"
     shutil.copytree(save_tiny_model(tmp_path / "full"), bare, ignore=shutil.ignore_patterns("*.safetensors"))
-    engine = default_engine_factory(_args(bare, "--load-format", "dummy", "--device", "cpu", "--num-blocks", "32",
-                                          "--max-model-len", "64"))()
+    engine = default_engine_factory(
+        _args(
+            bare, "--load-format", "dummy", "--device", "cpu", "--num-blocks", "32", "--max-model-len", "64"
+        )
+    )()
     assert engine.args.load_format == "dummy"
     engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished_requests():
@@ -84,16 +89,37 @@ def test_load_format_dummy_serves_a_shape_without_weights(tmp_path: Path) -> Non
         _args(bare, "--load-format", "pt")
 
 
-@pytest.mark.parametrize(("flags", "problem"), [
-    pytest.param(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], None, id="auto-with-parser"),
-    pytest.param(["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser", id="no-parser"),
-    pytest.param(["--task", "embed", "--pooler-config", '{"pooling_type": "mean"}'], None, id="pooler-mean"),
-    pytest.param(["--pooler-config", '{"pooling_type": "MEAN"}'], "applies to --task embed only", id="pooler-no-embed"),
-    pytest.param(["--task", "embed", "--pooler-config", '{"pooling": "MEAN"}'], "unknown key(s) pooling",
-                 id="pooler-unknown-key"),
-    pytest.param(["--task", "embed", "--pooler-config", '{"pooling_type": "CLS"}'], "pooling_type must be one of",
-                 id="pooler-bad-type"),
-])
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        pytest.param(
+            ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], None, id="auto-with-parser"
+        ),
+        pytest.param(
+            ["--enable-auto-tool-choice"],
+            "--enable-auto-tool-choice needs --tool-call-parser",
+            id="no-parser",
+        ),
+        pytest.param(
+            ["--task", "embed", "--pooler-config", '{"pooling_type": "mean"}'], None, id="pooler-mean"
+        ),
+        pytest.param(
+            ["--pooler-config", '{"pooling_type": "MEAN"}'],
+            "applies to --task embed only",
+            id="pooler-no-embed",
+        ),
+        pytest.param(
+            ["--task", "embed", "--pooler-config", '{"pooling": "MEAN"}'],
+            "unknown key(s) pooling",
+            id="pooler-unknown-key",
+        ),
+        pytest.param(
+            ["--task", "embed", "--pooler-config", '{"pooling_type": "CLS"}'],
+            "pooling_type must be one of",
+            id="pooler-bad-type",
+        ),
+    ],
+)
 def test_tool_and_embedding_flags(tmp_path, flags, problem):
     result = unsupported_model_flags(_args(_model(tmp_path, None), *flags))
     assert result == problem if problem is None else problem in result

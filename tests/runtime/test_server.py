@@ -11,10 +11,18 @@ pytestmark = pytest.mark.slow  # a real server process (torch import + model loa
 
 GREEDY = dict(model="tiny", temperature=0, extra_body={"ignore_eos": True})
 METRIC_NAMES = [
-    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds",
-    "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds", "vllm:num_preemptions_total",
-    "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "lmforge:kv_cache_free_blocks",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:num_preemptions_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "lmforge:kv_cache_free_blocks",
 ]
 
 
@@ -37,13 +45,23 @@ def test_completion_usage_and_length(server, client):
     assert out.object == "text_completion" and out.model == "tiny" and len(out.choices) == 1
     assert out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
-        num_prompt, 7, num_prompt + 7)
+        num_prompt,
+        7,
+        num_prompt + 7,
+    )
 
 
 def test_streamed_completion_equals_non_streamed(client):
     full = client.completions.create(prompt="The quick brown fox", max_tokens=24, **GREEDY)
-    chunks = list(client.completions.create(prompt="The quick brown fox", max_tokens=24, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            prompt="The quick brown fox",
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     *body, last = chunks
@@ -52,12 +70,22 @@ def test_streamed_completion_equals_non_streamed(client):
 
 
 def test_streamed_chat_equals_non_streamed(client):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a KV cache?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a KV cache?"},
+    ]
     full = client.chat.completions.create(messages=messages, max_tokens=20, **GREEDY)
     assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
     assert full.usage.completion_tokens == 20
-    chunks = list(client.chat.completions.create(messages=messages, max_completion_tokens=20, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            messages=messages,
+            max_completion_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -68,8 +96,16 @@ def test_streamed_chat_equals_non_streamed(client):
 
 
 def test_n_samples_and_completion_logprobs(client):
-    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, n=2, logprobs=3, seed=7,
-                                    temperature=1.0, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny",
+        prompt="Hello",
+        max_tokens=6,
+        n=2,
+        logprobs=3,
+        seed=7,
+        temperature=1.0,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in out.choices) == [0, 1]
     assert out.usage.completion_tokens == 12
     for choice in out.choices:
@@ -81,8 +117,9 @@ def test_n_samples_and_completion_logprobs(client):
 
 
 def test_chat_logprobs_greedy_picks_the_top_token(client):
-    out = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                         logprobs=True, top_logprobs=2, **GREEDY)
+    out = client.chat.completions.create(
+        messages=[{"role": "user", "content": "hi"}], max_tokens=5, logprobs=True, top_logprobs=2, **GREEDY
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == 5
     for entry in content:
@@ -93,7 +130,7 @@ def test_chat_logprobs_greedy_picks_the_top_token(client):
 
 def _ascii_window(text: str) -> str | None:
     for start in range(3, len(text) - 2):
-        window = text[start:start + 2]
+        window = text[start : start + 2]
         if window.isascii() and window.strip() == window and window.isprintable():
             return window
     return None
@@ -103,10 +140,12 @@ def test_stop_string_truncates_streamed_and_not(client):
     base = client.completions.create(prompt="Hello world", max_tokens=30, **GREEDY).choices[0].text
     stop = _ascii_window(base)
     assert stop is not None, base
-    expected = base[:base.index(stop)]
+    expected = base[: base.index(stop)]
     out = client.completions.create(prompt="Hello world", max_tokens=30, stop=[stop], **GREEDY)
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(prompt="Hello world", max_tokens=30, stop=stop, stream=True, **GREEDY))
+    chunks = list(
+        client.completions.create(prompt="Hello world", max_tokens=30, stop=stop, stream=True, **GREEDY)
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -150,10 +189,14 @@ def test_echo_logprobs_score_the_prompt_as_lm_eval_asks(server, client, tiny_mod
     zero = client.completions.create(prompt=prompt, max_tokens=0, echo=True, logprobs=2, **GREEDY)
     choice = zero.choices[0]
     assert one.choices[0].text == choice.text + greedy_token  # the prompt alone
-    assert choice.logprobs.token_logprobs == lp.token_logprobs[:-1] and choice.logprobs.tokens == lp.tokens[:-1]
+    assert (
+        choice.logprobs.token_logprobs == lp.token_logprobs[:-1] and choice.logprobs.tokens == lp.tokens[:-1]
+    )
     assert choice.finish_reason == "length"
     assert (zero.usage.prompt_tokens, zero.usage.completion_tokens) == (len(prompt), 0)
-    vllm_field = choice.model_extra["prompt_logprobs"]  # vLLM's extra: {token id: {logprob, rank, decoded_token}}
+    vllm_field = choice.model_extra[
+        "prompt_logprobs"
+    ]  # vLLM's extra: {token id: {logprob, rank, decoded_token}}
     assert len(vllm_field) == len(prompt) and vllm_field[0] is None
     for token, logprob, entry in zip(prompt[1:], lp.token_logprobs[1:], vllm_field[1:], strict=False):
         assert entry[str(token)]["logprob"] == logprob and entry[str(token)]["rank"] >= 1
@@ -163,7 +206,9 @@ def test_echo_logprobs_score_the_prompt_as_lm_eval_asks(server, client, tiny_mod
     deadline = time.monotonic() + 30
     while server.metric("vllm:num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.metric("lmforge:kv_cache_free_blocks") == server.metric("lmforge:kv_cache_total_blocks") == 512
+    assert (
+        server.metric("lmforge:kv_cache_free_blocks") == server.metric("lmforge:kv_cache_total_blocks") == 512
+    )
 
 
 def test_streamed_echo_logprobs_equal_non_streamed(client):
@@ -177,21 +222,35 @@ def test_streamed_echo_logprobs_equal_non_streamed(client):
 
 def test_prompt_logprobs_extra_field_on_completions_and_chat(client):
     extra = {"ignore_eos": True, "prompt_logprobs": 2}
-    out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=2, temperature=0, extra_body=extra)
+    out = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=2, temperature=0, extra_body=extra
+    )
     plp = out.choices[0].model_extra["prompt_logprobs"]
     assert len(plp) == out.usage.prompt_tokens and plp[0] is None
     assert all(2 <= len(entry) <= 3 for entry in plp[1:])
     assert out.choices[0].logprobs is None  # no logprobs asked: only vLLM's field
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                          temperature=0, extra_body=extra)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        temperature=0,
+        extra_body=extra,
+    )
     plp = chat.model_extra["prompt_logprobs"]
     assert len(plp) == chat.usage.prompt_tokens and plp[0] is None
     assert all(e["decoded_token"] is not None for entry in plp[1:] for e in entry.values())
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kwargs = dict(model="tiny", prompt="Numbers:", max_tokens=10, temperature=1.0, top_p=0.9, seed=1234,
-                  extra_body={"top_k": 50, "min_p": 0.001, "ignore_eos": True})
+    kwargs = dict(
+        model="tiny",
+        prompt="Numbers:",
+        max_tokens=10,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        extra_body={"top_k": 50, "min_p": 0.001, "ignore_eos": True},
+    )
     first = client.completions.create(**kwargs).choices[0].text
     second = client.completions.create(**kwargs).choices[0].text
     assert first == second

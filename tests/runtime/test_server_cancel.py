@@ -23,7 +23,10 @@ def _wait_idle(server, timeout_s: float = 60.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         m = server.metrics()
-        if m['vllm:num_requests_running{model_name="tiny"}'] == 0 and m['vllm:num_requests_waiting{model_name="tiny"}'] == 0:
+        if (
+            m['vllm:num_requests_running{model_name="tiny"}'] == 0
+            and m['vllm:num_requests_waiting{model_name="tiny"}'] == 0
+        ):
             return m
         time.sleep(0.05)
     raise AssertionError(f"server not idle: {server.metrics()}")
@@ -53,7 +56,10 @@ async def _hang_up_mid_stream(client: httpx.AsyncClient, sem: asyncio.Semaphore,
 
 def test_1000_cancelled_streams_return_every_kv_block(server):
     before = _wait_idle(server)
-    free_key, total_key = 'lmforge:kv_cache_free_blocks{model_name="tiny"}', 'lmforge:kv_cache_total_blocks{model_name="tiny"}'
+    free_key, total_key = (
+        'lmforge:kv_cache_free_blocks{model_name="tiny"}',
+        'lmforge:kv_cache_total_blocks{model_name="tiny"}',
+    )
     assert before[free_key] == before[total_key] > 0
 
     async def main() -> list[int]:
@@ -69,8 +75,9 @@ def test_1000_cancelled_streams_return_every_kv_block(server):
 
     after = _wait_idle(server)
     assert after[free_key] == before[free_key], "KV blocks leaked by cancelled requests"
-    aborted = after.get('vllm:request_success_total{finished_reason="abort",model_name="tiny"}', 0.0) - before.get(
-        'vllm:request_success_total{finished_reason="abort",model_name="tiny"}', 0.0)
+    aborted = after.get(
+        'vllm:request_success_total{finished_reason="abort",model_name="tiny"}', 0.0
+    ) - before.get('vllm:request_success_total{finished_reason="abort",model_name="tiny"}', 0.0)
     assert aborted >= 0.9 * NUM_REQUESTS, f"only {aborted} aborted: the clients did not hang up mid-stream"
     assert elapsed < 240, f"{NUM_REQUESTS} cancelled streams took {elapsed:.0f}s"
     assert server.get("/health").status_code == 200

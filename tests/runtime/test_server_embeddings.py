@@ -13,8 +13,16 @@ pytestmark = pytest.mark.slow  # a real server process (torch import + model loa
 
 @pytest.fixture(scope="module")
 def embed_server(tiny_model_dir, tmp_path_factory, launch_server):
-    proc = launch_server(tiny_model_dir, tmp_path_factory.mktemp("embed"), "--num-blocks", "64", "--task", "embed",
-                         "--max-num-batched-tokens", "16")
+    proc = launch_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("embed"),
+        "--num-blocks",
+        "64",
+        "--task",
+        "embed",
+        "--max-num-batched-tokens",
+        "16",
+    )
     yield proc
     assert proc.stop() == 0, proc.log()
 
@@ -30,8 +38,9 @@ def test_embeddings_shape_norm_determinism_and_hf_parity(embed_server, tiny_mode
     assert all(len(v) == 64 for v in vectors)  # the tiny model's hidden size
     assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-5) for v in vectors)
     again = client.embeddings.create(model="tiny", input=texts, encoding_format="float")
-    torch.testing.assert_close(torch.tensor([d.embedding for d in again.data]), torch.tensor(vectors),
-                               atol=1e-6, rtol=0)  # float == base64 (float32), repeatable
+    torch.testing.assert_close(
+        torch.tensor([d.embedding for d in again.data]), torch.tensor(vectors), atol=1e-6, rtol=0
+    )  # float == base64 (float32), repeatable
     single = client.embeddings.create(model="tiny", input=texts[1])
     assert single.data[0].embedding == pytest.approx(vectors[1], abs=1e-5)  # batched == alone
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -49,7 +58,9 @@ def test_embedding_refusals(embed_server, server):
         client.embeddings.create(model="tiny", input="x", dimensions=8)
     response = embed_server.post("/v1/embeddings", json={"input": []})
     assert response.status_code == 400 and response.json()["error"]["param"] == "input"
-    response = embed_server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    response = embed_server.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
     assert response.status_code == 400 and "--task embed" in response.json()["error"]["message"]
     response = server.post("/v1/embeddings", json={"input": "x"})  # a generating server
     assert response.status_code == 400 and "--task embed" in response.json()["error"]["message"]

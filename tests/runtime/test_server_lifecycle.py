@@ -66,14 +66,23 @@ def test_health_503_while_loading_then_sigterm_drains_in_flight_and_exits_0(serv
 @pytest.fixture(scope="module")
 def guarded(launch_server, tiny_model_dir, tmp_path_factory):
     """One sequence at a time, one waiting at most, and an API key."""
-    proc = launch_server(tiny_model_dir, tmp_path_factory.mktemp("guarded"), "--max-num-seqs", "1",
-                        "--max-queue", "1", api_key="s3cret")
+    proc = launch_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("guarded"),
+        "--max-num-seqs",
+        "1",
+        "--max-queue",
+        "1",
+        api_key="s3cret",
+    )
     yield proc
     assert proc.stop() == 0, proc.log()
 
 
 def test_api_key_required_on_api_routes_only(guarded):
-    bare = httpx.post(guarded.base_url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=10)
+    bare = httpx.post(
+        guarded.base_url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=10
+    )
     assert bare.status_code == 401
     error = bare.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "authentication_error"
@@ -97,7 +106,9 @@ def test_queue_over_max_queue_gets_429(guarded):
                 await anext(lines)  # first token out: this one runs, the next one has to wait
                 waiting = asyncio.ensure_future(client.post("/v1/completions", json=LONG))
                 for _ in range(500):
-                    if (await client.get("/metrics")).text.count('vllm:num_requests_waiting{model_name="tiny"} 1.0'):
+                    if (await client.get("/metrics")).text.count(
+                        'vllm:num_requests_waiting{model_name="tiny"} 1.0'
+                    ):
                         break
                     await asyncio.sleep(0.02)
                 rejected = await client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
@@ -110,16 +121,23 @@ def test_queue_over_max_queue_gets_429(guarded):
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "queue_full"
     with pytest.raises(openai.RateLimitError):  # the openai client maps it too
         _saturate_and_call(guarded)
-    _wait_for(lambda: guarded.metric("vllm:num_requests_running") == 0
-              and guarded.metric("vllm:num_requests_waiting") == 0, 30, "idle")
+    _wait_for(
+        lambda: (
+            guarded.metric("vllm:num_requests_running") == 0
+            and guarded.metric("vllm:num_requests_waiting") == 0
+        ),
+        30,
+        "idle",
+    )
     assert guarded.metric("lmforge:requests_rejected_total") >= 2
 
 
 def _saturate_and_call(server) -> None:
     """Same as above through the openai client: one running, one waiting, then the client call."""
     client = server.openai()
-    stream = client.completions.create(**{k: v for k, v in LONG.items() if k != "ignore_eos"}, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        **{k: v for k, v in LONG.items() if k != "ignore_eos"}, stream=True, extra_body={"ignore_eos": True}
+    )
     next(iter(stream))
     blocker = threading.Thread(target=lambda: _swallow(client))
     blocker.start()

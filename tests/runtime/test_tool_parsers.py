@@ -15,28 +15,50 @@ from lmforge.runtime.tool_parsers import (
 
 WEATHER = {"city": "Paris", "unit": "c", "days": [1, 2]}
 CASES = [
-    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + json.dumps(WEATHER)
-     + '}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
-     "Let me check.", [("get_weather", WEATHER), ("now", {})]),
-    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": ' + json.dumps(WEATHER)
-     + '}; {"name": "now", "parameters": {}}', "", [("get_weather", WEATHER), ("now", {})]),
+    (
+        "hermes",
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+        + json.dumps(WEATHER)
+        + '}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
+        "Let me check.",
+        [("get_weather", WEATHER), ("now", {})],
+    ),
+    (
+        "llama3_json",
+        '<|python_tag|>{"name": "get_weather", "parameters": '
+        + json.dumps(WEATHER)
+        + '}; {"name": "now", "parameters": {}}',
+        "",
+        [("get_weather", WEATHER), ("now", {})],
+    ),
     ("llama3_json", '{"parameters": {"x": 1}, "name": "f"}', "", [("f", {"x": 1})]),  # keys in any order
-    ("mistral", 'Sure [TOOL_CALLS][{"name": "get_weather", "arguments": ' + json.dumps(WEATHER) + "}, "
-     '{"name": "now", "arguments": {}}]', "Sure", [("get_weather", WEATHER), ("now", {})]),
+    (
+        "mistral",
+        'Sure [TOOL_CALLS][{"name": "get_weather", "arguments": ' + json.dumps(WEATHER) + "}, "
+        '{"name": "now", "arguments": {}}]',
+        "Sure",
+        [("get_weather", WEATHER), ("now", {})],
+    ),
     ("mistral", "[TOOL_CALLS]get_weather[ARGS]" + json.dumps(WEATHER), "", [("get_weather", WEATHER)]),
 ]
 
 
-@pytest.mark.parametrize(("parser", "text", "content", "calls"), CASES,
-                         ids=["hermes", "llama3", "llama3-key-order", "mistral-json", "mistral-args"])
+@pytest.mark.parametrize(
+    ("parser", "text", "content", "calls"),
+    CASES,
+    ids=["hermes", "llama3", "llama3-key-order", "mistral-json", "mistral-args"],
+)
 def test_whole_output(parser, text, content, calls):
     parsed = get_tool_parser(parser).parse(text, final=True)
     assert parsed.content == content
     assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == calls
 
 
-@pytest.mark.parametrize(("parser", "text", "content", "calls"), CASES,
-                         ids=["hermes", "llama3", "llama3-key-order", "mistral-json", "mistral-args"])
+@pytest.mark.parametrize(
+    ("parser", "text", "content", "calls"),
+    CASES,
+    ids=["hermes", "llama3", "llama3-key-order", "mistral-json", "mistral-args"],
+)
 def test_streamed_char_by_char_adds_up_to_the_whole(parser, text, content, calls):
     streamer = ToolCallStreamer(get_tool_parser(parser))
     sent_content, ids, names, args = "", [], [], []

@@ -24,21 +24,53 @@ from lmforge.operator.builders.inferenceservice import (
 )
 
 REF = ServiceRef(name="chat", namespace="team-a", uid="uid-1")
-OWNER = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "InferenceService", "name": "chat", "uid": "uid-1",
-         "controller": True, "blockOwnerDeletion": True}
-LABELS = {"lmforge.dev/inferenceservice": "chat", "lmforge.dev/kind": "InferenceService",
-          "app.kubernetes.io/managed-by": "lmforge-operator"}
+OWNER = {
+    "apiVersion": "lmforge.dev/v1alpha1",
+    "kind": "InferenceService",
+    "name": "chat",
+    "uid": "uid-1",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+LABELS = {
+    "lmforge.dev/inferenceservice": "chat",
+    "lmforge.dev/kind": "InferenceService",
+    "app.kubernetes.io/managed-by": "lmforge-operator",
+}
 METADATA = {"name": "chat", "namespace": "team-a", "labels": LABELS, "ownerReferences": [OWNER]}
 
 
 def make_spec(**overrides: Any) -> InferenceServiceSpec:
-    return InferenceServiceSpec.model_validate({"model": {"source": "pvc://models/llama/merged"}, **overrides})
+    return InferenceServiceSpec.model_validate(
+        {"model": {"source": "pvc://models/llama/merged"}, **overrides}
+    )
 
 
-BASE_COMMAND = ["lmforge", "serve", "--model", "/mnt/pvc/models/llama/merged", "--host", "0.0.0.0",
-                "--port", "8000", "--served-model-name", "chat", "--dtype", "auto",
-                "--gpu-memory-utilization", "0.9", "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
-                "--block-size", "16", "--enable-prefix-caching", "--graceful-shutdown-seconds", "60"]
+BASE_COMMAND = [
+    "lmforge",
+    "serve",
+    "--model",
+    "/mnt/pvc/models/llama/merged",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8000",
+    "--served-model-name",
+    "chat",
+    "--dtype",
+    "auto",
+    "--gpu-memory-utilization",
+    "0.9",
+    "--max-num-seqs",
+    "256",
+    "--max-num-batched-tokens",
+    "8192",
+    "--block-size",
+    "16",
+    "--enable-prefix-caching",
+    "--graceful-shutdown-seconds",
+    "60",
+]
 BASE_ENV = [
     {"name": "LMFORGE_INFERENCESERVICE", "value": "chat"},
     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -61,29 +93,51 @@ def expected_deployment(replicas: int = 1) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": LABELS,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8000",
-                                    "prometheus.io/path": "/metrics"},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": "8000",
+                        "prometheus.io/path": "/metrics",
+                    },
                 },
                 "spec": {
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 80,  # preStop 5 + drain 60 + engine stop 15
-                    "containers": [{
-                        "name": "server",
-                        "image": "ghcr.io/lmforge/runtime:0.1.0",
-                        "imagePullPolicy": "IfNotPresent",
-                        "command": BASE_COMMAND,
-                        "env": BASE_ENV,
-                        "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
-                        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
-                                         "timeoutSeconds": 5, "failureThreshold": 180},
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5,
-                                           "timeoutSeconds": 3, "successThreshold": 1, "failureThreshold": 2},
-                        "livenessProbe": {"httpGet": {"path": "/version", "port": "http"}, "periodSeconds": 15,
-                                          "timeoutSeconds": 5, "failureThreshold": 4},
-                        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
-                        "volumeMounts": [{"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True}],
-                    }],
-                    "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
+                    "containers": [
+                        {
+                            "name": "server",
+                            "image": "ghcr.io/lmforge/runtime:0.1.0",
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": BASE_COMMAND,
+                            "env": BASE_ENV,
+                            "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
+                            "startupProbe": {
+                                "httpGet": {"path": "/health", "port": "http"},
+                                "periodSeconds": 10,
+                                "timeoutSeconds": 5,
+                                "failureThreshold": 180,
+                            },
+                            "readinessProbe": {
+                                "httpGet": {"path": "/health", "port": "http"},
+                                "periodSeconds": 5,
+                                "timeoutSeconds": 3,
+                                "successThreshold": 1,
+                                "failureThreshold": 2,
+                            },
+                            "livenessProbe": {
+                                "httpGet": {"path": "/version", "port": "http"},
+                                "periodSeconds": 15,
+                                "timeoutSeconds": 5,
+                                "failureThreshold": 4,
+                            },
+                            "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+                            "volumeMounts": [
+                                {"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True}
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+                    ],
                 },
             },
         },
@@ -96,10 +150,22 @@ def test_deployment_of_the_base_spec() -> None:
 
 def test_deployment_with_everything_set() -> None:
     spec = make_spec(
-        model={"source": "hostPath:///data/llama", "servedName": "llama", "dtype": "bfloat16", "maxModelLen": 4096,
-               "quantization": "w4a16"},
-        engine={"gpuMemoryUtilization": 0.85, "maxNumSeqs": 64, "maxNumBatchedTokens": 4096, "blockSize": 32,
-                "prefixCaching": False, "kvCacheDtype": "int8", "enforceEager": True},
+        model={
+            "source": "hostPath:///data/llama",
+            "servedName": "llama",
+            "dtype": "bfloat16",
+            "maxModelLen": 4096,
+            "quantization": "w4a16",
+        },
+        engine={
+            "gpuMemoryUtilization": 0.85,
+            "maxNumSeqs": 64,
+            "maxNumBatchedTokens": 4096,
+            "blockSize": 32,
+            "prefixCaching": False,
+            "kvCacheDtype": "int8",
+            "enforceEager": True,
+        },
         resources={"limits": {"nvidia.com/gpu": 1}},
         apiKeySecret={"name": "chat-key"},
         image="registry.local/runtime:dev",
@@ -114,57 +180,135 @@ def test_deployment_with_everything_set() -> None:
     want = expected_deployment(3)
     want["spec"]["progressDeadlineSeconds"] = 900
     pod = want["spec"]["template"]["spec"]
-    pod.update({"terminationGracePeriodSeconds": 140, "nodeSelector": {"gpu": "h100"},
-                "tolerations": [{"key": "gpu", "operator": "Exists"}],
-                "volumes": [{"name": "model", "hostPath": {"path": "/data/llama", "type": "Directory"}},
-                            {"name": "shm", "emptyDir": {"medium": "Memory"}}]})
+    pod.update(
+        {
+            "terminationGracePeriodSeconds": 140,
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "volumes": [
+                {"name": "model", "hostPath": {"path": "/data/llama", "type": "Directory"}},
+                {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            ],
+        }
+    )
     container = pod["containers"][0]
-    container.update({
-        "image": "registry.local/runtime:dev",
-        "command": ["lmforge", "serve", "--model", "/data/llama", "--host", "0.0.0.0", "--port", "8000",
-                    "--served-model-name", "llama", "--dtype", "bfloat16", "--max-model-len", "4096",
-                    "--gpu-memory-utilization", "0.85", "--max-num-seqs", "64", "--max-num-batched-tokens", "4096",
-                    "--block-size", "32", "--no-enable-prefix-caching", "--graceful-shutdown-seconds", "120",
-                    "--quantization", "w4a16", "--kv-cache-dtype", "int8", "--enforce-eager"],
-        "env": [BASE_ENV[0], BASE_ENV[2],
-                {"name": "LMFORGE_API_KEY", "valueFrom": {"secretKeyRef": {"name": "chat-key", "key": "api-key"}}},
-                {"name": "POD_NAME", "value": "fixed"}, {"name": "HF_TOKEN", "value": "t"}],
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
-        "volumeMounts": [{"name": "model", "mountPath": "/data/llama", "readOnly": True},
-                         {"name": "shm", "mountPath": "/dev/shm"}],
-        "startupProbe": {**container["startupProbe"], "failureThreshold": 60},
-    })
+    container.update(
+        {
+            "image": "registry.local/runtime:dev",
+            "command": [
+                "lmforge",
+                "serve",
+                "--model",
+                "/data/llama",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "8000",
+                "--served-model-name",
+                "llama",
+                "--dtype",
+                "bfloat16",
+                "--max-model-len",
+                "4096",
+                "--gpu-memory-utilization",
+                "0.85",
+                "--max-num-seqs",
+                "64",
+                "--max-num-batched-tokens",
+                "4096",
+                "--block-size",
+                "32",
+                "--no-enable-prefix-caching",
+                "--graceful-shutdown-seconds",
+                "120",
+                "--quantization",
+                "w4a16",
+                "--kv-cache-dtype",
+                "int8",
+                "--enforce-eager",
+            ],
+            "env": [
+                BASE_ENV[0],
+                BASE_ENV[2],
+                {
+                    "name": "LMFORGE_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": "chat-key", "key": "api-key"}},
+                },
+                {"name": "POD_NAME", "value": "fixed"},
+                {"name": "HF_TOKEN", "value": "t"},
+            ],
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "volumeMounts": [
+                {"name": "model", "mountPath": "/data/llama", "readOnly": True},
+                {"name": "shm", "mountPath": "/dev/shm"},
+            ],
+            "startupProbe": {**container["startupProbe"], "failureThreshold": 60},
+        }
+    )
     assert deployment(REF, spec, 3) == want
 
 
-@pytest.mark.parametrize(("source", "want"), [
-    pytest.param("pvc://models", ModelLocation(
-        path="/mnt/pvc/models",
-        volumes=({"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},),
-        mounts=({"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},)), id="pvc-root"),
-    pytest.param("pvc://models/a/b/", ModelLocation(
-        path="/mnt/pvc/models/a/b",
-        volumes=({"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},),
-        mounts=({"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},)), id="pvc-path"),
-    pytest.param("/srv/llama/", ModelLocation(
-        path="/srv/llama", volumes=({"name": "model", "hostPath": {"path": "/srv/llama", "type": "Directory"}},),
-        mounts=({"name": "model", "mountPath": "/srv/llama", "readOnly": True},)), id="absolute-path"),
-    pytest.param("hf://meta-llama/Llama-3.2-1B", ModelLocation(
-        path="meta-llama/Llama-3.2-1B",
-        volumes=({"name": "hf-cache", "emptyDir": {}},),
-        mounts=({"name": "hf-cache", "mountPath": "/var/cache/huggingface"},),
-        env=({"name": "HF_HOME", "value": "/var/cache/huggingface"},),
-        notes=("model meta-llama/Llama-3.2-1B is downloaded from the Hugging Face Hub by every replica at start: "
-               "the pods need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts "
-               "faster",)), id="hugging-face"),
-])
+@pytest.mark.parametrize(
+    ("source", "want"),
+    [
+        pytest.param(
+            "pvc://models",
+            ModelLocation(
+                path="/mnt/pvc/models",
+                volumes=(
+                    {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+                ),
+                mounts=({"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},),
+            ),
+            id="pvc-root",
+        ),
+        pytest.param(
+            "pvc://models/a/b/",
+            ModelLocation(
+                path="/mnt/pvc/models/a/b",
+                volumes=(
+                    {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+                ),
+                mounts=({"name": "model", "mountPath": "/mnt/pvc/models", "readOnly": True},),
+            ),
+            id="pvc-path",
+        ),
+        pytest.param(
+            "/srv/llama/",
+            ModelLocation(
+                path="/srv/llama",
+                volumes=({"name": "model", "hostPath": {"path": "/srv/llama", "type": "Directory"}},),
+                mounts=({"name": "model", "mountPath": "/srv/llama", "readOnly": True},),
+            ),
+            id="absolute-path",
+        ),
+        pytest.param(
+            "hf://meta-llama/Llama-3.2-1B",
+            ModelLocation(
+                path="meta-llama/Llama-3.2-1B",
+                volumes=({"name": "hf-cache", "emptyDir": {}},),
+                mounts=({"name": "hf-cache", "mountPath": "/var/cache/huggingface"},),
+                env=({"name": "HF_HOME", "value": "/var/cache/huggingface"},),
+                notes=(
+                    "model meta-llama/Llama-3.2-1B is downloaded from the Hugging Face Hub by every replica at start: "
+                    "the pods need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts "
+                    "faster",
+                ),
+            ),
+            id="hugging-face",
+        ),
+    ],
+)
 def test_model_location(source: str, want: ModelLocation) -> None:
     assert model_location(make_spec(model={"source": source})) == want
 
 
 def test_a_user_mount_at_the_model_path_wins() -> None:
-    spec = make_spec(model={"source": "pvc://models/x"}, volumes=[{"name": "mine", "csi": {"driver": "d"}}],
-                     volumeMounts=[{"name": "mine", "mountPath": "/mnt/pvc/models"}])
+    spec = make_spec(
+        model={"source": "pvc://models/x"},
+        volumes=[{"name": "mine", "csi": {"driver": "d"}}],
+        volumeMounts=[{"name": "mine", "mountPath": "/mnt/pvc/models"}],
+    )
     assert model_location(spec) == ModelLocation(path="/mnt/pvc/models/x")
 
 
@@ -188,8 +332,11 @@ def test_service() -> None:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": METADATA,
-        "spec": {"type": "ClusterIP", "selector": {"lmforge.dev/inferenceservice": "chat"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {"lmforge.dev/inferenceservice": "chat"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
     }
 
 
@@ -197,33 +344,66 @@ PDB = {
     "apiVersion": "policy/v1",
     "kind": "PodDisruptionBudget",
     "metadata": METADATA,
-    "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"lmforge.dev/inferenceservice": "chat"}},
-             "unhealthyPodEvictionPolicy": "AlwaysAllow"},
+    "spec": {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"lmforge.dev/inferenceservice": "chat"}},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    },
 }
 
 
-@pytest.mark.parametrize(("overrides", "want"), [
-    pytest.param({}, None, id="one-replica-none"),
-    pytest.param({"replicas": 2}, PDB, id="two-replicas"),
-    pytest.param({"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}, PDB, id="autoscaling-up-to-3"),
-    pytest.param({"replicas": 3, "autoscaling": {"maxReplicas": 1}}, None, id="autoscaling-max-1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "want"),
+    [
+        pytest.param({}, None, id="one-replica-none"),
+        pytest.param({"replicas": 2}, PDB, id="two-replicas"),
+        pytest.param(
+            {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
+            PDB,
+            id="autoscaling-up-to-3",
+        ),
+        pytest.param({"replicas": 3, "autoscaling": {"maxReplicas": 1}}, None, id="autoscaling-max-1"),
+    ],
+)
 def test_pod_disruption_budget(overrides: dict, want: dict | None) -> None:
     assert pod_disruption_budget(REF, make_spec(**overrides)) == want
 
 
-@pytest.mark.parametrize(("overrides", "current", "changed", "want"), [
-    pytest.param({"replicas": 3}, 5, False, 3, id="manual-follows-spec"),
-    pytest.param({"replicas": 0}, None, True, 0, id="manual-zero"),
-    pytest.param({"replicas": 1, "autoscaling": {"minReplicas": 2, "maxReplicas": 6}}, None, True, 2,
-                 id="autoscaling-new-deployment-clamped"),
-    pytest.param({"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 6}}, 5, False, 5,
-                 id="autoscaling-keeps-its-size"),
-    pytest.param({"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}, 5, False, 4,
-                 id="autoscaling-new-max-clamps"),
-    pytest.param({"replicas": 3, "autoscaling": {"minReplicas": 0, "maxReplicas": 4}}, 0, True, 3,
-                 id="autoscaling-kubectl-scale-wakes-from-zero"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "current", "changed", "want"),
+    [
+        pytest.param({"replicas": 3}, 5, False, 3, id="manual-follows-spec"),
+        pytest.param({"replicas": 0}, None, True, 0, id="manual-zero"),
+        pytest.param(
+            {"replicas": 1, "autoscaling": {"minReplicas": 2, "maxReplicas": 6}},
+            None,
+            True,
+            2,
+            id="autoscaling-new-deployment-clamped",
+        ),
+        pytest.param(
+            {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 6}},
+            5,
+            False,
+            5,
+            id="autoscaling-keeps-its-size",
+        ),
+        pytest.param(
+            {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}},
+            5,
+            False,
+            4,
+            id="autoscaling-new-max-clamps",
+        ),
+        pytest.param(
+            {"replicas": 3, "autoscaling": {"minReplicas": 0, "maxReplicas": 4}},
+            0,
+            True,
+            3,
+            id="autoscaling-kubectl-scale-wakes-from-zero",
+        ),
+    ],
+)
 def test_replicas_to_apply(overrides: dict, current: int | None, changed: bool, want: int) -> None:
     assert replicas_to_apply(make_spec(**overrides), current, changed) == want
 
@@ -231,4 +411,7 @@ def test_replicas_to_apply(overrides: dict, current: int | None, changed: bool, 
 def test_names() -> None:
     assert selector("chat") == "lmforge.dev/inferenceservice=chat"
     assert url("chat", "team-a") == "http://chat.team-a.svc.cluster.local/v1"
-    assert url("chat", "team-a", BuildConfig(cluster_domain="k8s.internal")) == "http://chat.team-a.svc.k8s.internal/v1"
+    assert (
+        url("chat", "team-a", BuildConfig(cluster_domain="k8s.internal"))
+        == "http://chat.team-a.svc.k8s.internal/v1"
+    )

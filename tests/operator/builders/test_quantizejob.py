@@ -18,10 +18,19 @@ from lmforge.operator.builders.quantizejob import (
 )
 
 REF = JobRef(name="llama-w4", namespace="team-a", uid="uid-1")
-OWNER = {"apiVersion": "lmforge.dev/v1alpha1", "kind": "QuantizeJob", "name": "llama-w4", "uid": "uid-1",
-         "controller": True, "blockOwnerDeletion": True}
-LABELS = {"lmforge.dev/quantizejob": "llama-w4", "lmforge.dev/kind": "QuantizeJob",
-          "app.kubernetes.io/managed-by": "lmforge-operator"}
+OWNER = {
+    "apiVersion": "lmforge.dev/v1alpha1",
+    "kind": "QuantizeJob",
+    "name": "llama-w4",
+    "uid": "uid-1",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+LABELS = {
+    "lmforge.dev/quantizejob": "llama-w4",
+    "lmforge.dev/kind": "QuantizeJob",
+    "app.kubernetes.io/managed-by": "lmforge-operator",
+}
 ENV = [
     {"name": "LMFORGE_QUANTIZEJOB", "value": "llama-w4"},
     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -30,15 +39,25 @@ ENV = [
 
 
 def make_spec(**overrides: Any) -> QuantizeJobSpec:
-    return QuantizeJobSpec.model_validate({"model": "pvc://models/llama", "method": "w4a16-gptq",
-                                           "calibration": {"dataset": "pvc://data/calib.jsonl"},
-                                           "output": "pvc://models/llama-w4", **overrides})
+    return QuantizeJobSpec.model_validate(
+        {
+            "model": "pvc://models/llama",
+            "method": "w4a16-gptq",
+            "calibration": {"dataset": "pvc://data/calib.jsonl"},
+            "output": "pvc://models/llama-w4",
+            **overrides,
+        }
+    )
 
 
 def test_job_whole_object():
-    spec = make_spec(resources={"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}}, activeDeadlineSeconds=7200,
-                     ttlSecondsAfterFinished=600, nodeSelector={"gpu": "h100"},
-                     env=[{"name": "HF_TOKEN", "value": "x"}])
+    spec = make_spec(
+        resources={"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}},
+        activeDeadlineSeconds=7200,
+        ttlSecondsAfterFinished=600,
+        nodeSelector={"gpu": "h100"},
+        env=[{"name": "HF_TOKEN", "value": "x"}],
+    )
     annotations = {"lmforge.dev/fate": "fail-1", "kubectl.kubernetes.io/last-applied-configuration": "{}"}
     assert job(REF, spec, annotations, BuildConfig(service_account="lmforge-worker")) == {
         "apiVersion": "batch/v1",
@@ -53,22 +72,43 @@ def test_job_whole_object():
                 "spec": {
                     "restartPolicy": "Never",
                     "enableServiceLinks": False,
-                    "containers": [{
-                        "name": "quantize",
-                        "image": "ghcr.io/lmforge/runtime:0.1.0",
-                        "imagePullPolicy": "IfNotPresent",
-                        "command": ["lmforge", "quantize", "--model", "/mnt/pvc/models/llama", "--method",
-                                    "w4a16-gptq", "--output", "/mnt/pvc/models/llama-w4",
-                                    "--calibration", "/mnt/pvc/data/calib.jsonl", "--samples", "128",
-                                    "--seq-len", "512"],
-                        "env": [*ENV, {"name": "HF_TOKEN", "value": "x"}],
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "volumeMounts": [{"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
-                                         {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True}],
-                        "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "64Gi"}},
-                    }],
-                    "volumes": [{"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
-                                {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
+                    "containers": [
+                        {
+                            "name": "quantize",
+                            "image": "ghcr.io/lmforge/runtime:0.1.0",
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": [
+                                "lmforge",
+                                "quantize",
+                                "--model",
+                                "/mnt/pvc/models/llama",
+                                "--method",
+                                "w4a16-gptq",
+                                "--output",
+                                "/mnt/pvc/models/llama-w4",
+                                "--calibration",
+                                "/mnt/pvc/data/calib.jsonl",
+                                "--samples",
+                                "128",
+                                "--seq-len",
+                                "512",
+                            ],
+                            "env": [*ENV, {"name": "HF_TOKEN", "value": "x"}],
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "volumeMounts": [
+                                {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
+                                {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True},
+                            ],
+                            "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "64Gi"}},
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
+                        {
+                            "name": "pvc-data",
+                            "persistentVolumeClaim": {"claimName": "data", "readOnly": True},
+                        },
+                    ],
                     "serviceAccountName": "lmforge-worker",
                     "nodeSelector": {"gpu": "h100"},
                 },
@@ -77,59 +117,145 @@ def test_job_whole_object():
     }
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    pytest.param({"model": "hostPath:///models/llama", "output": "/out/llama-w4", "calibration": None,
-                  "method": "w8a16"},
-                 ("/models/llama", "/out/llama-w4", None,
-                  [{"name": "model", "hostPath": {"path": "/models/llama", "type": "Directory"}},
-                   {"name": "output", "hostPath": {"path": "/out/llama-w4", "type": "DirectoryOrCreate"}}],
-                  [{"name": "model", "mountPath": "/models/llama", "readOnly": True},
-                   {"name": "output", "mountPath": "/out/llama-w4"}]), id="host-paths"),
-    pytest.param({"model": "hf://meta-llama/Llama-3.2-1B", "calibration": {"dataset": "/data/c.jsonl"}},
-                 ("hf://meta-llama/Llama-3.2-1B", "/mnt/pvc/models/llama-w4", "/data/c.jsonl",
-                  [{"name": "calibration", "hostPath": {"path": "/data/c.jsonl", "type": "File"}},
-                   {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}}],
-                  [{"name": "calibration", "mountPath": "/data/c.jsonl", "readOnly": True},
-                   {"name": "pvc-models", "mountPath": "/mnt/pvc/models"}]), id="hf-model-downloaded"),
-    pytest.param({"model": "pvc://models/llama", "calibration": {"dataset": "pvc://models/calib.jsonl"},
-                  "output": "pvc://out/x"},
-                 ("/mnt/pvc/models/llama", "/mnt/pvc/out/x", "/mnt/pvc/models/calib.jsonl",
-                  [{"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
-                   {"name": "pvc-out", "persistentVolumeClaim": {"claimName": "out"}}],
-                  [{"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True},
-                   {"name": "pvc-out", "mountPath": "/mnt/pvc/out"}]), id="one-volume-per-claim"),
-    pytest.param({"volumes": [{"name": "mine", "persistentVolumeClaim": {"claimName": "models"}}],
-                  "volumeMounts": [{"name": "mine", "mountPath": "/mnt/pvc/models"}]},
-                 ("/mnt/pvc/models/llama", "/mnt/pvc/models/llama-w4", "/mnt/pvc/data/calib.jsonl",
-                  [{"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
-                  [{"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True}]), id="user-mount-wins"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        pytest.param(
+            {
+                "model": "hostPath:///models/llama",
+                "output": "/out/llama-w4",
+                "calibration": None,
+                "method": "w8a16",
+            },
+            (
+                "/models/llama",
+                "/out/llama-w4",
+                None,
+                [
+                    {"name": "model", "hostPath": {"path": "/models/llama", "type": "Directory"}},
+                    {"name": "output", "hostPath": {"path": "/out/llama-w4", "type": "DirectoryOrCreate"}},
+                ],
+                [
+                    {"name": "model", "mountPath": "/models/llama", "readOnly": True},
+                    {"name": "output", "mountPath": "/out/llama-w4"},
+                ],
+            ),
+            id="host-paths",
+        ),
+        pytest.param(
+            {"model": "hf://meta-llama/Llama-3.2-1B", "calibration": {"dataset": "/data/c.jsonl"}},
+            (
+                "hf://meta-llama/Llama-3.2-1B",
+                "/mnt/pvc/models/llama-w4",
+                "/data/c.jsonl",
+                [
+                    {"name": "calibration", "hostPath": {"path": "/data/c.jsonl", "type": "File"}},
+                    {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
+                ],
+                [
+                    {"name": "calibration", "mountPath": "/data/c.jsonl", "readOnly": True},
+                    {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
+                ],
+            ),
+            id="hf-model-downloaded",
+        ),
+        pytest.param(
+            {
+                "model": "pvc://models/llama",
+                "calibration": {"dataset": "pvc://models/calib.jsonl"},
+                "output": "pvc://out/x",
+            },
+            (
+                "/mnt/pvc/models/llama",
+                "/mnt/pvc/out/x",
+                "/mnt/pvc/models/calib.jsonl",
+                [
+                    {
+                        "name": "pvc-models",
+                        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+                    },
+                    {"name": "pvc-out", "persistentVolumeClaim": {"claimName": "out"}},
+                ],
+                [
+                    {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True},
+                    {"name": "pvc-out", "mountPath": "/mnt/pvc/out"},
+                ],
+            ),
+            id="one-volume-per-claim",
+        ),
+        pytest.param(
+            {
+                "volumes": [{"name": "mine", "persistentVolumeClaim": {"claimName": "models"}}],
+                "volumeMounts": [{"name": "mine", "mountPath": "/mnt/pvc/models"}],
+            },
+            (
+                "/mnt/pvc/models/llama",
+                "/mnt/pvc/models/llama-w4",
+                "/mnt/pvc/data/calib.jsonl",
+                [{"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
+                [{"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True}],
+            ),
+            id="user-mount-wins",
+        ),
+    ],
+)
 def test_storage(overrides, expected):
     paths = storage(make_spec(**overrides))
     assert (paths.model, paths.output, paths.calibration, list(paths.volumes), list(paths.mounts)) == expected
 
 
-@pytest.mark.parametrize("overrides", [{"output": "s3://bucket/out"}, {"model": "s3://bucket/llama"}],
-                         ids=["s3-output", "s3-model"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"output": "s3://bucket/out"}, {"model": "s3://bucket/llama"}],
+    ids=["s3-output", "s3-model"],
+)
 def test_s3_is_unsupported(overrides):
     # Admission refuses s3:// now; an object stored before that rule still gets a clear InvalidSpec.
     with pytest.raises(UnsupportedLocation, match="copy s3:// data to a PVC first"):
         job(REF, make_spec().model_copy(update=overrides))
 
 
-@pytest.mark.parametrize("overrides, tail", [
-    pytest.param({"method": "w4a16-rtn", "calibration": None}, [], id="rtn-defaults"),
-    pytest.param({"method": "w4a16-awq", "groupSize": 64, "ignore": ["lm_head", "re:.*down_proj"],
-                  "calibration": {"dataset": "pvc://data/c.jsonl", "samples": 32, "seqLen": 256}},
-                 ["--group-size", "64", "--ignore", "re:.*down_proj", "--calibration", "/mnt/pvc/data/c.jsonl",
-                  "--samples", "32", "--seq-len", "256"], id="awq-all-flags"),
-    pytest.param({"method": "fp8", "calibration": None, "ignore": []}, [], id="fp8"),
-])
+@pytest.mark.parametrize(
+    "overrides, tail",
+    [
+        pytest.param({"method": "w4a16-rtn", "calibration": None}, [], id="rtn-defaults"),
+        pytest.param(
+            {
+                "method": "w4a16-awq",
+                "groupSize": 64,
+                "ignore": ["lm_head", "re:.*down_proj"],
+                "calibration": {"dataset": "pvc://data/c.jsonl", "samples": 32, "seqLen": 256},
+            },
+            [
+                "--group-size",
+                "64",
+                "--ignore",
+                "re:.*down_proj",
+                "--calibration",
+                "/mnt/pvc/data/c.jsonl",
+                "--samples",
+                "32",
+                "--seq-len",
+                "256",
+            ],
+            id="awq-all-flags",
+        ),
+        pytest.param({"method": "fp8", "calibration": None, "ignore": []}, [], id="fp8"),
+    ],
+)
 def test_quantize_command(overrides, tail):
     spec = make_spec(**overrides)
     assert quantize_command(spec, storage(spec)) == [
-        "lmforge", "quantize", "--model", "/mnt/pvc/models/llama", "--method", spec.method, "--output",
-        "/mnt/pvc/models/llama-w4", *tail]
+        "lmforge",
+        "quantize",
+        "--model",
+        "/mnt/pvc/models/llama",
+        "--method",
+        spec.method,
+        "--output",
+        "/mnt/pvc/models/llama-w4",
+        *tail,
+    ]
 
 
 def test_inference_service():
@@ -143,8 +269,11 @@ def test_inference_service():
 
 
 def test_inference_service_runs_where_the_job_ran():
-    placement = {"nodeSelector": {"lmforge.dev/node-type": "process"},
-                 "tolerations": [{"key": "lmforge.dev/process-node", "operator": "Equal", "value": "true",
-                                  "effect": "NoSchedule"}]}
+    placement = {
+        "nodeSelector": {"lmforge.dev/node-type": "process"},
+        "tolerations": [
+            {"key": "lmforge.dev/process-node", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+        ],
+    }
     isvc = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, **placement))
     assert isvc["spec"] == {"model": {"source": "pvc://models/llama-w4"}, "replicas": 1, **placement}

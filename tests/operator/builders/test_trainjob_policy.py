@@ -24,8 +24,15 @@ from lmforge.operator.builders.trainjob_testing import T0, at, make_spec, observ
 NAMES = ("llama-0", "llama-1", "llama-2", "llama-3")
 
 
-CREATED = [Condition(type="Created", status="True", reason="GangCreated", message="created 4 worker pods (attempt 0)",
-                     last_transition_time=T0)]
+CREATED = [
+    Condition(
+        type="Created",
+        status="True",
+        reason="GangCreated",
+        message="created 4 worker pods (attempt 0)",
+        last_transition_time=T0,
+    )
+]
 
 
 def running_status(**fields) -> TrainJobStatus:
@@ -43,7 +50,11 @@ def test_new_job_creates_the_whole_gang() -> None:
     d = decide(observed())
     assert d.create_ranks == (0, 1, 2, 3)
     assert (d.status.phase, d.status.start_time, d.status.restarts, d.status.observed_generation) == (
-        "Pending", T0, 0, 1)
+        "Pending",
+        T0,
+        0,
+        1,
+    )
     assert conditions(d.status) == {"Created": ("False", "CreatingPods")}  # not before the pods exist
     assert d.events == ()
     assert (d.delete_pods, d.force_delete_pods, d.delete_job) == ((), (), False)
@@ -73,14 +84,21 @@ def test_refused_pod_creation_names_the_service_account_once() -> None:
 
 
 def test_refused_pod_creation_without_a_service_account() -> None:
-    status, event = creation_failed(TrainJobStatus(), 1, T0, "llama-0", 403, "forbidden: exceeded quota", None, "ns")
+    status, event = creation_failed(
+        TrainJobStatus(), 1, T0, "llama-0", 403, "forbidden: exceeded quota", None, "ns"
+    )
     assert conditions(status)["Created"] == ("False", "PodCreationFailed")
-    assert event is not None and event.message == "the API server refused worker pod llama-0: 403 forbidden: exceeded quota"
+    assert (
+        event is not None
+        and event.message == "the API server refused worker pod llama-0: 403 forbidden: exceeded quota"
+    )
 
 
 def test_a_gang_of_an_older_spec_is_replaced_and_not_observed() -> None:
     pods = [worker(r, spec_hash="old") for r in range(4)]
-    d = decide(observed(status=running_status(observed_generation=1), pods=pods, generation=3, spec_hash="new"))
+    d = decide(
+        observed(status=running_status(observed_generation=1), pods=pods, generation=3, spec_hash="new")
+    )
     assert (d.status.phase, d.delete_pods, d.create_ranks) == ("Pending", NAMES, ())
     assert d.status.restarts == 0 and d.status.observed_generation == 1  # not a failure; not observed yet
     assert [e.reason for e in d.events] == ["SpecChanged"]
@@ -90,31 +108,46 @@ def test_a_gang_of_an_older_spec_is_replaced_and_not_observed() -> None:
 
 def test_operator_killed_mid_creation_creates_only_the_missing_ranks() -> None:
     status = TrainJobStatus(phase="Pending", start_time=T0)
-    d = decide(observed(status=status, pods=[worker(0, phase="Pending"), worker(2, phase="Pending")], now=at(1)))
+    d = decide(
+        observed(status=status, pods=[worker(0, phase="Pending"), worker(2, phase="Pending")], now=at(1))
+    )
     assert d.create_ranks == (1, 3)
     assert d.events == ()
     assert d.status.start_time == T0
 
 
 def test_pending_pods_keep_the_job_pending() -> None:
-    d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4, phase="Pending")))
+    d = decide(
+        observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4, phase="Pending"))
+    )
     assert (d.status.phase, d.create_ranks) == ("Pending", ())
     assert conditions(d.status)["Running"] == ("False", "WaitingForPods")
     assert d.status.replicas.active == 4
 
 
 def test_waiting_condition_says_why_pods_do_not_run() -> None:
-    pods = [worker(0, phase="Pending", waiting="Unschedulable: 0/4 nodes are available: Insufficient nvidia.com/gpu"),
-            *workers(4)[1:]]
+    pods = [
+        worker(
+            0, phase="Pending", waiting="Unschedulable: 0/4 nodes are available: Insufficient nvidia.com/gpu"
+        ),
+        *workers(4)[1:],
+    ]
     d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=pods))
     running = {cond.type: cond for cond in d.status.conditions}["Running"]
-    assert running.message == ("3/4 worker pods running; llama-0: Unschedulable: 0/4 nodes are available: "
-                               "Insufficient nvidia.com/gpu")
+    assert running.message == (
+        "3/4 worker pods running; llama-0: Unschedulable: 0/4 nodes are available: "
+        "Insufficient nvidia.com/gpu"
+    )
 
 
 def test_all_workers_running_makes_the_job_running() -> None:
-    d = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0, conditions=CREATED), pods=workers(4),
-                        now=at(5)))
+    d = decide(
+        observed(
+            status=TrainJobStatus(phase="Pending", start_time=T0, conditions=CREATED),
+            pods=workers(4),
+            now=at(5),
+        )
+    )
     assert d.status.phase == "Running"
     assert conditions(d.status)["Running"] == ("True", "AllWorkersRunning")
     assert d.events == (JobEvent("Normal", "AllWorkersRunning", "all 4 worker pods are running"),)
@@ -129,13 +162,31 @@ def test_a_steady_running_job_changes_nothing() -> None:
 
 
 def test_progress_of_rank0_is_folded_into_status() -> None:
-    report = json.dumps({"step": 120, "totalSteps": 1000, "loss": 1.25, "tokensPerSecond": 5120.5,
-                         "etaSeconds": 3725, "epoch": 0.4, "lastCheckpoint": "/ckpt/step-100"})
+    report = json.dumps(
+        {
+            "step": 120,
+            "totalSteps": 1000,
+            "loss": 1.25,
+            "tokensPerSecond": 5120.5,
+            "etaSeconds": 3725,
+            "epoch": 0.4,
+            "lastCheckpoint": "/ckpt/step-100",
+        }
+    )
     pods = [worker(0, progress=report), *workers(4)[1:]]
     d = decide(observed(status=running_status(), pods=pods, now=at(10)))
-    assert d.status.progress == Progress(step=120, total_steps=1000, summary="120/1000", epoch=0.4, loss=1.25,
-                                         tokens_per_second=5120.5, eta_seconds=3725, eta="1h2m",
-                                         last_checkpoint="/ckpt/step-100", update_time=at(10))
+    assert d.status.progress == Progress(
+        step=120,
+        total_steps=1000,
+        summary="120/1000",
+        epoch=0.4,
+        loss=1.25,
+        tokens_per_second=5120.5,
+        eta_seconds=3725,
+        eta="1h2m",
+        last_checkpoint="/ckpt/step-100",
+        update_time=at(10),
+    )
     same = decide(observed(status=d.status, pods=pods, now=at(20)))
     assert same.status.progress.update_time == at(10)  # unchanged report: nothing to write
 
@@ -160,24 +211,40 @@ def test_ranks_above_0_finishing_first_is_not_success_yet() -> None:
 
 
 def test_oom_killed_worker_restarts_the_gang() -> None:
-    pods = [*workers(3), worker(3, phase="Failed", exit_code=137, reason="OOMKilled", node="n3", finished_at=at(50))]
+    pods = [
+        *workers(3),
+        worker(3, phase="Failed", exit_code=137, reason="OOMKilled", node="n3", finished_at=at(50)),
+    ]
     d = decide(observed(status=running_status(), pods=pods, now=at(51)))
     assert (d.status.phase, d.status.restarts, d.status.last_restart_time) == ("Restarting", 1, at(51))
     assert d.delete_pods == NAMES
     assert d.create_ranks == ()
     assert d.status.last_failure.model_dump(exclude_none=True) == {
-        "pod": "llama-3", "node": "n3", "exit_code": 137, "reason": "OOMKilled", "time": at(50)}
+        "pod": "llama-3",
+        "node": "n3",
+        "exit_code": 137,
+        "reason": "OOMKilled",
+        "time": at(50),
+    }
     assert conditions(d.status)["Restarting"] == ("True", "RetryableFailure")
-    assert d.events == (JobEvent("Warning", "RetryableFailure",
-                                 "pod llama-3 failed (exit code 137, OOMKilled, node n3); restarting the gang, "
-                                 "attempt 1 of 3"),)
+    assert d.events == (
+        JobEvent(
+            "Warning",
+            "RetryableFailure",
+            "pod llama-3 failed (exit code 137, OOMKilled, node n3); restarting the gang, attempt 1 of 3",
+        ),
+    )
     assert d.requeue_after == 10
 
 
 def test_the_earliest_failure_is_the_root_cause() -> None:
     """rank 2 is OOM-killed; rank 0 then dies of an NCCL error (exit 1): restart, not fail."""
-    pods = [worker(0, phase="Failed", exit_code=1, finished_at=at(20)), worker(1),
-            worker(2, phase="Failed", exit_code=137, finished_at=at(10)), worker(3)]
+    pods = [
+        worker(0, phase="Failed", exit_code=1, finished_at=at(20)),
+        worker(1),
+        worker(2, phase="Failed", exit_code=137, finished_at=at(10)),
+        worker(3),
+    ]
     d = decide(observed(status=running_status(), pods=pods, now=at(21)))
     assert (d.status.phase, d.status.last_failure.pod) == ("Restarting", "llama-2")
 
@@ -190,8 +257,9 @@ def test_app_error_fails_the_job_with_last_failure() -> None:
     assert (d.status.last_failure.pod, d.status.last_failure.exit_code) == ("llama-3", 1)
     assert conditions(d.status)["Failed"] == ("True", "NonRetryableExitCode")
     assert d.delete_pods == NAMES[:3]  # the failed pod stays for `kubectl logs`
-    assert d.events[0].message == ("pod llama-3 failed (exit code 1, Error, node n3): not retryable under "
-                                   "spec.failurePolicy")
+    assert d.events[0].message == (
+        "pod llama-3 failed (exit code 1, Error, node n3): not retryable under spec.failurePolicy"
+    )
 
 
 def test_retryable_failure_after_max_restarts_fails_the_job() -> None:
@@ -296,12 +364,20 @@ def test_terminal_phase_never_changes() -> None:
     pods = [worker(0, phase="Succeeded", exit_code=0), worker(1, phase="Failed", exit_code=137)]
     d = decide(observed(spec=make_spec(numNodes=2, suspend=True), status=status, pods=pods, now=at(20)))
     assert (d.status.phase, d.status.restarts, d.create_ranks, d.delete_pods, d.events) == (
-        "Succeeded", 0, (), (), ())
+        "Succeeded",
+        0,
+        (),
+        (),
+        (),
+    )
 
 
 @pytest.mark.parametrize(
     ("now", "delete_job", "requeue"),
-    [pytest.param(at(40), False, 30.0, id="not-yet"), pytest.param(at(70), True, RESYNC_SECONDS, id="expired")],
+    [
+        pytest.param(at(40), False, 30.0, id="not-yet"),
+        pytest.param(at(70), True, RESYNC_SECONDS, id="expired"),
+    ],
 )
 def test_ttl_after_finished(now, delete_job, requeue) -> None:
     spec = make_spec(numNodes=2, ttlSecondsAfterFinished=60)
@@ -317,8 +393,13 @@ def test_stuck_terminating_pod_is_force_deleted() -> None:
     pods = [worker(0, attempt=0, deletion_timestamp=at(30)), worker(1, attempt=0, deletion_timestamp=at(100))]
     d = decide(observed(status=status, pods=pods, now=at(95)))  # forceDeleteAfterSeconds: 60
     assert d.force_delete_pods == ("llama-0",)
-    assert d.events == (JobEvent("Warning", "StuckPodForceDeleted",
-                                 "pod llama-0 was Terminating for 65s past its grace period; force-deleted"),)
+    assert d.events == (
+        JobEvent(
+            "Warning",
+            "StuckPodForceDeleted",
+            "pod llama-0 was Terminating for 65s past its grace period; force-deleted",
+        ),
+    )
     assert d.create_ranks == ()
 
 
@@ -360,16 +441,40 @@ def test_bad_progress_keeps_the_last_report(raw) -> None:
 
 
 def test_worker_pod_from_api_object() -> None:
-    raw = pod_dict(2, attempt=1, phase="Failed", exit_code=137, annotations={"lmforge.dev/progress": "{}"},
-                   deletion_timestamp="2025-01-01T12:01:00Z")
+    raw = pod_dict(
+        2,
+        attempt=1,
+        phase="Failed",
+        exit_code=137,
+        annotations={"lmforge.dev/progress": "{}"},
+        deletion_timestamp="2025-01-01T12:01:00Z",
+    )
     assert WorkerPod.from_pod(raw) == WorkerPod(
-        name="llama-2", rank=2, attempt=1, phase="Failed", ready=False, exit_code=137, reason="Error",
-        node="kwok-node-0", finished_at=at(300), deletion_timestamp=at(60), progress="{}")
+        name="llama-2",
+        rank=2,
+        attempt=1,
+        phase="Failed",
+        ready=False,
+        exit_code=137,
+        reason="Error",
+        node="kwok-node-0",
+        finished_at=at(300),
+        deletion_timestamp=at(60),
+        progress="{}",
+    )
     assert WorkerPod.from_pod({"metadata": {"name": "x", "labels": {}}}) is None
     pending = pod_dict(0, phase="Pending")
-    pending["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                        "message": "persistentvolumeclaim \"models\" not found"}]
+    pending["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": 'persistentvolumeclaim "models" not found',
+        }
+    ]
     assert WorkerPod.from_pod(pending).waiting == 'Unschedulable: persistentvolumeclaim "models" not found'
-    pending["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": "ErrImagePull"}}}]
+    pending["status"]["containerStatuses"] = [
+        {"name": "trainer", "state": {"waiting": {"reason": "ErrImagePull"}}}
+    ]
     pending["status"]["conditions"] = []
     assert WorkerPod.from_pod(pending).waiting == "ErrImagePull"

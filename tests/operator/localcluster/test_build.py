@@ -20,7 +20,15 @@ from lmforge.operator.localcluster.build import (
     parse_go_version,
 )
 
-EXPECTED_BINARIES = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok", "helm"}
+EXPECTED_BINARIES = {
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "helm",
+}
 
 
 def test_plan_builds_each_binary_once_from_an_existing_wrapper():
@@ -94,7 +102,9 @@ def test_kubernetes_wrapper_replaces_every_staging_module_with_the_matching_tag(
     staging_tag = "v0." + Versions().kubernetes.removeprefix("v1.")
     for source, target, version in replaces:
         assert source == target and version == staging_tag
-    assert {"k8s.io/api", "k8s.io/client-go", "k8s.io/apiserver", "k8s.io/cri-streaming"} <= {r[0] for r in replaces}
+    assert {"k8s.io/api", "k8s.io/client-go", "k8s.io/apiserver", "k8s.io/cri-streaming"} <= {
+        r[0] for r in replaces
+    }
 
 
 def test_missing_steps_uses_the_manifest_fingerprints(tmp_path):
@@ -106,11 +116,14 @@ def test_missing_steps_uses_the_manifest_fingerprints(tmp_path):
     assert missing_steps(plan, tmp_path) == plan[:1]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("go1.26.8", (1, 26)),
-    ("go version go1.22.2 linux/amd64", (1, 22)),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("go1.26.8", (1, 26)),
+        ("go version go1.22.2 linux/amd64", (1, 22)),
+        ("", None),
+    ],
+)
 def test_parse_go_version(text, expected):
     assert parse_go_version(text) == expected
 
@@ -156,5 +169,6 @@ def test_failed_build_names_the_step_and_shows_go_output(tmp_path, monkeypatch):
 
 def test_network_failures_get_a_hint_other_failures_do_not():
     assert "could not download modules" in build.network_hint(
-        "dial tcp: lookup proxy.golang.org on 10.0.0.1:53: no such host", "https://proxy.golang.org,direct")
+        "dial tcp: lookup proxy.golang.org on 10.0.0.1:53: no such host", "https://proxy.golang.org,direct"
+    )
     assert build.network_hint("undefined: foo", "https://proxy.golang.org") == ""

@@ -29,13 +29,21 @@ def test_pki_certs_chain_to_the_ca_and_carry_rbac_identities(tmp_path):
     pki = ensure_pki(tmp_path / "pki")
     assert pki.complete()
     certs = [pki.apiserver_cert] + [pki.client_cert(i.name) for i in IDENTITIES]
-    verify = subprocess.run(["openssl", "verify", "-CAfile", pki.ca_cert, *certs], capture_output=True, text=True)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", pki.ca_cert, *certs], capture_output=True, text=True
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    admin = subprocess.run(["openssl", "x509", "-noout", "-subject", "-in", pki.client_cert("admin")],
-                           capture_output=True, text=True).stdout
+    admin = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-in", pki.client_cert("admin")],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "O = system:masters" in admin and "CN = kubernetes-admin" in admin
-    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", pki.apiserver_cert],
-                         capture_output=True, text=True).stdout
+    san = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", pki.apiserver_cert],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "IP Address:127.0.0.1" in san and "IP Address:10.96.0.1" in san
     before = pki.ca_cert.read_bytes()
     ensure_pki(tmp_path / "pki")  # idempotent: a restarted cluster keeps its CA

@@ -28,7 +28,9 @@ def _fake_bins(tmp_path, monkeypatch, etcd_script: str) -> BinPaths:
 
 
 def test_component_that_exits_is_named_with_its_log(tmp_path, monkeypatch):
-    _fake_bins(tmp_path, monkeypatch, "echo 'listen tcp 127.0.0.1:2379: bind: address already in use' >&2\nexit 1\n")
+    _fake_bins(
+        tmp_path, monkeypatch, "echo 'listen tcp 127.0.0.1:2379: bind: address already in use' >&2\nexit 1\n"
+    )
     with pytest.raises(cluster.ClusterError) as error:
         cluster.up(tmp_path / "state", log=lambda _: None)
     assert "etcd exited while starting" in str(error.value)
@@ -41,7 +43,9 @@ def test_component_that_never_gets_healthy_times_out_and_is_stopped(tmp_path, mo
     monkeypatch.setitem(cluster.START_TIMEOUT_S, "etcd", 1.0)
     started = []
     real_start = processes.start
-    monkeypatch.setattr(processes, "start", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1])
+    monkeypatch.setattr(
+        processes, "start", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1]
+    )
     with pytest.raises(cluster.ClusterError, match=r"(?s)etcd not healthy .* after 1 s.*waiting for quorum"):
         cluster.up(tmp_path / "state", log=lambda _: None)
     assert started and not processes.is_alive(started[0])

@@ -7,7 +7,9 @@ from lmforge.operator.localcluster.build import BinPaths
 from lmforge.operator.localcluster.components import Layout, Ports, components
 from lmforge.operator.localcluster.nodes import is_schedulable, node_list, node_manifest
 
-PORTS = Ports(etcd_client=20001, etcd_peer=20002, apiserver=20003, controller_manager=20004, scheduler=20005, kwok=20006)
+PORTS = Ports(
+    etcd_client=20001, etcd_peer=20002, apiserver=20003, controller_manager=20004, scheduler=20005, kwok=20006
+)
 
 
 def _components(tmp_path):

@@ -24,8 +24,15 @@ def test_all_documents_are_named_stages():
 def test_full_lifecycle_is_present_because_kwok_has_no_defaults_once_given_stages():
     kinds = {(s["spec"]["resourceRef"]["kind"], s["metadata"]["name"]) for s in STAGES}
     assert {k for k, _ in kinds} == {"Node", "Pod"}
-    assert {"lmforge-node-initialize", "lmforge-node-heartbeat", "lmforge-pod-running", "lmforge-pod-readiness",
-            "lmforge-pod-fate", "lmforge-job-pod-complete", "lmforge-pod-delete"} == set(BY_NAME)
+    assert {
+        "lmforge-node-initialize",
+        "lmforge-node-heartbeat",
+        "lmforge-pod-running",
+        "lmforge-pod-readiness",
+        "lmforge-pod-fate",
+        "lmforge-job-pod-complete",
+        "lmforge-pod-delete",
+    } == set(BY_NAME)
 
 
 def test_fate_stage_reads_the_annotation_and_writes_exit_code_and_phase():
@@ -34,13 +41,24 @@ def test_fate_stage_reads_the_annotation_and_writes_exit_code_and_phase():
     assert 'index .metadata.annotations "lmforge.dev/fate"' in template
     assert "exitCode: {{ $code }}" in template
     assert "phase: {{ if eq $code 0 }}Succeeded{{ else }}Failed{{ end }}" in template
-    assert stage["spec"]["delay"]["durationFrom"]["expressionFrom"] == '.metadata.annotations["lmforge.dev/fate-delay"]'
+    assert (
+        stage["spec"]["delay"]["durationFrom"]["expressionFrom"]
+        == '.metadata.annotations["lmforge.dev/fate-delay"]'
+    )
 
 
-@pytest.mark.parametrize(("fate", "matches"), [
-    ("succeed", True), ("fail-3", True), ("fail-137", True),
-    ("run", False), ("fail-", False), ("fail-x", False), ("succeeded", False),
-])
+@pytest.mark.parametrize(
+    ("fate", "matches"),
+    [
+        ("succeed", True),
+        ("fail-3", True),
+        ("fail-137", True),
+        ("run", False),
+        ("fail-", False),
+        ("fail-x", False),
+        ("succeeded", False),
+    ],
+)
 def test_fate_selector_regex(fate, matches):
     key = next(k for k in _keys(BY_NAME["lmforge-pod-fate"]) if "test(" in k)
     pattern = re.search(r'test\("(.+)"\)', key).group(1)
@@ -51,10 +69,18 @@ def test_job_pods_complete_only_without_a_fate_and_deletion_honours_finalizers()
     assert '.metadata.annotations["lmforge.dev/fate"]' in _keys(BY_NAME["lmforge-job-pod-complete"])
     delete = BY_NAME["lmforge-pod-delete"]["spec"]
     assert delete["next"] == {"delete": True}
-    assert {"key": ".metadata.finalizers", "operator": "DoesNotExist"} in delete["selector"]["matchExpressions"]
+    assert {"key": ".metadata.finalizers", "operator": "DoesNotExist"} in delete["selector"][
+        "matchExpressions"
+    ]
 
 
 def test_terminal_and_running_stages_never_touch_pods_being_deleted():
-    for name in ("lmforge-pod-running", "lmforge-pod-readiness", "lmforge-pod-fate", "lmforge-job-pod-complete"):
-        assert {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"} in \
-            BY_NAME[name]["spec"]["selector"]["matchExpressions"]
+    for name in (
+        "lmforge-pod-running",
+        "lmforge-pod-readiness",
+        "lmforge-pod-fate",
+        "lmforge-job-pod-complete",
+    ):
+        assert {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"} in BY_NAME[name]["spec"][
+            "selector"
+        ]["matchExpressions"]

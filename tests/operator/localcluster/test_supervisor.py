@@ -27,7 +27,15 @@ def test_a_component_that_exits_is_restarted_with_a_log_line(tmp_path, monkeypat
     supervisor starts it again from the argv `components()` builds, and records the new pid."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl", "helm"):
+    for name in (
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kwok",
+        "kubectl",
+        "helm",
+    ):
         script = bin_dir / name
         script.write_text("#!/bin/sh\nwhile :; do sleep 0.2; done\n")
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -35,18 +43,38 @@ def test_a_component_that_exits_is_restarted_with_a_log_line(tmp_path, monkeypat
     layout = cluster.layout_for(state_dir)
     state_dir.mkdir()
     first = processes.start("kube-scheduler", [str(bin_dir / "kube-scheduler")], layout.logs)
-    state = {"apiserver": "https://127.0.0.1:1", "kubeconfig": str(layout.admin_kubeconfig), "bin_dir": str(bin_dir),
-             "ports": {"etcd_client": 1, "etcd_peer": 2, "apiserver": 3, "controller_manager": 4, "scheduler": 5,
-                       "kwok": 6},
-             "processes": [{**first.to_dict(), "health_url": "https://127.0.0.1:5/healthz", "verify_with_ca": False}],
-             "ready": True}
+    state = {
+        "apiserver": "https://127.0.0.1:1",
+        "kubeconfig": str(layout.admin_kubeconfig),
+        "bin_dir": str(bin_dir),
+        "ports": {
+            "etcd_client": 1,
+            "etcd_peer": 2,
+            "apiserver": 3,
+            "controller_manager": 4,
+            "scheduler": 5,
+            "kwok": 6,
+        },
+        "processes": [
+            {**first.to_dict(), "health_url": "https://127.0.0.1:5/healthz", "verify_with_ca": False}
+        ],
+        "ready": True,
+    }
     layout.state_file.write_text(json.dumps(state))
-    supervisor = subprocess.Popen([sys.executable, "-P", "-m", MODULE, str(state_dir)],
-                                  stdout=open(tmp_path / "supervisor.log", "w"), stderr=subprocess.STDOUT)
+    supervisor = subprocess.Popen(
+        [sys.executable, "-P", "-m", MODULE, str(state_dir)],
+        stdout=open(tmp_path / "supervisor.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     seen: list[processes.Process] = [first]
     try:
-        state["supervisor"] = {"name": "supervisor", "pid": supervisor.pid, "binary": sys.executable, "ports": [],
-                               "log": str(tmp_path / "supervisor.log")}
+        state["supervisor"] = {
+            "name": "supervisor",
+            "pid": supervisor.pid,
+            "binary": sys.executable,
+            "ports": [],
+            "log": str(tmp_path / "supervisor.log"),
+        }
         layout.state_file.write_text(json.dumps(state))
         os.kill(first.pid, signal.SIGKILL)
 

@@ -10,19 +10,30 @@ from lmforge.operator.localnode.podstatus import ContainerState, phase, pod_stat
 
 
 def state(kind: str, code: int | None = None, restarts: int = 0, ready: bool = False) -> ContainerState:
-    return ContainerState(name="c", state=kind, exit_code=code, restart_count=restarts, ready=ready,
-                          started_at="t0", finished_at="t1" if kind == "terminated" else None,
-                          reason="Error" if code else ("Completed" if code == 0 else ""))
+    return ContainerState(
+        name="c",
+        state=kind,
+        exit_code=code,
+        restart_count=restarts,
+        ready=ready,
+        started_at="t0",
+        finished_at="t1" if kind == "terminated" else None,
+        reason="Error" if code else ("Completed" if code == 0 else ""),
+    )
 
 
-@pytest.mark.parametrize("states,want", [
-    ([state("waiting")], "Pending"),
-    ([state("running")], "Running"),
-    ([state("terminated", 0)], "Succeeded"),
-    ([state("terminated", 3)], "Failed"),
-    ([state("terminated", 0), state("running")], "Running"),
-    ([state("waiting", restarts=2)], "Running"),  # crash-looping
-], ids=["creating", "running", "succeeded", "failed", "one-still-running", "backoff"])
+@pytest.mark.parametrize(
+    "states,want",
+    [
+        ([state("waiting")], "Pending"),
+        ([state("running")], "Running"),
+        ([state("terminated", 0)], "Succeeded"),
+        ([state("terminated", 3)], "Failed"),
+        ([state("terminated", 0), state("running")], "Running"),
+        ([state("waiting", restarts=2)], "Running"),  # crash-looping
+    ],
+    ids=["creating", "running", "succeeded", "failed", "one-still-running", "backoff"],
+)
 def test_phase(states, want):
     assert phase(states, "Never") == want
 
@@ -31,7 +42,10 @@ def test_pod_status_running_ready():
     status = pod_status([state("running", ready=True)], "Always", "127.0.1.2", "127.0.0.1", "t0", "t0")
     assert status["phase"] == "Running" and status["podIP"] == "127.0.1.2"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Initialized": "True", "ContainersReady": "True", "Ready": "True"}
+        "Initialized": "True",
+        "ContainersReady": "True",
+        "Ready": "True",
+    }
     assert status["containerStatuses"][0]["state"] == {"running": {"startedAt": "t0"}}
 
 
@@ -52,7 +66,9 @@ def test_backoff_doubles_and_caps():
 
 def test_node_manifest_is_tainted_and_not_kwok():
     manifest = node.node_manifest()
-    assert manifest["spec"]["taints"] == [{"key": "lmforge.dev/process-node", "value": "true", "effect": "NoSchedule"}]
+    assert manifest["spec"]["taints"] == [
+        {"key": "lmforge.dev/process-node", "value": "true", "effect": "NoSchedule"}
+    ]
     assert "annotations" not in manifest["metadata"]
     assert manifest["metadata"]["labels"]["lmforge.dev/node-type"] == "process"
     status = node.node_status(10250, cap={"cpu": "2", "memory": "1Ki", "pods": "110"})

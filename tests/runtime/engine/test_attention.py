@@ -9,11 +9,11 @@ from lmforge.runtime.engine.attention import CommonAttentionMetadata, get_attent
 
 H, HKV, D, BS = 4, 2, 8, 4
 
+
 def assert_close(actual, expected, atol=1e-5, rtol=0.0):
     """torch.testing.assert_close costs seconds of imports on first use; this is enough here."""
     assert actual.shape == expected.shape
     assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (actual - expected).abs().max()
-
 
 
 def reference(q, k, v):  # q [L, H, D], k/v [L, Hkv, D]; causal; returns the last q.shape[0] rows
@@ -53,10 +53,20 @@ def test_mixed_batch_matches_reference():
     common = CommonAttentionMetadata(
         slot_mapping=torch.tensor(slots),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        query_lens=[n for _, n in shapes], seq_lens=[c + n for c, n in shapes], block_size=BS)
+        query_lens=[n for _, n in shapes],
+        seq_lens=[c + n for c, n in shapes],
+        block_size=BS,
+    )
     backend = get_attention_backend("torch")
-    out = backend.forward(torch.cat(q_new), torch.cat(k_new), torch.cat(v_new), k_cache, v_cache,
-                          backend.build_metadata(common), D**-0.5)
+    out = backend.forward(
+        torch.cat(q_new),
+        torch.cat(k_new),
+        torch.cat(v_new),
+        k_cache,
+        v_cache,
+        backend.build_metadata(common),
+        D**-0.5,
+    )
     expected = torch.cat([reference(q, k, v) for q, k, v in zip(q_new, full_k, full_v, strict=True)])
     assert_close(out, expected, atol=1e-5)
     # and every new K/V landed in its slot
@@ -90,7 +100,9 @@ def test_score_options_match_the_kernel_reference():
     seq_lens = [c + n for c, n in chunks]
     torch.manual_seed(1)
     caches, _, bt, sl = random_paged_cache(seq_lens, HKV, D, BS, torch.float32, "cpu", spare_blocks=2)
-    slots = torch.tensor([int(bt[b, p // BS]) * BS + p % BS for b, (c, n) in enumerate(chunks) for p in range(c, c + n)])
+    slots = torch.tensor(
+        [int(bt[b, p // BS]) * BS + p % BS for b, (c, n) in enumerate(chunks) for p in range(c, c + n)]
+    )
     k_new = caches[0].view(-1, HKV, D)[slots].clone()  # the step "writes" what the cache already holds
     v_new = caches[1].view(-1, HKV, D)[slots].clone()
     q = 3 * torch.randn(len(slots), H, D, generator=g)
@@ -99,13 +111,22 @@ def test_score_options_match_the_kernel_reference():
     backend = get_attention_backend("torch")
     slopes = ref.alibi_slopes(H)
     outputs = []
-    for opts in [{}, dict(sliding_window=3), dict(alibi_slopes=slopes), dict(logits_soft_cap=0.5),
-                 dict(sliding_window=5, alibi_slopes=slopes, logits_soft_cap=2.0)]:
-        out = backend.forward(q, k_new, v_new, caches[0], caches[1], backend.build_metadata(common), 0.3, **opts)
+    for opts in [
+        {},
+        dict(sliding_window=3),
+        dict(alibi_slopes=slopes),
+        dict(logits_soft_cap=0.5),
+        dict(sliding_window=5, alibi_slopes=slopes, logits_soft_cap=2.0),
+    ]:
+        out = backend.forward(
+            q, k_new, v_new, caches[0], caches[1], backend.build_metadata(common), 0.3, **opts
+        )
         expected = ref.paged_prefill_attention(q, *caches, bt, sl, cu, 7, 0.3, **opts)
         assert_close(out, expected, atol=2e-6)
         outputs.append(out)
     for other in outputs[1:]:  # every option changes the answer
         assert not torch.allclose(other, outputs[0], atol=1e-3)
     with pytest.raises(AssertionError):  # and the check has teeth: a wrong window is caught
-        assert_close(outputs[1], ref.paged_prefill_attention(q, *caches, bt, sl, cu, 7, 0.3, sliding_window=4))
+        assert_close(
+            outputs[1], ref.paged_prefill_attention(q, *caches, bt, sl, cu, 7, 0.3, sliding_window=4)
+        )

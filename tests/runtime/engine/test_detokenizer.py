@@ -25,8 +25,9 @@ def sentencepiece_like():
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzHW"]
     tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -36,7 +37,7 @@ def stream(tokenizer, prompt_ids, output_ids, **kw):
     for t in output_ids:
         before = detok.text
         stop = detok.update(t)
-        deltas.append(detok.text[len(before):])
+        deltas.append(detok.text[len(before) :])
         seen.append(detok.output_text(finished=False))
         if stop is not None:
             return detok, deltas, seen, stop
@@ -68,7 +69,7 @@ def test_sentencepiece_leading_spaces(sentencepiece_like):
     texts = []
     for split in (1, 2, 4):
         detok, deltas, _, _ = stream(tok, ids[:split], ids[split:])
-        assert "".join(deltas) == detok.text == full[len(tok.decode(ids[:split])):]
+        assert "".join(deltas) == detok.text == full[len(tok.decode(ids[:split])) :]
         texts.append(detok.text)
     assert texts[1] == " the cats! ok 日本"  # the space of the first output piece "▁the" survives
 

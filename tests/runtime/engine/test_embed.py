@@ -12,8 +12,11 @@ from lmforge.runtime.models.tiny import save_tiny_model
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
 
-PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hi",
-           "Continuous batching mixes prefill chunks with decode steps so that the GPU never idles."]
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "Continuous batching mixes prefill chunks with decode steps so that the GPU never idles.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +48,38 @@ def embed(engine: LLMEngine) -> list[list[float]]:
 
 @pytest.mark.parametrize("pooling", ["LAST", "MEAN"])
 def test_pooled_embeddings_match_hf_through_chunked_prefill(model_dir, hf_hidden, pooling):
-    engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype="float32", max_model_len=128, num_blocks=32,
-                                  max_num_batched_tokens=8, task="embed",  # 8: long prompts take several steps
-                                  pooler_config=PoolerConfig(pooling)))
+    engine = LLMEngine(
+        EngineArgs(
+            model=model_dir,
+            device="cpu",
+            dtype="float32",
+            max_model_len=128,
+            num_blocks=32,
+            max_num_batched_tokens=8,
+            task="embed",  # 8: long prompts take several steps
+            pooler_config=PoolerConfig(pooling),
+        )
+    )
     for got, hidden in zip(embed(engine), hf_hidden, strict=True):
         ref = hidden[-1] if pooling == "LAST" else hidden.mean(0)
-        torch.testing.assert_close(torch.tensor(got), torch.nn.functional.normalize(ref, dim=-1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(got), torch.nn.functional.normalize(ref, dim=-1), atol=1e-5, rtol=1e-4
+        )
     assert embed(engine) == embed(engine)  # deterministic
 
 
 def test_unnormalized_and_refusals(model_dir, hf_hidden):
-    engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype="float32", max_model_len=128, num_blocks=32,
-                                  task="embed", pooler_config=PoolerConfig("LAST", normalize=False)))
+    engine = LLMEngine(
+        EngineArgs(
+            model=model_dir,
+            device="cpu",
+            dtype="float32",
+            max_model_len=128,
+            num_blocks=32,
+            task="embed",
+            pooler_config=PoolerConfig("LAST", normalize=False),
+        )
+    )
     torch.testing.assert_close(torch.tensor(embed(engine)[0]), hf_hidden[0][-1], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="task 'embed' pools the prompt"):
         engine.add_request("x", "Hi", SamplingParams(n=2))

@@ -17,10 +17,16 @@ from lmforge.runtime.engine.llm_engine import LLMEngine
 from lmforge.runtime.models.tiny import save_tiny_model
 from lmforge.runtime.sampling_params import SamplingParams, StructuredOutputsParams
 
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                           "days": {"type": "integer", "minimum": 1, "maximum": 9},
-                                           "mode": {"enum": ["car", "train"]}},
-          "required": ["city", "days", "mode"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9},
+        "mode": {"enum": ["car", "train"]},
+    },
+    "required": ["city", "days", "mode"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,9 @@ def engine(tmp_path_factory):
     return LLMEngine(EngineArgs(model=path, device="cpu", dtype="float32", max_model_len=256, num_blocks=128))
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]) -> dict[str, tuple[str, list[int]]]:
+def run(
+    engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]
+) -> dict[str, tuple[str, list[int]]]:
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
     finals = {}
@@ -50,15 +58,33 @@ def test_apply_token_bitmask_masks_only_listed_rows():
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
 
 
-@pytest.mark.parametrize("spec, check", [
-    (StructuredOutputsParams(json=json.dumps(SCHEMA)), lambda t: jsonschema.validate(json.loads(t), SCHEMA)),
-    (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
-    (StructuredOutputsParams(regex=r"[a-c]{2}-\d{3}"), lambda t: re.fullmatch(r"[a-c]{2}-\d{3}", t) or 1 / 0),
-    (StructuredOutputsParams(choice=("yes", "no", "maybe later")), lambda t: t in ("yes", "no", "maybe later") or 1 / 0),
-    (StructuredOutputsParams(grammar='start: "x" NUM "y"\nNUM: /[0-9]{1,3}/'),
-     lambda t: re.fullmatch(r"x[0-9]{1,3}y", t) or 1 / 0),
-    (StructuredOutputsParams(grammar='root ::= "a" [0-9]+ "b"'), lambda t: re.fullmatch(r"a[0-9]+b", t) or 1 / 0),
-], ids=["json_schema", "json_object", "regex", "choice", "lark", "gbnf"])
+@pytest.mark.parametrize(
+    "spec, check",
+    [
+        (
+            StructuredOutputsParams(json=json.dumps(SCHEMA)),
+            lambda t: jsonschema.validate(json.loads(t), SCHEMA),
+        ),
+        (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+        (
+            StructuredOutputsParams(regex=r"[a-c]{2}-\d{3}"),
+            lambda t: re.fullmatch(r"[a-c]{2}-\d{3}", t) or 1 / 0,
+        ),
+        (
+            StructuredOutputsParams(choice=("yes", "no", "maybe later")),
+            lambda t: t in ("yes", "no", "maybe later") or 1 / 0,
+        ),
+        (
+            StructuredOutputsParams(grammar='start: "x" NUM "y"\nNUM: /[0-9]{1,3}/'),
+            lambda t: re.fullmatch(r"x[0-9]{1,3}y", t) or 1 / 0,
+        ),
+        (
+            StructuredOutputsParams(grammar='root ::= "a" [0-9]+ "b"'),
+            lambda t: re.fullmatch(r"a[0-9]+b", t) or 1 / 0,
+        ),
+    ],
+    ids=["json_schema", "json_object", "regex", "choice", "lark", "gbnf"],
+)
 def test_random_sampling_stays_inside_the_grammar(engine, spec, check):
     params = SamplingParams(max_tokens=120, temperature=0.7, seed=0, structured_outputs=spec)
     engine.add_request("g", "Hello", params)
@@ -70,8 +96,15 @@ def test_random_sampling_stays_inside_the_grammar(engine, spec, check):
 
 def test_invalid_grammar_is_refused_at_add_request(engine):
     with pytest.raises(ValueError, match="invalid json constraint"):
-        engine.add_request("bad", "Hi", SamplingParams(structured_outputs=StructuredOutputsParams(
-            json=json.dumps({"type": "object", "properties": {"a": {"type": "nonsense"}}}))))
+        engine.add_request(
+            "bad",
+            "Hi",
+            SamplingParams(
+                structured_outputs=StructuredOutputsParams(
+                    json=json.dumps({"type": "object", "properties": {"a": {"type": "nonsense"}}})
+                )
+            ),
+        )
     assert not engine.has_unfinished_requests() and not engine.runner.guided.matchers
     with pytest.raises(ValueError, match="invalid regex"):
         grammar_for(StructuredOutputsParams(regex="(unclosed"))
@@ -79,12 +112,20 @@ def test_invalid_grammar_is_refused_at_add_request(engine):
 
 def test_unguided_rows_identical_with_and_without_a_guided_row(engine):
     """Greedy and seeded rows draw nothing from the batch: adding a constrained row must not change them."""
-    plain = {"greedy": ("The quick brown fox", SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)),
-             "seeded": ("Kubernetes operators", SamplingParams(max_tokens=24, temperature=0.9, seed=3,
-                                                               ignore_eos=True))}
+    plain = {
+        "greedy": ("The quick brown fox", SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)),
+        "seeded": (
+            "Kubernetes operators",
+            SamplingParams(max_tokens=24, temperature=0.9, seed=3, ignore_eos=True),
+        ),
+    }
     alone = run(engine, plain)
-    guided = SamplingParams(max_tokens=60, temperature=1.0, seed=1,
-                            structured_outputs=StructuredOutputsParams(json=json.dumps(SCHEMA)))
+    guided = SamplingParams(
+        max_tokens=60,
+        temperature=1.0,
+        seed=1,
+        structured_outputs=StructuredOutputsParams(json=json.dumps(SCHEMA)),
+    )
     mixed = run(engine, {**plain, "guided": ("Plan a trip", guided)})
     assert mixed["greedy"] == alone["greedy"] and mixed["seeded"] == alone["seeded"]
     jsonschema.validate(json.loads(mixed["guided"][0]), SCHEMA)

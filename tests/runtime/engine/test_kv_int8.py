@@ -40,8 +40,14 @@ def greedy(max_tokens=16, **kw) -> SamplingParams:
 
 def make_llm(model_dir, kv_cache_dtype, **kw) -> LLM:
     # small block size and batch budget: long prompts prefill in chunks that read the cache back
-    args = dict(device="cpu", dtype="float32", max_model_len=128, block_size=8, max_num_batched_tokens=16,
-                cpu_kv_cache_gb=0.002)
+    args = dict(
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        block_size=8,
+        max_num_batched_tokens=16,
+        cpu_kv_cache_gb=0.002,
+    )
     return LLM(model_dir, kv_cache_dtype=kv_cache_dtype, **{**args, **kw})
 
 
@@ -85,8 +91,17 @@ def test_bad_kv_cache_dtype(model_dir):
 
 
 def test_int8_abort_returns_every_block(model_dir):
-    engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype="float32", max_model_len=128,
-                                  num_blocks=24, max_num_seqs=6, kv_cache_dtype="int8"))
+    engine = LLMEngine(
+        EngineArgs(
+            model=model_dir,
+            device="cpu",
+            dtype="float32",
+            max_model_len=128,
+            num_blocks=24,
+            max_num_seqs=6,
+            kv_cache_dtype="int8",
+        )
+    )
     start = engine.get_stats().num_free_blocks
     for i in range(12):
         engine.add_request(f"r{i}", list(range(3 + i, 40 + i)), greedy(50))
@@ -117,7 +132,10 @@ def test_torch_backend_int8_reads_back_dequantized():
 
     torch.manual_seed(0)
     nb, bs, hkv, h, d = 4, 4, 2, 4, 8
-    k_cache, v_cache = torch.zeros(nb, bs, hkv, d, dtype=torch.int8), torch.zeros(nb, bs, hkv, d, dtype=torch.int8)
+    k_cache, v_cache = (
+        torch.zeros(nb, bs, hkv, d, dtype=torch.int8),
+        torch.zeros(nb, bs, hkv, d, dtype=torch.int8),
+    )
     k_sc, v_sc = torch.zeros(nb, bs, hkv), torch.zeros(nb, bs, hkv)
     backend = TorchAttentionBackend()
     table = torch.tensor([[2, 0, 3]])
@@ -126,15 +144,36 @@ def test_torch_backend_int8_reads_back_dequantized():
     out = []
     for lo, hi in ((0, 6), (6, 9), (9, 10)):  # fresh prefill, a chunk after cached tokens, decode
         common = CommonAttentionMetadata(slots[lo:hi], table, [hi - lo], [hi], bs)
-        out.append(backend.forward(q[lo:hi], k[lo:hi], v[lo:hi], k_cache, v_cache, backend.build_metadata(common),
-                                   d**-0.5, k_scale_cache=k_sc, v_scale_cache=v_sc))
+        out.append(
+            backend.forward(
+                q[lo:hi],
+                k[lo:hi],
+                v[lo:hi],
+                k_cache,
+                v_cache,
+                backend.build_metadata(common),
+                d**-0.5,
+                k_scale_cache=k_sc,
+                v_scale_cache=v_sc,
+            )
+        )
     ek, ev = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     eks, evs = torch.zeros_like(k_sc), torch.zeros_like(v_sc)
     ref.reshape_and_cache_int8(k, v, ek, ev, eks, evs, slots)
     assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
     assert torch.equal(k_sc, eks) and torch.equal(v_sc, evs)
-    expected = ref.paged_prefill_attention(q, ek, ev, table.int(), torch.tensor([10]), torch.tensor([0, 10]), 10,
-                                           d**-0.5, k_scale_cache=eks, v_scale_cache=evs)
+    expected = ref.paged_prefill_attention(
+        q,
+        ek,
+        ev,
+        table.int(),
+        torch.tensor([10]),
+        torch.tensor([0, 10]),
+        10,
+        d**-0.5,
+        k_scale_cache=eks,
+        v_scale_cache=evs,
+    )
     torch.testing.assert_close(torch.cat(out), expected, atol=1e-5, rtol=1e-5)
 
 

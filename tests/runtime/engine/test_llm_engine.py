@@ -102,7 +102,10 @@ def test_unknown_architecture_and_small_cache_errors(tmp_path, model_dir):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["DbrxForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="DbrxForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match="DbrxForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM",
+    ):
         LLMEngine(EngineArgs(model=bad, device="cpu", num_blocks=16))
     with pytest.raises(ValueError, match="fewer than max_model_len=128"):
         LLMEngine(EngineArgs(model=model_dir, device="cpu", num_blocks=7, max_model_len=128))
@@ -174,7 +177,9 @@ def test_seeded_sampling_is_reproducible_in_any_batch(make_engine):
     alone = run_all(engine)["alone"][-1].outputs[0].token_ids
     engine = make_engine(max_num_batched_tokens=6)
     for i in range(3):
-        engine.add_request(f"noise{i}", f"Some other prompt {i}", SamplingParams(max_tokens=16, temperature=1.0))
+        engine.add_request(
+            f"noise{i}", f"Some other prompt {i}", SamplingParams(max_tokens=16, temperature=1.0)
+        )
     engine.add_request("crowd", "Hello", params)
     crowd = run_all(engine)["crowd"][-1].outputs[0].token_ids
     assert alone == crowd
@@ -188,7 +193,9 @@ def test_n_samples_share_prompt_blocks(make_engine):
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     assert engine.get_stats().prefix_cache_hits >= 2 * 48  # siblings reused 3 full blocks each
-    engine.add_request("s", prompt, SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
+    engine.add_request(
+        "s", prompt, SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+    )
     out = run_all(engine)["s"][-1]
     assert out.outputs[0].token_ids != out.outputs[1].token_ids  # seed + index per sample
 
@@ -200,4 +207,6 @@ def test_logprobs_and_cumulative(make_engine):
     assert len(out.logprobs) == 6
     for token, step in zip(out.token_ids, out.logprobs, strict=True):
         assert len(step) == 3 and max(step, key=step.get) == token  # greedy: sampled is the top-1
-    assert out.cumulative_logprob == pytest.approx(sum(s[t] for t, s in zip(out.token_ids, out.logprobs, strict=True)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(s[t] for t, s in zip(out.token_ids, out.logprobs, strict=True))
+    )

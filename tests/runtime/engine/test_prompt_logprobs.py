@@ -20,7 +20,9 @@ from lmforge.runtime.sampling_params import SamplingParams
 
 
 def make_seq(num_prompt: int, prompt_logprobs: int | None = 2, done: int = 0) -> Sequence:
-    seq = Sequence("r", 0, list(range(10, 10 + num_prompt)), num_prompt, SamplingParams(prompt_logprobs=prompt_logprobs))
+    seq = Sequence(
+        "r", 0, list(range(10, 10 + num_prompt)), num_prompt, SamplingParams(prompt_logprobs=prompt_logprobs)
+    )
     seq.prompt_logprobs = [{} for _ in range(done)]
     return seq
 
@@ -28,18 +30,31 @@ def make_seq(num_prompt: int, prompt_logprobs: int | None = 2, done: int = 0) ->
 # --- pure pieces ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("num_prompt", "k", "done", "start", "end", "want"), [
-    (10, 2, 0, 0, 10, range(0, 9)),  # the whole prompt in one step: every position but the sampling one
-    (10, 2, 0, 0, 4, range(0, 4)),  # first chunk
-    (10, 2, 4, 4, 8, range(4, 8)),  # second chunk
-    (10, 2, 8, 8, 10, range(8, 9)),  # last chunk: position 9 samples
-    (10, 2, 6, 0, 8, range(6, 8)),  # recomputed after a preemption: 0..5 were scored already
-    (10, 2, 6, 0, 4, range(6, 4)),  # ... nothing new yet
-    (10, 2, 9, 9, 10, range(0)),  # all owed entries are in
-    (10, None, 0, 0, 10, range(0)),  # not asked
-    (1, 2, 0, 0, 1, range(0)),  # a 1-token prompt has nothing to score
-], ids=["whole", "chunk-1", "chunk-2", "last-chunk", "recompute", "recompute-early", "done", "not-asked",
-        "one-token"])
+@pytest.mark.parametrize(
+    ("num_prompt", "k", "done", "start", "end", "want"),
+    [
+        (10, 2, 0, 0, 10, range(0, 9)),  # the whole prompt in one step: every position but the sampling one
+        (10, 2, 0, 0, 4, range(0, 4)),  # first chunk
+        (10, 2, 4, 4, 8, range(4, 8)),  # second chunk
+        (10, 2, 8, 8, 10, range(8, 9)),  # last chunk: position 9 samples
+        (10, 2, 6, 0, 8, range(6, 8)),  # recomputed after a preemption: 0..5 were scored already
+        (10, 2, 6, 0, 4, range(6, 4)),  # ... nothing new yet
+        (10, 2, 9, 9, 10, range(0)),  # all owed entries are in
+        (10, None, 0, 0, 10, range(0)),  # not asked
+        (1, 2, 0, 0, 1, range(0)),  # a 1-token prompt has nothing to score
+    ],
+    ids=[
+        "whole",
+        "chunk-1",
+        "chunk-2",
+        "last-chunk",
+        "recompute",
+        "recompute-early",
+        "done",
+        "not-asked",
+        "one-token",
+    ],
+)
 def test_positions_to_score(num_prompt, k, done, start, end, want):
     assert list(positions_to_score(make_seq(num_prompt, k, done), start, end)) == list(want)
 
@@ -60,7 +75,9 @@ def test_score_rows_exact_values_ranks_and_order():
     got = score_rows(logits, targets=[1, 0], num_top=[2, 0])
     assert list(got[0]) == [1, 2, 3]  # the target first, then the top 2
     assert got[0][1] == Logprob(pytest.approx(1.0 - lse0), 3)  # two tokens are more likely
-    assert got[0][2] == Logprob(pytest.approx(2.0 - lse0), 1) and got[0][3].logprob == pytest.approx(2.0 - lse0)
+    assert got[0][2] == Logprob(pytest.approx(2.0 - lse0), 1) and got[0][3].logprob == pytest.approx(
+        2.0 - lse0
+    )
     assert got[1] == {0: Logprob(pytest.approx(3.0 - lse1), 1)}  # k=0: the target alone
     tied = score_rows(logits[:1], targets=[2], num_top=[0])[0]  # ties count: both 2.0 logits rank 2
     assert tied == {2: Logprob(pytest.approx(2.0 - lse0), 2)}
@@ -92,8 +109,10 @@ def test_batch_scores_in_slices_and_splits_rows_per_sequence():
     assert calls == [[0, 1, 2], [3, 4, 10], [11]]
     assert sorted(got) == [a.seq_id, c.seq_id] and [len(got[a.seq_id]), len(got[c.seq_id])] == [5, 2]
     ref = hidden.log_softmax(-1)
-    for entries, rows, targets in ((got[a.seq_id], range(5), a.token_ids[1:6]),
-                                   (got[c.seq_id], [10, 11], c.token_ids[2:4])):
+    for entries, rows, targets in (
+        (got[a.seq_id], range(5), a.token_ids[1:6]),
+        (got[c.seq_id], [10, 11], c.token_ids[2:4]),
+    ):
         for entry, row, target in zip(entries, rows, targets, strict=True):
             assert next(iter(entry)) == target
             assert entry[target].logprob == pytest.approx(ref[row, target].item(), abs=1e-6)
@@ -125,7 +144,9 @@ def model_dir(tmp_path_factory):
 
 
 def make_engine(model_dir, **kw) -> LLMEngine:
-    args = dict(model=model_dir, device="cpu", dtype="float32", max_model_len=128, num_blocks=32, block_size=8)
+    args = dict(
+        model=model_dir, device="cpu", dtype="float32", max_model_len=128, num_blocks=32, block_size=8
+    )
     return LLMEngine(EngineArgs(**{**args, **kw}))
 
 
@@ -163,7 +184,8 @@ def test_output_shape_tokens_and_validation(model_dir):
     k0 = outs["k0"].prompt_logprobs
     assert [list(e) for e in k0[1:]] == [[t] for t in prompt[1:]]
     assert [e[t].logprob for e, t in zip(k0[1:], prompt[1:], strict=True)] == [
-        e[t].logprob for e, t in zip(k2[1:], prompt[1:], strict=True)]
+        e[t].logprob for e, t in zip(k2[1:], prompt[1:], strict=True)
+    ]
     assert outs["one"].prompt_logprobs == [None]
     assert outs["none"].prompt_logprobs is None
     assert all(lp.decoded_token is None for e in outs["ids"].prompt_logprobs[1:] for lp in e.values())
@@ -206,13 +228,22 @@ def test_one_token_prefill_chunks_through_the_decode_graph_path(model_dir):
             pytest.skip("the Triton interpreter was not switched on before triton was imported")
         patch_bf16()
     prompts = [list(range(5, 9)), list(range(40, 47))]
-    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2)]
+    params = [
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2),
+    ]
     results = {}
     for name in ("torch", "graphs"):
-        engine = make_engine(model_dir, device=device, max_model_len=64, num_blocks=16, max_num_seqs=4,
-                             max_num_batched_tokens=2, attention_backend="torch" if name == "torch" else "triton",
-                             enforce_eager=name == "torch")
+        engine = make_engine(
+            model_dir,
+            device=device,
+            max_model_len=64,
+            num_blocks=16,
+            max_num_seqs=4,
+            max_num_batched_tokens=2,
+            attention_backend="torch" if name == "torch" else "triton",
+            enforce_eager=name == "torch",
+        )
         graph_rows = []
         if name == "graphs":
             runner = engine.runner

@@ -22,11 +22,11 @@ def assert_close(actual, expected, atol=1e-5, rtol=0.0):
     assert torch.allclose(actual, expected, atol=atol, rtol=rtol), (actual - expected).abs().max()
 
 
-
 def meta(params, prompts=None, outputs=None, generators=None, banned=None):
     n = len(params)
-    return SamplingMetadata(params, prompts or [[]] * n, outputs or [[]] * n, generators or {},
-                            banned or [[]] * n)
+    return SamplingMetadata(
+        params, prompts or [[]] * n, outputs or [[]] * n, generators or {}, banned or [[]] * n
+    )
 
 
 def test_top_k_top_p_masks():
@@ -156,7 +156,10 @@ def test_kernel_path_mixes_greedy_seeded_and_penalised_rows():
         toks = []
         for _ in range(6):
             rows = torch.cat([torch.randn(extra, vocab), logits, logits])
-            params = [SamplingParams(temperature=1.0, top_k=5)] * extra + [seeded, SamplingParams(temperature=0.0)]
+            params = [SamplingParams(temperature=1.0, top_k=5)] * extra + [
+                seeded,
+                SamplingParams(temperature=0.0),
+            ]
             out = sampler(rows, meta(params, generators={extra: gen}))
             assert out.token_ids[-1] == int(logits.argmax())  # greedy row
             toks.append(out.token_ids[-2])
@@ -167,7 +170,9 @@ def test_kernel_path_mixes_greedy_seeded_and_penalised_rows():
     # penalties are applied before the kernel (temperature 0.01: sampled, but as good as certain)
     sampler = kernel_sampler(0)
     row = torch.tensor([[5.0, 4.0, -1.0]])
-    out = sampler(row, meta([SamplingParams(temperature=0.01, repetition_penalty=2.0)], prompts=[[0]], outputs=[[]]))
+    out = sampler(
+        row, meta([SamplingParams(temperature=0.01, repetition_penalty=2.0)], prompts=[[0]], outputs=[[]])
+    )
     assert out.token_ids == [1]
 
 
@@ -188,4 +193,6 @@ def test_guided_bitmask_reaches_both_draw_paths():
         greedy.guided_rows, greedy.token_bitmask = [2], bitmask
         out = sampler(logits.clone(), greedy)
         assert out.token_ids[2] == (9 if logits[2, 9] > logits[2, 65] else 65)
-        assert out.token_ids[:2] + out.token_ids[3:] == (logits.argmax(-1).tolist()[:2] + logits.argmax(-1).tolist()[3:])
+        assert out.token_ids[:2] + out.token_ids[3:] == (
+            logits.argmax(-1).tolist()[:2] + logits.argmax(-1).tolist()[3:]
+        )

@@ -14,8 +14,9 @@ from lmforge.runtime.sampling_params import SamplingParams
 BS = 16
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256,
-                   prefix_caching=True) -> Scheduler:
+def make_scheduler(
+    num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, prefix_caching=True
+) -> Scheduler:
     bm = BlockManager(num_blocks, BS, prefix_caching)
     return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len), bm)
 
@@ -152,6 +153,8 @@ def test_pure_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import lmforge.runtime.engine.scheduler, lmforge.runtime.engine.block_manager; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys; import lmforge.runtime.engine.scheduler, lmforge.runtime.engine.block_manager; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 0

@@ -40,19 +40,30 @@ def decode(bm: BlockManager, seq: Sequence, steps: int) -> list[int]:
     return held
 
 
-@pytest.mark.parametrize("windows,expected", [
-    ([4, 4], 4), ([4, 8, 2], 8), ([4, None], None), ([None, None], None), ([], None),
-], ids=["all-same", "largest", "one-global", "all-global", "no-layers"])
+@pytest.mark.parametrize(
+    "windows,expected",
+    [
+        ([4, 4], 4),
+        ([4, 8, 2], 8),
+        ([4, None], None),
+        ([None, None], None),
+        ([], None),
+    ],
+    ids=["all-same", "largest", "one-global", "all-global", "no-layers"],
+)
 def test_reusable_window_needs_every_layer_to_slide(windows, expected):
     assert reusable_window(windows) == expected
 
 
-@pytest.mark.parametrize("args,expected", [
-    ((100, 4, None, 8), 25),  # no window: the whole context
-    ((100, 4, 10, 1), 4),  # decode: ceil(10 / 4) + 1
-    ((100, 4, 10, 8), 6),  # an 8-token chunk on top of the window
-    ((8, 4, 10, 8), 2),  # a context shorter than the window
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ((100, 4, None, 8), 25),  # no window: the whole context
+        ((100, 4, 10, 1), 4),  # decode: ceil(10 / 4) + 1
+        ((100, 4, 10, 8), 6),  # an 8-token chunk on top of the window
+        ((8, 4, 10, 8), 2),  # a context shorter than the window
+    ],
+)
 def test_max_blocks_per_seq(args, expected):
     assert max_blocks_per_seq(*args) == expected
 

@@ -67,12 +67,17 @@ def hf_greedy(path: Path, prompt: list[int], **config_overrides) -> tuple[list[i
     return tokens, top5
 
 
-def matches(ref: tuple[list[int], list[dict[int, float]]], token_ids: list[int], logprobs: list[dict]) -> bool:
+def matches(
+    ref: tuple[list[int], list[dict[int, float]]], token_ids: list[int], logprobs: list[dict]
+) -> bool:
     ref_tokens, ref_top5 = ref
     if token_ids != ref_tokens:
         return False
-    return all(abs(ours[t] - lp) < LOGPROB_ATOL for ours, theirs in zip(logprobs, ref_top5, strict=True)
-               for t, lp in theirs.items())
+    return all(
+        abs(ours[t] - lp) < LOGPROB_ATOL
+        for ours, theirs in zip(logprobs, ref_top5, strict=True)
+        for t, lp in theirs.items()
+    )
 
 
 def run(engine: LLMEngine, batch: list[list[int]], tag: str) -> tuple[dict[str, tuple], dict[str, int]]:
@@ -92,7 +97,11 @@ def run(engine: LLMEngine, batch: list[list[int]], tag: str) -> tuple[dict[str, 
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                outputs[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs, out.num_cached_tokens)
+                outputs[out.request_id] = (
+                    out.outputs[0].token_ids,
+                    out.outputs[0].logprobs,
+                    out.num_cached_tokens,
+                )
         for s in steps[-1].scheduled if steps else ():
             n = engine.block_manager.num_held_blocks(s.seq)
             held["any"] = max(held["any"], n)
@@ -105,13 +114,26 @@ def run(engine: LLMEngine, batch: list[list[int]], tag: str) -> tuple[dict[str, 
 def test_mistral_past_the_window_matches_hf_with_window_sized_kv(mistral):
     batch = prompts([30, 45, 9, 26])  # three longer than the window; mixed lengths in one batch
     refs = [hf_greedy(mistral, p) for p in batch]
-    engine = LLMEngine(EngineArgs(model=mistral, device="cpu", dtype="float32", block_size=BS, num_blocks=12,
-                                  max_num_batched_tokens=16, max_num_seqs=4))  # 65 tokens would be 17 blocks each
+    engine = LLMEngine(
+        EngineArgs(
+            model=mistral,
+            device="cpu",
+            dtype="float32",
+            block_size=BS,
+            num_blocks=12,
+            max_num_batched_tokens=16,
+            max_num_seqs=4,
+        )
+    )  # 65 tokens would be 17 blocks each
     assert engine.model_config.max_model_len == 256  # not clamped to the window
     assert engine.block_manager.sliding_window == WINDOW
     outputs, held = run(engine, batch, "a")
-    assert held["decode"] <= max_blocks_per_seq(256, BS, WINDOW, 1) == 4  # window / block_size + 1, not 65 / 4
-    assert held["any"] <= max_blocks_per_seq(256, BS, WINDOW, 16) == 8  # a 16-token chunk on top of the window
+    assert (
+        held["decode"] <= max_blocks_per_seq(256, BS, WINDOW, 1) == 4
+    )  # window / block_size + 1, not 65 / 4
+    assert (
+        held["any"] <= max_blocks_per_seq(256, BS, WINDOW, 16) == 8
+    )  # a 16-token chunk on top of the window
     for i, ref in enumerate(refs):
         assert matches(ref, *outputs[f"a{i}"][:2]), f"prompt {i}"
     assert engine.get_stats().num_preemptions > 0  # 4 decodes x 4 blocks do not fit 12 blocks
@@ -143,15 +165,28 @@ def test_per_layer_windows_with_a_global_layer_match_hf_and_free_nothing(tmp_pat
     (the per-layer config parse belongs to the model-zoo branch); one global layer keeps every block."""
     path = save_windowed(tmp_path / "qwen2", "qwen2")
     batch = prompts([33, 20], seed=5)
-    engine = LLMEngine(EngineArgs(model=path, device="cpu", dtype="float32", block_size=BS, num_blocks=40, max_model_len=64,
-                                  max_num_batched_tokens=16))
+    engine = LLMEngine(
+        EngineArgs(
+            model=path,
+            device="cpu",
+            dtype="float32",
+            block_size=BS,
+            num_blocks=40,
+            max_model_len=64,
+            max_num_batched_tokens=16,
+        )
+    )
     layers = engine.runner.model.attention_layers()
     layers[1].sliding_window = WINDOW
     assert engine.block_manager.sliding_window is None  # a global layer: nothing can be freed
     outputs, held = run(engine, batch, "d")
     assert held["decode"] == -(-(33 + MAX_TOKENS - 1) // BS)  # the whole context stays
-    hf_windows = dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                      layer_types=["full_attention", "sliding_attention"])
+    hf_windows = dict(
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"],
+    )
     for i, p in enumerate(batch):
         assert matches(hf_greedy(path, p, **hf_windows), *outputs[f"d{i}"][:2]), f"prompt {i}"
         assert not matches(hf_greedy(path, p), *outputs[f"d{i}"][:2])  # the window on layer 1 mattered

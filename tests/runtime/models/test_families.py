@@ -48,15 +48,32 @@ def _set(hf: dict, key: str, value) -> None:
         hf[key] = value
 
 
-RESTRICTED = [(arch, key) for arch, family in FAMILIES.items() for key, spec in family.keys.items()
-              if spec.accepts is not None]
+RESTRICTED = [
+    (arch, key)
+    for arch, family in FAMILIES.items()
+    for key, spec in family.keys.items()
+    if spec.accepts is not None
+]
 
 
 def test_the_table_restricts_the_keys_that_select_math():
     keys = {key for _, key in RESTRICTED}
-    assert {"hidden_act", "hidden_activation", "attention_bias", "mlp_bias", "rope_type", "partial_rotary_factor",
-            "layer_types", "use_sliding_window", "qk_layernorm", "use_parallel_residual", "use_qkv_bias", "use_bias",
-            "use_qk_norm", "use_bidirectional_attention"} <= keys
+    assert {
+        "hidden_act",
+        "hidden_activation",
+        "attention_bias",
+        "mlp_bias",
+        "rope_type",
+        "partial_rotary_factor",
+        "layer_types",
+        "use_sliding_window",
+        "qk_layernorm",
+        "use_parallel_residual",
+        "use_qkv_bias",
+        "use_bias",
+        "use_qk_norm",
+        "use_bidirectional_attention",
+    } <= keys
     assert len(RESTRICTED) >= 60
 
 
@@ -73,7 +90,9 @@ def test_an_unsupported_value_is_refused_by_architecture_key_and_value(architect
     value = _unsupported(FAMILIES[architecture].keys[key], hf["num_hidden_layers"])
     _set(hf, key, value)
     shown = repr(value[0] if isinstance(value, list) else value)
-    with pytest.raises(ValueError, match=rf"^{architecture}: config key '{key}' = {re.escape(shown)} is not supported"):
+    with pytest.raises(
+        ValueError, match=rf"^{architecture}: config key '{key}' = {re.escape(shown)} is not supported"
+    ):
         ModelConfig.from_hf(hf)
 
 
@@ -91,11 +110,15 @@ def test_table_defaults_are_transformers_defaults(architecture):
         source = rope if key in _ROPE_KEYS else hf
         if key in SHAPE_KEYS or key not in source:  # shapes: the size of a default model, not a behaviour
             continue
-        if key == "layer_types":  # derived per layer by the config class; ours derive the same from the window
+        if (
+            key == "layer_types"
+        ):  # derived per layer by the config class; ours derive the same from the window
             continue
         if key == "sliding_window" and "use_sliding_window" in family.keys:
             continue  # Qwen2/3 configs null the window unless use_sliding_window; ours ignore it the same way
-        assert source[key] == spec.default, f"{architecture}.{key}: transformers {source[key]!r}, table {spec.default!r}"
+        assert source[key] == spec.default, (
+            f"{architecture}.{key}: transformers {source[key]!r}, table {spec.default!r}"
+        )
         checked += 1
     assert checked >= 4
 
@@ -114,18 +137,29 @@ def test_a_llama_with_another_activation_is_read_not_ignored(tmp_path):
     hf = {**_base("LlamaForCausalLM"), "hidden_act": "gelu_pytorch_tanh"}
     assert ModelConfig.from_hf(hf).hidden_act == "gelu_tanh"
     (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_act": "gelu_fast"}))
-    with pytest.raises(ValueError, match="LlamaForCausalLM: config key 'hidden_act' = 'gelu_fast' is not supported"):
+    with pytest.raises(
+        ValueError, match="LlamaForCausalLM: config key 'hidden_act' = 'gelu_fast' is not supported"
+    ):
         load_model_config(tmp_path)
 
 
 def test_per_layer_windows_follow_layer_types():
     hf = _base("Gemma2ForCausalLM")
-    hf.update(num_hidden_layers=4, sliding_window=32,
-              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    hf.update(
+        num_hidden_layers=4,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    )
     cfg = ModelConfig.from_hf(hf)
     assert cfg.layer_sliding_windows == (32, None, 32, None) and cfg.sliding_window == 32
-    qwen = {**_base("Qwen2ForCausalLM"), "num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 16,
-            "max_window_layers": 2, "layer_types": None}
+    qwen = {
+        **_base("Qwen2ForCausalLM"),
+        "num_hidden_layers": 4,
+        "use_sliding_window": True,
+        "sliding_window": 16,
+        "max_window_layers": 2,
+        "layer_types": None,
+    }
     assert ModelConfig.from_hf(qwen).layer_sliding_windows == (None, None, 16, 16)
     assert ModelConfig.from_hf({**qwen, "use_sliding_window": False}).layer_sliding_windows == ()
 
@@ -137,4 +171,7 @@ def test_gemma3_reads_each_layer_types_rope():
     assert cfg.attn_scale == 24**-0.5 and cfg.layer_sliding_windows == (24, None)
     assert cfg.local_rope_layers == (True, False)
     no_window = ModelConfig.from_hf({**_base("Gemma3ForCausalLM"), "sliding_window": None})
-    assert no_window.layer_sliding_windows == () and no_window.local_rope_layers == (True, False)  # HF: by type
+    assert no_window.layer_sliding_windows == () and no_window.local_rope_layers == (
+        True,
+        False,
+    )  # HF: by type

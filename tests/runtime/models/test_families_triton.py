@@ -52,8 +52,13 @@ def assert_triton_matches_torch(paths: dict[str, str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_KERNEL_BACKEND": ""}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-P", "-c", SCRIPT, device, json.dumps(paths)], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", SCRIPT, device, json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     for arch in paths:
@@ -67,14 +72,31 @@ def assert_triton_matches_torch(paths: dict[str, str]) -> None:
 
 @pytest.mark.slow  # ~70 s in the Triton interpreter on 2 busy cores
 def test_families_on_the_triton_backend_match_torch(tmp_path):
-    assert_triton_matches_torch({
-        arch: str(save_tiny_model(tmp_path / arch, arch, widen=True, hidden_size=32, num_heads=2, num_kv_heads=1,
-                                  num_layers=2))
-        for arch in ("qwen3", "gemma2", "glm")})
+    assert_triton_matches_torch(
+        {
+            arch: str(
+                save_tiny_model(
+                    tmp_path / arch,
+                    arch,
+                    widen=True,
+                    hidden_size=32,
+                    num_heads=2,
+                    num_kv_heads=1,
+                    num_layers=2,
+                )
+            )
+            for arch in ("qwen3", "gemma2", "glm")
+        }
+    )
 
 
 @pytest.mark.slow  # ~90 s in the Triton interpreter on 2 busy cores
 def test_legacy_families_on_the_triton_backend_match_torch(tmp_path):
-    assert_triton_matches_torch({
-        arch: str(save_legacy_tiny_model(tmp_path / arch, arch, hidden_size=32, num_heads=2, num_layers=2))
-        for arch in ("bloom", "mpt", "falcon-rw", "falcon")})
+    assert_triton_matches_torch(
+        {
+            arch: str(
+                save_legacy_tiny_model(tmp_path / arch, arch, hidden_size=32, num_heads=2, num_layers=2)
+            )
+            for arch in ("bloom", "mpt", "falcon-rw", "falcon")
+        }
+    )

@@ -13,9 +13,16 @@ from lmforge.runtime.models.config import ModelConfig, normalize_with_transforme
 from lmforge.runtime.models.mpt import mpt_alibi_slopes
 from lmforge.runtime.models.tiny_legacy import legacy_hf_config
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "opt": "OPTForCausalLM", "bloom": "BloomForCausalLM",
-                 "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM", "falcon-rw": "FalconForCausalLM",
-                 "falcon-40b": "FalconForCausalLM", "opt-postln": "OPTForCausalLM"}
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "bloom": "BloomForCausalLM",
+    "mpt": "MptForCausalLM",
+    "falcon": "FalconForCausalLM",
+    "falcon-rw": "FalconForCausalLM",
+    "falcon-40b": "FalconForCausalLM",
+    "opt-postln": "OPTForCausalLM",
+}
 
 
 def parse(arch: str, **changes: Any) -> ModelConfig:
@@ -28,8 +35,11 @@ def parse(arch: str, **changes: Any) -> ModelConfig:
 REFUSED = [
     ("gpt2", {"add_cross_attention": True}, r"GPT2LMHeadModel: add_cross_attention=True is not supported"),
     ("gpt2", {"activation_function": "quick_gelu"}, r"GPT2LMHeadModel: activation_function='quick_gelu'"),
-    ("gpt2", {"quantization_config": {"quant_method": "compressed-tensors"}},
-     r"GPT2LMHeadModel: quantization_config is not supported: .*Conv1D"),
+    (
+        "gpt2",
+        {"quantization_config": {"quant_method": "compressed-tensors"}},
+        r"GPT2LMHeadModel: quantization_config is not supported: .*Conv1D",
+    ),
     ("opt", {"activation_function": "tanh"}, r"OPTForCausalLM: activation_function='tanh' is not supported"),
     ("mpt", {"attn_config": {"qk_ln": True}}, r"MptForCausalLM: attn_config.qk_ln=True is not supported"),
     ("mpt", {"attn_config": {"prefix_lm": True}}, r"attn_config.prefix_lm=True"),
@@ -49,9 +59,15 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("arch, changes, message", REFUSED,
-                         ids=[f"{a}-{next(iter(c))}" + (f".{next(iter(c.get('attn_config', {})), '')}"
-                              if "attn_config" in c else "") for a, c, _ in REFUSED])
+@pytest.mark.parametrize(
+    "arch, changes, message",
+    REFUSED,
+    ids=[
+        f"{a}-{next(iter(c))}"
+        + (f".{next(iter(c.get('attn_config', {})), '')}" if "attn_config" in c else "")
+        for a, c, _ in REFUSED
+    ],
+)
 def test_unimplemented_values_are_refused_by_name(arch, changes, message):
     with pytest.raises(ValueError, match=message):
         parse(arch, **changes)
@@ -59,20 +75,36 @@ def test_unimplemented_values_are_refused_by_name(arch, changes, message):
 
 def test_falcon_variants_read_their_layout():
     seven, forty, rw = parse("falcon"), parse("falcon-40b"), parse("falcon-rw")
-    assert (seven.num_kv_heads, seven.family.qkv_layout, seven.family.parallel_attn, seven.family.num_ln) == \
-        (1, "multi_query", True, 1)
+    assert (seven.num_kv_heads, seven.family.qkv_layout, seven.family.parallel_attn, seven.family.num_ln) == (
+        1,
+        "multi_query",
+        True,
+        1,
+    )
     assert (forty.num_kv_heads, forty.family.qkv_layout, forty.family.num_ln) == (2, "grouped", 2)
-    assert (rw.num_kv_heads, rw.family.qkv_layout, rw.family.parallel_attn, rw.family.alibi, rw.family.bias) == \
-        (4, "interleaved", False, True, True)
+    assert (
+        rw.num_kv_heads,
+        rw.family.qkv_layout,
+        rw.family.parallel_attn,
+        rw.family.alibi,
+        rw.family.bias,
+    ) == (4, "interleaved", False, True, True)
 
 
 def test_opt_350m_switches_and_gpt2_scales():
     post = parse("opt-postln")
-    assert (post.family.pre_layer_norm, post.family.final_layer_norm, post.family.word_embed_proj_dim) == \
-        (False, False, 32)
+    assert (post.family.pre_layer_norm, post.family.final_layer_norm, post.family.word_embed_proj_dim) == (
+        False,
+        False,
+        32,
+    )
     gpt2 = parse("gpt2", scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)
     assert (gpt2.family.scale_attn_weights, gpt2.family.scale_attn_by_inverse_layer_idx) == (False, True)
-    assert (gpt2.intermediate_size, gpt2.max_position_embeddings, gpt2.tie_word_embeddings) == (192, 512, True)
+    assert (gpt2.intermediate_size, gpt2.max_position_embeddings, gpt2.tie_word_embeddings) == (
+        192,
+        512,
+        True,
+    )
 
 
 @pytest.mark.parametrize("num_heads", [1, 3, 4, 6, 12, 16, 20, 32, 48])

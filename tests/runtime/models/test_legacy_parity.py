@@ -29,14 +29,17 @@ def random_prompts(lengths: list[int], seed: int = 1, vocab: int = 384) -> list[
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def hf_reference(path: Path, prompts: list[list[int]], max_tokens: int = MAX_TOKENS
-                 ) -> list[tuple[list[int], list[dict[int, float]]]]:
+def hf_reference(
+    path: Path, prompts: list[list[int]], max_tokens: int = MAX_TOKENS
+) -> list[tuple[list[int], list[dict[int, float]]]]:
     """Greedy tokens + top-k logprobs per step for each prompt (fp32, eager attention)."""
     missing = [p for p in prompts if (str(path), tuple(p), max_tokens) not in _reference_cache]
     if missing:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         with torch.no_grad():
             for prompt in missing:
                 ids, tokens, tops = torch.tensor([prompt]), [], []
@@ -50,7 +53,9 @@ def hf_reference(path: Path, prompts: list[list[int]], max_tokens: int = MAX_TOK
     return [_reference_cache[(str(path), tuple(p), max_tokens)] for p in prompts]
 
 
-def mismatch(path: Path, prompts: list[list[int]], outputs: list[Any], atol: float = LOGPROB_ATOL) -> str | None:
+def mismatch(
+    path: Path, prompts: list[list[int]], outputs: list[Any], atol: float = LOGPROB_ATOL
+) -> str | None:
     """None if every output matches HF's greedy tokens and top-k logprobs (within atol)."""
     worst = 0.0
     for i, ((ref_tokens, ref_tops), out) in enumerate(zip(hf_reference(path, prompts), outputs, strict=True)):
@@ -129,7 +134,9 @@ def test_chunked_prefill_and_prefix_cache_match_hf(checkpoints, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preemption_matches_hf(checkpoints, arch):
     prompts = random_prompts([30, 45, 60, 20], seed=3)
-    llm = serve(checkpoints[arch], max_model_len=128, num_blocks=10, block_size=16, enable_prefix_caching=False)
+    llm = serve(
+        checkpoints[arch], max_model_len=128, num_blocks=10, block_size=16, enable_prefix_caching=False
+    )
     outputs = llm.generate(prompts, PARAMS)
     assert llm.llm_engine.get_stats().num_preemptions > 0
     assert mismatch(checkpoints[arch], prompts, outputs) is None
@@ -144,9 +151,14 @@ def test_negative_control_one_config_key_changed_fails(checkpoints, arch, tmp_pa
     assert mismatch(checkpoints[arch], prompts, outputs) is not None
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-                                  {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                   "original_max_position_embeddings": 64}], ids=["linear", "yarn"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64},
+    ],
+    ids=["linear", "yarn"],
+)
 def test_falcon_rope_scaling_matches_hf(tmp_path, rope):
     path = save_legacy_tiny_model(tmp_path / "falcon", "falcon", rope_parameters=rope)
     prompts = random_prompts([3, 40, 90])
@@ -154,8 +166,11 @@ def test_falcon_rope_scaling_matches_hf(tmp_path, rope):
 
 
 def test_falcon_alibi_refuses_a_context_hf_rounds_differently(checkpoints):
-    with pytest.raises(ValueError, match=r"alibi=True with 4 heads: transformers rounds the ALiBi bias .* "
-                                         r"positions < 257; max_model_len=300"):
+    with pytest.raises(
+        ValueError,
+        match=r"alibi=True with 4 heads: transformers rounds the ALiBi bias .* "
+        r"positions < 257; max_model_len=300",
+    ):
         serve(checkpoints["falcon-rw"], max_model_len=300)
 
 
@@ -168,12 +183,16 @@ SHORT = SamplingParams(max_tokens=8, temperature=0.0, logprobs=1, ignore_eos=Tru
 def worst_gap(path: Path, prompts: list[list[int]], outputs: list[Any]) -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     worst = 0.0
     for prompt, out in zip(prompts, outputs, strict=True):
         tokens = out.outputs[0].token_ids
         with torch.no_grad():
-            ref = model(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)[len(prompt) - 1 : -1]
+            ref = (
+                model(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)[len(prompt) - 1 : -1]
+            )
         worst = max(worst, *(float(row.max() - row[t]) for row, t in zip(ref, tokens, strict=True)))
     return worst
 
@@ -208,14 +227,23 @@ def test_gpt2_hub_layout_loads(checkpoints, tmp_path):
     assert mismatch(checkpoints["gpt2"], prompts, serve(hub).generate(prompts, PARAMS)) is None
 
 
-@pytest.mark.parametrize("arch, overrides", [
-    ("mpt", {"attn_config": {"softmax_scale": 0.1, "clip_qkv": None}}),
-    ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu"}),
-    ("gpt2", {"scale_attn_weights": False}),
-    ("opt", {"enable_bias": False, "layer_norm_elementwise_affine": False}),
-    ("bloom", {"apply_residual_connection_post_layernorm": True}),
-], ids=["mpt-softmax_scale", "gpt2-inverse-layer-idx", "gpt2-unscaled", "opt-no-bias-no-affine",
-        "bloom-residual-post-ln"])
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("mpt", {"attn_config": {"softmax_scale": 0.1, "clip_qkv": None}}),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu"}),
+        ("gpt2", {"scale_attn_weights": False}),
+        ("opt", {"enable_bias": False, "layer_norm_elementwise_affine": False}),
+        ("bloom", {"apply_residual_connection_post_layernorm": True}),
+    ],
+    ids=[
+        "mpt-softmax_scale",
+        "gpt2-inverse-layer-idx",
+        "gpt2-unscaled",
+        "opt-no-bias-no-affine",
+        "bloom-residual-post-ln",
+    ],
+)
 def test_config_switches_match_hf(tmp_path, arch, overrides):
     path = save_legacy_tiny_model(tmp_path / arch, arch, **overrides)
     prompts = random_prompts([3, 40, 90])

@@ -19,19 +19,40 @@ BASE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def test_config_v4_layout():
-    cfg = ModelConfig.from_hf({**BASE, "architectures": ["LlamaForCausalLM"], "num_key_value_heads": 2,
-                               "rope_theta": 500000.0, "torch_dtype": "bfloat16", "eos_token_id": [1, 9],
-                               "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
+    cfg = ModelConfig.from_hf(
+        {
+            **BASE,
+            "architectures": ["LlamaForCausalLM"],
+            "num_key_value_heads": 2,
+            "rope_theta": 500000.0,
+            "torch_dtype": "bfloat16",
+            "eos_token_id": [1, 9],
+            "rope_scaling": {
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        }
+    )
     assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_theta, cfg.torch_dtype) == (16, 2, 500000.0, "bfloat16")
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.eos_token_ids == [1, 9]
     assert not cfg.qkv_bias and not cfg.tie_word_embeddings
 
 
 def test_config_v5_layout_and_qwen2_bias():
-    cfg = ModelConfig.from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-                               "sliding_window": 4096, "use_sliding_window": False, "dtype": "float32"})
+    cfg = ModelConfig.from_hf(
+        {
+            **BASE,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_window": 4096,
+            "use_sliding_window": False,
+            "dtype": "float32",
+        }
+    )
     assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None and cfg.num_kv_heads == 4
     assert cfg.qkv_bias and not cfg.o_bias and cfg.sliding_window is None
 
@@ -54,7 +75,9 @@ def test_llama3_rope_frequencies_match_transformers(arch):
 
 
 def test_unknown_architecture_names_the_supported_ones():
-    with pytest.raises(ValueError, match=r"'DbrxForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"):
+    with pytest.raises(
+        ValueError, match=r"'DbrxForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"
+    ):
         get_model_class("DbrxForCausalLM")
 
 
@@ -83,9 +106,11 @@ def test_loader_fuses_qkv_and_reads_sharded_checkpoints(tmp_path):
     attn = model.model.layers[1].self_attn
     q, k, v = (tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv")
     assert torch.equal(attn.qkv_proj.weight, torch.cat([q, k, v]))
-    assert torch.equal(attn.qkv_proj.bias, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"]))
+    assert torch.equal(
+        attn.qkv_proj.bias, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"])
+    )
     up = tensors["model.layers.0.mlp.up_proj.weight"]
-    assert torch.equal(model.model.layers[0].mlp.gate_up_proj.weight[up.shape[0]:], up)
+    assert torch.equal(model.model.layers[0].mlp.gate_up_proj.weight[up.shape[0] :], up)
 
 
 def test_loader_reports_missing_weights(tmp_path):

@@ -12,20 +12,36 @@ from lmforge.kernels.quant_pack import dequantize_weight, pack_int_weights
 from lmforge.runtime.models.layers import MergedLinear, QKVLinear
 from lmforge.runtime.models.quant import Fp8Linear, QuantLinear, WeightScheme, apply_quantization, scheme_for
 
-W4 = {"targets": ["Linear"], "format": "pack-quantized",
-      "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}
-FP8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
-       "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}
+W4 = {
+    "targets": ["Linear"],
+    "format": "pack-quantized",
+    "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+}
+FP8 = {
+    "targets": ["Linear"],
+    "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
+    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+}
 
 
 def config(group: dict, ignore: list[str], fmt: str = "pack-quantized") -> dict:
-    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": ignore}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": ignore,
+    }
 
 
 class Tiny(nn.Module):
-    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
 
     def __init__(self):
         super().__init__()
@@ -41,7 +57,9 @@ def write_config(tmp_path, qc: dict) -> None:
 
 def test_scheme_parsing():
     assert WeightScheme.from_group(W4, "pack-quantized") == WeightScheme(4, "int", 32, "pack-quantized")
-    assert WeightScheme.from_group(FP8, "float-quantized") == WeightScheme(8, "float", -1, "float-quantized", True)
+    assert WeightScheme.from_group(FP8, "float-quantized") == WeightScheme(
+        8, "float", -1, "float-quantized", True
+    )
     with pytest.raises(ValueError, match="asymmetric"):
         WeightScheme.from_group({**W4, "weights": {**W4["weights"], "symmetric": False}}, "pack-quantized")
     with pytest.raises(ValueError, match="format 'int-quantized' is not supported"):
@@ -80,8 +98,9 @@ def test_swap_and_shard_loading(tmp_path):
         qkv.weight_loader(params["bias"], biases[s], s)
     with pytest.raises(ValueError, match="does not match the model"):
         qkv.weight_loader(params["weight_shape"], torch.tensor([64, 32]), "k")
-    weight = torch.cat([dequantize_weight(pack_int_weights(q_codes[s], 4), scales[s], 4, (n, 64))
-                        for s, n in shards.items()])
+    weight = torch.cat(
+        [dequantize_weight(pack_int_weights(q_codes[s], 4), scales[s], 4, (n, 64)) for s, n in shards.items()]
+    )
     x = torch.randn(5, 64, generator=g)
     assert torch.allclose(qkv(x), x @ weight.t() + torch.cat(list(biases.values())), atol=1e-5)
 

@@ -28,8 +28,15 @@ LOGPROB_ATOL = 1e-4
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("".join(json.dumps({"text": f"document {i}: the cat sat on the mat while the operator "
-                                                "reconciled the job"}) + "\n" for i in range(8)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"text": f"document {i}: the cat sat on the mat while the operator reconciled the job"}
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     return path
 
 
@@ -53,9 +60,31 @@ def test_quantized_family_matches_transformers(tmp_path, calibration, arch, meth
     source = save_tiny_model(tmp_path / arch, arch, widen=True)
     output = tmp_path / f"{arch}-{method}"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["--model", str(source), "--method", method, "--output", str(output), "--group-size", "32",
-                     "--calibration", str(calibration), "--samples", "4", "--seq-len", "32",
-                     "--eval-samples", "2", "--eval-seq-len", "32"]) == 0
+        assert (
+            main(
+                [
+                    "--model",
+                    str(source),
+                    "--method",
+                    method,
+                    "--output",
+                    str(output),
+                    "--group-size",
+                    "32",
+                    "--calibration",
+                    str(calibration),
+                    "--samples",
+                    "4",
+                    "--seq-len",
+                    "32",
+                    "--eval-samples",
+                    "2",
+                    "--eval-seq-len",
+                    "32",
+                ]
+            )
+            == 0
+        )
     llm = LLM(output, device="cpu", dtype="float32", max_model_len=128, num_blocks=32)
     layer = llm.llm_engine.runner.model.model.layers[0]
     assert type(layer.self_attn.qkv_proj).__name__ == type(layer.mlp.down_proj).__name__ == "QuantLinear"

@@ -93,8 +93,10 @@ def test_wrong_layout_or_dim_fails(family):
     positions = torch.randint(1, MAX_POS, (16,))
     q, k = torch.randn(16, HEADS, HEAD_DIM), torch.randn(16, 2, HEAD_DIM)
     q_hf, _ = _hf_rotated(family, q, k, positions)
-    for kwargs in (dict(rotary_dim=rotary_dim, is_neox_style=not is_neox_style),
-                   dict(rotary_dim=HEAD_DIM if rotary_dim < HEAD_DIM else HEAD_DIM // 2, is_neox_style=is_neox_style)):
+    for kwargs in (
+        dict(rotary_dim=rotary_dim, is_neox_style=not is_neox_style),
+        dict(rotary_dim=HEAD_DIM if rotary_dim < HEAD_DIM else HEAD_DIM // 2, is_neox_style=is_neox_style),
+    ):
         q_ours = q.clone()
         RotaryEmbedding(HEAD_DIM, MAX_POS, _theta(family), None, OPS, **kwargs)(positions, q_ours, k.clone())
         assert not torch.allclose(q_ours, q_hf, atol=1e-2)
@@ -103,7 +105,9 @@ def test_wrong_layout_or_dim_fails(family):
 def test_gptj_matches_transformers():
     """GPT-J: its own sinusoid table (sin | cos) and rotate_every_two on the first rotary_dim dims."""
     mod = _module("gptj")
-    config = transformers.GPTJConfig(n_embd=HEADS * HEAD_DIM, n_head=HEADS, rotary_dim=16, n_positions=MAX_POS)
+    config = transformers.GPTJConfig(
+        n_embd=HEADS * HEAD_DIM, n_head=HEADS, rotary_dim=16, n_positions=MAX_POS
+    )
     positions = torch.randint(0, MAX_POS, (12,))
     q = torch.randn(12, HEADS, HEAD_DIM)
     sin, cos = mod.GPTJRotaryEmbedding(config)(q, positions[None])  # [1, T, R/2]
@@ -111,7 +115,8 @@ def test_gptj_matches_transformers():
     expected = torch.cat([mod.apply_rotary_pos_emb(qh[..., :16], sin, cos), qh[..., 16:]], dim=-1)[0]
     ours = q.clone()
     RotaryEmbedding(HEAD_DIM, MAX_POS, 10000.0, None, OPS, rotary_dim=16, is_neox_style=False)(
-        positions, ours, torch.randn(12, 1, HEAD_DIM))
+        positions, ours, torch.randn(12, 1, HEAD_DIM)
+    )
     torch.testing.assert_close(ours, expected, **QK_TOL)
 
 
@@ -148,8 +153,13 @@ def _phi3(partial: float = 1.0, mpe: int = 256, omp: int = 32):
 
 def _dynamic(mpe: int = 32, factor: float = 3.0):
     scaling = {"rope_type": "dynamic", "factor": factor}
-    config = transformers.LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, head_dim=HEAD_DIM,
-                                      max_position_embeddings=mpe, rope_parameters={"rope_theta": 10000.0, **scaling})
+    config = transformers.LlamaConfig(
+        hidden_size=HEADS * HEAD_DIM,
+        num_attention_heads=HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=mpe,
+        rope_parameters={"rope_theta": 10000.0, **scaling},
+    )
     return scaling, config
 
 
@@ -166,7 +176,9 @@ SEQUENCES = [(10, 70), (50, 90), (32, 40), (33, 36)]
 def test_length_dependent_types_match_hf_generate(case):
     make, rotary_cls, served = CASES[case]
     scaling, config = make()
-    ours = RotaryEmbedding(HEAD_DIM, served, 10000.0, scaling, OPS, max_position_embeddings=config.max_position_embeddings)
+    ours = RotaryEmbedding(
+        HEAD_DIM, served, 10000.0, scaling, OPS, max_position_embeddings=config.max_position_embeddings
+    )
     assert ours.needs_prompt_lens
     # One flattened batch holding every sequence whole (as a recompute after preemption would),
     # then the same tokens again as separate chunks / decode steps: both must equal HF's per-sequence run.
@@ -195,7 +207,9 @@ def test_length_dependent_negative_control(case):
     """Rotating by position alone (prompt_len = 0: every token "decoding") differs from HF for a long prompt."""
     make, rotary_cls, served = CASES[case]
     scaling, config = make()
-    ours = RotaryEmbedding(HEAD_DIM, served, 10000.0, scaling, OPS, max_position_embeddings=config.max_position_embeddings)
+    ours = RotaryEmbedding(
+        HEAD_DIM, served, 10000.0, scaling, OPS, max_position_embeddings=config.max_position_embeddings
+    )
     prompt, total = 50, 60
     expected = _hf_generate_tables(rotary_cls(config=config), prompt, total)
     rows, table = ours.lookup(torch.arange(total), torch.zeros(total, dtype=torch.long))
@@ -205,7 +219,9 @@ def test_length_dependent_negative_control(case):
 def test_length_dependent_needs_prompt_lens_only_past_the_threshold():
     scaling, config = _phi3()
     long_ctx = RotaryEmbedding(HEAD_DIM, 256, 10000.0, scaling, OPS, max_position_embeddings=256)
-    with pytest.raises(ValueError, match="rope_type 'longrope' with a served context of 256 > 32 .* needs prompt_lens"):
+    with pytest.raises(
+        ValueError, match="rope_type 'longrope' with a served context of 256 > 32 .* needs prompt_lens"
+    ):
         long_ctx(torch.arange(4), torch.randn(4, 2, HEAD_DIM), torch.randn(4, 2, HEAD_DIM))
     # Served context within original_max_position_embeddings: every sequence is short; no prompt_lens needed.
     short_ctx = RotaryEmbedding(HEAD_DIM, 32, 10000.0, scaling, OPS, max_position_embeddings=256)

@@ -22,10 +22,22 @@ def test_train_a_gemma2_then_serve_it(tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": SENTENCES[i % 3] * 3}) + "\n" for i in range(24)))
     out = tmp_path / "out"
-    config = {"model": str(model), "dataset": {"source": str(data)}, "method": "full",
-              "hyperparameters": {"learningRate": 3e-3, "maxSteps": 8, "batchSize": 2, "seqLen": 48,
-                                  "warmupSteps": 1, "seed": 7, "logEverySteps": 1},
-              "checkpoint": {"everySteps": 8, "keepLast": 1}, "output": {"dir": str(out)}}
+    config = {
+        "model": str(model),
+        "dataset": {"source": str(data)},
+        "method": "full",
+        "hyperparameters": {
+            "learningRate": 3e-3,
+            "maxSteps": 8,
+            "batchSize": 2,
+            "seqLen": 48,
+            "warmupSteps": 1,
+            "seed": 7,
+            "logEverySteps": 1,
+        },
+        "checkpoint": {"everySteps": 8, "keepLast": 1},
+        "output": {"dir": str(out)},
+    }
     assert train(config_from_dict(config)) == 0
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
@@ -35,8 +47,9 @@ def test_train_a_gemma2_then_serve_it(tmp_path: Path) -> None:
     prompt = list(range(5, 45))  # longer than the 24-token windows
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                               min_new_tokens=8)[0, len(prompt):].tolist()
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[
+            0, len(prompt) :
+        ].tolist()
     llm = LLM(out, device="cpu", dtype="float32", max_model_len=128, num_blocks=32)
     got = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
     assert got.outputs[0].token_ids == expected

@@ -73,9 +73,25 @@ def quantized(tmp_path_factory, sources, calibration_file) -> dict[str, Quantize
     for method, (arch, extra, flags) in RUNS.items():
         source = sources[(arch, extra.get("num_kv_heads", 2))]
         output = root / method
-        argv = ["--model", str(source), "--method", method, "--output", str(output),
-                "--calibration", str(calibration_file), "--samples", "8", "--seq-len", "64",
-                "--eval-samples", "4", "--eval-seq-len", "48", *flags]
+        argv = [
+            "--model",
+            str(source),
+            "--method",
+            method,
+            "--output",
+            str(output),
+            "--calibration",
+            str(calibration_file),
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "--eval-samples",
+            "4",
+            "--eval-seq-len",
+            "48",
+            *flags,
+        ]
         assert main(argv) == 0
         report = json.loads((output / "quantization_report.json").read_text())
         out[method] = Quantized(method, source, output, report)

@@ -15,22 +15,46 @@ from lmforge.runtime.quantize.config import QuantizeError
 
 torch.set_num_threads(1)
 
-SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=128,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 # case id -> (model_type or legacy tiny arch, config overrides, pairs expected to apply per layer)
 CASES: dict[str, tuple[str, dict, int]] = {
-    "llama": ("llama", {}, 4), "mistral": ("mistral", {}, 4), "qwen2": ("qwen2", {}, 4), "qwen3": ("qwen3", {}, 4),
-    "gemma": ("gemma", {}, 4), "gemma2": ("gemma2", {}, 4), "gemma3_text": ("gemma3_text", {}, 4),
-    "phi3": ("phi3", {}, 4), "phi": ("phi", {}, 2), "gpt_neox": ("gpt_neox", {}, 3),
+    "llama": ("llama", {}, 4),
+    "mistral": ("mistral", {}, 4),
+    "qwen2": ("qwen2", {}, 4),
+    "qwen3": ("qwen3", {}, 4),
+    "gemma": ("gemma", {}, 4),
+    "gemma2": ("gemma2", {}, 4),
+    "gemma3_text": ("gemma3_text", {}, 4),
+    "phi3": ("phi3", {}, 4),
+    "phi": ("phi", {}, 2),
+    "gpt_neox": ("gpt_neox", {}, 3),
     "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}, 3),
-    "stablelm": ("stablelm", {}, 4), "stablelm-parallel": ("stablelm", {"use_parallel_residual": True}, 3),
-    "olmo": ("olmo", {}, 2), "olmo2": ("olmo2", {}, 2), "starcoder2": ("starcoder2", {}, 3),
-    "glm": ("glm", {}, 4), "glm4": ("glm4", {}, 4), "cohere": ("cohere", {}, 3),
-    "opt": ("legacy:opt", {}, 4), "opt-postln": ("legacy:opt-postln", {}, 2),
-    "bloom": ("legacy:bloom", {}, 3), "bloom-residual-post-ln": ("legacy:bloom", {
-        "apply_residual_connection_post_layernorm": True}, 1),
-    "mpt": ("legacy:mpt", {}, 2), "mpt-noclip": ("legacy:mpt", {"attn_config": {"clip_qkv": None}}, 3),
-    "falcon": ("legacy:falcon", {}, 1), "falcon-40b": ("legacy:falcon-40b", {}, 2),
+    "stablelm": ("stablelm", {}, 4),
+    "stablelm-parallel": ("stablelm", {"use_parallel_residual": True}, 3),
+    "olmo": ("olmo", {}, 2),
+    "olmo2": ("olmo2", {}, 2),
+    "starcoder2": ("starcoder2", {}, 3),
+    "glm": ("glm", {}, 4),
+    "glm4": ("glm4", {}, 4),
+    "cohere": ("cohere", {}, 3),
+    "opt": ("legacy:opt", {}, 4),
+    "opt-postln": ("legacy:opt-postln", {}, 2),
+    "bloom": ("legacy:bloom", {}, 3),
+    "bloom-residual-post-ln": ("legacy:bloom", {"apply_residual_connection_post_layernorm": True}, 1),
+    "mpt": ("legacy:mpt", {}, 2),
+    "mpt-noclip": ("legacy:mpt", {"attn_config": {"clip_qkv": None}}, 3),
+    "falcon": ("legacy:falcon", {}, 1),
+    "falcon-40b": ("legacy:falcon-40b", {}, 2),
     "falcon-11b": ("legacy:falcon-11b", {}, 1),
     "falcon-rw": ("legacy:falcon-rw", {}, 3),
 }
@@ -80,16 +104,21 @@ def test_folding_every_pair_keeps_the_function(case):
     before = logits(model)
     assert fold_everywhere(model, pairs_for(model.config.to_dict())) == expected_pairs
     after = logits(model)
-    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max())), \
-        float((after - before).abs().max())
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max())), float(
+        (after - before).abs().max()
+    )
 
 
-@pytest.mark.parametrize("case, broken", [
-    ("phi", [ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]),
-    ("falcon", [ScalePair("input_layernorm", ("self_attention.query_key_value",))]),
-    ("gemma2", [ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))]),
-    ("bloom-residual-post-ln", [ScalePair("input_layernorm", ("self_attention.query_key_value",))]),
-], ids=["phi-parallel-mlp-left-out", "falcon-parallel-mlp-left-out", "gemma2-post-norm", "bloom-residual"])
+@pytest.mark.parametrize(
+    "case, broken",
+    [
+        ("phi", [ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]),
+        ("falcon", [ScalePair("input_layernorm", ("self_attention.query_key_value",))]),
+        ("gemma2", [ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))]),
+        ("bloom-residual-post-ln", [ScalePair("input_layernorm", ("self_attention.query_key_value",))]),
+    ],
+    ids=["phi-parallel-mlp-left-out", "falcon-parallel-mlp-left-out", "gemma2-post-norm", "bloom-residual"],
+)
 def test_a_wrong_pair_changes_the_function(case, broken):
     kind, overrides, _ = CASES[case]
     model = tiny_hf_model(kind, overrides)

@@ -38,8 +38,11 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return acc.hessian
 
 
-@pytest.mark.parametrize("group_size, act_order", [(128, True), (128, False), (32, True), (-1, False)],
-                         ids=["g128-actorder", "g128", "g32-actorder", "channel"])
+@pytest.mark.parametrize(
+    "group_size, act_order",
+    [(128, True), (128, False), (32, True), (-1, False)],
+    ids=["g128-actorder", "g128", "g32-actorder", "channel"],
+)
 def test_gptq_reconstructs_better_than_rtn(group_size, act_order):
     w, x = layer(1), correlated_inputs(2)
     q, scale = gptq.gptq_quantize(w, hessian(x), 4, group_size, torch.float32, act_order=act_order)

@@ -46,19 +46,34 @@ RUNS = {
     "cohere-awq": ("core:cohere", "w4a16-awq", ["--group-size", "32"]),  # parallel, LayerNorm without bias
 }
 # one quantized Linear per family that must be a QuantLinear / Fp8Linear in our engine (fused ones included)
-PROBES = {"opt": "model.decoder.layers.0.self_attn.qkv_proj", "falcon": "transformer.h.0.self_attention.query_key_value",
-          "falcon-rw": "transformer.h.0.self_attention.query_key_value",
-          "falcon-40b": "transformer.h.0.self_attention.query_key_value",
-          "bloom": "transformer.h.0.self_attention.query_key_value", "mpt": "transformer.blocks.0.attn.Wqkv",
-          **dict.fromkeys(("core:gpt_neox", "core:phi", "core:phi3", "core:cohere"), "model.layers.0.mlp.down_proj")}
+PROBES = {
+    "opt": "model.decoder.layers.0.self_attn.qkv_proj",
+    "falcon": "transformer.h.0.self_attention.query_key_value",
+    "falcon-rw": "transformer.h.0.self_attention.query_key_value",
+    "falcon-40b": "transformer.h.0.self_attention.query_key_value",
+    "bloom": "transformer.h.0.self_attention.query_key_value",
+    "mpt": "transformer.blocks.0.attn.Wqkv",
+    **dict.fromkeys(
+        ("core:gpt_neox", "core:phi", "core:phi3", "core:cohere"), "model.layers.0.mlp.down_proj"
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    path.write_text("".join(json.dumps({"text": f"Document {i}: the operator reconciles job {i}; a paged cache "
-                                                f"holds {i * 7} blocks and the scheduler mixes prefill with decode."})
-                            + "\n" for i in range(40)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "text": f"Document {i}: the operator reconciles job {i}; a paged cache "
+                    f"holds {i * 7} blocks and the scheduler mixes prefill with decode."
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     return path
 
 
@@ -78,8 +93,25 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
 
 def quantize(source: Path, output: Path, method: str, flags: list[str], calibration: Path) -> Path:
-    argv = ["--model", str(source), "--method", method, "--output", str(output), "--calibration", str(calibration),
-            "--samples", "8", "--seq-len", "64", "--eval-samples", "2", "--eval-seq-len", "32", *flags]
+    argv = [
+        "--model",
+        str(source),
+        "--method",
+        method,
+        "--output",
+        str(output),
+        "--calibration",
+        str(calibration),
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-samples",
+        "2",
+        "--eval-seq-len",
+        "32",
+        *flags,
+    ]
     assert main(argv) == 0
     return output
 
@@ -103,7 +135,9 @@ def hf_loads_int_quantized_falcon(monkeypatch):
 def hf_greedy(path: Path, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     ids, tokens, logprobs = torch.tensor([prompt]), [], []
     with torch.no_grad():
         for _ in range(MAX_TOKENS):
@@ -167,7 +201,9 @@ def test_fp8_weights_match_on_opt(sources, calibration, tmp_path):
 
 def test_gpt2_is_refused_by_the_quantizer(tmp_path, calibration):
     source = save_legacy_tiny_model(tmp_path / "gpt2", "gpt2", hidden_size=128)
-    with pytest.raises(QuantizeError, match=r"model_type 'gpt2' stores its projections as transformers Conv1D"):
+    with pytest.raises(
+        QuantizeError, match=r"model_type 'gpt2' stores its projections as transformers Conv1D"
+    ):
         run_quantize(QuantizeOptions(model=str(source), method="w4a16-rtn", output=str(tmp_path / "out")))
 
 
@@ -176,6 +212,17 @@ def test_awq_refuses_a_family_without_a_table(tmp_path, calibration, monkeypatch
 
     source = save_legacy_tiny_model(tmp_path / "opt", "opt", hidden_size=128)
     monkeypatch.delitem(awq_pairs.AWQ_PAIRS, "opt")
-    with pytest.raises(QuantizeError, match=r"w4a16-awq does not know where to fold scales in model_type 'opt'"):
-        run_quantize(QuantizeOptions(model=str(source), method="w4a16-awq", output=str(tmp_path / "out"),
-                                     calibration=str(calibration), group_size=32, samples=4, seq_len=32))
+    with pytest.raises(
+        QuantizeError, match=r"w4a16-awq does not know where to fold scales in model_type 'opt'"
+    ):
+        run_quantize(
+            QuantizeOptions(
+                model=str(source),
+                method="w4a16-awq",
+                output=str(tmp_path / "out"),
+                calibration=str(calibration),
+                group_size=32,
+                samples=4,
+                seq_len=32,
+            )
+        )

@@ -8,10 +8,19 @@ import torch
 from lmforge.runtime.quantize import rtn
 
 
-@pytest.mark.parametrize("bits, group_size, dtype", [
-    (4, 128, torch.float32), (4, 32, torch.float32), (4, 64, torch.bfloat16), (4, 128, torch.float16),
-    (8, -1, torch.float32), (8, -1, torch.bfloat16), (8, 64, torch.float16),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "bits, group_size, dtype",
+    [
+        (4, 128, torch.float32),
+        (4, 32, torch.float32),
+        (4, 64, torch.bfloat16),
+        (4, 128, torch.float16),
+        (8, -1, torch.float32),
+        (8, -1, torch.bfloat16),
+        (8, 64, torch.float16),
+    ],
+    ids=lambda v: str(v),
+)
 def test_rtn_error_is_at_most_half_a_step(bits, group_size, dtype):
     g = torch.Generator().manual_seed(bits * 1000 + group_size)
     w = torch.randn(48, 256, generator=g) * torch.rand(48, 1, generator=g) * 0.1
@@ -52,7 +61,9 @@ def test_fp8_weights_and_token_activations():
     w = torch.randn(16, 64, generator=g)
     w8, scale = rtn.quantize_fp8(w, torch.float32)
     assert w8.dtype == torch.float8_e4m3fn and scale.shape == (16, 1)
-    assert torch.allclose(w8.float().abs().amax(-1), torch.full((16,), rtn.FP8_MAX))  # each row's max hits 448
+    assert torch.allclose(
+        w8.float().abs().amax(-1), torch.full((16,), rtn.FP8_MAX)
+    )  # each row's max hits 448
     assert torch.allclose(rtn.dequantize_fp8(w8, scale), w, rtol=2**-4, atol=0)  # e4m3: 3 mantissa bits
     x = torch.randn(5, 64, generator=g)
     x[2] = 0.0

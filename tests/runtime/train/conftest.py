@@ -35,13 +35,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def text_rows(n: int) -> list[dict]:
     """Learnable (repeated sentences, counting) yet different rows, so batches are distinguishable."""
-    return [{"text": SENTENCES[i % 3] * (1 + i % 2) + " ".join(str(i + k) for k in range(4 + i % 5))}
-            for i in range(n)]
+    return [
+        {"text": SENTENCES[i % 3] * (1 + i % 2) + " ".join(str(i + k) for k in range(4 + i % 5))}
+        for i in range(n)
+    ]
 
 
 def chat_rows(n: int) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"say {SENTENCES[i % 3].strip()}"},
-                          {"role": "assistant", "content": SENTENCES[i % 3].strip()}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {SENTENCES[i % 3].strip()}"},
+                {"role": "assistant", "content": SENTENCES[i % 3].strip()},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +71,18 @@ def chat_dataset(tmp_path_factory) -> Path:
 def base_config(model_dir: Path, dataset_path: Path, out_dir: Path, **overrides) -> dict:
     """A small, fast config dict in the file's camelCase layout; `overrides` merge section by section."""
     config = {
-        "model": str(model_dir), "dataset": {"source": str(dataset_path)}, "method": "full",
-        "hyperparameters": {"learningRate": 3e-3, "maxSteps": 12, "batchSize": 2, "seqLen": 64,
-                            "warmupSteps": 2, "seed": 7, "logEverySteps": 4},
+        "model": str(model_dir),
+        "dataset": {"source": str(dataset_path)},
+        "method": "full",
+        "hyperparameters": {
+            "learningRate": 3e-3,
+            "maxSteps": 12,
+            "batchSize": 2,
+            "seqLen": 64,
+            "warmupSteps": 2,
+            "seed": 7,
+            "logEverySteps": 4,
+        },
         "checkpoint": {"everySteps": 4, "keepLast": 2},
         "output": {"dir": str(out_dir)},
     }
@@ -94,8 +112,15 @@ def read_losses(out: Path) -> dict[int, float]:
 def subprocess_env() -> dict[str, str]:
     """Environment of worker subprocesses: no inherited rank variables or cluster, one thread per
     rank (2 ranks on 2 cores), and a bytecode cache so the second worker imports torch faster."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "KUBERNETES_SERVICE_HOST",
-            "PYTHONDONTWRITEBYTECODE")
+    drop = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "KUBERNETES_SERVICE_HOST",
+        "PYTHONDONTWRITEBYTECODE",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PET_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("PYTHONPYCACHEPREFIX", str(Path.home() / ".cache" / "lmforge" / "pycache"))

@@ -29,14 +29,22 @@ def tokenizer(helpers):
     return helpers.build_tokenizer()
 
 
-@pytest.mark.parametrize("line, fmt, message", [
-    ("{not json", None, "invalid JSON"),
-    ('["a"]', None, "expected a JSON object, got list"),
-    ('{"txt": "a"}', None, 'expected a non-empty string field "text" or a "messages" list'),
-    ('{"text": "a"}', "messages", 'expected a non-empty list field "messages"'),
-    ('{"messages": [{"role": "user"}]}', None, 'messages\\[0\\] must be an object with string "role" and "content"'),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', None, "no assistant message"),
-], ids=["json", "array", "keys", "format", "message", "no-assistant"])
+@pytest.mark.parametrize(
+    "line, fmt, message",
+    [
+        ("{not json", None, "invalid JSON"),
+        ('["a"]', None, "expected a JSON object, got list"),
+        ('{"txt": "a"}', None, 'expected a non-empty string field "text" or a "messages" list'),
+        ('{"text": "a"}', "messages", 'expected a non-empty list field "messages"'),
+        (
+            '{"messages": [{"role": "user"}]}',
+            None,
+            'messages\\[0\\] must be an object with string "role" and "content"',
+        ),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', None, "no assistant message"),
+    ],
+    ids=["json", "array", "keys", "format", "message", "no-assistant"],
+)
 def test_bad_row_names_file_and_line(tmp_path: Path, line: str, fmt: str | None, message: str) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": [{"role": "assistant", "content": "ok"}]}\n\n' + line + "\n")
@@ -57,9 +65,13 @@ def test_directory_and_max_samples(tmp_path: Path) -> None:
 
 
 def test_chat_loss_only_on_assistant_tokens(tokenizer) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say abc"},
-                {"role": "assistant", "content": "abc abc"}, {"role": "user", "content": "again"},
-                {"role": "assistant", "content": "one two"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "say abc"},
+        {"role": "assistant", "content": "abc abc"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "one two"},
+    ]
     sample = tokenize_messages(messages, tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(sample.input_ids) == text
@@ -76,15 +88,23 @@ def test_text_rows_get_bos_and_eos(tokenizer) -> None:
 
 
 def test_pack_exact() -> None:
-    samples = [Sample([1, 2, 3], [1, 2, 3]), Sample([4, 5], [X, 5]), Sample([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]),
-               Sample([12, 13], [X, X])]
+    samples = [
+        Sample([1, 2, 3], [1, 2, 3]),
+        Sample([4, 5], [X, 5]),
+        Sample([6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11]),
+        Sample([12, 13], [X, X]),
+    ]
     rows = pack(samples, seq_len=5, pad_id=0)
     assert rows.input_ids == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert rows.labels == [[X, 2, 3, X, 5], [X, 7, 8, 9, 10]]  # first token of every sample carries no loss
     assert rows.position_ids == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert rows.num_tokens == [5, 5]
     padded = pack([Sample([1, 2], [1, 2])], seq_len=4, pad_id=9)
-    assert (padded.input_ids, padded.labels, padded.position_ids) == ([[1, 2, 9, 9]], [[X, 2, X, X]], [[0, 1, 0, 1]])
+    assert (padded.input_ids, padded.labels, padded.position_ids) == (
+        [[1, 2, 9, 9]],
+        [[X, 2, X, X]],
+        [[0, 1, 0, 1]],
+    )
     batch = collate(rows, [1, 0])
     assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 10], [1, 2, 3, 4, 5]] and batch["num_tokens"] == 10
 
@@ -106,7 +126,8 @@ def test_sharded_order_partitions_each_epoch() -> None:
     # One rank with batch 4 sees exactly what two ranks with batch 2 see together.
     single = ShardedOrder(10, 4, 1, 0, seed=3)
     assert single.indices(DataPosition(0, 1)) == ranks[0].indices(DataPosition(0, 1)) + ranks[1].indices(
-        DataPosition(0, 1))
+        DataPosition(0, 1)
+    )
 
 
 def test_dataset_dir_reads_its_own_jsonl_else_those_below(tmp_path: Path) -> None:

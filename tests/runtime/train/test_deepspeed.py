@@ -17,20 +17,54 @@ from lmforge.runtime.train.loop import train
 MINIMAL = {"model": "/m", "dataset": "/d", "output": {"dir": "/o"}, "backend": "deepspeed"}
 
 
-@pytest.mark.parametrize("stage, device, precision, expected", [
-    (None, "cpu", "bf16", {"zero_optimization": {"stage": 2, "overlap_comm": False}}),
-    (3, "cuda", "bf16", {"zero_optimization": {"stage": 3, "overlap_comm": True,
-                                               "stage3_gather_16bit_weights_on_model_save": True},
-                         "bf16": {"enabled": True}}),
-    (1, "cuda", "fp16", {"zero_optimization": {"stage": 1, "overlap_comm": True}, "fp16": {"enabled": True}}),
-], ids=["cpu-default", "zero3-bf16", "zero1-fp16"])
+@pytest.mark.parametrize(
+    "stage, device, precision, expected",
+    [
+        (None, "cpu", "bf16", {"zero_optimization": {"stage": 2, "overlap_comm": False}}),
+        (
+            3,
+            "cuda",
+            "bf16",
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "overlap_comm": True,
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                },
+                "bf16": {"enabled": True},
+            },
+        ),
+        (
+            1,
+            "cuda",
+            "fp16",
+            {"zero_optimization": {"stage": 1, "overlap_comm": True}, "fp16": {"enabled": True}},
+        ),
+    ],
+    ids=["cpu-default", "zero3-bf16", "zero1-fp16"],
+)
 def test_deepspeed_config(stage, device, precision, expected) -> None:
-    cfg = config_from_dict({**MINIMAL, "zeroStage": stage, "hyperparameters": {
-        "batchSize": 4, "gradientAccumulationSteps": 8, "learningRate": 2e-4, "weightDecay": 0.1,
-        "maxGradNorm": 0.5, "precision": precision}})
+    cfg = config_from_dict(
+        {
+            **MINIMAL,
+            "zeroStage": stage,
+            "hyperparameters": {
+                "batchSize": 4,
+                "gradientAccumulationSteps": 8,
+                "learningRate": 2e-4,
+                "weightDecay": 0.1,
+                "maxGradNorm": 0.5,
+                "precision": precision,
+            },
+        }
+    )
     config = deepspeed_config(cfg, world_size=16, device_type=device)
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
-            config["train_batch_size"], config["gradient_clipping"]) == (4, 8, 512, 0.5)
+    assert (
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+        config["train_batch_size"],
+        config["gradient_clipping"],
+    ) == (4, 8, 512, 0.5)
     assert config["zero_optimization"] == expected["zero_optimization"]
     params = config["optimizer"]["params"]
     assert config["optimizer"]["type"] == "AdamW"
@@ -54,16 +88,25 @@ def clean_env():
     os.environ.update(saved)
 
 
-def test_lora_zero2_matches_torch_and_resumes(clean_env, helpers, tiny_model, chat_dataset, tmp_path: Path) -> None:
+def test_lora_zero2_matches_torch_and_resumes(
+    clean_env, helpers, tiny_model, chat_dataset, tmp_path: Path
+) -> None:
     pytest.importorskip("deepspeed")
     from safetensors.torch import load_file
 
     def config(out: Path, backend: str) -> object:
-        return config_from_dict(helpers.base_config(
-            tiny_model, chat_dataset, out, method="lora", backend=backend,
-            zeroStage=2 if backend == "deepspeed" else None,
-            hyperparameters={"maxSteps": 8, "learningRate": 1e-2, "gradientAccumulationSteps": 2},
-            lora={"r": 8, "alpha": 16, "dropout": 0.1}))
+        return config_from_dict(
+            helpers.base_config(
+                tiny_model,
+                chat_dataset,
+                out,
+                method="lora",
+                backend=backend,
+                zeroStage=2 if backend == "deepspeed" else None,
+                hyperparameters={"maxSteps": 8, "learningRate": 1e-2, "gradientAccumulationSteps": 2},
+                lora={"r": 8, "alpha": 16, "dropout": 0.1},
+            )
+        )
 
     assert train(config(tmp_path / "torch", "torchrun")) == 0
     assert train(config(tmp_path / "ds", "deepspeed")) == 0

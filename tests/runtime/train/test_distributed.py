@@ -39,9 +39,15 @@ def launch(helpers, config: dict, tmp_path: Path) -> subprocess.Popen:
     path.write_text(json.dumps(config))
     env = helpers.subprocess_env()
     env.update(PET_NPROC_PER_NODE="2", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(free_port()))
-    return subprocess.Popen([helpers.PYTHON, "-P", "-m", "lmforge.runtime.train.launch", "--config", str(path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [helpers.PYTHON, "-P", "-m", "lmforge.runtime.train.launch", "--config", str(path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture
@@ -59,8 +65,16 @@ def launched():
 def single_process_losses(helpers, config: dict, out: Path, steps: int) -> dict[int, float]:
     """The same run on one rank: batch 2 x 2 accumulation steps sees the same rows per step."""
     hp = {**config["hyperparameters"], "gradientAccumulationSteps": 2}
-    cfg = config_from_dict({**config, "backend": "torchrun", "zeroStage": None, "hyperparameters": hp,
-                            "output": {"dir": str(out)}, "checkpoint": {"everySteps": 10**6}})
+    cfg = config_from_dict(
+        {
+            **config,
+            "backend": "torchrun",
+            "zeroStage": None,
+            "hyperparameters": hp,
+            "output": {"dir": str(out)},
+            "checkpoint": {"everySteps": 10**6},
+        }
+    )
 
     def stop(step: int, loss: float) -> None:
         if step == steps:
@@ -79,13 +93,19 @@ def single_process_losses(helpers, config: dict, out: Path, steps: int) -> dict[
     return helpers.read_losses(out)
 
 
-def test_fsdp_two_ranks_sigterm_resume(helpers, tiny_model, text_dataset, tmp_path: Path, launched: list) -> None:
+def test_fsdp_two_ranks_sigterm_resume(
+    helpers, tiny_model, text_dataset, tmp_path: Path, launched: list
+) -> None:
     """SIGTERM at step ~3 -> checkpoint + 143; the checkpoint loads on 1 rank (resharded); the
     relaunched 2-rank run finishes; its loss curve equals the single-process one throughout."""
     out, steps = tmp_path / "out", 60
-    config = helpers.base_config(tiny_model, text_dataset, out,
-                                 hyperparameters={"maxSteps": steps, "logEverySteps": 1},
-                                 checkpoint={"everySteps": 25})
+    config = helpers.base_config(
+        tiny_model,
+        text_dataset,
+        out,
+        hyperparameters={"maxSteps": steps, "logEverySteps": 1},
+        checkpoint={"everySteps": 25},
+    )
     proc = launch(helpers, config, tmp_path)
     launched.append(proc)
     lines: list[str] = []
@@ -138,8 +158,15 @@ def test_fsdp_two_ranks_sigterm_resume(helpers, tiny_model, text_dataset, tmp_pa
 def test_deepspeed_zero3_two_ranks(helpers, tiny_model, text_dataset, tmp_path: Path, launched: list) -> None:
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    config = helpers.base_config(tiny_model, text_dataset, out, backend="deepspeed", zeroStage=3,
-                                 hyperparameters={"maxSteps": 6}, checkpoint={"everySteps": 3})
+    config = helpers.base_config(
+        tiny_model,
+        text_dataset,
+        out,
+        backend="deepspeed",
+        zeroStage=3,
+        hyperparameters={"maxSteps": 6},
+        checkpoint={"everySteps": 3},
+    )
     proc = launch(helpers, config, tmp_path)
     launched.append(proc)
     log, _ = proc.communicate(timeout=400)

@@ -45,12 +45,36 @@ class RecordingSender:
 def test_payload_and_eta() -> None:
     assert eta_seconds(step=30, total_steps=100, start_step=10, elapsed_s=40.0) == 140  # 2 s/step x 70
     assert eta_seconds(step=10, total_steps=100, start_step=10, elapsed_s=5.0) is None
-    assert progress_payload(step=30, total_steps=100, loss=1.23456789, tokens_per_second=1234.567, eta=140,
-                            epoch=0.3, last_checkpoint="/ckpt/step-00000020") == {
-        "step": 30, "totalSteps": 100, "loss": 1.234568, "tokensPerSecond": 1234.6, "eta": 140, "etaSeconds": 140,
-        "epoch": 0.3, "lastCheckpoint": "/ckpt/step-00000020"}
-    assert progress_payload(step=1, total_steps=2, loss=float("nan"), tokens_per_second=None, eta=None, epoch=None,
-                            last_checkpoint=None)["loss"] is None
+    assert progress_payload(
+        step=30,
+        total_steps=100,
+        loss=1.23456789,
+        tokens_per_second=1234.567,
+        eta=140,
+        epoch=0.3,
+        last_checkpoint="/ckpt/step-00000020",
+    ) == {
+        "step": 30,
+        "totalSteps": 100,
+        "loss": 1.234568,
+        "tokensPerSecond": 1234.6,
+        "eta": 140,
+        "etaSeconds": 140,
+        "epoch": 0.3,
+        "lastCheckpoint": "/ckpt/step-00000020",
+    }
+    assert (
+        progress_payload(
+            step=1,
+            total_steps=2,
+            loss=float("nan"),
+            tokens_per_second=None,
+            eta=None,
+            epoch=None,
+            last_checkpoint=None,
+        )["loss"]
+        is None
+    )
 
 
 def test_throttle() -> None:
@@ -68,8 +92,9 @@ def test_throttle() -> None:
 
 def test_reporter_lines_and_throttled_annotations() -> None:
     clock, out, annotator = FakeClock(), io.StringIO(), RecordingSender()
-    reporter = ProgressReporter(total_steps=8, start_step=0, log_every_steps=2, sender=annotator, out=out,
-                                clock=clock)
+    reporter = ProgressReporter(
+        total_steps=8, start_step=0, log_every_steps=2, sender=annotator, out=out, clock=clock
+    )
     for step in range(1, 9):
         clock.now += 1.0  # one step per second, 100 tokens each
         reporter.step(step, loss=float(10 - step), tokens=100, epoch=step / 8, lr=1e-3)
@@ -82,8 +107,16 @@ def test_reporter_lines_and_throttled_annotations() -> None:
     assert "saved checkpoint /ckpt/step-00000004" in out.getvalue()
     # The first line's payload goes out at once; the next ones only after 10 s, the last one forced.
     assert [p["step"] for p in annotator.patches] == [1, 8] and annotator.closed
-    assert annotator.patches[-1] == {"step": 8, "totalSteps": 8, "loss": 2.5, "tokensPerSecond": 100.0, "eta": 0,
-                                     "etaSeconds": 0, "epoch": 1.0, "lastCheckpoint": "/ckpt/step-00000004"}
+    assert annotator.patches[-1] == {
+        "step": 8,
+        "totalSteps": 8,
+        "loss": 2.5,
+        "tokensPerSecond": 100.0,
+        "eta": 0,
+        "etaSeconds": 0,
+        "epoch": 1.0,
+        "lastCheckpoint": "/ckpt/step-00000004",
+    }
 
 
 def test_sender_survives_api_errors() -> None:
@@ -152,7 +185,11 @@ def test_annotator_from_env(tmp_path: Path) -> None:
     env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "POD_NAME": "ft-0"}
     annotator = PodAnnotator.from_env(env, sa_dir=tmp_path)
     assert annotator is not None
-    assert (annotator.namespace, annotator.pod, annotator.api_url) == ("team-b", "ft-0", "https://10.0.0.1:443")
+    assert (annotator.namespace, annotator.pod, annotator.api_url) == (
+        "team-b",
+        "ft-0",
+        "https://10.0.0.1:443",
+    )
     assert PodAnnotator.from_env({**env, "POD_NAMESPACE": "x"}, sa_dir=tmp_path).namespace == "x"
     assert PodAnnotator.from_env({"POD_NAME": "ft-0"}, sa_dir=tmp_path) is None  # not in a cluster
     assert PodAnnotator.from_env(env, sa_dir=tmp_path / "none") is None  # no service account token

@@ -26,6 +26,7 @@ def crash_at(step: int):
     def hook(current: int, loss: float) -> None:
         if current == step:
             raise Crash
+
     return hook
 
 
@@ -40,8 +41,10 @@ def one_thread():
 @pytest.fixture(scope="module")
 def full_config(helpers, tiny_model, text_dataset):
     def make(out: Path, **hyperparameters) -> dict:
-        return helpers.base_config(tiny_model, text_dataset, out,
-                                   hyperparameters={"maxSteps": STEPS, **hyperparameters})
+        return helpers.base_config(
+            tiny_model, text_dataset, out, hyperparameters={"maxSteps": STEPS, **hyperparameters}
+        )
+
     return make
 
 
@@ -62,7 +65,10 @@ def test_full_finetune_lowers_loss(full_run: Path, helpers) -> None:
     losses = helpers.read_losses(full_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert helpers.loss_drop(losses) > 1.0, losses
-    assert [p.name for p in sorted((full_run / "checkpoints").iterdir())] == ["step-00000012", "step-00000016"]
+    assert [p.name for p in sorted((full_run / "checkpoints").iterdir())] == [
+        "step-00000012",
+        "step-00000016",
+    ]
 
 
 def test_full_output_loads_in_transformers(full_run: Path, tiny_model: Path) -> None:
@@ -81,6 +87,7 @@ def test_full_output_loads_in_transformers(full_run: Path, tiny_model: Path) -> 
 def test_full_output_loads_in_lmforge_engine(full_run: Path) -> None:
     try:
         from lmforge import LLM, SamplingParams
+
         llm = LLM(full_run, device="cpu", max_model_len=128, num_blocks=16)
     except Exception as exc:  # the engine is optional for the trainer
         pytest.skip(f"lmforge engine unavailable: {exc}")
@@ -88,7 +95,9 @@ def test_full_output_loads_in_lmforge_engine(full_run: Path) -> None:
     assert len(out.outputs[0].token_ids) == 4
 
 
-def test_crash_then_resume_matches_uninterrupted(full_config, full_run: Path, tmp_path: Path, helpers) -> None:
+def test_crash_then_resume_matches_uninterrupted(
+    full_config, full_run: Path, tmp_path: Path, helpers
+) -> None:
     cfg = config_from_dict(full_config(tmp_path))
     with pytest.raises(Crash):
         train(cfg, on_step=crash_at(6))  # killed after step 6; the newest checkpoint is step 4
@@ -98,8 +107,9 @@ def test_crash_then_resume_matches_uninterrupted(full_config, full_run: Path, tm
     assert_same_curve(helpers.read_losses(full_run), helpers.read_losses(tmp_path), range(1, STEPS + 1))
 
 
-def test_corrupt_newest_checkpoint_falls_back(full_config, full_run: Path, tmp_path: Path, helpers,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_corrupt_newest_checkpoint_falls_back(
+    full_config, full_run: Path, tmp_path: Path, helpers, capsys: pytest.CaptureFixture
+) -> None:
     cfg = config_from_dict(full_config(tmp_path))
     with pytest.raises(Crash):
         train(cfg, on_step=crash_at(10))  # checkpoints at 4 and 8
@@ -130,7 +140,9 @@ def test_sigterm_checkpoints_and_exits_143(full_config, full_run: Path, tmp_path
     assert_same_curve(helpers.read_losses(full_run), helpers.read_losses(tmp_path), range(1, STEPS + 1))
 
 
-def test_activation_checkpointing_keeps_the_numbers(full_config, full_run: Path, tmp_path: Path, helpers) -> None:
+def test_activation_checkpointing_keeps_the_numbers(
+    full_config, full_run: Path, tmp_path: Path, helpers
+) -> None:
     from lmforge.runtime.train.modeling import load_model
 
     cfg = config_from_dict(full_config(tmp_path, gradientCheckpointing=True))
@@ -142,16 +154,34 @@ def test_activation_checkpointing_keeps_the_numbers(full_config, full_run: Path,
 
 # --- LoRA on chat data --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lora_config(helpers, tiny_model, chat_dataset):
     def make(out: Path) -> dict:
         return helpers.base_config(
-            tiny_model, chat_dataset, out, method="lora",
+            tiny_model,
+            chat_dataset,
+            out,
+            method="lora",
             dataset={"source": str(chat_dataset), "format": "messages"},
             hyperparameters={"maxSteps": 12, "learningRate": 1e-2, "gradientAccumulationSteps": 2},
-            lora={"r": 8, "alpha": 16, "dropout": 0.1,
-                  "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-            output={"dir": str(out), "mergeAdapter": True})
+            lora={
+                "r": 8,
+                "alpha": 16,
+                "dropout": 0.1,
+                "targetModules": [
+                    "q_proj",
+                    "k_proj",
+                    "v_proj",
+                    "o_proj",
+                    "gate_proj",
+                    "up_proj",
+                    "down_proj",
+                ],
+            },
+            output={"dir": str(out), "mergeAdapter": True},
+        )
+
     return make
 
 
@@ -189,15 +219,19 @@ def test_lora_adapter_and_merged_model_agree(lora_run: Path, tiny_model: Path) -
 def test_lora_merged_loads_in_lmforge_engine(lora_run: Path) -> None:
     try:
         from lmforge import LLM, SamplingParams
+
         llm = LLM(lora_run / "merged", device="cpu", max_model_len=128, num_blocks=16)
     except Exception as exc:
         pytest.skip(f"lmforge engine unavailable: {exc}")
-    (out,) = llm.chat([{"role": "user", "content": "say abc abc abc abc."}],
-                      SamplingParams(temperature=0.0, max_tokens=4))
+    (out,) = llm.chat(
+        [{"role": "user", "content": "say abc abc abc abc."}], SamplingParams(temperature=0.0, max_tokens=4)
+    )
     assert len(out.outputs[0].token_ids) >= 1
 
 
-def test_lora_resume_with_dropout_and_accumulation(lora_config, lora_run: Path, tmp_path: Path, helpers) -> None:
+def test_lora_resume_with_dropout_and_accumulation(
+    lora_config, lora_run: Path, tmp_path: Path, helpers
+) -> None:
     cfg = config_from_dict(lora_config(tmp_path))
     with pytest.raises(Crash):
         train(cfg, on_step=crash_at(10))  # resumes from step 8
@@ -206,6 +240,7 @@ def test_lora_resume_with_dropout_and_accumulation(lora_config, lora_run: Path, 
 
 
 # --- the command line ------------------------------------------------------------------------------
+
 
 def test_main_reports_bad_rows(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "bad.jsonl"
@@ -217,7 +252,10 @@ def test_main_reports_bad_rows(tiny_model: Path, tmp_path: Path, capsys: pytest.
 
 def test_main_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "train.json"
-    path.write_text(json.dumps({"model": "/m", "dataset": "/d", "output": {"dir": "/o"},
-                                "hyperparameters": {"lerningRate": 1}}))
+    path.write_text(
+        json.dumps(
+            {"model": "/m", "dataset": "/d", "output": {"dir": "/o"}, "hyperparameters": {"lerningRate": 1}}
+        )
+    )
     assert main(["--config", str(path)]) == 2
     assert "config error: hyperparameters.lerningRate: unknown key" in capsys.readouterr().err
