@@ -49,7 +49,7 @@ cluster-down:
 	-$(BIN)/lmforge cluster down
 
 demo: install
-	@$(BIN)/python -P -m lmforge.demo
+	@$(BIN)/python -P -m lmforge.devcluster.demo
 
 test: install
 	$(BIN)/pytest

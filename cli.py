@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -29,8 +30,24 @@ def _operator_run(args: argparse.Namespace) -> int:
     )
 
 
+def _has_devcluster() -> bool:
+    """lmforge.devcluster ships in the source checkout only (not in the wheel or the operator image)."""
+    return importlib.util.find_spec("lmforge.devcluster") is not None
+
+
+def _needs_checkout(command: str) -> int:
+    print(
+        f"lmforge {command}: the local cluster and process node are development tools that ship only in "
+        "the source checkout (lmforge.devcluster); clone the repository and run `make install`",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _cluster(args: argparse.Namespace) -> int:
-    from lmforge.operator.localcluster import cli as cluster_cli
+    if not _has_devcluster():
+        return _needs_checkout("cluster")
+    from lmforge.devcluster.cluster import cli as cluster_cli
 
     return cluster_cli.main(args)
 
@@ -54,7 +71,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from lmforge.operator.localnode import cli as node_cli
+    if not _has_devcluster():
+        return _needs_checkout("node")
+    from lmforge.devcluster.node import cli as node_cli
 
     return node_cli.main(args)
 
@@ -111,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser(
         "cluster", help="local Kubernetes control plane (etcd, apiserver, kwok nodes)"
     )
-    from lmforge.operator.localcluster.cli import add_arguments as add_cluster_arguments
+    if _has_devcluster():
+        from lmforge.devcluster.cluster.cli import add_arguments as add_cluster_arguments
 
-    add_cluster_arguments(cluster)
+        add_cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible inference server for a local HF checkpoint")
@@ -139,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser(
         "node", help="local process node: run pods bound to it as local processes (dev)"
     )
-    from lmforge.operator.localnode.cli import add_arguments as add_node_arguments
+    if _has_devcluster():
+        from lmforge.devcluster.node.cli import add_arguments as add_node_arguments
 
-    add_node_arguments(node)
+        add_node_arguments(node)
     node.set_defaults(func=_node)
     return parser
 

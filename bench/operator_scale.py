@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     else:
-        from lmforge.operator.localcluster import cluster as localcluster
+        from lmforge.devcluster.cluster import cluster as localcluster
 
         state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="lmforge-bench-"))
         info = localcluster.up(state_dir, log=lambda m: print(m, file=sys.stderr))
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     finally:
         if owned is not None:
-            from lmforge.operator.localcluster import cluster as localcluster
+            from lmforge.devcluster.cluster import cluster as localcluster
 
             localcluster.down(owned)
     return 0

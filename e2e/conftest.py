@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from lmforge.operator.localnode.pipeline import OperatorProcess
+    from lmforge.devcluster.pipeline import OperatorProcess
 
 E2E_DIR = Path(__file__).resolve().parent
 BUILD_ERROR = pytest.StashKey[str]()
@@ -48,7 +48,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         "cluster" in getattr(i, "fixturenames", ()) for i in session.items
     ):
         return
-    from lmforge.operator.localcluster.build import BuildError, ensure_binaries
+    from lmforge.devcluster.cluster.build import BuildError, ensure_binaries
 
     try:
         ensure_binaries(log=_terminal_logger(session.config))
@@ -132,7 +132,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from lmforge.operator.localcluster import cluster as localcluster
+    from lmforge.devcluster.cluster import cluster as localcluster
 
     if BUILD_ERROR in request.config.stash:
         pytest.fail(f"cannot build the local cluster: {request.config.stash[BUILD_ERROR]}", pytrace=False)
@@ -181,11 +181,11 @@ def operator_process(
     runs `lmforge operator run --liveness-port P [--standalone] [-n namespace] *args` with the
     cluster's environment plus `env`, its log in a file of its own; P is a free port with
     `liveness=True` (then `op.healthy()` asks its /healthz), else 0 (no endpoint). The handle is
-    lmforge.operator.localnode.pipeline.OperatorProcess, the demo's too: `.logs()` (all of it),
+    lmforge.devcluster.pipeline.OperatorProcess, the demo's too: `.logs()` (all of it),
     `.tail()` (for failure messages), `.stop()` (SIGTERM, returns the exit code), `.kill()`
     (SIGKILL), `.start()` again after either, `.starts`, `.running()`; `with op:` stops it early.
     Module scope so that module-scoped fixtures can start one."""
-    from lmforge.operator.localnode.pipeline import OperatorProcess, free_port
+    from lmforge.devcluster.pipeline import OperatorProcess, free_port
 
     directory = tmp_path_factory.mktemp("operator")
     started: list[OperatorProcess] = []

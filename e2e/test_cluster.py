@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.operator.localcluster import processes
+from lmforge.devcluster.cluster import processes
 
 pytestmark = pytest.mark.e2e
 

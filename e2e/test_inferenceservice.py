@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 if TYPE_CHECKING:
-    from lmforge.operator.localnode.pipeline import OperatorProcess
+    from lmforge.devcluster.pipeline import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "e2e-inferenceservice"

@@ -34,7 +34,7 @@ def node_dir(cluster, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def node(cluster, node_dir: Path) -> Iterator[Path]:
     """The agent process for this module; the Node object is deleted afterwards."""
-    from lmforge.operator.localnode import pipeline
+    from lmforge.devcluster import pipeline
 
     proc = pipeline.start_node(pipeline.Kube.of(cluster.info), node_dir, node_dir / "agent.log")
     cluster.kubectl("create", "namespace", NAMESPACE)
@@ -99,7 +99,7 @@ def test_pod_succeeds_with_logs_env_and_configmap(cluster, wait_for, node):
             PYTHON,
             "-P",
             "-m",
-            "lmforge.operator.localnode",
+            "lmforge.devcluster.node",
             "--state-dir",
             str(node),
             "logs",
@@ -170,7 +170,7 @@ def test_deployment_with_readiness_probe_two_pods_same_port(cluster, wait_for, n
         message="the Deployment's pods never became Ready",
     )
     found = subprocess.run(
-        [PYTHON, "-P", "-m", "lmforge.operator.localnode", "endpoints", "web", "-n", NAMESPACE],
+        [PYTHON, "-P", "-m", "lmforge.devcluster.node", "endpoints", "web", "-n", NAMESPACE],
         capture_output=True,
         text=True,
         check=True,
@@ -199,7 +199,7 @@ def test_deployment_with_readiness_probe_two_pods_same_port(cluster, wait_for, n
 @pytest.fixture(scope="module")
 def operator(cluster, wait_for, node, operator_process) -> Iterator[None]:
     """The operator, with the workers' ServiceAccount: rank 0 annotates its pod with progress."""
-    from lmforge.operator.localnode import pipeline
+    from lmforge.devcluster import pipeline
 
     cluster.kubectl("apply", "-f", str(ROOT / "crds"))
     wait_for(
@@ -215,7 +215,7 @@ def operator(cluster, wait_for, node, operator_process) -> Iterator[None]:
 
 
 def trainjob(tmp: Path, name: str, max_steps: int) -> dict:
-    from lmforge.operator.localnode import pipeline
+    from lmforge.devcluster import pipeline
 
     pipeline.write_inputs(tmp)
     (job,) = pipeline.render("trainjob.yaml", tmp, NAMESPACE)
@@ -260,7 +260,7 @@ def test_killed_worker_gang_restarts_and_resumes_from_checkpoint(cluster, wait_f
             PYTHON,
             "-P",
             "-m",
-            "lmforge.operator.localnode",
+            "lmforge.devcluster.node",
             "--state-dir",
             str(node),
             "kill",

@@ -1,7 +1,7 @@
 """The `make demo` pipeline as a test, on the local process node: a TrainJob fine-tunes a tiny
 Llama on 2 worker processes (50 steps), a QuantizeJob writes it as W4A16 compressed-tensors and
 its serveAfter InferenceService serves it on the same node, and the official openai client gets a
-chat completion from it. Same steps as demo.py (lmforge.operator.localnode.pipeline), in a fresh
+chat completion from it. Same steps as demo.py (lmforge.devcluster.pipeline), in a fresh
 namespace and a temporary directory; the node agent and the operator run once for the module."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.operator.localnode import pipeline
-from lmforge.operator.localnode.node import NODE_NAME
+from lmforge.devcluster import pipeline
+from lmforge.devcluster.node.node import NODE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f"e2e-pipeline-{uuid.uuid4().hex[:6]}"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from lmforge.operator.localnode.pipeline import OperatorProcess
+    from lmforge.devcluster.pipeline import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f"e2e-quantizejob-{uuid.uuid4().hex[:6]}"  # fresh per session, even on a reused cluster

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from lmforge.operator.localcluster import cluster as localcluster
-from lmforge.operator.localcluster import processes
+from lmforge.devcluster.cluster import cluster as localcluster
+from lmforge.devcluster.cluster import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = uuid.uuid4().hex[:6]  # fresh names per session, even on a reused cluster

@@ -89,7 +89,7 @@ def test_imports_from_inside_the_checkout_find_the_installed_modules(where: str)
         assert found[name] and Path(found[name]).is_relative_to(SITE_PACKAGES), (name, found[name])
     # the demo entry point imports the operator, the local cluster and the runtime pipeline
     help_out = subprocess.run(
-        [sys.executable, "-m", "lmforge.demo", "--help"],
+        [sys.executable, "-m", "lmforge.devcluster.demo", "--help"],
         cwd=ROOT / where,
         check=True,
         capture_output=True,
@@ -122,6 +122,19 @@ def test_import_names_resolve_to_the_checkout() -> None:
 
 def test_every_python_folder_is_declared_in_pyproject() -> None:
     assert _python_folders() <= _declared_packages()
+
+
+def test_devcluster_is_importable_from_the_checkout_but_not_packaged() -> None:
+    """The local cluster, process node, demo and test factories are development tools: the editable
+    install serves them from the checkout, the wheel (and so the operator image) leaves them out."""
+    assert not any(name.startswith("lmforge.devcluster") for name in _declared_packages())
+    code = (
+        "import lmforge.devcluster.cluster.cluster as c, lmforge.devcluster.pipeline as p; print(c.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd="/", check=True, capture_output=True, text=True
+    )
+    assert Path(out.stdout.strip()) == ROOT / "devcluster" / "cluster" / "cluster.py"
 
 
 def test_console_script_help() -> None:
@@ -170,6 +183,7 @@ def test_non_editable_wheel_installs_and_imports(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "lmforge/operator/main.py" in names and "lmforge/cli.py" in names
     assert not any(n.startswith(("operator/", "runtime/", "kernels/", "tests/")) for n in names)
+    assert not any(n.startswith(("lmforge/devcluster/", "devcluster/")) for n in names), "dev tooling shipped"
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

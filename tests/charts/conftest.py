@@ -17,7 +17,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "lmforge"
 
 
 def find_helm() -> str | None:
-    from lmforge.operator.localcluster.build import bin_dir
+    from lmforge.devcluster.cluster.build import bin_dir
 
     built = bin_dir() / "helm"
     return str(built) if built.is_file() else shutil.which("helm")

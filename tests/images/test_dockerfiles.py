@@ -141,7 +141,6 @@ def test_dockerignore_keeps_the_package_and_drops_the_heavy_folders(dockerfile: 
         "README.md",
         "cli.py",
         "operator/main.py",
-        "operator/localcluster/stages.yaml",
         "runtime/server.py",
         "kernels",
     ):

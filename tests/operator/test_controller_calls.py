@@ -15,13 +15,13 @@ import pytest
 import yaml
 from kubernetes.client.configuration import Configuration
 
+from lmforge.devcluster.factories import T0, spec_dict
 from lmforge.operator import main
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import inferenceservice as isvc_build
 from lmforge.operator.builders import trainjob as tj_build
 from lmforge.operator.builders.inferenceservice_status import DeploymentView
 from lmforge.operator.builders.trainjob_policy import Decision, Observed, decide
-from lmforge.operator.builders.trainjob_testing import T0, spec_dict
 from lmforge.operator.controllers import inferenceservice, trainjob
 from lmforge.operator.kube import ApiError, KubeApi
 

@@ -322,7 +322,7 @@ def test_client_certificate_and_ca_from_kubeconfig(
 ) -> None:
     """TLS as the local cluster does it: its own CA, a serving cert for 127.0.0.1, the admin's
     client certificate (which the server requires)."""
-    from lmforge.operator.localcluster.certs import CertError, ensure_pki
+    from lmforge.devcluster.cluster.certs import CertError, ensure_pki
 
     try:
         pki = ensure_pki(tmp_path / "pki")

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from lmforge.operator.localnode.pipeline import free_port
+from lmforge.devcluster.pipeline import free_port
 from lmforge.operator.watchdog import (
     DEAD_GRACE_S,
     STALE_BEAT_S,

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from lmforge.devcluster.factories import spec_dict
 from lmforge.operator.api import InferenceServiceSpec, QuantizeJobSpec, TrainJobSpec
-from lmforge.operator.builders.trainjob_testing import spec_dict
 
 
 def isvc(**overrides: Any) -> dict[str, Any]:

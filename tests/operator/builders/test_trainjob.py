@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from lmforge.devcluster.factories import JOB, make_spec
 from lmforge.operator.builders.trainjob import (
     LIVE_FIELDS,
     BuildConfig,
@@ -20,7 +21,6 @@ from lmforge.operator.builders.trainjob import (
     worker_env,
     worker_pod,
 )
-from lmforge.operator.builders.trainjob_testing import JOB, make_spec
 
 OWNER = {
     "apiVersion": "lmforge.dev/v1alpha1",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lmforge.devcluster.factories import T0, at, make_spec, observed, pod_dict, worker, workers
 from lmforge.operator.api.base import Condition
 from lmforge.operator.api.trainjob import FailurePolicy, Progress, TrainJobStatus
 from lmforge.operator.builders.trainjob_policy import (
@@ -19,7 +20,6 @@ from lmforge.operator.builders.trainjob_policy import (
     format_duration,
     is_retryable,
 )
-from lmforge.operator.builders.trainjob_testing import T0, at, make_spec, observed, pod_dict, worker, workers
 
 NAMES = ("llama-0", "llama-1", "llama-2", "llama-3")
 

@@ -2,7 +2,7 @@
 which exited (kube-scheduler exits after an API-server restart with "Scheduler cache is
 corrupted", and nothing else would start it again), with a log line per restart.
 
-    python -P -m lmforge.operator.localcluster.supervisor <state dir>   (started by `cluster up`)
+    python -P -m lmforge.devcluster.cluster.supervisor <state dir>   (started by `cluster up`)
 
 It only acts while the cluster is `ready` and no `cluster up/down/reset` holds the state dir's lock,
 and exits when the state is gone (`down`) or names another supervisor. A component that keeps dying
@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.operator.localcluster import processes
-from lmforge.operator.localcluster.locking import try_file_lock
+from lmforge.devcluster.cluster import processes
+from lmforge.devcluster.cluster.locking import try_file_lock
 
-MODULE = "lmforge.operator.localcluster.supervisor"
+MODULE = "lmforge.devcluster.cluster.supervisor"
 POLL_S = 1.0
 MAX_DELAY_S = 30.0
 STABLE_S = 60.0  # alive this long after a restart: its failure count starts over
@@ -36,7 +36,7 @@ def _log(message: str) -> None:
 
 
 def supervise(state_dir: Path) -> int:
-    from lmforge.operator.localcluster import cluster
+    from lmforge.devcluster.cluster import cluster
 
     layout = cluster.layout_for(state_dir)
     failures: dict[str, int] = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.operator.localcluster.components import STAGES_FILE
+from lmforge.devcluster.cluster.components import STAGES_FILE
 
 STAGES = list(yaml.safe_load_all(Path(STAGES_FILE).read_text()))
 BY_NAME = {s["metadata"]["name"]: s for s in STAGES}

@@ -4,7 +4,7 @@ Steps: local Kubernetes (built from Go on first use) -> CRDs -> the local proces
 bound to it run as local processes) and the operator -> a TrainJob fine-tunes a tiny Llama on 2
 worker processes -> a QuantizeJob writes it as W4A16 compressed-tensors and serves it -> the
 InferenceService answers a chat completion through the official `openai` client. The steps
-themselves live in lmforge.operator.localnode.pipeline (e2e/test_pipeline.py runs the same ones).
+themselves live in lmforge.devcluster.pipeline (e2e/test_pipeline.py runs the same ones).
 
 Idempotent: a rerun first deletes the previous run's resources. At the end the demo deletes its
 resources (the checkpoints stay on disk), stops the processes it started (agent, operator) and
@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmforge.operator.localcluster import cluster as local_cluster
-from lmforge.operator.localcluster import paths
-from lmforge.operator.localnode import pipeline
-from lmforge.operator.localnode.node import NODE_NAME
+from lmforge.devcluster import pipeline
+from lmforge.devcluster.cluster import cluster as local_cluster
+from lmforge.devcluster.cluster import paths
+from lmforge.devcluster.node.node import NODE_NAME
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (crds/, examples/)
 BIN = Path(sys.executable).parent
 DEMO_DIR = paths.cache_root() / "demo"
 NAMESPACE = "lmforge-demo"
@@ -220,7 +220,7 @@ def main() -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -P -m lmforge.demo",
+        prog="python -P -m lmforge.devcluster.demo",
         description=__doc__.split("\n\n")[0],
         epilog="`make demo` installs everything first and then runs this.",
     )

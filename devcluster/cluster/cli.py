@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lmforge.operator.localcluster import paths
+from lmforge.devcluster.cluster import paths
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lmforge.operator.localcluster import cluster
-    from lmforge.operator.localcluster.build import BuildError, ensure_binaries
+    from lmforge.devcluster.cluster import cluster
+    from lmforge.devcluster.cluster.build import BuildError, ensure_binaries
 
     try:
         if args.cluster_command == "up":

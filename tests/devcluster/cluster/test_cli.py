@@ -2,7 +2,7 @@
 
 import argparse
 
-from lmforge.operator.localcluster import cli
+from lmforge.devcluster.cluster import cli
 
 
 def _parse(*argv):

@@ -7,7 +7,7 @@ import ssl
 import urllib.error
 import urllib.request
 
-from lmforge.operator.localcluster.certs import Pki
+from lmforge.devcluster.cluster.certs import Pki
 
 
 def probe_context(pki: Pki) -> ssl.SSLContext:

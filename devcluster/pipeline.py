@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "demo"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
 WORKER_SERVICE_ACCOUNT = "lmforge-worker"
 PAIRS = [
     ("What is Kubernetes?", "A system that runs containers on many machines."),
@@ -193,10 +193,10 @@ def log_tail(path: Path, chars: int = 3000) -> str:
 
 def start_node(kube: Kube, state_dir: Path, log_path: Path, timeout: float = 60) -> subprocess.Popen:
     """`lmforge node run` in the background; returns once node lmforge-local is Ready and untainted."""
-    from lmforge.operator.localnode.node import NODE_NAME
+    from lmforge.devcluster.node.node import NODE_NAME
 
     proc = start_process(
-        [sys.executable, "-P", "-m", "lmforge.operator.localnode", "--state-dir", str(state_dir), "run"],
+        [sys.executable, "-P", "-m", "lmforge.devcluster.node", "--state-dir", str(state_dir), "run"],
         log_path,
         kube.env,
     )
@@ -470,7 +470,7 @@ def serve(
 ) -> tuple[dict[str, Any], str]:
     """The serveAfter InferenceService until Ready; returns its status and one ready endpoint
     (pod IP:port, reachable from this host)."""
-    from lmforge.operator.localnode.cli import endpoints
+    from lmforge.devcluster.node.cli import endpoints
 
     status = _wait_phase(
         kube, "inferenceservices.lmforge.dev", SERVICE, namespace, ("Ready",), timeout, every, on_poll

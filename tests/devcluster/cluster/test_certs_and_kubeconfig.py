@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from lmforge.operator.localcluster.certs import IDENTITIES, ensure_pki, leaf_extensions, subject
-from lmforge.operator.localcluster.kubeconfig import render_kubeconfig, write_kubeconfig
+from lmforge.devcluster.cluster.certs import IDENTITIES, ensure_pki, leaf_extensions, subject
+from lmforge.devcluster.cluster.kubeconfig import render_kubeconfig, write_kubeconfig
 
 
 def test_subject_puts_groups_before_the_user():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lmforge.operator.localnode.podspec import (
+from lmforge.devcluster.node.podspec import (
     PodContext,
     SpecError,
     bind_mountable,

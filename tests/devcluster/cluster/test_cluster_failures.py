@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from lmforge.operator.localcluster import cli, cluster, processes
-from lmforge.operator.localcluster.build import BinPaths, BuildError
+from lmforge.devcluster.cluster import cli, cluster, processes
+from lmforge.devcluster.cluster.build import BinPaths, BuildError
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="cluster up needs the openssl CLI")
 

@@ -15,13 +15,13 @@ import signal
 import sys
 from pathlib import Path
 
-from lmforge.operator.localnode.node import NODE_NAME
+from lmforge.devcluster.node.node import NODE_NAME
 
 STATE_DIR_ENV = "LMFORGE_NODE_DIR"
 
 
 def default_state_dir() -> Path:
-    from lmforge.operator.localcluster import paths
+    from lmforge.devcluster.cluster import paths
 
     configured = os.environ.get(STATE_DIR_ENV)
     return Path(configured).expanduser() if configured else paths.cache_root() / "localnode"
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(state_dir: Path, kubeconfig: str | None, name: str = NODE_NAME, kubelet_port: int = 0) -> int:
-    from lmforge.operator.localnode.agent import Agent
+    from lmforge.devcluster.node.agent import Agent
 
     agent = Agent(kubeconfig, state_dir, name, kubelet_port)
 
@@ -93,7 +93,7 @@ def run(state_dir: Path, kubeconfig: str | None, name: str = NODE_NAME, kubelet_
 def logs(
     state_dir: Path, namespace: str, pod: str, container: str | None = None, previous: bool = False
 ) -> str | None:
-    from lmforge.operator.localnode.agent import find_pod_dir
+    from lmforge.devcluster.node.agent import find_pod_dir
 
     directory = find_pod_dir(state_dir, namespace, pod)
     if directory is None:
@@ -147,7 +147,7 @@ def endpoints(kubeconfig: str | None, namespace: str, service: str) -> list[str]
 
 def kill(state_dir: Path, namespace: str, pod: str, container: str | None = None, sig: str = "KILL") -> bool:
     """Signal the main process of a running container (its pid file under the pod dir)."""
-    from lmforge.operator.localnode.agent import find_pod_dir
+    from lmforge.devcluster.node.agent import find_pod_dir
 
     directory = find_pod_dir(state_dir, namespace, pod)
     if directory is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.operator.localnode.podspec import SpecError, field_ref
+from lmforge.devcluster.node.podspec import SpecError, field_ref
 
 TOKEN_SECONDS = 3607
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.operator.localcluster import build
-from lmforge.operator.localcluster.build import (
+from lmforge.devcluster.cluster import build
+from lmforge.devcluster.cluster.build import (
     GOMOD_DIR,
     BuildError,
     Versions,

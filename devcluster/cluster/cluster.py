@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmforge.operator.localcluster import build, certs, health, nodes, paths, processes
-from lmforge.operator.localcluster.build import BinPaths, BuildError, ensure_binaries
-from lmforge.operator.localcluster.certs import CertError
-from lmforge.operator.localcluster.components import (
+from lmforge.devcluster.cluster import build, certs, health, nodes, paths, processes
+from lmforge.devcluster.cluster.build import BinPaths, BuildError, ensure_binaries
+from lmforge.devcluster.cluster.certs import CertError
+from lmforge.devcluster.cluster.components import (
     PORT_COUNT,
     Component,
     Layout,
@@ -33,8 +33,8 @@ from lmforge.operator.localcluster.components import (
     apiserver_url,
     components,
 )
-from lmforge.operator.localcluster.kubeconfig import render_kubeconfig, write_kubeconfig
-from lmforge.operator.localcluster.locking import file_lock
+from lmforge.devcluster.cluster.kubeconfig import render_kubeconfig, write_kubeconfig
+from lmforge.devcluster.cluster.locking import file_lock
 
 NUM_NODES = 4
 START_TIMEOUT_S = {"etcd": 30.0, "kube-apiserver": 90.0}  # others: DEFAULT_START_TIMEOUT_S
@@ -215,7 +215,7 @@ def _supervisor_alive(state: dict) -> bool:
 
 
 def _start_supervisor(layout: Layout, state: dict, log: Log) -> None:
-    from lmforge.operator.localcluster.supervisor import MODULE
+    from lmforge.devcluster.cluster.supervisor import MODULE
 
     process = processes.start(
         "supervisor", [sys.executable, "-P", "-m", MODULE, str(layout.state_dir)], layout.logs

@@ -3,7 +3,7 @@
 import shutil
 import socket
 
-from lmforge.operator.localcluster import processes
+from lmforge.devcluster.cluster import processes
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

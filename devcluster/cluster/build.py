@@ -8,7 +8,7 @@ module proxy, and the checksum database is never asked.
 
 Bumping a version: change `Versions`, then in gomod/<name>/go.mod the `require` (for kubernetes
 also every `replace`, to the matching v0.<minor>.<patch> tag; modules the new k8s.io/kubernetes
-go.mod requires at v0.0.0 need one) and run `go mod tidy` there. tests/operator/localcluster
+go.mod requires at v0.0.0 need one) and run `go mod tidy` there. tests/devcluster/cluster
 checks that the pins and `Versions` agree.
 """
 
@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.operator.localcluster import paths
-from lmforge.operator.localcluster.locking import file_lock
+from lmforge.devcluster.cluster import paths
+from lmforge.devcluster.cluster.locking import file_lock
 
 GOMOD_DIR = Path(__file__).parent / "gomod"
 MIN_GO = (1, 26)

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lmforge.operator.localnode.node import now
-from lmforge.operator.localnode.podspec import ProcessSpec
-from lmforge.operator.localnode.podstatus import ContainerState
-from lmforge.operator.localnode.probes import ProbeTiming, run_probe
+from lmforge.devcluster.node.node import now
+from lmforge.devcluster.node.podspec import ProcessSpec
+from lmforge.devcluster.node.podstatus import ContainerState
+from lmforge.devcluster.node.probes import ProbeTiming, run_probe
 
 BACKOFF_BASE_S, BACKOFF_MAX_S = 2.0, 60.0  # kubelet uses 10 s / 300 s; a dev node is impatient
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lmforge.operator.localnode import node as nodes
-from lmforge.operator.localnode import podspec, podstatus, volumes
-from lmforge.operator.localnode.container import Container
-from lmforge.operator.localnode.kubelet import KubeletServer
+from lmforge.devcluster.node import node as nodes
+from lmforge.devcluster.node import podspec, podstatus, volumes
+from lmforge.devcluster.node.container import Container
+from lmforge.devcluster.node.kubelet import KubeletServer
 
 TICK_S = 0.5
 HEARTBEAT_S = 10.0

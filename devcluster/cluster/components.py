@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.operator.localcluster.build import BinPaths
-from lmforge.operator.localcluster.certs import SERVICE_CLUSTER_IP_RANGE, Pki
-from lmforge.operator.localcluster.nodes import KWOK_NODE_ANNOTATION
+from lmforge.devcluster.cluster.build import BinPaths
+from lmforge.devcluster.cluster.certs import SERVICE_CLUSTER_IP_RANGE, Pki
+from lmforge.devcluster.cluster.nodes import KWOK_NODE_ANNOTATION
 
 STAGES_FILE = Path(__file__).parent / "stages.yaml"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

@@ -1,4 +1,4 @@
-"""The local cluster's supervisor (operator/localcluster/supervisor.py): its restart backoff, and a
+"""The local cluster's supervisor (devcluster/cluster/supervisor.py): its restart backoff, and a
 real restart of a (fake) component that exits."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from lmforge.operator.localcluster import cluster, processes
-from lmforge.operator.localcluster.supervisor import MAX_DELAY_S, MODULE, restart_delay
+from lmforge.devcluster.cluster import cluster, processes
+from lmforge.devcluster.cluster.supervisor import MAX_DELAY_S, MODULE, restart_delay
 
 
 def test_restart_delay_grows_and_is_capped() -> None:

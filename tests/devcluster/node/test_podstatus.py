@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.operator.localnode import node
-from lmforge.operator.localnode.container import backoff_seconds, exit_code
-from lmforge.operator.localnode.podstatus import ContainerState, phase, pod_status
+from lmforge.devcluster.node import node
+from lmforge.devcluster.node.container import backoff_seconds, exit_code
+from lmforge.devcluster.node.podstatus import ContainerState, phase, pod_status
 
 
 def state(kind: str, code: int | None = None, restarts: int = 0, ready: bool = False) -> ContainerState:

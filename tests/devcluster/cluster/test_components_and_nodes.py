@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from lmforge.operator.localcluster import paths
-from lmforge.operator.localcluster.build import BinPaths
-from lmforge.operator.localcluster.components import Layout, Ports, components
-from lmforge.operator.localcluster.nodes import is_schedulable, node_list, node_manifest
+from lmforge.devcluster.cluster import paths
+from lmforge.devcluster.cluster.build import BinPaths
+from lmforge.devcluster.cluster.components import Layout, Ports, components
+from lmforge.devcluster.cluster.nodes import is_schedulable, node_list, node_manifest
 
 PORTS = Ports(
     etcd_client=20001, etcd_peer=20002, apiserver=20003, controller_manager=20004, scheduler=20005, kwok=20006
