@@ -82,7 +82,7 @@ def test_throughput_cpu_smoke(capsys):
 
 def test_lora_mix_cpu_smoke(capsys):
     args = ["--num-rows", "4", "--num-adapters", "2", "--rank", "4", "--max-tokens", "3", "--prompt-len", "5",
-            "--hidden-size", "64", "--num-layers", "1"]  # fmt: skip
+            "--hidden-size", "64", "--num-layers", "1", "--repeats", "1"]  # fmt: skip
     assert load("lora_mix").main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for run in ("base", "lora_engine_base_rows", "mixed"):
