@@ -338,7 +338,7 @@ class AsyncLLM:
                 self._drain_dead(engine)
                 return
 
-    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop | _Call]:
         commands = [self._commands.get()] if block else []
         while True:
             try:

@@ -70,9 +70,10 @@ class LLM:
         """Runs every prompt to completion; outputs come back in input order. lora_request: one adapter
         for every prompt or one per prompt (None: the base model), as vLLM's."""
         prompts = _as_prompt_list(prompts)
-        loras = (
-            list(lora_request) if isinstance(lora_request, list | tuple) else [lora_request] * len(prompts)
-        )
+        loras: list[LoRARequest | None] = (
+            [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest)
+            else list(lora_request)
+        )  # fmt: skip
         if len(loras) != len(prompts):
             raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts")
         params = sampling_params or SamplingParams()

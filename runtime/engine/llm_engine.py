@@ -200,7 +200,7 @@ class LLMEngine:
             )
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
-        if lora_id:
+        if lora_id and self.lora is not None:
             name = self.lora.name_of(lora_id)
             self.lora_requests[name] = self.lora_requests.get(name, 0) + 1
 
@@ -311,6 +311,7 @@ class LLMEngine:
         return outputs
 
     def _count_lora_tokens(self, advanced: list[Sequence]) -> None:
+        assert self.lora is not None
         for seq in advanced:
             if seq.lora_id:
                 name = self.lora.name_of(seq.lora_id)

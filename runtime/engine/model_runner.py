@@ -32,6 +32,7 @@ from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
 from lmforge.runtime.lora.config import LoRAConfig
+from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.quant import apply_quantization
@@ -107,10 +108,10 @@ class ModelRunner:
         else:
             load_weights(self.model, model_dir)
         self.model.eval().requires_grad_(False)
-        self.lora = None  # LoRAManager when serving adapters: wraps the linears now, before KV profiling
+        self.lora: LoRAManager | None = (
+            None  # when serving adapters: wraps the linears now, before KV profiling
+        )
         if lora_config is not None:
-            from lmforge.runtime.lora.manager import LoRAManager
-
             with _default_dtype(dtype):
                 self.lora = LoRAManager(
                     self.model, lora_config, device=device, dtype=dtype, ops=self.backend.ops

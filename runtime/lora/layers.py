@@ -43,11 +43,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.ctx, self.shards, self.max_rank = base, ctx, shards, max_rank
         self.in_features = in_features
-        self.register_buffer(
-            "lora_a", torch.zeros(num_slots, len(shards) * max_rank, in_features, dtype=dtype, device=device),
-            persistent=False,
-        )  # fmt: skip
-        self.lora_b = [
+        # plain attributes, not buffers: allocated on the device here, never in a state dict
+        self.lora_a = torch.zeros(num_slots, len(shards) * max_rank, in_features, dtype=dtype, device=device)
+        self.lora_b: list[torch.Tensor] = [
             torch.zeros(num_slots, size, max_rank, dtype=dtype, device=device) for _, size in shards
         ]
 
@@ -92,8 +90,9 @@ def _shards_of(module: nn.Module) -> dict[Any, tuple[int, int]] | None:
     """shard id -> (first row, rows) of a linear (fused or not, dense or quantized); None: not a linear."""
     from lmforge.runtime.models.quant import _shards
 
-    if hasattr(module, "shards") and hasattr(module, "in_features"):  # QuantLinear / Fp8Linear
-        return dict(module.shards)
+    shards = getattr(module, "shards", None)
+    if isinstance(shards, dict) and hasattr(module, "in_features"):  # QuantLinear / Fp8Linear
+        return dict(shards)
     if isinstance(module, nn.Linear):
         return _shards(module)
     return None

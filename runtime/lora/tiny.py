@@ -15,7 +15,7 @@ LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def save_tiny_adapter(base: str | Path, path: str | Path, *, r: int = 8, alpha: float = 16,
+def save_tiny_adapter(base: str | Path, path: str | Path, *, r: int = 8, alpha: int = 16,
                       target_modules: tuple[str, ...] = LLAMA_ATTENTION, seed: int = 0, b_std: float = 1.0,
                       use_rslora: bool = False) -> Path:  # fmt: skip
     """Writes a PEFT LoRA adapter of the checkpoint at `base` to `path`; returns the path."""
@@ -32,13 +32,13 @@ def save_tiny_adapter(base: str | Path, path: str | Path, *, r: int = 8, alpha: 
         use_rslora=use_rslora,
         task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, config)
+    peft_model = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in peft_model.named_parameters():
             if "lora_A" in name:
                 param.copy_(torch.randn(param.shape, generator=g) / param.shape[1] ** 0.5)
             elif "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * b_std / param.shape[1] ** 0.5)
-    model.save_pretrained(path)
+    peft_model.save_pretrained(str(path))
     return path
