@@ -191,9 +191,11 @@ def attention_factor(
 ) -> float:
     """The factor HF multiplies cos and sin by (yarn: mscale; longrope: sqrt(1 + ln s / ln L); else 1)."""
     scaling = validate_rope_scaling(rope_scaling, max_position_embeddings)
-    rope_type, factor = scaling["rope_type"], scaling.get("factor")
+    rope_type = scaling["rope_type"]
     if scaling.get("attention_factor") is not None:
         return scaling["attention_factor"]
+    if rope_type in ("yarn", "longrope"):
+        factor = float(scaling["factor"])  # validate_rope_scaling filled it in
     if rope_type == "yarn":
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:

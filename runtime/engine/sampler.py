@@ -56,6 +56,7 @@ class Sampler:
         num_rows = logits.shape[0]
         if meta.guided_rows:
             rows = torch.tensor(meta.guided_rows, device=logits.device)
+            assert meta.token_bitmask is not None  # filled whenever guided_rows is
             logits = apply_token_bitmask(
                 logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows
             )
@@ -79,10 +80,12 @@ class Sampler:
         sampled_lps: list[float | None] = [None] * num_rows
         if raw_logprobs is not None:
             k = max(n or 0 for n in want)
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
             chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-            top_vals = top_vals.tolist() if k else None
-            top_ids = top_ids.tolist() if k else None
+            top_vals: list[list[float]] = []
+            top_ids: list[list[int]] = []
+            if k:
+                top_vals_t, top_ids_t = raw_logprobs.topk(k, dim=-1)
+                top_vals, top_ids = top_vals_t.tolist(), top_ids_t.tolist()
             for row, n in enumerate(want):
                 if n is None:
                     continue
@@ -116,6 +119,7 @@ class Sampler:
         self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]
     ) -> torch.Tensor:
         """The backend's fused sampling kernel; greedy rows get temperature 0 (argmax inside the kernel)."""
+        assert self.ops is not None  # _sample comes here only with kernel ops
         device = logits.device
         params = meta.params
         temperature = torch.tensor(
