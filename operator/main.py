@@ -21,6 +21,7 @@ operator needs and kopf leaves at development defaults, and keeps the process ho
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import random
@@ -297,7 +298,8 @@ def run(
     )
     retry_backoffs(api_retry_seconds)  # refuse a bad value before anything starts
     for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
-        stream.reconfigure(line_buffering=True)
+        if isinstance(stream, io.TextIOWrapper):  # not when a test harness captured them
+            stream.reconfigure(line_buffering=True)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
     logging.getLogger("kopf._core.reactor.running").addFilter(_DropThreadSignalWarning())
     chosen = choose_priority(priority)
@@ -315,7 +317,7 @@ def run(
                 standalone=standalone,
                 priority=chosen,
                 peering_name=peering,
-                identity=identity,
+                identity=identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
                 clusterwide=not namespaces,
                 namespaces=list(namespaces),
                 stop_flag=kopf_stop,

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -207,7 +207,7 @@ class AsyncLLM:
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields cumulative RequestOutputs (intermediate ones may be skipped) until finished.
 
         Raises EngineNotReadyError / EngineDeadError / QueueFullError before yielding anything,
@@ -407,7 +407,7 @@ class AsyncLLM:
                 return
 
 
-async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+async def start_streams(gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
     """Starts several generate() streams together and returns each one's first output; if any
     fails (queue full, rejected), closes them all (aborting the others) and raises its error."""
     results = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
@@ -419,8 +419,8 @@ async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[Reques
 
 
 async def merge_streams(
-    gens: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(stream index, output) from streams started by start_streams, as outputs arrive. Closing
     the merged iterator closes every stream."""
     for i, first in enumerate(firsts):

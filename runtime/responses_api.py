@@ -13,7 +13,7 @@ fields listed in REFUSED answer 400 naming the field.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -30,7 +30,7 @@ from lmforge.runtime.openai_responses import (
     tool_parser_for,
 )
 from lmforge.runtime.outputs import RequestOutput
-from lmforge.runtime.tool_parsers import ToolCallStreamer
+from lmforge.runtime.tool_parsers import ToolCallStreamer, ToolCallUpdate
 
 # Fields whose meaning needs server state or features this server does not have.
 REFUSED = (
@@ -189,11 +189,13 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
             }
             for t in req.tools
         ]
-    tool_choice = req.tool_choice
-    if isinstance(tool_choice, ResponseToolChoice):
-        tool_choice = {"type": "function", "function": {"name": tool_choice.name}}
+    tool_choice: str | dict[str, Any] | None = (
+        {"type": "function", "function": {"name": req.tool_choice.name}}
+        if isinstance(req.tool_choice, ResponseToolChoice)
+        else req.tool_choice
+    )
     fmt = req.text.format if req.text is not None else None
-    response_format = None
+    response_format: dict[str, Any] | None = None
     if fmt is not None and fmt.type != "text":
         response_format = {"type": fmt.type}
         if fmt.type == "json_schema":
@@ -320,7 +322,7 @@ class _EventWriter:
 
 async def response_stream(
     req: ResponsesRequest, prepared: Prepared, response_id: str, stream: OutputStream
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The Responses API's typed SSE events for one generation: text deltas in a message item,
     each tool call its own function_call item with argument deltas; an engine failure after the
     headers went out is an `error` event, then `response.failed`."""
@@ -344,7 +346,7 @@ async def response_stream(
             last = out
             c = out.outputs[0]
             delta, _, _ = cursor.take(c, 0)
-            updates = []
+            updates: list[ToolCallUpdate] = []
             if streamer is not None:
                 delta, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
             if delta:
@@ -376,6 +378,7 @@ async def response_stream(
                 if not prepared.tool_mode.parallel and u.index > 0:
                     continue
                 if u.id is not None:
+                    assert u.name is not None  # a call's first update carries its id and name
                     item = calls[u.index] = _call_item(u.id, u.name, "", "in_progress")
                     output.append(item)
                     yield emit("response.output_item.added", output_index=len(output) - 1, item=item)

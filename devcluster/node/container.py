@@ -69,6 +69,7 @@ class Container:
     def _launch(self) -> None:
         assert self.process_spec is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        assert self.cwd is not None  # set with process_spec by start()
         Path(self.cwd).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(), "ab")  # noqa: SIM115 - the child writes it
         state = self.state

@@ -80,7 +80,8 @@ class KubeletServer:
                     self._reply(404, b"only /containerLogs is served by the lmforge process node\n")
                     return
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                found = lookup_(*match.groups(), query.get("previous") == "true")
+                namespace, pod, container = match.groups()
+                found = lookup_(namespace, pod, container, query.get("previous") == "true")
                 if found is None:
                     self._reply(
                         404,

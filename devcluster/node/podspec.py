@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,7 @@ def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, st
         if source is None:
             env[name] = expand(var.get("value", ""), {**ctx.base_env, **env})
             continue
+        value: str | None
         if "fieldRef" in source:
             value = field_ref(ctx.pod, source["fieldRef"]["fieldPath"], ctx.pod_ip, ctx.host_ip)
         elif "configMapKeyRef" in source:
@@ -160,16 +161,19 @@ def _pattern(word: str, allow_slash_before: bool) -> re.Pattern:
     return re.compile(before + re.escape(word) + r"(?![\w.-])")
 
 
+def _literal(replacement: str) -> Callable[[re.Match[str]], str]:
+    """A re.sub replacement that inserts `replacement` as it is (a string would expand backslashes)."""
+    return lambda _match: replacement
+
+
 def rewrite(text: str, mount_map: Mapping[str, str], dns: Mapping[str, str]) -> str:
     """Mount paths (longest first) to local paths, then cluster DNS names to IPs."""
     for mount_path in sorted(mount_map, key=len, reverse=True):
         if mount_map[mount_path] != mount_path:
-            text = _pattern(mount_path.rstrip("/") or "/", False).sub(
-                lambda _m, p=mount_map[mount_path]: p, text
-            )
+            text = _pattern(mount_path.rstrip("/") or "/", False).sub(_literal(mount_map[mount_path]), text)
     for name in sorted(dns, key=len, reverse=True):
         if name in text:
-            text = _pattern(name, True).sub(lambda _m, ip=dns[name]: ip, text)
+            text = _pattern(name, True).sub(_literal(dns[name]), text)
     return text
 
 
