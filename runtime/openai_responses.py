@@ -448,23 +448,7 @@ async def chat_stream(
             parser = tool_parser_for(prepared)
             if parser is not None:  # the text goes through the parser: content and call deltas
                 streamer = tools.setdefault(c.index, ToolCallStreamer(parser))
-                content, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
-                if not prepared.tool_mode.parallel:
-                    updates = [u for u in updates if u.index == 0]
-                message = proto.DeltaMessage(
-                    content=content or None,
-                    tool_calls=[
-                        proto.ToolCallDelta(
-                            index=u.index,
-                            id=u.id,
-                            type="function" if u.id else None,
-                            function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments),
-                        )
-                        for u in updates
-                    ]
-                    or None,
-                )
-                finish_reason = tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
+                message, finish_reason = _tool_call_delta(streamer, prepared, c, cursor.text_sent)
                 if message.content is None and message.tool_calls is None and start == end and not c.finished:
                     continue
             choices.append(
@@ -489,6 +473,27 @@ async def chat_stream(
             )
         )
     yield SSE_DONE
+
+
+def _tool_call_delta(
+    streamer: ToolCallStreamer, prepared: Prepared, c: CompletionOutput, text_sent: int
+) -> tuple[proto.DeltaMessage, str | None]:
+    """A streamed choice's delta (content and tool call deltas) and finish reason when its text goes
+    through the tool parser; parallel_tool_calls=false keeps the first call only."""
+    content, updates = streamer.feed(c.text[:text_sent], c.finished)
+    if not prepared.tool_mode.parallel:
+        updates = [u for u in updates if u.index == 0]
+    calls = [
+        proto.ToolCallDelta(
+            index=u.index,
+            id=u.id,
+            type="function" if u.id else None,
+            function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments),
+        )
+        for u in updates
+    ]
+    message = proto.DeltaMessage(content=content or None, tool_calls=calls or None)
+    return message, tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
 
 
 # --- engine failures -------------------------------------------------------------------------------
