@@ -117,6 +117,20 @@ def _key_ref(kind: str, sources: Mapping[str, Mapping[str, str]], ref: Mapping[s
 
 def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, str]:
     """The container's own variables, in kubelet order (envFrom, then env with expansion)."""
+    env = _env_from(container, ctx)
+    for var in container.get("env") or ():
+        name, source = var["name"], var.get("valueFrom")
+        if source is None:
+            env[name] = expand(var.get("value", ""), {**ctx.base_env, **env})
+            continue
+        value = _value_from(name, source, container, ctx)
+        if value is not None:
+            env[name] = value
+    return env
+
+
+def _env_from(container: Mapping[str, Any], ctx: PodContext) -> dict[str, str]:
+    """envFrom: every key of the referenced configMaps and secrets (a missing optional one adds none)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom") or ():
         prefix = source.get("prefix", "")
@@ -133,27 +147,22 @@ def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, st
                     continue
                 raise SpecError("CreateContainerConfigError", f"{kind} {ref.get('name')!r} not found")
             env.update({prefix + k: v for k, v in data.items()})
-    for var in container.get("env") or ():
-        name, source = var["name"], var.get("valueFrom")
-        if source is None:
-            env[name] = expand(var.get("value", ""), {**ctx.base_env, **env})
-            continue
-        value: str | None
-        if "fieldRef" in source:
-            value = field_ref(ctx.pod, source["fieldRef"]["fieldPath"], ctx.pod_ip, ctx.host_ip)
-        elif "configMapKeyRef" in source:
-            value = _key_ref("configMap", ctx.config_maps, source["configMapKeyRef"])
-        elif "secretKeyRef" in source:
-            value = _key_ref("secret", ctx.secrets, source["secretKeyRef"])
-        elif "resourceFieldRef" in source:
-            value = _resource(container, source["resourceFieldRef"])
-        else:
-            raise SpecError(
-                "CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}"
-            )
-        if value is not None:
-            env[name] = value
     return env
+
+
+def _value_from(
+    name: str, source: Mapping[str, Any], container: Mapping[str, Any], ctx: PodContext
+) -> str | None:
+    """An env var's valueFrom; None for a missing optional key (the variable is then unset)."""
+    if "fieldRef" in source:
+        return field_ref(ctx.pod, source["fieldRef"]["fieldPath"], ctx.pod_ip, ctx.host_ip)
+    if "configMapKeyRef" in source:
+        return _key_ref("configMap", ctx.config_maps, source["configMapKeyRef"])
+    if "secretKeyRef" in source:
+        return _key_ref("secret", ctx.secrets, source["secretKeyRef"])
+    if "resourceFieldRef" in source:
+        return _resource(container, source["resourceFieldRef"])
+    raise SpecError("CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}")
 
 
 def _pattern(word: str, allow_slash_before: bool) -> re.Pattern:
