@@ -79,12 +79,14 @@ class EngineArgs:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pooler_config is not None and self.task != "embed":
             raise ValueError("pooler_config applies to task='embed' only")
-        if self.lora_modules and not self.enable_lora:
-            raise ValueError("lora_modules needs enable_lora=True")
-        if self.enable_lora:
-            self.lora_config()  # validates max_loras / max_lora_rank / max_cpu_loras
+        self._check_lora()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def _check_lora(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora=True")
+        self.lora_config()  # validates max_loras / max_lora_rank / max_cpu_loras
 
     def lora_config(self) -> LoRAConfig | None:
         if not self.enable_lora:

@@ -61,9 +61,7 @@ def _truthy(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {}, "none")
 
 
-def read_adapter_config(path: Path) -> tuple[int, float]:
-    """(rank, scaling) of adapter_config.json; AdapterError naming the file and key otherwise."""
-    file = path / CONFIG_FILE
+def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise AdapterError(f"{file}: no such file (not a PEFT adapter directory)")
     try:
@@ -72,6 +70,11 @@ def read_adapter_config(path: Path) -> tuple[int, float]:
         raise AdapterError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{file}: expected a JSON object")
+    return config
+
+
+def _refuse_unserved(file: Path, config: dict[str, Any]) -> None:
+    """Every key that would change the math and is not computed here, when set, by name and value."""
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{file}: peft_type {config.get('peft_type')!r} is not served (only LORA)")
     if config.get("bias", "none") != "none":
@@ -79,6 +82,13 @@ def read_adapter_config(path: Path) -> tuple[int, float]:
     for key, value in config.items():
         if key not in IGNORED_KEYS and key not in COMPUTED_KEYS and _truthy(value):
             raise AdapterError(f"{file}: {key}={value!r} is not supported (it changes the adapter's math)")
+
+
+def read_adapter_config(path: Path) -> tuple[int, float]:
+    """(rank, scaling) of adapter_config.json; AdapterError naming the file and key otherwise."""
+    file = path / CONFIG_FILE
+    config = _read_json(file)
+    _refuse_unserved(file, config)
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{file}: r must be a positive integer, got {rank!r}")
@@ -90,20 +100,10 @@ def read_adapter_config(path: Path) -> tuple[int, float]:
     return rank, float(scaling)
 
 
-def load_adapter(
-    name: str, path: str | Path, shapes: dict[str, tuple[int, int]], max_rank: int
-) -> LoRAAdapter:
-    """Reads and checks the adapter at `path`. shapes: HF module name -> (in_features, out_features) of
-    every base linear LoRA may target (`layers.lora_targets`); max_rank: the pool's R."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"{path}: no such adapter directory")
-    rank, scaling = read_adapter_config(path)
-    if rank > max_rank:
-        raise AdapterError(f"{path / CONFIG_FILE}: r={rank} exceeds --max-lora-rank {max_rank}")
-    file = path / WEIGHTS_FILE
+def _read_tensors(file: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """HF module name -> {"A": lora_A, "B": lora_B} of the weights file."""
     if not file.is_file():
-        other = sorted(p.name for p in path.glob("adapter_model.*"))
+        other = sorted(p.name for p in file.parent.glob("adapter_model.*"))
         hint = f" (found {', '.join(other)}: only safetensors is read)" if other else ""
         raise AdapterError(f"{file}: no such file{hint}")
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -120,21 +120,40 @@ def load_adapter(
         raise AdapterError(f"{file}: unreadable safetensors ({exc})") from None
     if not parts:
         raise AdapterError(f"{file}: holds no LoRA weights")
-    weights = {}
-    for module, ab in sorted(parts.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"{file}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
-        if module not in shapes:
-            raise AdapterError(
-                f"{file}: {module} is not a linear of the base model that LoRA can target "
-                f"(e.g. {', '.join(sorted(shapes)[:3])})"
-            )
-        a, b = ab["A"], ab["B"]
-        in_features, out_features = shapes[module]
-        if a.dim() != 2 or b.dim() != 2 or a.shape != (rank, in_features) or b.shape != (out_features, rank):
-            raise AdapterError(
-                f"{file}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; the base model "
-                f"needs [{rank}, {in_features}] and [{out_features}, {rank}] (r={rank})"
-            )
-        weights[module] = (a, b)
+    return parts
+
+
+def _checked_pair(file: Path, module: str, ab: dict[str, torch.Tensor], rank: int,
+                  shapes: dict[str, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(f"{file}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+    if module not in shapes:
+        raise AdapterError(
+            f"{file}: {module} is not a linear of the base model that LoRA can target "
+            f"(e.g. {', '.join(sorted(shapes)[:3])})"
+        )
+    a, b = ab["A"], ab["B"]
+    in_features, out_features = shapes[module]
+    if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+        raise AdapterError(
+            f"{file}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; the base model "
+            f"needs [{rank}, {in_features}] and [{out_features}, {rank}] (r={rank})"
+        )
+    return a, b
+
+
+def load_adapter(
+    name: str, path: str | Path, shapes: dict[str, tuple[int, int]], max_rank: int
+) -> LoRAAdapter:
+    """Reads and checks the adapter at `path`. shapes: HF module name -> (in_features, out_features) of
+    every base linear LoRA may target (`layers.wrap_lora_targets`); max_rank: the pool's R."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: no such adapter directory")
+    rank, scaling = read_adapter_config(path)
+    if rank > max_rank:
+        raise AdapterError(f"{path / CONFIG_FILE}: r={rank} exceeds --max-lora-rank {max_rank}")
+    file = path / WEIGHTS_FILE
+    parts = _read_tensors(file)
+    weights = {module: _checked_pair(file, module, ab, rank, shapes) for module, ab in sorted(parts.items())}
     return LoRAAdapter(name, str(path), rank, scaling, weights)
