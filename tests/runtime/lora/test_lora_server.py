@@ -113,6 +113,32 @@ def test_lora_metrics(lora_server):
     assert metrics['lmforge:lora_generation_tokens_total{lora_name="attn8",model_name="tiny"}'] >= 10
 
 
+def test_operator_sync_plan_converges_on_a_real_replica(lora_server, adapters):
+    """The operator's pure plan (operator/adapter_sync.py), read from and applied to this server's endpoints,
+    brings it to the desired adapters in one pass; a second plan is empty."""
+    import httpx
+
+    from lmforge.operator.adapter_sync import plan, served_adapters
+
+    def served() -> dict[str, dict[str, str]]:
+        body = httpx.get(
+            lora_server.base_url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}
+        ).json()
+        return {"pod-0": served_adapters(body, "tiny")}
+
+    assert served() == {"pod-0": {"attn8": str(adapters["attn8"])}}
+    desired = {"qv4": str(adapters["qv4"]), "mlp8rs": str(adapters["mlp8rs"])}
+    for action in plan(desired, served()):
+        body = {"lora_name": action.name, **({"lora_path": action.path} if action.verb == "load" else {})}
+        assert lora_server.post(f"/v1/{action.verb}_lora_adapter", json=body).status_code == 200
+    assert served() == {"pod-0": desired} and plan(desired, served()) == []
+    restore = {"attn8": str(adapters["attn8"])}
+    for action in plan(restore, served()):
+        body = {"lora_name": action.name, **({"lora_path": action.path} if action.verb == "load" else {})}
+        assert lora_server.post(f"/v1/{action.verb}_lora_adapter", json=body).status_code == 200
+    assert served() == {"pod-0": restore}
+
+
 def test_runtime_updates_are_off_without_the_flag(server_factory):
     server = server_factory(fake_engine={})
     assert server.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}).status_code == 404
