@@ -1,0 +1,447 @@
+"""The one reconcile contract of the three kinds (TrainJob, QuantizeJob, InferenceService).
+
+Every kind runs the same level-based loop, one kopf daemon per object, so two passes over one
+object never overlap:
+
+    observe   the object (the newest copy we know of), its children from kopf indexes (no LIST per
+              pass) and whatever else the kind reads (an InferenceService scrapes its pods' metrics)
+    decide    a pure function per kind: Observed -> Decision(status, events, actions, requeue_after)
+    write     ONE status write, a PUT carrying the object's resourceVersion: a decision taken on a
+              stale view fails with 409 Conflict, the object is read again and decided again at
+              once; nothing is ever overwritten blindly, and nothing is acted on a stale view
+    events    posted only after that write went through (as JobSet does), so an Event never
+              announces a state the object does not hold
+    act       create / apply / delete / scale children; each is idempotent by name (AlreadyExists
+              and NotFound are success, apply is server-side apply), so an operator killed at any
+              point does the same again on its next pass
+
+An action the API server refuses for good (403, 404, 422) is handed back to the kind
+(`Kind.refused`), which may answer with a second decision (TrainJob: Created=False naming the
+cause; QuantizeJob, InferenceService: Failed/InvalidSpec), written and announced the same way.
+A spec the operator cannot run (`observe` raises ValueError) is terminal Failed with reason
+InvalidSpec, the field named in the message, and one Event: the same for every kind
+(`invalid_spec`). Any other error is retried with a doubling backoff and a ReconcileError Event.
+
+Wake-ups: the kind's indexes call `Kind.wake` on every watch event of a child, and a new
+metadata.generation wakes the daemon too (`Kind.saw_generation`); otherwise the decision's
+`requeue_after` says when to look again (None: nothing left to watch, the daemon ends; kopf
+starts a new one when the operator restarts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import kopf
+
+from lmforge.operator import clock
+from lmforge.operator.api import constants as c
+from lmforge.operator.api import reasons as r
+from lmforge.operator.api.base import StatusModel
+from lmforge.operator.builders.conditions import set_condition
+from lmforge.operator.controllers.bodies import plain
+from lmforge.operator.kube import ApiError, ControllerRuntime, KubeApi, Object, Resource
+
+FIELD_MANAGER = "lmforge-operator"
+RESYNC_SECONDS = 60.0  # look at a quiet object this often even without events
+COALESCE_SECONDS = 0.2  # children change together (a gang's pods): one pass for the burst
+DELETING_POLL_SECONDS = 5.0  # marked deleted: kopf stops the daemon soon
+MAX_ERROR_BACKOFF_SECONDS = 60.0
+REFUSALS = (403, 404, 422)  # answers to a child that retrying alone will not fix
+
+StatusT = TypeVar("StatusT", bound=StatusModel)
+ObservedT = TypeVar("ObservedT")
+MemoryT = TypeVar("MemoryT", bound="Memory")
+
+
+# --- the data of the contract ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One Kubernetes Event about the object, posted after the status write."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """POST; an object of that name that exists already counts as created."""
+
+    obj: Object
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Server-side apply: the object holds what `obj` sets afterwards, whatever was there."""
+
+    obj: Object
+    field_manager: str = FIELD_MANAGER
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete one object (grace 0: at once, e.g. a pod stuck on a lost node); gone counts as deleted."""
+
+    resource: Resource
+    namespace: str
+    name: str
+    grace_period_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteCollection:
+    resource: Resource
+    namespace: str
+    label_selector: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    """spec.replicas through the /scale subresource (the field manager says who scaled)."""
+
+    resource: Resource
+    namespace: str
+    name: str
+    replicas: int
+    field_manager: str = FIELD_MANAGER
+
+
+Action = Create | Apply | Delete | DeleteCollection | Scale
+
+
+@dataclass(frozen=True, slots=True)
+class Decision(Generic[StatusT]):
+    """What one pass does, in this order: write `status` (when it differs from the stored one),
+    post `events`, run `actions` (in order; a run of actions of the same type goes concurrently),
+    look again after `requeue_after` seconds (None: never, the object is finished).
+
+    `applies_generation`: the actions (re)apply the children of this metadata.generation; once they
+    went through, the kind's memory says so and the next pass comes at once (it may now write
+    status.observedGeneration: the children hold that generation)."""
+
+    status: StatusT
+    events: tuple[Event, ...] = ()
+    actions: tuple[Action, ...] = ()
+    requeue_after: float | None = RESYNC_SECONDS
+    applies_generation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The API server refused `action` with one of REFUSALS."""
+
+    action: Action
+    error: ApiError
+
+    @property
+    def name(self) -> str:
+        action = self.action
+        if isinstance(action, Create | Apply):
+            return str(action.obj.get("metadata", {}).get("name", ""))
+        return getattr(action, "name", "")
+
+
+class Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.name}: {refusal.error}")
+        self.refusal = refusal
+
+
+@dataclass(slots=True)
+class Memory:
+    """This process's memory of one object: how to wake its daemon, the newest copy of the object
+    we know of (our own status write may be newer than the watch has delivered yet), the
+    generation last seen and the generation whose children were applied. Kinds that remember more
+    subclass it. Losing it (a restart) costs one re-apply, never a wrong decision."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: Object | None = None
+    generation: int | None = None
+    applied_generation: int | None = None
+
+
+def resource_version(obj: Mapping[str, Any] | None) -> int:
+    try:
+        return int(obj["metadata"]["resourceVersion"])  # type: ignore[index]  # etcd revisions: newer is larger
+    except (KeyError, TypeError, ValueError):
+        return -1
+
+
+def newest(a: Object | None, b: Object) -> Object:
+    return a if a is not None and resource_version(a) > resource_version(b) else b
+
+
+def invalid_spec(
+    status: StatusT, generation: int | None, message: str, now: datetime, *, also_false: tuple[str, ...] = ()
+) -> Decision[StatusT]:
+    """The same terminal answer for every kind: phase Failed, condition Failed=True with reason
+    InvalidSpec and `message` (which names the field), `also_false` conditions (InferenceService:
+    Ready) False with the same reason, observedGeneration, completionTime where the kind has one,
+    one Warning Event. A Failed object stays as it is (Failed never changes)."""
+    if status.phase in c.TERMINAL_PHASES:  # type: ignore[attr-defined]
+        return Decision(status, requeue_after=None)
+    message = message[: r.MAX_MESSAGE]
+    conditions = set_condition(
+        status.conditions,  # type: ignore[attr-defined]
+        r.ConditionFailed,
+        True,
+        r.ReasonInvalidSpec,
+        message,
+        now,
+        generation,
+    )
+    for type_ in also_false:
+        conditions = set_condition(conditions, type_, False, r.ReasonInvalidSpec, message, now, generation)
+    update: dict[str, Any] = {
+        "phase": c.PhaseFailed,
+        "conditions": conditions,
+        "observed_generation": generation,
+    }
+    if "completion_time" in type(status).model_fields:
+        update["completion_time"] = now
+    return Decision(
+        status.model_copy(update=update),
+        events=(Event("Warning", r.ReasonInvalidSpec, message),),
+        requeue_after=None,
+    )
+
+
+# --- what a kind provides ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, kw_only=True)
+class Kind(ControllerRuntime, ABC, Generic[ObservedT, StatusT, MemoryT]):
+    """One custom resource kind's part of the contract; the instance lives in kopf's memo and
+    also holds the API client (ControllerRuntime) and the per-object memories."""
+
+    resource: ClassVar[Resource]
+    status_model: ClassVar[type[StatusModel]]
+    memories: dict[tuple[str, str], MemoryT] = field(default_factory=dict)
+
+    @abstractmethod
+    def new_memory(self) -> MemoryT: ...
+
+    @abstractmethod
+    async def observe(self, obj: Object, memory: MemoryT, indexes: Mapping[str, kopf.Index]) -> ObservedT:
+        """Everything `decide` needs, read now. Raises ValueError for a spec this operator cannot
+        run (the message names the field)."""
+
+    @abstractmethod
+    def decide(self, observed: ObservedT) -> Decision[StatusT]: ...
+
+    def invalid(self, obj: Object, message: str, now: datetime) -> Decision[StatusT]:
+        status: Any = self.status_model.model_validate(plain(obj.get("status")) or {})
+        return invalid_spec(status, obj["metadata"].get("generation"), message, now)
+
+    def refused(self, obj: Object, observed: ObservedT, refusal: Refusal) -> Decision[StatusT] | None:
+        """A second decision for a refused action, written like the first; None: raise it (retried)."""
+        return None
+
+    def acted(self, memory: MemoryT, observed: ObservedT, decision: Decision[StatusT]) -> None:
+        """After the actions went through: what this process remembers of them."""
+
+    # --- memory and wake-ups (called from the kind's indexes) -------------------------------------
+
+    def memory(self, namespace: str, name: str) -> MemoryT:
+        key = (namespace, name)
+        if key not in self.memories:
+            self.memories[key] = self.new_memory()
+        return self.memories[key]
+
+    def wake(self, namespace: str, name: str) -> None:
+        memory = self.memories.get((namespace, name))
+        if memory is not None:
+            memory.wake.set()
+
+    def saw_generation(self, namespace: str, name: str, generation: int | None) -> None:
+        """A new metadata.generation (a spec edit) wakes the daemon at once; our own status writes
+        do not (they do not move the generation)."""
+        memory = self.memories.get((namespace, name))
+        if memory is not None and generation != memory.generation:
+            memory.generation = generation
+            memory.wake.set()
+
+
+# --- one pass ---------------------------------------------------------------------------------------
+
+
+async def reconcile(
+    kind: Kind[Any, Any, Any],
+    memory: Memory,
+    body: Mapping[str, Any],
+    indexes: Mapping[str, kopf.Index],
+    logger: logging.Logger,
+    now: datetime,
+) -> float | None:
+    """One observe/decide/write/announce/act pass. Returns seconds until the next pass (0: at
+    once), or None when the object is finished (or gone) and nothing is left to watch."""
+    obj = newest(memory.latest, plain(body))
+    meta = obj["metadata"]
+    if (meta["namespace"], meta["name"]) in kind.released:
+        return None  # its namespace is being deleted and kopf no longer watches it
+    if meta.get("deletionTimestamp"):
+        return DELETING_POLL_SECONDS  # kopf stops the daemon and runs the delete handler
+    try:
+        observed = await kind.observe(obj, memory, indexes)
+    except ValueError as exc:  # a CRD older/newer than this operator, a location without a reader
+        logger.error("invalid spec: %s", exc)
+        return await _settle(kind, memory, obj, kind.invalid(obj, str(exc), now))
+    decision = kind.decide(observed)
+    if await _write(kind, memory, obj, decision.status) != "written":
+        return _after_failed_write(memory)  # decided on a stale view: nothing is acted on it
+    _announce(obj, decision.events)
+    try:
+        await execute(kind.api, decision.actions)
+    except Refused as refused:
+        logger.warning("refused: %s", refused)
+        follow = kind.refused(newest(memory.latest, obj), observed, refused.refusal)
+        if follow is None:
+            raise refused.refusal.error from None
+        return await _settle(kind, memory, newest(memory.latest, obj), follow)
+    kind.acted(memory, observed, decision)
+    if decision.applies_generation is not None:
+        memory.applied_generation = decision.applies_generation
+        return 0.0  # observedGeneration may move now: look again at once
+    return decision.requeue_after
+
+
+async def _settle(
+    kind: Kind[Any, Any, Any], memory: Memory, obj: Object, decision: Decision[Any]
+) -> float | None:
+    """A decision without actions (an invalid spec, a refusal): the status write, then its Events."""
+    if await _write(kind, memory, obj, decision.status) != "written":
+        return _after_failed_write(memory)
+    _announce(obj, decision.events)
+    return decision.requeue_after
+
+
+def _after_failed_write(memory: Memory) -> float | None:
+    """409: decide again at once on the copy just read; 404 (or gone meanwhile): stop."""
+    return 0.0 if memory.latest is not None else None
+
+
+async def _write(
+    kind: Kind[Any, Any, Any], memory: Memory, obj: Object, status: StatusModel
+) -> Literal["written", "conflict", "gone"]:
+    """The one status write: a PUT with the object's resourceVersion, only when the status changed.
+    On 409 (someone wrote the object since: the user, kopf's annotations, our own last write) the
+    object is read again into `memory.latest`; on 404 `memory.latest` is cleared."""
+    if status == _status(kind, obj):
+        return "written"
+    try:
+        memory.latest = await kind.api.replace_status({**obj, "status": status.to_k8s()})
+    except ApiError as exc:
+        if exc.status not in (404, 409):
+            raise
+        meta = obj["metadata"]
+        memory.latest = (
+            await kind.api.get(kind.resource, meta["namespace"], meta["name"]) if exc.status == 409 else None
+        )
+        return "conflict" if memory.latest is not None else "gone"
+    return "written"
+
+
+def _announce(obj: Object, events: tuple[Event, ...]) -> None:
+    """Events go out only after the status write that holds their state went through."""
+    for event in events:
+        kopf.event(obj, type=event.type, reason=event.reason, message=event.message[: r.MAX_MESSAGE])
+
+
+def _status(kind: Kind[Any, Any, Any], obj: Object) -> StatusModel:
+    return kind.status_model.model_validate(plain(obj.get("status")) or {})
+
+
+async def execute(api: KubeApi, actions: tuple[Action, ...]) -> None:
+    """Run `actions` in order, each run of actions of one type concurrently (a gang's pods are
+    created at once). Raises Refused for the first refused action (in order) of a run, after the
+    whole run went."""
+    start = 0
+    while start < len(actions):
+        end = start
+        while end < len(actions) and type(actions[end]) is type(actions[start]):
+            end += 1
+        run = actions[start:end]
+        results = await asyncio.gather(*(_one(api, action) for action in run), return_exceptions=True)
+        for action, result in zip(run, results, strict=True):
+            if isinstance(result, ApiError) and result.status in REFUSALS:
+                raise Refused(Refusal(action, result))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        start = end
+
+
+async def _one(api: KubeApi, action: Action) -> None:
+    if isinstance(action, Create):
+        await api.create(action.obj)  # None when it exists: same name, same object
+    elif isinstance(action, Apply):
+        await api.apply(action.obj, action.field_manager)
+    elif isinstance(action, Delete):
+        await api.delete(
+            action.resource, action.namespace, action.name, grace_period_seconds=action.grace_period_seconds
+        )
+    elif isinstance(action, DeleteCollection):
+        await api.delete_collection(action.resource, action.namespace, action.label_selector)
+    else:
+        await api.scale(action.resource, action.namespace, action.name, action.replicas, action.field_manager)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+async def run(
+    kind: Kind[Any, Any, Any],
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    indexes: Mapping[str, kopf.Index],
+    logger: logging.Logger,
+) -> None:
+    """The daemon of one object: passes until it is finished, deleted or the operator stops.
+    A failing pass (API or connection error) is retried after 2, 4, ... 60 s with a Warning Event."""
+    meta = body.get("metadata", {})
+    key = (meta.get("namespace", ""), meta.get("name", ""))
+    memory = kind.memory(*key)
+    memory.generation = meta.get("generation")
+    failures = 0
+    try:
+        while not stopped:
+            memory.wake.clear()
+            try:
+                delay = await reconcile(kind, memory, body, indexes, logger, clock.now())
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - API errors, quota, invalid user volumes: retry, visibly
+                failures += 1
+                delay = min(2.0**failures, MAX_ERROR_BACKOFF_SECONDS)
+                logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
+                kopf.event(
+                    plain(body),
+                    type="Warning",
+                    reason=r.ReasonReconcileError,
+                    message=str(exc)[: r.MAX_MESSAGE],
+                )
+            if delay is None:
+                return  # finished and nothing left to do: the daemon (and its finalizer) go away
+            if delay > 0 and await _sleep(memory.wake, stopped, delay):
+                await asyncio.sleep(COALESCE_SECONDS)  # let a burst of child events land before looking
+    finally:
+        kind.memories.pop(key, None)
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> bool:
+    """Sleep until woken, stopped or `seconds` passed; True if woken by an event."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return wake.is_set() and not stopped
