@@ -22,14 +22,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from lmforge.operator.api.base import Condition, LastFailure
+from lmforge.operator import clock
+from lmforge.operator.api import reasons as r
+from lmforge.operator.api.base import LastFailure
 from lmforge.operator.api.inferenceservice import (
     AutoscalingStatus,
     InferenceServiceSpec,
     InferenceServiceStatus,
     ScaleEvent,
 )
+from lmforge.operator.builders.conditions import set_condition
 from lmforge.operator.builders.inferenceservice import CONTAINER_NAME
+from lmforge.operator.decision import Event
 
 # A Failed pod (eviction; kwok's lmforge.dev/fate) counts against the phase this long; it stays
 # in lastFailure until a newer failure replaces it.
@@ -47,44 +51,7 @@ BAD_WAITING_REASONS = frozenset(
     }
 )
 
-# Condition types.
-ConditionReady = "Ready"
-ConditionProgressing = "Progressing"
-ConditionDegraded = "Degraded"
-ConditionScaleToZero = "ScaleToZero"
-
-# Reasons (CamelCase, stable) and their messages.
-ReasonReplicasReady = "ReplicasReady"
-ReasonNoReplicas = "NoReplicaReady"
-ReasonModelLoading = "ModelLoading"
-ReasonPodsPending = "PodsPending"
-ReasonReplicasFailing = "ReplicasFailing"
-ReasonReplicasNotReady = "ReplicasNotReady"
-ReasonScaledToZero = "ScaledToZero"
-ReasonRollingUpdate = "RollingUpdate"
-ReasonScalingDown = "ScalingDown"
-ReasonUnschedulable = "Unschedulable"
-ReasonSettled = "Settled"
-ReasonHealthy = "AllReplicasHealthy"
-ReasonColdStart = "ColdStartAfterIdle"
-MessageColdStart = (
-    "minReplicas is 0: after {idle}s without running or waiting requests the service scales to zero. "
-    "The first request after that waits for a cold start (a new pod loads the model, up to {startup}s). "
-    "lmforge has no activator yet to hold requests and wake the service: while at zero, requests are "
-    "refused until `kubectl scale deployment/{name} --replicas 1` (the autoscaler goes on from the "
-    "Deployment's size) or minReplicas >= 1 brings it back"
-)
-ReasonScaledUp = "ScaledUp"
-ReasonScaledDown = "ScaledDown"
-ReasonPodFailed = "PodFailed"
-
 Phase = Literal["Pending", "Loading", "Ready", "Degraded", "ScaledToZero", "Failed"]
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +99,7 @@ class ServingPod:
             exit_code=terminated.get("exitCode"),
             reason=terminated.get("reason") or status.get("reason"),
             message=terminated.get("message") or status.get("message"),
-            finished_at=parse_time(terminated.get("finishedAt")),
+            finished_at=clock.parse_time(terminated.get("finishedAt")),
         )
 
     @property
@@ -215,44 +182,14 @@ class DeploymentView:
 
 
 @dataclass(frozen=True, slots=True)
-class StatusEvent:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
 class Reflection:
     status: InferenceServiceStatus
-    events: tuple[StatusEvent, ...] = ()
+    events: tuple[Event, ...] = ()
 
 
 def _failure_key(failure: LastFailure) -> tuple:
     """Same pod, same way: one Event, however often a crash-looping container restarts."""
     return failure.pod, failure.reason, failure.exit_code, failure.message
-
-
-def set_condition(
-    conditions: Sequence[Condition],
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> list[Condition]:
-    """Replace (or add) condition `type_`; lastTransitionTime moves only when `status` changes."""
-    old = next((cond for cond in conditions if cond.type == type_), None)
-    since = old.last_transition_time if old is not None and old.status == status else now
-    new = Condition(
-        type=type_,
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=since,
-        observed_generation=generation,
-    )
-    return [cond for cond in conditions if cond.type != type_] + [new]
 
 
 def _names(pods: Sequence[ServingPod], limit: int = 3) -> str:
@@ -293,53 +230,53 @@ def reflect(
     if ready:
         conditions = set_condition(
             conditions,
-            ConditionReady,
-            "True",
-            ReasonReplicasReady,
+            r.ConditionReady,
+            True,
+            r.ReasonReplicasReady,
             f"{ready}/{want} replicas ready",
             now,
             gen,
         )
     else:
         reason, message = {
-            "ScaledToZero": (ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"),
-            "Failed": (ReasonReplicasFailing, f"no replica ready; failing: {_names(failing)}"),
-            "Loading": (ReasonModelLoading, f"{len(loading)} replica(s) loading the model"),
+            "ScaledToZero": (r.ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"),
+            "Failed": (r.ReasonReplicasFailing, f"no replica ready; failing: {_names(failing)}"),
+            "Loading": (r.ReasonModelLoading, f"{len(loading)} replica(s) loading the model"),
         }.get(
             phase,
             (
-                ReasonPodsPending,
+                r.ReasonPodsPending,
                 "waiting for pods to be scheduled and started"
                 if deployment is not None
                 else "waiting for the Deployment",
             ),
         )
-        conditions = set_condition(conditions, ConditionReady, "False", reason, message, now, gen)
+        conditions = set_condition(conditions, r.ConditionReady, False, reason, message, now, gen)
 
     if deployment is not None and deployment.rolling:
-        progressing = (ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated")
+        progressing = (r.ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated")
     elif unschedulable:
         progressing = (
-            ReasonUnschedulable,
+            r.ReasonUnschedulable,
             f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}",
         )
     elif len(active) > want:
-        progressing = (ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
+        progressing = (r.ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
     elif ready < want and (loading or pending or len(active) < want):
         progressing = (
-            ReasonModelLoading if loading else ReasonPodsPending,
+            r.ReasonModelLoading if loading else r.ReasonPodsPending,
             f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending",
         )
     else:
         progressing = None
     if progressing:
-        conditions = set_condition(conditions, ConditionProgressing, "True", *progressing, now, gen)
+        conditions = set_condition(conditions, r.ConditionProgressing, True, *progressing, now, gen)
     elif ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
         conditions = set_condition(
             conditions,
-            ConditionProgressing,
-            "False",
-            ReasonReplicasFailing if failing else ReasonReplicasNotReady,
+            r.ConditionProgressing,
+            False,
+            r.ReasonReplicasFailing if failing else r.ReasonReplicasNotReady,
             f"{ready}/{want} replicas ready and none on its way",
             now,
             gen,
@@ -347,9 +284,9 @@ def reflect(
     else:
         conditions = set_condition(
             conditions,
-            ConditionProgressing,
-            "False",
-            ReasonSettled,
+            r.ConditionProgressing,
+            False,
+            r.ReasonSettled,
             f"{ready} replica(s) ready, nothing in progress",
             now,
             gen,
@@ -358,9 +295,9 @@ def reflect(
     if failing:
         conditions = set_condition(
             conditions,
-            ConditionDegraded,
-            "True",
-            ReasonReplicasFailing,
+            r.ConditionDegraded,
+            True,
+            r.ReasonReplicasFailing,
             f"failing: {_names(failing)}",
             now,
             gen,
@@ -368,26 +305,26 @@ def reflect(
     elif fell_out:
         conditions = set_condition(
             conditions,
-            ConditionDegraded,
-            "True",
-            ReasonReplicasNotReady,
+            r.ConditionDegraded,
+            True,
+            r.ReasonReplicasNotReady,
             f"not passing readiness: {_names(fell_out)}",
             now,
             gen,
         )
     else:
         conditions = set_condition(
-            conditions, ConditionDegraded, "False", ReasonHealthy, "no replica is failing", now, gen
+            conditions, r.ConditionDegraded, False, r.ReasonHealthy, "no replica is failing", now, gen
         )
 
     autoscaling = spec.autoscaling
     if autoscaling is not None and autoscaling.min_replicas == 0:
         conditions = set_condition(
             conditions,
-            ConditionScaleToZero,
-            "True",
-            ReasonColdStart,
-            MessageColdStart.format(
+            r.ConditionScaleToZero,
+            True,
+            r.ReasonColdStart,
+            r.MessageColdStart.format(
                 idle=autoscaling.scale_down_stabilization_seconds,
                 startup=spec.startup_timeout_seconds,
                 name=name,
@@ -396,9 +333,9 @@ def reflect(
             gen,
         )
     else:
-        conditions = [cond for cond in conditions if cond.type != ConditionScaleToZero]
+        conditions = [cond for cond in conditions if cond.type != r.ConditionScaleToZero]
 
-    events: list[StatusEvent] = []
+    events: list[Event] = []
     last_failure = previous.last_failure
     failures = [f for f in (p.failure(now) for p in pods) if f is not None]
     newest = max(failures, key=lambda f: f.time, default=None)
@@ -412,7 +349,7 @@ def reflect(
             )
             if x
         )
-        events.append(StatusEvent("Warning", ReasonPodFailed, f"pod {newest.pod} failed: {detail}"))
+        events.append(Event("Warning", r.ReasonPodFailed, f"pod {newest.pod} failed: {detail}"))
         last_failure = newest
 
     status = previous.model_copy(
@@ -429,20 +366,20 @@ def reflect(
     return Reflection(status=status, events=tuple(events))
 
 
-def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceStatus) -> StatusEvent:
+def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceStatus) -> Event:
     if phase == "Ready":
-        return StatusEvent("Normal", "Ready", f"{ready}/{want} replicas ready at {status.url}")
+        return Event("Normal", r.ReasonReady, f"{ready}/{want} replicas ready at {status.url}")
     if phase == "Loading":
-        return StatusEvent("Normal", ReasonModelLoading, "replicas are loading the model")
+        return Event("Normal", r.ReasonModelLoading, "replicas are loading the model")
     if phase == "Pending":
-        return StatusEvent("Normal", ReasonPodsPending, "waiting for pods to be scheduled and started")
+        return Event("Normal", r.ReasonPodsPending, "waiting for pods to be scheduled and started")
     if phase == "ScaledToZero":
-        return StatusEvent("Normal", ReasonScaledToZero, "no replicas")
+        return Event("Normal", r.ReasonScaledToZero, "no replicas")
     failure = status.last_failure
     detail = f" (last failure: pod {failure.pod}, {failure.reason})" if failure else ""
     if phase == "Degraded":
-        return StatusEvent("Warning", "Degraded", f"{ready}/{want} replicas ready{detail}")
-    return StatusEvent("Warning", "Failed", f"no replica can serve{detail}")
+        return Event("Warning", r.ReasonDegraded, f"{ready}/{want} replicas ready{detail}")
+    return Event("Warning", r.ReasonFailed, f"no replica can serve{detail}")
 
 
 def record_autoscaling(
@@ -454,7 +391,7 @@ def record_autoscaling(
     scaled_from: int | None = None,
     scaled_to: int | None = None,
     now: datetime,
-) -> tuple[InferenceServiceStatus, StatusEvent | None]:
+) -> tuple[InferenceServiceStatus, Event | None]:
     """Fold one autoscaler decision into the status; a change of replicas also goes into
     `history` (the last HISTORY_LENGTH, newest last) and returns its Event."""
     previous = status.autoscaling or AutoscalingStatus()
@@ -469,5 +406,5 @@ def record_autoscaling(
         return status.model_copy(update={"autoscaling": autoscaling}), None
     entry = ScaleEvent(time=now, from_replicas=scaled_from, to_replicas=scaled_to, reason=reason)
     history = [*status.history, entry][-HISTORY_LENGTH:]
-    event = StatusEvent("Normal", ReasonScaledUp if scaled_to > scaled_from else ReasonScaledDown, reason)
+    event = Event("Normal", r.ReasonScaledUp if scaled_to > scaled_from else r.ReasonScaledDown, reason)
     return status.model_copy(update={"autoscaling": autoscaling, "history": history}), event

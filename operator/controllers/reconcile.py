@@ -41,15 +41,22 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import kopf
 
 from lmforge.operator import clock
-from lmforge.operator.api import constants as c
 from lmforge.operator.api import reasons as r
 from lmforge.operator.api.base import StatusModel
-from lmforge.operator.builders.conditions import set_condition
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.kube import ApiError, ControllerRuntime, KubeApi, Object, Resource
+from lmforge.operator.decision import (
+    Action,
+    Apply,
+    Create,
+    Decision,
+    Delete,
+    DeleteCollection,
+    Event,
+    Scale,
+    invalid_spec,
+)
+from lmforge.operator.kube import ApiError, ControllerRuntime, KubeApi, Object, Resource, resource_of
 
-FIELD_MANAGER = "lmforge-operator"
-RESYNC_SECONDS = 60.0  # look at a quiet object this often even without events
 COALESCE_SECONDS = 0.2  # children change together (a gang's pods): one pass for the burst
 DELETING_POLL_SECONDS = 5.0  # marked deleted: kopf stops the daemon soon
 MAX_ERROR_BACKOFF_SECONDS = 60.0
@@ -58,81 +65,6 @@ REFUSALS = (403, 404, 422)  # answers to a child that retrying alone will not fi
 StatusT = TypeVar("StatusT", bound=StatusModel)
 ObservedT = TypeVar("ObservedT")
 MemoryT = TypeVar("MemoryT", bound="Memory")
-
-
-# --- the data of the contract ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One Kubernetes Event about the object, posted after the status write."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Create:
-    """POST; an object of that name that exists already counts as created."""
-
-    obj: Object
-
-
-@dataclass(frozen=True, slots=True)
-class Apply:
-    """Server-side apply: the object holds what `obj` sets afterwards, whatever was there."""
-
-    obj: Object
-    field_manager: str = FIELD_MANAGER
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    """Delete one object (grace 0: at once, e.g. a pod stuck on a lost node); gone counts as deleted."""
-
-    resource: Resource
-    namespace: str
-    name: str
-    grace_period_seconds: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteCollection:
-    resource: Resource
-    namespace: str
-    label_selector: str
-
-
-@dataclass(frozen=True, slots=True)
-class Scale:
-    """spec.replicas through the /scale subresource (the field manager says who scaled)."""
-
-    resource: Resource
-    namespace: str
-    name: str
-    replicas: int
-    field_manager: str = FIELD_MANAGER
-
-
-Action = Create | Apply | Delete | DeleteCollection | Scale
-
-
-@dataclass(frozen=True, slots=True)
-class Decision(Generic[StatusT]):
-    """What one pass does, in this order: write `status` (when it differs from the stored one),
-    post `events`, run `actions` (in order; a run of actions of the same type goes concurrently),
-    look again after `requeue_after` seconds (None: never, the object is finished).
-
-    `applies_generation`: the actions (re)apply the children of this metadata.generation; once they
-    went through, the kind's memory says so and the next pass comes at once (it may now write
-    status.observedGeneration: the children hold that generation)."""
-
-    status: StatusT
-    events: tuple[Event, ...] = ()
-    actions: tuple[Action, ...] = ()
-    requeue_after: float | None = RESYNC_SECONDS
-    applies_generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,41 +110,6 @@ def resource_version(obj: Mapping[str, Any] | None) -> int:
 
 def newest(a: Object | None, b: Object) -> Object:
     return a if a is not None and resource_version(a) > resource_version(b) else b
-
-
-def invalid_spec(
-    status: StatusT, generation: int | None, message: str, now: datetime, *, also_false: tuple[str, ...] = ()
-) -> Decision[StatusT]:
-    """The same terminal answer for every kind: phase Failed, condition Failed=True with reason
-    InvalidSpec and `message` (which names the field), `also_false` conditions (InferenceService:
-    Ready) False with the same reason, observedGeneration, completionTime where the kind has one,
-    one Warning Event. A Failed object stays as it is (Failed never changes)."""
-    if status.phase in c.TERMINAL_PHASES:  # type: ignore[attr-defined]
-        return Decision(status, requeue_after=None)
-    message = message[: r.MAX_MESSAGE]
-    conditions = set_condition(
-        status.conditions,  # type: ignore[attr-defined]
-        r.ConditionFailed,
-        True,
-        r.ReasonInvalidSpec,
-        message,
-        now,
-        generation,
-    )
-    for type_ in also_false:
-        conditions = set_condition(conditions, type_, False, r.ReasonInvalidSpec, message, now, generation)
-    update: dict[str, Any] = {
-        "phase": c.PhaseFailed,
-        "conditions": conditions,
-        "observed_generation": generation,
-    }
-    if "completion_time" in type(status).model_fields:
-        update["completion_time"] = now
-    return Decision(
-        status.model_copy(update=update),
-        events=(Event("Warning", r.ReasonInvalidSpec, message),),
-        requeue_after=None,
-    )
 
 
 # --- what a kind provides ---------------------------------------------------------------------------
@@ -387,12 +284,18 @@ async def _one(api: KubeApi, action: Action) -> None:
         await api.apply(action.obj, action.field_manager)
     elif isinstance(action, Delete):
         await api.delete(
-            action.resource, action.namespace, action.name, grace_period_seconds=action.grace_period_seconds
+            _resource(action), action.namespace, action.name, grace_period_seconds=action.grace_period_seconds
         )
     elif isinstance(action, DeleteCollection):
-        await api.delete_collection(action.resource, action.namespace, action.label_selector)
+        await api.delete_collection(_resource(action), action.namespace, action.label_selector)
     else:
-        await api.scale(action.resource, action.namespace, action.name, action.replicas, action.field_manager)
+        await api.scale(
+            _resource(action), action.namespace, action.name, action.replicas, action.field_manager
+        )
+
+
+def _resource(action: Delete | DeleteCollection | Scale) -> Resource:
+    return resource_of({"apiVersion": action.api_version, "kind": action.kind})
 
 
 # --- the loop ---------------------------------------------------------------------------------------
