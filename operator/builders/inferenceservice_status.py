@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from lmforge.operator import clock
 from lmforge.operator.api import reasons as r
-from lmforge.operator.api.base import LastFailure
+from lmforge.operator.api.base import Condition, LastFailure
 from lmforge.operator.api.inferenceservice import (
     AutoscalingStatus,
     InferenceServiceSpec,
@@ -197,6 +197,34 @@ def _names(pods: Sequence[ServingPod], limit: int = 3) -> str:
     return ", ".join(names) + (f" and {len(pods) - limit} more" if len(pods) > limit else "")
 
 
+@dataclass(frozen=True, slots=True)
+class _Pods:
+    """The service's pods sorted by what they are doing, once per `reflect`."""
+
+    active: list[ServingPod]
+    serving: list[ServingPod]
+    failing: list[ServingPod]
+    fell_out: list[ServingPod]
+    loading: list[ServingPod]
+    pending: list[ServingPod]
+
+    @classmethod
+    def sort(cls, pods: Sequence[ServingPod], now: datetime) -> _Pods:
+        active = [p for p in pods if p.active]
+        return cls(
+            active=active,
+            serving=[p for p in active if p.serving],
+            failing=[p for p in active if p.crash_looping] + [p for p in pods if p.failed_recently(now)],
+            fell_out=[p for p in active if p.fell_out],
+            loading=[p for p in active if p.loading],
+            pending=[p for p in active if p.phase == "Pending"],
+        )
+
+    @property
+    def unschedulable(self) -> list[ServingPod]:
+        return [p for p in self.pending if p.unschedulable]
+
+
 def reflect(
     name: str,
     spec: InferenceServiceSpec,
@@ -207,163 +235,118 @@ def reflect(
 ) -> Reflection:
     """The new status (autoscaling, history, url, selector and observedGeneration carried over)
     and the Events for what changed since `previous`."""
-    desired = deployment.replicas if deployment is not None else None
-    active = [p for p in pods if p.active]
-    serving = [p for p in active if p.serving]
-    failing = [p for p in active if p.crash_looping] + [p for p in pods if p.failed_recently(now)]
-    fell_out = [p for p in active if p.fell_out]
-    loading = [p for p in active if p.loading]
-    pending = [p for p in active if p.phase == "Pending"]
-    unschedulable = [p for p in pending if p.unschedulable]
-    ready = len(serving)
-
-    if desired == 0:
-        phase: Phase = "ScaledToZero"
-    elif ready == 0:
-        phase = "Failed" if failing else "Loading" if any(p.phase == "Running" for p in active) else "Pending"
-    else:
-        phase = "Degraded" if failing or fell_out else "Ready"
-
+    sorted_pods = _Pods.sort(pods, now)
+    want = deployment.replicas if deployment is not None else 0
+    phase = _phase(deployment, sorted_pods)
     gen = previous.observed_generation
     conditions = list(previous.conditions)
-    want = desired if desired is not None else 0
-    if ready:
-        conditions = set_condition(
-            conditions,
-            r.ConditionReady,
-            True,
-            r.ReasonReplicasReady,
-            f"{ready}/{want} replicas ready",
-            now,
-            gen,
-        )
-    else:
-        reason, message = {
-            "ScaledToZero": (r.ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"),
-            "Failed": (r.ReasonReplicasFailing, f"no replica ready; failing: {_names(failing)}"),
-            "Loading": (r.ReasonModelLoading, f"{len(loading)} replica(s) loading the model"),
-        }.get(
-            phase,
-            (
-                r.ReasonPodsPending,
-                "waiting for pods to be scheduled and started"
-                if deployment is not None
-                else "waiting for the Deployment",
-            ),
-        )
-        conditions = set_condition(conditions, r.ConditionReady, False, reason, message, now, gen)
-
-    if deployment is not None and deployment.rolling:
-        progressing = (r.ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated")
-    elif unschedulable:
-        progressing = (
-            r.ReasonUnschedulable,
-            f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}",
-        )
-    elif len(active) > want:
-        progressing = (r.ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
-    elif ready < want and (loading or pending or len(active) < want):
-        progressing = (
-            r.ReasonModelLoading if loading else r.ReasonPodsPending,
-            f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending",
-        )
-    else:
-        progressing = None
-    if progressing:
-        conditions = set_condition(conditions, r.ConditionProgressing, True, *progressing, now, gen)
-    elif ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
-        conditions = set_condition(
-            conditions,
-            r.ConditionProgressing,
-            False,
-            r.ReasonReplicasFailing if failing else r.ReasonReplicasNotReady,
-            f"{ready}/{want} replicas ready and none on its way",
-            now,
-            gen,
-        )
-    else:
-        conditions = set_condition(
-            conditions,
-            r.ConditionProgressing,
-            False,
-            r.ReasonSettled,
-            f"{ready} replica(s) ready, nothing in progress",
-            now,
-            gen,
-        )
-
-    if failing:
-        conditions = set_condition(
-            conditions,
-            r.ConditionDegraded,
-            True,
-            r.ReasonReplicasFailing,
-            f"failing: {_names(failing)}",
-            now,
-            gen,
-        )
-    elif fell_out:
-        conditions = set_condition(
-            conditions,
-            r.ConditionDegraded,
-            True,
-            r.ReasonReplicasNotReady,
-            f"not passing readiness: {_names(fell_out)}",
-            now,
-            gen,
-        )
-    else:
-        conditions = set_condition(
-            conditions, r.ConditionDegraded, False, r.ReasonHealthy, "no replica is failing", now, gen
-        )
-
-    autoscaling = spec.autoscaling
-    if autoscaling is not None and autoscaling.min_replicas == 0:
-        conditions = set_condition(
-            conditions,
-            r.ConditionScaleToZero,
-            True,
-            r.ReasonColdStart,
-            r.MessageColdStart.format(
-                idle=autoscaling.scale_down_stabilization_seconds,
-                startup=spec.startup_timeout_seconds,
-                name=name,
-            ),
-            now,
-            gen,
-        )
-    else:
-        conditions = [cond for cond in conditions if cond.type != r.ConditionScaleToZero]
-
-    events: list[Event] = []
-    last_failure = previous.last_failure
-    failures = [f for f in (p.failure(now) for p in pods) if f is not None]
-    newest = max(failures, key=lambda f: f.time, default=None)
-    if newest is not None and (last_failure is None or _failure_key(newest) != _failure_key(last_failure)):
-        detail = ", ".join(
-            x
-            for x in (
-                newest.reason,
-                None if newest.exit_code is None else f"exit code {newest.exit_code}",
-                newest.message,
-            )
-            if x
-        )
-        events.append(Event("Warning", r.ReasonPodFailed, f"pod {newest.pod} failed: {detail}"))
-        last_failure = newest
-
+    for type_, status_, reason, message in (
+        (r.ConditionReady, *_ready(phase, deployment, sorted_pods, want)),
+        (r.ConditionProgressing, *_progressing(deployment, sorted_pods, want)),
+        (r.ConditionDegraded, *_degraded(sorted_pods)),
+    ):
+        conditions = set_condition(conditions, type_, status_, reason, message, now, gen)
+    conditions = _scale_to_zero(name, spec, conditions, now, gen)
+    last_failure, failure_events = _newest_failure(previous.last_failure, pods, now)
     status = previous.model_copy(
         update={
             "phase": phase,
             "conditions": conditions,
-            "replicas": len(active),
-            "ready_replicas": ready,
+            "replicas": len(sorted_pods.active),
+            "ready_replicas": len(sorted_pods.serving),
             "last_failure": last_failure,
         }
     )
+    events = list(failure_events)
     if phase != previous.phase:
-        events.append(_phase_event(phase, ready, want, status))
+        events.append(_phase_event(phase, len(sorted_pods.serving), want, status))
     return Reflection(status=status, events=tuple(events))
+
+
+def _phase(deployment: DeploymentView | None, pods: _Pods) -> Phase:
+    if deployment is not None and deployment.replicas == 0:
+        return "ScaledToZero"
+    if not pods.serving:
+        if pods.failing:
+            return "Failed"
+        return "Loading" if any(p.phase == "Running" for p in pods.active) else "Pending"
+    return "Degraded" if pods.failing or pods.fell_out else "Ready"
+
+
+def _ready(phase: Phase, deployment: DeploymentView | None, pods: _Pods, want: int) -> tuple[bool, str, str]:
+    ready = len(pods.serving)
+    if ready:
+        return True, r.ReasonReplicasReady, f"{ready}/{want} replicas ready"
+    if phase == "ScaledToZero":
+        return False, r.ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"
+    if phase == "Failed":
+        return False, r.ReasonReplicasFailing, f"no replica ready; failing: {_names(pods.failing)}"
+    if phase == "Loading":
+        return False, r.ReasonModelLoading, f"{len(pods.loading)} replica(s) loading the model"
+    waiting = (
+        "waiting for pods to be scheduled and started"
+        if deployment is not None
+        else "waiting for the Deployment"
+    )
+    return False, r.ReasonPodsPending, waiting
+
+
+def _progressing(deployment: DeploymentView | None, pods: _Pods, want: int) -> tuple[bool, str, str]:
+    """True with what is on its way (a rollout, unschedulable pods, a scale-down, loading or
+    pending replicas); False when nothing is, saying whether replicas are missing."""
+    ready, active, unschedulable = len(pods.serving), len(pods.active), pods.unschedulable
+    if deployment is not None and deployment.rolling:
+        return True, r.ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated"
+    if unschedulable:
+        message = f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}"
+        return True, r.ReasonUnschedulable, message
+    if active > want:
+        return True, r.ReasonScalingDown, f"{active} replicas, scaling down to {want}"
+    if ready < want and (pods.loading or pods.pending or active < want):
+        reason = r.ReasonModelLoading if pods.loading else r.ReasonPodsPending
+        return (
+            True,
+            reason,
+            f"{ready}/{want} replicas ready, {len(pods.loading)} loading, {len(pods.pending)} pending",
+        )
+    if ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
+        reason = r.ReasonReplicasFailing if pods.failing else r.ReasonReplicasNotReady
+        return False, reason, f"{ready}/{want} replicas ready and none on its way"
+    return False, r.ReasonSettled, f"{ready} replica(s) ready, nothing in progress"
+
+
+def _degraded(pods: _Pods) -> tuple[bool, str, str]:
+    if pods.failing:
+        return True, r.ReasonReplicasFailing, f"failing: {_names(pods.failing)}"
+    if pods.fell_out:
+        return True, r.ReasonReplicasNotReady, f"not passing readiness: {_names(pods.fell_out)}"
+    return False, r.ReasonHealthy, "no replica is failing"
+
+
+def _scale_to_zero(
+    name: str, spec: InferenceServiceSpec, conditions: list[Condition], now: datetime, gen: int | None
+) -> list[Condition]:
+    """ScaleToZero says what a cold start means, only while minReplicas is 0."""
+    autoscaling = spec.autoscaling
+    if autoscaling is None or autoscaling.min_replicas != 0:
+        return [cond for cond in conditions if cond.type != r.ConditionScaleToZero]
+    message = r.MessageColdStart.format(
+        idle=autoscaling.scale_down_stabilization_seconds, startup=spec.startup_timeout_seconds, name=name
+    )
+    return set_condition(conditions, r.ConditionScaleToZero, True, r.ReasonColdStart, message, now, gen)
+
+
+def _newest_failure(
+    last_failure: LastFailure | None, pods: Sequence[ServingPod], now: datetime
+) -> tuple[LastFailure | None, tuple[Event, ...]]:
+    """status.lastFailure and one PodFailed Event when a pod failed in a new way."""
+    failures = [f for f in (p.failure(now) for p in pods) if f is not None]
+    newest = max(failures, key=lambda f: f.time, default=None)
+    if newest is None or (last_failure is not None and _failure_key(newest) == _failure_key(last_failure)):
+        return last_failure, ()
+    exit_code = None if newest.exit_code is None else f"exit code {newest.exit_code}"
+    detail = ", ".join(x for x in (newest.reason, exit_code, newest.message) if x)
+    return newest, (Event("Warning", r.ReasonPodFailed, f"pod {newest.pod} failed: {detail}"),)
 
 
 def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceStatus) -> Event:

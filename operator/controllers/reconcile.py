@@ -18,7 +18,7 @@ object never overlap:
 An action the API server refuses for good (403, 404, 422) is handed back to the kind
 (`Kind.refused`), which may answer with a second decision (TrainJob: Created=False naming the
 cause; QuantizeJob, InferenceService: Failed/InvalidSpec), written and announced the same way.
-A spec the operator cannot run (`observe` raises ValueError) is terminal Failed with reason
+A spec the operator cannot run (`observe` or a builder in `decide` raises ValueError) is terminal Failed with reason
 InvalidSpec, the field named in the message, and one Event: the same for every kind
 (`invalid_spec`). Any other error is retried with a doubling backoff and a ReconcileError Event.
 
@@ -189,10 +189,10 @@ async def reconcile(
         return DELETING_POLL_SECONDS  # kopf stops the daemon and runs the delete handler
     try:
         observed = await kind.observe(obj, memory, indexes)
+        decision = kind.decide(observed)  # its builders refuse what the cluster cannot run
     except ValueError as exc:  # a CRD older/newer than this operator, a location without a reader
         logger.error("invalid spec: %s", exc)
         return await _settle(kind, memory, obj, kind.invalid(obj, str(exc), now))
-    decision = kind.decide(observed)
     if await _write(kind, memory, obj, decision.status) != "written":
         return _after_failed_write(memory)  # decided on a stale view: nothing is acted on it
     _announce(obj, decision.events)
