@@ -3,6 +3,8 @@ phases. Condition types, Reasons and their Messages live in `reasons.py`."""
 
 from __future__ import annotations
 
+from typing import Final
+
 GROUP = "lmforge.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -34,10 +36,10 @@ CONFIG_MOUNT_PATH = "/etc/lmforge"
 CONFIG_FILE = "train.json"
 
 # Phases. Succeeded and Failed are terminal: once written they never change.
-PhasePending = "Pending"
-PhaseRunning = "Running"
-PhaseRestarting = "Restarting"
-PhaseSucceeded = "Succeeded"
-PhaseFailed = "Failed"
-PhaseSuspended = "Suspended"
+PhasePending: Final = "Pending"
+PhaseRunning: Final = "Running"
+PhaseRestarting: Final = "Restarting"
+PhaseSucceeded: Final = "Succeeded"
+PhaseFailed: Final = "Failed"
+PhaseSuspended: Final = "Suspended"
 TERMINAL_PHASES = frozenset({PhaseSucceeded, PhaseFailed})

@@ -341,7 +341,7 @@ def _newest_failure(
 ) -> tuple[LastFailure | None, tuple[Event, ...]]:
     """status.lastFailure and one PodFailed Event when a pod failed in a new way."""
     failures = [f for f in (p.failure(now) for p in pods) if f is not None]
-    newest = max(failures, key=lambda f: f.time, default=None)
+    newest = max(failures, key=lambda f: f.time or now, default=None)
     if newest is None or (last_failure is not None and _failure_key(newest) == _failure_key(last_failure)):
         return last_failure, ()
     exit_code = None if newest.exit_code is None else f"exit code {newest.exit_code}"
@@ -385,7 +385,7 @@ def record_autoscaling(
         last_scale_time=now if changed else previous.last_scale_time,
         last_decision=reason,
     )
-    if not changed:
+    if scaled_from is None or scaled_to is None or not changed:
         return status.model_copy(update={"autoscaling": autoscaling}), None
     entry = ScaleEvent(time=now, from_replicas=scaled_from, to_replicas=scaled_to, reason=reason)
     history = [*status.history, entry][-HISTORY_LENGTH:]

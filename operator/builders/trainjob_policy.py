@@ -31,7 +31,14 @@ from lmforge.operator import clock
 from lmforge.operator.api import constants as c
 from lmforge.operator.api import reasons as r
 from lmforge.operator.api.base import LastFailure
-from lmforge.operator.api.trainjob import FailurePolicy, Progress, ReplicaCounts, TrainJobSpec, TrainJobStatus
+from lmforge.operator.api.trainjob import (
+    FailurePolicy,
+    Progress,
+    ReplicaCounts,
+    TrainJobPhase,
+    TrainJobSpec,
+    TrainJobStatus,
+)
 from lmforge.operator.builders import trainjob as build
 from lmforge.operator.builders.conditions import has_condition, set_condition
 from lmforge.operator.builders.trainjob import CONTAINER_NAME, pod_name
@@ -249,7 +256,7 @@ class _Plan:
         return has_condition(self.status.conditions, type_)
 
     def transition(
-        self, phase: str, event_type: Literal["Normal", "Warning"], reason: str, message: str
+        self, phase: TrainJobPhase, event_type: Literal["Normal", "Warning"], reason: str, message: str
     ) -> None:
         if self.status.phase != phase:
             self.events.append(Event(event_type, reason, message))
@@ -548,7 +555,7 @@ def _finished(plan: _Plan, current: list[WorkerPod]) -> None:
 
 
 def _finish(
-    plan: _Plan, phase: str, reason: str, message: str, event_type: Literal["Normal", "Warning"]
+    plan: _Plan, phase: TrainJobPhase, reason: str, message: str, event_type: Literal["Normal", "Warning"]
 ) -> None:
     st = plan.status
     plan.transition(phase, event_type, reason, message)
@@ -623,48 +630,58 @@ def _creation_failing(plan: _Plan) -> bool:
 
 def _run(plan: _Plan, current: list[WorkerPod]) -> None:
     """Create the gang when nothing of the job is left; then track it until all run."""
-    obs, st = plan.obs, plan.status
-    num_nodes = obs.spec.num_nodes
-    if not current and obs.pods:
+    obs = plan.obs
+    if (not current and obs.pods) or any(p.deleting for p in current):
         plan.requeue.append(1.0)  # stale or Terminating pods still hold the names: wait for them
         return
     present = {p.rank for p in current}
-    if any(p.deleting for p in current):
-        plan.requeue.append(1.0)
-        return
-    missing = [r for r in range(num_nodes) if r not in present]
+    missing = [rank for rank in range(obs.spec.num_nodes) if rank not in present]
     if missing:
-        plan.create.extend(missing)
-        plan.requeue.append(5.0)
-        if not current:  # a whole new gang: Created only once its pods exist (next pass)
-            if st.start_time is None:
-                st.start_time = obs.now
-            if not _creation_failing(plan):  # keep the refusal's message until pods exist
-                plan.condition(
-                    r.ConditionCreated,
-                    False,
-                    r.ReasonCreatingPods,
-                    r.MessageCreatingPods.format(num_nodes=num_nodes, attempt=st.restarts),
-                )
+        _create(plan, missing, whole_gang=not current)
         return
     if not plan.has_condition(r.ConditionCreated):  # every rank's pod exists now
-        if st.restarts:
-            message = r.MessageGangRestarted.format(num_nodes=num_nodes, attempt=st.restarts)
-            plan.events.append(Event("Normal", r.ReasonGangRestarted, message))
-        else:
-            message = r.MessageGangCreated.format(num_nodes=num_nodes, attempt=st.restarts)
-            plan.events.append(Event("Normal", r.ReasonGangCreated, message))
-        plan.condition(r.ConditionCreated, True, r.ReasonGangCreated, message)
-    running = sum(p.phase in ("Running", "Succeeded") for p in current)  # ranks > 0 may finish first
+        _gang_created(plan)
+    _track(plan, current)
+
+
+def _create(plan: _Plan, missing: list[int], whole_gang: bool) -> None:
+    plan.create.extend(missing)
+    plan.requeue.append(5.0)
+    st = plan.status
+    if not whole_gang:
+        return
+    # a whole new gang: Created only once its pods exist (next pass)
+    if st.start_time is None:
+        st.start_time = plan.obs.now
+    if not _creation_failing(plan):  # keep the refusal's message until pods exist
+        message = r.MessageCreatingPods.format(num_nodes=plan.obs.spec.num_nodes, attempt=st.restarts)
+        plan.condition(r.ConditionCreated, False, r.ReasonCreatingPods, message)
+
+
+def _gang_created(plan: _Plan) -> None:
+    num_nodes, attempt = plan.obs.spec.num_nodes, plan.status.restarts
+    if attempt:
+        message = r.MessageGangRestarted.format(num_nodes=num_nodes, attempt=attempt)
+        plan.events.append(Event("Normal", r.ReasonGangRestarted, message))
+    else:
+        message = r.MessageGangCreated.format(num_nodes=num_nodes, attempt=attempt)
+        plan.events.append(Event("Normal", r.ReasonGangCreated, message))
+    plan.condition(r.ConditionCreated, True, r.ReasonGangCreated, message)
+
+
+def _track(plan: _Plan, current: list[WorkerPod]) -> None:
+    """Running once every rank runs (ranks > 0 may finish first); until then say who waits, and why."""
+    num_nodes = plan.obs.spec.num_nodes
+    running = sum(p.phase in ("Running", "Succeeded") for p in current)
     if running == num_nodes:
         message = r.MessageAllWorkersRunning.format(num_nodes=num_nodes)
         plan.transition(c.PhaseRunning, "Normal", r.ReasonAllWorkersRunning, message)
         plan.condition(r.ConditionRunning, True, r.ReasonAllWorkersRunning, message)
         if plan.has_condition(r.ConditionRestarting):
             plan.condition(r.ConditionRestarting, False, r.ReasonAllWorkersRunning, message)
-    else:
-        message = r.MessageWaitingForPods.format(running=running, num_nodes=num_nodes)
-        stuck = next((p for p in sorted(current, key=lambda p: p.rank) if p.waiting), None)
-        if stuck is not None:  # say why, instead of an unexplained Pending
-            message = f"{message}; {stuck.name}: {stuck.waiting}"[: r.MAX_MESSAGE]
-        plan.condition(r.ConditionRunning, False, r.ReasonWaitingForPods, message)
+        return
+    message = r.MessageWaitingForPods.format(running=running, num_nodes=num_nodes)
+    stuck = next((p for p in sorted(current, key=lambda p: p.rank) if p.waiting), None)
+    if stuck is not None:  # say why, instead of an unexplained Pending
+        message = f"{message}; {stuck.name}: {stuck.waiting}"[: r.MAX_MESSAGE]
+    plan.condition(r.ConditionRunning, False, r.ReasonWaitingForPods, message)

@@ -12,7 +12,6 @@ lagging watch never undoes a scale.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
 AUTOSCALING_STATUS_REFRESH = 30.0  # rewrite status.autoscaling without a change at most this often
 REAPPLY_SECONDS = 60.0  # re-apply the owned objects this often (drift back to the desired state)
-OWNED = {build.LABEL_INFERENCESERVICE: kopf.PRESENT}
+OWNED: dict[str, Any] = {build.LABEL_INFERENCESERVICE: kopf.PRESENT}
 
 
 def build_config_from_env() -> build.BuildConfig:
@@ -239,39 +238,37 @@ async def _shutdown(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.index("pods", labels=OWNED)
 async def inferenceservice_pods(
-    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> dict:
     """(namespace, InferenceService name) -> its server pods, kept current by the pod watch."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.inferenceservice.wake(namespace, labels[build.LABEL_INFERENCESERVICE])
     return {(namespace, labels[build.LABEL_INFERENCESERVICE]): ServingPod.from_pod(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
 async def inferenceservice_deployments(
-    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> dict:
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.inferenceservice.wake(namespace, labels[build.LABEL_INFERENCESERVICE])
     return {(namespace, labels[build.LABEL_INFERENCESERVICE]): DeploymentView.from_deployment(body)}
 
 
 @kopf.index(c.GROUP, c.VERSION, PLURAL)
 async def inferenceservice_generations(
-    namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+    *, namespace: str | None, name: str, meta: Mapping[str, Any], memo: Any, **_: Any
 ) -> dict:
     """(namespace, name) -> metadata.generation; a new one (a spec edit) wakes the daemon."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.inferenceservice.saw_generation(namespace, name, meta.get("generation"))
     return {(namespace, name): meta.get("generation")}
 
 
 @kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="inferenceservice", cancellation_timeout=10.0)
 async def inferenceservice_daemon(
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
-    memo: kopf.Memo,
-    logger: logging.Logger,
-    inferenceservice_pods: kopf.Index,
-    inferenceservice_deployments: kopf.Index,
-    **_: Any,
+    *, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any, logger: kopf.Logger, **kwargs: Any
 ) -> None:
-    indexes = {"pods": inferenceservice_pods, "deployments": inferenceservice_deployments}
+    """One per InferenceService; kopf passes the indexes by name."""
+    indexes = {"pods": kwargs["inferenceservice_pods"], "deployments": kwargs["inferenceservice_deployments"]}
     await reconcile.run(memo.inferenceservice, body, stopped, indexes, logger)

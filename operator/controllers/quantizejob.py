@@ -9,7 +9,6 @@ kill. A finished job costs one pass per operator start that reads two indexes an
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from lmforge.operator.kube import QUANTIZEJOBS, Object, Resource
 
 PLURAL = "quantizejobs"
 INTERVAL = float(os.environ.get("LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS", "3"))
-OWNED = {c.LABEL_KIND: build.KIND, build.LABEL_QUANTIZEJOB: kopf.PRESENT}
+OWNED: dict[str, Any] = {c.LABEL_KIND: build.KIND, build.LABEL_QUANTIZEJOB: kopf.PRESENT}
 
 
 def build_config_from_env() -> build.BuildConfig:
@@ -120,41 +119,38 @@ async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
 async def quantizejob_jobs(
-    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> dict:
     """(namespace, QuantizeJob name) -> its Job."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.quantizejob.wake(namespace, labels[build.LABEL_QUANTIZEJOB])
     return {(namespace, labels[build.LABEL_QUANTIZEJOB]): JobView.from_job(body)}
 
 
 @kopf.index("pods", labels=OWNED)
 async def quantizejob_pods(
-    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> dict:
     """(namespace, QuantizeJob name) -> its pod(s)."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.quantizejob.wake(namespace, labels[build.LABEL_QUANTIZEJOB])
     return {(namespace, labels[build.LABEL_QUANTIZEJOB]): QuantizePod.from_pod(body)}
 
 
 @kopf.index(c.GROUP, c.VERSION, PLURAL)
 async def quantizejob_generations(
-    namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+    *, namespace: str | None, name: str, meta: Mapping[str, Any], memo: Any, **_: Any
 ) -> dict:
     """(namespace, name) -> metadata.generation; a new one wakes the daemon."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.quantizejob.saw_generation(namespace, name, meta.get("generation"))
     return {(namespace, name): meta.get("generation")}
 
 
 @kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="quantizejob", cancellation_timeout=10.0)
 async def quantizejob_daemon(
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
-    memo: kopf.Memo,
-    logger: logging.Logger,
-    quantizejob_jobs: kopf.Index,
-    quantizejob_pods: kopf.Index,
-    **_: Any,
+    *, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any, logger: kopf.Logger, **kwargs: Any
 ) -> None:
-    await reconcile.run(
-        memo.quantizejob, body, stopped, {"jobs": quantizejob_jobs, "pods": quantizejob_pods}, logger
-    )
+    """One per QuantizeJob; kopf passes the indexes by name."""
+    indexes = {"jobs": kwargs["quantizejob_jobs"], "pods": kwargs["quantizejob_pods"]}
+    await reconcile.run(memo.quantizejob, body, stopped, indexes, logger)

@@ -31,12 +31,11 @@ starts a new one when the operator restarts).
 from __future__ import annotations
 
 import asyncio
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import kopf
 
@@ -176,7 +175,7 @@ async def reconcile(
     memory: Memory,
     body: Mapping[str, Any],
     indexes: Mapping[str, kopf.Index],
-    logger: logging.Logger,
+    logger: kopf.Logger,
     now: datetime,
 ) -> float | None:
     """One observe/decide/write/announce/act pass. Returns seconds until the next pass (0: at
@@ -250,7 +249,10 @@ async def _write(
 def _announce(obj: Object, events: tuple[Event, ...]) -> None:
     """Events go out only after the status write that holds their state went through."""
     for event in events:
-        kopf.event(obj, type=event.type, reason=event.reason, message=event.message[: r.MAX_MESSAGE])
+        # kopf reads only apiVersion/kind/metadata of the object: a plain dict is as good as a Body
+        kopf.event(
+            cast(kopf.Body, obj), type=event.type, reason=event.reason, message=event.message[: r.MAX_MESSAGE]
+        )
 
 
 def _status(kind: Kind[Any, Any, Any], obj: Object) -> StatusModel:
@@ -306,7 +308,7 @@ async def run(
     body: kopf.Body,
     stopped: kopf.DaemonStopped,
     indexes: Mapping[str, kopf.Index],
-    logger: logging.Logger,
+    logger: kopf.Logger,
 ) -> None:
     """The daemon of one object: passes until it is finished, deleted or the operator stops.
     A failing pass (API or connection error) is retried after 2, 4, ... 60 s with a Warning Event."""
@@ -326,7 +328,7 @@ async def run(
                 delay = min(2.0**failures, MAX_ERROR_BACKOFF_SECONDS)
                 logger.warning("reconcile failed (retry in %.0fs): %s", delay, exc)
                 kopf.event(
-                    plain(body),
+                    body,
                     type="Warning",
                     reason=r.ReasonReconcileError,
                     message=str(exc)[: r.MAX_MESSAGE],

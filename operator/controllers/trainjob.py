@@ -14,7 +14,6 @@ to the contract:
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from lmforge.operator.decision import Create, Decision
 from lmforge.operator.kube import TRAINJOBS, Object, Resource
 
 PLURAL = "trainjobs"
-POD_LABELS = {c.LABEL_KIND: "TrainJob", c.LABEL_JOB_NAME: kopf.PRESENT}
+POD_LABELS: dict[str, Any] = {c.LABEL_KIND: "TrainJob", c.LABEL_JOB_NAME: kopf.PRESENT}
 
 
 def build_config_from_env() -> build.BuildConfig:
@@ -128,9 +127,10 @@ async def _cleanup_runtime(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.index("pods", labels=POD_LABELS)
 async def trainjob_pods(
-    namespace: str, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> dict:
     """(namespace, job name) -> the job's worker pods, kept current by the pod watch."""
+    namespace = namespace or ""  # namespaced kinds: always set
     job = labels[c.LABEL_JOB_NAME]
     memo.trainjob.wake(namespace, job)
     pod = WorkerPod.from_pod(body)
@@ -139,27 +139,24 @@ async def trainjob_pods(
 
 @kopf.index(c.GROUP, c.VERSION, PLURAL)
 async def trainjob_generations(
-    namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+    *, namespace: str | None, name: str, meta: Mapping[str, Any], memo: Any, **_: Any
 ) -> dict:
     """(namespace, name) -> metadata.generation. A new generation (suspend flips, TTL edits) wakes
     the job's daemon at once; our own status writes do not."""
+    namespace = namespace or ""  # namespaced kinds: always set
     memo.trainjob.saw_generation(namespace, name, meta.get("generation"))
     return {(namespace, name): meta.get("generation")}
 
 
 @kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="trainjob", cancellation_timeout=10.0)
 async def trainjob_daemon(
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
-    memo: kopf.Memo,
-    trainjob_pods: kopf.Index,
-    logger: logging.Logger,
-    **_: Any,
+    *, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any, logger: kopf.Logger, **kwargs: Any
 ) -> None:
-    await reconcile.run(memo.trainjob, body, stopped, {"pods": trainjob_pods}, logger)
+    """One per TrainJob; kopf passes the index `trainjob_pods` by name."""
+    await reconcile.run(memo.trainjob, body, stopped, {"pods": kwargs["trainjob_pods"]}, logger)
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, PLURAL, id="trainjob-cleanup", optional=True)
-async def _cleanup(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def _cleanup(*, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     """The children, explicitly: the garbage collector may lag behind (or be absent)."""
-    await reconcile.execute(memo.trainjob.api, tuple(delete_children(namespace, name)))
+    await reconcile.execute(memo.trainjob.api, tuple(delete_children(namespace or "", name)))
