@@ -82,6 +82,8 @@ class Refusal:
 
 
 class Refused(Exception):
+    """Raised by `execute` for the first refused action of a run."""
+
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(f"{refusal.name}: {refusal.error}")
         self.refusal = refusal
@@ -101,8 +103,11 @@ class Memory:
 
 
 def resource_version(obj: Mapping[str, Any] | None) -> int:
+    """etcd revisions: a newer copy of an object has a larger one; -1 when unknown."""
+    if obj is None:
+        return -1
     try:
-        return int(obj["metadata"]["resourceVersion"])  # type: ignore[index]  # etcd revisions: newer is larger
+        return int(obj["metadata"]["resourceVersion"])
     except (KeyError, TypeError, ValueError):
         return -1
 
