@@ -10,7 +10,8 @@ from typing import Any
 from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders.trainjob import JobRef, pod_name
-from lmforge.operator.builders.trainjob_policy import Observed, WorkerPod
+from lmforge.operator.builders.trainjob_pods import WorkerPod
+from lmforge.operator.builders.trainjob_policy import Observed
 from lmforge.operator.decision import Create, Decision, Delete
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -26,10 +26,10 @@ from lmforge.operator.api import constants as c
 from lmforge.operator.api.base import StatusModel
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import trainjob as build
+from lmforge.operator.builders.trainjob_pods import WorkerPod
 from lmforge.operator.builders.trainjob_policy import (
     REFUSED_RETRY_SECONDS,
     Observed,
-    WorkerPod,
     creation_failed,
     decide,
     delete_children,

@@ -21,13 +21,11 @@ from lmforge.devcluster.factories import (
 )
 from lmforge.operator.api.base import Condition
 from lmforge.operator.api.trainjob import FailurePolicy, Progress, TrainJobStatus
+from lmforge.operator.builders.trainjob_pods import WorkerPod, fold_progress, format_duration
 from lmforge.operator.builders.trainjob_policy import (
-    WorkerPod,
     backoff_seconds,
     creation_failed,
     decide,
-    fold_progress,
-    format_duration,
     is_retryable,
 )
 from lmforge.operator.decision import RESYNC_SECONDS, Event
