@@ -43,6 +43,7 @@ class Ops:
     # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
+    fused_moe: Callable  # (x, w13, w2, topk_weights, topk_ids, activation) -> y (moe_reference.fused_moe)
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -71,6 +72,7 @@ def get_ops(device: torch.device | str, backend: str | None = None) -> Ops:
 @functools.cache
 def _load(name: str) -> Ops:
     if name == "torch":
+        from . import moe_reference
         from . import reference as r
 
         return Ops(
@@ -85,6 +87,7 @@ def _load(name: str) -> Ops:
             paged_prefill_attention=r.paged_prefill_attention,
             sample=r.sample,
             quant_linear=r.quant_linear,
+            fused_moe=moe_reference.fused_moe,
         )
     from ._interp import interpreting, patch_bf16
 
@@ -92,6 +95,7 @@ def _load(name: str) -> Ops:
         patch_bf16()
     from .activation import silu_and_mul
     from .decode_attention import paged_decode_attention
+    from .fused_moe import fused_moe
     from .kv_cache import reshape_and_cache, reshape_and_cache_int8
     from .prefill_attention import paged_prefill_attention
     from .quant_gemm import quant_linear
@@ -111,4 +115,5 @@ def _load(name: str) -> Ops:
         paged_prefill_attention=paged_prefill_attention,
         sample=sample,
         quant_linear=quant_linear,
+        fused_moe=fused_moe,
     )

@@ -78,7 +78,11 @@ def _moe_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
         b = tl.load(b_base + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(a, b)
     if MUL_WEIGHT:

@@ -71,6 +71,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def mla_attention_backend(architecture: str, requested: str, kv_cache_dtype: str) -> str:
+    """MLA models attend in torch over their latent cache: "auto" means "torch" for them on every device;
+    the Triton paged kernels and the int8 cache (scales per KV head) do not apply to a latent cache."""
+    if kv_cache_dtype == "int8":
+        raise ValueError(f"{architecture}: kv_cache_dtype='int8' is not supported for latent attention (MLA)")
+    if requested not in ("auto", "torch"):
+        raise ValueError(
+            f"{architecture}: attention_backend={requested!r} is not supported for latent attention (MLA); "
+            "use 'auto' or 'torch'"
+        )
+    return "torch"
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -93,6 +106,10 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         # element type of the K/V caches; int8 adds fp32 scale caches (one scale per token and KV head)
         self.cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
+        if model_config.mla is not None:  # latent attention (runtime/models/mla.py) reads the torch layout
+            attention_backend = mla_attention_backend(
+                model_config.architecture, attention_backend, kv_cache_dtype
+            )
         self.backend = get_attention_backend(attention_backend, device)
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
@@ -120,6 +137,10 @@ class ModelRunner:
         """Bytes of K and V for one block across all layers (int8: the codes plus one fp32 scale per
         token and KV head)."""
         c = self.config
+        latent = [a.kv_bytes_per_token(self.cache_dtype) for a in self.model.attention_layers()
+                  if hasattr(a, "kv_bytes_per_token")]  # fmt: skip
+        if latent:  # MLA: one latent vector per token and layer, not K and V per head
+            return self.block_size * sum(latent)
         per_token_head = c.head_dim * self.cache_dtype.itemsize
         if self.kv_cache_dtype == "int8":
             per_token_head += torch.float32.itemsize
@@ -134,6 +155,9 @@ class ModelRunner:
         int8 = self.kv_cache_dtype == "int8"
         self.decode_graphs = None  # captured graphs point at the old cache: capture again
         for attn in self.model.attention_layers():
+            if hasattr(attn, "bind_kv_cache"):  # MLA: its own latent layout
+                attn.bind_kv_cache(num_blocks, self.block_size, self.cache_dtype, self.device)
+                continue
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.k_scale_cache = (

@@ -155,8 +155,98 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "glm": ("glm", {"head_dim": 16}),
     "glm4": ("glm4", {"head_dim": 16}),
     "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),
+    # --- mixture of experts (>= 4 experts, top-2 or more) and latent attention ---
+    "mixtral": (
+        "mixtral",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
+    # Qwen1.5-MoE: softmax top-k without renormalisation, a sigmoid-gated shared expert
+    "qwen2_moe": (
+        "qwen2_moe",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "num_experts": 6,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 80,
+        },
+    ),
+    # DeepSeek-V2-Lite-like: q_proj without LoRA, group-limited greedy routing, a dense first layer,
+    # a shared expert, routed scaling, yarn with mscale_all_dim (the softmax scale changes too)
+    "deepseek_v2": (
+        "deepseek_v2",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": None,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "n_routed_experts": 6,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 40,
+            "num_experts_per_tok": 2,
+            "topk_method": "group_limited_greedy",
+            "n_group": 3,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 1.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,  # x 4 = the tiny max_position_embeddings
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        },
+    ),
+    # DeepSeek-V3: sigmoid scores, noaux_tc (correction bias, top-2-sum groups), renormalised, scaled
+    "deepseek_v3": (
+        "deepseek_v3",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 40,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    "minicpm3": (
+        "minicpm3",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "scale_emb": 12,
+            "scale_depth": 1.4,
+            "dim_model_base": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
 }
 ARCHS = tuple(TINY_SPECS)
+_MLA_TYPES = ("deepseek_v2", "deepseek_v3", "minicpm3")
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 
@@ -245,7 +335,9 @@ def tiny_hf_config(
     )
     if model_type == "gpt_neox":
         common.pop("num_key_value_heads")  # multi-head only
-    return AutoConfig.for_model(model_type, **common, **eps, **extra)
+    if model_type in _MLA_TYPES:
+        common["num_key_value_heads"] = num_heads  # the latent expands to every head
+    return AutoConfig.for_model(model_type, **{**common, **eps, **extra})  # the spec's own shapes win
 
 
 def widen_weights(model, seed: int, *, bias_std: float = 0.2, norm_std: float = 0.3) -> None:

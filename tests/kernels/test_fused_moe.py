@@ -104,7 +104,9 @@ def test_ids_outside_this_ranks_experts_are_dropped(device):
     local = torch.where(ids < 4, ids, -1)
     mine = fused_moe(x, w13[:4], w2[:4], weights, local)
     theirs = fused_moe(x, w13[4:], w2[4:], weights, torch.where(ids >= 4, ids - 4, -1))
-    torch.testing.assert_close(mine + theirs, moe_reference.fused_moe(x, w13, w2, weights, ids), **TOL[torch.float32])
+    torch.testing.assert_close(
+        mine + theirs, moe_reference.fused_moe(x, w13, w2, weights, ids), **TOL[torch.float32]
+    )
 
 
 @pytest.mark.gpu
@@ -115,7 +117,9 @@ def test_fused_moe_gpu_shapes(num_tokens, top_k):
     x = torch.randn(num_tokens, 512, device="cuda").to(torch.bfloat16)
     weights, ids = _route(num_tokens, 8, top_k, "cuda", unused=(7,) if top_k < 8 else ())
     ref = moe_reference.fused_moe(x, w13, w2, weights, ids)
-    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids).float(), ref.float(), **TOL[torch.bfloat16])
+    torch.testing.assert_close(
+        fused_moe(x, w13, w2, weights, ids).float(), ref.float(), **TOL[torch.bfloat16]
+    )
 
 
 def test_block_m_is_a_tile_size_tl_dot_accepts():
