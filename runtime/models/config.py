@@ -45,7 +45,8 @@ class MoEConfig:
     top_k: int
     intermediate_size: int
     layers: tuple[bool, ...]
-    scoring: str = "softmax"
+    scoring: str = "softmax"  # or "sigmoid"; "sparsemixer": Phi-3.5-MoE's top-2 (moe.route)
+    jitter_eps: float = 0.0  # sparsemixer: experts within 2 * eps (relative) of the best share its softmax
     renormalize: bool = True
     renorm_eps: float = 0.0
     routed_scaling: float = 1.0
@@ -62,8 +63,10 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts:
             raise ValueError(f"MoE top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"MoE scoring {self.scoring!r}: expected 'softmax' or 'sigmoid'")
+        if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
+            raise ValueError(f"MoE scoring {self.scoring!r}: expected 'softmax', 'sigmoid' or 'sparsemixer'")
+        if self.scoring == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"MoE sparsemixer routing picks 2 experts, not top_k={self.top_k}")
         if self.num_groups is not None:
             if self.num_experts % self.num_groups or not 0 < (self.topk_groups or 0) <= self.num_groups:
                 raise ValueError(

@@ -583,6 +583,46 @@ def _minicpm3(r: Reader) -> dict[str, Any]:
     )
 
 
+def _phimoe(r: Reader) -> dict[str, Any]:
+    """Phi-3.5-MoE: LayerNorms (with bias), attention and lm_head biases, and sparsemixer routing (top-2:
+    the best expert and the best of the rest, each weighted by a softmax over the experts within
+    2 * router_jitter_noise of it, relatively). Its longrope scales cos/sin by short_mscale / long_mscale,
+    which must agree (then they are longrope's attention_factor)."""
+    s = _shapes(r)
+    bias = bool(r("attention_bias"))
+    fields = dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        norm="layer",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        lm_head_bias=bool(r("lm_head_bias")),
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None),
+    )
+    scaling = fields["rope_scaling"]
+    if scaling is not None and ("short_mscale" in scaling or "long_mscale" in scaling):
+        short, long = scaling.pop("short_mscale", None), scaling.pop("long_mscale", None)
+        if short != long or scaling.get("attention_factor") is not None:
+            raise ValueError(
+                f"{r.architecture}: rope_scaling short_mscale={short!r} and long_mscale={long!r} differ "
+                "(or come with attention_factor): only one cos/sin scale for both lengths is supported"
+            )
+        scaling["attention_factor"] = float(short)
+    r("num_experts_per_tok")
+    fields["moe"] = MoEConfig(
+        num_experts=r("num_local_experts"),
+        top_k=2,
+        intermediate_size=s["intermediate_size"],
+        layers=(True,) * s["num_layers"],
+        scoring="sparsemixer",
+        renormalize=False,
+        jitter_eps=float(r("router_jitter_noise")),
+    )
+    return fields
+
+
 _MOE_KEYS = {"num_experts_per_tok": Key(2)}
 _MLA_KEYS = {
     "kv_lora_rank": Key(512),
@@ -888,6 +928,24 @@ FAMILIES: dict[str, Family] = {
         },
         _qwen2_moe,
         packed=_LLAMA_PACKED,
+    ),
+    "PhimoeForCausalLM": Family(
+        "phimoe",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(1_000_000.0),
+            "rms_norm_eps": Key(1e-5),
+            "sliding_window": Key(None),
+            "attention_bias": Key(False, BOOLS),
+            "lm_head_bias": Key(False, BOOLS),
+            "num_local_experts": Key(16),
+            "num_experts_per_tok": Key(2, (2,), why="transformers' sparsemixer always picks two experts"),
+            "router_jitter_noise": Key(0.01),
+        },
+        _phimoe,
+        hf_to_ours={".block_sparse_moe.": ".mlp."},
+        packed=_QKV_PACKED,
     ),
     "DeepseekV2ForCausalLM": Family(
         "deepseek_v2",

@@ -47,6 +47,8 @@ def route(logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | 
     """Router logits [T, E] -> (weights [T, k] fp32 (Qwen2-MoE: the logits' dtype), expert ids [T, k]).
     Mirrors transformers' routers: softmax or sigmoid scores; grouped top-k; V3's correction bias
     shifts only the choice, never the weights."""
+    if cfg.scoring == "sparsemixer":
+        return sparsemixer(logits, cfg.jitter_eps)
     scores = logits.float().softmax(-1) if cfg.scoring == "softmax" else logits.float().sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if cfg.num_groups is not None:
@@ -66,6 +68,20 @@ def route(logits: torch.Tensor, cfg: MoEConfig, correction_bias: torch.Tensor | 
     if cfg.weights_in_logits_dtype:
         weights = weights.to(logits.dtype)
     return weights, ids
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's inference routing (transformers' `sparsemixer`, eval mode), in the logits' dtype: the
+    best expert, weighted by a softmax over the experts whose logits are within 2 * jitter_eps (relative to
+    max(|logit|, best)) of it; then the same for the best of the others."""
+    weights, ids, masked = [], [], logits
+    for _ in range(2):
+        best, best_id = masked.max(dim=-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps
+        weights.append(masked.masked_fill(far, float("-inf")).softmax(-1).gather(-1, best_id))
+        ids.append(best_id)
+        masked = masked.scatter(-1, best_id, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
 
 
 class Router(nn.Module):

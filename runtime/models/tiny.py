@@ -164,6 +164,18 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             "num_experts_per_tok": 2,
         },
     ),
+    # Phi-3.5-MoE: sparsemixer top-2 (a wide jitter so that the softmax of each pick spans several experts)
+    "phimoe": (
+        "phimoe",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_jitter_noise": 0.3,
+            "attention_bias": True,
+            "lm_head_bias": True,
+        },
+    ),
     # Qwen1.5-MoE: softmax top-k without renormalisation, a sigmoid-gated shared expert
     "qwen2_moe": (
         "qwen2_moe",
@@ -190,9 +202,9 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             "n_shared_experts": 1,
             "moe_intermediate_size": 40,
             "num_experts_per_tok": 2,
-            "topk_method": "group_limited_greedy",
-            "n_group": 3,
-            "topk_group": 2,
+            "topk_method": "group_limited_greedy",  # top-2 within the best of 2 groups of 3
+            "n_group": 2,
+            "topk_group": 1,
             "first_k_dense_replace": 1,
             "routed_scaling_factor": 1.5,
             "rope_parameters": {

@@ -145,6 +145,7 @@ SCENARIO_ARCHS = [
     "mistral_window",
     # mixture of experts (fused MoE layer) and latent attention (one latent vector per cached token)
     "mixtral",
+    "phimoe",
     "qwen2_moe",
     "deepseek_v2",
     "deepseek_v3",
@@ -258,6 +259,7 @@ NEGATIVE_CONTROLS = {
     # MoE: the router's top-k and its weights; MLA: its rope layout and the yarn softmax scale
     "router-top-k-changed": ("mixtral", lambda c: c.update(num_experts_per_tok=1), True),
     "v3-router-top-k-changed": ("deepseek_v3", lambda c: c.update(num_experts_per_tok=2), True),
+    "sparsemixer-jitter-changed": ("phimoe", lambda c: c.update(router_jitter_noise=0.01), True),
     "qwen-moe-renormalised": ("qwen2_moe", lambda c: c.update(norm_topk_prob=True), True),
     "routed-scaling-changed": ("deepseek_v3", lambda c: c.update(routed_scaling_factor=1.0), True),
     "expert-groups-removed": ("deepseek_v2", lambda c: c.update(topk_method="greedy"), True),
