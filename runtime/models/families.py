@@ -89,6 +89,10 @@ class Reader:
             if key == "rope_type":
                 return rope.get("rope_type", rope.get("type", default))
             return rope.get(key, self.hf.get(key, default))
+        if "." in key:  # a nested config (DBRX's attn_config / ffn_config): "attn_config.clip_qkv"
+            outer, inner = key.split(".", 1)
+            nested = self.hf.get(outer) or {}
+            return nested[inner] if inner in nested else default
         return self.hf[key] if key in self.hf else default
 
 
@@ -623,6 +627,47 @@ def _phimoe(r: Reader) -> dict[str, Any]:
     return fields
 
 
+def _dbrx(r: Reader) -> dict[str, Any]:
+    """DBRX: bias-free LayerNorms, fused Wqkv with clip_qkv, plain RoPE at attn_config.rope_theta, and
+    softmax top-k experts whose weights are divided by their p-norm (moe_normalize_expert_weights = p;
+    only p = 1, a plain renormalisation, or None). The experts are stored stacked (w1, v1, w2: [E*I, H])."""
+    hidden, heads = r("d_model"), r("n_heads")
+    theta = float(r("attn_config.rope_theta"))
+    r("rope_type")
+    params_theta = float(r("rope_theta"))
+    if params_theta not in (theta, 10000.0):
+        raise ValueError(
+            f"{r.architecture}: rope_parameters rope_theta = {params_theta!r} and attn_config.rope_theta = "
+            f"{theta!r} disagree: which one the checkpoint was trained with is ambiguous"
+        )
+    r("ffn_config.ffn_act_fn")
+    layers = r("n_layers")
+    p = r("ffn_config.moe_normalize_expert_weights")
+    return dict(
+        vocab_size=r("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r("ffn_config.ffn_hidden_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=r("attn_config.kv_n_heads"),
+        head_dim=hidden // heads,
+        max_position_embeddings=r("max_seq_len"),
+        tie_word_embeddings=bool(r("tie_word_embeddings")),
+        rope_theta=theta,
+        rms_norm_eps=1e-5,  # nn.LayerNorm's default: DBRX's norms take no eps from the config
+        norm="layer_no_bias",
+        clip_qkv=r("attn_config.clip_qkv"),
+        moe=MoEConfig(
+            num_experts=r("ffn_config.moe_num_experts"),
+            top_k=r("ffn_config.moe_top_k"),
+            intermediate_size=r("ffn_config.ffn_hidden_size"),
+            layers=(True,) * layers,
+            renormalize=p is not None,
+            weights_in_logits_dtype=True,
+        ),
+    )
+
+
 _MOE_KEYS = {"num_experts_per_tok": Key(2)}
 _MLA_KEYS = {
     "kv_lora_rank": Key(512),
@@ -946,6 +991,43 @@ FAMILIES: dict[str, Family] = {
         _phimoe,
         hf_to_ours={".block_sparse_moe.": ".mlp."},
         packed=_QKV_PACKED,
+    ),
+    "DbrxForCausalLM": Family(
+        "dbrx",
+        {
+            "vocab_size": Key(32000),
+            "d_model": Key(2048),
+            "n_heads": Key(16),
+            "n_layers": Key(24),
+            "max_seq_len": Key(2048),
+            "tie_word_embeddings": Key(False),
+            "rope_theta": Key(10000.0),
+            "rope_type": Key("default", ("default",), why="DBRX rotates with plain RoPE"),
+            "attn_config.kv_n_heads": Key(1),
+            "attn_config.clip_qkv": Key(None),
+            "attn_config.rope_theta": Key(10000.0),
+            "ffn_config.ffn_hidden_size": Key(3584),
+            "ffn_config.moe_num_experts": Key(4),
+            "ffn_config.moe_top_k": Key(1),
+            "ffn_config.moe_normalize_expert_weights": Key(
+                1.0, (1.0, None), why="the weights are divided by their p-norm: p = 1 or none"
+            ),
+            "ffn_config.ffn_act_fn": Key(
+                {"name": "silu"}, ({"name": "silu"},), why="DBRX's experts use SiLU"
+            ),
+        },
+        _dbrx,
+        hf_to_ours={
+            "transformer.wte.": "model.embed_tokens.",
+            "transformer.blocks.": "model.layers.",
+            "transformer.norm_f.": "model.norm.",
+            ".norm_attn_norm.attn.Wqkv.": ".self_attn.qkv_proj.",
+            ".norm_attn_norm.attn.out_proj.": ".self_attn.o_proj.",
+            ".norm_attn_norm.norm_1.": ".input_layernorm.",
+            ".norm_attn_norm.norm_2.": ".post_attention_layernorm.",
+            ".ffn.router.layer.": ".mlp.gate.",
+            ".ffn.experts.mlp.": ".mlp.experts.stacked_",
+        },
     ),
     "DeepseekV2ForCausalLM": Family(
         "deepseek_v2",

@@ -31,10 +31,19 @@ _EXPERT_PROJ = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up
                 "w2": ("w2", None), "down_proj": ("w2", None)}  # fmt: skip
 
 
-def expert_target(name: str) -> tuple[str, str, tuple[int, int | None]] | None:
+# DBRX keeps every expert of a layer in one tensor per projection: w1 (gate), v1 (up) [E*I, H], w2 [E*I, H]
+_STACKED_NAME = re.compile(r"^(?P<prefix>.+\.experts)\.stacked_(?P<proj>w1|v1|w2)$")
+_STACKED_PROJ = {"w1": ("w13", 0), "v1": ("w13", 1), "w2": ("w2", None)}
+
+
+def expert_target(name: str) -> tuple[str, str, tuple[int | None, int | None]] | None:
     """'model.layers.3.mlp.experts.5.w3.weight' -> ('model.layers.3.mlp.experts', 'w13_weight', (5, 1));
     None for a name that is not a per-expert projection. `kind` (weight, weight_packed, weight_scale, ...)
     is kept: quantized experts stack their packed tensors the same way."""
+    stacked_match = _STACKED_NAME.match(name)
+    if stacked_match is not None:  # all experts at once (expert None)
+        proj, half = _STACKED_PROJ[stacked_match["proj"]]
+        return stacked_match["prefix"], f"{proj}_weight", (None, half)
     m = _EXPERT_NAME.match(name)
     if m is None:
         return None
@@ -120,9 +129,19 @@ class FusedMoE(nn.Module):
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int, int | None]) -> None:
-        """One expert's gate (shard 0), up (1) or down (None) matrix into its slice of the stacked parameter."""
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int | None, int | None]
+    ) -> None:
+        """One expert's gate (shard 0), up (1) or down (None) matrix into its slice of the stacked parameter;
+        expert None: every expert at once, DBRX's [E*I, H] tensors (its w2 holds down_proj transposed)."""
         expert, half = shard
+        if expert is None:
+            stacked = loaded.view(self.num_experts, self.intermediate, -1)  # [E, I, H]
+            if param is self.w2_weight:
+                param.data.copy_(stacked.transpose(1, 2))
+            else:
+                param.data.narrow(1, (half or 0) * self.intermediate, self.intermediate).copy_(stacked)
+            return
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"checkpoint has expert {expert}; the config says {self.num_experts} experts")
         target = param.data[expert]

@@ -241,6 +241,7 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         },
     ),
+    "dbrx": ("dbrx", {"ffn_experts": 4, "ffn_top_k": 2, "clip_qkv": 1.5, "rope_theta": 500000.0}),
     "minicpm3": (
         "minicpm3",
         {
@@ -347,9 +348,37 @@ def tiny_hf_config(
     )
     if model_type == "gpt_neox":
         common.pop("num_key_value_heads")  # multi-head only
+    if model_type == "dbrx":  # nested attention / FFN configs
+        return AutoConfig.for_model("dbrx", **_dbrx_kwargs(common, extra))
     if model_type in _MLA_TYPES:
         common["num_key_value_heads"] = num_heads  # the latent expands to every head
     return AutoConfig.for_model(model_type, **{**common, **eps, **extra})  # the spec's own shapes win
+
+
+def _dbrx_kwargs(common: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    theta = extra["rope_theta"]
+    return dict(
+        vocab_size=common["vocab_size"],
+        d_model=common["hidden_size"],
+        n_heads=common["num_attention_heads"],
+        n_layers=common["num_hidden_layers"],
+        max_seq_len=common["max_position_embeddings"],
+        initializer_range=common["initializer_range"],
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        attn_config={
+            "kv_n_heads": common["num_key_value_heads"],
+            "clip_qkv": extra["clip_qkv"],
+            "rope_theta": theta,
+        },
+        ffn_config={
+            "ffn_hidden_size": common["intermediate_size"],
+            "moe_num_experts": extra["ffn_experts"],
+            "moe_top_k": extra["ffn_top_k"],
+        },
+    )
 
 
 def widen_weights(model, seed: int, *, bias_std: float = 0.2, norm_std: float = 0.3) -> None:

@@ -150,6 +150,7 @@ SCENARIO_ARCHS = [
     "deepseek_v2",
     "deepseek_v3",
     "minicpm3",
+    "dbrx",
 ]
 MLA_ARCHS = ("deepseek_v2", "deepseek_v3", "minicpm3")  # latent cache: no int8 KV cache (refused by name)
 
@@ -260,6 +261,8 @@ NEGATIVE_CONTROLS = {
     "router-top-k-changed": ("mixtral", lambda c: c.update(num_experts_per_tok=1), True),
     "v3-router-top-k-changed": ("deepseek_v3", lambda c: c.update(num_experts_per_tok=2), True),
     "sparsemixer-jitter-changed": ("phimoe", lambda c: c.update(router_jitter_noise=0.01), True),
+    "dbrx-top-k-changed": ("dbrx", lambda c: c["ffn_config"].update(moe_top_k=1), True),
+    "dbrx-clip-qkv-removed": ("dbrx", lambda c: c["attn_config"].update(clip_qkv=None), True),
     "qwen-moe-renormalised": ("qwen2_moe", lambda c: c.update(norm_topk_prob=True), True),
     "routed-scaling-changed": ("deepseek_v3", lambda c: c.update(routed_scaling_factor=1.0), True),
     "expert-groups-removed": ("deepseek_v2", lambda c: c.update(topk_method="greedy"), True),
