@@ -1,0 +1,125 @@
+"""Fused MoE layer (kernels/fused_moe.py) vs the torch loop over experts (kernels/moe_reference.py), one
+MoE layer's experts at Mixtral-8x7B shapes (8 experts, top-2, hidden 4096, expert intermediate 14336).
+
+    python -m bench.moe                                   # CUDA: batch 1, 16, 256 tokens, bf16; one JSON document
+    python -m bench.moe --device cpu --shape tiny         # smoke run (set TRITON_INTERPRET=1 for the kernel)
+
+Both sides get the same tokens, router choices (softmax top-2 of random logits, renormalised, as Mixtral
+routes) and weights, and must agree (max |diff| is reported). Times are medians over --repeats calls after
+a warm-up, in the same process; `weight_gbps` is the expert weight bytes a call must read (only the
+experts some token chose) over the fused time: at batch 1 the layer is a weight stream, so that figure
+against the device's copy bandwidth says how close it is to the roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+SHAPES = {
+    "mixtral-8x7b": dict(experts=8, top_k=2, hidden=4096, intermediate=14336),
+    "tiny": dict(experts=4, top_k=2, hidden=64, intermediate=96),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="mixtral-8x7b")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--batches", default="1,16,256", help="token counts, comma-separated")
+    p.add_argument("--repeats", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (Triton compiles on the first call)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_batch(
+    weights: tuple[torch.Tensor, torch.Tensor], shape: dict, num_tokens: int, repeats: int
+) -> dict:
+    from lmforge.kernels import moe_reference
+    from lmforge.kernels.fused_moe import fused_moe
+
+    w13, w2 = weights
+    device, dtype = w13.device, w13.dtype
+    gen = torch.Generator(device="cpu").manual_seed(num_tokens)
+    x = (torch.randn(num_tokens, shape["hidden"], generator=gen) * 0.5).to(device, dtype)
+    logits = torch.randn(num_tokens, shape["experts"], generator=gen).to(device)
+    top_weights, top_ids = logits.softmax(-1).topk(shape["top_k"], dim=-1)
+    top_weights = top_weights / top_weights.sum(-1, keepdim=True)
+    fused_ms = _median_ms(lambda: fused_moe(x, w13, w2, top_weights, top_ids), repeats, device)
+    loop_ms = _median_ms(lambda: moe_reference.fused_moe(x, w13, w2, top_weights, top_ids), repeats, device)
+    diff = (fused_moe(x, w13, w2, top_weights, top_ids).float()
+            - moe_reference.fused_moe(x, w13, w2, top_weights, top_ids).float()).abs().max().item()  # fmt: skip
+    used = int(torch.unique(top_ids).numel())
+    per_expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    return {
+        "tokens": num_tokens,
+        "experts_used": used,
+        "fused_ms": fused_ms,
+        "torch_loop_ms": loop_ms,
+        "speedup": loop_ms / fused_ms,
+        "weight_gbps": used * per_expert_bytes / fused_ms / 1e6,
+        "max_abs_diff": diff,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/moe.py needs a CUDA GPU (or --device cpu --shape tiny for a smoke run)", file=sys.stderr)
+        return 2
+    shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
+    if device.type == "cpu":
+        from lmforge.kernels._interp import interpreting, patch_bf16
+
+        if not interpreting():
+            print("bench/moe.py on CPU runs the kernel in the Triton interpreter: set TRITON_INTERPRET=1",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        patch_bf16()
+    gen = torch.Generator(device=device).manual_seed(0)
+    e, h, i = shape["experts"], shape["hidden"], shape["intermediate"]
+    # drawn one expert at a time on the device: the Mixtral layer is 3 x 8 x 4096 x 14336 bf16 = 2.8 GB
+    w13 = torch.empty(e, 2 * i, h, dtype=dtype, device=device)
+    w2 = torch.empty(e, h, i, dtype=dtype, device=device)
+    for expert in range(e):
+        w13[expert].copy_(torch.randn(2 * i, h, generator=gen, device=device) / h**0.5)
+        w2[expert].copy_(torch.randn(h, i, generator=gen, device=device) / i**0.5)
+    rows = [bench_batch((w13, w2), shape, int(b), args.repeats) for b in args.batches.split(",")]
+    report = {
+        "benchmark": "moe",
+        "shape": {"name": args.shape, **shape},
+        "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "rows": rows,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
