@@ -71,19 +71,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def mla_attention_backend(architecture: str, requested: str, kv_cache_dtype: str) -> str:
-    """MLA models attend in torch over their latent cache: "auto" means "torch" for them on every device;
-    the Triton paged kernels and the int8 cache (scales per KV head) do not apply to a latent cache."""
-    if kv_cache_dtype == "int8":
-        raise ValueError(f"{architecture}: kv_cache_dtype='int8' is not supported for latent attention (MLA)")
-    if requested not in ("auto", "torch"):
-        raise ValueError(
-            f"{architecture}: attention_backend={requested!r} is not supported for latent attention (MLA); "
-            "use 'auto' or 'torch'"
-        )
-    return "torch"
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -106,9 +93,9 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         # element type of the K/V caches; int8 adds fp32 scale caches (one scale per token and KV head)
         self.cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
-        if model_config.mla is not None:  # latent attention (runtime/models/mla.py) reads the torch layout
-            attention_backend = mla_attention_backend(
-                model_config.architecture, attention_backend, kv_cache_dtype
+        if model_config.mla is not None and kv_cache_dtype == "int8":  # scales per KV head: no latent cache
+            raise ValueError(
+                f"{model_config.architecture}: kv_cache_dtype='int8' is not supported for latent attention (MLA)"
             )
         self.backend = get_attention_backend(attention_backend, device)
         cls = get_model_class(model_config.architecture)
@@ -241,7 +228,11 @@ class ModelRunner:
     def supports_cuda_graphs(self) -> bool:
         """Graphs need the kernel backend (its metadata lives in device tensors; the torch reference
         reads sequence lengths on the host) on a CUDA device."""
-        return self.device.type == "cuda" and isinstance(self.backend, KernelAttentionBackend)
+        return (  # MLA: latent attention walks the batch on the host
+            self.device.type == "cuda"
+            and isinstance(self.backend, KernelAttentionBackend)
+            and self.config.mla is None
+        )
 
     def prepare_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> float:
         """Static decode buffers for up to max_num_seqs sequences; captures the graphs unless

@@ -15,8 +15,9 @@ which is the same number as HF's expanded q_nope . (W_UK c) + q_pe . k_pe, at L 
 reads per cached token. The softmax scale is qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2
 under yarn (transformers' `yarn_apply_mscale`).
 
-The step layout comes from the torch attention backend's metadata (`TorchAttentionMetadata`: decodes
-batched, prefill chunks one by one); the model runner picks that backend for MLA models.
+The step layout comes from the attention backend's metadata: the torch backend's (decodes batched,
+prefill chunks one by one) or the Triton backend's (sequence by sequence; the model's other ops then run
+as Triton kernels, the fused MoE included). MLA models decode without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ class LatentAttention(nn.Module):
         return self.latent_dim * dtype.itemsize
 
     def forward(self, q: torch.Tensor, latent: torch.Tensor, meta: Any) -> torch.Tensor:
-        if not hasattr(meta, "prefills"):
-            raise TypeError(f"latent attention reads the torch backend's metadata, got {type(meta).__name__}")
         flat = self.kv_cache.view(-1, self.latent_dim)
         flat.index_copy_(0, meta.slot_mapping, latent.to(flat.dtype))
         out = q.new_empty(*q.shape[:2], self.kv_lora_rank)
+        if not hasattr(meta, "prefills"):  # the Triton backend's metadata: every sequence on its own
+            for start, qlen, seq_len, slots in _kernel_layout(meta, self.kv_cache.shape[1]):
+                self._attend_one(q, latent, flat, out, start, qlen, seq_len, slots)
+            return out
         if meta.decode_token_idx is not None:
             keys = flat[meta.decode_slots]  # [Bd, S, L + R]
             visible = (
@@ -80,12 +83,18 @@ class LatentAttention(nn.Module):
             qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, L + R]
             out[meta.decode_token_idx] = self._attend(qd, keys, visible[:, None, None, :]).squeeze(2)
         for start, qlen, seq_len, slots in meta.prefills:
-            keys = latent[start : start + qlen] if slots is None else flat[slots]  # [S, L + R]
-            q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-            visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, S]
-            qp = q[start : start + qlen].transpose(0, 1)[None]  # [1, H, qlen, L + R]
-            out[start : start + qlen] = self._attend(qp, keys[None], visible[None, None])[0].transpose(0, 1)
+            self._attend_one(q, latent, flat, out, start, qlen, seq_len, slots)
         return out
+
+    def _attend_one(self, q: torch.Tensor, latent: torch.Tensor, flat: torch.Tensor, out: torch.Tensor,
+                    start: int, qlen: int, seq_len: int, slots: torch.Tensor | None) -> None:  # fmt: skip
+        """One sequence's qlen new tokens (rows start..) against its seq_len cached latents (slots; None:
+        a fresh prompt, whose latents are the new ones)."""
+        keys = latent[start : start + qlen] if slots is None else flat[slots]  # [S, L + R]
+        q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
+        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, S]
+        qp = q[start : start + qlen].transpose(0, 1)[None]  # [1, H, qlen, L + R]
+        out[start : start + qlen] = self._attend(qp, keys[None], visible[None, None])[0].transpose(0, 1)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """q [B, H, Lq, L + R], keys [B, S, L + R] (values: their first L dims) -> [B, H, Lq, L]."""
@@ -93,6 +102,18 @@ class LatentAttention(nn.Module):
         v = k[..., : self.kv_lora_rank]
         return F.scaled_dot_product_attention(q, k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1),
                                               attn_mask=visible, scale=self.scale)  # fmt: skip
+
+
+def _kernel_layout(meta: Any, block_size: int) -> list[tuple[int, int, int, torch.Tensor]]:
+    """(first row, new tokens, context length, cache slots of the context) per sequence, from the Triton
+    backend's metadata (cu_seqlens_q, seq_lens, block_tables). Host-side: MLA models run decode eagerly."""
+    cu, lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()
+    layout = []
+    for b, seq_len in enumerate(lens):
+        pos = torch.arange(seq_len, device=meta.block_tables.device)
+        slots = meta.block_tables[b, pos // block_size].long() * block_size + pos % block_size
+        layout.append((cu[b], cu[b + 1] - cu[b], seq_len, slots))
+    return layout
 
 
 class MLAAttention(nn.Module):
