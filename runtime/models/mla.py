@@ -104,6 +104,20 @@ class LatentAttention(nn.Module):
                                               attn_mask=visible, scale=self.scale)  # fmt: skip
 
 
+def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """kv_b_proj's matrix [out, in], also from a quantized checkpoint (the absorbed form multiplies by
+    its per-head blocks rather than calling the layer): W4A16/W8A16 codes or fp8, dequantized."""
+    if hasattr(linear, "weight_packed"):
+        from lmforge.kernels.quant_pack import dequantize_weight
+
+        shape = (linear.out_features, linear.in_features)
+        return dequantize_weight(linear.weight_packed, linear.weight_scale, linear.bits, shape).to(dtype)
+    weight = linear.weight
+    if hasattr(linear, "weight_scale"):  # Fp8Linear
+        weight = weight.to(linear.weight_scale.dtype) * linear.weight_scale
+    return weight.to(dtype)
+
+
 def _kernel_layout(meta: Any, block_size: int) -> list[tuple[int, int, int, torch.Tensor]]:
     """(first row, new tokens, context length, cache slots of the context) per sequence, from the Triton
     backend's metadata (cu_seqlens_q, seq_lens, block_tables). Host-side: MLA models run decode eagerly."""
@@ -154,7 +168,9 @@ class MLAAttention(nn.Module):
         c = self.kv_a_layernorm(c.contiguous())
         q_pe, k_pe = q_pe.contiguous(), k_pe.contiguous().unsqueeze(1)  # [T, H, R], [T, 1, R]
         self.rotary_emb(positions, q_pe, k_pe, attn_meta.prompt_lens)  # in place
-        w = self.kv_b_proj.weight.view(self.num_heads, mla.nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+        w = _dense_weight(self.kv_b_proj, x.dtype).view(
+            self.num_heads, mla.nope_head_dim + mla.v_head_dim, -1
+        )
         w_uk, w_uv = w[:, : mla.nope_head_dim], w[:, mla.nope_head_dim :]  # [H, nope, L], [H, v, L]
         q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)
         ctx = self.attn(torch.cat([q_lat, q_pe], dim=-1), torch.cat([c, k_pe[:, 0]], dim=-1), attn_meta)

@@ -181,3 +181,72 @@ class SparseMoeBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+
+class QuantFusedMoE(nn.Module):
+    """Experts of a W4A16 / W8A16 compressed-tensors checkpoint (`lmforge quantize` quantizes each expert
+    projection as its own pack-quantized Linear): the packed codes and scales stacked like FusedMoE's
+    weights, `w13_weight_packed` [E, 2I, H*bits/32] int32 + `w13_weight_scale` [E, 2I, H/group],
+    `w2_weight_packed` [E, H, I*bits/32] + `w2_weight_scale` [E, H, I/group]. A forward dequantizes them
+    to the activation dtype and runs the same `ops.fused_moe` (the grouped GEMM reads dense tiles)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, ops: Any,
+                 bits: int, group_size: int):  # fmt: skip
+        super().__init__()
+        self.num_experts, self.intermediate, self.hidden = num_experts, intermediate, hidden
+        self.activation, self.ops, self.bits = activation, ops, bits
+        for k in (hidden, intermediate):
+            group = k if group_size <= 0 else group_size
+            if k % group or (k * bits) % 32:
+                raise ValueError(f"expert input size {k} is not a multiple of the group size {group}")
+        g_h = hidden if group_size <= 0 else group_size
+        g_i = intermediate if group_size <= 0 else group_size
+        frozen = dict(requires_grad=False)
+        e, i, h = num_experts, intermediate, hidden
+        self.w13_weight_packed = nn.Parameter(
+            torch.zeros(e, 2 * i, h * bits // 32, dtype=torch.int32), **frozen
+        )
+        self.w13_weight_scale = nn.Parameter(torch.ones(e, 2 * i, h // g_h), **frozen)
+        self.w2_weight_packed = nn.Parameter(torch.zeros(e, h, i * bits // 32, dtype=torch.int32), **frozen)
+        self.w2_weight_scale = nn.Parameter(torch.ones(e, h, i // g_i), **frozen)
+        # each expert projection's [out, in], as compressed-tensors stores it: checked, not kept
+        self.w13_weight_shape = nn.Parameter(torch.tensor([i, h]), **frozen)
+        self.w2_weight_shape = nn.Parameter(torch.tensor([h, i]), **frozen)
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int | None, int | None]
+    ) -> None:
+        expert, half = shard
+        if expert is None or not 0 <= expert < self.num_experts:
+            raise ValueError(
+                f"quantized experts are loaded one by one; got expert {expert!r} of {self.num_experts}"
+            )
+        if param is self.w13_weight_shape or param is self.w2_weight_shape:
+            if loaded.tolist() != param.tolist():
+                raise ValueError(
+                    f"expert {expert}: weight_shape {loaded.tolist()} does not match the model {param.tolist()}"
+                )
+            return
+        target = param.data[expert]
+        if half is not None:
+            target = target.narrow(0, half * self.intermediate, self.intermediate)
+        if target.shape != loaded.shape:
+            raise ValueError(
+                f"expert {expert}: parameter slice {tuple(target.shape)} vs checkpoint {tuple(loaded.shape)}"
+            )
+        target.copy_(loaded)
+
+    def _dense(self, packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        from lmforge.kernels.quant_pack import dequantize_weight
+
+        e, n = packed.shape[:2]
+        k = packed.shape[2] * 32 // self.bits
+        flat = dequantize_weight(packed.reshape(e * n, -1), scale.reshape(e * n, -1), self.bits, (e * n, k))
+        return flat.view(e, n, k).to(dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        w13 = self._dense(self.w13_weight_packed, self.w13_weight_scale, x.dtype)
+        w2 = self._dense(self.w2_weight_packed, self.w2_weight_scale, x.dtype)
+        return self.ops.fused_moe(x, w13, w2, weights, ids, self.activation)
