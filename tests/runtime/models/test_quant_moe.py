@@ -71,7 +71,7 @@ def hf_greedy(path: Path) -> tuple[list[int], list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("method", ["w8a16", "w4a16-rtn"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "phimoe", "deepseek_v2", "deepseek_v3"])
 def test_quantized_experts_match_their_dequantized_reference(tmp_path, arch, method):
     source = save_tiny_model(tmp_path / arch, arch, widen=True)
     output = tmp_path / f"{arch}-{method}"
