@@ -10,7 +10,7 @@ on the Llama path): a layer returns (its output delta, the residual stream befor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.layout, self.residual_multiplier = cfg.layout, cfg.residual_multiplier
-        self.self_attn: nn.Module = (
+        self.self_attn: Attention | MLAAttention = (
             MLAAttention(cfg, rotary_emb, backend)
             if cfg.mla is not None
             else Attention(cfg, layer_idx, rotary_emb, backend)
@@ -266,7 +266,7 @@ class DecoderForCausalLM(nn.Module):
     def hf_to_ours(self, name: str) -> str:
         return hf_to_ours(self.family, name)
 
-    def expert_target(self, name: str) -> tuple[str, tuple[int, int | None]] | None:
+    def expert_target(self, name: str) -> tuple[str, tuple[int | None, int | None]] | None:
         """Our name of a per-expert checkpoint tensor -> (stacked parameter, (expert, gate/up half)); None
         for every other tensor (the loader then renames and packs it as usual)."""
         if self.config.moe is None:
@@ -297,4 +297,4 @@ class DecoderForCausalLM(nn.Module):
     def attention_layers(self) -> list[Any]:
         """Each layer's cache holder: a PagedAttention, or (MLA) a LatentAttention with its own
         `bind_kv_cache` / `kv_bytes_per_token` (one latent vector per token)."""
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

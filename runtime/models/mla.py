@@ -107,14 +107,15 @@ class LatentAttention(nn.Module):
 def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """kv_b_proj's matrix [out, in], also from a quantized checkpoint (the absorbed form multiplies by
     its per-head blocks rather than calling the layer): W4A16/W8A16 codes or fp8, dequantized."""
-    if hasattr(linear, "weight_packed"):
+    q: Any = linear  # QuantLinear / Fp8Linear / nn.Linear: told apart by their parameters
+    if hasattr(q, "weight_packed"):
         from lmforge.kernels.quant_pack import dequantize_weight
 
-        shape = (linear.out_features, linear.in_features)
-        return dequantize_weight(linear.weight_packed, linear.weight_scale, linear.bits, shape).to(dtype)
-    weight = linear.weight
-    if hasattr(linear, "weight_scale"):  # Fp8Linear
-        weight = weight.to(linear.weight_scale.dtype) * linear.weight_scale
+        shape = (q.out_features, q.in_features)
+        return dequantize_weight(q.weight_packed, q.weight_scale, q.bits, shape).to(dtype)
+    weight: torch.Tensor = q.weight
+    if hasattr(q, "weight_scale"):  # Fp8Linear
+        weight = weight.to(q.weight_scale.dtype) * q.weight_scale
     return weight.to(dtype)
 
 

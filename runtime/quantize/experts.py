@@ -16,7 +16,9 @@ precision: a rounded router picks other experts, which moves the output far more
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -61,7 +63,12 @@ def disk_expert_modules(source: Path) -> dict[tuple[int, int, str], str]:
 
 @torch.no_grad()
 def quantize_experts(
-    model: nn.Module, source: Path, bits: int, group_size: int, dtype: torch.dtype, int_tensors
+    model: nn.Module,
+    source: Path,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    int_tensors: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
 ) -> dict[str, dict[str, torch.Tensor]]:
     """RTN-quantizes every expert projection; returns {checkpoint module name: packed tensors}. The model's
     stacked parameters are overwritten with the dequantized values (the quality report sees them)."""
@@ -71,7 +78,7 @@ def quantize_experts(
     names = disk_expert_modules(source)
     out = {}
     for layer, module in layers.items():
-        gate_up, down = module.gate_up_proj, module.down_proj
+        gate_up, down = cast(nn.Parameter, module.gate_up_proj), cast(nn.Parameter, module.down_proj)
         inter = gate_up.shape[1] // 2
         for expert in range(gate_up.shape[0]):
             views = {"gate": gate_up[expert, :inter], "up": gate_up[expert, inter:], "down": down[expert]}
