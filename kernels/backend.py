@@ -44,6 +44,9 @@ class Ops:
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
     fused_moe: Callable  # (x, w13, w2, topk_weights, topk_ids, activation) -> y (moe_reference.fused_moe)
+    fused_moe_quant: (
+        Callable  # (x, w13_packed, w13_scale, w2_packed, w2_scale, bits, topk_weights, topk_ids, act)
+    )
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -88,6 +91,7 @@ def _load(name: str) -> Ops:
             sample=r.sample,
             quant_linear=r.quant_linear,
             fused_moe=moe_reference.fused_moe,
+            fused_moe_quant=moe_reference.fused_moe_quant,
         )
     from ._interp import interpreting, patch_bf16
 
@@ -95,7 +99,7 @@ def _load(name: str) -> Ops:
         patch_bf16()
     from .activation import silu_and_mul
     from .decode_attention import paged_decode_attention
-    from .fused_moe import fused_moe
+    from .fused_moe import fused_moe, fused_moe_quant
     from .kv_cache import reshape_and_cache, reshape_and_cache_int8
     from .prefill_attention import paged_prefill_attention
     from .quant_gemm import quant_linear
@@ -116,4 +120,5 @@ def _load(name: str) -> Ops:
         sample=sample,
         quant_linear=quant_linear,
         fused_moe=fused_moe,
+        fused_moe_quant=fused_moe_quant,
     )

@@ -57,13 +57,15 @@ def align_by_expert(
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr, scale_ptr,
     N, K, num_pairs,
-    stride_am, stride_be, stride_bn, stride_cm,
-    A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, group_size,
+    A_ROW_DIV: tl.constexpr, MUL_WEIGHT: tl.constexpr, BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """C[pair] = A[pair // A_ROW_DIV] @ B[expert]^T (x weight[pair]) for the BLOCK_M pairs of one block."""
+    """C[pair] = A[pair // A_ROW_DIV] @ B[expert]^T (x weight[pair]) for the BLOCK_M pairs of one block.
+    BITS 4 / 8: B holds pack-quantized codes [E, N, K*BITS/32] int32 with scales [E, N, K/group]; each
+    tile is dequantized in registers right after its load (the packed bytes are what is read)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -83,7 +85,17 @@ def _moe_gemm_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        b = tl.load(b_base + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if BITS == 0:
+            b = tl.load(b_base + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        else:
+            PER_WORD: tl.constexpr = 32 // BITS
+            mask_b = mask_k[:, None] & mask_n[None, :]
+            words = tl.load(b_base + offs_k[:, None] // PER_WORD, mask=mask_b, other=0)
+            u = (words >> ((offs_k[:, None] % PER_WORD) * BITS)) & ((1 << BITS) - 1)
+            q = (u - (1 << (BITS - 1))).to(tl.float32)
+            s_ptrs = scale_ptr + expert * stride_se + offs_n[None, :].to(tl.int64) * stride_sn
+            scale = tl.load(s_ptrs + offs_k[:, None] // group_size, mask=mask_b, other=0.0)
+            b = (q * scale.to(tl.float32)).to(scale_ptr.dtype.element_ty).to(a_ptr.dtype.element_ty)
         acc += tl.dot(a, b)
     if MUL_WEIGHT:
         # the activation-dtype product first, then the fp32 weight, as the reference rounds it
@@ -103,18 +115,24 @@ def _grouped_gemm(
     *,
     a_row_div: int,
     weights: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> None:
-    """out [P, N] (P = T*k pairs) <- a [rows, K] gathered by pair, times b [E, N, K] of each pair's expert."""
+    """out [P, N] (P = T*k pairs) <- a [rows, K] gathered by pair, times b [E, N, K] of each pair's expert
+    (bits 4 / 8: b the packed codes [E, N, K*bits/32], scale [E, N, K/group])."""
     num_pairs, n = out.shape
     k = a.shape[1]
     assert a.stride(1) == 1 and b.stride(2) == 1 and out.stride(1) == 1
+    group = k if scale is None else k // scale.shape[2]
     block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
     block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
     grid = (block_experts.numel(), triton.cdiv(n, block_n))
+    scales = scale if scale is not None else out
     _moe_gemm_kernel[grid](
-        a, b, out, weights if weights is not None else out, sorted_ids, block_experts,
+        a, b, out, weights if weights is not None else out, sorted_ids, block_experts, scales,
         n, k, num_pairs, a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None,
+        scales.stride(0) if scale is not None else 0, scales.stride(1) if scale is not None else 0, group,
+        A_ROW_DIV=a_row_div, MUL_WEIGHT=weights is not None, BITS=bits,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
 
@@ -128,15 +146,47 @@ def fused_moe(
     activation: str = "silu",
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k] -> [T, H] in x.dtype."""
+    return _fused_moe(x, (w13, None), (w2, None), 0, topk_weights, topk_ids, activation)
+
+
+def fused_moe_quant(
+    x: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+    bits: int,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """fused_moe on W4A16 / W8A16 experts: w13_packed [E, 2I, H*bits/32] int32 + w13_scale [E, 2I, H/group],
+    w2_packed [E, H, I*bits/32] + w2_scale [E, H, I/group] (compressed-tensors pack-quantized, stacked)."""
+    return _fused_moe(
+        x, (w13_packed, w13_scale), (w2_packed, w2_scale), bits, topk_weights, topk_ids, activation
+    )
+
+
+def _fused_moe(
+    x: torch.Tensor,
+    w13: tuple[torch.Tensor, torch.Tensor | None],
+    w2: tuple[torch.Tensor, torch.Tensor | None],
+    bits: int,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_inter, hidden = w13.shape
+    num_experts, two_inter = w13[0].shape[:2]
+    hidden = x.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
     sorted_ids, block_experts = align_by_expert(topk_ids, num_experts)
     num_pairs = num_tokens * top_k
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, sorted_ids, block_experts, a_row_div=top_k, weights=None)
+    _grouped_gemm(x, w13[0], gate_up, sorted_ids, block_experts, a_row_div=top_k, weights=None,
+                  scale=w13[1], bits=bits)  # fmt: skip
     if activation == "silu":
         from .activation import silu_and_mul
 
@@ -146,5 +196,6 @@ def fused_moe(
     # pairs no expert of this rank computes (ids outside [0, E)) stay zero
     down = torch.zeros(num_pairs, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _grouped_gemm(inter, w2, down, sorted_ids, block_experts, a_row_div=1, weights=weights)
+    _grouped_gemm(inter, w2[0], down, sorted_ids, block_experts, a_row_div=1, weights=weights,
+                  scale=w2[1], bits=bits)  # fmt: skip
     return down.view(num_tokens, top_k, hidden).sum(dim=1)

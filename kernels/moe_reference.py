@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .quant_pack import dequantize_weight
 from .reference import act_and_mul
 
 
@@ -37,3 +38,28 @@ def fused_moe(
         y = (hidden @ w2[expert].t()) * topk_weights[token, slot, None]
         out.index_add_(0, token, y.to(x.dtype))
     return out
+
+
+def fused_moe_quant(
+    x: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+    bits: int,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """`fused_moe` on pack-quantized experts (codes [E, N, K*bits/32] int32, scales [E, N, K/group]): each
+    weight q * scale in the scale dtype (`quant_pack.dequantize_weight`), then cast to x.dtype."""
+    return fused_moe(x, dequantize_experts(w13_packed, w13_scale, bits).to(x.dtype),
+                     dequantize_experts(w2_packed, w2_scale, bits).to(x.dtype), topk_weights, topk_ids, activation)  # fmt: skip
+
+
+def dequantize_experts(packed: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """[E, N, K*bits/32] codes + [E, N, K/group] scales -> [E, N, K] in the scale dtype."""
+    e, n = packed.shape[:2]
+    k = packed.shape[2] * 32 // bits
+    flat = dequantize_weight(packed.reshape(e * n, -1), scale.reshape(e * n, -1), bits, (e * n, k))
+    return flat.view(e, n, k)

@@ -187,8 +187,9 @@ class QuantFusedMoE(nn.Module):
     """Experts of a W4A16 / W8A16 compressed-tensors checkpoint (`lmforge quantize` quantizes each expert
     projection as its own pack-quantized Linear): the packed codes and scales stacked like FusedMoE's
     weights, `w13_weight_packed` [E, 2I, H*bits/32] int32 + `w13_weight_scale` [E, 2I, H/group],
-    `w2_weight_packed` [E, H, I*bits/32] + `w2_weight_scale` [E, H, I/group]. A forward dequantizes them
-    to the activation dtype and runs the same `ops.fused_moe` (the grouped GEMM reads dense tiles)."""
+    `w2_weight_packed` [E, H, I*bits/32] + `w2_weight_scale` [E, H, I/group], through `ops.fused_moe_quant`:
+    the same grouped GEMMs, each weight tile dequantized in registers after its load (Triton), or the
+    experts dequantized and looped over (torch reference)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, ops: Any,
                  bits: int, group_size: int):  # fmt: skip
@@ -238,15 +239,6 @@ class QuantFusedMoE(nn.Module):
             )
         target.copy_(loaded)
 
-    def _dense(self, packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        from lmforge.kernels.quant_pack import dequantize_weight
-
-        e, n = packed.shape[:2]
-        k = packed.shape[2] * 32 // self.bits
-        flat = dequantize_weight(packed.reshape(e * n, -1), scale.reshape(e * n, -1), self.bits, (e * n, k))
-        return flat.view(e, n, k).to(dtype)
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        w13 = self._dense(self.w13_weight_packed, self.w13_weight_scale, x.dtype)
-        w2 = self._dense(self.w2_weight_packed, self.w2_weight_scale, x.dtype)
-        return self.ops.fused_moe(x, w13, w2, weights, ids, self.activation)
+        return self.ops.fused_moe_quant(x, self.w13_weight_packed, self.w13_weight_scale, self.w2_weight_packed,
+                                        self.w2_weight_scale, self.bits, weights, ids, self.activation)  # fmt: skip
