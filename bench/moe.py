@@ -1,7 +1,7 @@
 """Fused MoE layer (kernels/fused_moe.py) vs the torch loop over experts (kernels/moe_reference.py), one
 MoE layer's experts at Mixtral-8x7B shapes (8 experts, top-2, hidden 4096, expert intermediate 14336).
 
-    python -m bench.moe                                   # CUDA: batch 1, 16, 256 tokens, bf16; one JSON document
+    python -m bench.moe [--w4a16]                         # CUDA: batch 1, 16, 256 tokens, bf16; one JSON document
     python -m bench.moe --device cpu --shape tiny         # smoke run (set TRITON_INTERPRET=1 for the kernel)
 
 Both sides get the same tokens, router choices (softmax top-2 of random logits, renormalised, as Mixtral
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--batches", default="1,16,256", help="token counts, comma-separated")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--w4a16", action="store_true", help="also time W4A16 (group 128) experts in the same kernel"
+    )
     return p.parse_args(argv)
 
 
@@ -56,11 +59,33 @@ def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> 
     return statistics.median(times)
 
 
+def packed_experts(rows: int, cols: int, experts: int, bits: int, group: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Random pack-quantized experts: codes [E, rows, cols*bits/32] int32, scales [E, rows, cols/group]."""
+    from lmforge.kernels.quant_pack import pack_int_weights
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    half = 1 << (bits - 1)
+    packed = torch.empty(experts, rows, cols * bits // 32, dtype=torch.int32, device=device)
+    for e in range(experts):
+        packed[e] = pack_int_weights(
+            torch.randint(-half, half, (rows, cols), generator=gen, device=device), bits
+        )
+    scale = (torch.rand(experts, rows, cols // group, generator=gen, device=device) * 0.01 / cols**0.5).to(
+        dtype
+    )
+    return packed, scale
+
+
 def bench_batch(
-    weights: tuple[torch.Tensor, torch.Tensor], shape: dict, num_tokens: int, repeats: int
+    weights: tuple[torch.Tensor, torch.Tensor],
+    shape: dict,
+    num_tokens: int,
+    repeats: int,
+    quantized: tuple[torch.Tensor, ...] | None = None,
 ) -> dict:
     from lmforge.kernels import moe_reference
-    from lmforge.kernels.fused_moe import fused_moe
+    from lmforge.kernels.fused_moe import fused_moe, fused_moe_quant
 
     w13, w2 = weights
     device, dtype = w13.device, w13.dtype
@@ -75,7 +100,7 @@ def bench_batch(
             - moe_reference.fused_moe(x, w13, w2, top_weights, top_ids).float()).abs().max().item()  # fmt: skip
     used = int(torch.unique(top_ids).numel())
     per_expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    return {
+    row = {
         "tokens": num_tokens,
         "experts_used": used,
         "fused_ms": fused_ms,
@@ -84,6 +109,14 @@ def bench_batch(
         "weight_gbps": used * per_expert_bytes / fused_ms / 1e6,
         "max_abs_diff": diff,
     }
+    if quantized is not None:  # W4A16 experts (group 128) through the same kernel
+        q13, s13, q2, s2 = quantized
+        quant_ms = _median_ms(
+            lambda: fused_moe_quant(x, q13, s13, q2, s2, 4, top_weights, top_ids), repeats, device
+        )
+        packed_bytes = sum(t[0].numel() * t.element_size() for t in quantized)
+        row.update(w4a16_fused_ms=quant_ms, w4a16_weight_gbps=used * packed_bytes / quant_ms / 1e6)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     for expert in range(e):
         w13[expert].copy_(torch.randn(2 * i, h, generator=gen, device=device) / h**0.5)
         w2[expert].copy_(torch.randn(h, i, generator=gen, device=device) / i**0.5)
-    rows = [bench_batch((w13, w2), shape, int(b), args.repeats) for b in args.batches.split(",")]
+    quantized = None
+    if args.w4a16:
+        group = 128 if h % 128 == 0 and i % 128 == 0 else 32  # tiny: 32
+        quantized = (
+            *packed_experts(2 * i, h, e, 4, group, dtype, device),
+            *packed_experts(h, i, e, 4, group, dtype, device),
+        )
+    rows = [bench_batch((w13, w2), shape, int(b), args.repeats, quantized) for b in args.batches.split(",")]
     report = {
         "benchmark": "moe",
         "shape": {"name": args.shape, **shape},

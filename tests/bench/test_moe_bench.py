@@ -29,7 +29,7 @@ def test_exits_2_with_a_hint_without_cuda():
 
 
 def test_cpu_smoke_run_agrees_with_the_loop():
-    done = _run("--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--batches", "1,5", "--repeats", "1",
+    done = _run("--device", "cpu", "--shape", "tiny", "--dtype", "float32", "--batches", "1,5", "--repeats", "1", "--w4a16",
                 interpret=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -37,3 +37,4 @@ def test_cpu_smoke_run_agrees_with_the_loop():
     for row in report["rows"]:
         assert row["max_abs_diff"] < 1e-4 and row["fused_ms"] > 0 and row["torch_loop_ms"] > 0
         assert 1 <= row["experts_used"] <= 4
+        assert row["w4a16_fused_ms"] > 0 and row["w4a16_weight_gbps"] > 0
