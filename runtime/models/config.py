@@ -147,6 +147,7 @@ class ModelConfig:
     layer_sliding_windows: tuple[int | None, ...] = ()  # per layer; () or None entries: full attention
     moe: MoEConfig | None = None  # sparse MLP layers (Mixtral, Qwen2-MoE, DeepSeek, ...)
     mla: MLAConfig | None = None  # latent attention instead of q/k/v heads (DeepSeek-V2/V3, MiniCPM3)
+    skipped_layers: tuple[int, ...] = ()  # checkpoint layers no forward runs (DeepSeek-V3's MTP layers)
     residual_multiplier: float | None = None  # MiniCPM3: each sublayer's output times scale_depth / sqrt(L)
     logits_divisor: float | None = None  # MiniCPM3: hidden / (hidden_size / dim_model_base) before lm_head
     torch_dtype: str | None = None  # the checkpoint's dtype ("bfloat16", ...)

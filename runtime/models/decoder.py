@@ -10,6 +10,7 @@ on the Llama path): a layer returns (its output delta, the residual stream befor
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 import torch
@@ -247,6 +248,9 @@ class DecoderModel(nn.Module):
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class DecoderForCausalLM(nn.Module):
     """Every family of families.FAMILIES: the same graph, switches from ModelConfig, checkpoint names
     through the family's renames (`hf_to_ours`) and fused shards (`packed_modules_mapping`)."""
@@ -263,7 +267,12 @@ class DecoderForCausalLM(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         )
 
-    def hf_to_ours(self, name: str) -> str:
+    def hf_to_ours(self, name: str) -> str | None:
+        """Our module name of a checkpoint tensor; None: a layer the config says no forward runs."""
+        if self.config.skipped_layers:
+            layer = _LAYER_INDEX.match(name)
+            if layer is not None and int(layer.group(1)) in self.config.skipped_layers:
+                return None
         return hf_to_ours(self.family, name)
 
     def expert_target(self, name: str) -> tuple[str, tuple[int | None, int | None]] | None:

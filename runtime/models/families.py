@@ -557,9 +557,13 @@ def _deepseek(r: Reader, v3: bool) -> dict[str, Any]:
         router_fp32=True,
         shared_intermediate_size=r("moe_intermediate_size") * (r("n_shared_experts") or 0),
     )
+    # V3 checkpoints carry num_nextn_predict_layers multi-token-prediction layers after the last one,
+    # which transformers' forward never runs (it skips them at load): ours skip them too
+    mtp = r("num_nextn_predict_layers") if v3 else 0
     return dict(
         **s,
         **_rope(r, s["head_dim"]),
+        skipped_layers=tuple(range(s["num_layers"], s["num_layers"] + (mtp or 0))),
         rms_norm_eps=r("rms_norm_eps"),
         hidden_act=HF_ACTIVATIONS[r("hidden_act")],
         mlp_bias=bool(r("mlp_bias")) if "mlp_bias" in r.family.keys else False,
@@ -1062,6 +1066,7 @@ FAMILIES: dict[str, Family] = {
             "num_experts_per_tok": Key(8),
             "norm_topk_prob": Key(True, BOOLS),
             "rope_interleave": Key(True, BOOLS),
+            "num_nextn_predict_layers": Key(1),
             "topk_method": Key("noaux_tc", ("noaux_tc",), why="transformers' DeepseekV3 routes by noaux_tc"),
             "scoring_func": Key("sigmoid", ("sigmoid",), why="DeepSeek-V3 scores experts by sigmoid"),
         },

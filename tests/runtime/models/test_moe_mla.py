@@ -132,3 +132,18 @@ def test_grouped_routing_keeps_to_the_best_groups():
     greedy = MoEConfig(num_experts=6, top_k=2, intermediate_size=8, layers=(True,), renormalize=False)
     assert sorted(route(logits, greedy)[1][0].tolist()) == [0, 5]
     assert torch.allclose(weights.sum(), torch.tensor((3.0 + 1.0) / 7.1))
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_skipped(tmp_path):
+    """A V3 checkpoint carries num_nextn_predict_layers layers past the last one (model.layers.61 of the
+    real model), which no forward runs: they load as nothing, while a stray tensor elsewhere is an error."""
+    from safetensors.torch import save_file
+
+    path = save_tiny_model(tmp_path / "v3", "deepseek_v3")
+    tensors = load_file(path / "model.safetensors")
+    save_file({**tensors, "model.layers.2.eh_proj.weight": torch.zeros(4, 4)}, path / "model.safetensors")
+    assert load_model_config(path).skipped_layers == (2,)
+    LLM(path, device="cpu", dtype="float32", max_model_len=32, num_blocks=4)
+    save_file({**tensors, "model.layers.3.eh_proj.weight": torch.zeros(4, 4)}, path / "model.safetensors")
+    with pytest.raises(ValueError, match="'model.layers.3.eh_proj.weight' has no matching parameter"):
+        LLM(path, device="cpu", dtype="float32", max_model_len=32, num_blocks=4)
