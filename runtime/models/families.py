@@ -595,7 +595,8 @@ def _phimoe(r: Reader) -> dict[str, Any]:
     """Phi-3.5-MoE: LayerNorms (with bias), attention and lm_head biases, and sparsemixer routing (top-2:
     the best expert and the best of the rest, each weighted by a softmax over the experts within
     2 * router_jitter_noise of it, relatively). Its longrope scales cos/sin by short_mscale / long_mscale,
-    which must agree (then they are longrope's attention_factor)."""
+    which must agree (then they are longrope's attention_factor), and uses short_factor at every length
+    as transformers does."""
     s = _shapes(r)
     bias = bool(r("attention_bias"))
     fields = dict(
@@ -618,6 +619,11 @@ def _phimoe(r: Reader) -> dict[str, Any]:
                 "(or come with attention_factor): only one cos/sin scale for both lengths is supported"
             )
         scaling["attention_factor"] = float(short)
+    if scaling is not None and scaling.get("rope_type") in ("longrope", "su"):
+        # transformers' Phimoe forward recomputes the frequencies without the sequence length, so it
+        # rotates with short_factor at every length (Microsoft's code switches to long_factor past
+        # original_max_position_embeddings); we serve what transformers computes
+        scaling["long_factor"] = list(scaling["short_factor"])
     r("num_experts_per_tok")
     fields["moe"] = MoEConfig(
         num_experts=r("num_local_experts"),

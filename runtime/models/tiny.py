@@ -176,6 +176,24 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             "lm_head_bias": True,
         },
     ),
+    # Phi-3.5-MoE as released: longrope with one short_mscale = long_mscale
+    "phimoe_longrope": (
+        "phimoe",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_factor": [1.0 + 0.6 * i for i in range(8)],
+                "short_mscale": 1.25,
+                "long_mscale": 1.25,
+                "original_max_position_embeddings": 32,
+            },
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_jitter_noise": 0.3,
+        },
+    ),
     # Qwen1.5-MoE: softmax top-k without renormalisation, a sigmoid-gated shared expert
     "qwen2_moe": (
         "qwen2_moe",

@@ -147,3 +147,13 @@ def test_deepseek_v3_multi_token_prediction_layers_are_skipped(tmp_path):
     save_file({**tensors, "model.layers.3.eh_proj.weight": torch.zeros(4, 4)}, path / "model.safetensors")
     with pytest.raises(ValueError, match="'model.layers.3.eh_proj.weight' has no matching parameter"):
         LLM(path, device="cpu", dtype="float32", max_model_len=32, num_blocks=4)
+
+
+def test_phimoe_longrope_needs_one_mscale():
+    hf = {**tiny_hf_config("phimoe_longrope", 128).to_dict(), "architectures": ["PhimoeForCausalLM"]}
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["attention_factor"] == 1.25
+    assert cfg.rope_scaling["long_factor"] == cfg.rope_scaling["short_factor"]  # as transformers rotates
+    hf["rope_parameters"] = {**hf["rope_parameters"], "long_mscale": 1.5}
+    with pytest.raises(ValueError, match="short_mscale=1.25 and long_mscale=1.5 differ"):
+        ModelConfig.from_hf(hf)
