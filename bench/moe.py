@@ -14,7 +14,10 @@ against the device's copy bandwidth says how close it is to the roofline.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import pathlib
+import re
 import statistics
 import sys
 import time
@@ -157,7 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
         "rows": rows,
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.save:
+        out_dir = pathlib.Path(__file__).resolve().parent / "results"
+        out_dir.mkdir(exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = out_dir / f"moe-{slug}-{stamp}.json"
+        path.write_text(text + "\n")
+        print(f"saved {path}", file=sys.stderr)
     return 0
 
 
