@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--w4a16", action="store_true", help="also time W4A16 (group 128) experts in the same kernel"
     )
+    p.add_argument("--save", action="store_true", help="write the JSON to bench/results/")
     return p.parse_args(argv)
 
 
