@@ -28,7 +28,7 @@ from lmforge.runtime.models.layers import (
     act_and_mul,
     make_norm,
 )
-from lmforge.runtime.models.mla import MLAAttention
+from lmforge.runtime.models.mla import LatentAttention, MLAAttention
 from lmforge.runtime.models.moe import SparseMoeBlock, expert_target
 
 
@@ -107,11 +107,13 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_kind == "full":
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
         if self.qk_norm_kind not in (None, "full"):
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         self.rotary_emb(
             positions, q, k, attn_meta.prompt_lens
@@ -303,7 +305,7 @@ class DecoderForCausalLM(nn.Module):
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits
 
-    def attention_layers(self) -> list[Any]:
+    def attention_layers(self) -> list[PagedAttention | LatentAttention]:
         """Each layer's cache holder: a PagedAttention, or (MLA) a LatentAttention with its own
         `bind_kv_cache` / `kv_bytes_per_token` (one latent vector per token)."""
         return [cast(DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

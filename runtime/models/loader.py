@@ -56,13 +56,15 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         expert = expert_target(name) if expert_target is not None else None
         if expert is not None:  # one expert's matrix, copied straight into its slice
             stacked, shard = expert
-            params[_known(stacked, params, hf_name)].weight_loader(params[stacked], tensor, shard)
+            stacked_param = params[_known(stacked, params, hf_name)]
+            stacked_param.weight_loader(stacked_param, tensor, shard)  # type: ignore[attr-defined]  # FusedMoE's
             loaded.add(stacked)
             continue
         for hf_part, (fused, shard_id) in packed.items():
             if f".{hf_part}." in name:
                 target = name.replace(f".{hf_part}.", f".{fused}.")
-                params[_known(target, params, hf_name)].weight_loader(params[target], tensor, shard_id)
+                fused_param = params[_known(target, params, hf_name)]
+                fused_param.weight_loader(fused_param, tensor, shard_id)  # type: ignore[attr-defined]  # set by the fused module
                 loaded.add(target)
                 break
         else:
