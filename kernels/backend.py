@@ -47,6 +47,10 @@ class Ops:
     lora_expand: (
         Callable  # (y [T, N], buf [T, R], lora_b [S, N, R], token_slots, scales [S]) -> None, in place
     )
+    fused_moe: Callable  # (x, w13, w2, topk_weights, topk_ids, activation) -> y (moe_reference.fused_moe)
+    fused_moe_quant: (
+        Callable  # (x, w13_packed, w13_scale, w2_packed, w2_scale, bits, topk_weights, topk_ids, act)
+    )
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -75,6 +79,7 @@ def get_ops(device: torch.device | str, backend: str | None = None) -> Ops:
 @functools.cache
 def _load(name: str) -> Ops:
     if name == "torch":
+        from . import moe_reference
         from . import reference as r
 
         return Ops(
@@ -91,6 +96,8 @@ def _load(name: str) -> Ops:
             quant_linear=r.quant_linear,
             lora_shrink=r.lora_shrink,
             lora_expand=r.lora_expand,
+            fused_moe=moe_reference.fused_moe,
+            fused_moe_quant=moe_reference.fused_moe_quant,
         )
     from ._interp import interpreting, patch_bf16
 
@@ -98,6 +105,7 @@ def _load(name: str) -> Ops:
         patch_bf16()
     from .activation import silu_and_mul
     from .decode_attention import paged_decode_attention
+    from .fused_moe import fused_moe, fused_moe_quant
     from .kv_cache import reshape_and_cache, reshape_and_cache_int8
     from .lora import lora_expand, lora_shrink
     from .prefill_attention import paged_prefill_attention
@@ -120,4 +128,6 @@ def _load(name: str) -> Ops:
         quant_linear=quant_linear,
         lora_shrink=lora_shrink,
         lora_expand=lora_expand,
+        fused_moe=fused_moe,
+        fused_moe_quant=fused_moe_quant,
     )

@@ -35,6 +35,7 @@ from lmforge.runtime.lora.config import LoRAConfig
 from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
+from lmforge.runtime.models.mla import LatentAttention
 from lmforge.runtime.models.quant import apply_quantization
 from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import Logprob
@@ -96,6 +97,10 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         # element type of the K/V caches; int8 adds fp32 scale caches (one scale per token and KV head)
         self.cache_dtype = torch.int8 if kv_cache_dtype == "int8" else dtype
+        if model_config.mla is not None and kv_cache_dtype == "int8":  # scales per KV head: no latent cache
+            raise ValueError(
+                f"{model_config.architecture}: kv_cache_dtype='int8' is not supported for latent attention (MLA)"
+            )
         self.backend = get_attention_backend(attention_backend, device)
         cls = get_model_class(model_config.architecture)
         with torch.device(device), _default_dtype(dtype):
@@ -131,6 +136,10 @@ class ModelRunner:
         """Bytes of K and V for one block across all layers (int8: the codes plus one fp32 scale per
         token and KV head)."""
         c = self.config
+        latent = [a.kv_bytes_per_token(self.cache_dtype) for a in as_causal_lm(self.model).attention_layers()
+                  if isinstance(a, LatentAttention)]  # fmt: skip
+        if latent:  # MLA: one latent vector per token and layer, not K and V per head
+            return self.block_size * sum(latent)
         per_token_head = c.head_dim * self.cache_dtype.itemsize
         if self.kv_cache_dtype == "int8":
             per_token_head += torch.float32.itemsize
@@ -145,6 +154,9 @@ class ModelRunner:
         int8 = self.kv_cache_dtype == "int8"
         self.decode_graphs = None  # captured graphs point at the old cache: capture again
         for attn in as_causal_lm(self.model).attention_layers():
+            if isinstance(attn, LatentAttention):  # MLA: its own latent layout
+                attn.bind_kv_cache(num_blocks, self.block_size, self.cache_dtype, self.device)
+                continue
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.k_scale_cache = (
@@ -228,7 +240,11 @@ class ModelRunner:
     def supports_cuda_graphs(self) -> bool:
         """Graphs need the kernel backend (its metadata lives in device tensors; the torch reference
         reads sequence lengths on the host) on a CUDA device."""
-        return self.device.type == "cuda" and isinstance(self.backend, KernelAttentionBackend)
+        return (  # MLA: latent attention walks the batch on the host
+            self.device.type == "cuda"
+            and isinstance(self.backend, KernelAttentionBackend)
+            and self.config.mla is None
+        )
 
     def prepare_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> float:
         """Static decode buffers for up to max_num_seqs sequences; captures the graphs unless

@@ -43,6 +43,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     rename = getattr(model, "hf_to_ours", None)  # the family's checkpoint -> module name renames
+    expert_target = getattr(model, "expert_target", None)  # MoE: per-expert tensors -> stacked parameters
     loaded: set[str] = set()
     for hf_name, tensor in iter_checkpoint(model_dir):
         if hf_name.endswith(_SKIPPED_SUFFIXES):
@@ -52,6 +53,13 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
             continue  # the family says: not a weight (e.g. GPT-2's causal-mask buffers)
         if name == "lm_head.weight" and "lm_head.weight" not in params:
             continue  # tied embeddings: some checkpoints still carry a copy
+        expert = expert_target(name) if expert_target is not None else None
+        if expert is not None:  # one expert's matrix, copied straight into its slice
+            stacked, shard = expert
+            stacked_param = params[_known(stacked, params, hf_name)]
+            stacked_param.weight_loader(stacked_param, tensor, shard)  # type: ignore[attr-defined]  # FusedMoE's
+            loaded.add(stacked)
+            continue
         for hf_part, (fused, shard_id) in packed.items():
             if f".{hf_part}." in name:
                 target = name.replace(f".{hf_part}.", f".{fused}.")

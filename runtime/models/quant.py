@@ -258,6 +258,47 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
         swapped += 1
+    swapped += _quantize_experts(model, model_dir, config)
     if not swapped:
         raise ValueError(f"{model_dir}: the quantization_config targets none of the model's Linear layers")
     return config
+
+
+def _quantize_experts(model: nn.Module, model_dir: str | Path, config: dict[str, Any]) -> int:
+    """MoE layers whose experts the checkpoint holds pack-quantized (`<prefix>.<e>.<proj>.weight_packed`,
+    each expert projection a Linear to compressed-tensors) get QuantFusedMoE; dense experts stay."""
+    from safetensors import safe_open
+
+    from lmforge.runtime.models.loader import safetensors_files
+    from lmforge.runtime.models.moe import FusedMoE, QuantFusedMoE
+
+    moe_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedMoE)]
+    if not moe_layers:
+        return 0
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    to_hf = getattr(model, "ours_to_hf", None)
+    swapped = 0
+    for name, module in moe_layers:
+        prefix = to_hf(name) if to_hf else name
+        firsts = [
+            f"{prefix}.0.{proj}"
+            for proj in ("w1", "gate_proj")
+            if f"{prefix}.0.{proj}.weight_packed" in names
+        ]
+        if not firsts:
+            continue
+        probe = nn.Linear(module.w13_weight.shape[2], module.intermediate, bias=False, device="meta")
+        scheme = scheme_for(firsts[0], probe, config)
+        if scheme is None or scheme.type != "int":
+            raise ValueError(
+                f"{firsts[0]}: packed expert weights, but the quantization_config gives them no int scheme"
+            )
+        new = QuantFusedMoE(module.num_experts, module.w13_weight.shape[2], module.intermediate, module.activation,
+                            module.ops, scheme.bits, scheme.group_size)  # fmt: skip
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, new)
+        swapped += 1
+    return swapped

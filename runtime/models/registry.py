@@ -14,12 +14,13 @@ from lmforge.runtime.models.families import FAMILIES
 
 if TYPE_CHECKING:
     from lmforge.runtime.models.layers import PagedAttention
+    from lmforge.runtime.models.mla import LatentAttention
 
 
 class CausalLM(Protocol):
     """What the engine calls on a model beyond nn.Module: every family's *ForCausalLM defines these."""
 
-    def attention_layers(self) -> list[PagedAttention]: ...
+    def attention_layers(self) -> list[PagedAttention | LatentAttention]: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

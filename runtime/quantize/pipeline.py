@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.runtime import hub
-from lmforge.runtime.quantize import checkpoint, report
+from lmforge.runtime.quantize import checkpoint, experts, report
 from lmforge.runtime.quantize.calibration import load_text_data
 from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions, matches, quantization_config
 from lmforge.runtime.quantize.schemes import FP8, make_scheme
@@ -138,6 +138,8 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
     model.requires_grad_(False)
     refuse_conv1d(model, hf_config)
     ignore = options.ignore_list
+    if experts.has_router(model):  # MoE routers stay in high precision (runtime/quantize/experts.py)
+        ignore = [*ignore, experts.ROUTER_PATTERN]
     targets = target_linears(model, ignore, options.bits, options.effective_group_size)
     log(
         f"[lmforge.quantize] {options.method}: {len(targets)} Linear modules on {device} "
@@ -147,6 +149,12 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
     reference = report.next_token_logprobs(model, data.evaluation, device) if options.eval else []
     scheme = make_scheme(options, dtype, log)
     quantized = scheme.quantize_model(model, targets, data.calibration, device)
+    if options.method != "fp8":  # MoE experts: per expert, round to nearest (fp8 leaves them dense)
+        quantized.update(
+            experts.quantize_experts(
+                model, source, options.bits, scheme.group_size, dtype, scheme.int_tensors
+            )
+        )
     kl = top1 = None
     positions = 0
     if options.eval:
