@@ -50,6 +50,41 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
     return None
 
 
+def local_model_dir(args: argparse.Namespace) -> str | None:
+    """--model hf://... or s3://...: download it now (hf:// into the HF cache, shared with the
+    trainer and quantizer; s3:// into $LMFORGE_MODEL_DIR or /tmp/lmforge-models/<uri hash>),
+    and point args.model at the local copy; returns an error message, or None. Pods of an
+    InferenceService get the files from their storage initializer instead (`lmforge fetch` in an
+    init container), so this is for `lmforge serve` run by hand."""
+    source = args.model
+    if not source.startswith(("hf://", "s3://")):
+        return None
+    from lmforge.runtime import hub
+    from lmforge.runtime.storage import cache as node_cache
+    from lmforge.runtime.storage.s3 import StorageError
+    from lmforge.runtime.storage.transfer import fetch
+    from lmforge.runtime.storage.uri import URIError, parse
+
+    try:
+        uri = parse(source, "--model")
+        if uri.scheme == "hf":
+            local = (
+                str(hub.resolve(source.split("@", 1)[0], what="--model")) if uri.revision is None else None
+            )
+            if local is None:  # a pinned revision: its own directory
+                target = os.path.join(hub.cache_dir(), "lmforge-revisions", node_cache.key(source))
+                local = fetch(source, target).path
+        else:
+            target = os.environ.get("LMFORGE_MODEL_DIR") or os.path.join(
+                "/tmp/lmforge-models", node_cache.key(source)
+            )
+            local = fetch(source, target).path
+    except (URIError, StorageError, hub.HubError, OSError) as exc:
+        return str(exc)
+    args.model_source, args.model = source, local
+    return None
+
+
 def limit_cpu_threads() -> None:
     """Leave one core to the HTTP event loop. torch's intra-op pool otherwise takes every core and
     the engine thread and the server thread preempt each other: measured on 2 cores, one engine

@@ -191,7 +191,7 @@ def link_tree(src: Path, dst: Path) -> None:
     """dst/<rel> -> src/<rel> symlinks for every file (dst is the pod's model directory, src an
     entry on the cache volume, mounted at the same path in every container of the pod)."""
     for path in sorted(src.rglob("*")):
-        if not path.is_file():
+        if not path.is_file() or path.relative_to(src).parts[0] == ".cache":  # huggingface_hub's resume state
             continue
         target = dst / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
