@@ -9,8 +9,9 @@ AlreadyExists, never a duplicate.
 Storage, as for the other kinds: pvc://<claim>/<path> mounts the claim at /mnt/pvc/<claim> (one volume
 per claim, read-write when the output is on it); hostPath:///<dir> and plain absolute paths mount that
 path at the same place (the model read-only, the calibration file read-only, the output created if
-missing); hf://org/name is downloaded in the pod (network egress needed); s3:// has no in-pod
-reader yet (UnsupportedLocation: the controller fails the job with InvalidSpec).
+missing); hf://org/name and s3://bucket/prefix models are downloaded in the pod (network access
+and, for S3, AWS_* credentials in spec.env), an s3:// output is uploaded by the pod when done (its
+manifest last); anything else is UnsupportedLocation (the controller fails the job with InvalidSpec).
 """
 
 from __future__ import annotations
@@ -132,10 +133,12 @@ def storage(spec: QuantizeJobSpec) -> Storage:
             return path
         if uri.startswith("hf://") and role == "model":
             return uri  # the runtime downloads it
+        if uri.startswith("s3://") and role in ("model", "output"):
+            return uri  # the runtime downloads / uploads it (lmforge.runtime.storage)
         raise UnsupportedLocation(
             f"{role} {uri!r}: a QuantizeJob reads and writes pvc://, hostPath:// or absolute paths"
-            + (" (and reads models from hf://)" if role == "model" else "")
-            + "; copy s3:// data to a PVC first"
+            + (" (models also from hf:// and s3://, outputs also to s3://)" if role != "calibration" else "")
+            + "; copy the data to a PVC first"
         )
 
     model = place(spec.model, "model", "Directory", writable=False)

@@ -204,15 +204,22 @@ def test_storage(overrides, expected):
     assert (paths.model, paths.output, paths.calibration, list(paths.volumes), list(paths.mounts)) == expected
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{"output": "s3://bucket/out"}, {"model": "s3://bucket/llama"}],
-    ids=["s3-output", "s3-model"],
-)
-def test_s3_is_unsupported(overrides):
-    # Admission refuses s3:// now; an object stored before that rule still gets a clear InvalidSpec.
-    with pytest.raises(UnsupportedLocation, match="copy s3:// data to a PVC first"):
-        job(REF, make_spec().model_copy(update=overrides))
+def test_s3_model_and_output_are_left_to_the_runtime():
+    paths = storage(make_spec(model="s3://bucket/llama", output="s3://bucket/out"))
+    assert (paths.model, paths.output) == ("s3://bucket/llama", "s3://bucket/out")
+    assert all("s3" not in str(v) for v in paths.volumes)  # nothing to mount for them
+
+
+def test_s3_calibration_is_unsupported():
+    # Admission refuses it; an object stored before that rule still gets a clear InvalidSpec.
+    spec = make_spec(method="w4a16-gptq", calibration={"dataset": "/data/c.jsonl"})
+    spec = spec.model_copy(
+        update={"calibration": spec.calibration.model_copy(update={"dataset": "s3://bucket/c.jsonl"})}
+    )
+    with pytest.raises(
+        UnsupportedLocation, match="calibration 's3://bucket/c.jsonl'.*copy the data to a PVC first"
+    ):
+        job(REF, spec)
 
 
 @pytest.mark.parametrize(
