@@ -168,3 +168,115 @@ def test_hf_model_is_fetched_by_the_storage_initializer_and_served(env: Env) -> 
 
     reply = chat(env.endpoint("hf-chat"), "hf-chat")
     assert reply.model == "hf-chat" and reply.usage.completion_tokens > 0
+
+
+def s3_env_vars(env: Env) -> list[dict[str, Any]]:
+    """AWS_* for the pods: endpoint and region as values, the key pair from the Secret s3-creds."""
+    creds = env.s3.env()
+    env.kube.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "s3-creds", "namespace": NAMESPACE},
+                "stringData": {"id": creds["AWS_ACCESS_KEY_ID"], "secret": creds["AWS_SECRET_ACCESS_KEY"]},
+            }
+        ]
+    )
+    secret = {"name": "s3-creds"}
+    return [
+        {"name": "AWS_ENDPOINT_URL", "value": creds["AWS_ENDPOINT_URL"]},
+        {"name": "AWS_REGION", "value": creds["AWS_REGION"]},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {**secret, "key": "id"}}},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {**secret, "key": "secret"}}},
+    ]
+
+
+def s3_keys(env: Env, bucket: str, prefix: str) -> set[str]:
+    listing = env.s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix) :] for o in listing.get("Contents") or ()}
+
+
+@pytest.mark.slow
+def test_s3_train_quantize_serve_chain(env: Env) -> None:
+    """TrainJob from s3:// to s3://, QuantizeJob from that s3:// output to s3://, and its serveAfter
+    InferenceService from s3://, all on the process node against the loopback S3 server."""
+    from lmforge.runtime.storage.transfer import upload
+
+    bucket = f"chain-{uuid.uuid4().hex[:8]}"
+    env.s3.create_bucket(bucket)
+    quiet = lambda payload, line: None  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.s3.env().items():
+            mp.setenv(name, value)
+        upload(env.directory / "tiny-llama", f"s3://{bucket}/base", report=quiet)
+        upload(env.directory / "chat.jsonl", f"s3://{bucket}/data/chat.jsonl", report=quiet)
+    aws = s3_env_vars(env)
+
+    [trainjob] = pipeline.render("trainjob.yaml", env.directory)
+    trainjob["metadata"]["name"] = "s3-tune"
+    trainjob["spec"].update(
+        model=f"s3://{bucket}/base",
+        output={"dir": f"s3://{bucket}/tuned"},
+        env=aws,
+    )
+    trainjob["spec"]["dataset"]["source"] = f"s3://{bucket}/data/chat.jsonl"
+    trainjob["spec"]["hyperparameters"].update(maxSteps=10)
+    trainjob["spec"]["checkpoint"] = {"everySteps": 5, "keepLast": 1}
+    pipeline.wait_master_port()
+    env.apply(trainjob)
+    trained = env.wait_phase("trainjobs.lmforge.dev", "s3-tune", ("Succeeded",), timeout=600)
+    assert trained["progress"]["step"] == 10
+    tuned = s3_keys(env, bucket, "tuned/")
+    assert {".lmforge-manifest.json", "config.json", "model.safetensors"} <= tuned, tuned
+    assert {k.split("/")[1] for k in tuned if k.startswith("checkpoints/")} == {"step-00000010"}
+
+    env.apply(
+        {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "QuantizeJob",
+            "metadata": {"name": "s3-w8"},
+            "spec": {
+                "model": f"s3://{bucket}/tuned",
+                "method": "w8a16",
+                "output": f"s3://{bucket}/tuned-w8a16",
+                "serveAfter": {"name": "s3-chat"},
+                "env": aws,
+                **ON_PROCESS_NODE,
+            },
+        }
+    )
+    quantized = env.wait_phase("quantizejobs.lmforge.dev", "s3-w8", ("Succeeded",), timeout=300)
+    assert quantized["result"]["outputPath"] == f"s3://{bucket}/tuned-w8a16"
+    assert {".lmforge-manifest.json", "config.json"} <= s3_keys(env, bucket, "tuned-w8a16/")
+
+    served = env.wait_phase("inferenceservices.lmforge.dev", "s3-chat", ("Ready",), timeout=300)
+    assert served["readyReplicas"] == 1
+    [pod] = env.pods("lmforge.dev/inferenceservice=s3-chat")
+    fetch = json.loads(pod["metadata"]["annotations"]["lmforge.dev/fetch"])
+    assert (fetch["uri"], fetch["phase"]) == (f"s3://{bucket}/tuned-w8a16", "Done")
+    reply = chat(env.endpoint("s3-chat"), "s3-chat")
+    assert reply.model == "s3-chat" and reply.usage.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_a_missing_s3_key_fails_the_job_naming_the_uri(env: Env) -> None:
+    bucket = f"missing-{uuid.uuid4().hex[:8]}"
+    env.s3.create_bucket(bucket)
+    env.apply(
+        {
+            "apiVersion": "lmforge.dev/v1alpha1",
+            "kind": "QuantizeJob",
+            "metadata": {"name": "s3-missing"},
+            "spec": {
+                "model": f"s3://{bucket}/no-such-model",
+                "method": "w8a16",
+                "output": f"s3://{bucket}/out",
+                "env": s3_env_vars(env),
+                **ON_PROCESS_NODE,
+            },
+        }
+    )
+    failed = env.wait_phase("quantizejobs.lmforge.dev", "s3-missing", ("Failed",), timeout=300)
+    message = failed["lastFailure"]["message"]
+    assert f"cannot download s3://{bucket}/no-such-model: no such object or prefix" in message, failed

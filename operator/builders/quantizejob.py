@@ -256,10 +256,14 @@ def job(
 # --- serveAfter -----------------------------------------------------------------------------------
 
 
+S3_ENV_PREFIXES = ("AWS_", "LMFORGE_S3_")  # what reaching the bucket needs (endpoint, region, credentials)
+
+
 def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | None:
     """The InferenceService of spec.serveAfter, serving spec.output (quantization detected from its
     config.json), owned by the QuantizeJob, placed where the job ran (its nodeSelector and
-    tolerations); None without serveAfter."""
+    tolerations), with the job's AWS_* / LMFORGE_S3_* env when the output is on S3; None without
+    serveAfter."""
     if spec.serve_after is None:
         return None
     isvc_spec: dict[str, Any] = {"model": {"source": spec.output}, "replicas": spec.serve_after.replicas}
@@ -267,6 +271,10 @@ def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | No
         isvc_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         isvc_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.output.startswith("s3://"):  # the servers' storage initializer reads the same bucket
+        storage_env = [dict(e) for e in spec.env or () if str(e.get("name", "")).startswith(S3_ENV_PREFIXES)]
+        if storage_env:
+            isvc_spec["env"] = storage_env
     InferenceServiceSpec.model_validate(isvc_spec)  # only what we set: the API server fills the defaults
     return {
         "apiVersion": API_VERSION,

@@ -284,3 +284,16 @@ def test_inference_service_runs_where_the_job_ran():
     }
     isvc = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, **placement))
     assert isvc["spec"] == {"model": {"source": "pvc://models/llama-w4"}, "replicas": 1, **placement}
+
+
+def test_inference_service_of_an_s3_output_gets_the_storage_env():
+    env = [
+        {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
+        {"name": "LMFORGE_S3_WORKERS", "value": "4"},
+        {"name": "OMP_NUM_THREADS", "value": "2"},  # the quantizer's own: not copied
+    ]
+    isvc = inference_service(REF, make_spec(output="s3://models/w4", serveAfter={"name": "chat-w4"}, env=env))
+    assert isvc["spec"] == {"model": {"source": "s3://models/w4"}, "replicas": 1, "env": env[:3]}
+    local = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, env=env))
+    assert "env" not in local["spec"]  # a volume needs no credentials
