@@ -6,6 +6,7 @@ mounts, and read-only or not, stays the builder's policy."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,3 +108,17 @@ def storage_initializer(
     if resources:
         container["resources"] = resources
     return container
+
+
+CACHE_HOSTPATH_ENV = "LMFORGE_MODEL_CACHE_HOSTPATH"
+CACHE_MAX_SIZE_ENV = "LMFORGE_MODEL_CACHE_MAX_SIZE"
+
+
+def model_cache_from_env(env: Mapping[str, str]) -> ModelCache | None:
+    """The operator's node model cache setting (Helm values modelCache -> these variables)."""
+    path = env.get(CACHE_HOSTPATH_ENV)
+    if not path:
+        return None
+    if not path.startswith("/"):
+        raise ValueError(f"{CACHE_HOSTPATH_ENV}={path!r}: must be an absolute host path")
+    return ModelCache(path.rstrip("/") or "/", env.get(CACHE_MAX_SIZE_ENV) or None)
