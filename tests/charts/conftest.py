@@ -29,12 +29,8 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.C
     if binary is None:
         pytest.skip("no helm binary (`lmforge cluster up` builds one into ~/.cache/lmforge/bin)")
     home = tmp_path_factory.mktemp("helm-home")
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
+    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
+           "HELM_DATA_HOME": str(home / "data")}
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=60)
@@ -50,12 +46,9 @@ def render(helm) -> Callable[..., list[dict[str, Any]]]:
     """`helm template` with `--set` pairs (or `-f` files); the objects, without empty documents."""
 
     def run(*values: str, namespace: str = "lmforge-system") -> list[dict[str, Any]]:
-        args = [
-            arg
-            for value in values
-            for arg in (("-f", value[2:]) if value.startswith("f=") else ("--set", value))
-        ]
+        args = [arg for value in values for arg in (("-f", value[2:]) if value.startswith("f=") else ("--set", value))]
         out = helm("template", "lmforge", str(CHART), "-n", namespace, *args).stdout
         return [doc for doc in yaml.safe_load_all(out) if doc]
 
     return run
+

@@ -37,45 +37,29 @@ NAMESPACED: dict[tuple[str, str], str] = {
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): "list watch"}
 
 
-def grants(
-    table: dict[tuple[str, str], str], named: dict[tuple[str, str], tuple[str, str]] | None = None
-) -> set[Grant]:
-    out = {
-        (group, resource, verb, "") for (group, resource), verbs in table.items() for verb in verbs.split()
-    }
+def grants(table: dict[tuple[str, str], str], named: dict[tuple[str, str], tuple[str, str]] | None = None) -> set[Grant]:
+    out = {(group, resource, verb, "") for (group, resource), verbs in table.items() for verb in verbs.split()}
     for (group, resource), (verbs, name) in (named or {}).items():
         out |= {(group, resource, verb, name) for verb in verbs.split()}
     return out
 
 
 def rule_grants(rules: list[dict[str, Any]]) -> set[Grant]:
-    return {
-        (group, resource, verb, name)
-        for rule in rules
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-        for name in (rule.get("resourceNames") or [""])
-    }
+    return {(group, resource, verb, name)
+            for rule in rules for group in rule["apiGroups"] for resource in rule["resources"]
+            for verb in rule["verbs"] for name in (rule.get("resourceNames") or [""])}
 
 
-EXPECTED_CLUSTER_WIDE = grants(
-    {**NAMESPACED, **DISCOVERY, ("kopf.dev", "clusterkopfpeerings"): "list watch create"},
-    {("kopf.dev", "clusterkopfpeerings"): ("get patch", "lmforge")},
-)
-EXPECTED_PER_NAMESPACE = grants(
-    {**NAMESPACED, ("kopf.dev", "kopfpeerings"): "list watch create"},
-    {("kopf.dev", "kopfpeerings"): ("get patch", "lmforge")},
-)
+EXPECTED_CLUSTER_WIDE = grants({**NAMESPACED, **DISCOVERY,
+                                ("kopf.dev", "clusterkopfpeerings"): "list watch create"},
+                               {("kopf.dev", "clusterkopfpeerings"): ("get patch", "lmforge")})
+EXPECTED_PER_NAMESPACE = grants({**NAMESPACED, ("kopf.dev", "kopfpeerings"): "list watch create"},
+                                {("kopf.dev", "kopfpeerings"): ("get patch", "lmforge")})
 EXPECTED_NAMESPACED_CLUSTER_PART = grants({**DISCOVERY, ("", "namespaces"): "list watch"})
 
 
 def find(objects: list[dict[str, Any]], kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
-    return [
-        o
-        for o in objects
-        if o["kind"] == kind and (namespace is None or o["metadata"].get("namespace") == namespace)
-    ]
+    return [o for o in objects if o["kind"] == kind and (namespace is None or o["metadata"].get("namespace") == namespace)]
 
 
 def one(objects: list[dict[str, Any]], kind: str, namespace: str | None = None) -> dict[str, Any]:
@@ -107,15 +91,9 @@ def test_values_yaml_keys_are_all_in_the_schema() -> None:
     assert set(values) <= set(schema["properties"])
 
 
-VLLM_METRICS = {
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-    "vllm:time_to_first_token_seconds_bucket",
-    "vllm:inter_token_latency_seconds_bucket",
-    "vllm:e2e_request_latency_seconds_bucket",
-    "vllm:generation_tokens_total",
-}
+VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                "vllm:e2e_request_latency_seconds_bucket", "vllm:generation_tokens_total"}
 
 
 def _dashboard() -> dict[str, Any]:
@@ -133,23 +111,12 @@ def test_dashboard_shows_the_serving_metrics_per_inferenceservice() -> None:
     assert VLLM_METRICS <= used
     for expr in exprs:
         if "vllm:" in expr:
-            assert (
-                'inferenceservice=~"$inferenceservice"' in expr and "by (namespace, inferenceservice" in expr
-            ), expr
-    quantiles = {
-        (m, q) for e in exprs for q, m in re.findall(r"histogram_quantile\((0\.\d+), .*?(vllm:\w+)_bucket", e)
-    }
+            assert 'inferenceservice=~"$inferenceservice"' in expr and "by (namespace, inferenceservice" in expr, expr
+    quantiles = {(m, q) for e in exprs for q, m in re.findall(r"histogram_quantile\((0\.\d+), .*?(vllm:\w+)_bucket", e)}
     for metric in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"):
         assert {(metric, "0.5"), (metric, "0.99")} <= quantiles
     titles = {p["title"] for p in dashboard["panels"]}
-    assert {
-        "Request rate",
-        "Queue depth",
-        "KV cache usage",
-        "Replicas",
-        "Training loss",
-        "Progress",
-    } <= titles
+    assert {"Request rate", "Queue depth", "KV cache usage", "Replicas", "Training loss", "Progress"} <= titles
 
 
 def test_dashboard_panels_have_unique_ids_and_do_not_overlap() -> None:
@@ -197,15 +164,8 @@ def test_no_wildcards_and_no_secrets_anywhere(render) -> None:
         for role in find(objects, "ClusterRole") + find(objects, "Role"):
             for group, resource, verb, _ in rule_grants(role["rules"]):
                 assert "*" not in (group + resource + verb), role["metadata"]["name"]
-                assert resource not in {
-                    "secrets",
-                    "clusterroles",
-                    "roles",
-                    "rolebindings",
-                    "clusterrolebindings",
-                    "serviceaccounts",
-                    "nodes",
-                }, (role["metadata"]["name"], resource)
+                assert resource not in {"secrets", "clusterroles", "roles", "rolebindings", "clusterrolebindings",
+                                        "serviceaccounts", "nodes"}, (role["metadata"]["name"], resource)
                 assert verb not in {"escalate", "bind", "impersonate"}
 
 
@@ -217,11 +177,8 @@ def test_watch_namespaces_gives_a_role_per_namespace_and_only_discovery_cluster_
         role = one(objects, "Role", namespace)
         assert rule_grants(role["rules"]) == EXPECTED_PER_NAMESPACE
         binding = one(objects, "RoleBinding", namespace)
-        assert binding["roleRef"] == {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": role["metadata"]["name"],
-        }
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
         assert binding["subjects"][0]["namespace"] == "lmforge-system"
     args = container(objects)["args"]
     assert args[-4:] == ["-n", "team-a", "-n", "team-b"]
@@ -242,12 +199,8 @@ def test_operator_deployment(render) -> None:
     assert "LMFORGE_WORKER_SERVICE_ACCOUNT" not in env
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert c["securityContext"] == {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "privileged": False,
-        "capabilities": {"drop": ["ALL"]},
-    }
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "privileged": False, "capabilities": {"drop": ["ALL"]}}
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
@@ -257,11 +210,8 @@ def test_operator_deployment(render) -> None:
     assert "podAntiAffinity" in pod["affinity"]
 
 
-@pytest.mark.parametrize(
-    "values",
-    [(), ("watchNamespaces={a,b}", "verbose=true"), ("peering.standalone=true", "replicaCount=1")],
-    ids=["default", "namespaced", "standalone"],
-)
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={a,b}", "verbose=true"), ("peering.standalone=true", "replicaCount=1")],
+                         ids=["default", "namespaced", "standalone"])
 def test_rendered_command_is_accepted_by_the_real_cli(render, values) -> None:
     from lmforge.cli import build_parser
 
@@ -273,22 +223,13 @@ def test_rendered_command_is_accepted_by_the_real_cli(render, values) -> None:
 
 
 def test_values_reach_the_deployment(render) -> None:
-    objects = render(
-        "replicaCount=1",
-        "runtimeImage.tag=dev",
-        "image.repository=reg.local/op",
-        "image.tag=x",
-        "nodeSelector.pool=system",
-        "tolerations[0].key=dedicated",
-        "tolerations[0].operator=Exists",
-        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
-        ".matchExpressions[0].key=pool",
-        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
-        ".matchExpressions[0].operator=Exists",
-        "workerServiceAccount.name=trainer",
-        "verbose=true",
-        "peering.name=team-x",
-    )
+    objects = render("replicaCount=1", "runtimeImage.tag=dev", "image.repository=reg.local/op", "image.tag=x",
+                     "nodeSelector.pool=system", "tolerations[0].key=dedicated", "tolerations[0].operator=Exists",
+                     "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+                     ".matchExpressions[0].key=pool",
+                     "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+                     ".matchExpressions[0].operator=Exists",
+                     "workerServiceAccount.name=trainer", "verbose=true", "peering.name=team-x")
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "reg.local/op:x"
@@ -299,9 +240,7 @@ def test_values_reach_the_deployment(render) -> None:
     assert pod["nodeSelector"] == {"pool": "system"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     assert list(pod["affinity"]) == ["nodeAffinity"]
-    assert ("kopf.dev", "clusterkopfpeerings", "patch", "team-x") in rule_grants(
-        one(objects, "ClusterRole")["rules"]
-    )
+    assert ("kopf.dev", "clusterkopfpeerings", "patch", "team-x") in rule_grants(one(objects, "ClusterRole")["rules"])
 
 
 def test_model_cache_is_opt_in(render) -> None:
@@ -311,8 +250,7 @@ def test_model_cache_is_opt_in(render) -> None:
     assert "LMFORGE_MODEL_CACHE_HOSTPATH" not in env()
     on = env("modelCache.enabled=true", "modelCache.maxSize=200Gi")
     assert (on["LMFORGE_MODEL_CACHE_HOSTPATH"], on["LMFORGE_MODEL_CACHE_MAX_SIZE"]) == (
-        "/var/lib/lmforge/model-cache", "200Gi",
-    )  # fmt: skip
+        "/var/lib/lmforge/model-cache", "200Gi")
     from lmforge.operator.builders.storage import ModelCache, model_cache_from_env
 
     assert model_cache_from_env(on) == ModelCache("/var/lib/lmforge/model-cache", "200Gi")  # type: ignore[arg-type]
@@ -332,19 +270,13 @@ def test_worker_service_account_in_each_watched_namespace(render) -> None:
         roles = {r["metadata"]["name"]: r for r in find(objects, "Role", namespace)}
         assert roles["trainer"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
         assert [sa["metadata"]["name"] for sa in find(objects, "ServiceAccount", namespace)] == ["trainer"]
-    assert not find(
-        render("workerServiceAccount.name=trainer"), "Role"
-    )  # cluster-wide: documented, not created
+    assert not find(render("workerServiceAccount.name=trainer"), "Role")  # cluster-wide: documented, not created
 
 
 def test_service_monitor_and_dashboards_behind_flags(render) -> None:
     assert not find(render(), "ServiceMonitor") and not find(render(), "ConfigMap")
-    objects = render(
-        "serviceMonitor.enabled=true",
-        "serviceMonitor.labels.release=kps",
-        "dashboards.enabled=true",
-        "dashboards.namespace=monitoring",
-    )
+    objects = render("serviceMonitor.enabled=true", "serviceMonitor.labels.release=kps", "dashboards.enabled=true",
+                     "dashboards.namespace=monitoring")
     monitor = one(objects, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kps"
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
@@ -357,27 +289,16 @@ def test_service_monitor_and_dashboards_behind_flags(render) -> None:
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["a"]}
 
 
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 1"),
-        ("replicaCount=two", "at '/replicaCount': got string, want integer"),
-        ("watchNamespaces[0]=Not_A_Namespace", "at '/watchNamespaces/0'"),
-        ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
-        ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
-        ("serviceMonitor.enabled=yes", "at '/serviceMonitor/enabled': got string, want boolean"),
-        ("modelCache.maxSize=lots", "at '/modelCache/maxSize'"),
-    ],
-    ids=[
-        "negative-replicas",
-        "replicas-string",
-        "bad-namespace",
-        "pull-policy",
-        "typo",
-        "flag-string",
-        "cache-size",
-    ],
-)
+@pytest.mark.parametrize(("value", "message"), [
+    ("replicaCount=-1", "at '/replicaCount': minimum: got -1, want 1"),
+    ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+    ("watchNamespaces[0]=Not_A_Namespace", "at '/watchNamespaces/0'"),
+    ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
+    ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
+    ("serviceMonitor.enabled=yes", "at '/serviceMonitor/enabled': got string, want boolean"),
+    ("modelCache.maxSize=lots", "at '/modelCache/maxSize'"),
+], ids=["negative-replicas", "replicas-string", "bad-namespace", "pull-policy", "typo", "flag-string",
+        "cache-size"])
 def test_schema_rejects_bad_values_with_the_path(helm, value: str, message: str) -> None:
     result = helm("template", "x", str(CHART), "--set", value, check=False)
     assert result.returncode != 0
@@ -385,17 +306,8 @@ def test_schema_rejects_bad_values_with_the_path(helm, value: str, message: str)
 
 
 def test_helm_lint_is_clean(helm) -> None:
-    for extra in (
-        [],
-        [
-            "--set",
-            "watchNamespaces={a}",
-            "--set",
-            "serviceMonitor.enabled=true",
-            "--set",
-            "dashboards.enabled=true",
-        ],
-    ):
+    for extra in ([], ["--set", "watchNamespaces={a}", "--set", "serviceMonitor.enabled=true",
+                       "--set", "dashboards.enabled=true"]):
         out = helm("lint", "--strict", str(CHART), *extra).stdout
         assert "1 chart(s) linted, 0 chart(s) failed" in out
         assert "[WARNING]" not in out and "[ERROR]" not in out
