@@ -46,8 +46,8 @@ def summary_line(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from lmforge.runtime.hub import HubError
     from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions
-    from lmforge.runtime.storage.s3 import StorageError
     from lmforge.runtime.quantize_args import build_parser
+    from lmforge.runtime.storage.s3 import StorageError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
