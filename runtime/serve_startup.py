@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 # --quantization -> (weight bits, weight type) that the checkpoint's compressed-tensors config must declare
 QUANTIZATION_WEIGHTS = {"w8a16": (8, "int"), "w4a16": (4, "int"), "fp8": (8, "float")}
@@ -67,18 +68,15 @@ def local_model_dir(args: argparse.Namespace) -> str | None:
 
     try:
         uri = parse(source, "--model")
-        if uri.scheme == "hf":
-            local = (
-                str(hub.resolve(source.split("@", 1)[0], what="--model")) if uri.revision is None else None
-            )
-            if local is None:  # a pinned revision: its own directory
-                target = os.path.join(hub.cache_dir(), "lmforge-revisions", node_cache.key(source))
-                local = fetch(source, target).path
+        if uri.scheme == "hf" and uri.revision is None:
+            local = str(hub.resolve(source, what="--model"))
+        elif uri.scheme == "hf":  # a pinned revision: its own directory
+            local = fetch(source, hub.cache_dir() / "lmforge-revisions" / node_cache.key(source)).path
         else:
             target = os.environ.get("LMFORGE_MODEL_DIR") or os.path.join(
                 "/tmp/lmforge-models", node_cache.key(source)
             )
-            local = fetch(source, target).path
+            local = fetch(source, Path(target)).path
     except (URIError, StorageError, hub.HubError, OSError) as exc:
         return str(exc)
     args.model_source, args.model = source, local
