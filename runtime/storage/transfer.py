@@ -107,7 +107,10 @@ def fetch(
     dst.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done = read_marker(dst)
-    if done is not None and done.get("uri") == src and not refresh:  # a restarted pod: already here
+    entry_gone = (
+        bool(done and done.get("entry")) and node_cache.NodeCache.read_entry(Path(done["entry"])) is None
+    )
+    if done is not None and done.get("uri") == src and not refresh and not entry_gone:  # a restarted pod
         result = FetchResult(**{**done, "cached": True, "bytes": 0, "seconds": 0.0})
         report(_payload(result, None), f"[lmforge.fetch] {src}: already in {dst}")
         return result

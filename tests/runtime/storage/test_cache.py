@@ -120,3 +120,15 @@ def test_the_server_holds_its_entry(model_uri: str, tmp_path: Path) -> None:
         assert held is not None
         assert cache.evict() == []
     assert [e.path.as_posix() for e in cache.evict()] == [result.entry]
+
+
+def test_a_restarted_pod_relinks_when_its_entry_was_evicted(model_uri: str, tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path / "cache", max_bytes=1, grace_s=0)
+    first = fetch(model_uri, tmp_path / "pod", cache=cache, report=quiet)
+    again = fetch(model_uri, tmp_path / "pod", cache=cache, report=quiet)  # restart: the marker says done
+    assert (again.cached, again.bytes) == (True, 0)
+    assert [e.path.as_posix() for e in cache.evict()] == [first.entry]  # nobody held it
+    refetched = fetch(model_uri, tmp_path / "pod", cache=cache, report=quiet)
+    assert (
+        not refetched.cached and (tmp_path / "pod" / "config.json").read_text() == '{"model_type": "llama"}'
+    )
