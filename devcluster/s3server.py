@@ -51,7 +51,11 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
 
     def start(self) -> S3Server:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request on stderr
 
         self.port = self.port or _free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
