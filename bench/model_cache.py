@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for i in range(args.repeats)]  # fmt: skip
     finally:
         server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     def median(runs: list[dict[str, float]], key: str) -> float:
         values = sorted(r[key] for r in runs)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=3, help="second-replica starts per variant (median)")
     parser.add_argument("--no-serve", dest="serve", action="store_false", help="time the fetch only")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (models, logs)")
     args = parser.parse_args(argv)
     print(json.dumps(run(args), indent=1))
     return 0
