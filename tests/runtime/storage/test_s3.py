@@ -260,3 +260,33 @@ def test_lmforge_fetch_process_exit_codes(s3_env: dict[str, str], bucket: str, t
         timeout=60,
     )
     assert bad.returncode == 2 and "unsupported scheme gs://" in bad.stderr
+
+
+def test_lmforge_fetch_killed_mid_download_resumes(
+    s3_env: dict[str, str], s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """A real kill -9 of the storage initializer: the next run fetches only what is missing."""
+    import signal
+    import time
+
+    data = os.urandom(4 * 1024 * 1024)
+    s3_server.client().put_object(Bucket=bucket, Key="big/w.bin", Body=data)
+    env = {**os.environ, **s3_env, "LMFORGE_S3_WORKERS": "1", "LMFORGE_S3_CHUNK_BYTES": str(64 * 1024)}
+    cmd = [sys.executable, "-P", "-m", "lmforge.cli", "fetch", f"s3://{bucket}/big", str(tmp_path / "dst")]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    done_log = tmp_path / "dst" / "w.bin.part.done"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done_log.exists() and len(done_log.read_text().split()) >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the download finished before it could be killed"
+    chunks_on_disk = len(set(done_log.read_text().split()))
+    assert 8 <= chunks_on_disk < 64
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "dst" / "w.bin").read_bytes() == data  # verified against the MD5 ETag
+    assert f"{len(data) - chunks_on_disk * 64 * 1024} bytes downloaded" in resumed.stderr
