@@ -45,3 +45,23 @@ def model_status(source: str, pods: Sequence[Mapping[str, Any]]) -> ModelFetchSt
         status.bytes, status.total_bytes = slowest.get("bytes"), slowest.get("totalBytes")
         status.eta_seconds = slowest.get("etaSeconds")
     return status
+
+
+def initializer_failure(pod: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The storage initializer's latest failure on this pod ({exitCode, reason, message}: the
+    message is `lmforge fetch`'s error, naming the URI), or None. A failing init container keeps
+    the server container waiting in PodInitializing, so the pod's failure is only visible here."""
+    from lmforge.operator.builders.storage import STORAGE_INITIALIZER
+
+    for status in (pod.get("status") or {}).get("initContainerStatuses") or ():
+        if status.get("name") != STORAGE_INITIALIZER:
+            continue
+        state, last = status.get("state") or {}, status.get("lastState") or {}
+        terminated = state.get("terminated") or last.get("terminated") or {}
+        if terminated and terminated.get("exitCode") not in (None, 0):
+            return {
+                "exitCode": terminated.get("exitCode"),
+                "reason": (state.get("waiting") or {}).get("reason") or terminated.get("reason"),
+                "message": terminated.get("message"),
+            }
+    return None

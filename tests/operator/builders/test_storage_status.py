@@ -54,3 +54,35 @@ def test_downloading_replicas_report_the_slowest_progress() -> None:
         source=SRC, revision="r1", cached=False, cached_replicas=0, downloading=2, bytes=100, total_bytes=500,
         eta_seconds=8,
     )  # fmt: skip
+
+
+def test_initializer_failure_is_read_from_the_init_container() -> None:
+    from lmforge.operator.builders.storage_status import initializer_failure
+
+    message = "lmforge fetch: cannot download s3://models/x: access denied to bucket 'models'"
+    crash_looping = {
+        "status": {
+            "initContainerStatuses": [
+                {
+                    "name": "storage-initializer",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}},
+                }
+            ],
+            "containerStatuses": [{"name": "server", "state": {"waiting": {"reason": "PodInitializing"}}}],
+        }
+    }
+    assert initializer_failure(crash_looping) == {
+        "exitCode": 1,
+        "reason": "CrashLoopBackOff",
+        "message": message,
+    }
+    fine = {
+        "status": {
+            "initContainerStatuses": [
+                {"name": "storage-initializer", "state": {"terminated": {"exitCode": 0}}}
+            ]
+        }
+    }
+    assert initializer_failure(fine) is None
+    assert initializer_failure({"status": {}}) is None
