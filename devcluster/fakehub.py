@@ -61,7 +61,7 @@ class FakeHub:
         return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_XET": "1"}
 
 
-def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:
+def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:  # noqa: C901 - a fake hub's route table
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass

@@ -10,6 +10,8 @@ Shapes (T tokens, B sequences, Hq query heads, Hkv KV heads, D head dim):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +42,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,  # exact (erf)
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh

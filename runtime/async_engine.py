@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -207,7 +207,7 @@ class AsyncLLM:
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields cumulative RequestOutputs (intermediate ones may be skipped) until finished.
 
         Raises EngineNotReadyError / EngineDeadError / QueueFullError before yielding anything,
@@ -265,18 +265,9 @@ class AsyncLLM:
     # --- engine thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            engine = self._engine_factory()
-        except BaseException as exc:  # noqa: BLE001 - reported through wait_loaded / health
-            logger.exception("engine failed to load")
-            self.error = exc
-            self._loaded.set()
+        engine = self._load()
+        if engine is None:
             return
-        self.engine = engine
-        self._publish_stats(engine, num_adds=0)
-        self._accepting = not self._stopping
-        self._loaded.set()
-        logger.info("engine loaded")
         live: dict[str, _Timing] = {}
         failures = 0
         while True:
@@ -289,30 +280,59 @@ class AsyncLLM:
                 self._send(outbox)
                 return
             if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                    failures = 0
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    failures += 1
-                    logger.exception("engine step failed (%d in a row)", failures)
-                    self._abort_all(engine, live, outbox, RequestAbortedError(f"engine step failed: {exc}"))
-                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                        self.error = exc
-                    outputs = []
-                now = time.monotonic()
-                for output in outputs:
-                    timing = live.get(output.request_id)
-                    if timing is None:
-                        continue  # aborted while the step ran
-                    self._observe(timing, output, now)
-                    if output.finished:
-                        del live[output.request_id]
-                    outbox.append((output.request_id, _snapshot(output)))
+                failures = self._step(engine, live, outbox, failures)
             self._publish_stats(engine, num_adds)
             self._send(outbox)
             if self.error is not None:
                 self._drain_dead(engine)
                 return
+
+    def _load(self) -> Any:
+        """The engine from the factory, or None after reporting why it did not load (wait_loaded / health)."""
+        try:
+            engine = self._engine_factory()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait_loaded / health
+            logger.exception("engine failed to load")
+            self.error = exc
+            self._loaded.set()
+            return None
+        self.engine = engine
+        self._publish_stats(engine, num_adds=0)
+        self._accepting = not self._stopping
+        self._loaded.set()
+        logger.info("engine loaded")
+        return engine
+
+    def _step(
+        self,
+        engine: Any,
+        live: dict[str, _Timing],
+        outbox: list[tuple[str, RequestOutput | BaseException]],
+        failures: int,
+    ) -> int:
+        """One engine step, its outputs queued in `outbox`; -> the consecutive failures so far. A failed
+        step fails its batch and the engine keeps serving, until MAX_CONSECUTIVE_STEP_FAILURES in a row
+        mark it dead (self.error)."""
+        try:
+            outputs = engine.step()
+            failures = 0
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            failures += 1
+            logger.exception("engine step failed (%d in a row)", failures)
+            self._abort_all(engine, live, outbox, RequestAbortedError(f"engine step failed: {exc}"))
+            if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                self.error = exc
+            outputs = []
+        now = time.monotonic()
+        for output in outputs:
+            timing = live.get(output.request_id)
+            if timing is None:
+                continue  # aborted while the step ran
+            self._observe(timing, output, now)
+            if output.finished:
+                del live[output.request_id]
+            outbox.append((output.request_id, _snapshot(output)))
+        return failures
 
     def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
         commands = [self._commands.get()] if block else []
@@ -407,7 +427,7 @@ class AsyncLLM:
                 return
 
 
-async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+async def start_streams(gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
     """Starts several generate() streams together and returns each one's first output; if any
     fails (queue full, rejected), closes them all (aborting the others) and raises its error."""
     results = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
@@ -419,8 +439,8 @@ async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[Reques
 
 
 async def merge_streams(
-    gens: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(stream index, output) from streams started by start_streams, as outputs arrive. Closing
     the merged iterator closes every stream."""
     for i, first in enumerate(firsts):
@@ -431,6 +451,16 @@ async def merge_streams(
                 async for out in gen:
                     yield 0, out
         return
+    async with contextlib.aclosing(_interleave(gens, firsts)) as merged:  # closed with this iterator
+        async for item in merged:
+            yield item
+
+
+async def _interleave(
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """merge_streams of several streams: one `anext` task per unfinished stream, outputs in the order
+    they arrive; every stream is closed at the end."""
     pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens) if not firsts[i].finished}
     try:
         while pending:

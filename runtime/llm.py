@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lmforge.runtime.engine.config import EngineArgs
 from lmforge.runtime.engine.llm_engine import LLMEngine
@@ -122,7 +122,7 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str | dict):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [cast(list[int], items)]  # one prompt given as token ids
+    return cast(list[Prompt], items)

@@ -167,7 +167,7 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt, str):
             return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
+            return [list(self.prompt)]
         return list(self.prompt)  # type: ignore[arg-type]
 
 
@@ -402,7 +402,7 @@ class EmbeddingRequest(OpenAIModel):
         if isinstance(self.input, str):
             return [self.input]
         if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]  # type: ignore[arg-type]
+            return [list(self.input)]
         return list(self.input)  # type: ignore[arg-type]
 
 

@@ -406,6 +406,7 @@ def build_app(state: ServerState) -> FastAPI:
         if req.messages is not None:
             ids = chat_ids(context.tokenizer, req.messages, req.add_generation_prompt, False, None)
         else:
+            assert req.prompt is not None  # TokenizeRequest: prompt or messages
             ids = encode(context.tokenizer, req.prompt, req.add_special_tokens, "prompt")
         strs = context.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return _json(
@@ -444,12 +445,12 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: proto.CompletionRequest, raw: Request) -> Response:
         prepared = prepare_completion(req, state.generating(), state.resolve_model(req.model))
-        return await _with_cancellation(raw, _serve(state, req, prepared, chat=False))
+        return await _with_cancellation(raw, _serve(state, req, prepared))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: proto.ChatCompletionRequest, raw: Request) -> Response:
         prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
-        return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
+        return await _with_cancellation(raw, _serve(state, req, prepared))
 
     @app.post("/v1/responses")
     async def responses(req: ResponsesRequest, raw: Request) -> Response:
@@ -512,17 +513,17 @@ async def _serve(
     state: ServerState,
     req: proto.CompletionRequest | proto.ChatCompletionRequest,
     prepared: Prepared,
-    chat: bool,
 ) -> Response:
+    chat = isinstance(req, proto.ChatCompletionRequest)
     response_id = proto.random_id("chatcmpl" if chat else "cmpl")
     stream = await _start(state, _generate_all(state, prepared, response_id))
+    if isinstance(req, proto.ChatCompletionRequest):
+        if req.stream:
+            return _event_stream(chat_stream(req, prepared, response_id, stream, state.token_str), stream)
+        return _json(chat_response(req, prepared, response_id, await _collect(stream), state.token_str))
     if req.stream:
-        body = (chat_stream if chat else completion_stream)(
-            req, prepared, response_id, stream, state.token_str
-        )
-        return _event_stream(body, stream)
-    build = chat_response if chat else completion_response
-    return _json(build(req, prepared, response_id, await _collect(stream), state.token_str))
+        return _event_stream(completion_stream(req, prepared, response_id, stream, state.token_str), stream)
+    return _json(completion_response(req, prepared, response_id, await _collect(stream), state.token_str))
 
 
 async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
@@ -532,7 +533,7 @@ async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: 
     )
     if req.stream:
         return _event_stream(response_stream(req, prepared, response_id, stream), stream)
-    return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream)).get(0)))
+    return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream))[0]))
 
 
 async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:

@@ -171,7 +171,7 @@ class Agent:
 
         manifest = nodes.node_manifest(self.node_name)
         try:
-            self.core.create_node(manifest)
+            self.core.create_node(manifest)  # type: ignore[arg-type]  # the client sends a dict body as it is
             self.log(f"registered node {self.node_name}")
         except ApiException as error:
             if error.status != 409:
@@ -199,7 +199,7 @@ class Agent:
         except ApiException as error:
             if error.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)
+            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)  # type: ignore[arg-type]  # the client sends a dict body as it is
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
@@ -344,7 +344,7 @@ class Agent:
                 run.name,
                 run.namespace,
                 grace_period_seconds=0,
-                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},
+                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},  # type: ignore[arg-type]  # a dict body is sent as it is
             )
         except ApiException as error:
             if error.status not in (404, 409):
@@ -530,13 +530,13 @@ class Agent:
         return env
 
     # --- status ------------------------------------------------------------------------------------
-    def _report(self, run: PodRun) -> None:
-        states = [c.state for c in run.containers]
-        init_states = [c.state for c in run.init_containers]
+    @staticmethod
+    def _mark_waiting(run: PodRun, states: list[podstatus.ContainerState]) -> tuple[str | None, str | None]:
+        """Containers that have not started say why (PodInitializing, a start failure, a wait);
+        returns the pod's (reason, message) when it cannot start at all."""
         if run.started and not run.main_started and run.failed is None:
             for state in states:
                 state.reason, state.message = "PodInitializing", ""
-        reason = message = None
         if run.failed:
             for state in states:
                 state.state, state.exit_code = (
@@ -545,10 +545,16 @@ class Agent:
                 )
                 state.reason, state.message = run.failed
                 state.finished_at = state.finished_at or nodes.now()
-            reason, message = run.failed
-        elif run.waiting:
+            return run.failed
+        if run.waiting:
             for state in states:
                 state.reason, state.message = run.waiting
+        return None, None
+
+    def _report(self, run: PodRun) -> None:
+        states = [c.state for c in run.containers]
+        init_states = [c.state for c in run.init_containers]
+        reason, message = self._mark_waiting(run, states)
         init = podstatus.init_outcome(init_states, run.restart_policy)
         key = json.dumps(
             [

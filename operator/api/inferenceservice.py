@@ -33,7 +33,7 @@ from lmforge.operator.api.base import (
 class ModelSpec(ApiModel):
     """The checkpoint to serve and how to load it."""
 
-    source: local_uri("model.source")
+    source: Annotated[str, local_uri("model.source")]
     """HF-layout checkpoint: pvc://, hostPath://, an absolute path, hf://org/name[@revision] or s3://bucket/prefix (remote ones are downloaded by the storage initializer, an init container, through the node model cache when the operator has one)."""
     served_name: str | None = Field(None, min_length=1, max_length=256)
     """Model id in the OpenAI API (default: the resource name)."""

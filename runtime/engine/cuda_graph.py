@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
+from lmforge.runtime.models.registry import as_causal_lm
 
 _NUM_FIELDS = 5  # input_ids, positions, slot_mapping, seq_lens, prompt_lens: one row each in the input buffer
 
@@ -91,7 +92,7 @@ class DecodeGraphRunner:
             prompt_lens=self.prompt_lens[:size],
         )
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-        return self.model.compute_logits(hidden)
+        return as_causal_lm(self.model).compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

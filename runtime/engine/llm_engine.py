@@ -26,6 +26,7 @@ from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, Schedul
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.models.layers import rope_block_salt
+from lmforge.runtime.models.registry import as_causal_lm
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
@@ -76,7 +77,9 @@ class LLMEngine:
             args.cpu_kv_cache_gb,
         )
         # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
-        kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
+        kv_window = reusable_window(
+            [attn.sliding_window for attn in as_causal_lm(self.runner.model).attention_layers()]
+        )
         chunk = args.max_num_batched_tokens
         if args.long_prefill_token_threshold > 0:
             chunk = min(chunk, args.long_prefill_token_threshold)

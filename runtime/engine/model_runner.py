@@ -34,7 +34,7 @@ from lmforge.runtime.engine.sequence import Sequence
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.quant import apply_quantization
-from lmforge.runtime.models.registry import get_model_class
+from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import Logprob
 
 _GiB = 1 << 30
@@ -133,7 +133,7 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
         int8 = self.kv_cache_dtype == "int8"
         self.decode_graphs = None  # captured graphs point at the old cache: capture again
-        for attn in self.model.attention_layers():
+        for attn in as_causal_lm(self.model).attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.k_scale_cache = (
@@ -190,7 +190,7 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             self.backend.build_metadata(common),
         )
-        self.model.compute_logits(hidden[:num_logits]).float().softmax(-1)
+        as_causal_lm(self.model).compute_logits(hidden[:num_logits]).float().softmax(-1)
 
     def _common_meta(
         self,
@@ -275,6 +275,7 @@ class ModelRunner:
                 sample_seqs.append(seq)
         out = ModelRunnerOutput()
         if self._graph_step(query_lens):
+            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
             graph_logits = self.decode_graphs.run(
                 input_ids, positions, slots, tables, seq_lens, prompt_lens
             )  # [B, V]
@@ -295,7 +296,9 @@ class ModelRunner:
                 return out
 
             def row_logits(rows: list[int]) -> torch.Tensor:
-                return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+                return as_causal_lm(self.model).compute_logits(
+                    hidden[torch.tensor(rows, device=self.device)]
+                )  # [N, V]
 
         # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
         sampling = self._sampling_metadata(sample_seqs)
@@ -311,13 +314,15 @@ class ModelRunner:
         if not sample_seqs:
             return out
         result = self.sampler(row_logits(logit_rows), sampling)
-        for row in sampling.guided_rows:
-            guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
+        if guided is not None:
+            for row in sampling.guided_rows:
+                guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
-            if result.logprobs[row] is not None:
-                out.logprobs[seq.seq_id] = result.logprobs[row]
-                out.sampled_logprob[seq.seq_id] = result.sampled_logprobs[row]
+            row_logprobs, sampled_logprob = result.logprobs[row], result.sampled_logprobs[row]
+            if row_logprobs is not None and sampled_logprob is not None:  # the sampler sets both or neither
+                out.logprobs[seq.seq_id] = row_logprobs
+                out.sampled_logprob[seq.seq_id] = sampled_logprob
         return out
 
     def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:

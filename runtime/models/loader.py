@@ -55,7 +55,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         for hf_part, (fused, shard_id) in packed.items():
             if f".{hf_part}." in name:
                 target = name.replace(f".{hf_part}.", f".{fused}.")
-                params[_known(target, params, hf_name)].weight_loader(params[target], tensor, shard_id)
+                fused_param = params[_known(target, params, hf_name)]
+                fused_param.weight_loader(fused_param, tensor, shard_id)  # type: ignore[attr-defined]  # set by the fused module
                 loaded.add(target)
                 break
         else:

@@ -15,10 +15,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lmforge.runtime.storage import cache as node_cache
 from lmforge.runtime.storage import s3
@@ -107,9 +107,8 @@ def fetch(
     dst.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done = read_marker(dst)
-    entry_gone = (
-        bool(done and done.get("entry")) and node_cache.NodeCache.read_entry(Path(done["entry"])) is None
-    )
+    entry = (done or {}).get("entry")
+    entry_gone = bool(entry) and node_cache.NodeCache.read_entry(Path(str(entry))) is None
     if done is not None and done.get("uri") == src and not refresh and not entry_gone:  # a restarted pod
         result = FetchResult(**{**done, "cached": True, "bytes": 0, "seconds": 0.0})
         report(_payload(result, None), f"[lmforge.fetch] {src}: already in {dst}")
@@ -217,7 +216,7 @@ def upload(
 
 
 @contextlib.contextmanager
-def holding(model_dir: Path):  # type: ignore[no-untyped-def]
+def holding(model_dir: Path) -> Iterator[IO[bytes] | None]:
     """While the block runs, the node cache entry `model_dir` links into (if any) is not evicted."""
     marker = read_marker(model_dir)
     entry = (marker or {}).get("entry")

@@ -13,6 +13,7 @@ mounted by the operator and opened directly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,38 @@ class StorageURI:
         return f"{self.uri.rstrip('/')}/{tail}" if tail else self.uri
 
 
+def _s3(uri: str, bad: Callable[[str], URIError]) -> StorageURI:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not _BUCKET.match(bucket):
+        raise bad("expected s3://<bucket>/<prefix> with a valid bucket name (3-63 of a-z 0-9 . -)")
+    return StorageURI("s3", uri, bucket, prefix.strip("/"))
+
+
+def _hf(uri: str, bad: Callable[[str], URIError]) -> StorageURI:
+    name, _, revision = uri[len("hf://") :].partition("@")
+    org, _, repo = name.partition("/")
+    if not (_HF_PART.match(org) and _HF_PART.match(repo)) or "@" in revision:
+        raise bad("expected hf://<org>/<name>[@<revision>]")
+    return StorageURI("hf", uri, org, repo, revision or None)
+
+
+def _pvc(uri: str, bad: Callable[[str], URIError]) -> StorageURI:
+    claim, _, rest = uri[len("pvc://") :].partition("/")
+    if not claim:
+        raise bad("expected pvc://<claim>/<path>")
+    return StorageURI("pvc", uri, claim, rest.strip("/"))
+
+
+def _host(uri: str, bad: Callable[[str], URIError]) -> StorageURI:
+    path = uri.split("://", 1)[1]
+    if not path.startswith("/"):
+        raise bad("expected an absolute path after the scheme (hostPath:///dir)")
+    return StorageURI("hostPath", uri, key=path.rstrip("/") or "/")
+
+
+_PARSERS = {"s3://": _s3, "hf://": _hf, "pvc://": _pvc, "hostPath://": _host, "file://": _host}
+
+
 def parse(uri: str, field: str = "location") -> StorageURI:
     """The parsed URI, or URIError naming `field` (the spec path, e.g. `spec.model.source`)."""
 
@@ -58,27 +91,9 @@ def parse(uri: str, field: str = "location") -> StorageURI:
 
     if not isinstance(uri, str) or not uri:
         raise bad("must be a non-empty string")
-    if uri.startswith("s3://"):
-        bucket, _, prefix = uri[len("s3://") :].partition("/")
-        if not _BUCKET.match(bucket):
-            raise bad("expected s3://<bucket>/<prefix> with a valid bucket name (3-63 of a-z 0-9 . -)")
-        return StorageURI("s3", uri, bucket, prefix.strip("/"))
-    if uri.startswith("hf://"):
-        name, _, revision = uri[len("hf://") :].partition("@")
-        org, _, repo = name.partition("/")
-        if not (_HF_PART.match(org) and _HF_PART.match(repo)) or "@" in revision:
-            raise bad("expected hf://<org>/<name>[@<revision>]")
-        return StorageURI("hf", uri, org, repo, revision or None)
-    if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://") :].partition("/")
-        if not claim:
-            raise bad("expected pvc://<claim>/<path>")
-        return StorageURI("pvc", uri, claim, rest.strip("/"))
-    if uri.startswith(("hostPath://", "file://")):
-        path = uri.split("://", 1)[1]
-        if not path.startswith("/"):
-            raise bad("expected an absolute path after the scheme (hostPath:///dir)")
-        return StorageURI("hostPath", uri, key=path.rstrip("/") or "/")
+    for prefix, parser in _PARSERS.items():
+        if uri.startswith(prefix):
+            return parser(uri, bad)
     if uri.startswith("/"):
         return StorageURI("path", uri, key=uri.rstrip("/") or "/")
     scheme = uri.split("://", 1)[0] if "://" in uri else None
