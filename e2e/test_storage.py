@@ -106,7 +106,12 @@ def env(cluster, tmp_path_factory) -> Iterator[Env]:
     s3 = S3Server().start()
     started = [pipeline.start_node(kube, logs / "node", logs / "node.log")]
     try:
-        started.append(pipeline.start_operator(kube, NAMESPACE, logs / "operator.log", pipeline.free_port()))
+        cache = {"LMFORGE_MODEL_CACHE_HOSTPATH": str(directory / "model-cache")}  # Helm modelCache.enabled
+        started.append(
+            pipeline.start_operator(
+                kube, NAMESPACE, logs / "operator.log", pipeline.free_port(), extra_env=cache
+            )
+        )
         yield Env(kube, directory, logs, hub, s3)
     finally:
         if len(started) == 2:
@@ -280,3 +285,46 @@ def test_a_missing_s3_key_fails_the_job_naming_the_uri(env: Env) -> None:
     failed = env.wait_phase("quantizejobs.lmforge.dev", "s3-missing", ("Failed",), timeout=300)
     message = failed["lastFailure"]["message"]
     assert f"cannot download s3://{bucket}/no-such-model: no such object or prefix" in message, failed
+
+
+@pytest.mark.slow
+def test_node_cache_second_replica_starts_warm(env: Env) -> None:
+    """With the operator's node model cache (Helm modelCache), the second replica's storage
+    initializer finds the model cached on the node: no download, symlinks into the cache entry."""
+    import time
+
+    from lmforge.runtime.storage.transfer import upload
+
+    bucket = f"cache-{uuid.uuid4().hex[:8]}"
+    env.s3.create_bucket(bucket)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.s3.env().items():
+            mp.setenv(name, value)
+        upload(env.directory / "tiny-llama", f"s3://{bucket}/model", report=lambda payload, line: None)
+    env.apply(inference_service("cached-chat", f"s3://{bucket}/model", s3_env_vars(env)))
+    env.wait_phase("inferenceservices.lmforge.dev", "cached-chat", ("Ready",), timeout=300)
+    [first] = env.pods("lmforge.dev/inferenceservice=cached-chat")
+    assert json.loads(first["metadata"]["annotations"]["lmforge.dev/fetch"])["cached"] is False
+
+    scaled = time.monotonic()
+    env.kube("patch", "inferenceservices.lmforge.dev", "cached-chat", "-n", NAMESPACE, "--type=merge",
+             "-p", json.dumps({"spec": {"replicas": 2}}))  # fmt: skip
+
+    def two_ready() -> dict[str, Any] | None:
+        status = pipeline.status_of(env.kube, "inferenceservices.lmforge.dev", "cached-chat", NAMESPACE)
+        return status if status.get("readyReplicas") == 2 else None
+
+    pipeline.wait(two_ready, 300, lambda: f"a second ready replica{env.diagnostics()}")
+    second_replica_s = time.monotonic() - scaled
+    [second] = [
+        p
+        for p in env.pods("lmforge.dev/inferenceservice=cached-chat")
+        if p["metadata"]["name"] != first["metadata"]["name"]
+    ]
+    fetch = json.loads(second["metadata"]["annotations"]["lmforge.dev/fetch"])
+    assert (fetch["cached"], fetch["bytes"]) == (True, 0), fetch
+    print(
+        f"\nsecond replica (node cache, warm): Ready {second_replica_s:.1f}s after the scale-up; fetch {fetch}"
+    )
+    reply = chat(env.endpoint("cached-chat"), "cached-chat")
+    assert reply.usage.completion_tokens > 0

@@ -43,6 +43,7 @@ from lmforge.operator.builders.inferenceservice_status import (
     reflect,
     set_condition,
 )
+from lmforge.operator.builders.storage import model_cache_from_env
 from lmforge.operator.controllers.bodies import plain
 from lmforge.operator.kube import DEPLOYMENTS, POD_DISRUPTION_BUDGETS, ApiError, ControllerRuntime
 
@@ -60,6 +61,7 @@ def build_config_from_env() -> build.BuildConfig:
     return build.BuildConfig(
         default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
         cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"),
+        model_cache=model_cache_from_env(os.environ),  # Helm values modelCache
     )
 
 
@@ -168,7 +170,7 @@ async def apply(
     ref = build.ServiceRef(name=name, namespace=namespace, uid=uid)
     try:
         spec = InferenceServiceSpec.model_validate(plain(body.get("spec")) or {})
-        location = build.model_location(spec)
+        location = build.model_location(spec, runtime.cfg)
     except ValueError as exc:  # a CRD older/newer than this operator, or a source without a loader
         _reject(body, patch, status, generation, str(exc), logger)
         return
