@@ -66,6 +66,16 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float  # time.monotonic()
+    lora_request: Any = None  # LoRARequest: the adapter it runs with (None: the base model)
+
+
+@dataclass(slots=True)
+class _Call:
+    """Runs fn(engine) on the engine thread between steps (LoRA load/unload); its result or exception
+    resolves `future` on the loop."""
+
+    fn: Callable[[Any], Any]
+    future: asyncio.Future
 
 
 @dataclass(slots=True)
@@ -133,7 +143,7 @@ class AsyncLLM:
         self.max_queue = max_queue
         self.observer = observer
         self.engine: Any = None  # set once loaded; read only immutable config from other threads
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop | _Call] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stats = EngineStats()
         self._num_pending = 0
@@ -205,8 +215,22 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """fn(engine) on the engine thread, between two steps (never concurrent with a forward)."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        if not self._accepting:
+            raise EngineNotReadyError("shutting down" if self._stopping else "model is loading")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, future))
+        return await future
+
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        lora_request: Any = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields cumulative RequestOutputs (intermediate ones may be skipped) until finished.
 
@@ -218,7 +242,7 @@ class AsyncLLM:
         self._admit(request_id)
         stream = _Stream()
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt, params, time.monotonic()))
+        self._commands.put(_Add(request_id, prompt, params, time.monotonic(), lora_request))
         finished = False
         try:
             while True:
@@ -334,7 +358,7 @@ class AsyncLLM:
             outbox.append((output.request_id, _snapshot(output)))
         return failures
 
-    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop | _Call]:
         commands = [self._commands.get()] if block else []
         while True:
             try:
@@ -347,14 +371,17 @@ class AsyncLLM:
         for command in commands:
             if isinstance(command, _Add):
                 num_adds += 1
+                lora = {} if command.lora_request is None else {"lora_request": command.lora_request}
                 try:
-                    engine.add_request(command.request_id, command.prompt, command.params)
+                    engine.add_request(command.request_id, command.prompt, command.params, **lora)
                 except Exception as exc:  # noqa: BLE001 - a bad request must not stop the loop
                     outbox.append(
                         (command.request_id, exc if isinstance(exc, ValueError) else ValueError(str(exc)))
                     )
                     continue
                 live[command.request_id] = _Timing(arrival_time=command.arrival_time)
+            elif isinstance(command, _Call):
+                self._resolve(command, engine)
             elif isinstance(command, _Abort):
                 timing = live.pop(command.request_id, None)
                 if timing is not None:
@@ -364,6 +391,24 @@ class AsyncLLM:
             else:
                 stop = True
         return num_adds, stop
+
+    def _resolve(self, command: _Call, engine: Any) -> None:
+        try:
+            result, error = command.fn(engine), None
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            result, error = None, exc
+        future = command.future
+
+        def settle() -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(settle)
 
     def _observe(self, timing: _Timing, output: RequestOutput, now: float) -> None:
         if self.observer is None:
@@ -423,8 +468,17 @@ class AsyncLLM:
             if isinstance(command, _Add):
                 self._publish_stats(engine, 1)
                 self._send([(command.request_id, error)])
+            elif isinstance(command, _Call):
+                self._resolve(_Call(_raiser(error), command.future), engine)
             elif isinstance(command, _Stop):
                 return
+
+
+def _raiser(error: BaseException) -> Callable[[Any], Any]:
+    def fail(_: Any) -> Any:
+        raise error
+
+    return fail
 
 
 async def start_streams(gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:

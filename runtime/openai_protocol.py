@@ -437,6 +437,17 @@ class ModelCard(BaseModel):
     root: str | None = None
     max_model_len: int | None = None
     task: str = "generate"  # lmforge extra: "embed" when served with --task embed
+    parent: str | None = None  # a LoRA adapter: the base model it runs on (vLLM's field)
+
+
+class LoadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's optional field; the name decides
 
 
 class ModelList(BaseModel):

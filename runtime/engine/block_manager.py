@@ -63,6 +63,14 @@ class KVCacheBlock:
     block_hash: bytes | None = None
 
 
+def adapter_root_hash(lora_id: int) -> bytes | None:
+    """The parent hash of a sequence's first block: None for the base model, else one per LoRA adapter
+    id, so rows of different adapters (whose K/V differ for the same tokens) never share blocks."""
+    if not lora_id:
+        return None
+    return hashlib.sha256(b"lora" + array("q", [lora_id]).tobytes()).digest()
+
+
 def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int], salt: Seq[int] = ()) -> bytes:
     """salt: what else the block's K/V depend on (length-dependent RoPE: `BlockManager.block_salt`)."""
     h = hashlib.sha256(parent_hash or b"root")
@@ -197,7 +205,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if i else None
+            parent = seq.block_hashes[-1] if i else adapter_root_hash(seq.lora_id)
             salt = (
                 ()
                 if self.block_salt is None

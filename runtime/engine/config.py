@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.runtime.lora.config import LoRAConfig
 from lmforge.runtime.pooling_params import PoolerConfig
 
 TASKS = ("generate", "embed")
@@ -55,6 +56,11 @@ class EngineArgs:
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
+    enable_lora: bool = False  # serve LoRA adapters (runtime/lora): requests pick one by LoRARequest
+    max_loras: int = 1  # adapters in device slots at once = most distinct adapters in one batch
+    max_lora_rank: int = 16  # largest adapter rank served
+    max_cpu_loras: int | None = None  # adapters kept in host memory (None: max_loras)
+    lora_modules: dict[str, str] | None = None  # name -> PEFT adapter directory, loaded at start
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -73,8 +79,19 @@ class EngineArgs:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pooler_config is not None and self.task != "embed":
             raise ValueError("pooler_config applies to task='embed' only")
+        self._check_lora()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def _check_lora(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora=True")
+        self.lora_config()  # validates max_loras / max_lora_rank / max_cpu_loras
+
+    def lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

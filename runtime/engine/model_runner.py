@@ -31,6 +31,8 @@ from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
+from lmforge.runtime.lora.config import LoRAConfig
+from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.quant import apply_quantization
@@ -85,6 +87,7 @@ class ModelRunner:
         attention_backend: str = "torch",
         kv_cache_dtype: str = "auto",
         load_format: str = "auto",
+        lora_config: LoRAConfig | None = None,
     ):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
@@ -105,6 +108,14 @@ class ModelRunner:
         else:
             load_weights(self.model, model_dir)
         self.model.eval().requires_grad_(False)
+        self.lora: LoRAManager | None = (
+            None  # when serving adapters: wraps the linears now, before KV profiling
+        )
+        if lora_config is not None:
+            with _default_dtype(dtype):
+                self.lora = LoRAManager(
+                    self.model, lora_config, device=device, dtype=dtype, ops=self.backend.ops
+                )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed), self.backend.ops)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)
@@ -256,6 +267,7 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         prompt_lp = PromptLogprobsBatch()
         pool_chunks: list[PoolChunk] = []
+        token_loras: list[int] = []  # per token: its sequence's LoRA adapter id (0: base)
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
@@ -266,6 +278,7 @@ class ModelRunner:
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             prompt_lens += [seq.num_prompt_tokens] * s.num_new_tokens
+            token_loras += [seq.lora_id] * s.num_new_tokens
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             tables.append(s.block_ids)
             query_lens.append(s.num_new_tokens)
@@ -274,7 +287,8 @@ class ModelRunner:
                 logit_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
         out = ModelRunnerOutput()
-        if self._graph_step(query_lens):
+        lora_rows = self.lora is not None and self.lora.set_batch(token_loras)
+        if not lora_rows and self._graph_step(query_lens):  # graphs hold the base model's forward only
             assert self.decode_graphs is not None  # _graph_step: only with captured graphs
             graph_logits = self.decode_graphs.run(
                 input_ids, positions, slots, tables, seq_lens, prompt_lens
