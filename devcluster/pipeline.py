@@ -304,6 +304,7 @@ def start_operator(
     liveness_port: int,
     extra_args: tuple[str, ...] = (),
     timeout: float = 90,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """`lmforge operator run -n <namespace>` with the workers' ServiceAccount (progress and result
     annotations); returns once its liveness endpoint answers."""
@@ -311,6 +312,7 @@ def start_operator(
         **kube.env,
         "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
         "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1",
+        **(extra_env or {}),
     }
     operator = OperatorProcess(env, log_path, ("-n", namespace, *extra_args), liveness_port).start()
     try:

@@ -32,7 +32,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--model",
         required=True,
         metavar="PATH",
-        help="local HF checkpoint directory (config.json, *.safetensors, tokenizer files)",
+        help="HF checkpoint directory (config.json, *.safetensors, tokenizer files), or hf://org/name[@rev] "
+        "or s3://bucket/prefix, downloaded first (see `lmforge fetch`)",
     )
     model.add_argument(
         "--served-model-name",
@@ -230,4 +231,5 @@ def lora_modules(args: argparse.Namespace) -> dict[str, str]:
 def served_model_names(args: argparse.Namespace) -> list[str]:
     if args.served_model_name:
         return list(args.served_model_name)
-    return [os.path.basename(os.path.normpath(args.model))]
+    source = getattr(args, "model_source", None) or args.model  # hf://org/name -> name, not a cache path
+    return [os.path.basename(os.path.normpath(source.split("@", 1)[0]))]

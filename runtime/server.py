@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,7 +73,7 @@ from lmforge.runtime.openai_responses import (
 from lmforge.runtime.outputs import RequestOutput
 from lmforge.runtime.responses_api import ResponsesRequest, final_response, response_stream, to_chat_request
 from lmforge.runtime.serve_args import lora_modules, served_model_names
-from lmforge.runtime.serve_startup import limit_cpu_threads, unsupported_model_flags
+from lmforge.runtime.serve_startup import limit_cpu_threads, local_model_dir, unsupported_model_flags
 
 logger = logging.getLogger("lmforge.runtime.server")
 
@@ -707,6 +708,10 @@ def run_server(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    problem = local_model_dir(args)
+    if problem:
+        print(f"lmforge serve: {problem}", file=sys.stderr)
+        return 1
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
         return 2
@@ -716,7 +721,10 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     limit_cpu_threads()
     state = ServerState(args)
-    code = asyncio.run(serve_async(args, state=state))
+    from lmforge.runtime.storage.transfer import holding
+
+    with holding(Path(args.model)):  # the node cache entry the model links into is not evicted meanwhile
+        code = asyncio.run(serve_async(args, state=state))
     if state.engine.thread_alive or not state.load_finished:
         # Stopped while the model was still loading: interpreter teardown would race the loader
         # thread inside torch (and abort), so leave now; sockets are closed, logs flushed.

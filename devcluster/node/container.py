@@ -29,6 +29,17 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def log_tail_message(path: Path, max_lines: int = 80, max_bytes: int = 2048) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(tail.strip().splitlines()[-max_lines:])
+
+
 def backoff_seconds(restarts: int) -> float:
     return min(BACKOFF_BASE_S * 2 ** max(0, restarts - 1), BACKOFF_MAX_S)
 
@@ -118,6 +129,13 @@ class Container:
             state.state, state.reason = "waiting", "CrashLoopBackOff"
             state.message = f"back-off {delay:g}s restarting failed container={state.name}"
 
+    def _termination_message(self, code: int) -> str:
+        """terminationMessagePolicy FallbackToLogsOnError: a failed container's message is the
+        tail of its log (the kubelet's 80 lines / 2048 bytes); the File policy has no file here."""
+        if code == 0 or self.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return ""
+        return log_tail_message(self.log_path())
+
     def tick(self) -> bool:
         """Reap an exited process, restart when due, SIGKILL after the grace period.
         True when something changed."""
@@ -128,7 +146,7 @@ class Container:
                 _signal_group(self.process.pid, signal.SIGKILL)  # the rest of the "container"
                 self.process = None
                 self.state.finished_at = now()
-                self._terminated(code, "Completed" if code == 0 else "Error")
+                self._terminated(code, "Completed" if code == 0 else "Error", self._termination_message(code))
                 changed = True
             if self.process is not None and self.kill_at is not None and time.monotonic() >= self.kill_at:
                 _signal_group(self.process.pid, signal.SIGKILL)

@@ -34,7 +34,7 @@ class ModelSpec(ApiModel):
     """The checkpoint to serve and how to load it."""
 
     source: Annotated[str, local_uri("model.source")]
-    """HF-layout checkpoint: pvc://, hostPath://, an absolute path or hf://org/name (downloaded by every replica). s3:// is not supported yet."""
+    """HF-layout checkpoint: pvc://, hostPath://, an absolute path, hf://org/name[@revision] or s3://bucket/prefix (remote ones are downloaded by the storage initializer, an init container, through the node model cache when the operator has one)."""
     served_name: str | None = Field(None, min_length=1, max_length=256)
     """Model id in the OpenAI API (default: the resource name)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -161,6 +161,27 @@ class ScaleEvent(StatusModel):
     reason: str
 
 
+class ModelFetchStatus(StatusModel):
+    """What the storage initializers reported (pod annotation lmforge.dev/fetch) for a remote model."""
+
+    source: str | None = None
+    """The model URI (hf:// or s3://)."""
+    revision: str | None = None
+    """What the source resolved to: the hf:// commit, a digest of the s3:// objects' ETags."""
+    cached: bool | None = None
+    """Whether the newest replica started warm: its model came from the node model cache, no download."""
+    cached_replicas: int | None = None
+    """Replicas whose model came from the node cache."""
+    downloading: int | None = None
+    """Replicas whose storage initializer is still downloading."""
+    bytes: int | None = None
+    """Downloading: bytes fetched so far by the slowest replica; else the newest replica's download size."""
+    total_bytes: int | None = None
+    """Size of the model, when the source tells it (s3://)."""
+    eta_seconds: int | None = None
+    """Downloading: seconds left at the current rate (the slowest replica)."""
+
+
 class InferenceServiceStatus(StatusModel):
     """Observed state of an InferenceService, written only by the operator."""
 
@@ -184,6 +205,8 @@ class InferenceServiceStatus(StatusModel):
     """Latest pod failure."""
     autoscaling: AutoscalingStatus | None = None
     """Autoscaler state."""
+    model: ModelFetchStatus | None = None
+    """Remote models (hf://, s3://): download progress and whether replicas started from the node cache."""
     history: list[ScaleEvent] = Field([], max_length=20)
     """Most recent scaling changes, newest last (at most 20)."""
 

@@ -30,7 +30,7 @@ from lmforge.operator.api.constants import LABEL_KIND, LABEL_MANAGED_BY, MANAGED
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
 from lmforge.operator.builders.owner import OwnerRef
 from lmforge.operator.builders.owner import owner_reference as owned_by
-from lmforge.operator.builders.storage import locate
+from lmforge.operator.builders.storage import ModelCache, locate, storage_initializer
 
 KIND = "InferenceService"
 LABEL_INFERENCESERVICE = "lmforge.dev/inferenceservice"
@@ -41,8 +41,7 @@ SERVER_PORT = 8000
 SERVICE_PORT = 80
 PORT_NAME = "http"
 MODEL_VOLUME = "model"
-HF_CACHE_VOLUME = "hf-cache"
-HF_CACHE_PATH = "/var/cache/huggingface"
+MODEL_DIR = "/mnt/model"  # where the storage initializer puts a remote model (an emptyDir)
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 ENGINE_SHUTDOWN_MARGIN_SECONDS = 15  # engine abort (10 s) + uvicorn stop after the drain
 
@@ -63,6 +62,7 @@ class BuildConfig:
     liveness_period_seconds: int = 15
     liveness_failure_threshold: int = 4  # a minute of no answer from the event loop
     revision_history_limit: int = 3
+    model_cache: ModelCache | None = None  # the node model cache (Helm values modelCache), opt-in
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,7 @@ class ModelLocation:
     """Where the server finds the checkpoint, and what the pod needs for that."""
 
     path: str  # the --model argument
+    fetch_from: str | None = None  # a remote source the storage initializer downloads into `path`
     volumes: tuple[dict[str, Any], ...] = ()
     mounts: tuple[dict[str, Any], ...] = ()
     env: tuple[dict[str, Any], ...] = ()
@@ -77,7 +78,7 @@ class ModelLocation:
 
 
 class UnsupportedModelSource(ValueError):
-    """The model source has no in-pod loader yet (the controller reports it on the status)."""
+    """The model source cannot be read in a pod (the controller reports it on the status)."""
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -121,10 +122,12 @@ def _metadata(ref: ServiceRef) -> dict[str, Any]:
 # --- the model ------------------------------------------------------------------------------------
 
 
-def model_location(spec: InferenceServiceSpec) -> ModelLocation:
+def model_location(spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> ModelLocation:
     """pvc://claim/path -> the claim mounted read-only at /mnt/pvc/<claim>; hostPath:///dir or /dir
-    -> that directory mounted at the same path; hf://org/name -> the server downloads it (network
-    egress needed, a cache volume is added); s3:// -> UnsupportedModelSource."""
+    -> that directory mounted at the same path; hf://org/name and s3://bucket/prefix -> the storage
+    initializer (an init container) downloads it into an emptyDir at /mnt/model, through the node
+    model cache when the operator has one (then /mnt/model holds symlinks into the cache, which is
+    mounted at its own path in both containers)."""
     source = spec.model.source
     user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
     location = locate(source)
@@ -137,21 +140,24 @@ def model_location(spec: InferenceServiceSpec) -> ModelLocation:
     if location is not None:
         volume = {"name": MODEL_VOLUME, "hostPath": {"path": location.path, "type": "Directory"}}
         return _mounted(location.path, location.path, volume, user_paths)
-    if source.startswith("hf://"):
-        repo = source[len("hf://") :]
+    if source.startswith(("hf://", "s3://")):
+        cache = cfg.model_cache
+        where = "the node model cache (once per node)" if cache else "every replica, at start"
         return ModelLocation(
-            path=repo,
-            volumes=({"name": HF_CACHE_VOLUME, "emptyDir": {}},),
-            mounts=({"name": HF_CACHE_VOLUME, "mountPath": HF_CACHE_PATH},),
-            env=({"name": "HF_HOME", "value": HF_CACHE_PATH},),
+            path=MODEL_DIR,
+            fetch_from=source,
+            volumes=({"name": MODEL_VOLUME, "emptyDir": {}}, *([cache.volume()] if cache else [])),
+            mounts=(
+                {"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True},
+                *([cache.mount()] if cache else []),
+            ),
             notes=(
-                f"model {repo} is downloaded from the Hugging Face Hub by every replica at start: the pods "
-                "need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts faster",
+                f"model {source} is downloaded by the storage initializer into {where}: the pods need "
+                "network access to it (and credentials in spec.env for private data); a pvc:// copy needs none",
             ),
         )
     raise UnsupportedModelSource(
-        f"model source {source!r}: the server reads a local directory or hf://; copy s3:// checkpoints to a "
-        "PVC (pvc://<claim>/<path>) first"
+        f"model source {source!r}: expected pvc://, hostPath://, an absolute path, hf:// or s3://"
     )
 
 
@@ -249,10 +255,11 @@ def termination_grace_seconds(spec: InferenceServiceSpec, cfg: BuildConfig = Bui
 def pod_template(
     ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()
 ) -> dict[str, Any]:
-    location = model_location(spec)
+    location = model_location(spec, cfg)
+    image = spec.image or cfg.default_image
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.image or cfg.default_image,
+        "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": serve_command(ref, spec, location.path),
         "env": server_env(ref, spec, location),
@@ -269,6 +276,18 @@ def pod_template(
         "containers": [container],
         "volumes": [*location.volumes, *(spec.volumes or ())],
     }
+    if location.fetch_from is not None:
+        pod_spec["initContainers"] = [
+            storage_initializer(
+                image=image,
+                pull_policy=cfg.image_pull_policy,
+                source=location.fetch_from,
+                target=location.path,
+                mounts=[{"name": MODEL_VOLUME, "mountPath": location.path}],
+                env=[dict(e) for e in spec.env or ()],
+                cache=cfg.model_cache,
+            )
+        ]
     optional = {"nodeSelector": spec.node_selector, "tolerations": spec.tolerations}
     pod_spec.update({k: v for k, v in optional.items() if v})
     return {

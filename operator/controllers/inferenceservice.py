@@ -29,6 +29,7 @@ from lmforge.operator.api.inferenceservice import InferenceServiceSpec, Inferenc
 from lmforge.operator.builders import inferenceservice as build
 from lmforge.operator.builders.inferenceservice_policy import Observed, decide
 from lmforge.operator.builders.inferenceservice_status import DeploymentView, ServingPod
+from lmforge.operator.builders.storage import model_cache_from_env
 from lmforge.operator.controllers import reconcile
 from lmforge.operator.controllers.bodies import plain
 from lmforge.operator.decision import Apply, Decision, Scale, invalid_spec
@@ -45,6 +46,7 @@ def build_config_from_env() -> build.BuildConfig:
     return build.BuildConfig(
         default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
         cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"),
+        model_cache=model_cache_from_env(os.environ),  # Helm values modelCache
     )
 
 
@@ -85,7 +87,7 @@ class InferenceServices(reconcile.Kind[Observed, InferenceServiceStatus, Service
         meta = obj["metadata"]
         key = (meta["namespace"], meta["name"])
         spec = InferenceServiceSpec.model_validate(obj.get("spec") or {})
-        location = build.model_location(spec)  # ValueError: a source without a reader
+        location = build.model_location(spec, self.cfg)  # ValueError: a source without a reader
         status = InferenceServiceStatus.model_validate(obj.get("status") or {})
         deployment: DeploymentView | None = next(iter(indexes["deployments"].get(key, ())), None)
         pods: tuple[ServingPod, ...] = tuple(indexes["pods"].get(key, ()))
