@@ -10,6 +10,7 @@ import torch
 from lmforge.runtime.pooling_params import PoolerConfig
 
 TASKS = ("generate", "embed")
+TP_CHANNELS = ("shm", "broadcast")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -55,6 +56,11 @@ class EngineArgs:
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
+    # tensor parallelism: one process per rank (rank 0 is this one), the model's heads, MLP rows and
+    # vocabulary split across them (models/parallel.py); NCCL on CUDA, gloo on CPU
+    tensor_parallel_size: int = 1
+    tp_channel: str = "shm"  # the per-step message to the workers: "shm" ring or gloo "broadcast"
+    tp_timeout_s: float = 60.0  # a step (or collective) taking longer means a hung worker: fatal
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -73,6 +79,12 @@ class EngineArgs:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pooler_config is not None and self.task != "embed":
             raise ValueError("pooler_config applies to task='embed' only")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
+        if self.tp_channel not in TP_CHANNELS:
+            raise ValueError(f"tp_channel must be one of {TP_CHANNELS}, got {self.tp_channel!r}")
+        if not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be positive, got {self.tp_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
