@@ -27,9 +27,10 @@ from lmforge.operator.api.inferenceservice import (
     AutoscalingStatus,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    ParallelStatus,
     ScaleEvent,
 )
-from lmforge.operator.builders.inferenceservice import CONTAINER_NAME
+from lmforge.operator.builders.inferenceservice import CONTAINER_NAME, parallel_layout
 
 # A Failed pod (eviction; kwok's lmforge.dev/fate) counts against the phase this long; it stays
 # in lastFailure until a newer failure replaces it.
@@ -422,6 +423,7 @@ def reflect(
             "replicas": len(active),
             "ready_replicas": ready,
             "last_failure": last_failure,
+            "parallelism": ParallelStatus.model_validate(parallel_layout(spec, want)),
         }
     )
     if phase != previous.phase:

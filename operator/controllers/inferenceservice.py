@@ -60,6 +60,7 @@ def build_config_from_env() -> build.BuildConfig:
     return build.BuildConfig(
         default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
         cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"),
+        nccl_env=build.nccl_env_from(os.environ),
     )
 
 
