@@ -10,6 +10,8 @@
    processes). Medians over --steps.
 2. throughput: LLM.generate with tensor_parallel_size=--tp vs 1 on the same random-init shape
    (load_format="dummy"), greedy, exactly --max-tokens tokens per prompt; output tokens / wall time.
+   On CPU a "device" is cores / --tp threads (the GPU analogy: TP=1 on one GPU, TP=N on N): TP=1 runs
+   that many threads, and so does each of the N ranks.
 Prints one JSON object.
 """
 
@@ -26,6 +28,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 
 def step_message(batch: int, context: int, block_size: int = 16):
@@ -47,24 +50,19 @@ def step_message(batch: int, context: int, block_size: int = 16):
     )
 
 
-def _rank(
-    rank: int, world: int, init: str, shm_name: str, steps: int, batch: int, context: int
-) -> list[float]:
-    """Every rank: for each mode, `steps` x (message?, all-reduce); rank 0 returns µs per step per mode."""
+def _rank(rank: int, world: int, init: str, ring: Any, steps: int, batch: int, context: int) -> list[float]:
+    """Every rank: for each mode, `steps` x (message?, all-reduce); returns µs per step per mode.
+    `ring`: rank 0's ShmRingChannel, or the ring's name on a reader."""
     import torch
     import torch.distributed as dist
 
     from lmforge.runtime.engine.tp_channel import BroadcastChannel, ShmRingChannel
 
-    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
-    ring = (
-        ShmRingChannel(world - 1, name=shm_name, reader=rank - 1)
-        if rank
-        else ShmRingChannel(world - 1, name=shm_name or None)
-    )
+    if rank:
+        ring = ShmRingChannel(world - 1, name=ring, reader=rank - 1)
     broadcast = BroadcastChannel()
     msg = step_message(batch, context)
     x = torch.zeros(1)
@@ -84,7 +82,8 @@ def _rank(
             times.append(time.perf_counter() - start)
         medians.append(statistics.median(times) * 1e6)
     dist.barrier()
-    ring.close(unlink=False)
+    if rank:
+        ring.close()
     dist.destroy_process_group()
     return medians
 
@@ -102,7 +101,7 @@ def bench_message(args: argparse.Namespace) -> dict:
         for r in range(1, args.tp)
     ]
     try:
-        none, shm, bcast = _rank(0, args.tp, init, owner.name, args.steps, args.batch, args.context)
+        none, shm, bcast = _rank(0, args.tp, init, owner, args.steps, args.batch, args.context)
     finally:
         for p in procs:
             p.wait(timeout=120)
@@ -120,7 +119,12 @@ def bench_message(args: argparse.Namespace) -> dict:
 
 
 def bench_throughput(args: argparse.Namespace, path: Path, tp: int) -> dict:
+    import torch
+
     from lmforge import LLM, SamplingParams
+
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tp))
 
     llm = LLM(
         path,
@@ -147,6 +151,7 @@ def bench_throughput(args: argparse.Namespace, path: Path, tp: int) -> dict:
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
         "tensor_parallel_size": tp,
+        "threads_per_rank": torch.get_num_threads(),
         "seconds": round(seconds, 3),
         "output_tokens_per_s": round(generated / seconds, 1),
     }
@@ -191,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank":  # a reader rank of the message part (spawned above)
         r, world, init, name, steps, batch, context = sys.argv[2:9]
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
         _rank(int(r), int(world), init, name, int(steps), int(batch), int(context))
         sys.exit(0)
     sys.exit(main())

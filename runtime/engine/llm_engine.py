@@ -11,6 +11,7 @@ Each `step()` is one scheduler step (a forward pass over a mixed prefill/decode 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class LLMEngine:
             raise ValueError(
                 f"tensor_parallel_size={size} needs {size} GPUs, {torch.cuda.device_count()} are visible"
             )
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // size)))
         self.tp_driver = TPDriver(
             WorkerSpec(
                 rank=0,

@@ -2,8 +2,9 @@
 model runner's calls (one channel message each) and watches the workers.
 
 A worker that exits, or a step that makes no progress within `timeout_s` (a hung worker: the collective
-never returns), is fatal: `failure` is set and the `on_failure` callbacks run on the watchdog thread
-(the server fails every request and exits non-zero; Kubernetes restarts the pod). Nothing is retried:
+never returns; the watchdog then kills the workers, which fails rank 0's collective), is fatal:
+`failure` is set and the `on_failure` callbacks run on the watchdog thread (the server fails every
+request and exits non-zero; Kubernetes restarts the pod). Nothing is retried:
 the other ranks' state (KV cache contents, collectives in flight) is gone with the worker.
 """
 
@@ -141,9 +142,9 @@ class TPDriver:
                     return
             started = self._step_started
             if started is not None and time.monotonic() - started > self.timeout_s:
-                self._fail(
-                    f"a tensor parallel step made no progress in {self.timeout_s:.0f}s (a worker hung)"
-                )
+                self._fail(f"a tensor parallel step made no progress in {self.timeout_s:g}s (a worker hung)")
+                for proc in self.procs:  # a dead peer fails rank 0's pending collective now
+                    proc.kill()
                 return
             time.sleep(poll_s)
 

@@ -69,7 +69,12 @@ def _die_with_parent() -> None:
         pass  # not Linux: the idle parent check still ends the worker
 
 
+LOAD_TIMEOUT_S = 1800.0  # ranks load their shards at their own pace (a 70B shard: minutes)
+
+
 def init_distributed(spec: WorkerSpec) -> None:
+    """The process group. Its timeout is the loading one: a hung step is the watchdog's to catch
+    (tp_executor: it kills the workers, which fails rank 0's collective at once)."""
     import torch.distributed as dist
 
     dist.init_process_group(
@@ -77,7 +82,7 @@ def init_distributed(spec: WorkerSpec) -> None:
         init_method=spec.init_method,
         rank=spec.rank,
         world_size=spec.world_size,
-        timeout=timedelta(seconds=spec.timeout_s),
+        timeout=timedelta(seconds=max(spec.timeout_s, LOAD_TIMEOUT_S)),
     )
 
 
