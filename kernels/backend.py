@@ -43,6 +43,10 @@ class Ops:
     # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
+    lora_shrink: Callable  # (x [T, K], lora_a [S, R, K], token_slots [T]) -> [T, R]
+    lora_expand: (
+        Callable  # (y [T, N], buf [T, R], lora_b [S, N, R], token_slots, scales [S]) -> None, in place
+    )
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -85,6 +89,8 @@ def _load(name: str) -> Ops:
             paged_prefill_attention=r.paged_prefill_attention,
             sample=r.sample,
             quant_linear=r.quant_linear,
+            lora_shrink=r.lora_shrink,
+            lora_expand=r.lora_expand,
         )
     from ._interp import interpreting, patch_bf16
 
@@ -93,6 +99,7 @@ def _load(name: str) -> Ops:
     from .activation import silu_and_mul
     from .decode_attention import paged_decode_attention
     from .kv_cache import reshape_and_cache, reshape_and_cache_int8
+    from .lora import lora_expand, lora_shrink
     from .prefill_attention import paged_prefill_attention
     from .quant_gemm import quant_linear
     from .rmsnorm import fused_add_rms_norm, rms_norm
@@ -111,4 +118,6 @@ def _load(name: str) -> Ops:
         paged_prefill_attention=paged_prefill_attention,
         sample=sample,
         quant_linear=quant_linear,
+        lora_shrink=lora_shrink,
+        lora_expand=lora_expand,
     )

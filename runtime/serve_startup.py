@@ -8,8 +8,24 @@ import argparse
 import json
 import os
 
+from lmforge.runtime.serve_args import lora_modules, served_model_names
+
 # --quantization -> (weight bits, weight type) that the checkpoint's compressed-tensors config must declare
 QUANTIZATION_WEIGHTS = {"w8a16": (8, "int"), "w4a16": (4, "int"), "fp8": (8, "float")}
+
+
+def _lora_flags(args: argparse.Namespace) -> str | None:
+    """--lora-modules parses, names no served model, and the LoRA flags come with --enable-lora."""
+    try:
+        adapters = lora_modules(args)
+    except ValueError as exc:
+        return str(exc)
+    clash = set(adapters) & set(served_model_names(args))
+    if clash:
+        return f"--lora-modules name {sorted(clash)[0]!r} is also a served model name"
+    if getattr(args, "allow_runtime_lora_updating", False) and not getattr(args, "enable_lora", False):
+        return "--allow-runtime-lora-updating needs --enable-lora"
+    return None
 
 
 def unsupported_model_flags(args: argparse.Namespace) -> str | None:
@@ -29,6 +45,9 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
             PoolerConfig.from_json(args.pooler_config)
         except ValueError as exc:
             return f"--pooler-config: {exc}"
+    lora_problem = _lora_flags(args)
+    if lora_problem:
+        return lora_problem
     if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "int8"):
         return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto or int8)"
     expected = getattr(args, "quantization", None)

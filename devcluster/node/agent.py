@@ -163,7 +163,7 @@ class Agent:
 
         manifest = nodes.node_manifest(self.node_name)
         try:
-            self.core.create_node(manifest)
+            self.core.create_node(manifest)  # type: ignore[arg-type]  # the client sends a dict body as it is
             self.log(f"registered node {self.node_name}")
         except ApiException as error:
             if error.status != 409:
@@ -191,7 +191,7 @@ class Agent:
         except ApiException as error:
             if error.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)
+            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)  # type: ignore[arg-type]  # the client sends a dict body as it is
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
@@ -329,7 +329,7 @@ class Agent:
                 run.name,
                 run.namespace,
                 grace_period_seconds=0,
-                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},
+                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},  # type: ignore[arg-type]  # a dict body is sent as it is
             )
         except ApiException as error:
             if error.status not in (404, 409):

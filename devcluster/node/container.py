@@ -69,6 +69,7 @@ class Container:
     def _launch(self) -> None:
         assert self.process_spec is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        assert self.cwd is not None  # set with process_spec by start()
         Path(self.cwd).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(), "ab")  # noqa: SIM115 - the child writes it
         state = self.state
@@ -186,9 +187,8 @@ class Container:
             time.sleep(0.2)
             current = time.monotonic()
             for kind, probe in probes.items():
-                if current < due[kind] or (kind != "startupProbe" and not self.state.started):
-                    continue
-                if kind == "startupProbe" and self.state.started:
+                # the startup probe runs until the container started, the others only after it
+                if current < due[kind] or (kind == "startupProbe") == self.state.started:
                     continue
                 timing = ProbeTiming.of(probe)
                 due[kind] = current + timing.period_s
@@ -197,19 +197,34 @@ class Container:
                 if self._generation != generation:
                     return
                 successes[kind], failures[kind] = (successes[kind] + 1, 0) if ok else (0, failures[kind] + 1)
-                if kind == "startupProbe":
-                    if ok:
-                        self.state.started = True
-                        self.state.ready = "readinessProbe" not in probes
-                    elif failures[kind] >= timing.failure_threshold:
-                        self._probe_kill(f"Startup probe failed: {detail}")
-                elif kind == "readinessProbe":
-                    if ok and successes[kind] >= timing.success_threshold:
-                        self.state.ready = True
-                    elif not ok and failures[kind] >= timing.failure_threshold:
-                        self.state.ready = False
-                elif kind == "livenessProbe" and not ok and failures[kind] >= timing.failure_threshold:
-                    self._probe_kill(f"Liveness probe failed: {detail}")
+                self._on_probe(
+                    kind, ok, detail, timing, successes[kind], failures[kind], "readinessProbe" in probes
+                )
+
+    def _on_probe(
+        self,
+        kind: str,
+        ok: bool,
+        detail: str,
+        timing: ProbeTiming,
+        successes: int,
+        failures: int,
+        has_readiness: bool,
+    ) -> None:
+        """A probe result against its thresholds (the kubelet's rules): started, ready, or killed."""
+        if kind == "startupProbe":
+            if ok:
+                self.state.started = True
+                self.state.ready = not has_readiness
+            elif failures >= timing.failure_threshold:
+                self._probe_kill(f"Startup probe failed: {detail}")
+        elif kind == "readinessProbe":
+            if ok and successes >= timing.success_threshold:
+                self.state.ready = True
+            elif not ok and failures >= timing.failure_threshold:
+                self.state.ready = False
+        elif kind == "livenessProbe" and not ok and failures >= timing.failure_threshold:
+            self._probe_kill(f"Liveness probe failed: {detail}")
 
     def _probe_kill(self, message: str) -> None:
         process = self.process

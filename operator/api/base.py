@@ -11,11 +11,12 @@ are written side by side.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
+from annotated_types import GroupedMetadata, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -119,33 +120,47 @@ def _check_uri(value: str) -> str:
     return value
 
 
-def local_uri(field: str) -> Any:
+@dataclass(frozen=True, slots=True)
+class _Metadata(GroupedMetadata):
+    """Several Annotated metadata items as one, so a field reads `Annotated[str, local_uri("x")]`:
+    a call is not a type, so `x: local_uri("x")` would be opaque to a type checker."""
+
+    items: tuple[object, ...]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self.items)
+
+
+def local_uri(field: str) -> GroupedMetadata:
     """A model/dataset/output location: pvc://, hostPath://, an absolute path or hf://. The rules
     are CEL on the string itself, so the API server's error reads `spec.model: Invalid value:
-    "ftp://x": must be pvc://...`; s3:// gets its own message naming `field` (the spec path)."""
+    "ftp://x": must be pvc://...`; s3:// gets its own message naming `field` (the spec path).
+    Used as `Annotated[str, local_uri("spec.path")]`."""
 
     def no_s3(value: str) -> str:
         if value.startswith("s3://"):
             raise ValueError(s3_message(field))
         return value
 
-    return Annotated[
-        str,
-        AfterValidator(no_s3),
-        AfterValidator(_check_uri),
-        Field(min_length=1, max_length=2048),
-        WithJsonSchema(
-            {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 2048,
-                "x-kubernetes-validations": [
-                    {"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE},
-                    {"rule": "!self.startsWith('s3://')", "message": s3_message(field)},
-                ],
-            }
-        ),
-    ]
+    return _Metadata(
+        (
+            AfterValidator(no_s3),
+            AfterValidator(_check_uri),
+            MinLen(1),
+            MaxLen(2048),
+            WithJsonSchema(
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 2048,
+                    "x-kubernetes-validations": [
+                        {"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE},
+                        {"rule": "!self.startsWith('s3://')", "message": s3_message(field)},
+                    ],
+                }
+            ),
+        )
+    )
 
 
 # Kubernetes resource quantity ("8", 8, "64Gi", "500m").

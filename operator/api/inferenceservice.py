@@ -33,7 +33,7 @@ from lmforge.operator.api.base import (
 class ModelSpec(ApiModel):
     """The checkpoint to serve and how to load it."""
 
-    source: local_uri("model.source")
+    source: Annotated[str, local_uri("model.source")]
     """HF-layout checkpoint: pvc://, hostPath://, an absolute path or hf://org/name (downloaded by every replica). s3:// is not supported yet."""
     served_name: str | None = Field(None, min_length=1, max_length=256)
     """Model id in the OpenAI API (default: the resource name)."""

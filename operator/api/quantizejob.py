@@ -41,7 +41,7 @@ class Calibration(ApiModel):
         ),
     )
 
-    dataset: local_uri("calibration.dataset")
+    dataset: Annotated[str, local_uri("calibration.dataset")]
     """JSON Lines with "text" or "messages" per line: pvc://, hostPath:// or an absolute path."""
     samples: int = Field(128, ge=1, le=65536)
     """Calibration sequences."""
@@ -123,7 +123,7 @@ class QuantizeJobSpec(ApiModel):
         ),
     )
 
-    model: local_uri("model")
+    model: Annotated[str, local_uri("model")]
     """HF-layout checkpoint to quantize: pvc://, hostPath://, an absolute path or hf://org/name (downloaded in the pod). s3:// is not supported yet."""
     method: QuantizeMethod
     """w8a16: int8 weights per channel. w4a16-rtn/gptq/awq: int4 weights in groups (round-to-nearest, GPTQ, AWQ). fp8: float8 e4m3 weights and activations."""
@@ -133,7 +133,7 @@ class QuantizeJobSpec(ApiModel):
     """Calibration data (required for gptq and awq)."""
     ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(["lm_head"], max_length=256)
     """Module names (or re:<regex>) left unquantized."""
-    output: local_uri("output")
+    output: Annotated[str, local_uri("output")]
     """Output directory (compressed-tensors checkpoint): pvc://, hostPath:// or an absolute path."""
     serve_after: ServeAfter | None = None
     """Serve the result when done."""

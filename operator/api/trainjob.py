@@ -33,7 +33,7 @@ ShortName = Annotated[str, Field(min_length=1, max_length=253)]
 class Dataset(ApiModel):
     """Training data: JSON Lines, one example per line."""
 
-    source: local_uri("dataset.source")
+    source: Annotated[str, local_uri("dataset.source")]
     """Where the .jsonl file (or a directory of them) lives: pvc://, hostPath://, an absolute path or hf://org/name (a dataset repo: its *.jsonl files are downloaded by the worker, see README). s3:// is not supported yet."""
     format: Literal["text", "messages"] = "messages"
     """`text`: {"text": ...} per line (causal LM). `messages`: {"messages": [{"role", "content"}, ...]} per line, rendered with the model's chat template; loss on assistant turns only."""
@@ -117,7 +117,7 @@ class Checkpoint(ApiModel):
         ),
     )
 
-    dir: local_uri("checkpoint.dir") | None = None
+    dir: Annotated[str, local_uri("checkpoint.dir")] | None = None
     """Where checkpoints go; must be shared by all nodes. Default: <output.dir>/checkpoints."""
     every_steps: int = Field(500, ge=1)
     """Save every this many optimizer steps (and on SIGTERM)."""
@@ -139,7 +139,7 @@ class Output(ApiModel):
         ),
     )
 
-    dir: local_uri("output.dir")
+    dir: Annotated[str, local_uri("output.dir")]
     """Output directory."""
     merge_adapter: bool = False
     """lora only: also write the base model with the adapter merged in (<dir>/merged)."""
@@ -269,7 +269,7 @@ class TrainJobSpec(ApiModel):
         ),
     )
 
-    model: local_uri("model")
+    model: Annotated[str, local_uri("model")]
     """Base model (HF layout): pvc://claim/path, hostPath:///abs/path, /abs/path or hf://org/name (downloaded by the worker, see README). s3:// is not supported yet."""
     dataset: Dataset
     """Training data."""

@@ -166,6 +166,7 @@ class TorchAttentionBackend(AttentionBackend):
         options = ScoreOptions(scale, sliding_window, alibi_slopes, logits_soft_cap)
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
+            assert meta.decode_slots is not None and meta.decode_positions is not None  # set together
             qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
             kd = _gather(k_flat, meta.decode_slots, k_sc, q.dtype).transpose(1, 2)  # [Bd, Hkv, S, D]
             vd = _gather(v_flat, meta.decode_slots, v_sc, q.dtype).transpose(1, 2)

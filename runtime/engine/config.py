@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.runtime.lora.config import LoRAConfig
 from lmforge.runtime.pooling_params import PoolerConfig
 
 TASKS = ("generate", "embed")
@@ -56,6 +57,11 @@ class EngineArgs:
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
+    enable_lora: bool = False  # serve LoRA adapters (runtime/lora): requests pick one by LoRARequest
+    max_loras: int = 1  # adapters in device slots at once = most distinct adapters in one batch
+    max_lora_rank: int = 16  # largest adapter rank served
+    max_cpu_loras: int | None = None  # adapters kept in host memory (None: max_loras)
+    lora_modules: dict[str, str] | None = None  # name -> PEFT adapter directory, loaded at start
     # tensor parallelism: one process per rank (rank 0 is this one), the model's heads, MLP rows and
     # vocabulary split across them (models/parallel.py); NCCL on CUDA, gloo on CPU
     tensor_parallel_size: int = 1
@@ -79,14 +85,28 @@ class EngineArgs:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pooler_config is not None and self.task != "embed":
             raise ValueError("pooler_config applies to task='embed' only")
+        self._check_lora()
+        self._check_tensor_parallel()
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    def _check_lora(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora=True")
+        self.lora_config()  # validates max_loras / max_lora_rank / max_cpu_loras
+
+    def lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+
+    def _check_tensor_parallel(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
         if self.tp_channel not in TP_CHANNELS:
             raise ValueError(f"tp_channel must be one of {TP_CHANNELS}, got {self.tp_channel!r}")
         if not self.tp_timeout_s > 0:
             raise ValueError(f"tp_timeout_s must be positive, got {self.tp_timeout_s}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
+from lmforge.runtime.models.registry import as_causal_lm
 
 _NUM_FIELDS = 5  # input_ids, positions, slot_mapping, seq_lens, prompt_lens: one row each in the input buffer
 
@@ -67,7 +68,7 @@ class DecodeGraphRunner:
     ):
         self.model = model
         # hidden [B, hidden] -> logits [B, vocab]; the model runner's (tensor parallel: with the vocab gather)
-        self.compute_logits = compute_logits or model.compute_logits
+        self.compute_logits = compute_logits or as_causal_lm(model).compute_logits
         self.sizes = capture_sizes(max_num_seqs)
         self.rows = rows = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq

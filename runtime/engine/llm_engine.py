@@ -29,10 +29,11 @@ from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, Schedul
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
 from lmforge.runtime.engine.tp_executor import TPDriver, WorkerFailedError
 from lmforge.runtime.engine.tp_worker import WorkerSpec
+from lmforge.runtime.lora.request import LoRARequest
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.models.layers import rope_block_salt
 from lmforge.runtime.models.parallel import TPGroup, TPLayout, check_parallel_support
-from lmforge.runtime.models.registry import get_model_class
+from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
@@ -50,6 +51,12 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    max_lora: int = 0  # LoRA slots (0: LoRA off)
+    running_lora_adapters: tuple[str, ...] = ()  # adapters of running requests
+    waiting_lora_adapters: tuple[str, ...] = ()  # adapters of waiting requests
+    lora_requests_total: dict[str, int] | None = None  # adapter name -> requests finished or started
+    lora_prompt_tokens_total: dict[str, int] | None = None
+    lora_generation_tokens_total: dict[str, int] | None = None
 
 
 class LLMEngine:
@@ -79,6 +86,7 @@ class LLMEngine:
                 attention_backend=args.attention_backend,
                 kv_cache_dtype=args.kv_cache_dtype,
                 load_format=args.load_format,
+                lora_config=args.lora_config(),
                 tp=tp,
             )
             if self.tp_driver is not None:
@@ -142,7 +150,9 @@ class LLMEngine:
             args.cpu_kv_cache_gb,
         )
         # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
-        kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
+        kv_window = reusable_window(
+            [attn.sliding_window for attn in as_causal_lm(self.runner.model).attention_layers()]
+        )
         chunk = args.max_num_batched_tokens
         if args.long_prefill_token_threshold > 0:
             chunk = min(chunk, args.long_prefill_token_threshold)
@@ -175,6 +185,7 @@ class LLMEngine:
                 args.max_num_batched_tokens,
                 max_model_len,
                 args.long_prefill_token_threshold,
+                args.max_loras if args.enable_lora else 0,
             ),
             self.block_manager,
         )
@@ -187,6 +198,15 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (prompt logprobs)
+        self.lora = self.runner.lora  # LoRAManager (None: LoRA off)
+        # per adapter name: requests admitted, prompt tokens, generated tokens (vLLM's per-adapter metrics)
+        self.lora_requests: dict[str, int] = {}
+        self.lora_prompt_tokens: dict[str, int] = {}
+        self.lora_generation_tokens: dict[str, int] = {}
+        if self.lora is not None:
+            self.lora.pinned = self.scheduler.running_adapters
+            for name, path in (args.lora_modules or {}).items():
+                self.lora.add(name, path)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -203,11 +223,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         prompt_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queues a request. `prompt` is text (tokenized with the tokenizer's special tokens) or token
         ids; pass both text and `prompt_token_ids` to keep the text (e.g. a rendered chat) while
-        skipping tokenization. Raises ValueError on an invalid prompt or parameters."""
+        skipping tokenization. `lora_request` runs it with that adapter (registered first when
+        it names an unknown adapter with a path). Raises ValueError on an invalid prompt or parameters."""
         params = params or SamplingParams()
+        lora_id = self._lora_id(lora_request)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -237,6 +260,7 @@ class LLMEngine:
                     guided.release(seq.seq_id)
                 raise
         for seq in req.seqs:
+            seq.lora_id = lora_id
             seq.detokenizer = (
                 IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
                 if params.detokenize
@@ -244,6 +268,37 @@ class LLMEngine:
             )
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
+        if lora_id and self.lora is not None:
+            name = self.lora.name_of(lora_id)
+            self.lora_requests[name] = self.lora_requests.get(name, 0) + 1
+
+    # --- LoRA adapters ----------------------------------------------------------------------------
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("a LoRA adapter was requested but the engine runs without enable_lora")
+        lora_id = self.lora.id_of(lora_request.lora_name)
+        if lora_id is None:
+            if lora_request.lora_path is None:
+                raise ValueError(f"the LoRA adapter {lora_request.lora_name!r} is not loaded")
+            lora_id = self.lora.add(lora_request.lora_name, lora_request.lora_path)
+        return lora_id
+
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Loads an adapter (between steps); AdapterError (ValueError) naming the file when it is bad."""
+        if self.lora is None:
+            raise ValueError("the engine runs without enable_lora")
+        if lora_request.lora_path is None:
+            raise ValueError("add_lora needs lora_request.lora_path")
+        return self.lora.add(lora_request.lora_name, lora_request.lora_path)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unloads an adapter: new requests cannot pick it; running ones finish with it."""
+        return self.lora is not None and self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return [] if self.lora is None else self.lora.names()
 
     def _guided_decoder(self) -> GuidedDecoder:
         if self.runner.guided is None:
@@ -309,6 +364,8 @@ class LLMEngine:
             self._process_token(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         self.generation_tokens_total += len(advanced)
+        if self.lora is not None:
+            self._count_lora_tokens(advanced)
         for req in touched.values():
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -320,6 +377,17 @@ class LLMEngine:
             if finished or req.params.output_kind != "final_only":
                 outputs.append(self._make_output(req))
         return outputs
+
+    def _count_lora_tokens(self, advanced: list[Sequence]) -> None:
+        assert self.lora is not None
+        for seq in advanced:
+            if seq.lora_id:
+                name = self.lora.name_of(seq.lora_id)
+                self.lora_generation_tokens[name] = self.lora_generation_tokens.get(name, 0) + 1
+                if seq.num_output_tokens == 1 and seq.index == 0:  # its request's first token
+                    self.lora_prompt_tokens[name] = (
+                        self.lora_prompt_tokens.get(name, 0) + seq.num_prompt_tokens
+                    )
 
     def _execute(self, sched: SchedulerOutput) -> Any:
         driver = self.tp_driver
@@ -425,7 +493,25 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict[str, Any]:
+        if self.lora is None:
+            return {}
+        lora = self.lora
+
+        def names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+            return tuple(sorted({lora.name_of(s.lora_id) for s in seqs if s.lora_id}))
+
+        return {
+            "max_lora": lora.config.max_loras,
+            "running_lora_adapters": names(self.scheduler.running),
+            "waiting_lora_adapters": names(self.scheduler.waiting),
+            "lora_requests_total": dict(self.lora_requests),
+            "lora_prompt_tokens_total": dict(self.lora_prompt_tokens),
+            "lora_generation_tokens_total": dict(self.lora_generation_tokens),
+        }
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()

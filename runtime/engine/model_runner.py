@@ -32,6 +32,8 @@ from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
+from lmforge.runtime.lora.config import LoRAConfig
+from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.parallel import (
@@ -42,7 +44,7 @@ from lmforge.runtime.models.parallel import (
     parallelize,
 )
 from lmforge.runtime.models.quant import apply_quantization
-from lmforge.runtime.models.registry import get_model_class
+from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import Logprob
 
 _GiB = 1 << 30
@@ -74,6 +76,7 @@ class StepInput:
     # the row sets the LM head runs on, in call order (prompt logprobs chunks, then the sampled rows);
     # under tensor parallelism each call is a collective (the vocab gather), so every rank makes the same
     logit_calls: list[list[int]] = field(default_factory=list)
+    graph: bool = False  # a decode step through the CUDA graphs (rank 0 decides; every rank follows)
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -111,6 +114,7 @@ class ModelRunner:
         kv_cache_dtype: str = "auto",
         load_format: str = "auto",
         tp: tuple[TPLayout, TPGroup] | None = None,
+        lora_config: LoRAConfig | None = None,
     ):
         # tensor parallelism: this rank's layout and group; the model and its KV cache are the rank's shard
         self.layout, self.group = tp if tp is not None else (None, TPGroup(0, 1))
@@ -119,6 +123,10 @@ class ModelRunner:
         if self.layout is not None and self.layout.size > 1:
             check_parallel_support(get_model_class(model_config.architecture), model_config.architecture)
             model_config = local_config(model_config, self.layout)
+        if lora_config is not None and self.layout is not None and self.layout.size > 1:
+            raise ValueError(
+                "LoRA adapters (enable_lora) are not supported with tensor_parallel_size > 1 yet"
+            )
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -141,6 +149,14 @@ class ModelRunner:
             full = None if self.layout is None else (self.layout, model_config)
             load_weights(self.model, model_dir, full)
         self.model.eval().requires_grad_(False)
+        self.lora: LoRAManager | None = (
+            None  # when serving adapters: wraps the linears now, before KV profiling
+        )
+        if lora_config is not None:
+            with _default_dtype(dtype):
+                self.lora = LoRAManager(
+                    self.model, lora_config, device=device, dtype=dtype, ops=self.backend.ops
+                )
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed), self.backend.ops)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
         self.eos_token_ids: list[int] = list(model_config.eos_token_ids)
@@ -173,7 +189,7 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # this rank's KV heads
         int8 = self.kv_cache_dtype == "int8"
         self.decode_graphs = None  # captured graphs point at the old cache: capture again
-        for attn in self.model.attention_layers():
+        for attn in as_causal_lm(self.model).attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
             attn.k_scale_cache = (
@@ -267,7 +283,7 @@ class ModelRunner:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab]; tensor parallel: each rank's vocab shard, gathered (a collective:
         every rank calls it with the same N)."""
-        logits = self.model.compute_logits(hidden)
+        logits = as_causal_lm(self.model).compute_logits(hidden)
         if self.group.world_size == 1:
             return logits
         return self.group.all_gather_last(logits)[:, : self.full_vocab_size]
@@ -345,6 +361,7 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         prompt_lp = PromptLogprobsBatch()
         pool_chunks: list[PoolChunk] = []
+        token_loras: list[int] = []  # per token: its sequence's LoRA adapter id (0: base)
         for s in sched.scheduled:
             seq, start = s.seq, s.seq.num_computed_tokens
             end = start + s.num_new_tokens
@@ -355,6 +372,7 @@ class ModelRunner:
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             prompt_lens += [seq.num_prompt_tokens] * s.num_new_tokens
+            token_loras += [seq.lora_id] * s.num_new_tokens
             slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             tables.append(s.block_ids)
             query_lens.append(s.num_new_tokens)
@@ -371,7 +389,9 @@ class ModelRunner:
             query_lens,
             seq_lens,
         )
-        graph = self._graph_step(query_lens)
+        lora_rows = self.lora is not None and self.lora.set_batch(token_loras)
+        # graphs hold the base model's forward only
+        step.graph = graph = not lora_rows and self._graph_step(query_lens)
         if not graph and self.pooler is None:  # the LM head calls below, in their order
             step.logit_calls = prompt_lp.row_chunks() + ([logit_rows] if sample_seqs else [])
         self._broadcast("forward_step", step)
@@ -408,13 +428,15 @@ class ModelRunner:
         if not sample_seqs:
             return out
         result = self.sampler(row_logits(logit_rows), sampling)
-        for row in sampling.guided_rows:
-            guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
+        if guided is not None:
+            for row in sampling.guided_rows:
+                guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         for row, seq in enumerate(sample_seqs):
             out.sampled[seq.seq_id] = result.token_ids[row]
-            if result.logprobs[row] is not None:
-                out.logprobs[seq.seq_id] = result.logprobs[row]
-                out.sampled_logprob[seq.seq_id] = result.sampled_logprobs[row]
+            row_logprobs, sampled_logprob = result.logprobs[row], result.sampled_logprobs[row]
+            if row_logprobs is not None and sampled_logprob is not None:  # the sampler sets both or neither
+                out.logprobs[seq.seq_id] = row_logprobs
+                out.sampled_logprob[seq.seq_id] = sampled_logprob
         return out
 
     @torch.inference_mode()
@@ -424,8 +446,8 @@ class ModelRunner:
         """The forward of one step on this rank: (hidden [T, hidden], None), or (None, logits [B, V])
         for a decode step through the CUDA graphs. run_logit_calls: also run the step's LM head calls
         (a tensor-parallel worker, whose logits rank 0 gathers; rank 0 runs them while sampling)."""
-        if self._graph_step(step.query_lens):
-            assert self.decode_graphs is not None
+        if step.graph:
+            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
             logits = self.decode_graphs.run(
                 step.input_ids.tolist(),
                 step.positions.tolist(),

@@ -57,6 +57,7 @@ class Sequence:
     stop_reason: int | str | None = None
     detokenizer: Any = None  # the engine's IncrementalDetokenizer; opaque here
     arrival_time: float = field(default_factory=time.monotonic)
+    lora_id: int = 0  # the LoRA adapter it runs with (LoRAManager's id); 0: the base model
 
     @property
     def num_tokens(self) -> int:

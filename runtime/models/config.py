@@ -157,7 +157,7 @@ def normalize_with_transformers(hf: dict[str, Any]) -> dict[str, Any]:
     from transformers import CONFIG_MAPPING
 
     model_type = hf.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return hf
     try:
         normalized = CONFIG_MAPPING[model_type].from_dict(dict(hf)).to_dict()

@@ -10,7 +10,7 @@ on the Llama path): a layer returns (its output delta, the residual stream befor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -104,11 +104,13 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_kind == "full":
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
         if self.qk_norm_kind not in (None, "full"):
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         self.rotary_emb(
             positions, q, k, attn_meta.prompt_lens
@@ -268,4 +270,4 @@ class DecoderForCausalLM(nn.Module):
         return logits
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

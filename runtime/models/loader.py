@@ -84,10 +84,10 @@ def load_weights(
         for hf_part, (fused, shard_id) in packed.items():
             if f".{hf_part}." in name:
                 target = name.replace(f".{hf_part}.", f".{fused}.")
-                _known(target, params, hf_name)
+                fused_param = params[_known(target, params, hf_name)]
                 if tp is not None:
                     tensor = _rank_slice(tensor, target, shard_id, tp, modules, hf_name)
-                params[target].weight_loader(params[target], tensor, shard_id)
+                fused_param.weight_loader(fused_param, tensor, shard_id)  # type: ignore[attr-defined]  # set by the fused module
                 loaded.add(target)
                 break
         else:

@@ -170,8 +170,76 @@ class ShardSpec:
 
 REPLICATED = ShardSpec()
 
-_COLUMN = ("qkv_proj", "gate_up_proj", "up_proj")
 _ROW = ("o_proj", "down_proj")
+
+
+def _head_rows(layout: TPLayout) -> Slice:
+    d = layout.head_dim
+    return Slice(0, layout.head_start * d, layout.local_heads * d, layout.num_heads * d)
+
+
+def _kv_rows(layout: TPLayout) -> Slice:
+    d = layout.head_dim
+    return Slice(0, layout.kv_head_start * d, layout.local_kv_heads * d, layout.num_kv_heads * d)
+
+
+def _intermediate_rows(layout: TPLayout) -> Slice:
+    n = layout.local_intermediate
+    return Slice(0, layout.rank * n, n, layout.intermediate_size)
+
+
+def _qkv_spec(shard_id: Any, layout: TPLayout) -> ShardSpec:
+    d, q, kv = layout.head_dim, _head_rows(layout), _kv_rows(layout)
+    if shard_id == "q":
+        return ShardSpec((q,))
+    if shard_id in ("k", "v"):
+        return ShardSpec((kv,))
+    if shard_id == "per_head":  # GPT-NeoX rows [H, (q|k|v), D]: this rank's heads, 3 * D rows each
+        h = layout.local_heads
+        return ShardSpec((Slice(0, layout.head_start * 3 * d, h * 3 * d, layout.num_heads * 3 * d),))
+    # fused in the checkpoint (Phi-3): q | k | v rows, each sliced
+    q_rows, kv_rows = layout.num_heads * d, layout.num_kv_heads * d
+    full = q_rows + 2 * kv_rows
+    return ShardSpec(
+        (
+            Slice(0, q.start, q.length, full),
+            Slice(0, q_rows + kv.start, kv.length, full),
+            Slice(0, q_rows + kv_rows + kv.start, kv.length, full),
+        )
+    )
+
+
+def _gate_up_spec(shard_id: Any, layout: TPLayout) -> ShardSpec:
+    inter = _intermediate_rows(layout)
+    if shard_id is not None:
+        return ShardSpec((inter,))
+    i = layout.intermediate_size  # gate | up fused in the checkpoint (Phi-3, GLM)
+    return ShardSpec(
+        (Slice(0, inter.start, inter.length, 2 * i), Slice(0, i + inter.start, inter.length, 2 * i))
+    )
+
+
+def _row_parallel_spec(kind: str, leaf: str, layout: TPLayout) -> ShardSpec:
+    if leaf == "bias":  # added once: by rank 0, zeros elsewhere
+        return REPLICATED if layout.rank == 0 else ShardSpec(zero=True)
+    cols = _head_rows(layout) if kind == "o_proj" else _intermediate_rows(layout)
+    return ShardSpec((dataclasses.replace(cols, dim=1),))
+
+
+def _vocab_spec(layout: TPLayout) -> ShardSpec:
+    vp, start = layout.local_vocab, layout.vocab_start
+    length = max(0, min(vp, layout.vocab_size - start))
+    return ShardSpec((Slice(0, start, length, layout.vocab_size, pad=vp - length),))
+
+
+def _qk_norm_spec(kind: str, layout: TPLayout, qk_norm: str | None) -> ShardSpec:
+    if qk_norm not in ("full", "head_layer_per_head"):
+        return REPLICATED  # a norm over head_dim, the same for every head
+    heads = _head_rows(layout) if kind == "q_norm" else _kv_rows(layout)
+    if qk_norm == "head_layer_per_head":  # weight [H, D]: one row per head
+        d = layout.head_dim
+        heads = Slice(0, heads.start // d, heads.length // d, heads.full // d)
+    return ShardSpec((heads,))
 
 
 def shard_spec(name: str, shard_id: Any, layout: TPLayout, cfg: ModelConfig) -> ShardSpec:
@@ -179,62 +247,24 @@ def shard_spec(name: str, shard_id: Any, layout: TPLayout, cfg: ModelConfig) -> 
     that `layout.rank` reads. Quantized packs (`weight_packed`, `weight_scale`) slice like weights:
     rows for a column-parallel layer; whole packed columns / scale groups for a row-parallel one
     (`quant_columns` turns element columns into theirs)."""
-    if layout.size == 1:
-        return REPLICATED
     module, _, leaf = name.rpartition(".")
-    kind = module.rpartition(".")[2]
-    d = layout.head_dim
-    q = Slice(0, layout.head_start * d, layout.local_heads * d, layout.num_heads * d)
-    kv = Slice(0, layout.kv_head_start * d, layout.local_kv_heads * d, layout.num_kv_heads * d)
-    inter = Slice(
-        0, layout.rank * layout.local_intermediate, layout.local_intermediate, layout.intermediate_size
-    )
-    if leaf == "weight_shape":
-        return REPLICATED  # checked and rewritten by local_weight_shape
+    kind = module.rpartition(".")[2] or module
+    if (
+        layout.size == 1 or leaf == "weight_shape"
+    ):  # weight_shape: checked and rewritten by local_weight_shape
+        return REPLICATED
     if kind == "qkv_proj":
-        if shard_id == "q":
-            return ShardSpec((q,))
-        if shard_id in ("k", "v"):
-            return ShardSpec((kv,))
-        if shard_id == "per_head":  # GPT-NeoX rows [H, (q|k|v), D]: this rank's heads, 3 * D rows each
-            h = layout.local_heads
-            return ShardSpec((Slice(0, layout.head_start * 3 * d, h * 3 * d, layout.num_heads * 3 * d),))
-        # fused in the checkpoint (Phi-3): q | k | v rows, each sliced
-        q_rows = layout.num_heads * d
-        kv_rows = layout.num_kv_heads * d
-        full = q_rows + 2 * kv_rows
-        return ShardSpec(
-            (
-                Slice(0, q.start, q.length, full),
-                Slice(0, q_rows + kv.start, kv.length, full),
-                Slice(0, q_rows + kv_rows + kv.start, kv.length, full),
-            )
-        )
+        return _qkv_spec(shard_id, layout)
     if kind == "gate_up_proj":
-        if shard_id is None:  # gate | up fused in the checkpoint (Phi-3, GLM)
-            i = layout.intermediate_size
-            full = 2 * i
-            return ShardSpec(
-                (Slice(0, inter.start, inter.length, full), Slice(0, i + inter.start, inter.length, full))
-            )
-        return ShardSpec((inter,))
+        return _gate_up_spec(shard_id, layout)
     if kind == "up_proj":
-        return ShardSpec((inter,))
+        return ShardSpec((_intermediate_rows(layout),))
     if kind in _ROW:
-        if leaf == "bias":
-            return REPLICATED if layout.rank == 0 else ShardSpec(zero=True)
-        cols = q if kind == "o_proj" else inter
-        return ShardSpec((dataclasses.replace(cols, dim=1),))
-    if kind in ("embed_tokens", "lm_head") or name == "lm_head.weight" or name == "lm_head.bias":
-        vp = layout.local_vocab
-        start = layout.vocab_start
-        length = max(0, min(vp, layout.vocab_size - start))
-        return ShardSpec((Slice(0, start, length, layout.vocab_size, pad=vp - length),))
-    if kind in ("q_norm", "k_norm") and leaf == "weight" and cfg.qk_norm in ("full", "head_layer_per_head"):
-        heads = q if kind == "q_norm" else kv
-        if cfg.qk_norm == "head_layer_per_head":  # weight [H, D]: one row per head
-            heads = Slice(0, heads.start // d, heads.length // d, heads.full // d)
-        return ShardSpec((heads,))
+        return _row_parallel_spec(kind, leaf, layout)
+    if kind in ("embed_tokens", "lm_head"):
+        return _vocab_spec(layout)
+    if kind in ("q_norm", "k_norm") and leaf == "weight":
+        return _qk_norm_spec(kind, layout, cfg.qk_norm)
     return REPLICATED
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.runtime.models.layers import default_weight_loader
+from lmforge.kernels.backend import Ops
+from lmforge.runtime.models.layers import MergedLinear, QKVLinear, default_weight_loader
 
 SUPPORTED_FORMATS = ("pack-quantized", "float-quantized", "naive-quantized")
 
@@ -110,9 +111,10 @@ def scheme_for(name: str, module: nn.Module, config: dict[str, Any]) -> WeightSc
 
 def _shards(module: nn.Linear) -> dict[Any, tuple[int, int]]:
     """shard id -> (first output row, rows) of a fused linear; {None: whole} for a plain one."""
-    if hasattr(module, "sizes"):  # QKVLinear
+    sizes: list[tuple[Any, int]]
+    if isinstance(module, QKVLinear):
         sizes = list(module.sizes.items())
-    elif hasattr(module, "out_sizes"):  # MergedLinear
+    elif isinstance(module, MergedLinear):
         sizes = list(enumerate(module.out_sizes))
     else:
         return {None: (0, module.out_features)}
@@ -133,7 +135,7 @@ class _ShardedParams(nn.Module):
 
     def _register(self) -> None:
         for p in self.parameters(recurse=False):
-            p.weight_loader = self.weight_loader
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # vLLM-style: parameters carry their loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         """shard_id: a shard of a fused module (q/k/v, gate/up); None: the whole stack (already fused in
@@ -149,6 +151,7 @@ class _ShardedParams(nn.Module):
                 )
             return
         if shard_id == "per_head":  # rows [H*3*D] -> [3*H*D], as QKVLinear does for dense weights
+            assert self.head_dim is not None  # quantize_model copies it from the QKVLinear
             num_heads = self.shards["q"][1] // self.head_dim
             loaded = (
                 loaded.reshape(num_heads, 3, self.head_dim, *loaded.shape[1:])
@@ -177,7 +180,7 @@ class QuantLinear(_ShardedParams):
         self.weight_shape = nn.Parameter(torch.tensor([n, k], dtype=torch.int64), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n), requires_grad=False) if bias else None
         self._register()
-        self._ops = None
+        self._ops: Ops | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self._ops is None:
@@ -248,7 +251,7 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
         shards = _shards(module)
         bias = module.bias is not None
         if scheme.type == "float":
-            new: nn.Module = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
+            new: _ShardedParams = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
         else:
             try:
                 new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)

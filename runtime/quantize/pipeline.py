@@ -134,7 +134,7 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
         eval_seq_len=options.eval_seq_len,
         log=log,
     )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()  # type: ignore[arg-type]  # transformers types its wrapped .to() as if self were the argument
     model.requires_grad_(False)
     refuse_conv1d(model, hf_config)
     ignore = options.ignore_list

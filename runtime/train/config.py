@@ -231,7 +231,7 @@ def _section(cls: type, data: Any, where: str) -> Any:
             f"{where}.{key}",
             f"unknown key; expected one of {sorted(_camel(n) for n in names)}",
         )
-        kwargs[name] = _coerce(value, names[name].type, f"{where}.{key}")
+        kwargs[name] = _coerce(value, str(names[name].type), f"{where}.{key}")  # a str: future annotations
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing

@@ -80,6 +80,18 @@ def test_throughput_cpu_smoke(capsys):
     assert report["speedup_vs_hf"] > 0
 
 
+def test_lora_mix_cpu_smoke(capsys):
+    args = ["--num-rows", "4", "--num-adapters", "2", "--rank", "4", "--max-tokens", "3", "--prompt-len", "5",
+            "--hidden-size", "64", "--num-layers", "1", "--repeats", "1"]  # fmt: skip
+    assert load("lora_mix").main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for run in ("base", "lora_engine_base_rows", "mixed"):
+        assert report[run]["generated_tokens"] == 12 and report[run]["output_tok_s"] > 0
+    assert report["mixed_vs_base"] == pytest.approx(
+        report["mixed"]["output_tok_s"] / report["base"]["output_tok_s"], abs=1e-3
+    )
+
+
 def test_tensor_parallel_cpu_smoke(capsys):
     """bench/tensor_parallel.py on the tiny shape: both message transports and TP=2 vs TP=1 run."""
     rc = load("tensor_parallel").main(
