@@ -224,6 +224,14 @@ REJECTED = [
         id="isvc-fp8-kv-cache",
     ),
     pytest.param(
+        isvc(engine={"tensorParallelSize": 4}, resources={"limits": {"nvidia.com/gpu": 2}}),
+        ["spec.engine.tensorParallelSize", "must not exceed the nvidia.com/gpu limit"],
+        id="isvc-tp-over-gpus",
+    ),
+    pytest.param(
+        isvc(engine={"tensorParallelSize": 0}), ["spec.engine.tensorParallelSize"], id="isvc-tp-zero"
+    ),
+    pytest.param(
         isvc(model={"source": "s3://UPPER/llama"}),
         ["spec.model.source", "with a valid bucket name"],
         id="isvc-model-s3-bad-bucket",
@@ -275,6 +283,13 @@ def test_bad_spec_is_rejected_naming_the_field(crds, obj: dict[str, Any], fragme
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_accepted(crds, path: Path) -> None:
     result = crds.kubectl("apply", "--dry-run=server", "-n", NAMESPACE, "-f", str(path), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("gpus", [0, 4, 8], ids=["cpu-ranks", "one-per-rank", "spare"])
+def test_tensor_parallel_within_the_gpu_limit_is_accepted(crds, gpus: int) -> None:
+    obj = isvc(engine={"tensorParallelSize": 4}, resources={"limits": {"nvidia.com/gpu": gpus}})
+    result = apply(crds, obj)
     assert result.returncode == 0, result.stderr
 
 

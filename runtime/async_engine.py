@@ -138,8 +138,12 @@ class AsyncLLM:
         *,
         max_queue: int | None = None,
         observer: LatencyObserver | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._engine_factory = engine_factory
+        # called on the event loop when the engine reports a fatal failure (a tensor-parallel worker
+        # died or hung): every stream has already ended with EngineDeadError
+        self._on_fatal = on_fatal
         self.max_queue = max_queue
         self.observer = observer
         self.engine: Any = None  # set once loaded; read only immutable config from other threads
@@ -302,6 +306,7 @@ class AsyncLLM:
                 self._publish_stats(engine, num_adds)
                 self._abort_all(engine, live, outbox, RequestAbortedError("engine shut down"))
                 self._send(outbox)
+                self._close_engine(engine)
                 return
             if engine.has_unfinished_requests():
                 failures = self._step(engine, live, outbox, failures)
@@ -309,7 +314,35 @@ class AsyncLLM:
             self._send(outbox)
             if self.error is not None:
                 self._drain_dead(engine)
+                self._close_engine(engine)
                 return
+
+    def _fatal(self, reason: str) -> None:
+        """Any thread (the tensor-parallel watchdog): the engine is gone for good. Fail every stream
+        now, from the loop, since the engine thread may be stuck in a collective that never returns."""
+        error = EngineDeadError(f"engine failed: {reason}")
+        self.error = self.error or error
+        self._accepting = False
+
+        def fail_all() -> None:
+            for stream in list(self._streams.values()):
+                stream.queue.put_nowait(error)
+            if self._on_fatal is not None:
+                self._on_fatal(reason)
+
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fail_all)
+
+    @staticmethod
+    def _close_engine(engine: Any) -> None:
+        """The engine thread's last act: stop what the engine started (tensor-parallel workers)."""
+        close = getattr(engine, "shutdown", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                logger.exception("engine shutdown failed")
 
     def _load(self) -> Any:
         """The engine from the factory, or None after reporting why it did not load (wait_loaded / health)."""
@@ -321,6 +354,8 @@ class AsyncLLM:
             self._loaded.set()
             return None
         self.engine = engine
+        if hasattr(engine, "add_fatal_callback"):
+            engine.add_fatal_callback(self._fatal)
         self._publish_stats(engine, num_adds=0)
         self._accepting = not self._stopping
         self._loaded.set()

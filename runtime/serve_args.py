@@ -117,6 +117,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help='--task embed: {"pooling_type": "LAST" or "MEAN", "normalize": true/false} '
         "(default: LAST, normalized)",
     )
+    engine.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive_int,
+        default=1,
+        help="split the model over this many GPUs (one process per rank, NCCL; gloo on cpu) (default: 1)",
+    )
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument(
         "--load-format",

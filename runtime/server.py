@@ -127,6 +127,7 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
                 enable_prefix_caching=args.enable_prefix_caching,
                 num_blocks=args.num_blocks,
                 enforce_eager=args.enforce_eager,
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                 **{k: v for k, v in optional.items() if v is not None},
                 **lora,
             )
@@ -145,8 +146,12 @@ class ServerState:
         self.adapters: dict[str, str] = lora_modules(args)
         self.metrics = ServerMetrics(self.model_names[0], lambda: self.engine.stats())
         self.engine = AsyncLLM(
-            engine_factory or default_engine_factory(args), max_queue=args.max_queue, observer=self.metrics
+            engine_factory or default_engine_factory(args),
+            max_queue=args.max_queue,
+            observer=self.metrics,
+            on_fatal=self._on_fatal,
         )
+        self.fatal_error: str | None = None  # a tensor-parallel worker died or hung: exit non-zero
         self.context: ModelContext | None = None  # set once the model and the tokenizer are loaded
         self.ready = False
         self.draining = False
@@ -185,6 +190,13 @@ class ServerState:
             logger.exception("model failed to load")
             self.shutdown_requested.set()
         self.load_finished = True
+
+    def _on_fatal(self, reason: str) -> None:
+        """On the event loop: the engine cannot go on (AsyncLLM already failed every request)."""
+        self.fatal_error = reason
+        logger.error("engine failed fatally, shutting down: %s", reason)
+        self.force_stop.set()
+        self.shutdown_requested.set()
 
     def health(self) -> tuple[int, str]:
         if self.draining:
@@ -693,10 +705,11 @@ async def serve_async(
     stop_task.cancel()
     load_task.cancel()
     await asyncio.gather(load_task, stop_task, return_exceptions=True)
-    await state.engine.shutdown(timeout=10.0)
+    # a fatal engine may sit in a collective that never returns: do not wait long for its thread
+    await state.engine.shutdown(timeout=1.0 if state.fatal_error else 10.0)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
-    if state.load_error is not None:
+    if state.load_error is not None or state.fatal_error is not None:
         return 1
     return 0
 

@@ -63,6 +63,10 @@ class EngineSpec(ApiModel):
     bf16). fp8 is not offered until the runtime implements it (rejected here rather than crash-looping)."""
     enforce_eager: bool = False
     """Run every step eagerly: no CUDA graphs for decode (they cost capture time and a little memory)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """GPUs one replica splits the model over (one process per rank in the pod, NCCL). The pod's
+    nvidia.com/gpu limit defaults to it and must not be below it; a limit of 0 runs the ranks on CPU
+    (gloo). The autoscaler counts replicas, each of tensorParallelSize GPUs."""
 
 
 class Autoscaling(ApiModel):
@@ -102,8 +106,31 @@ class Autoscaling(ApiModel):
     """Replicas removed per decision at most."""
 
 
+def _gpu_limit(resources: ResourceRequirements | None) -> int | None:
+    """The container's nvidia.com/gpu limit; None when the spec does not set one."""
+    if resources is None or not resources.limits or "nvidia.com/gpu" not in resources.limits:
+        return None
+    return int(resources.limits["nvidia.com/gpu"])
+
+
 class InferenceServiceSpec(ApiModel):
     """Desired state of an InferenceService."""
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.resources) || !has(self.resources.limits) || "
+            "!('nvidia.com/gpu' in self.resources.limits) || "
+            "int(string(self.resources.limits['nvidia.com/gpu'])) == 0 || "
+            "self.engine.tensorParallelSize <= int(string(self.resources.limits['nvidia.com/gpu']))",
+            message="engine.tensorParallelSize must not exceed the nvidia.com/gpu limit in resources "
+            "(0 GPUs: the ranks run on CPU)",
+            check=lambda s: (
+                _gpu_limit(s.resources) in (None, 0)
+                or s.engine.tensor_parallel_size <= _gpu_limit(s.resources)
+            ),
+            field_path=".engine.tensorParallelSize",
+        ),
+    )
 
     model: ModelSpec
     """What to serve."""
@@ -150,6 +177,17 @@ class AutoscalingStatus(StatusModel):
     """When spec.replicas was last changed by the autoscaler."""
     last_decision: str | None = None
     """Why (e.g. "queue 9.5/replica > target 4: 2 -> 3")."""
+
+
+class ParallelStatus(StatusModel):
+    """The parallel layout of every replica."""
+
+    tensor_parallel_size: int
+    """Ranks (processes) per replica, one model shard each."""
+    gpus_per_replica: int
+    """nvidia.com/gpu of each replica's pod (0: the ranks run on CPU)."""
+    layout: str
+    """e.g. "2 replicas x TP=4 (8 GPUs)"."""
 
 
 class ScaleEvent(StatusModel):
@@ -207,6 +245,8 @@ class InferenceServiceStatus(StatusModel):
     """Autoscaler state."""
     model: ModelFetchStatus | None = None
     """Remote models (hf://, s3://): download progress and whether replicas started from the node cache."""
+    parallelism: ParallelStatus | None = None
+    """How each replica splits the model (tensor parallel ranks and the GPUs they use)."""
     history: list[ScaleEvent] = Field([], max_length=20)
     """Most recent scaling changes, newest last (at most 20)."""
 

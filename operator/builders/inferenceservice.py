@@ -23,6 +23,7 @@ Pod lifecycle, and why each knob has its value:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,9 @@ class BuildConfig:
     liveness_failure_threshold: int = 4  # a minute of no answer from the event loop
     revision_history_limit: int = 3
     model_cache: ModelCache | None = None  # the node model cache (Helm values modelCache), opt-in
+    # NCCL_* variables of the operator's own environment (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE set
+    # in the chart's values), passed to every tensor-parallel server; spec.env overrides them
+    nccl_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +201,53 @@ def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) 
         command += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.enforce_eager:
         command.append("--enforce-eager")
+    if engine.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     return command
 
 
-def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocation) -> list[dict[str, Any]]:
+# --- tensor parallelism ---------------------------------------------------------------------------
+
+SHM_VOLUME = "dshm"  # NCCL (and the engine's step ring) need more than the runtime's 64 MiB /dev/shm
+
+
+def nccl_env_from(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The NCCL_* variables of an environment (the operator's), sorted: BuildConfig.nccl_env."""
+    return tuple(sorted((k, v) for k, v in environ.items() if k.startswith("NCCL_")))
+
+
+def gpus_per_replica(spec: InferenceServiceSpec) -> int:
+    """nvidia.com/gpu of each pod: the spec's limit, else tensorParallelSize when it is above 1 (one
+    GPU per rank), else none asked for (0)."""
+    limits = spec.resources.limits if spec.resources and spec.resources.limits else {}
+    if "nvidia.com/gpu" in limits:
+        return int(limits["nvidia.com/gpu"])
+    return spec.engine.tensor_parallel_size if spec.engine.tensor_parallel_size > 1 else 0
+
+
+def container_resources(spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """The spec's resources, with the GPU limit defaulted to tensorParallelSize (module docstring)."""
+    resources = spec.resources.to_k8s() if spec.resources else {}
+    limits = resources.get("limits") or {}
+    if spec.engine.tensor_parallel_size > 1 and "nvidia.com/gpu" not in limits:
+        resources["limits"] = {**limits, "nvidia.com/gpu": spec.engine.tensor_parallel_size}
+    return resources or None
+
+
+def parallel_layout(spec: InferenceServiceSpec, replicas: int) -> dict[str, Any]:
+    """status.parallelism: what one replica is made of; the autoscaler counts replicas, never ranks."""
+    tp, gpus = spec.engine.tensor_parallel_size, gpus_per_replica(spec)
+    devices = f"{replicas * gpus} GPUs" if gpus else "CPU"
+    return {
+        "tensorParallelSize": tp,
+        "gpusPerReplica": gpus,
+        "layout": f"{replicas} replica{'s' if replicas != 1 else ''} x TP={tp} ({devices})",
+    }
+
+
+def server_env(
+    ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocation, cfg: BuildConfig = BuildConfig()
+) -> list[dict[str, Any]]:
     """Ours, then the user's; a user entry replaces ours of the same name."""
     ours: list[dict[str, Any]] = [
         {"name": "LMFORGE_INFERENCESERVICE", "value": ref.name},
@@ -208,6 +255,8 @@ def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocat
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *location.env,
     ]
+    if spec.engine.tensor_parallel_size > 1:
+        ours += [{"name": k, "value": v} for k, v in cfg.nccl_env]
     if spec.api_key_secret is not None:  # `lmforge serve` reads --api-key from this env by default
         ours.append(
             {
@@ -262,19 +311,24 @@ def pod_template(
         "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": serve_command(ref, spec, location.path),
-        "env": server_env(ref, spec, location),
+        "env": server_env(ref, spec, location, cfg),
         "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         **probes(spec, cfg),
         "lifecycle": {"preStop": {"sleep": {"seconds": cfg.pre_stop_sleep_seconds}}},
         "volumeMounts": [*location.mounts, *(spec.volume_mounts or ())],
     }
-    if spec.resources:
-        container["resources"] = spec.resources.to_k8s()
+    resources = container_resources(spec)
+    if resources:
+        container["resources"] = resources
+    volumes = [*location.volumes, *(spec.volumes or ())]
+    if spec.engine.tensor_parallel_size > 1:  # /dev/shm in RAM, as large as the pod's memory allows
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     pod_spec: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec, cfg),
         "containers": [container],
-        "volumes": [*location.volumes, *(spec.volumes or ())],
+        "volumes": volumes,
     }
     if location.fetch_from is not None:
         pod_spec["initContainers"] = [

@@ -29,10 +29,11 @@ from lmforge.operator.api.inferenceservice import (
     AutoscalingStatus,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    ParallelStatus,
     ScaleEvent,
 )
 from lmforge.operator.builders.conditions import set_condition
-from lmforge.operator.builders.inferenceservice import CONTAINER_NAME
+from lmforge.operator.builders.inferenceservice import CONTAINER_NAME, parallel_layout
 from lmforge.operator.decision import Event
 
 # A Failed pod (eviction; kwok's lmforge.dev/fate) counts against the phase this long; it stays
@@ -255,6 +256,7 @@ def reflect(
             "replicas": len(sorted_pods.active),
             "ready_replicas": len(sorted_pods.serving),
             "last_failure": last_failure,
+            "parallelism": ParallelStatus.model_validate(parallel_layout(spec, want)),
         }
     )
     events = list(failure_events)

@@ -47,6 +47,7 @@ def build_config_from_env() -> build.BuildConfig:
         default_image=os.environ.get("LMFORGE_RUNTIME_IMAGE", build.DEFAULT_IMAGE),
         cluster_domain=os.environ.get("LMFORGE_CLUSTER_DOMAIN", "cluster.local"),
         model_cache=model_cache_from_env(os.environ),  # Helm values modelCache
+        nccl_env=build.nccl_env_from(os.environ),
     )
 
 

@@ -11,10 +11,13 @@ Each `step()` is one scheduler step (a forward pass over a mixed prefill/decode 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_seq, reusable_window
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
@@ -24,10 +27,13 @@ from lmforge.runtime.engine.model_runner import ModelRunner
 from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
+from lmforge.runtime.engine.tp_executor import TPDriver, WorkerFailedError
+from lmforge.runtime.engine.tp_worker import WorkerSpec
 from lmforge.runtime.lora.request import LoRARequest
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.models.layers import rope_block_salt
-from lmforge.runtime.models.registry import as_causal_lm
+from lmforge.runtime.models.parallel import TPGroup, TPLayout, check_parallel_support
+from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
@@ -64,19 +70,78 @@ class LLMEngine:
             self.model_config, args.max_model_len
         )
         self.tokenizer = _load_tokenizer(args.tokenizer or args.model)
-        self.runner = ModelRunner(
-            args.model,
-            self.model_config,
-            device=device,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            block_size=args.block_size,
-            seed=args.seed,
-            attention_backend=args.attention_backend,
-            kv_cache_dtype=args.kv_cache_dtype,
-            load_format=args.load_format,
-            lora_config=args.lora_config(),
+        self.tp_driver: TPDriver | None = None
+        tp = None
+        if args.tensor_parallel_size > 1:
+            tp = self._start_workers(device, dtype)
+        try:
+            self.runner = ModelRunner(
+                args.model,
+                self.model_config,
+                device=device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                block_size=args.block_size,
+                seed=args.seed,
+                attention_backend=args.attention_backend,
+                kv_cache_dtype=args.kv_cache_dtype,
+                load_format=args.load_format,
+                lora_config=args.lora_config(),
+                tp=tp,
+            )
+            if self.tp_driver is not None:
+                self.tp_driver.wait_loaded()
+                self.runner.driver = self.tp_driver
+            self._init_cache_and_scheduler(args, max_model_len)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self, device: Any, dtype: Any) -> tuple[TPLayout, TPGroup]:
+        """Spawns ranks 1..N-1 (each loads its own shard) once the split is known to be valid."""
+        args, size = self.args, self.args.tensor_parallel_size
+        check_parallel_support(
+            get_model_class(self.model_config.architecture), self.model_config.architecture
         )
+        layout = TPLayout.for_config(self.model_config, 0, size)  # refuses a model that does not split
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(
+                f"tensor_parallel_size={size} needs {size} GPUs, {torch.cuda.device_count()} are visible"
+            )
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // size)))
+        self.tp_driver = TPDriver(
+            WorkerSpec(
+                rank=0,
+                world_size=size,
+                init_method="",
+                channel=args.tp_channel,
+                shm_name="",
+                timeout_s=args.tp_timeout_s,
+                model=str(args.model),
+                device=device.type,
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=self.model_config.max_model_len,
+                block_size=args.block_size,
+                seed=args.seed,
+                attention_backend=args.attention_backend,
+                kv_cache_dtype=args.kv_cache_dtype,
+                load_format=args.load_format,
+            )
+        )
+        return layout, TPGroup(0, size)
+
+    def add_fatal_callback(self, callback: Any) -> None:
+        """callback(reason) runs (on a watchdog thread) when a tensor-parallel worker dies or hangs."""
+        if self.tp_driver is not None:
+            self.tp_driver.on_failure.append(callback)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do for one rank). Idempotent."""
+        if self.tp_driver is not None:
+            self.tp_driver.close()
+
+    def _init_cache_and_scheduler(self, args: EngineArgs, max_model_len: int) -> None:
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization,
             args.max_num_batched_tokens,
@@ -279,7 +344,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        result = self.runner.execute(sched)
+        result = self._execute(sched)
         if result.prompt_logprobs:
             self._append_prompt_logprobs(sched, result.prompt_logprobs)
         advanced = self.scheduler.update_from_output(sched, result.sampled)
@@ -323,6 +388,22 @@ class LLMEngine:
                     self.lora_prompt_tokens[name] = (
                         self.lora_prompt_tokens.get(name, 0) + seq.num_prompt_tokens
                     )
+
+    def _execute(self, sched: SchedulerOutput) -> Any:
+        driver = self.tp_driver
+        if driver is None:
+            return self.runner.execute(sched)
+        driver.check()
+        try:
+            return self.runner.execute(sched)
+        except Exception as exc:
+            if isinstance(exc, WorkerFailedError):
+                raise
+            time.sleep(0.3)  # a collective failed: let the watchdog name the worker that exited
+            driver.check()
+            raise
+        finally:
+            driver.step_done()
 
     def _process_token(self, seq: Sequence) -> None:
         reason = self.scheduler.check_stop(seq, self.eos_token_ids)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,13 @@ from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.mla import LatentAttention
+from lmforge.runtime.models.parallel import (
+    TPGroup,
+    TPLayout,
+    check_parallel_support,
+    local_config,
+    parallelize,
+)
 from lmforge.runtime.models.quant import apply_quantization
 from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import Logprob
@@ -52,6 +60,24 @@ class ModelRunnerOutput:
         default_factory=dict
     )  # seq_id -> new entries
     embeddings: dict[int, list[float]] = field(default_factory=dict)  # task "embed": seq_id -> pooled prompt
+
+
+@dataclass(slots=True)
+class StepInput:
+    """One step's model inputs: what rank 0 sends every tensor-parallel worker (one message), and all
+    a rank needs to run the forward. T = tokens, B = sequences; numpy int64 so that it pickles small."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    prompt_lens: np.ndarray  # [T] the prompt length of each token's sequence (length-dependent RoPE)
+    slots: np.ndarray  # [T] KV cache slot of each new token
+    block_tables: list[list[int]]  # [B] the block ids of each sequence
+    query_lens: list[int]  # [B]
+    seq_lens: list[int]  # [B]
+    # the row sets the LM head runs on, in call order (prompt logprobs chunks, then the sampled rows);
+    # under tensor parallelism each call is a collective (the vocab gather), so every rank makes the same
+    logit_calls: list[list[int]] = field(default_factory=list)
+    graph: bool = False  # a decode step through the CUDA graphs (rank 0 decides; every rank follows)
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -88,8 +114,21 @@ class ModelRunner:
         attention_backend: str = "torch",
         kv_cache_dtype: str = "auto",
         load_format: str = "auto",
+        tp: tuple[TPLayout, TPGroup] | None = None,
         lora_config: LoRAConfig | None = None,
     ):
+        # tensor parallelism: this rank's layout and group; the model and its KV cache are the rank's shard
+        self.layout: TPLayout | None = tp[0] if tp is not None else None
+        self.group: TPGroup = tp[1] if tp is not None else TPGroup(0, 1)
+        self.driver: Any = None  # rank 0 of a tensor-parallel engine: the channel to the workers
+        self.full_vocab_size = model_config.vocab_size
+        if self.layout is not None and self.layout.size > 1:
+            check_parallel_support(get_model_class(model_config.architecture), model_config.architecture)
+            model_config = local_config(model_config, self.layout)
+        if lora_config is not None and self.layout is not None and self.layout.size > 1:
+            raise ValueError(
+                "LoRA adapters (enable_lora) are not supported with tensor_parallel_size > 1 yet"
+            )
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -106,12 +145,15 @@ class ModelRunner:
         with torch.device(device), _default_dtype(dtype):
             self.model = cls(model_config, max_model_len, self.backend)
             quantized = apply_quantization(self.model, model_dir)  # compressed-tensors: quantized Linears
+            if self.layout is not None:
+                parallelize(self.model, model_config, self.layout, self.group)
         if load_format == "dummy":
             if quantized is not None:
                 raise ValueError("load_format='dummy' does not support quantized checkpoints")
-            init_dummy_weights(self.model, seed)
+            init_dummy_weights(self.model, seed + 1000 * (self.layout.rank if self.layout else 0))
         else:
-            load_weights(self.model, model_dir)
+            full = None if self.layout is None else (self.layout, model_config)
+            load_weights(self.model, model_dir, full)
         self.model.eval().requires_grad_(False)
         self.lora: LoRAManager | None = (
             None  # when serving adapters: wraps the linears now, before KV profiling
@@ -146,11 +188,15 @@ class ModelRunner:
         return 2 * c.num_layers * self.block_size * c.num_kv_heads * per_token_head
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._broadcast("allocate_kv_cache", num_blocks)
+        self._allocate_local(num_blocks)
+
+    def _allocate_local(self, num_blocks: int) -> None:
         """Binds k_cache/v_cache [num_blocks, block_size, Hkv, D] (int8: also k/v_scale_cache
         [num_blocks, block_size, Hkv] fp32) to every attention layer. Zeroed so that masked-out
         padding positions never carry NaNs (on CPU, calloc: pages stay lazy)."""
         c = self.config
-        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (num_blocks, self.block_size, c.num_kv_heads, c.head_dim)  # this rank's KV heads
         int8 = self.kv_cache_dtype == "int8"
         self.decode_graphs = None  # captured graphs point at the old cache: capture again
         for attn in as_causal_lm(self.model).attention_layers():
@@ -176,17 +222,49 @@ class ModelRunner:
         cpu_kv_cache_gb: float,
     ) -> int:
         """Blocks that fit: on CUDA, what is left of `utilization` x total memory after the weights
-        and the activation peak of a full-budget dummy step; on CPU, a fixed byte budget."""
+        and the activation peak of a full-budget dummy step; on CPU, a fixed byte budget. Tensor
+        parallel: every rank profiles its shard and the engine takes the minimum over ranks."""
+        self._broadcast(
+            "profile_num_blocks",
+            gpu_memory_utilization,
+            max_num_batched_tokens,
+            max_model_len,
+            max_num_seqs,
+            cpu_kv_cache_gb,
+        )
+        return self._min_over_ranks(
+            self._profile_num_blocks(
+                gpu_memory_utilization, max_num_batched_tokens, max_model_len, max_num_seqs, cpu_kv_cache_gb
+            )
+        )
+
+    def _min_over_ranks(self, value: int) -> int:
+        if self.group.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def _profile_num_blocks(
+        self,
+        gpu_memory_utilization: float,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        cpu_kv_cache_gb: float,
+    ) -> int:
         if self.device.type != "cuda":
             return int(cpu_kv_cache_gb * _GiB // self.block_bytes)
         num_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocate_kv_cache(math.ceil(num_tokens / self.block_size))
+        self._allocate_local(math.ceil(num_tokens / self.block_size))
         self.dummy_run(num_tokens, max_model_len, num_logits=min(max_num_seqs, num_tokens))
         torch.cuda.synchronize(self.device)
         tmp_kv = self.num_blocks * self.block_bytes
-        self.allocate_kv_cache(0)
+        self._allocate_local(0)
         free, total = torch.cuda.mem_get_info(self.device)
         peak_without_kv = torch.cuda.max_memory_allocated(self.device) - tmp_kv
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
@@ -206,14 +284,27 @@ class ModelRunner:
             for i, n in enumerate(lens)
             for p in range(n)
         ]
-        self.allocate_kv_cache(max(self.num_blocks, len(lens) * blocks_per_seq))
+        self._allocate_local(max(self.num_blocks, len(lens) * blocks_per_seq))
         common = self._common_meta(slots, tables, lens, lens, [n for n in lens for _ in range(n)])
         hidden = self.model(
             torch.zeros(num_tokens, dtype=torch.long, device=self.device),
             torch.tensor(positions, device=self.device),
             self.backend.build_metadata(common),
         )
-        as_causal_lm(self.model).compute_logits(hidden[:num_logits]).float().softmax(-1)
+        self.compute_logits(hidden[:num_logits]).float().softmax(-1)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab]; tensor parallel: each rank's vocab shard, gathered (a collective:
+        every rank calls it with the same N)."""
+        logits = as_causal_lm(self.model).compute_logits(hidden)
+        if self.group.world_size == 1:
+            return logits
+        return self.group.all_gather_last(logits)[:, : self.full_vocab_size]
+
+    def _broadcast(self, method: str, *args: Any) -> None:
+        """Rank 0 of a tensor-parallel engine: the workers make the same call (tp_worker.serve)."""
+        if self.driver is not None:
+            self.driver.call(method, *args)
 
     def _common_meta(
         self,
@@ -252,9 +343,13 @@ class ModelRunner:
         allocate_kv_cache (the graphs hold the cache's addresses). Returns seconds spent."""
         if not isinstance(self.backend, KernelAttentionBackend):
             raise ValueError("decode graphs need attention_backend='triton'")
+        # Tensor parallel: every rank captures the same sizes, the all-reduces and the vocab gather
+        # inside the graphs (NCCL kernels are capturable). Not exercised on CPU; see README.
+        self._broadcast("prepare_decode_graphs", max_num_seqs, capture)
         start = time.perf_counter()
         self.decode_graphs = DecodeGraphRunner(
             self.model,
+            compute_logits=self.compute_logits,
             max_num_seqs=max_num_seqs,
             max_blocks_per_seq=math.ceil(self.max_model_len / self.block_size),
             device=self.device,
@@ -302,33 +397,40 @@ class ModelRunner:
             if s.samples:
                 logit_rows.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        out = ModelRunnerOutput()
+        step = StepInput(
+            np.asarray(input_ids, dtype=np.int64),
+            np.asarray(positions, dtype=np.int64),
+            np.asarray(prompt_lens, dtype=np.int64),
+            np.asarray(slots, dtype=np.int64),
+            tables,
+            query_lens,
+            seq_lens,
+        )
         lora_rows = self.lora is not None and self.lora.set_batch(token_loras)
-        if not lora_rows and self._graph_step(query_lens):  # graphs hold the base model's forward only
-            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
-            graph_logits = self.decode_graphs.run(
-                input_ids, positions, slots, tables, seq_lens, prompt_lens
-            )  # [B, V]
+        # graphs hold the base model's forward only
+        step.graph = graph = not lora_rows and self._graph_step(query_lens)
+        if not graph and self.pooler is None:  # the LM head calls below, in their order
+            step.logit_calls = prompt_lp.row_chunks() + ([logit_rows] if sample_seqs else [])
+        self._broadcast("forward_step", step)
+        out = ModelRunnerOutput()
+        hidden, graph_logits = self.forward_step(step, run_logit_calls=False)
+        if graph_logits is not None:
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
                 if len(rows) == len(query_lens):
                     return graph_logits
                 return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
         else:
-            meta = self.backend.build_metadata(
-                self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens)
-            )
-            hidden = self.model(
-                torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), meta
-            )  # [T, hidden]
+            assert hidden is not None  # no graph: the forward returned the hidden states
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled
                 out.embeddings = self.pooler(hidden, pool_chunks)
                 return out
+            calls = iter(step.logit_calls)
 
             def row_logits(rows: list[int]) -> torch.Tensor:
-                return as_causal_lm(self.model).compute_logits(
-                    hidden[torch.tensor(rows, device=self.device)]
-                )  # [N, V]
+                # every rank makes the same LM head calls (the vocab gather is a collective)
+                assert rows == next(calls), "LM head calls out of step with StepInput.logit_calls"
+                return self.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
 
         # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
         sampling = self._sampling_metadata(sample_seqs)
@@ -354,6 +456,44 @@ class ModelRunner:
                 out.logprobs[seq.seq_id] = row_logprobs
                 out.sampled_logprob[seq.seq_id] = sampled_logprob
         return out
+
+    @torch.inference_mode()
+    def forward_step(
+        self, step: StepInput, run_logit_calls: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The forward of one step on this rank: (hidden [T, hidden], None), or (None, logits [B, V])
+        for a decode step through the CUDA graphs. run_logit_calls: also run the step's LM head calls
+        (a tensor-parallel worker, whose logits rank 0 gathers; rank 0 runs them while sampling)."""
+        if step.graph:
+            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
+            logits = self.decode_graphs.run(
+                step.input_ids.tolist(),
+                step.positions.tolist(),
+                step.slots.tolist(),
+                step.block_tables,
+                step.seq_lens,
+                step.prompt_lens.tolist(),
+            )  # [B, V]
+            return None, logits
+        meta = self.backend.build_metadata(
+            CommonAttentionMetadata(
+                slot_mapping=torch.from_numpy(step.slots).to(self.device),
+                block_tables=_padded_tables(step.block_tables, self.device),
+                query_lens=step.query_lens,
+                seq_lens=step.seq_lens,
+                block_size=self.block_size,
+                prompt_lens=torch.from_numpy(step.prompt_lens).to(self.device),
+            )
+        )
+        hidden = self.model(
+            torch.from_numpy(step.input_ids).to(self.device),
+            torch.from_numpy(step.positions).to(self.device),
+            meta,
+        )  # [T, hidden]
+        if run_logit_calls:
+            for rows in step.logit_calls:
+                self.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return hidden, None
 
     def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
         params = [seq.params for seq in seqs]
@@ -389,3 +529,11 @@ class ModelRunner:
             self.guided.release(seq_id)
         if self.pooler is not None:
             self.pooler.release(seq_id)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[B, max_blocks] int64, right-padded with 0 (never read past a sequence's length)."""
+    padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
+    for row, table in enumerate(tables):
+        padded[row, : len(table)] = table
+    return torch.from_numpy(padded).to(device)

@@ -54,6 +54,10 @@ class PromptLogprobsBatch:
         self.num_top += [seq.params.prompt_logprobs] * len(positions)
         self.seq_rows.append((seq.seq_id, len(positions)))
 
+    def row_chunks(self, max_rows: int = MAX_ROWS) -> list[list[int]]:
+        """The row sets `compute` asks `row_logits` for, in order."""
+        return [self.rows[i : i + max_rows] for i in range(0, len(self.rows), max_rows)]
+
     def compute(
         self, row_logits: Callable[[list[int]], torch.Tensor], max_rows: int = MAX_ROWS
     ) -> dict[int, list[dict[int, Logprob]]]:

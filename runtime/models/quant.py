@@ -171,7 +171,7 @@ class QuantLinear(_ShardedParams):
         group = in_features if group_size <= 0 else group_size
         if in_features % group or (in_features * bits) % 32:
             raise ValueError(f"in_features {in_features} is not a multiple of the group size {group}")
-        self.bits = bits
+        self.bits, self.group_size = bits, group_size  # group_size <= 0: per output channel
         n, k = self.out_features, in_features
         self.weight_packed = nn.Parameter(
             torch.zeros(n, k * bits // 32, dtype=torch.int32), requires_grad=False
@@ -253,7 +253,12 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
         if scheme.type == "float":
             new: _ShardedParams = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
         else:
-            new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)
+            try:
+                new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)
+            except ValueError as exc:  # e.g. a tensor-parallel shard that splits a scale group
+                raise ValueError(
+                    f"{name} ({module.out_features}x{module.in_features} on this rank): {exc}"
+                ) from exc
         new.head_dim = getattr(module, "head_dim", None)  # QKVLinear: for GPT-NeoX's per-head rows
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
