@@ -101,7 +101,7 @@ class LLMEngine:
         """Spawns ranks 1..N-1 (each loads its own shard) once the split is known to be valid."""
         args, size = self.args, self.args.tensor_parallel_size
         check_parallel_support(
-            get_model_class(self.model_config.architecture), self.model_config.architecture
+            get_model_class(self.model_config.architecture), self.model_config.architecture, self.model_config
         )
         layout = TPLayout.for_config(self.model_config, 0, size)  # refuses a model that does not split
         if device.type == "cuda" and torch.cuda.device_count() < size:

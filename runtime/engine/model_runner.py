@@ -123,7 +123,9 @@ class ModelRunner:
         self.driver: Any = None  # rank 0 of a tensor-parallel engine: the channel to the workers
         self.full_vocab_size = model_config.vocab_size
         if self.layout is not None and self.layout.size > 1:
-            check_parallel_support(get_model_class(model_config.architecture), model_config.architecture)
+            check_parallel_support(
+                get_model_class(model_config.architecture), model_config.architecture, model_config
+            )
             model_config = local_config(model_config, self.layout)
         if lora_config is not None and self.layout is not None and self.layout.size > 1:
             raise ValueError(

@@ -406,14 +406,29 @@ def parallelize(model: nn.Module, cfg: ModelConfig, layout: TPLayout, group: TPG
             module.down_proj.register_forward_hook(_all_reduce_output(group))
 
 
-def check_parallel_support(model_class: type, architecture: str) -> None:
-    """The older families (gpt2.py, opt.py, bloom.py, mpt.py, falcon.py) have their own graphs, not split."""
+def check_parallel_support(model_class: type, architecture: str, cfg: ModelConfig | None = None) -> None:
+    """The older families (gpt2.py, opt.py, bloom.py, mpt.py, falcon.py) have their own graphs, not
+    split; nor are the sparse expert layers and latent attention (MoE/MLA families) yet: refused by
+    name rather than loaded with unsplit experts behind a row-parallel all-reduce."""
     from lmforge.runtime.models.decoder import DecoderForCausalLM
 
     if not issubclass(model_class, DecoderForCausalLM):
         raise ValueError(
             f"tensor_parallel_size > 1 is not supported for {architecture} (its own graph file is not "
             "sharded); serve it with tensor_parallel_size=1"
+        )
+    unsplit = [
+        what
+        for what, on in (
+            ("mixture-of-experts layers", cfg and cfg.moe),
+            ("multi-head latent attention", cfg and cfg.mla),
+        )
+        if on
+    ]
+    if unsplit:
+        raise ValueError(
+            f"tensor_parallel_size > 1 is not supported for {architecture} yet ({' and '.join(unsplit)} "
+            "are not sharded); serve it with tensor_parallel_size=1"
         )
 
 

@@ -81,3 +81,13 @@ def test_a_hung_worker_fails_the_step_instead_of_hanging(model):
         with pytest.raises(WorkerFailedError, match="no progress in 3s"):
             llm.generate(PROMPTS[:1], PARAMS[1])
         assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("family", "what"), [("mixtral", "mixture-of-experts"), ("deepseek_v2", "latent attention")]
+)
+def test_moe_and_mla_families_are_refused_until_their_layers_are_sharded(tmp_path, family, what):
+    """Unsplit experts behind a row-parallel all-reduce would be summed once per rank: refused by name."""
+    path = save_tiny_model(tmp_path / family, family)
+    with pytest.raises(ValueError, match=f"tensor_parallel_size > 1 is not supported .*{what}"):
+        LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2)
