@@ -338,8 +338,10 @@ def _ready(phase: Phase, deployment: DeploymentView | None, pods: _Pods, want: i
         if initializing and len(initializing) == len(pods.failing):  # the model never arrived
             pod, failure = initializing[0], initializing[0].initializer_failure
             message = failure.message if failure is not None and failure.message else "failed"
-            return False, r.ReasonStorageInitializerFailed, r.MessageStorageInitializerFailed.format(
-                pod=pod.name, message=message
+            return (
+                False,
+                r.ReasonStorageInitializerFailed,
+                r.MessageStorageInitializerFailed.format(pod=pod.name, message=message),
             )
         return False, r.ReasonReplicasFailing, f"no replica ready; failing: {_names(pods.failing)}"
     if phase == "Loading":
