@@ -28,6 +28,7 @@ from typing import Any
 
 from lmforge.operator.api.constants import LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
+from lmforge.operator.builders.inferenceservice_adapters import root_volumes as adapter_root_volumes
 from lmforge.operator.builders.owner import OwnerRef
 from lmforge.operator.builders.owner import owner_reference as owned_by
 from lmforge.operator.builders.storage import locate
@@ -191,6 +192,14 @@ def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) 
         command += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.enforce_eager:
         command.append("--enforce-eager")
+    if engine.lora is not None:  # fixed by engine.lora, never by spec.adapters: loaded over HTTP
+        lora = engine.lora
+        command += [
+            "--enable-lora", "--allow-runtime-lora-updating",
+            "--max-loras", str(lora.max_loras), "--max-lora-rank", str(lora.max_lora_rank),
+        ]  # fmt: skip
+        if lora.max_cpu_loras is not None:
+            command += ["--max-cpu-loras", str(lora.max_cpu_loras)]
     return command
 
 
@@ -250,6 +259,7 @@ def pod_template(
     ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()
 ) -> dict[str, Any]:
     location = model_location(spec)
+    lora_volumes, lora_mounts = adapter_root_volumes(spec)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image or cfg.default_image,
@@ -259,7 +269,7 @@ def pod_template(
         "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         **probes(spec, cfg),
         "lifecycle": {"preStop": {"sleep": {"seconds": cfg.pre_stop_sleep_seconds}}},
-        "volumeMounts": [*location.mounts, *(spec.volume_mounts or ())],
+        "volumeMounts": [*location.mounts, *lora_mounts, *(spec.volume_mounts or ())],
     }
     if spec.resources:
         container["resources"] = spec.resources.to_k8s()
@@ -267,7 +277,7 @@ def pod_template(
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec, cfg),
         "containers": [container],
-        "volumes": [*location.volumes, *(spec.volumes or ())],
+        "volumes": [*location.volumes, *lora_volumes, *(spec.volumes or ())],
     }
     optional = {"nodeSelector": spec.node_selector, "tolerations": spec.tolerations}
     pod_spec.update({k: v for k, v in optional.items() if v})
