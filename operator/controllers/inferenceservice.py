@@ -104,7 +104,9 @@ class InferenceServices(reconcile.Kind[Observed, InferenceServiceStatus, Service
         ):
             await self._scrape(obj, memory, spec, pods, current, now)
             memory.scraped_at, scraped = tick, True
-        wanted = adapters.wanted(meta["name"], spec, indexes["trainjobs"].get(meta["namespace"], ()))
+        wanted = adapters.wanted(
+            meta["name"], spec, (indexes.get("trainjobs") or {}).get(meta["namespace"], ())
+        )
         base = build.served_name(build.ServiceRef(meta["name"], meta["namespace"], meta["uid"]), spec)
         served, urls = await self._served(spec, base, pods)
         generation = meta.get("generation")
