@@ -276,3 +276,40 @@ def test_no_adapters_no_calls_and_no_summary() -> None:
 def test_not_applied_yet_makes_no_calls() -> None:
     decision = decide(observed(applied=False, adapters=Wanted({"a": "/d/a"}, {}, ("a",)), served={"p1": {}}))
     assert calls(decision) == []
+
+
+# --- the contract runs AdapterCall actions through the kind's HTTP executor ---------------------
+
+
+def test_execute_hands_adapter_calls_to_http_in_order_after_kube_actions() -> None:
+    import asyncio
+
+    from lmforge.operator.controllers import reconcile
+    from lmforge.operator.decision import Scale
+
+    done: list[str] = []
+
+    class Api:  # only scale is used here; the calls must not reach the API client
+        async def scale(self, *args: Any) -> None:
+            done.append("scale")
+
+    async def http(call: AdapterCall) -> None:
+        done.append(f"{call.verb} {call.name} on {call.pod}")
+
+    actions = (
+        Scale("apps/v1", "Deployment", "team-a", "chat", 2),
+        AdapterCall("p1", "http://10.0.0.1:8000", "unload", "a"),
+        AdapterCall("p2", "http://10.0.0.2:8000", "load", "b", "/d/b"),
+    )
+    asyncio.run(reconcile.execute(Api(), actions, http))  # type: ignore[arg-type]
+    assert done == ["scale", "unload a on p1", "load b on p2"]
+    with pytest.raises(NotImplementedError, match="HTTP executor"):
+        asyncio.run(reconcile.execute(Api(), actions[1:]))  # type: ignore[arg-type]
+
+
+def test_engine_error_body_becomes_the_last_error() -> None:
+    from lmforge.operator.controllers.inferenceservice import _error_message
+
+    body = '{"error": {"message": "adapter_config.json: r=32 exceeds --max-lora-rank 16", "type": "x"}}'
+    assert _error_message(body) == "adapter_config.json: r=32 exceeds --max-lora-rank 16"
+    assert _error_message("Internal Server Error") == "Internal Server Error"
