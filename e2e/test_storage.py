@@ -287,6 +287,22 @@ def test_a_missing_s3_key_fails_the_job_naming_the_uri(env: Env) -> None:
     assert f"cannot download s3://{bucket}/no-such-model: no such object or prefix" in message, failed
 
 
+def test_a_missing_s3_key_fails_the_inference_service_naming_the_uri(env: Env) -> None:
+    """The storage initializer crash-loops on a missing key: the server never starts, and the
+    InferenceService (not just its pod) says why, naming the URI."""
+    bucket = f"missing-{uuid.uuid4().hex[:8]}"
+    env.s3.create_bucket(bucket)
+    uri = f"s3://{bucket}/no-such-model"
+    env.apply(inference_service("missing-chat", uri, s3_env_vars(env)))
+    failed = env.wait_phase("inferenceservices.lmforge.dev", "missing-chat", ("Failed",), timeout=300)
+    failure = failed["lastFailure"]
+    assert f"cannot download {uri}" in failure["message"], failed
+    assert failure["message"].startswith("storage-initializer: "), failed
+    [ready] = [cond for cond in failed["conditions"] if cond["type"] == "Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "StorageInitializerFailed"), ready
+    assert uri in ready["message"], ready
+
+
 @pytest.mark.slow
 def test_node_cache_second_replica_starts_warm(env: Env) -> None:
     """With the operator's node model cache (Helm modelCache), the second replica's storage
@@ -323,6 +339,14 @@ def test_node_cache_second_replica_starts_warm(env: Env) -> None:
     ]
     fetch = json.loads(second["metadata"]["annotations"]["lmforge.dev/fetch"])
     assert (fetch["cached"], fetch["bytes"]) == (True, 0), fetch
+
+    def warm_in_status() -> dict[str, Any] | None:  # the operator's status.model, from both reports
+        status = pipeline.status_of(env.kube, "inferenceservices.lmforge.dev", "cached-chat", NAMESPACE)
+        model = status.get("model") or {}
+        return model if model.get("cachedReplicas") == 1 and model.get("cached") is True else None
+
+    model = pipeline.wait(warm_in_status, 60, lambda: f"status.model.cached true{env.diagnostics()}")
+    assert (model["source"], model["downloading"]) == (f"s3://{bucket}/model", 0), model
     print(
         f"\nsecond replica (node cache, warm): Ready {second_replica_s:.1f}s after the scale-up; fetch {fetch}"
     )

@@ -109,6 +109,10 @@ ReasonNoReplicas = "NoReplicaReady"
 ReasonModelLoading = "ModelLoading"
 ReasonPodsPending = "PodsPending"
 ReasonReplicasFailing = "ReplicasFailing"
+ReasonStorageInitializerFailed = (
+    "StorageInitializerFailed"  # the model download fails (credentials, a missing key)
+)
+MessageStorageInitializerFailed = "no replica ready: the storage initializer fails on pod {pod}: {message}"
 ReasonReplicasNotReady = "ReplicasNotReady"
 ReasonScaledToZero = "ScaledToZero"
 ReasonRollingUpdate = "RollingUpdate"

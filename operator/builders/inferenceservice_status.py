@@ -34,6 +34,8 @@ from lmforge.operator.api.inferenceservice import (
 )
 from lmforge.operator.builders.conditions import set_condition
 from lmforge.operator.builders.inferenceservice import CONTAINER_NAME, parallel_layout
+from lmforge.operator.builders.storage import FETCH_ANNOTATION, STORAGE_INITIALIZER
+from lmforge.operator.builders.storage_status import initializer_failure, model_status
 from lmforge.operator.decision import Event
 
 # A Failed pod (eviction; kwok's lmforge.dev/fate) counts against the phase this long; it stays
@@ -56,6 +58,29 @@ Phase = Literal["Pending", "Loading", "Ready", "Degraded", "ScaledToZero", "Fail
 
 
 @dataclass(frozen=True, slots=True)
+class InitializerFailure:
+    """The storage initializer's latest failure on a pod (bad credentials, a missing key): while it
+    fails, the server container waits in PodInitializing, so the pod's failure is only here."""
+
+    exit_code: int | None
+    reason: str | None  # CrashLoopBackOff while the kubelet backs off, else the termination reason
+    message: str | None  # `lmforge fetch`'s error (it names the URI), or its log tail
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any]) -> InitializerFailure | None:
+        failure = initializer_failure(pod)
+        if failure is None:
+            return None
+        return cls(
+            exit_code=failure["exitCode"],
+            reason=failure["reason"],
+            message=(failure["message"] or "").strip() or None,
+            finished_at=clock.parse_time(failure.get("finishedAt")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ServingPod:
     """What the status needs to know about one server pod."""
 
@@ -73,6 +98,10 @@ class ServingPod:
     reason: str | None = None
     message: str | None = None
     finished_at: datetime | None = None
+    # the storage initializer (remote models): its report, kept raw for status.model, and its failure
+    created: str | None = None  # metadata.creationTimestamp: the newest finished report is `cached`
+    fetch_report: str | None = None  # annotation lmforge.dev/fetch, written by `lmforge fetch`
+    initializer_failure: InitializerFailure | None = None
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any]) -> ServingPod:
@@ -101,7 +130,16 @@ class ServingPod:
             reason=terminated.get("reason") or status.get("reason"),
             message=terminated.get("message") or status.get("message"),
             finished_at=clock.parse_time(terminated.get("finishedAt")),
+            created=meta.get("creationTimestamp"),
+            fetch_report=(meta.get("annotations") or {}).get(FETCH_ANNOTATION),
+            initializer_failure=InitializerFailure.from_pod(pod),
         )
+
+    def as_reported(self) -> dict[str, Any]:
+        """The slice of the pod `storage_status.model_status` reads (it takes pod mappings)."""
+        annotations = {FETCH_ANNOTATION: self.fetch_report} if self.fetch_report else {}
+        deleting = {"deletionTimestamp": "deleting"} if self.deleting else {}
+        return {"metadata": {"creationTimestamp": self.created, "annotations": annotations, **deleting}}
 
     @property
     def active(self) -> bool:
@@ -114,7 +152,10 @@ class ServingPod:
 
     @property
     def crash_looping(self) -> bool:
-        return self.active and self.waiting_reason in BAD_WAITING_REASONS
+        """The server container crash-loops, or the storage initializer keeps failing before it."""
+        return self.active and (
+            self.waiting_reason in BAD_WAITING_REASONS or self.initializer_failure is not None
+        )
 
     @property
     def loading(self) -> bool:
@@ -135,6 +176,16 @@ class ServingPod:
 
     def failure(self, now: datetime) -> LastFailure | None:
         """This pod's failure, if it has one worth reporting."""
+        init = self.initializer_failure
+        if init is not None and self.active:  # the server never started: the initializer is the cause
+            return LastFailure(
+                pod=self.name,
+                node=self.node,
+                exit_code=init.exit_code,
+                reason=init.reason or r.ReasonStorageInitializerFailed,
+                message=f"{STORAGE_INITIALIZER}: {init.message or 'failed'}",
+                time=init.finished_at or now,
+            )
         if self.crash_looping:
             return LastFailure(
                 pod=self.name,
@@ -257,6 +308,7 @@ def reflect(
             "ready_replicas": len(sorted_pods.serving),
             "last_failure": last_failure,
             "parallelism": ParallelStatus.model_validate(parallel_layout(spec, want)),
+            "model": model_status(spec.model.source, [p.as_reported() for p in pods]),
         }
     )
     events = list(failure_events)
@@ -282,6 +334,15 @@ def _ready(phase: Phase, deployment: DeploymentView | None, pods: _Pods, want: i
     if phase == "ScaledToZero":
         return False, r.ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"
     if phase == "Failed":
+        initializing = [p for p in pods.failing if p.initializer_failure is not None]
+        if initializing and len(initializing) == len(pods.failing):  # the model never arrived
+            pod, failure = initializing[0], initializing[0].initializer_failure
+            message = failure.message if failure is not None and failure.message else "failed"
+            return (
+                False,
+                r.ReasonStorageInitializerFailed,
+                r.MessageStorageInitializerFailed.format(pod=pod.name, message=message),
+            )
         return False, r.ReasonReplicasFailing, f"no replica ready; failing: {_names(pods.failing)}"
     if phase == "Loading":
         return False, r.ReasonModelLoading, f"{len(pods.loading)} replica(s) loading the model"

@@ -63,5 +63,6 @@ def initializer_failure(pod: Mapping[str, Any]) -> dict[str, Any] | None:
                 "exitCode": terminated.get("exitCode"),
                 "reason": (state.get("waiting") or {}).get("reason") or terminated.get("reason"),
                 "message": terminated.get("message"),
+                "finishedAt": terminated.get("finishedAt"),
             }
     return None

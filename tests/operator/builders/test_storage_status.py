@@ -76,6 +76,7 @@ def test_initializer_failure_is_read_from_the_init_container() -> None:
         "exitCode": 1,
         "reason": "CrashLoopBackOff",
         "message": message,
+        "finishedAt": None,
     }
     fine = {
         "status": {
