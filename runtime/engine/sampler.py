@@ -6,12 +6,13 @@ frequency penalties -> greedy rows take the argmax -> temperature -> min-p -> to
 one draw per row. Rows with a `seed` draw their noise from their own torch.Generator, so their
 tokens do not depend on what else is in the batch.
 
-Two implementations of the draw, picked by the kernel backend the model runs on:
-  torch  - masks built with a sort of the vocabulary, then an exponential race (argmax of
-           probs / Exp(1) noise);
-  kernel - `ops.sample` (Triton on CUDA): the top-k / top-p / min-p thresholds are found without
-           sorting and a Gumbel-max draw picks the token, one program per row. Greedy rows never
-           reach it; the only host sync of a step is copying the token ids out.
+One draw, `ops.sample` of the kernel backend the model runs on, fed the same uniform noise either way:
+  torch  - `lmforge.kernels.reference.sample` (top-k / top-p / min-p masks from a sort, ties kept,
+           then Gumbel-max): the spec the Triton kernel is tested against, so CPU runs CUDA's semantics;
+  triton - the fused kernel: thresholds found without sorting, the same Gumbel-max draw, one program
+           per row.
+A batch of greedy rows only never reaches it (argmax); the only host sync of a step is copying the
+token ids out.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, generator: torch.Generator, ops: Any = None):
         self.generator = generator  # for unseeded rows
-        # lmforge.kernels.backend.Ops; None or the torch ops: the sort-based torch path below
-        self.ops = ops if ops is not None and ops.name != "torch" else None
+        if ops is None:  # the torch reference ops of the generator's device
+            from lmforge.kernels.backend import get_ops
+
+            ops = get_ops(generator.device, "torch")
+        self.ops = ops  # lmforge.kernels.backend.Ops
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [N, V]
@@ -93,29 +97,8 @@ class Sampler:
         return SamplerOutput(token_list, logprobs, sampled_lps)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
-        if self.ops is not None:
-            return self._sample_with_kernel(logits, meta, greedy)
-        temps = [1.0 if g else p.temperature for p, g in zip(meta.params, greedy, strict=True)]
-        logits = logits / torch.tensor(temps, device=logits.device)[:, None]
-        if any(p.min_p > 0 for p in meta.params):
-            logits = apply_min_p(logits, torch.tensor([p.min_p for p in meta.params], device=logits.device))
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in meta.params):
-            vocab = logits.shape[-1]
-            top_k = torch.tensor(
-                [p.top_k if p.top_k > 0 else vocab for p in meta.params], device=logits.device
-            )
-            top_p = torch.tensor([p.top_p for p in meta.params], device=logits.device)
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, gen in meta.generators.items():
-            noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
-
-    def _sample_with_kernel(
-        self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]
-    ) -> torch.Tensor:
-        """The backend's fused sampling kernel; greedy rows get temperature 0 (argmax inside the kernel)."""
+        """`ops.sample` over every row; greedy rows get temperature 0 (argmax inside the draw). The noise
+        is uniform [N, V] from the engine's generator, a seeded row's from its own generator."""
         device = logits.device
         params = meta.params
         temperature = torch.tensor(
@@ -161,22 +144,3 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drops tokens whose probability is below min_p x the top token's probability."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keeps each row's top_k tokens, then the smallest head whose probability mass reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-    cut = (mass_before >= top_p[:, None]) & (ranks > 0) & (top_p[:, None] < 1.0)
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
