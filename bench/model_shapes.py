@@ -51,6 +51,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
     ),
+    # bench/engine_overhead.py: the host path around a no-op forward (issue #24's Llama shape)
+    "llama-512x8": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 1024},
+    ),
     # CPU smoke runs of the scripts (tests): same code path, seconds instead of minutes
     "tiny": dict(
         hidden_size=64,

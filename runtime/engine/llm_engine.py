@@ -67,6 +67,8 @@ class LLMEngine:
             attention_backend=args.attention_backend,
             kv_cache_dtype=args.kv_cache_dtype,
             load_format=args.load_format,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
         )
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization,

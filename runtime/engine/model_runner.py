@@ -31,6 +31,7 @@ from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
+from lmforge.runtime.engine.step_inputs import InputBuilder, StepInputs
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.loader import load_weights
 from lmforge.runtime.models.quant import apply_quantization
@@ -85,6 +86,8 @@ class ModelRunner:
         attention_backend: str = "torch",
         kv_cache_dtype: str = "auto",
         load_format: str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
     ):
         self.config = model_config
         self.device, self.dtype, self.block_size = device, dtype, block_size
@@ -113,6 +116,15 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphRunner | None = None  # see prepare_decode_graphs
         self.guided: GuidedDecoder | None = None  # set by the engine on the first constrained request
         self.pooler: Pooler | None = None  # task "embed" (set by the engine): pool, never sample
+        self.inputs = InputBuilder(  # persistent host buffers for the step inputs
+            max_num_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=math.ceil(max_model_len / block_size),
+            block_size=block_size,
+            device=device,
+        )
+        # (sampled seq ids, metadata, rows with min_tokens) of the last batch composition
+        self._sampling_cache: tuple[list[int], SamplingMetadata, list[int]] | None = None
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -236,66 +248,57 @@ class ModelRunner:
             self.decode_graphs.capture()
         return time.perf_counter() - start
 
-    def _graph_step(self, query_lens: list[int]) -> bool:
+    def _graph_step(self, step: StepInputs) -> bool:
         return (
             self.decode_graphs is not None
-            and len(query_lens) <= self.decode_graphs.max_batch
-            and all(n == 1 for n in query_lens)
+            and step.num_seqs <= self.decode_graphs.max_batch
+            and step.decode_only
         )
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        prompt_lens: list[int] = []  # per token: its sequence's prompt length (length-dependent RoPE)
-        slots: list[int] = []
-        tables, query_lens, seq_lens = [], [], []
-        logit_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
+        for seq in sched.preempted:  # their tables are rebuilt when they are scheduled again
+            self.inputs.release(seq.seq_id)
+        step = self.inputs.build(sched.scheduled)
+        return self.run(step, sched)
+
+    def run(self, step: StepInputs, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """The forward, the LM head over the sampled rows, and the draw of one step."""
         prompt_lp = PromptLogprobsBatch()
         pool_chunks: list[PoolChunk] = []
-        for s in sched.scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
+        offsets = step.host_query_start_loc
+        for i, s in enumerate(sched.scheduled):
+            seq = s.seq
             if self.pooler is not None:
-                pool_chunks.append(PoolChunk(seq, len(input_ids), start, s.num_new_tokens, s.samples))
+                pool_chunks.append(
+                    PoolChunk(seq, offsets[i], seq.num_computed_tokens, s.num_new_tokens, s.samples)
+                )
             if seq.params.prompt_logprobs is not None:  # the only cost to requests that did not ask
-                prompt_lp.add(seq, start, end, len(input_ids))
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            prompt_lens += [seq.num_prompt_tokens] * s.num_new_tokens
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            tables.append(s.block_ids)
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            if s.samples:
-                logit_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
+                start = seq.num_computed_tokens
+                prompt_lp.add(seq, start, start + s.num_new_tokens, offsets[i])
+        sample_seqs = [sched.scheduled[row].seq for row in step.sample_rows]
         out = ModelRunnerOutput()
-        if self._graph_step(query_lens):
-            graph_logits = self.decode_graphs.run(
-                input_ids, positions, slots, tables, seq_lens, prompt_lens
-            )  # [B, V]
+        if self._graph_step(step):
+            graph_logits = self.decode_graphs.run_step(step)  # [B, V]
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
-                if len(rows) == len(query_lens):
+                if len(rows) == step.num_seqs:
                     return graph_logits
                 return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
+
+            sampled_logits = lambda: row_logits(step.sample_rows)  # noqa: E731
         else:
-            meta = self.backend.build_metadata(
-                self._common_meta(slots, tables, query_lens, seq_lens, prompt_lens)
-            )
-            hidden = self.model(
-                torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), meta
-            )  # [T, hidden]
+            meta = self.backend.build_metadata(step.attention_metadata())
+            hidden = self.model(step.input_ids, step.positions, meta)  # [T, hidden]
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled
                 out.embeddings = self.pooler(hidden, pool_chunks)
                 return out
 
             def row_logits(rows: list[int]) -> torch.Tensor:
                 return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
+
+            sampled_logits = lambda: self.model.compute_logits(hidden[step.logits_indices])  # noqa: E731
 
         # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
         sampling = self._sampling_metadata(sample_seqs)
@@ -310,46 +313,55 @@ class ModelRunner:
             out.prompt_logprobs = prompt_lp.compute(row_logits)
         if not sample_seqs:
             return out
-        result = self.sampler(row_logits(logit_rows), sampling)
+        result = self.sampler(sampled_logits(), sampling)
         for row in sampling.guided_rows:
             guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
-        for row, seq in enumerate(sample_seqs):
-            out.sampled[seq.seq_id] = result.token_ids[row]
-            if result.logprobs[row] is not None:
-                out.logprobs[seq.seq_id] = result.logprobs[row]
-                out.sampled_logprob[seq.seq_id] = result.sampled_logprobs[row]
+        out.sampled = dict(zip([seq.seq_id for seq in sample_seqs], result.token_ids, strict=True))
+        if sampling.any_logprobs:
+            for row, seq in enumerate(sample_seqs):
+                if result.logprobs[row] is not None:
+                    out.logprobs[seq.seq_id] = result.logprobs[row]
+                    out.sampled_logprob[seq.seq_id] = result.sampled_logprobs[row]
         return out
 
     def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
-        params = [seq.params for seq in seqs]
-        penalties = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-        )
-        generators = {}
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None and not seq.params.greedy:
-                if seq.seq_id not in self.generators:
-                    gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-                    self.generators[seq.seq_id] = gen
-                generators[row] = self.generators[seq.seq_id]
-        banned = []
-        for seq in seqs:
+        """Cached per batch composition (the same sequences in the same rows as the last step): only the
+        parts that change per token (min_tokens bans, penalty counts) are rebuilt, and only for rows that
+        have them. Guided fields are set per step by the caller."""
+        key = [seq.seq_id for seq in seqs]
+        cached = self._sampling_cache
+        if cached is None or cached[0] != key:
+            params = [seq.params for seq in seqs]
+            generators = {}
+            for row, seq in enumerate(seqs):
+                if seq.params.seed is not None and not seq.params.greedy:
+                    if seq.seq_id not in self.generators:
+                        gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                        self.generators[seq.seq_id] = gen
+                    generators[row] = self.generators[seq.seq_id]
+            meta = SamplingMetadata(params, [], [], generators, [[] for _ in seqs])
+            min_token_rows = [row for row, p in enumerate(params) if p.min_tokens > 0]
+            cached = self._sampling_cache = (key, meta, min_token_rows)
+        _, meta, min_token_rows = cached
+        for row in min_token_rows:
+            seq = seqs[row]
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
-                banned.append(list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids))
+                meta.stop_ids_before_min_tokens[row] = list(p.stop_token_ids) + (
+                    [] if p.ignore_eos else self.eos_token_ids
+                )
             else:
-                banned.append([])
-        return SamplingMetadata(
-            params=params,
-            prompt_token_ids=[seq.prompt_token_ids for seq in seqs] if penalties else [],
-            output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else [],
-            generators=generators,
-            stop_ids_before_min_tokens=banned,
-        )
+                meta.stop_ids_before_min_tokens[row] = []
+        if meta.any_penalties:
+            meta.prompt_token_ids = [seq.prompt_token_ids for seq in seqs]
+            meta.output_token_ids = [seq.output_token_ids for seq in seqs]
+        meta.guided_rows, meta.token_bitmask = [], None
+        return meta
 
     def release(self, seq_id: int) -> None:
-        """A sequence finished: drop its generator and grammar matcher."""
+        """A sequence finished: drop its generator, grammar matcher and block-table row."""
         self.generators.pop(seq_id, None)
+        self.inputs.release(seq_id)
         if self.guided is not None:
             self.guided.release(seq_id)
         if self.pooler is not None:
