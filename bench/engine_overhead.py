@@ -140,11 +140,16 @@ def measure(engine: Any, timer: dict[str, float], batch: int, prompt_len: int, s
         }
         for key, value in phases.items():
             totals[key] += value
+    tokens = {len(seq.output_token_ids) for seq in _seqs(engine)}
     engine.abort_request([f"r{i}" for i in range(batch)])
     engine.step()
+    if len(tokens) != 1:
+        raise RuntimeError(f"requests advanced unevenly: {sorted(tokens)} tokens")
     return {
         "batch": batch,
+        "tokens_per_request": tokens.pop(),
         "us_per_step": round(statistics.median(per_step) * 1e6, 1),
+        "us_per_step_min": round(min(per_step) * 1e6, 1),
         "us_per_step_mean": round(statistics.fmean(per_step) * 1e6, 1),
         "phases_us": {key: round(totals[key] / steps * 1e6, 1) for key in PHASES},
     }

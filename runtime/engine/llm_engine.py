@@ -302,7 +302,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.detokenizer.output_text(seq.is_finished),
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.token_ids[seq.num_prompt_tokens :],  # a copy: the client may keep it
                     cumulative_logprob=seq.cumulative_logprob if want_lp else None,
                     logprobs=list(seq.output_logprobs) if want_lp else None,
                     finish_reason=str(seq.finish_reason) if seq.finish_reason else None,

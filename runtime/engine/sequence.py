@@ -121,7 +121,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -78,3 +78,24 @@ def test_throughput_cpu_smoke(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["lmforge"]["generated_tokens"] == report["hf_generate"]["generated_tokens"] == 6 * 5
     assert report["speedup_vs_hf"] > 0
+
+
+def test_engine_overhead_cpu_smoke(capsys):
+    """The host-path bench runs the real engine around a no-op forward: every phase is timed and the
+    requests really advance (the fixed logits' argmax tokens come out)."""
+    rc = load("engine_overhead").main(
+        ["--shape", "tiny", "--batches", "1", "3", "--prompt-len", "20", "--steps", "4"]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert r["us_per_step"] > 0 and set(r["phases_us"]) == {
+            "schedule",
+            "prepare",
+            "forward",
+            "sample",
+            "output",
+        }
+        assert all(v >= 0 for v in r["phases_us"].values()), r
+        assert r["tokens_per_request"] == 1 + 3 + 4  # prefill, 3 warm-up steps, 4 timed steps
