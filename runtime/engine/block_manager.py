@@ -214,7 +214,7 @@ class BlockManager:
         """Longest cached prefix of a waiting sequence: (blocks, number of tokens they cover)."""
         if not self.enable_prefix_caching:
             return [], 0
-        num_cacheable = seq.num_tokens - 1
+        num_cacheable = min(seq.num_tokens - 1, seq.num_known_tokens)  # placeholders are not content
         if seq.num_prompt_logprobs_pending:  # logits from position len(seq.prompt_logprobs) on are needed
             num_cacheable = min(num_cacheable, len(seq.prompt_logprobs))
         blocks = []
@@ -278,6 +278,8 @@ class BlockManager:
         return True
 
     def _cache_full_blocks(self, seq: Sequence, blocks: list[KVCacheBlock], num_full_blocks: int) -> None:
+        # a block holding a placeholder (async scheduling) is registered once its ids are known
+        num_full_blocks = min(num_full_blocks, seq.num_known_tokens // self.block_size)
         start = self.num_cached_blocks.get(seq.seq_id, 0)
         if num_full_blocks <= start:
             return

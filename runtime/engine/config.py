@@ -55,6 +55,8 @@ class EngineArgs:
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
+    # schedule and prepare step n+1 while step n runs (llm_engine.py); None: on for CUDA, off on CPU
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -73,6 +75,8 @@ class EngineArgs:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pooler_config is not None and self.task != "embed":
             raise ValueError("pooler_config applies to task='embed' only")
+        if self.async_scheduling and self.task == "embed":
+            raise ValueError("async_scheduling applies to task='generate' only (embed samples nothing)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

@@ -113,10 +113,13 @@ class DecodeGraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run_step(self, step: StepInputs) -> torch.Tensor:
-        """`run` from a decode step's StepInputs (its host arrays: no per-token Python lists)."""
+    def run_step(
+        self, step: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`run` from a decode step's StepInputs (its host arrays: no per-token Python lists). fill: (rows,
+        token ids) on the device written over the copied input ids (async scheduling: last step's tokens)."""
         tokens, tables = step.host["tokens"], step.host["tables"]
-        return self.run(tokens[0], tokens[1], tokens[2], tables, step.host["seq_lens"], tokens[3])
+        return self.run(tokens[0], tokens[1], tokens[2], tables, step.host["seq_lens"], tokens[3], fill)
 
     def run(
         self,
@@ -126,6 +129,7 @@ class DecodeGraphRunner:
         block_tables: Sequence[Sequence[int]] | np.ndarray,
         seq_lens: Sequence[int] | np.ndarray,
         prompt_lens: Sequence[int] | np.ndarray,
+        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step for n <= max_batch sequences (one new token each) -> logits [n, vocab]."""
         num_seqs, rows = len(input_ids), self.rows
@@ -148,6 +152,8 @@ class DecodeGraphRunner:
                 tables[row, : len(table)] = table
         used = _NUM_FIELDS * rows + size * self.max_blocks  # padding rows keep earlier (valid) block ids
         self.dev[:used].copy_(self.host[:used], non_blocking=True)
+        if fill is not None:
+            self.input_ids[fill[0]] = fill[1].to(self.input_ids.dtype)
         graph = self.graphs.get(size)
         if graph is None:  # not captured (CPU tests): the same static, padded forward, eagerly
             return self._forward(size)[:num_seqs]

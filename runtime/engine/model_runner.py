@@ -9,11 +9,14 @@ positions they still owe (prompt_logprobs.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +45,30 @@ _GiB = 1 << 30
 
 
 @dataclass(slots=True)
+class _StepPlan:
+    """A step as the host prepared it, for the device part (`ModelRunner._device_step`)."""
+
+    step: StepInputs
+    sample_seqs: list[Sequence]
+    sampling: SamplingMetadata | None = None
+    prompt_lp: PromptLogprobsBatch = field(default_factory=PromptLogprobsBatch)
+    pool_chunks: list[PoolChunk] = field(default_factory=list)
+    fill_tokens: list[int] = field(default_factory=list)  # async: input rows whose id the last step sampled
+    fill_rows: list[int] = field(default_factory=list)  # ... at these rows of its token tensor
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step (async scheduling): its result, and the token-tensor row of each sampled sequence."""
+
+    future: Future[ModelRunnerOutput]
+    row_of_seq: dict[int, int]
+
+    def result(self) -> ModelRunnerOutput:
+        return self.future.result()
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
     sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> new token id
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
@@ -50,6 +77,7 @@ class ModelRunnerOutput:
         default_factory=dict
     )  # seq_id -> new entries
     embeddings: dict[int, list[float]] = field(default_factory=dict)  # task "embed": seq_id -> pooled prompt
+    sampled_tensor: torch.Tensor | None = None  # [N] int64 on the device, rows in sampling order
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -125,6 +153,7 @@ class ModelRunner:
         )
         # (sampled seq ids, metadata, rows with min_tokens) of the last batch composition
         self._sampling_cache: tuple[list[int], SamplingMetadata, list[int]] | None = None
+        self._worker: Any = None  # async scheduling: the thread that runs launched steps, in order
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -258,29 +287,72 @@ class ModelRunner:
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One step, synchronously: inputs, forward, LM head, draw."""
+        return self._device_step(self._host_step(sched), None)
+
+    def launch(self, sched: SchedulerOutput, prev: StepHandle | None) -> StepHandle:
+        """Async scheduling: the host part of the step now, the device part queued behind `prev` (one
+        worker thread plays the device stream, so on CPU too the host can prepare the next step while
+        this one runs). Tokens `prev` sampled for sequences this step reads are still placeholders on
+        the host: the device part takes them from `prev`'s token tensor, never from the host."""
+        plan = self._host_step(sched)
+        if prev is not None:
+            rows = prev.row_of_seq
+            for i, s in enumerate(sched.scheduled):  # a placeholder can only be the row's last input token
+                seq = s.seq
+                if seq.num_pending and seq.num_computed_tokens + s.num_new_tokens == seq.num_tokens:
+                    plan.fill_tokens.append(plan.step.host_query_start_loc[i + 1] - 1)
+                    plan.fill_rows.append(rows[seq.seq_id])
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-step")
+        future = self._worker.submit(self._device_step, plan, prev)
+        return StepHandle(future, {seq.seq_id: row for row, seq in enumerate(plan.sample_seqs)})
+
+    def _host_step(self, sched: SchedulerOutput) -> _StepPlan:
+        """Everything that reads the sequences (main thread): inputs, sampling metadata, which rows
+        score prompt logprobs or pool."""
         for seq in sched.preempted:  # their tables are rebuilt when they are scheduled again
             self.inputs.release(seq.seq_id)
         step = self.inputs.build(sched.scheduled)
-        return self.run(step, sched)
-
-    def run(self, step: StepInputs, sched: SchedulerOutput) -> ModelRunnerOutput:
-        """The forward, the LM head over the sampled rows, and the draw of one step."""
-        prompt_lp = PromptLogprobsBatch()
-        pool_chunks: list[PoolChunk] = []
+        plan = _StepPlan(step, [sched.scheduled[row].seq for row in step.sample_rows])
         offsets = step.host_query_start_loc
         for i, s in enumerate(sched.scheduled):
             seq = s.seq
             if self.pooler is not None:
-                pool_chunks.append(
+                plan.pool_chunks.append(
                     PoolChunk(seq, offsets[i], seq.num_computed_tokens, s.num_new_tokens, s.samples)
                 )
             if seq.params.prompt_logprobs is not None:  # the only cost to requests that did not ask
                 start = seq.num_computed_tokens
-                prompt_lp.add(seq, start, start + s.num_new_tokens, offsets[i])
-        sample_seqs = [sched.scheduled[row].seq for row in step.sample_rows]
+                plan.prompt_lp.add(seq, start, start + s.num_new_tokens, offsets[i])
+        if plan.sample_seqs:
+            plan.sampling = self._sampling_metadata(plan.sample_seqs)
+            guided = self.guided
+            if guided is not None and guided.matchers:
+                sampling = plan.sampling
+                sampling.guided_rows = [
+                    row for row, seq in enumerate(plan.sample_seqs) if guided.has(seq.seq_id)
+                ]
+                if sampling.guided_rows:
+                    sampling.token_bitmask = guided.fill_bitmask(
+                        [plan.sample_seqs[r].seq_id for r in sampling.guided_rows]
+                    )
+        return plan
+
+    @torch.inference_mode()
+    def _device_step(self, plan: _StepPlan, prev: StepHandle | None) -> ModelRunnerOutput:
+        """The forward, the LM head over the sampled rows, and the draw of one step."""
+        step = plan.step
+        fill = None
+        if plan.fill_tokens:  # async: last step's tokens, device to device
+            prev_tokens = prev.future.result().sampled_tensor  # done: the worker runs steps in order
+            index = torch.tensor(plan.fill_tokens, device=self.device)
+            fill = (index, prev_tokens[torch.tensor(plan.fill_rows, device=self.device)])
         out = ModelRunnerOutput()
         if self._graph_step(step):
-            graph_logits = self.decode_graphs.run_step(step)  # [B, V]
+            graph_logits = self.decode_graphs.run_step(step, fill)  # [B, V]
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
                 if len(rows) == step.num_seqs:
@@ -289,10 +361,12 @@ class ModelRunner:
 
             sampled_logits = lambda: row_logits(step.sample_rows)  # noqa: E731
         else:
+            if fill is not None:
+                step.input_ids[fill[0]] = fill[1]
             meta = self.backend.build_metadata(step.attention_metadata())
             hidden = self.model(step.input_ids, step.positions, meta)  # [T, hidden]
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled
-                out.embeddings = self.pooler(hidden, pool_chunks)
+                out.embeddings = self.pooler(hidden, plan.pool_chunks)
                 return out
 
             def row_logits(rows: list[int]) -> torch.Tensor:
@@ -300,23 +374,17 @@ class ModelRunner:
 
             sampled_logits = lambda: self.model.compute_logits(hidden[step.logits_indices])  # noqa: E731
 
-        # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
-        sampling = self._sampling_metadata(sample_seqs)
-        guided = self.guided
-        if guided is not None and guided.matchers:
-            sampling.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
-            if sampling.guided_rows:
-                sampling.token_bitmask = guided.fill_bitmask(
-                    [sample_seqs[r].seq_id for r in sampling.guided_rows]
-                )
-        if prompt_lp.rows:
-            out.prompt_logprobs = prompt_lp.compute(row_logits)
-        if not sample_seqs:
+        if plan.prompt_lp.rows:
+            out.prompt_logprobs = plan.prompt_lp.compute(row_logits)
+        sample_seqs, sampling = plan.sample_seqs, plan.sampling
+        if sampling is None:
             return out
         result = self.sampler(sampled_logits(), sampling)
+        guided = self.guided
         for row in sampling.guided_rows:
             guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
         out.sampled = dict(zip([seq.seq_id for seq in sample_seqs], result.token_ids, strict=True))
+        out.sampled_tensor = result.token_tensor
         if sampling.any_logprobs:
             for row, seq in enumerate(sample_seqs):
                 if result.logprobs[row] is not None:
@@ -343,18 +411,21 @@ class ModelRunner:
             min_token_rows = [row for row, p in enumerate(params) if p.min_tokens > 0]
             cached = self._sampling_cache = (key, meta, min_token_rows)
         _, meta, min_token_rows = cached
+        banned = list(meta.stop_ids_before_min_tokens) if min_token_rows else meta.stop_ids_before_min_tokens
         for row in min_token_rows:
             seq = seqs[row]
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
-                meta.stop_ids_before_min_tokens[row] = list(p.stop_token_ids) + (
-                    [] if p.ignore_eos else self.eos_token_ids
-                )
+                banned[row] = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
             else:
-                meta.stop_ids_before_min_tokens[row] = []
-        if meta.any_penalties:
-            meta.prompt_token_ids = [seq.prompt_token_ids for seq in seqs]
-            meta.output_token_ids = [seq.output_token_ids for seq in seqs]
+                banned[row] = []
+        if min_token_rows or meta.any_penalties or self.guided is not None:
+            # a fresh object: a step in flight may still read the cached one (async scheduling)
+            meta = copy.copy(meta)
+            meta.stop_ids_before_min_tokens = banned
+            if meta.any_penalties:
+                meta.prompt_token_ids = [seq.prompt_token_ids for seq in seqs]
+                meta.output_token_ids = [seq.output_token_ids for seq in seqs]
         meta.guided_rows, meta.token_bitmask = [], None
         return meta
 

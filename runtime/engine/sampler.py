@@ -54,6 +54,7 @@ class SamplingMetadata:
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]
+    token_tensor: torch.Tensor  # [N] int64 on the logits' device (async scheduling feeds it to the next step)
     logprobs: list[dict[int, float] | None]  # per row when requested: {sampled id: lp, top ids: lp, ...}
     sampled_logprobs: list[float | None]
 
@@ -106,7 +107,7 @@ class Sampler:
                 for j in range(n):
                     entry.setdefault(top_ids[row][j], top_vals[row][j])
                 logprobs[row], sampled_lps[row] = entry, chosen[row]
-        return SamplerOutput(token_list, logprobs, sampled_lps)
+        return SamplerOutput(token_list, tokens, logprobs, sampled_lps)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
         """`ops.sample` over every row; greedy rows get temperature 0 (argmax inside the draw). The noise
