@@ -99,3 +99,28 @@ def test_engine_overhead_cpu_smoke(capsys):
         }
         assert all(v >= 0 for v in r["phases_us"].values()), r
         assert r["tokens_per_request"] == 1 + 3 + 4  # prefill, 3 warm-up steps, 4 timed steps
+
+
+def test_offline_mixed_cpu_smoke(capsys):
+    """The mixed-length workload: each request its own max_tokens, HF in static batches of each size."""
+    rc = load("offline").main(
+        [
+            "--mixed",
+            "--num-prompts",
+            "5",
+            "--hidden-size",
+            "32",
+            "--num-layers",
+            "1",
+            "--hf-batch-sizes",
+            "2",
+            "5",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["hf_by_batch_size"]) == {"2", "5"}
+    generated = report["lmforge"]["generated_tokens"]
+    assert 5 * 16 <= generated <= 5 * 128 and report["hf"]["generated_tokens"] == generated
+    assert report["hf"]["batch_size"] in (2, 5) and report["speedup_output_tok_s"] > 0
+    assert 0 <= report["greedy_sequences_identical"] <= 5
