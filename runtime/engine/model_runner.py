@@ -347,7 +347,9 @@ class ModelRunner:
         step = plan.step
         fill = None
         if plan.fill_tokens:  # async: last step's tokens, device to device
+            assert prev is not None
             prev_tokens = prev.future.result().sampled_tensor  # done: the worker runs steps in order
+            assert prev_tokens is not None, "the previous step sampled nothing for a placeholder"
             index = torch.tensor(plan.fill_tokens, device=self.device)
             fill = (index, prev_tokens[torch.tensor(plan.fill_rows, device=self.device)])
         out = ModelRunnerOutput()
