@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         prompts, max_tokens = workload(args, vocab)
         ours, our_tokens = bench_ours(path, prompts, max_tokens, args)
+        print(f"lmforge: {json.dumps(ours)}", file=sys.stderr, flush=True)  # progress: HF runs take long
         report = {
             "model": str(args.model)
             if args.model
