@@ -233,7 +233,7 @@ def _attend(
     return torch.einsum("hqk,khd->qhd", probs, v.float().repeat_interleave(group, dim=1))
 
 
-DECODE_CHUNK_TOKENS = 64  # context tokens per step of the blockwise decode loop (rounded to whole blocks)
+DECODE_CHUNK_TOKENS = 128  # context tokens per step of the blockwise decode loop (rounded to whole blocks)
 
 
 def paged_decode_attention(
