@@ -21,6 +21,7 @@ API_VERSION = "v1alpha1"
 
 if TYPE_CHECKING:
     from lmforge.runtime.llm import LLM
+    from lmforge.runtime.lora.request import LoRARequest
     from lmforge.runtime.outputs import CompletionOutput, RequestOutput
     from lmforge.runtime.sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ __all__ = [
     "API_GROUP",
     "API_VERSION",
     "LLM",
+    "LoRARequest",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",
@@ -36,6 +38,7 @@ __all__ = [
 
 _LAZY = {
     "LLM": "lmforge.runtime.llm",
+    "LoRARequest": "lmforge.runtime.lora.request",
     "SamplingParams": "lmforge.runtime.sampling_params",
     "RequestOutput": "lmforge.runtime.outputs",
     "CompletionOutput": "lmforge.runtime.outputs",

@@ -70,6 +70,18 @@ def _quantize(args: argparse.Namespace) -> int:
     return quantize_main(args.raw_argv)
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from lmforge.runtime.storage.cli import run_fetch
+
+    return run_fetch(args)
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from lmforge.runtime.storage.cli import run_upload
+
+    return run_upload(args)
+
+
 def _node(args: argparse.Namespace) -> int:
     if not _has_devcluster():
         return _needs_checkout("node")
@@ -155,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_arguments(quantize)
     quantize.set_defaults(func=_quantize)
+
+    from lmforge.runtime.storage.cli import add_fetch_arguments, add_upload_arguments
+
+    fetch = commands.add_parser(
+        "fetch", help="download s3:// or hf:// into a directory (the storage initializer; node cache aware)"
+    )
+    add_fetch_arguments(fetch)
+    fetch.set_defaults(func=_fetch)
+    upload = commands.add_parser("upload", help="upload a directory to s3:// (manifest written last)")
+    add_upload_arguments(upload)
+    upload.set_defaults(func=_upload)
 
     node = commands.add_parser(
         "node", help="local process node: run pods bound to it as local processes (dev)"

@@ -30,6 +30,7 @@ run python -m bench.decode_roofline --save
 if [[ "${1:-}" != quick ]]; then
   run python -m bench.decode_roofline --enforce-eager --skip-hf --save
   run python -m bench.kernel_bench --save
+  run python -m bench.moe --w4a16 --save
   run python -m bench.throughput --save
   run python -m bench.throughput --shape llama-3.1-8b --skip-hf --save
 fi

@@ -77,6 +77,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 1024},
     ),
+    # a ~200M-parameter Llama that a CPU runs in seconds per step (bench/tensor_parallel.py's default)
+    "small": dict(
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=4096,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+    ),
     # CPU smoke runs of the scripts (tests): same code path, seconds instead of minutes
     "tiny": dict(
         hidden_size=64,

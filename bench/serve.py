@@ -63,6 +63,16 @@ def random_prompts(
 # --- one request ---------------------------------------------------------------------------------------
 
 
+def _fold_event(data: dict, result: RequestResult, endpoint: str) -> bool:
+    """Takes the usage of one streamed chunk into `result`; True when the chunk carries generated text."""
+    if data.get("usage"):
+        result.output_tokens = data["usage"]["completion_tokens"]
+        if endpoint == "chat":
+            result.prompt_len = data["usage"]["prompt_tokens"]
+    choices = data.get("choices") or []
+    return any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices)
+
+
 async def send(
     client: httpx.AsyncClient,
     endpoint: str,
@@ -100,12 +110,7 @@ async def send(
                 if "error" in data:
                     result.error = str(data["error"])
                     return result
-                if data.get("usage"):
-                    result.output_tokens = data["usage"]["completion_tokens"]
-                    if endpoint == "chat":
-                        result.prompt_len = data["usage"]["prompt_tokens"]
-                choices = data.get("choices") or []
-                if not any(c.get("text") or (c.get("delta") or {}).get("content") for c in choices):
+                if not _fold_event(data, result, endpoint):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:

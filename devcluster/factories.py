@@ -1,14 +1,18 @@
 """Factories for TrainJob tests (JobSet's pkg/util/testing/wrappers.go, in Python): a valid spec,
-worker pods in any state, and an `Observed` snapshot, each overridable by keyword."""
+worker pods in any state, an `Observed` snapshot, each overridable by keyword, and readers of a
+Decision's actions (which ranks it creates, which pods it deletes)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lmforge.operator.api import constants as c
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders.trainjob import JobRef, pod_name
-from lmforge.operator.builders.trainjob_policy import Observed, WorkerPod
+from lmforge.operator.builders.trainjob_pods import WorkerPod
+from lmforge.operator.builders.trainjob_policy import Observed
+from lmforge.operator.decision import Create, Decision, Delete
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 JOB = JobRef(name="llama", namespace="team-a", uid="0000-1111")
@@ -65,6 +69,8 @@ def observed(
         pods=tuple(pods),
         now=now,
         spec_hash=spec_hash,
+        namespace=JOB.namespace,
+        uid=JOB.uid,
     )
 
 
@@ -110,3 +116,37 @@ def pod_dict(
             "containerStatuses": [{"name": "trainer", "state": state}],
         },
     }
+
+
+# --- reading a Decision's actions back as the policy's intents ---------------------------------------
+
+
+def created_ranks(decision: Decision[Any]) -> tuple[int, ...]:
+    """The ranks whose worker pods the decision creates, in order."""
+    return tuple(
+        int(a.obj["metadata"]["labels"][c.LABEL_RANK])
+        for a in decision.actions
+        if isinstance(a, Create) and a.obj.get("kind") == "Pod"
+    )
+
+
+def deleted_pods(decision: Decision[Any]) -> tuple[str, ...]:
+    """Pods deleted with their grace period."""
+    return tuple(
+        a.name
+        for a in decision.actions
+        if isinstance(a, Delete) and a.kind == "Pod" and a.grace_period_seconds is None
+    )
+
+
+def force_deleted_pods(decision: Decision[Any]) -> tuple[str, ...]:
+    """Pods deleted at once (grace 0)."""
+    return tuple(
+        a.name
+        for a in decision.actions
+        if isinstance(a, Delete) and a.kind == "Pod" and a.grace_period_seconds == 0
+    )
+
+
+def deletes_job(decision: Decision[Any]) -> bool:
+    return any(isinstance(a, Delete) and a.kind == "TrainJob" for a in decision.actions)

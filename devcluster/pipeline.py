@@ -19,7 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -104,7 +104,7 @@ class Kube:
         self.kubectl, self.env = str(kubectl), env
 
     @classmethod
-    def of(cls, info: Any) -> Kube:
+    def of(cls, info: Any) -> Self:
         return cls(info.kubectl, info.env())
 
     def __call__(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> str:
@@ -240,6 +240,7 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         if self.running():
+            assert self.proc is not None  # running() says so
             raise RuntimeError(f"the operator is running already (pid {self.proc.pid})")
         self.starts += 1
         if self.starts > 1:
@@ -267,7 +268,8 @@ class OperatorProcess:
 
         def healthy() -> bool:
             if not self.running():
-                raise SystemExit(f"the operator exited ({self.proc.returncode}):\n{self.tail()}")
+                returncode = self.proc.returncode if self.proc is not None else None
+                raise SystemExit(f"the operator exited ({returncode}):\n{self.tail()}")
             return self.healthy()
 
         wait(healthy, timeout, lambda: f"the operator's liveness endpoint:\n{self.tail()}")
@@ -302,6 +304,7 @@ def start_operator(
     liveness_port: int,
     extra_args: tuple[str, ...] = (),
     timeout: float = 90,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """`lmforge operator run -n <namespace>` with the workers' ServiceAccount (progress and result
     annotations); returns once its liveness endpoint answers."""
@@ -309,6 +312,7 @@ def start_operator(
         **kube.env,
         "LMFORGE_WORKER_SERVICE_ACCOUNT": WORKER_SERVICE_ACCOUNT,
         "LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS": "1",
+        **(extra_env or {}),
     }
     operator = OperatorProcess(env, log_path, ("-n", namespace, *extra_args), liveness_port).start()
     try:
@@ -316,6 +320,7 @@ def start_operator(
     except BaseException:
         operator.stop()
         raise
+    assert operator.proc is not None  # start() launched it
     return operator.proc
 
 

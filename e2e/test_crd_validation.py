@@ -153,24 +153,24 @@ REJECTED = [
         id="output-to-hf",
     ),
     pytest.param(
-        trainjob(model="s3://bucket/llama"),
-        ["spec.model", "model: s3:// is not supported yet", "pvc://"],
-        id="model-s3",
+        trainjob(model="s3://Bucket_1/llama"),
+        ["spec.model", "must be s3://<bucket>/<prefix> with a valid bucket name"],
+        id="model-s3-bad-bucket",
     ),
     pytest.param(
-        trainjob(dataset={"source": "s3://bucket/train.jsonl"}),
-        ["spec.dataset.source", "s3:// is not supported yet"],
-        id="dataset-s3",
+        trainjob(dataset={"source": "s3://b/train.jsonl"}),
+        ["spec.dataset.source", "with a valid bucket name"],
+        id="dataset-s3-short-bucket",
     ),
     pytest.param(
-        trainjob(checkpoint={"dir": "s3://bucket/ckpt"}),
-        ["spec.checkpoint.dir", "s3:// is not supported yet"],
-        id="checkpoint-s3",
+        trainjob(checkpoint={"dir": "s3://-bucket/ckpt"}),
+        ["spec.checkpoint.dir", "with a valid bucket name"],
+        id="checkpoint-s3-bad-bucket",
     ),
     pytest.param(
-        trainjob(output={"dir": "s3://bucket/out"}),
-        ["spec.output.dir", "s3:// is not supported yet"],
-        id="output-s3",
+        trainjob(output={"dir": "s3://"}),
+        ["spec.output.dir", "with a valid bucket name"],
+        id="output-s3-no-bucket",
     ),
     pytest.param(
         trainjob(procsPerNode=16, resourcesPerNode={"limits": {"nvidia.com/gpu": 8}}),
@@ -224,9 +224,17 @@ REJECTED = [
         id="isvc-fp8-kv-cache",
     ),
     pytest.param(
-        isvc(model={"source": "s3://bucket/llama"}),
-        ["spec.model.source", "s3:// is not supported yet"],
-        id="isvc-model-s3",
+        isvc(engine={"tensorParallelSize": 4}, resources={"limits": {"nvidia.com/gpu": 2}}),
+        ["spec.engine.tensorParallelSize", "must not exceed the nvidia.com/gpu limit"],
+        id="isvc-tp-over-gpus",
+    ),
+    pytest.param(
+        isvc(engine={"tensorParallelSize": 0}), ["spec.engine.tensorParallelSize"], id="isvc-tp-zero"
+    ),
+    pytest.param(
+        isvc(model={"source": "s3://UPPER/llama"}),
+        ["spec.model.source", "with a valid bucket name"],
+        id="isvc-model-s3-bad-bucket",
     ),
     pytest.param(
         quantizejob(method="w3a16"), ["spec.method", 'Unsupported value: "w3a16"'], id="qj-unknown-method"
@@ -252,14 +260,8 @@ REJECTED = [
         id="qj-zero-samples",
     ),
     pytest.param(
-        quantizejob(model="s3://bucket/llama"), ["spec.model", "s3:// is not supported yet"], id="qj-model-s3"
-    ),
-    pytest.param(
-        quantizejob(output="s3://bucket/q"), ["spec.output", "s3:// is not supported yet"], id="qj-output-s3"
-    ),
-    pytest.param(
         quantizejob(method="w4a16-gptq", calibration={"dataset": "s3://bucket/c.jsonl"}),
-        ["spec.calibration.dataset", "s3:// is not supported yet"],
+        ["spec.calibration.dataset", "s3:// is not supported here"],
         id="qj-calibration-s3",
     ),
     pytest.param(
@@ -281,6 +283,13 @@ def test_bad_spec_is_rejected_naming_the_field(crds, obj: dict[str, Any], fragme
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_accepted(crds, path: Path) -> None:
     result = crds.kubectl("apply", "--dry-run=server", "-n", NAMESPACE, "-f", str(path), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("gpus", [0, 4, 8], ids=["cpu-ranks", "one-per-rank", "spare"])
+def test_tensor_parallel_within_the_gpu_limit_is_accepted(crds, gpus: int) -> None:
+    obj = isvc(engine={"tensorParallelSize": 4}, resources={"limits": {"nvidia.com/gpu": gpus}})
+    result = apply(crds, obj)
     assert result.returncode == 0, result.stderr
 
 

@@ -287,7 +287,15 @@ def test_specs_the_cluster_cannot_run_fail_with_a_reason(services: Services) -> 
     status = services.wait_status("badvolume", phase="Failed", timeout=30)
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "InvalidSpec" and "the API server refused an owned object" in ready["message"]
-    services.apply("badvolume", volumes=[{"name": "scratch", "emptyDir": {}}])  # fixed: it recovers
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "InvalidSpec")
+    assert "InvalidSpec" in services.reasons("badvolume")
+    # Failed never changes (#18): a fixed spec does not revive it; deleting and re-creating does
+    services.apply("badvolume", volumes=[{"name": "scratch", "emptyDir": {}}])
+    time.sleep(3)
+    assert services.status("badvolume")["phase"] == "Failed"
+    services.kubectl("delete", "lmisvc", "badvolume", "--wait=true", "--timeout=60s")
+    services.apply("badvolume", volumes=[{"name": "scratch", "emptyDir": {}}])
     services.wait_status("badvolume", phase="Ready", timeout=60)
     services.kubectl("delete", "lmisvc", "badvolume", "--wait=false")
 

@@ -291,6 +291,23 @@ def test_ttl_deletes_a_finished_job_and_its_pods(jobs: Jobs, wait_for) -> None:
     wait_for(lambda: not jobs.pods("ttl"), timeout=60, message="pods outlived their job")
 
 
+def _assert_one_current_gang_each(jobs: Jobs, names: list[str]) -> None:
+    """Every pod belongs to one of `names`, each job has exactly ranks 0 and 1, owned by it and of
+    its current attempt (no duplicates, no orphans, no stale gang)."""
+    uids = {name: jobs.get(name)["metadata"]["uid"] for name in names}
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for pod in jobs.pods():
+        by_job.setdefault(pod["metadata"]["labels"]["lmforge.dev/job-name"], []).append(pod)
+    assert set(by_job) == set(names), "pods of unknown jobs (orphans)"
+    for name, pods in by_job.items():
+        restarts = jobs.status(name)["restarts"]
+        ranks = sorted(int(p["metadata"]["labels"]["lmforge.dev/rank"]) for p in pods)
+        assert ranks == [0, 1], f"{name}: ranks {ranks}"
+        for pod in pods:
+            assert pod["metadata"]["ownerReferences"][0]["uid"] == uids[name]
+            assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), f"{name}: stale attempt"
+
+
 @pytest.mark.slow
 def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(
     cluster, wait_for, operator_process
@@ -321,35 +338,15 @@ def test_sigkill_during_reconciles_leaves_no_duplicates_or_orphans(
                     jobs.fate(pod["metadata"]["name"], "fail-137")
             op.start()
 
-        def settled() -> bool:
-            for name in names:
-                status = jobs.status(name)
-                if status.get("phase") != "Running":
-                    return False
-            return True
-
         wait_for(
-            settled,
+            lambda: all(jobs.status(name).get("phase") == "Running" for name in names),
             timeout=240,
             interval=2,
             message=lambda: (
                 f"jobs never settled: {[(n, jobs.status(n).get('phase')) for n in names]}\n{op.tail()}"
             ),
         )
-        uids = {name: jobs.get(name)["metadata"]["uid"] for name in names}
-        by_job: dict[str, list[dict[str, Any]]] = {}
-        for pod in jobs.pods():
-            by_job.setdefault(pod["metadata"]["labels"]["lmforge.dev/job-name"], []).append(pod)
-        assert set(by_job) == set(names), "pods of unknown jobs (orphans)"
-        for name, pods in by_job.items():
-            restarts = jobs.status(name)["restarts"]
-            ranks = sorted(int(p["metadata"]["labels"]["lmforge.dev/rank"]) for p in pods)
-            assert ranks == [0, 1], f"{name}: ranks {ranks}"
-            for pod in pods:
-                assert pod["metadata"]["ownerReferences"][0]["uid"] == uids[name]
-                assert pod["metadata"]["labels"]["lmforge.dev/restart"] == str(restarts), (
-                    f"{name}: stale attempt"
-                )
+        _assert_one_current_gang_each(jobs, names)
         assert sum(jobs.status(n)["restarts"] for n in names) > 0, (
             "no restarts happened: the test proved little"
         )

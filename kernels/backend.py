@@ -43,6 +43,14 @@ class Ops:
     # (per-layer score options of both: reference.attention_scores)
     sample: Callable  # (logits, temperature, top_k, top_p, min_p, uniform, generator) -> token ids int64
     quant_linear: Callable  # (x, weight_packed, weight_scale, bits, bias) -> y
+    lora_shrink: Callable  # (x [T, K], lora_a [S, R, K], token_slots [T]) -> [T, R]
+    lora_expand: (
+        Callable  # (y [T, N], buf [T, R], lora_b [S, N, R], token_slots, scales [S]) -> None, in place
+    )
+    fused_moe: Callable  # (x, w13, w2, topk_weights, topk_ids, activation) -> y (moe_reference.fused_moe)
+    fused_moe_quant: (
+        Callable  # (x, w13_packed, w13_scale, w2_packed, w2_scale, bits, topk_weights, topk_ids, act)
+    )
 
 
 def resolve_backend(device: torch.device | str, backend: str | None = None) -> str:
@@ -71,6 +79,7 @@ def get_ops(device: torch.device | str, backend: str | None = None) -> Ops:
 @functools.cache
 def _load(name: str) -> Ops:
     if name == "torch":
+        from . import moe_reference
         from . import reference as r
 
         return Ops(
@@ -85,6 +94,10 @@ def _load(name: str) -> Ops:
             paged_prefill_attention=r.paged_prefill_attention,
             sample=r.sample,
             quant_linear=r.quant_linear,
+            lora_shrink=r.lora_shrink,
+            lora_expand=r.lora_expand,
+            fused_moe=moe_reference.fused_moe,
+            fused_moe_quant=moe_reference.fused_moe_quant,
         )
     from ._interp import interpreting, patch_bf16
 
@@ -92,7 +105,9 @@ def _load(name: str) -> Ops:
         patch_bf16()
     from .activation import silu_and_mul
     from .decode_attention import paged_decode_attention
+    from .fused_moe import fused_moe, fused_moe_quant
     from .kv_cache import reshape_and_cache, reshape_and_cache_int8
+    from .lora import lora_expand, lora_shrink
     from .prefill_attention import paged_prefill_attention
     from .quant_gemm import quant_linear
     from .rmsnorm import fused_add_rms_norm, rms_norm
@@ -111,4 +126,8 @@ def _load(name: str) -> Ops:
         paged_prefill_attention=paged_prefill_attention,
         sample=sample,
         quant_linear=quant_linear,
+        lora_shrink=lora_shrink,
+        lora_expand=lora_expand,
+        fused_moe=fused_moe,
+        fused_moe_quant=fused_moe_quant,
     )

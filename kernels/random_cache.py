@@ -38,6 +38,7 @@ def random_paged_cache(
         block_tables[b, :n] = order[used : used + n]
         used += n
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    scales: list[torch.Tensor | None]
     if int8:
         caches = [torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for _ in "kv"]
         scales = [torch.rand(shape[:3], device=device) * 0.02 + 0.005 for _ in "kv"]

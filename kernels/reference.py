@@ -10,6 +10,8 @@ Shapes (T tokens, B sequences, Hq query heads, Hkv KV heads, D head dim):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +42,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,  # exact (erf)
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF gelu_new / gelu_pytorch_tanh
@@ -440,3 +442,34 @@ def quant_linear(
     shape = (weight_packed.shape[0], x.shape[-1])
     weight = dequantize_weight(weight_packed, weight_scale, bits, shape).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+# --- multi-LoRA (punica-style shrink / expand over a batch of mixed adapters) ---------------------
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> [T, R]: row t is x[t] @ lora_a[token_slots[t]]^T (fp32 accumulate, x.dtype out);
+    lora_a [S, R, K] stacks the A matrices of S adapter slots (ranks below R zero-padded);
+    token_slots [T] int: a slot, or -1 for a base-model token (its row is zero). One matmul per slot
+    present in the batch, over the rows that use it (SGMV's segments, gathered)."""
+    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
+    for slot in torch.unique(token_slots[token_slots >= 0]).tolist():
+        rows = (token_slots == slot).nonzero(as_tuple=True)[0]
+        out[rows] = (x[rows].float() @ lora_a[slot].float().t()).to(x.dtype)
+    return out
+
+
+def lora_expand(
+    y: torch.Tensor,
+    buf: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """y [T, N] += scales[s] * buf[t] @ lora_b[s]^T for s = token_slots[t] >= 0, in place (y may be a
+    column slice of a fused output); buf [T, R] from `lora_shrink`, lora_b [S, N, R], scales [S] fp32.
+    The sum is taken in fp32 and rounded once to y.dtype; base-model rows (-1) are left untouched."""
+    for slot in torch.unique(token_slots[token_slots >= 0]).tolist():
+        rows = (token_slots == slot).nonzero(as_tuple=True)[0]
+        delta = (buf[rows].float() @ lora_b[slot].float().t()) * scales[slot].float()
+        y[rows] = (y[rows].float() + delta).to(y.dtype)

@@ -77,6 +77,17 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
     """
     scaling = dict(rope_scaling or {})
     rope_type = rope_type_of(scaling)
+    _check_keys(scaling, rope_type)
+    scaling.pop("type", None)
+    scaling["rope_type"] = rope_type
+
+    _fill_defaults(scaling, rope_type, max_position_embeddings)
+    _check_numbers(scaling, rope_type)
+    return scaling
+
+
+def _check_keys(scaling: dict[str, Any], rope_type: str) -> None:
+    """Unknown keys, missing or null required keys, and longrope's factor lists."""
     unknown = sorted(set(scaling) - _COMMON_KEYS - _TYPE_KEYS[rope_type])
     if unknown:
         raise ValueError(f"rope_scaling key {unknown[0]!r} (={scaling[unknown[0]]!r}) is not supported with "
@@ -95,8 +106,12 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
             raise ValueError(
                 f"rope_scaling {key!r} must be a list of numbers for rope_type 'longrope', got {value!r}"
             )
-    scaling.pop("type", None)
-    scaling["rope_type"] = rope_type
+
+
+def _fill_defaults(scaling: dict[str, Any], rope_type: str, max_position_embeddings: int | None) -> None:
+    """transformers' defaults, in place: yarn/longrope factor from the lengths, dynamic's threshold
+    (original_max_position_embeddings <- max_position_embeddings); refuses what only the config
+    reader could fill in."""
 
     def need_mpe(what: str) -> int:
         if max_position_embeddings is None:
@@ -131,6 +146,10 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
             raise ValueError(f"rope_type 'dynamic': original_max_position_embeddings={omp!r} differs from "
                              f"max_position_embeddings={mpe}; transformers' dynamic NTK scales from "
                              "max_position_embeddings and ignores the key, so its meaning is ambiguous")  # fmt: skip
+
+
+def _check_numbers(scaling: dict[str, Any], rope_type: str) -> None:
+    """Numeric keys are numbers (a bool is not), yarn's truncate a bool."""
     for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale",
                 "mscale_all_dim", "attention_factor"):  # fmt: skip
         value = scaling.get(key)
@@ -141,7 +160,6 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, max_position_embe
     if "truncate" in scaling and not isinstance(scaling["truncate"], bool):
         raise ValueError(f"rope_scaling 'truncate' must be true or false for rope_type 'yarn', got "
                          f"{scaling['truncate']!r}")  # fmt: skip
-    return scaling
 
 
 def _base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -191,9 +209,11 @@ def attention_factor(
 ) -> float:
     """The factor HF multiplies cos and sin by (yarn: mscale; longrope: sqrt(1 + ln s / ln L); else 1)."""
     scaling = validate_rope_scaling(rope_scaling, max_position_embeddings)
-    rope_type, factor = scaling["rope_type"], scaling.get("factor")
+    rope_type = scaling["rope_type"]
     if scaling.get("attention_factor") is not None:
         return scaling["attention_factor"]
+    if rope_type in ("yarn", "longrope"):
+        factor = float(scaling["factor"])  # validate_rope_scaling filled it in
     if rope_type == "yarn":
         mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:

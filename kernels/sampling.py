@@ -45,7 +45,7 @@ def _pivots(lo, hi, NUM_PIVOTS: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(
+def _sample_kernel(  # noqa: C901 - one Triton program: its passes share the row's registers and loads
     logits_ptr, uniform_ptr, inv_temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, out_ptr, cut_ptr,
     stride_l, stride_u, vocab,
     HAS_MIN_P: tl.constexpr, BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr,

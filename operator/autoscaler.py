@@ -121,15 +121,7 @@ def recommend(scrape: Scrape, spec: Autoscaling, max_num_seqs: int | None = None
     """Rule 1 of the module docstring for one scrape (no stabilization, steps or bounds)."""
     metric, target, current = spec.metric, spec.target, scrape.replicas
     if current == 0:
-        demand = scrape.activator_waiting
-        if demand is None:
-            return Recommendation(0, None, "at zero replicas: no activator reports demand, hold")
-        if demand <= 0:
-            return Recommendation(0, 0.0, "at zero replicas: no request waiting at the activator")
-        want = max(1, _ceil(demand / target)) if metric == "queue" else 1
-        return Recommendation(
-            want, demand, f"{_fmt(demand)} request(s) waiting at the activator (cold start): wants {want}"
-        )
+        return _recommend_from_zero(scrape, spec)
     values = [pod.value(metric) for pod in scrape.pods.values()]
     if not values:
         return Recommendation(
@@ -147,17 +139,48 @@ def recommend(scrape: Scrape, spec: Autoscaling, max_num_seqs: int | None = None
             current, avg, f"{head} within {TOLERANCE:.0%} of target {target:g}: wants {current}"
         )
     if ratio > 1:
-        want = _ceil(total / target)
-        unknown = max(current, len(values) + scrape.not_ready + scrape.missing) - len(values)
-        if want <= current:
-            return Recommendation(
-                current,
-                avg,
-                f"{head} > target {target:g}, but {unknown} replica(s) not ready yet "
-                f"count as capacity: wants {current}",
-            )
-        return Recommendation(want, avg, f"{head} > target {target:g}: wants {want}")
-    adjusted = (total + scrape.missing * target) / (len(values) + scrape.missing)
+        return _recommend_up(scrape, spec, total, len(values), head)
+    return _recommend_down(scrape, spec, total, len(values), head, max_num_seqs)
+
+
+def _recommend_from_zero(scrape: Scrape, spec: Autoscaling) -> Recommendation:
+    """At zero replicas only the activator's queue says whether anyone waits (the cold start)."""
+    demand = scrape.activator_waiting
+    if demand is None:
+        return Recommendation(0, None, "at zero replicas: no activator reports demand, hold")
+    if demand <= 0:
+        return Recommendation(0, 0.0, "at zero replicas: no request waiting at the activator")
+    want = max(1, _ceil(demand / spec.target)) if spec.metric == "queue" else 1
+    return Recommendation(
+        want, demand, f"{_fmt(demand)} request(s) waiting at the activator (cold start): wants {want}"
+    )
+
+
+def _recommend_up(
+    scrape: Scrape, spec: Autoscaling, total: float, reporting: int, head: str
+) -> Recommendation:
+    """Above target: enough replicas for `total` at target, where replicas not ready yet count as
+    capacity (they will take load once up, so the same demand does not scale up twice)."""
+    current, target, avg = scrape.replicas, spec.target, total / reporting
+    want = _ceil(total / target)
+    unknown = max(current, reporting + scrape.not_ready + scrape.missing) - reporting
+    if want <= current:
+        return Recommendation(
+            current,
+            avg,
+            f"{head} > target {target:g}, but {unknown} replica(s) not ready yet count as capacity: wants {current}",
+        )
+    return Recommendation(want, avg, f"{head} > target {target:g}: wants {want}")
+
+
+def _recommend_down(
+    scrape: Scrape, spec: Autoscaling, total: float, reporting: int, head: str, max_num_seqs: int | None
+) -> Recommendation:
+    """Below target: replicas not answering count as at target (never scale down on missing data),
+    the floor is 1 unless every replica is idle and minReplicas is 0, and (queue metric) never fewer
+    replicas than the running requests need at max_num_seqs each."""
+    current, target, avg = scrape.replicas, spec.target, total / reporting
+    adjusted = (total + scrape.missing * target) / (reporting + scrape.missing)
     if adjusted / target >= 1 - TOLERANCE:
         return Recommendation(
             current,
@@ -168,7 +191,7 @@ def recommend(scrape: Scrape, spec: Autoscaling, max_num_seqs: int | None = None
     want = _ceil(current * adjusted / target)
     idle = scrape.missing == 0 and scrape.not_ready == 0 and all(p.idle for p in scrape.pods.values())
     floor, why = (0, "") if idle and spec.min_replicas == 0 else (1, "")
-    if metric == "queue" and max_num_seqs:
+    if spec.metric == "queue" and max_num_seqs:
         running = sum(p.running for p in scrape.pods.values())
         if _ceil(running / max_num_seqs) > max(want, floor):
             floor, why = _ceil(running / max_num_seqs), f" ({_fmt(running)} running requests need them)"
@@ -191,17 +214,31 @@ def decide(
     latest = recommend(history[-1], spec, max_num_seqs)
     recommendations = [(s.time, recommend(s, spec, max_num_seqs).replicas) for s in history[:-1]]
     recommendations.append((history[-1].time, latest.replicas))
+    stabilized, reason = _stabilize(recommendations, latest, current, spec, now)
+    replicas, reason = _limit_step(stabilized, current, spec, reason)
+    bounded = max(low, min(high, replicas))
+    if bounded != replicas:
+        reason += f"; bounded by [{low}, {high}]"
+    if bounded != current:
+        reason += f"; {current} -> {bounded}"
+    return Decision(bounded, current, max(low, min(high, latest.replicas)), latest.metric_value, reason)
+
+
+def _stabilize(
+    recommendations: list[tuple[datetime, int]],
+    latest: Recommendation,
+    current: int,
+    spec: Autoscaling,
+    now: datetime,
+) -> tuple[int, str]:
+    """Rule 2: scale up only to the lowest, down only to the highest recommendation in effect during
+    the stabilization window, and not at all before the history covers that window."""
     up_window = _in_effect(recommendations, now - timedelta(seconds=spec.scale_up_stabilization_seconds))
     down_window = _in_effect(recommendations, now - timedelta(seconds=spec.scale_down_stabilization_seconds))
     up_recommendation = min(up_window) if up_window else latest.replicas
     down_recommendation = max(down_window) if down_window else latest.replicas
-
+    stabilized = min(max(current, up_recommendation), down_recommendation)
     reason = latest.reason
-    stabilized = current
-    if stabilized < up_recommendation:
-        stabilized = up_recommendation
-    if stabilized > down_recommendation:
-        stabilized = down_recommendation
     if latest.replicas > current and stabilized < latest.replicas:
         reason += (
             f"; scale-up held at {stabilized}: lowest recommendation in the last "
@@ -213,41 +250,31 @@ def decide(
             f"{spec.scale_down_stabilization_seconds}s"
         )
     if stabilized > current and not up_window:
-        stabilized, reason = (
-            current,
-            reason
-            + (
-                f"; scale-up waits: observed for less than "
-                f"scaleUpStabilizationSeconds={spec.scale_up_stabilization_seconds}"
-            ),
+        return current, reason + (
+            f"; scale-up waits: observed for less than "
+            f"scaleUpStabilizationSeconds={spec.scale_up_stabilization_seconds}"
         )
-    elif stabilized < current and not down_window:
-        stabilized, reason = (
-            current,
-            reason
-            + (
-                f"; scale-down waits: observed for less than "
-                f"scaleDownStabilizationSeconds={spec.scale_down_stabilization_seconds}"
-            ),
+    if stabilized < current and not down_window:
+        return current, reason + (
+            f"; scale-down waits: observed for less than "
+            f"scaleDownStabilizationSeconds={spec.scale_down_stabilization_seconds}"
         )
+    return stabilized, reason
 
-    replicas = stabilized
+
+def _limit_step(replicas: int, current: int, spec: Autoscaling, reason: str) -> tuple[int, str]:
+    """Rule 3: at most maxScaleUpStep / maxScaleDownStep replicas per decision."""
     if replicas > current + spec.max_scale_up_step:
-        replicas, reason = (
+        return (
             current + spec.max_scale_up_step,
             reason + f"; limited by maxScaleUpStep {spec.max_scale_up_step}",
         )
-    elif replicas < current - spec.max_scale_down_step:
-        replicas, reason = (
+    if replicas < current - spec.max_scale_down_step:
+        return (
             current - spec.max_scale_down_step,
             reason + f"; limited by maxScaleDownStep {spec.max_scale_down_step}",
         )
-    bounded = max(low, min(high, replicas))
-    if bounded != replicas:
-        reason += f"; bounded by [{low}, {high}]"
-    if bounded != current:
-        reason += f"; {current} -> {bounded}"
-    return Decision(bounded, current, max(low, min(high, latest.replicas)), latest.metric_value, reason)
+    return replicas, reason
 
 
 def _in_effect(recommendations: list[tuple[datetime, int]], since: datetime) -> list[int]:

@@ -88,6 +88,16 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool) ->
         else:
             raise SchemaError(f"unions other than X | None and int | str have no structural form: {options}")
 
+    _structural_scalars(node)
+    _convert_children(node, defs, keep_defaults)
+    if "description" in node:
+        node["description"] = " ".join(node["description"].split())
+    return _ordered(node)
+
+
+def _structural_scalars(node: dict[str, Any]) -> None:
+    """JSON Schema 2020 spellings -> OpenAPI v3.0 ones, in place: numeric exclusive bounds become
+    boolean flags beside minimum/maximum, const an one-value enum; unknown formats are dropped."""
     for bound, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if isinstance(node.get(bound), int | float) and not isinstance(node[bound], bool):
             node[inclusive] = node[bound]
@@ -96,6 +106,11 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool) ->
         node["enum"] = [node.pop("const")]
     if node.get("format") not in _KEEP_FORMATS:
         node.pop("format", None)
+
+
+def _convert_children(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool) -> None:
+    """Properties, items and map values converted in place; free-form objects marked as such
+    (a structural schema must say where unknown fields are kept)."""
     if "properties" in node:
         node["properties"] = {k: _convert(v, defs, keep_defaults) for k, v in node["properties"].items()}
     if "items" in node:
@@ -107,9 +122,6 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool) ->
         node["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
         node["x-kubernetes-preserve-unknown-fields"] = True
-    if "description" in node:
-        node["description"] = " ".join(node["description"].split())
-    return _ordered(node)
 
 
 def _ordered(node: dict[str, Any]) -> dict[str, Any]:

@@ -169,7 +169,7 @@ class KubeApi:
 
     async def list(self, resource: Resource, namespace: str | None = None, **params: str) -> Object | None:
         """The collection (`items`), with query `params` such as fieldSelector; None for 404."""
-        return await self._request("GET", resource.path(namespace), ok=(404,), **params)
+        return await self._request("GET", resource.path(namespace), None, ok=(404,), **params)
 
     async def merge_patch(
         self, resource: Resource, namespace: str | None, name: str, patch: Mapping[str, Any]
@@ -220,7 +220,7 @@ class KubeApi:
         """Delete one object (0 seconds grace: at once, e.g. a pod whose node is gone); a missing
         object counts as deleted."""
         params = {} if grace_period_seconds is None else {"gracePeriodSeconds": str(grace_period_seconds)}
-        await self._request("DELETE", resource.path(namespace, name), ok=(404,), **params)
+        await self._request("DELETE", resource.path(namespace, name), None, ok=(404,), **params)
 
     async def delete_collection(self, resource: Resource, namespace: str, label_selector: str) -> None:
         """Delete every object of `resource` in `namespace` matching `label_selector` (one call)."""

@@ -21,6 +21,7 @@ operator needs and kopf leaves at development defaults, and keeps the process ho
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,10 +298,7 @@ def run(
         api_retry_seconds=api_retry_seconds,
     )
     retry_backoffs(api_retry_seconds)  # refuse a bad value before anything starts
-    for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
-        stream.reconfigure(line_buffering=True)
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
-    logging.getLogger("kopf._core.reactor.running").addFilter(_DropThreadSignalWarning())
+    _configure_logging(verbose, json_logs)
     chosen = choose_priority(priority)
     heartbeat = watchdog.Heartbeat()
     registry = kopf.get_default_registry()
@@ -315,7 +314,7 @@ def run(
                 standalone=standalone,
                 priority=chosen,
                 peering_name=peering,
-                identity=identity,
+                identity=identity,  # type: ignore[arg-type]  # kopf's Identity: a NewType of str it does not export
                 clusterwide=not namespaces,
                 namespaces=list(namespaces),
                 stop_flag=kopf_stop,
@@ -344,37 +343,60 @@ def run(
     liveness = watchdog.LivenessServer(liveness_port, lambda: current[0]).start() if liveness_port else None
     thread = threading.Thread(target=run_kopf, name="kopf", daemon=True)
     thread.start()
-    dead_since: float | None = None
     try:
-        while True:
-            thread.join(0.25)
-            if stop_flag is not None and stop_flag.is_set() and not requested:
-                request_stop()
-            now = time.monotonic()
-            started, last_beat, dead = heartbeat.snapshot()
-            if dead and dead_since is None and not requested:  # kopf's tasks end on a requested stop too
-                dead_since = now
-                log.error("reconcilers are dead (%s): stopping kopf, then exiting 1", ", ".join(dead))
-                kopf_stop.set()  # a clean stop releases our peering record for the next replica
-            current[0] = verdict = watchdog.verdict(
-                now,
-                kopf_running=thread.is_alive(),
-                started=started,
-                last_beat=last_beat,
-                dead=dead,
-                stop_requested_at=requested[0] if requested else None,
-                dead_since=dead_since,
-            )
-            if verdict.exit_code is not None:
-                break
+        exit_code, reason = _watch(thread, heartbeat, kopf_stop, stop_flag, requested, request_stop, current)
     finally:
         if liveness is not None:
             liveness.close()
-    level = logging.INFO if verdict.exit_code == 0 and not thread.is_alive() else logging.ERROR
-    log.log(level, "lmforge operator stopped: %s", verdict.reason)
+    level = logging.INFO if exit_code == 0 and not thread.is_alive() else logging.ERROR
+    log.log(level, "lmforge operator stopped: %s", reason)
     if thread.is_alive():  # kopf's shutdown hangs: do not let its threads keep the process
-        _exit_now(verdict.exit_code)
-    return verdict.exit_code
+        _exit_now(exit_code)
+    return exit_code
+
+
+def _configure_logging(verbose: bool, json_logs: bool) -> None:
+    for stream in (sys.stdout, sys.stderr):  # logs reach `kubectl logs` at once, not per 8 KiB block
+        if isinstance(stream, io.TextIOWrapper):  # not when a test harness captured them
+            stream.reconfigure(line_buffering=True)
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if json_logs else kopf.LogFormat.FULL)
+    logging.getLogger("kopf._core.reactor.running").addFilter(_DropThreadSignalWarning())
+
+
+def _watch(
+    thread: threading.Thread,
+    heartbeat: watchdog.Heartbeat,
+    kopf_stop: threading.Event,
+    stop_flag: threading.Event | None,
+    requested: list[float],
+    request_stop: Callable[[], None],
+    current: list[watchdog.Verdict],
+) -> tuple[int, str]:
+    """Every 0.25 s: kopf's thread and the reconcilers' heartbeat -> the watchdog's verdict (published
+    in current[0] for the liveness probe), until it says exit: (exit code, reason). Dead reconcilers
+    stop kopf cleanly first, so the peering record is released for the next replica."""
+    dead_since: float | None = None
+    while True:
+        thread.join(0.25)
+        if stop_flag is not None and stop_flag.is_set() and not requested:
+            request_stop()
+        now = time.monotonic()
+        started, last_beat, dead = heartbeat.snapshot()
+        if dead and dead_since is None and not requested:  # kopf's tasks end on a requested stop too
+            dead_since = now
+            log.error("reconcilers are dead (%s): stopping kopf, then exiting 1", ", ".join(dead))
+            kopf_stop.set()  # a clean stop releases our peering record for the next replica
+        current[0] = verdict = watchdog.verdict(
+            now,
+            kopf_running=thread.is_alive(),
+            started=started,
+            last_beat=last_beat,
+            dead=dead,
+            stop_requested_at=requested[0] if requested else None,
+            dead_since=dead_since,
+        )
+        if verdict.exit_code is not None:
+            return verdict.exit_code, verdict.reason
 
 
 def _exit_now(code: int) -> None:

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,6 +66,16 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float  # time.monotonic()
+    lora_request: Any = None  # LoRARequest: the adapter it runs with (None: the base model)
+
+
+@dataclass(slots=True)
+class _Call:
+    """Runs fn(engine) on the engine thread between steps (LoRA load/unload); its result or exception
+    resolves `future` on the loop."""
+
+    fn: Callable[[Any], Any]
+    future: asyncio.Future
 
 
 @dataclass(slots=True)
@@ -128,12 +138,16 @@ class AsyncLLM:
         *,
         max_queue: int | None = None,
         observer: LatencyObserver | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._engine_factory = engine_factory
+        # called on the event loop when the engine reports a fatal failure (a tensor-parallel worker
+        # died or hung): every stream has already ended with EngineDeadError
+        self._on_fatal = on_fatal
         self.max_queue = max_queue
         self.observer = observer
         self.engine: Any = None  # set once loaded; read only immutable config from other threads
-        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Stop | _Call] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stats = EngineStats()
         self._num_pending = 0
@@ -205,9 +219,23 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """fn(engine) on the engine thread, between two steps (never concurrent with a forward)."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        if not self._accepting:
+            raise EngineNotReadyError("shutting down" if self._stopping else "model is loading")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, future))
+        return await future
+
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        lora_request: Any = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields cumulative RequestOutputs (intermediate ones may be skipped) until finished.
 
         Raises EngineNotReadyError / EngineDeadError / QueueFullError before yielding anything,
@@ -218,7 +246,7 @@ class AsyncLLM:
         self._admit(request_id)
         stream = _Stream()
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt, params, time.monotonic()))
+        self._commands.put(_Add(request_id, prompt, params, time.monotonic(), lora_request))
         finished = False
         try:
             while True:
@@ -265,18 +293,9 @@ class AsyncLLM:
     # --- engine thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            engine = self._engine_factory()
-        except BaseException as exc:  # noqa: BLE001 - reported through wait_loaded / health
-            logger.exception("engine failed to load")
-            self.error = exc
-            self._loaded.set()
+        engine = self._load()
+        if engine is None:
             return
-        self.engine = engine
-        self._publish_stats(engine, num_adds=0)
-        self._accepting = not self._stopping
-        self._loaded.set()
-        logger.info("engine loaded")
         live: dict[str, _Timing] = {}
         failures = 0
         while True:
@@ -287,34 +306,94 @@ class AsyncLLM:
                 self._publish_stats(engine, num_adds)
                 self._abort_all(engine, live, outbox, RequestAbortedError("engine shut down"))
                 self._send(outbox)
+                self._close_engine(engine)
                 return
             if engine.has_unfinished_requests():
-                try:
-                    outputs = engine.step()
-                    failures = 0
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    failures += 1
-                    logger.exception("engine step failed (%d in a row)", failures)
-                    self._abort_all(engine, live, outbox, RequestAbortedError(f"engine step failed: {exc}"))
-                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                        self.error = exc
-                    outputs = []
-                now = time.monotonic()
-                for output in outputs:
-                    timing = live.get(output.request_id)
-                    if timing is None:
-                        continue  # aborted while the step ran
-                    self._observe(timing, output, now)
-                    if output.finished:
-                        del live[output.request_id]
-                    outbox.append((output.request_id, _snapshot(output)))
+                failures = self._step(engine, live, outbox, failures)
             self._publish_stats(engine, num_adds)
             self._send(outbox)
             if self.error is not None:
                 self._drain_dead(engine)
+                self._close_engine(engine)
                 return
 
-    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop]:
+    def _fatal(self, reason: str) -> None:
+        """Any thread (the tensor-parallel watchdog): the engine is gone for good. Fail every stream
+        now, from the loop, since the engine thread may be stuck in a collective that never returns."""
+        error = EngineDeadError(f"engine failed: {reason}")
+        self.error = self.error or error
+        self._accepting = False
+
+        def fail_all() -> None:
+            for stream in list(self._streams.values()):
+                stream.queue.put_nowait(error)
+            if self._on_fatal is not None:
+                self._on_fatal(reason)
+
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fail_all)
+
+    @staticmethod
+    def _close_engine(engine: Any) -> None:
+        """The engine thread's last act: stop what the engine started (tensor-parallel workers)."""
+        close = getattr(engine, "shutdown", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                logger.exception("engine shutdown failed")
+
+    def _load(self) -> Any:
+        """The engine from the factory, or None after reporting why it did not load (wait_loaded / health)."""
+        try:
+            engine = self._engine_factory()
+        except BaseException as exc:  # noqa: BLE001 - reported through wait_loaded / health
+            logger.exception("engine failed to load")
+            self.error = exc
+            self._loaded.set()
+            return None
+        self.engine = engine
+        if hasattr(engine, "add_fatal_callback"):
+            engine.add_fatal_callback(self._fatal)
+        self._publish_stats(engine, num_adds=0)
+        self._accepting = not self._stopping
+        self._loaded.set()
+        logger.info("engine loaded")
+        return engine
+
+    def _step(
+        self,
+        engine: Any,
+        live: dict[str, _Timing],
+        outbox: list[tuple[str, RequestOutput | BaseException]],
+        failures: int,
+    ) -> int:
+        """One engine step, its outputs queued in `outbox`; -> the consecutive failures so far. A failed
+        step fails its batch and the engine keeps serving, until MAX_CONSECUTIVE_STEP_FAILURES in a row
+        mark it dead (self.error)."""
+        try:
+            outputs = engine.step()
+            failures = 0
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            failures += 1
+            logger.exception("engine step failed (%d in a row)", failures)
+            self._abort_all(engine, live, outbox, RequestAbortedError(f"engine step failed: {exc}"))
+            if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                self.error = exc
+            outputs = []
+        now = time.monotonic()
+        for output in outputs:
+            timing = live.get(output.request_id)
+            if timing is None:
+                continue  # aborted while the step ran
+            self._observe(timing, output, now)
+            if output.finished:
+                del live[output.request_id]
+            outbox.append((output.request_id, _snapshot(output)))
+        return failures
+
+    def _next_commands(self, block: bool) -> list[_Add | _Abort | _Stop | _Call]:
         commands = [self._commands.get()] if block else []
         while True:
             try:
@@ -327,14 +406,17 @@ class AsyncLLM:
         for command in commands:
             if isinstance(command, _Add):
                 num_adds += 1
+                lora = {} if command.lora_request is None else {"lora_request": command.lora_request}
                 try:
-                    engine.add_request(command.request_id, command.prompt, command.params)
+                    engine.add_request(command.request_id, command.prompt, command.params, **lora)
                 except Exception as exc:  # noqa: BLE001 - a bad request must not stop the loop
                     outbox.append(
                         (command.request_id, exc if isinstance(exc, ValueError) else ValueError(str(exc)))
                     )
                     continue
                 live[command.request_id] = _Timing(arrival_time=command.arrival_time)
+            elif isinstance(command, _Call):
+                self._resolve(command, engine)
             elif isinstance(command, _Abort):
                 timing = live.pop(command.request_id, None)
                 if timing is not None:
@@ -344,6 +426,24 @@ class AsyncLLM:
             else:
                 stop = True
         return num_adds, stop
+
+    def _resolve(self, command: _Call, engine: Any) -> None:
+        try:
+            result, error = command.fn(engine), None
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            result, error = None, exc
+        future = command.future
+
+        def settle() -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(settle)
 
     def _observe(self, timing: _Timing, output: RequestOutput, now: float) -> None:
         if self.observer is None:
@@ -403,11 +503,20 @@ class AsyncLLM:
             if isinstance(command, _Add):
                 self._publish_stats(engine, 1)
                 self._send([(command.request_id, error)])
+            elif isinstance(command, _Call):
+                self._resolve(_Call(_raiser(error), command.future), engine)
             elif isinstance(command, _Stop):
                 return
 
 
-async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+def _raiser(error: BaseException) -> Callable[[Any], Any]:
+    def fail(_: Any) -> Any:
+        raise error
+
+    return fail
+
+
+async def start_streams(gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
     """Starts several generate() streams together and returns each one's first output; if any
     fails (queue full, rejected), closes them all (aborting the others) and raises its error."""
     results = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
@@ -419,8 +528,8 @@ async def start_streams(gens: list[AsyncIterator[RequestOutput]]) -> list[Reques
 
 
 async def merge_streams(
-    gens: list[AsyncIterator[RequestOutput]], firsts: list[RequestOutput]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """(stream index, output) from streams started by start_streams, as outputs arrive. Closing
     the merged iterator closes every stream."""
     for i, first in enumerate(firsts):
@@ -431,6 +540,16 @@ async def merge_streams(
                 async for out in gen:
                     yield 0, out
         return
+    async with contextlib.aclosing(_interleave(gens, firsts)) as merged:  # closed with this iterator
+        async for item in merged:
+            yield item
+
+
+async def _interleave(
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """merge_streams of several streams: one `anext` task per unfinished stream, outputs in the order
+    they arrive; every stream is closed at the end."""
     pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(gens) if not firsts[i].finished}
     try:
         while pending:

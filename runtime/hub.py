@@ -87,3 +87,50 @@ def resolve(uri: str, *, repo_type: str = "model", what: str | None = None) -> P
             f"{prefix}cannot download {uri} ({repo_type} repo) into {cache}: {detail}{hint}"
         ) from exc
     return Path(path)
+
+
+def snapshot_to(uri: str, local_dir: Path, *, repo_type: str = "model") -> str:
+    """Download hf://org/name[@revision] into `local_dir` itself (the storage initializer's
+    target, no HF cache layout); returns the commit sha. Files already there are kept
+    (snapshot_download resumes and re-checks them)."""
+    from huggingface_hub import snapshot_download
+
+    from lmforge.runtime.storage.uri import parse
+
+    parsed = parse(uri)
+    endpoint, token = os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
+    sha = revision_of(uri, repo_type=repo_type)
+    try:
+        snapshot_download(
+            parsed.repo_id,
+            repo_type=repo_type,
+            revision=sha,
+            local_dir=local_dir,
+            endpoint=endpoint,
+            token=token,
+            allow_patterns=list(DATASET_ALLOW) if repo_type == "dataset" else None,
+            ignore_patterns=list(MODEL_IGNORE) if repo_type == "model" else None,
+        )
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if token else " (gated or private repos need HF_TOKEN in the environment)"
+        raise HubError(f"cannot download {uri} ({repo_type} repo) into {local_dir}: {detail}{hint}") from exc
+    return sha
+
+
+def revision_of(uri: str, *, repo_type: str = "model") -> str:
+    """The commit sha hf://org/name[@revision] resolves to now (one small API request)."""
+    from huggingface_hub import HfApi
+
+    from lmforge.runtime.storage.uri import parse
+
+    parsed = parse(uri)
+    endpoint, token = os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
+    try:
+        info = HfApi(endpoint=endpoint, token=token).repo_info(
+            parsed.repo_id, repo_type=repo_type, revision=parsed.revision
+        )
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HubError(f"cannot resolve {uri} ({repo_type} repo): {detail}") from exc
+    return info.sha or parsed.revision or "main"

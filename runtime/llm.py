@@ -6,10 +6,11 @@ import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lmforge.runtime.engine.config import EngineArgs
 from lmforge.runtime.engine.llm_engine import LLMEngine
+from lmforge.runtime.lora.request import LoRARequest
 from lmforge.runtime.outputs import RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 
@@ -56,6 +57,16 @@ class LLM:
         self.llm_engine = LLMEngine(args)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
@@ -64,9 +75,17 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs come back in input order."""
+        """Runs every prompt to completion; outputs come back in input order. lora_request: one adapter
+        for every prompt or one per prompt (None: the base model), as vLLM's."""
         prompts = _as_prompt_list(prompts)
+        loras: list[LoRARequest | None] = (
+            [lora_request] * len(prompts) if lora_request is None or isinstance(lora_request, LoRARequest)
+            else list(lora_request)
+        )  # fmt: skip
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts")
         params = sampling_params or SamplingParams()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
@@ -74,7 +93,7 @@ class LLM:
         # only the final outputs are returned: the engine need not build one per step (vLLM does the same)
         params_list = [dataclasses.replace(p, output_kind="final_only") for p in params_list]
         order: dict[str, int] = {}
-        for prompt, p in zip(prompts, params_list, strict=True):
+        for prompt, p, lora in zip(prompts, params_list, loras, strict=True):
             rid = str(next(self._ids))
             order[rid] = len(order)
             if isinstance(prompt, dict):
@@ -83,9 +102,10 @@ class LLM:
                     prompt.get("prompt") or prompt["prompt_token_ids"],
                     p,
                     prompt_token_ids=prompt.get("prompt_token_ids"),
+                    lora_request=lora,
                 )
             else:
-                self.llm_engine.add_request(rid, prompt, p)
+                self.llm_engine.add_request(rid, prompt, p, lora_request=lora)
         return self._run(order)
 
     def chat(
@@ -122,7 +142,7 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str | dict):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [cast(list[int], items)]  # one prompt given as token ids
+    return cast(list[Prompt], items)

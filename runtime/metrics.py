@@ -9,6 +9,7 @@ Two kinds of source:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,12 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    max_lora: int = 0  # LoRA device slots (0: LoRA off)
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    lora_requests: tuple[tuple[str, int], ...] = ()  # per adapter name
+    lora_prompt_tokens: tuple[tuple[str, int], ...] = ()
+    lora_generation_tokens: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_engine(cls, raw: Any) -> EngineStats:
@@ -120,6 +127,12 @@ class EngineStats:
             num_preemptions=int(get("num_preemptions", 0)),
             prompt_tokens=int(get("prompt_tokens_total", 0)),
             generation_tokens=int(get("generation_tokens_total", 0)),
+            max_lora=int(get("max_lora", 0)),
+            running_lora_adapters=tuple(get("running_lora_adapters", ()) or ()),
+            waiting_lora_adapters=tuple(get("waiting_lora_adapters", ()) or ()),
+            lora_requests=tuple(sorted((get("lora_requests_total", None) or {}).items())),
+            lora_prompt_tokens=tuple(sorted((get("lora_prompt_tokens_total", None) or {}).items())),
+            lora_generation_tokens=tuple(sorted((get("lora_generation_tokens_total", None) or {}).items())),
         )
 
 
@@ -159,6 +172,39 @@ class EngineStatsCollector(Collector):
         yield self._counter(
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits
         )
+        if s.max_lora:
+            yield from self._lora(s)
+
+    def _lora(self, s: EngineStats) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """vLLM's info gauge (adapters running / waiting, as comma lists; value: the scrape time) and
+        per-adapter counters labelled lora_name."""
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on LoRA requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric(
+            [str(s.max_lora), ",".join(s.running_lora_adapters), ",".join(s.waiting_lora_adapters)],
+            time.time(),
+        )
+        yield info
+        for name, doc, values in (
+            ("lmforge:lora_requests", "Requests admitted, per LoRA adapter.", s.lora_requests),
+            (
+                "lmforge:lora_prompt_tokens",
+                "Prompt tokens prefilled, per LoRA adapter.",
+                s.lora_prompt_tokens,
+            ),
+            (
+                "lmforge:lora_generation_tokens",
+                "Tokens generated, per LoRA adapter.",
+                s.lora_generation_tokens,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name", "lora_name"])
+            for lora_name, value in values:
+                family.add_metric([self.model_name, lora_name], value)
+            yield family
 
 
 class ServerMetrics:

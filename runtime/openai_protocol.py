@@ -167,7 +167,7 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt, str):
             return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
+            return [list(self.prompt)]
         return list(self.prompt)  # type: ignore[arg-type]
 
 
@@ -402,7 +402,7 @@ class EmbeddingRequest(OpenAIModel):
         if isinstance(self.input, str):
             return [self.input]
         if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]  # type: ignore[arg-type]
+            return [list(self.input)]
         return list(self.input)  # type: ignore[arg-type]
 
 
@@ -437,6 +437,17 @@ class ModelCard(BaseModel):
     root: str | None = None
     max_model_len: int | None = None
     task: str = "generate"  # lmforge extra: "embed" when served with --task embed
+    parent: str | None = None  # a LoRA adapter: the base model it runs on (vLLM's field)
+
+
+class LoadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's optional field; the name decides
 
 
 class ModelList(BaseModel):

@@ -262,6 +262,27 @@ def structured_outputs(req: proto.SamplingFields) -> StructuredOutputsParams | N
     """The one output constraint a request asks for (response_format, structured_outputs or a
     guided_* field), checked with the grammar library now so that a bad schema is a 400 naming
     its field. Asking for two is a 400, never a silent pick."""
+    _refuse_unserved_guided_fields(req)
+    asked = [
+        *_from_response_format(req.response_format),
+        *_from_structured_outputs(req.structured_outputs),
+        *_from_guided_fields(req),
+    ]
+    found = [(param, _constraint(param, kwargs)) for param, kwargs in asked]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise bad_request(f"give one output constraint, not {' and '.join(p for p, _ in found)}", found[1][0])
+    param, spec = found[0]
+    check_constraint(spec, param)
+    return spec
+
+
+# (request field, StructuredOutputsParams keyword arguments) of each constraint a request sets
+_Asked = list[tuple[str, dict[str, Any]]]
+
+
+def _refuse_unserved_guided_fields(req: proto.SamplingFields) -> None:
     for name in ("guided_whitespace_pattern", "structural_tag"):
         if getattr(req, name) is not None:
             raise bad_request(f"{name} is not supported", name)
@@ -271,52 +292,53 @@ def structured_outputs(req: proto.SamplingFields) -> StructuredOutputsParams | N
             f"uses llguidance ({', '.join(_GUIDED_BACKENDS)})",
             "guided_decoding_backend",
         )
-    found: list[tuple[str, StructuredOutputsParams]] = []
 
-    def add(param: str, **kwargs: Any) -> None:
-        try:
-            found.append((param, StructuredOutputsParams(**kwargs)))
-        except ValueError as exc:
-            raise bad_request(str(exc), param) from None
 
-    fmt = req.response_format
+def _constraint(param: str, kwargs: dict[str, Any]) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from None
+
+
+def _from_response_format(fmt: proto.ResponseFormat | None) -> _Asked:
     if fmt is not None and fmt.type == "json_object":
-        add("response_format", json_object=True)
-    elif fmt is not None and fmt.type == "json_schema":
+        return [("response_format", {"json_object": True})]
+    if fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise bad_request(
                 "response_format json_schema needs json_schema.schema", "response_format.json_schema"
             )
-        add("response_format.json_schema.schema", json=json.dumps(fmt.json_schema.schema_))
-    so = req.structured_outputs
-    if so is not None:
-        schema = so.json_ if so.json_ is None or isinstance(so.json_, str) else json.dumps(so.json_)
-        add(
-            "structured_outputs",
-            json=schema,
-            regex=so.regex,
-            choice=tuple(so.choice) if so.choice is not None else None,
-            grammar=so.grammar,
-            json_object=bool(so.json_object),
-        )
+        return [("response_format.json_schema.schema", {"json": json.dumps(fmt.json_schema.schema_)})]
+    return []
+
+
+def _from_structured_outputs(so: proto.StructuredOutputsRequest | None) -> _Asked:
+    if so is None:
+        return []
+    schema = so.json_ if so.json_ is None or isinstance(so.json_, str) else json.dumps(so.json_)
+    kwargs = {
+        "json": schema,
+        "regex": so.regex,
+        "choice": tuple(so.choice) if so.choice is not None else None,
+        "grammar": so.grammar,
+        "json_object": bool(so.json_object),
+    }
+    return [("structured_outputs", kwargs)]
+
+
+def _from_guided_fields(req: proto.SamplingFields) -> _Asked:
+    asked: _Asked = []
     if req.guided_json is not None:
-        add(
-            "guided_json",
-            json=req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json),
-        )
+        schema = req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json)
+        asked.append(("guided_json", {"json": schema}))
     if req.guided_regex is not None:
-        add("guided_regex", regex=req.guided_regex)
+        asked.append(("guided_regex", {"regex": req.guided_regex}))
     if req.guided_choice is not None:
-        add("guided_choice", choice=tuple(req.guided_choice))
+        asked.append(("guided_choice", {"choice": tuple(req.guided_choice)}))
     if req.guided_grammar is not None:
-        add("guided_grammar", grammar=req.guided_grammar)
-    if not found:
-        return None
-    if len(found) > 1:
-        raise bad_request(f"give one output constraint, not {' and '.join(p for p, _ in found)}", found[1][0])
-    param, spec = found[0]
-    check_constraint(spec, param)
-    return spec
+        asked.append(("guided_grammar", {"grammar": req.guided_grammar}))
+    return asked
 
 
 def check_constraint(spec: StructuredOutputsParams, param: str) -> None:

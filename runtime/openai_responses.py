@@ -14,7 +14,7 @@ import contextlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from pydantic import BaseModel
 
@@ -40,7 +40,7 @@ MIN_LOGPROB = -9999.0  # what JSON gets instead of -inf (JSON has no infinities)
 SSE_DONE = "data: [DONE]\n\n"
 
 TokenStr = Callable[[int], str]  # token id -> its text alone (the server caches these)
-OutputStream = AsyncIterator[tuple[int, RequestOutput]]  # (prompt index, cumulative output)
+OutputStream = AsyncGenerator[tuple[int, RequestOutput], None]  # (prompt index, cumulative output)
 
 
 # Line breaks to Unicode but not to JSON: line-based SSE readers (httpx iter_lines, str.splitlines)
@@ -216,8 +216,12 @@ def tool_parser_for(prepared: Prepared) -> ToolParser | None:
     if mode.choice == "none":
         return None
     if mode.choice == "named":
+        assert mode.function_name is not None  # a "named" mode always names its function
         return NamedToolParser(mode.function_name)
-    return RequiredToolParser() if mode.choice == "required" else get_tool_parser(mode.parser)
+    if mode.choice == "required":
+        return RequiredToolParser()
+    assert mode.parser is not None  # "auto" is chosen only with a --tool-call-parser
+    return get_tool_parser(mode.parser)
 
 
 def tool_finish_reason(prepared: Prepared, finish_reason: str | None, num_calls: int) -> str | None:
@@ -327,8 +331,9 @@ def holdback(req: proto.SamplingFields) -> int:
 
 def _usage_flags(req: proto.SamplingFields) -> tuple[bool, bool]:
     """(a final usage-only chunk, usage on every chunk)."""
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return include_usage, bool(include_usage and req.stream_options.continuous_usage_stats)
+    options = req.stream_options
+    include_usage = bool(options and options.include_usage)
+    return include_usage, bool(options and include_usage and options.continuous_usage_stats)
 
 
 async def completion_stream(
@@ -337,7 +342,7 @@ async def completion_stream(
     response_id: str,
     stream: OutputStream,
     token_str: TokenStr,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE events of a streamed completion, ending with `data: [DONE]`. With echo, each choice's
     first chunk starts with its prompt text."""
     created, hold = int(time.time()), holdback(req)
@@ -403,7 +408,7 @@ async def chat_stream(
     response_id: str,
     stream: OutputStream,
     token_str: TokenStr,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """SSE events of a streamed chat completion: a role chunk per choice first (as OpenAI), then
     content deltas, ending with `data: [DONE]`."""
     created, hold, k = int(time.time()), holdback(req), req.num_logprobs()
@@ -443,23 +448,7 @@ async def chat_stream(
             parser = tool_parser_for(prepared)
             if parser is not None:  # the text goes through the parser: content and call deltas
                 streamer = tools.setdefault(c.index, ToolCallStreamer(parser))
-                content, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
-                if not prepared.tool_mode.parallel:
-                    updates = [u for u in updates if u.index == 0]
-                message = proto.DeltaMessage(
-                    content=content or None,
-                    tool_calls=[
-                        proto.ToolCallDelta(
-                            index=u.index,
-                            id=u.id,
-                            type="function" if u.id else None,
-                            function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments),
-                        )
-                        for u in updates
-                    ]
-                    or None,
-                )
-                finish_reason = tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
+                message, finish_reason = _tool_call_delta(streamer, prepared, c, cursor.text_sent)
                 if message.content is None and message.tool_calls is None and start == end and not c.finished:
                     continue
             choices.append(
@@ -486,6 +475,27 @@ async def chat_stream(
     yield SSE_DONE
 
 
+def _tool_call_delta(
+    streamer: ToolCallStreamer, prepared: Prepared, c: CompletionOutput, text_sent: int
+) -> tuple[proto.DeltaMessage, str | None]:
+    """A streamed choice's delta (content and tool call deltas) and finish reason when its text goes
+    through the tool parser; parallel_tool_calls=false keeps the first call only."""
+    content, updates = streamer.feed(c.text[:text_sent], c.finished)
+    if not prepared.tool_mode.parallel:
+        updates = [u for u in updates if u.index == 0]
+    calls = [
+        proto.ToolCallDelta(
+            index=u.index,
+            id=u.id,
+            type="function" if u.id else None,
+            function=proto.FunctionCallDelta(name=u.name, arguments=u.arguments),
+        )
+        for u in updates
+    ]
+    message = proto.DeltaMessage(content=content or None, tool_calls=calls or None)
+    return message, tool_finish_reason(prepared, c.finish_reason, streamer.num_calls)
+
+
 # --- engine failures -------------------------------------------------------------------------------
 
 
@@ -503,7 +513,9 @@ def engine_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {exc}", "internal_error")
 
 
-async def with_error_event(body: AsyncIterator[str], stream: AsyncIterator[object]) -> AsyncIterator[str]:
+async def with_error_event(
+    body: AsyncGenerator[str, None], stream: AsyncGenerator[object, None]
+) -> AsyncGenerator[str, None]:
     """An engine failure mid-stream becomes an error event (headers are already sent). Closing
     this closes `body` and `stream` (and so aborts the engine requests) right away, not at GC."""
     try:

@@ -13,7 +13,7 @@ fields listed in REFUSED answer 400 naming the field.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -30,7 +30,7 @@ from lmforge.runtime.openai_responses import (
     tool_parser_for,
 )
 from lmforge.runtime.outputs import RequestOutput
-from lmforge.runtime.tool_parsers import ToolCallStreamer
+from lmforge.runtime.tool_parsers import ToolCallStreamer, ToolCallUpdate
 
 # Fields whose meaning needs server state or features this server does not have.
 REFUSED = (
@@ -117,19 +117,7 @@ def _item_text(content: Any, param: str) -> str:
 
 def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
     """The equivalent chat request; every field that does not map is refused by name."""
-    for name in REFUSED:
-        if getattr(req, name) is not None:
-            raise bad_request(
-                f"{name} is not supported (this server stores no responses and has no "
-                "reasoning or prompt templates)",
-                name,
-            )
-    if req.store:
-        raise bad_request("store=true is not supported: responses are not stored", "store")
-    if req.include:
-        raise bad_request(f"include {req.include} is not supported", "include")
-    if req.truncation == "auto":
-        raise bad_request("truncation 'auto' is not supported (a prompt too long is a 400)", "truncation")
+    _refuse_unmapped(req)
     messages: list[dict[str, Any]] = (
         [{"role": "system", "content": req.instructions}] if req.instructions else []
     )
@@ -137,67 +125,13 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
     if not items:
         raise bad_request("input must not be empty", "input")
     for i, item in enumerate(items):
-        kind = item.get("type", "message")
-        if kind == "message":
-            if item.get("role") not in ("user", "system", "developer", "assistant"):
-                raise bad_request(f"role {item.get('role')!r} is not supported", f"input.{i}.role")
-            messages.append(
-                {"role": item["role"], "content": _item_text(item.get("content"), f"input.{i}.content")}
-            )
-        elif kind == "function_call":
-            call = {
-                "id": item.get("call_id"),
-                "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
-            }
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": item.get("call_id"),
-                    "content": output if isinstance(output, str) else _item_text(output, f"input.{i}.output"),
-                }
-            )
-        else:
-            raise bad_request(
-                f"input item type {kind!r} is not supported (message, function_call, "
-                "function_call_output are)",
-                f"input.{i}.type",
-            )
-    tools = None
-    if req.tools:
-        for i, tool in enumerate(req.tools):
-            if tool.type != "function" or not tool.name:
-                raise bad_request(
-                    f"tool type {tool.type!r} is not supported: only named function tools are served",
-                    f"tools.{i}.type",
-                )
-        tools = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                    "strict": t.strict,
-                },
-            }
-            for t in req.tools
-        ]
-    tool_choice = req.tool_choice
-    if isinstance(tool_choice, ResponseToolChoice):
-        tool_choice = {"type": "function", "function": {"name": tool_choice.name}}
-    fmt = req.text.format if req.text is not None else None
-    response_format = None
-    if fmt is not None and fmt.type != "text":
-        response_format = {"type": fmt.type}
-        if fmt.type == "json_schema":
-            response_format["json_schema"] = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}
+        _append_item(messages, item, i)
+    tool_choice: str | dict[str, Any] | None = (
+        {"type": "function", "function": {"name": req.tool_choice.name}}
+        if isinstance(req.tool_choice, ResponseToolChoice)
+        else req.tool_choice
+    )
+    tools, response_format = _chat_tools(req.tools), _response_format(req)
     try:
         return proto.ChatCompletionRequest(
             model=req.model,
@@ -213,6 +147,92 @@ def to_chat_request(req: ResponsesRequest) -> proto.ChatCompletionRequest:
         )
     except ValueError as exc:  # pydantic: a malformed item (e.g. a function_call without its name)
         raise bad_request(f"input could not be read: {exc}", "input") from None
+
+
+def _refuse_unmapped(req: ResponsesRequest) -> None:
+    for name in REFUSED:
+        if getattr(req, name) is not None:
+            raise bad_request(
+                f"{name} is not supported (this server stores no responses and has no "
+                "reasoning or prompt templates)",
+                name,
+            )
+    if req.store:
+        raise bad_request("store=true is not supported: responses are not stored", "store")
+    if req.include:
+        raise bad_request(f"include {req.include} is not supported", "include")
+    if req.truncation == "auto":
+        raise bad_request("truncation 'auto' is not supported (a prompt too long is a 400)", "truncation")
+
+
+def _append_item(messages: list[dict[str, Any]], item: dict[str, Any], i: int) -> None:
+    """One input item as chat messages: a message, a function call (parallel calls join one assistant
+    turn) or a function call's output (a tool message)."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        if item.get("role") not in ("user", "system", "developer", "assistant"):
+            raise bad_request(f"role {item.get('role')!r} is not supported", f"input.{i}.role")
+        messages.append(
+            {"role": item["role"], "content": _item_text(item.get("content"), f"input.{i}.content")}
+        )
+    elif kind == "function_call":
+        call = {
+            "id": item.get("call_id"),
+            "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+        }
+        if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+            messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        messages.append(
+            {
+                "role": "tool",
+                "tool_call_id": item.get("call_id"),
+                "content": output if isinstance(output, str) else _item_text(output, f"input.{i}.output"),
+            }
+        )
+    else:
+        raise bad_request(
+            f"input item type {kind!r} is not supported (message, function_call, function_call_output are)",
+            f"input.{i}.type",
+        )
+
+
+def _chat_tools(tools: list[ResponseTool] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    for i, tool in enumerate(tools):
+        if tool.type != "function" or not tool.name:
+            raise bad_request(
+                f"tool type {tool.type!r} is not supported: only named function tools are served",
+                f"tools.{i}.type",
+            )
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+                "strict": t.strict,
+            },
+        }
+        for t in tools
+    ]
+
+
+def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    """text.format as chat's response_format (None for plain text)."""
+    fmt = req.text.format if req.text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    response_format: dict[str, Any] = {"type": fmt.type}
+    if fmt.type == "json_schema":
+        response_format["json_schema"] = {"name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}
+    return response_format
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -318,9 +338,41 @@ class _EventWriter:
         return sse(event, event=kind)
 
 
+def _call_events(
+    updates: list[ToolCallUpdate],
+    calls: dict[int, dict[str, Any]],
+    output: list[dict[str, Any]],
+    emit: _EventWriter,
+    parallel: bool,
+) -> list[str]:
+    """This step's tool call events: a function_call item (added to `calls` and `output`) when a call
+    starts, then its argument deltas; parallel=False keeps the first call only."""
+    events = []
+    for u in updates:
+        if not parallel and u.index > 0:
+            continue
+        if u.id is not None:
+            assert u.name is not None  # a call's first update carries its id and name
+            item = calls[u.index] = _call_item(u.id, u.name, "", "in_progress")
+            output.append(item)
+            events.append(emit("response.output_item.added", output_index=len(output) - 1, item=item))
+        item = calls[u.index]
+        if u.arguments:
+            item["arguments"] += u.arguments
+            events.append(
+                emit(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=output.index(item),
+                    delta=u.arguments,
+                )
+            )
+    return events
+
+
 async def response_stream(
     req: ResponsesRequest, prepared: Prepared, response_id: str, stream: OutputStream
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """The Responses API's typed SSE events for one generation: text deltas in a message item,
     each tool call its own function_call item with argument deltas; an engine failure after the
     headers went out is an `error` event, then `response.failed`."""
@@ -344,7 +396,7 @@ async def response_stream(
             last = out
             c = out.outputs[0]
             delta, _, _ = cursor.take(c, 0)
-            updates = []
+            updates: list[ToolCallUpdate] = []
             if streamer is not None:
                 delta, updates = streamer.feed(c.text[: cursor.text_sent], c.finished)
             if delta:
@@ -372,22 +424,8 @@ async def response_stream(
                     delta=delta,
                     logprobs=[],
                 )
-            for u in updates:
-                if not prepared.tool_mode.parallel and u.index > 0:
-                    continue
-                if u.id is not None:
-                    item = calls[u.index] = _call_item(u.id, u.name, "", "in_progress")
-                    output.append(item)
-                    yield emit("response.output_item.added", output_index=len(output) - 1, item=item)
-                item = calls[u.index]
-                if u.arguments:
-                    item["arguments"] += u.arguments
-                    yield emit(
-                        "response.function_call_arguments.delta",
-                        item_id=item["id"],
-                        output_index=output.index(item),
-                        delta=u.arguments,
-                    )
+            for event in _call_events(updates, calls, output, emit, prepared.tool_mode.parallel):
+                yield event
     except (RequestAbortedError, EngineDeadError) as exc:  # headers are sent: the failure is an event
         err = engine_error(exc)
         yield emit("error", code=err.type, message=err.message, param=None)

@@ -65,6 +65,11 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        self._check_sampling()
+        self._check_outputs()
+
+    def _check_sampling(self) -> None:
+        """The distribution knobs: temperature, top-p/k, min-p and the penalties."""
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -79,6 +84,9 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+
+    def _check_outputs(self) -> None:
+        """Lengths, logprobs, the output kind, and what stop strings and grammars exclude."""
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):

@@ -6,6 +6,7 @@ import argparse
 import os
 
 API_KEY_ENV = "LMFORGE_API_KEY"
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # runtime/tool_parsers.py (a test keeps them equal)
 TASKS = ("generate", "embed")
 
@@ -31,7 +32,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--model",
         required=True,
         metavar="PATH",
-        help="local HF checkpoint directory (config.json, *.safetensors, tokenizer files)",
+        help="HF checkpoint directory (config.json, *.safetensors, tokenizer files), or hf://org/name[@rev] "
+        "or s3://bucket/prefix, downloaded first (see `lmforge fetch`)",
     )
     model.add_argument(
         "--served-model-name",
@@ -115,6 +117,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help='--task embed: {"pooling_type": "LAST" or "MEAN", "normalize": true/false} '
         "(default: LAST, normalized)",
     )
+    engine.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive_int,
+        default=1,
+        help="split the model over this many GPUs (one process per rank, NCCL; gloo on cpu) (default: 1)",
+    )
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument(
         "--load-format",
@@ -122,6 +131,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         choices=["auto", "dummy"],
         help="auto: the checkpoint's safetensors; dummy: random weights from config.json "
         "alone (benchmarks of a model shape, as vLLM's --load-format dummy)",
+    )
+
+    lora = parser.add_argument_group("lora")
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters beside the base model")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="NAME=PATH",
+        help='adapters loaded at start: name=path or JSON {"name": ..., "path": ...}; clients pick one '
+        "by putting its name in `model`",
+    )
+    lora.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=1,
+        help="adapters resident on the device at once = most distinct adapters in one batch (default: 1)",
+    )
+    lora.add_argument(
+        "--max-lora-rank", type=_positive_int, default=16, help="largest adapter rank served (default: 16)"
+    )
+    lora.add_argument(
+        "--max-cpu-loras",
+        type=_positive_int,
+        default=None,
+        help="adapters kept in host memory, LRU (default: --max-loras); others are re-read from disk",
+    )
+    lora.add_argument(
+        "--allow-runtime-lora-updating",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key applies; "
+        f"default: ${RUNTIME_LORA_ENV}, vLLM's switch)",
     )
 
     server = parser.add_argument_group("server")
@@ -164,7 +207,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def lora_modules(args: argparse.Namespace) -> dict[str, str]:
+    """--lora-modules as name -> path; ValueError naming the entry when malformed or without
+    --enable-lora."""
+    import json
+
+    entries = getattr(args, "lora_modules", None) or []
+    if entries and not getattr(args, "enable_lora", False):
+        raise ValueError("--lora-modules needs --enable-lora")
+    modules: dict[str, str] = {}
+    for entry in entries:
+        if entry.lstrip().startswith("{"):
+            try:
+                spec = json.loads(entry)
+                name, path = spec["name"], spec["path"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(
+                    f'--lora-modules {entry!r}: expected JSON {{"name": ..., "path": ...}}'
+                ) from None
+        else:
+            name, sep, path = entry.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules {entry!r}: expected name=path")
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[str(name)] = str(path)
+    return modules
+
+
 def served_model_names(args: argparse.Namespace) -> list[str]:
     if args.served_model_name:
         return list(args.served_model_name)
-    return [os.path.basename(os.path.normpath(args.model))]
+    source = getattr(args, "model_source", None) or args.model  # hf://org/name -> name, not a cache path
+    return [os.path.basename(os.path.normpath(source.split("@", 1)[0]))]

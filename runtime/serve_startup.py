@@ -7,9 +7,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
+
+from lmforge.runtime.serve_args import lora_modules, served_model_names
 
 # --quantization -> (weight bits, weight type) that the checkpoint's compressed-tensors config must declare
 QUANTIZATION_WEIGHTS = {"w8a16": (8, "int"), "w4a16": (4, "int"), "fp8": (8, "float")}
+
+
+def _lora_flags(args: argparse.Namespace) -> str | None:
+    """--lora-modules parses, names no served model, and the LoRA flags come with --enable-lora."""
+    try:
+        adapters = lora_modules(args)
+    except ValueError as exc:
+        return str(exc)
+    clash = set(adapters) & set(served_model_names(args))
+    if clash:
+        return f"--lora-modules name {sorted(clash)[0]!r} is also a served model name"
+    if getattr(args, "allow_runtime_lora_updating", False) and not getattr(args, "enable_lora", False):
+        return "--allow-runtime-lora-updating needs --enable-lora"
+    return None
 
 
 def unsupported_model_flags(args: argparse.Namespace) -> str | None:
@@ -29,6 +46,9 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
             PoolerConfig.from_json(args.pooler_config)
         except ValueError as exc:
             return f"--pooler-config: {exc}"
+    lora_problem = _lora_flags(args)
+    if lora_problem:
+        return lora_problem
     if getattr(args, "kv_cache_dtype", "auto") not in ("auto", "int8"):
         return f"--kv-cache-dtype {args.kv_cache_dtype} is not implemented by this runtime yet (use auto or int8)"
     expected = getattr(args, "quantization", None)
@@ -47,6 +67,38 @@ def unsupported_model_flags(args: argparse.Namespace) -> str | None:
             f"--quantization {expected} but {args.model}/config.json declares "
             f"{qconfig.get('quant_method') or 'no quantization'} {found or ''}".rstrip()
         )
+    return None
+
+
+def local_model_dir(args: argparse.Namespace) -> str | None:
+    """--model hf://... or s3://...: download it now (hf:// into the HF cache, shared with the
+    trainer and quantizer; s3:// into $LMFORGE_MODEL_DIR or /tmp/lmforge-models/<uri hash>),
+    and point args.model at the local copy; returns an error message, or None. Pods of an
+    InferenceService get the files from their storage initializer instead (`lmforge fetch` in an
+    init container), so this is for `lmforge serve` run by hand."""
+    source = args.model
+    if not source.startswith(("hf://", "s3://")):
+        return None
+    from lmforge.runtime import hub
+    from lmforge.runtime.storage import cache as node_cache
+    from lmforge.runtime.storage.s3 import StorageError
+    from lmforge.runtime.storage.transfer import fetch
+    from lmforge.runtime.storage.uri import URIError, parse
+
+    try:
+        uri = parse(source, "--model")
+        if uri.scheme == "hf" and uri.revision is None:
+            local = str(hub.resolve(source, what="--model"))
+        elif uri.scheme == "hf":  # a pinned revision: its own directory
+            local = fetch(source, hub.cache_dir() / "lmforge-revisions" / node_cache.key(source)).path
+        else:
+            target = os.environ.get("LMFORGE_MODEL_DIR") or os.path.join(
+                "/tmp/lmforge-models", node_cache.key(source)
+            )
+            local = fetch(source, Path(target)).path
+    except (URIError, StorageError, hub.HubError, OSError) as exc:
+        return str(exc)
+    args.model_source, args.model = source, local
     return None
 
 

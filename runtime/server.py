@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,6 +47,7 @@ from lmforge.runtime.async_engine import (
     merge_streams,
     start_streams,
 )
+from lmforge.runtime.lora.request import LoRARequest
 from lmforge.runtime.metrics import CONTENT_TYPE, ServerMetrics
 from lmforge.runtime.openai_requests import (
     APIError,
@@ -70,8 +72,8 @@ from lmforge.runtime.openai_responses import (
 )
 from lmforge.runtime.outputs import RequestOutput
 from lmforge.runtime.responses_api import ResponsesRequest, final_response, response_stream, to_chat_request
-from lmforge.runtime.serve_args import served_model_names
-from lmforge.runtime.serve_startup import limit_cpu_threads, unsupported_model_flags
+from lmforge.runtime.serve_args import lora_modules, served_model_names
+from lmforge.runtime.serve_startup import limit_cpu_threads, local_model_dir, unsupported_model_flags
 
 logger = logging.getLogger("lmforge.runtime.server")
 
@@ -108,6 +110,10 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
             "task": getattr(args, "task", None),
             "pooler_config": None if pooler is None else PoolerConfig.from_json(pooler),
         }
+        lora = {}
+        if getattr(args, "enable_lora", False):
+            lora = dict(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        max_cpu_loras=args.max_cpu_loras, lora_modules=lora_modules(args))  # fmt: skip
         return LLMEngine(
             EngineArgs(
                 model=args.model,
@@ -121,7 +127,9 @@ def default_engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
                 enable_prefix_caching=args.enable_prefix_caching,
                 num_blocks=args.num_blocks,
                 enforce_eager=args.enforce_eager,
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
                 **{k: v for k, v in optional.items() if v is not None},
+                **lora,
             )
         )
 
@@ -134,10 +142,16 @@ class ServerState:
     def __init__(self, args: argparse.Namespace, engine_factory: Callable[[], Any] | None = None) -> None:
         self.args = args
         self.model_names = served_model_names(args)
+        # LoRA adapter name -> its directory, as clients see them (the engine thread holds the weights)
+        self.adapters: dict[str, str] = lora_modules(args)
         self.metrics = ServerMetrics(self.model_names[0], lambda: self.engine.stats())
         self.engine = AsyncLLM(
-            engine_factory or default_engine_factory(args), max_queue=args.max_queue, observer=self.metrics
+            engine_factory or default_engine_factory(args),
+            max_queue=args.max_queue,
+            observer=self.metrics,
+            on_fatal=self._on_fatal,
         )
+        self.fatal_error: str | None = None  # a tensor-parallel worker died or hung: exit non-zero
         self.context: ModelContext | None = None  # set once the model and the tokenizer are loaded
         self.ready = False
         self.draining = False
@@ -177,6 +191,13 @@ class ServerState:
             self.shutdown_requested.set()
         self.load_finished = True
 
+    def _on_fatal(self, reason: str) -> None:
+        """On the event loop: the engine cannot go on (AsyncLLM already failed every request)."""
+        self.fatal_error = reason
+        logger.error("engine failed fatally, shutting down: %s", reason)
+        self.force_stop.set()
+        self.shutdown_requested.set()
+
     def health(self) -> tuple[int, str]:
         if self.draining:
             return 503, "draining"
@@ -206,6 +227,10 @@ class ServerState:
             )
         return context
 
+    def lora_request(self, model: str) -> LoRARequest | None:
+        """The adapter a resolved model name runs with (None: the base model)."""
+        return LoRARequest(model) if model in self.adapters else None
+
     def token_str(self, token_id: int) -> str:
         """A token's text alone, cached: logprobs ask for the same few thousand ids over and over."""
         text = self._token_strs.get(token_id)
@@ -217,6 +242,8 @@ class ServerState:
     def resolve_model(self, name: str | None) -> str:
         if name is None or name in self.model_names:
             return self.model_names[0]
+        if name in self.adapters:
+            return name
         raise APIError(
             404, f"The model `{name}` does not exist.", "NotFoundError", "model", "model_not_found"
         )
@@ -382,21 +409,29 @@ def build_app(state: ServerState) -> FastAPI:
 
     def card(name: str) -> proto.ModelCard:
         context = state.loaded()
+        adapter = state.adapters.get(name)
         return proto.ModelCard(
-            id=name, root=state.args.model, max_model_len=context.max_model_len, task=context.task
+            id=name,
+            root=state.args.model if adapter is None else adapter,
+            parent=None if adapter is None else state.model_names[0],
+            max_model_len=context.max_model_len,
+            task=context.task,
         )
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return _json(proto.ModelList(data=[card(name) for name in state.model_names]))
+        return _json(proto.ModelList(data=[card(name) for name in [*state.model_names, *state.adapters]]))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:  # what client.models.retrieve calls
-        if model_id not in state.model_names:
+        if model_id not in state.model_names and model_id not in state.adapters:
             raise APIError(
                 404, f"The model `{model_id}` does not exist.", "NotFoundError", "model", "model_not_found"
             )
         return _json(card(model_id))
+
+    if getattr(state.args, "allow_runtime_lora_updating", False):
+        add_lora_routes(app, state)
 
     @app.post("/tokenize")
     async def tokenize(req: proto.TokenizeRequest) -> Response:
@@ -405,6 +440,7 @@ def build_app(state: ServerState) -> FastAPI:
         if req.messages is not None:
             ids = chat_ids(context.tokenizer, req.messages, req.add_generation_prompt, False, None)
         else:
+            assert req.prompt is not None  # TokenizeRequest: prompt or messages
             ids = encode(context.tokenizer, req.prompt, req.add_special_tokens, "prompt")
         strs = context.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return _json(
@@ -443,12 +479,12 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: proto.CompletionRequest, raw: Request) -> Response:
         prepared = prepare_completion(req, state.generating(), state.resolve_model(req.model))
-        return await _with_cancellation(raw, _serve(state, req, prepared, chat=False))
+        return await _with_cancellation(raw, _serve(state, req, prepared))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: proto.ChatCompletionRequest, raw: Request) -> Response:
         prepared = prepare_chat(req, state.generating(), state.resolve_model(req.model))
-        return await _with_cancellation(raw, _serve(state, req, prepared, chat=True))
+        return await _with_cancellation(raw, _serve(state, req, prepared))
 
     @app.post("/v1/responses")
     async def responses(req: ResponsesRequest, raw: Request) -> Response:
@@ -462,6 +498,44 @@ def build_app(state: ServerState) -> FastAPI:
         return await _with_cancellation(raw, _serve_embeddings(state, req, prepared))
 
     return GateMiddleware(app, state)  # type: ignore[return-value]
+
+
+# --- LoRA adapters at run time (vLLM's endpoints) ----------------------------------------------------
+
+
+def add_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name}: the
+    engine thread reads and checks the adapter between two steps; a bad one is a 400 naming the file."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: proto.LoadLoRAAdapterRequest) -> Response:
+        state.loaded()
+        if req.lora_name in state.adapters or req.lora_name in state.model_names:
+            raise APIError(400, f"The LoRA adapter '{req.lora_name}' has already been loaded.",
+                           "invalid_request_error", "lora_name")  # fmt: skip
+        request = LoRARequest(req.lora_name, req.lora_path)
+        try:
+            await state.engine.call(lambda engine: engine.add_lora(request))
+        except ValueError as exc:
+            raise APIError(400, str(exc), "invalid_request_error", "lora_path") from None
+        state.adapters[req.lora_name] = req.lora_path
+        logger.info("LoRA adapter %s loaded from %s", req.lora_name, req.lora_path)
+        return Response(
+            f"Success: LoRA adapter '{req.lora_name}' added successfully.", media_type="text/plain"
+        )
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: proto.UnloadLoRAAdapterRequest) -> Response:
+        state.loaded()
+        if req.lora_name not in state.adapters:
+            raise APIError(404, f"The LoRA adapter '{req.lora_name}' cannot be found.", "NotFoundError",
+                           "lora_name", "model_not_found")  # fmt: skip
+        del state.adapters[req.lora_name]  # new requests stop picking it at once
+        await state.engine.call(lambda engine: engine.remove_lora(req.lora_name))
+        logger.info("LoRA adapter %s unloaded", req.lora_name)
+        return Response(
+            f"Success: LoRA adapter '{req.lora_name}' removed successfully.", media_type="text/plain"
+        )
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -501,8 +575,9 @@ async def _collect(stream: Any) -> dict[int, RequestOutput]:
 
 
 def _generate_all(state: ServerState, prepared: Prepared, response_id: str) -> list:
+    lora = state.lora_request(prepared.model)
     return [
-        state.engine.generate(ids, prepared.params, f"{response_id}-{i}")
+        state.engine.generate(ids, prepared.params, f"{response_id}-{i}", lora_request=lora)
         for i, ids in enumerate(prepared.prompt_ids)
     ]
 
@@ -511,27 +586,35 @@ async def _serve(
     state: ServerState,
     req: proto.CompletionRequest | proto.ChatCompletionRequest,
     prepared: Prepared,
-    chat: bool,
 ) -> Response:
+    chat = isinstance(req, proto.ChatCompletionRequest)
     response_id = proto.random_id("chatcmpl" if chat else "cmpl")
     stream = await _start(state, _generate_all(state, prepared, response_id))
+    if isinstance(req, proto.ChatCompletionRequest):
+        if req.stream:
+            return _event_stream(chat_stream(req, prepared, response_id, stream, state.token_str), stream)
+        return _json(chat_response(req, prepared, response_id, await _collect(stream), state.token_str))
     if req.stream:
-        body = (chat_stream if chat else completion_stream)(
-            req, prepared, response_id, stream, state.token_str
-        )
-        return _event_stream(body, stream)
-    build = chat_response if chat else completion_response
-    return _json(build(req, prepared, response_id, await _collect(stream), state.token_str))
+        return _event_stream(completion_stream(req, prepared, response_id, stream, state.token_str), stream)
+    return _json(completion_response(req, prepared, response_id, await _collect(stream), state.token_str))
 
 
 async def _serve_responses(state: ServerState, req: ResponsesRequest, prepared: Prepared) -> Response:
     response_id = proto.random_id("resp")
     stream = await _start(
-        state, [state.engine.generate(prepared.prompt_ids[0], prepared.params, response_id)]
+        state,
+        [
+            state.engine.generate(
+                prepared.prompt_ids[0],
+                prepared.params,
+                response_id,
+                lora_request=state.lora_request(prepared.model),
+            )
+        ],
     )
     if req.stream:
         return _event_stream(response_stream(req, prepared, response_id, stream), stream)
-    return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream)).get(0)))
+    return JSONResponse(final_response(req, prepared, response_id, (await _collect(stream))[0]))
 
 
 async def _serve_embeddings(state: ServerState, req: proto.EmbeddingRequest, prepared: Prepared) -> Response:
@@ -622,10 +705,11 @@ async def serve_async(
     stop_task.cancel()
     load_task.cancel()
     await asyncio.gather(load_task, stop_task, return_exceptions=True)
-    await state.engine.shutdown(timeout=10.0)
+    # a fatal engine may sit in a collective that never returns: do not wait long for its thread
+    await state.engine.shutdown(timeout=1.0 if state.fatal_error else 10.0)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
-    if state.load_error is not None:
+    if state.load_error is not None or state.fatal_error is not None:
         return 1
     return 0
 
@@ -637,6 +721,10 @@ def run_server(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    problem = local_model_dir(args)
+    if problem:
+        print(f"lmforge serve: {problem}", file=sys.stderr)
+        return 1
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         print(f"lmforge serve: {args.model!r} is not a model directory (no config.json)", file=sys.stderr)
         return 2
@@ -646,7 +734,10 @@ def run_server(args: argparse.Namespace) -> int:
         return 2
     limit_cpu_threads()
     state = ServerState(args)
-    code = asyncio.run(serve_async(args, state=state))
+    from lmforge.runtime.storage.transfer import holding
+
+    with holding(Path(args.model)):  # the node cache entry the model links into is not evicted meanwhile
+        code = asyncio.run(serve_async(args, state=state))
     if state.engine.thread_alive or not state.load_finished:
         # Stopped while the model was still loading: interpreter teardown would race the loader
         # thread inside torch (and abort), so leave now; sockets are closed, logs flushed.

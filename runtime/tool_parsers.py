@@ -82,7 +82,8 @@ def _skip(text: str, i: int, chars: str) -> int:
 
 def _json_array(text: str, start: int, args_keys: tuple[str, ...]) -> tuple[list[ParsedCall], bool]:
     """Calls of a JSON array of call objects starting at text[start] ('['); (calls, ended with ']')."""
-    calls, i = [], _skip(text, start + 1, "")
+    calls: list[ParsedCall] = []
+    i = _skip(text, start + 1, "")
     while i < len(text) and text[i] == "{":
         call, end = _call_at(text, i, args_keys)
         if call is None:

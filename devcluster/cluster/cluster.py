@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lmforge.devcluster.cluster import build, certs, health, nodes, paths, processes
 from lmforge.devcluster.cluster.build import BinPaths, BuildError, ensure_binaries
@@ -211,7 +212,7 @@ def reset(state_dir: Path | str | None = None, log: Log | None = None) -> bool:
 
 def _supervisor_alive(state: dict) -> bool:
     data = state.get("supervisor")
-    return bool(data) and processes.is_alive(processes.Process.from_dict(data))
+    return data is not None and bool(data) and processes.is_alive(processes.Process.from_dict(data))
 
 
 def _start_supervisor(layout: Layout, state: dict, log: Log) -> None:
@@ -254,7 +255,7 @@ def _start(layout: Layout, bins: BinPaths, pki: certs.Pki, num_nodes: int, log: 
     _write_kubeconfigs(layout, pki, url)
     if layout.etcd_data.exists():  # never wiped here: `lmforge cluster reset` does that
         log(f"keeping the cluster data in {layout.etcd_data} (`lmforge cluster reset` deletes it)")
-    state = {
+    state: dict[str, Any] = {
         "apiserver": url,
         "kubeconfig": str(layout.admin_kubeconfig),
         "bin_dir": str(bins.bin_dir),

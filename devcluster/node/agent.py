@@ -88,7 +88,11 @@ class PodRun:
     directory: Path
     pod: dict[str, Any]
     containers: list[Container] = field(default_factory=list)
-    started: bool = False
+    init_containers: list[Container] = field(default_factory=list)  # run one by one, before `containers`
+    specs: list[podspec.ProcessSpec] = field(default_factory=list)  # of `containers`, started after init
+    init_specs: list[podspec.ProcessSpec] = field(default_factory=list)
+    main_started: bool = False
+    started: bool = False  # volumes made, specs resolved: the first container is running
     start_time: str = ""
     transition_time: str = ""
     first_seen: float = field(default_factory=time.monotonic)
@@ -101,6 +105,10 @@ class PodRun:
     @property
     def restart_policy(self) -> str:
         return (self.pod.get("spec") or {}).get("restartPolicy", "Always")
+
+    @property
+    def all_containers(self) -> list[Container]:
+        return [*self.init_containers, *self.containers]
 
 
 def pod_dir_name(namespace: str, name: str, uid: str) -> str:
@@ -163,7 +171,7 @@ class Agent:
 
         manifest = nodes.node_manifest(self.node_name)
         try:
-            self.core.create_node(manifest)
+            self.core.create_node(manifest)  # type: ignore[arg-type]  # the client sends a dict body as it is
             self.log(f"registered node {self.node_name}")
         except ApiException as error:
             if error.status != 409:
@@ -191,7 +199,7 @@ class Agent:
         except ApiException as error:
             if error.status != 404:
                 raise
-            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)
+            self.coordination.create_namespaced_lease(nodes.LEASE_NAMESPACE, lease)  # type: ignore[arg-type]  # the client sends a dict body as it is
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(HEARTBEAT_S):
@@ -224,14 +232,14 @@ class Agent:
         self.stop_event.set()
         with self.lock:
             for run in self.runs.values():
-                for container in run.containers:
+                for container in run.all_containers:
                     container.stop(5.0)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(
-                c.alive for r in self.runs.values() for c in r.containers
+                c.alive for r in self.runs.values() for c in r.all_containers
             ):
                 for run in self.runs.values():
-                    for container in run.containers:
+                    for container in run.all_containers:
                         container.tick()
                 time.sleep(0.2)
         try:
@@ -261,10 +269,10 @@ class Agent:
                 self._sync_pod(run)
             for uid in [u for u in self.runs if u not in seen]:  # force-deleted: kill now
                 run = self.runs[uid]
-                for container in run.containers:
+                for container in run.all_containers:
                     container.stop(0.0)
                     container.tick()
-                if not any(c.alive for c in run.containers):
+                if not any(c.alive for c in run.all_containers):
                     self._forget(run)
             self._write_index()
 
@@ -283,6 +291,11 @@ class Agent:
             transition_time=nodes.now(),
         )
         policy = (pod.get("spec") or {}).get("restartPolicy", "Always")
+        init_policy = "Never" if policy == "Never" else "OnFailure"  # the kubelet's rule for init containers
+        for spec in (pod.get("spec") or {}).get("initContainers") or ():
+            run.init_containers.append(
+                Container(spec, init_policy, run.directory / "logs" / spec["name"], run.ip)
+            )
         for spec in (pod.get("spec") or {}).get("containers") or ():
             spec = {
                 **spec,
@@ -307,18 +320,20 @@ class Agent:
                 run.stopping = True
                 grace = float(meta.get("deletionGracePeriodSeconds") or 0)
                 self.log(f"pod {run.namespace}/{run.name}: deleting (grace {grace:g}s)")
-                for container in run.containers:
+                for container in run.all_containers:
                     container.stop(grace)
-            for container in run.containers:
+            for container in run.all_containers:
                 container.tick()
-            if not any(c.alive for c in run.containers):
+            if not any(c.alive for c in run.all_containers):
                 self._report(run)
                 self._delete(run)
             return
         if not run.started and run.failed is None:
             self._try_start(run)
-        for container in run.containers:
+        for container in run.all_containers:
             container.tick()
+        if run.started and not run.main_started:
+            self._advance(run)
         self._report(run)
 
     def _delete(self, run: PodRun) -> None:
@@ -329,7 +344,7 @@ class Agent:
                 run.name,
                 run.namespace,
                 grace_period_seconds=0,
-                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},
+                body={"preconditions": {"uid": run.uid}, "gracePeriodSeconds": 0},  # type: ignore[arg-type]  # a dict body is sent as it is
             )
         except ApiException as error:
             if error.status not in (404, 409):
@@ -355,7 +370,7 @@ class Agent:
             )
             base = self._base_env(run)
             specs = []
-            for container in run.containers:
+            for container in run.all_containers:
                 ctx = podspec.PodContext(
                     pod=run.pod,
                     pod_ip=run.ip,
@@ -377,12 +392,29 @@ class Agent:
             self._fail_to_start(run, error.reason, str(error))
             return
         run.started, run.waiting = True, None
-        for container, spec in zip(run.containers, specs, strict=True):
-            container.start(spec, str(run.directory / "work"))
-            self.log(
-                f"pod {run.namespace}/{run.name}: started {container.state.name} "
-                f"(pid {container.process.pid if container.process else '-'}): {' '.join(spec.argv)}"
-            )
+        run.init_specs, run.specs = specs[: len(run.init_containers)], specs[len(run.init_containers) :]
+        self._advance(run)
+
+    def _advance(self, run: PodRun) -> None:
+        """Start the next init container once the one before exited 0, and the containers once
+        every init container did (a failed one is restarted by its Container, or fails the pod)."""
+        for container, spec in zip(run.init_containers, run.init_specs, strict=True):
+            state = container.state
+            if state.state == "terminated" and state.exit_code == 0:
+                continue
+            if container.process_spec is None:
+                self._start(run, container, spec)
+            return
+        run.main_started = True
+        for container, spec in zip(run.containers, run.specs, strict=True):
+            self._start(run, container, spec)
+
+    def _start(self, run: PodRun, container: Container, spec: podspec.ProcessSpec) -> None:
+        container.start(spec, str(run.directory / "work"))
+        self.log(
+            f"pod {run.namespace}/{run.name}: started {container.state.name} "
+            f"(pid {container.process.pid if container.process else '-'}): {' '.join(spec.argv)}"
+        )
 
     def _fail_to_start(self, run: PodRun, reason: str, message: str) -> None:
         """Config errors: retried while young (a ConfigMap may be created right after the pod)."""
@@ -498,9 +530,13 @@ class Agent:
         return env
 
     # --- status ------------------------------------------------------------------------------------
-    def _report(self, run: PodRun) -> None:
-        states = [c.state for c in run.containers]
-        reason = message = None
+    @staticmethod
+    def _mark_waiting(run: PodRun, states: list[podstatus.ContainerState]) -> tuple[str | None, str | None]:
+        """Containers that have not started say why (PodInitializing, a start failure, a wait);
+        returns the pod's (reason, message) when it cannot start at all."""
+        if run.started and not run.main_started and run.failed is None:
+            for state in states:
+                state.reason, state.message = "PodInitializing", ""
         if run.failed:
             for state in states:
                 state.state, state.exit_code = (
@@ -509,12 +545,23 @@ class Agent:
                 )
                 state.reason, state.message = run.failed
                 state.finished_at = state.finished_at or nodes.now()
-            reason, message = run.failed
-        elif run.waiting:
+            return run.failed
+        if run.waiting:
             for state in states:
                 state.reason, state.message = run.waiting
+        return None, None
+
+    def _report(self, run: PodRun) -> None:
+        states = [c.state for c in run.containers]
+        init_states = [c.state for c in run.init_containers]
+        reason, message = self._mark_waiting(run, states)
+        init = podstatus.init_outcome(init_states, run.restart_policy)
         key = json.dumps(
-            [podstatus.phase(states, run.restart_policy), [c.to_k8s() for c in states]], sort_keys=True
+            [
+                podstatus.phase(states, run.restart_policy, init),
+                [c.to_k8s() for c in [*init_states, *states]],
+            ],
+            sort_keys=True,
         )
         if key != run.last_key:
             run.transition_time = nodes.now()
@@ -527,6 +574,7 @@ class Agent:
             run.transition_time,
             reason,
             message,
+            init_states,
         )
         if status == run.last_status:
             return
@@ -544,7 +592,7 @@ class Agent:
         with self.lock:
             for run in self.runs.values():
                 if run.namespace == namespace and run.name == name:
-                    for container in run.containers:
+                    for container in run.all_containers:
                         if container.state.name == container_name:
                             restart = container.state.restart_count - (1 if previous else 0)
                             if restart < 0:
@@ -564,7 +612,7 @@ class Agent:
                 "dir": str(r.directory),
                 "ip": r.ip,
                 "uid": r.uid,
-                "pids": {c.state.name: c.process.pid for c in r.containers if c.process},
+                "pids": {c.state.name: c.process.pid for c in r.all_containers if c.process},
             }
             for r in self.runs.values()
         }

@@ -113,13 +113,14 @@ def endpoints(kubeconfig: str | None, namespace: str, service: str) -> list[str]
     from kubernetes import client, config
 
     api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
-    svc = json.loads(api.read_namespaced_service(service, namespace, _preload_content=False).data)
+    # _preload_content=False returns the raw urllib3 response (`.data`), which the client's hints omit
+    svc = json.loads(api.read_namespaced_service(service, namespace, _preload_content=False).data)  # type: ignore[attr-defined]
     selector = (svc.get("spec") or {}).get("selector") or {}
     if not selector:
         return []
     label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
     pods = json.loads(
-        api.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False).data
+        api.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False).data  # type: ignore[attr-defined]
     )["items"]
     out = []
     for pod in pods:

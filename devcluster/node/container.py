@@ -29,6 +29,17 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def log_tail_message(path: Path, max_lines: int = 80, max_bytes: int = 2048) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(tail.strip().splitlines()[-max_lines:])
+
+
 def backoff_seconds(restarts: int) -> float:
     return min(BACKOFF_BASE_S * 2 ** max(0, restarts - 1), BACKOFF_MAX_S)
 
@@ -69,6 +80,7 @@ class Container:
     def _launch(self) -> None:
         assert self.process_spec is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        assert self.cwd is not None  # set with process_spec by start()
         Path(self.cwd).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(), "ab")  # noqa: SIM115 - the child writes it
         state = self.state
@@ -117,6 +129,13 @@ class Container:
             state.state, state.reason = "waiting", "CrashLoopBackOff"
             state.message = f"back-off {delay:g}s restarting failed container={state.name}"
 
+    def _termination_message(self, code: int) -> str:
+        """terminationMessagePolicy FallbackToLogsOnError: a failed container's message is the
+        tail of its log (the kubelet's 80 lines / 2048 bytes); the File policy has no file here."""
+        if code == 0 or self.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return ""
+        return log_tail_message(self.log_path())
+
     def tick(self) -> bool:
         """Reap an exited process, restart when due, SIGKILL after the grace period.
         True when something changed."""
@@ -127,7 +146,7 @@ class Container:
                 _signal_group(self.process.pid, signal.SIGKILL)  # the rest of the "container"
                 self.process = None
                 self.state.finished_at = now()
-                self._terminated(code, "Completed" if code == 0 else "Error")
+                self._terminated(code, "Completed" if code == 0 else "Error", self._termination_message(code))
                 changed = True
             if self.process is not None and self.kill_at is not None and time.monotonic() >= self.kill_at:
                 _signal_group(self.process.pid, signal.SIGKILL)
@@ -186,9 +205,8 @@ class Container:
             time.sleep(0.2)
             current = time.monotonic()
             for kind, probe in probes.items():
-                if current < due[kind] or (kind != "startupProbe" and not self.state.started):
-                    continue
-                if kind == "startupProbe" and self.state.started:
+                # the startup probe runs until the container started, the others only after it
+                if current < due[kind] or (kind == "startupProbe") == self.state.started:
                     continue
                 timing = ProbeTiming.of(probe)
                 due[kind] = current + timing.period_s
@@ -197,19 +215,34 @@ class Container:
                 if self._generation != generation:
                     return
                 successes[kind], failures[kind] = (successes[kind] + 1, 0) if ok else (0, failures[kind] + 1)
-                if kind == "startupProbe":
-                    if ok:
-                        self.state.started = True
-                        self.state.ready = "readinessProbe" not in probes
-                    elif failures[kind] >= timing.failure_threshold:
-                        self._probe_kill(f"Startup probe failed: {detail}")
-                elif kind == "readinessProbe":
-                    if ok and successes[kind] >= timing.success_threshold:
-                        self.state.ready = True
-                    elif not ok and failures[kind] >= timing.failure_threshold:
-                        self.state.ready = False
-                elif kind == "livenessProbe" and not ok and failures[kind] >= timing.failure_threshold:
-                    self._probe_kill(f"Liveness probe failed: {detail}")
+                self._on_probe(
+                    kind, ok, detail, timing, successes[kind], failures[kind], "readinessProbe" in probes
+                )
+
+    def _on_probe(
+        self,
+        kind: str,
+        ok: bool,
+        detail: str,
+        timing: ProbeTiming,
+        successes: int,
+        failures: int,
+        has_readiness: bool,
+    ) -> None:
+        """A probe result against its thresholds (the kubelet's rules): started, ready, or killed."""
+        if kind == "startupProbe":
+            if ok:
+                self.state.started = True
+                self.state.ready = not has_readiness
+            elif failures >= timing.failure_threshold:
+                self._probe_kill(f"Startup probe failed: {detail}")
+        elif kind == "readinessProbe":
+            if ok and successes >= timing.success_threshold:
+                self.state.ready = True
+            elif not ok and failures >= timing.failure_threshold:
+                self.state.ready = False
+        elif kind == "livenessProbe" and not ok and failures >= timing.failure_threshold:
+            self._probe_kill(f"Liveness probe failed: {detail}")
 
     def _probe_kill(self, message: str) -> None:
         process = self.process

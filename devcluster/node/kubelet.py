@@ -63,71 +63,82 @@ def tail(data: bytes, lines: int | None, limit: int | None) -> bytes:
     return data
 
 
+class _LogsHandler(BaseHTTPRequestHandler):
+    """GET /containerLogs: one request per thread of the server; `lookup` is set per server."""
+
+    lookup: LogLookup
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        match = _PATH.match(url.path)
+        if not match:
+            self._reply(404, b"only /containerLogs is served by the lmforge process node\n")
+            return
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        namespace, pod, container = match.groups()
+        found = self.lookup(namespace, pod, container, query.get("previous") == "true")
+        if found is None:
+            self._reply(
+                404,
+                f"container {match.group(3)} of pod {match.group(1)}/{match.group(2)} "
+                "has no logs here\n".encode(),
+            )
+            return
+        path, running = found
+        data = path.read_bytes() if path.exists() else b""
+        lines = int(query["tailLines"]) if "tailLines" in query else None
+        limit = int(query["limitBytes"]) if "limitBytes" in query else None
+        if query.get("follow") != "true":
+            self._reply(200, tail(data, lines, limit))
+            return
+        self._follow(path, running, data, lines)
+
+    def _follow(self, path: Path, running: Callable[[], bool], data: bytes, lines: int | None) -> None:
+        """follow=true: the tail so far, then what the container appends, chunked, until it exits."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        offset = len(data)
+        self._chunk(tail(data, lines, None))
+        try:
+            while True:
+                alive = running()
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    more = f.read()
+                offset += len(more)
+                self._chunk(more)
+                if not alive:
+                    break
+                time.sleep(0.5)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    def _reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class KubeletServer:
     def __init__(self, lookup: LogLookup, cert_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        lookup_ = lookup
+        class Handler(_LogsHandler):
+            pass
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                url = urlparse(self.path)
-                match = _PATH.match(url.path)
-                if not match:
-                    self._reply(404, b"only /containerLogs is served by the lmforge process node\n")
-                    return
-                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                found = lookup_(*match.groups(), query.get("previous") == "true")
-                if found is None:
-                    self._reply(
-                        404,
-                        f"container {match.group(3)} of pod {match.group(1)}/{match.group(2)} "
-                        "has no logs here\n".encode(),
-                    )
-                    return
-                path, running = found
-                data = path.read_bytes() if path.exists() else b""
-                lines = int(query["tailLines"]) if "tailLines" in query else None
-                limit = int(query["limitBytes"]) if "limitBytes" in query else None
-                if query.get("follow") != "true":
-                    self._reply(200, tail(data, lines, limit))
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                offset = len(data)
-                self._chunk(tail(data, lines, None))
-                try:
-                    while True:
-                        alive = running()
-                        with open(path, "rb") as f:
-                            f.seek(offset)
-                            more = f.read()
-                        offset += len(more)
-                        self._chunk(more)
-                        if not alive:
-                            break
-                        time.sleep(0.5)
-                    self.wfile.write(b"0\r\n\r\n")
-                except OSError:
-                    pass
-
-            def _chunk(self, data: bytes) -> None:
-                if data:
-                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                    self.wfile.flush()
-
-            def _reply(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        Handler.lookup = staticmethod(lookup)
         cert, key = ensure_certificate(cert_dir)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(str(cert), str(key))

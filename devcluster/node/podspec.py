@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,20 @@ def _key_ref(kind: str, sources: Mapping[str, Mapping[str, str]], ref: Mapping[s
 
 def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, str]:
     """The container's own variables, in kubelet order (envFrom, then env with expansion)."""
+    env = _env_from(container, ctx)
+    for var in container.get("env") or ():
+        name, source = var["name"], var.get("valueFrom")
+        if source is None:
+            env[name] = expand(var.get("value", ""), {**ctx.base_env, **env})
+            continue
+        value = _value_from(name, source, container, ctx)
+        if value is not None:
+            env[name] = value
+    return env
+
+
+def _env_from(container: Mapping[str, Any], ctx: PodContext) -> dict[str, str]:
+    """envFrom: every key of the referenced configMaps and secrets (a missing optional one adds none)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom") or ():
         prefix = source.get("prefix", "")
@@ -133,26 +147,22 @@ def container_env(container: Mapping[str, Any], ctx: PodContext) -> dict[str, st
                     continue
                 raise SpecError("CreateContainerConfigError", f"{kind} {ref.get('name')!r} not found")
             env.update({prefix + k: v for k, v in data.items()})
-    for var in container.get("env") or ():
-        name, source = var["name"], var.get("valueFrom")
-        if source is None:
-            env[name] = expand(var.get("value", ""), {**ctx.base_env, **env})
-            continue
-        if "fieldRef" in source:
-            value = field_ref(ctx.pod, source["fieldRef"]["fieldPath"], ctx.pod_ip, ctx.host_ip)
-        elif "configMapKeyRef" in source:
-            value = _key_ref("configMap", ctx.config_maps, source["configMapKeyRef"])
-        elif "secretKeyRef" in source:
-            value = _key_ref("secret", ctx.secrets, source["secretKeyRef"])
-        elif "resourceFieldRef" in source:
-            value = _resource(container, source["resourceFieldRef"])
-        else:
-            raise SpecError(
-                "CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}"
-            )
-        if value is not None:
-            env[name] = value
     return env
+
+
+def _value_from(
+    name: str, source: Mapping[str, Any], container: Mapping[str, Any], ctx: PodContext
+) -> str | None:
+    """An env var's valueFrom; None for a missing optional key (the variable is then unset)."""
+    if "fieldRef" in source:
+        return field_ref(ctx.pod, source["fieldRef"]["fieldPath"], ctx.pod_ip, ctx.host_ip)
+    if "configMapKeyRef" in source:
+        return _key_ref("configMap", ctx.config_maps, source["configMapKeyRef"])
+    if "secretKeyRef" in source:
+        return _key_ref("secret", ctx.secrets, source["secretKeyRef"])
+    if "resourceFieldRef" in source:
+        return _resource(container, source["resourceFieldRef"])
+    raise SpecError("CreateContainerConfigError", f"env {name}: unsupported valueFrom {sorted(source)}")
 
 
 def _pattern(word: str, allow_slash_before: bool) -> re.Pattern:
@@ -160,16 +170,19 @@ def _pattern(word: str, allow_slash_before: bool) -> re.Pattern:
     return re.compile(before + re.escape(word) + r"(?![\w.-])")
 
 
+def _literal(replacement: str) -> Callable[[re.Match[str]], str]:
+    """A re.sub replacement that inserts `replacement` as it is (a string would expand backslashes)."""
+    return lambda _match: replacement
+
+
 def rewrite(text: str, mount_map: Mapping[str, str], dns: Mapping[str, str]) -> str:
     """Mount paths (longest first) to local paths, then cluster DNS names to IPs."""
     for mount_path in sorted(mount_map, key=len, reverse=True):
         if mount_map[mount_path] != mount_path:
-            text = _pattern(mount_path.rstrip("/") or "/", False).sub(
-                lambda _m, p=mount_map[mount_path]: p, text
-            )
+            text = _pattern(mount_path.rstrip("/") or "/", False).sub(_literal(mount_map[mount_path]), text)
     for name in sorted(dns, key=len, reverse=True):
         if name in text:
-            text = _pattern(name, True).sub(lambda _m, ip=dns[name]: ip, text)
+            text = _pattern(name, True).sub(_literal(dns[name]), text)
     return text
 
 

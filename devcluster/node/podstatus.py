@@ -60,9 +60,26 @@ class ContainerState:
         return out
 
 
-def phase(containers: list[ContainerState], restart_policy: str) -> str:
-    """Kubelet's rule: Pending until every container started once; Succeeded/Failed once all are
-    terminated for good (Never, or OnFailure with exit 0); else Running."""
+def init_outcome(init: list[ContainerState], restart_policy: str) -> str:
+    """Init containers run one by one, each to exit 0: "done" when all did, "failed" when one
+    failed for good (restartPolicy Never; otherwise the kubelet restarts it), else "running"."""
+    for state in init:
+        if state.state == "terminated" and state.exit_code == 0:
+            continue
+        if state.state == "terminated" and restart_policy == "Never":
+            return "failed"
+        return "running"
+    return "done"
+
+
+def phase(containers: list[ContainerState], restart_policy: str, init: str = "done") -> str:
+    """Kubelet's rule: Pending while init containers run and until every container started once;
+    Failed when an init container failed for good; Succeeded/Failed once all are terminated for
+    good (Never, or OnFailure with exit 0); else Running."""
+    if init == "failed":
+        return "Failed"
+    if init == "running":
+        return "Pending"
     if any(c.state == "waiting" and c.restart_count == 0 and c.last_terminated is None for c in containers):
         return "Pending"
     if all(c.state == "terminated" for c in containers):
@@ -81,8 +98,10 @@ def pod_status(
     transition_time: str,
     reason: str | None = None,
     message: str | None = None,
+    init_containers: list[ContainerState] | None = None,
 ) -> dict[str, Any]:
-    current = phase(containers, restart_policy)
+    init = init_outcome(init_containers or [], restart_policy)
+    current = phase(containers, restart_policy, init)
     ready = current == "Running" and all(c.ready for c in containers)
     not_ready = [c.name for c in containers if not c.ready]
     why = (
@@ -106,7 +125,20 @@ def pod_status(
     status: dict[str, Any] = {
         "phase": current,
         "conditions": [
-            condition("Initialized", True),
+            condition(
+                "Initialized",
+                init == "done",
+                {}
+                if init == "done"
+                else {
+                    "reason": "ContainersNotInitialized",
+                    "message": "containers with incomplete status: ["
+                    + " ".join(
+                        c.name for c in init_containers or [] if c.exit_code != 0 or c.state != "terminated"
+                    )
+                    + "]",
+                },
+            ),
             condition("ContainersReady", ready, why),
             condition("Ready", ready, why),
         ],
@@ -117,6 +149,8 @@ def pod_status(
         "startTime": start_time,
         "containerStatuses": [c.to_k8s() for c in containers],
     }
+    if init_containers:
+        status["initContainerStatuses"] = [c.to_k8s() for c in init_containers]
     if reason:
         status["reason"] = reason
         status["message"] = message or ""

@@ -72,6 +72,28 @@ def _downward(pod: Mapping[str, Any], items: list[Mapping[str, Any]], pod_ip: st
     }
 
 
+def _projected(
+    projected: Mapping[str, Any], pod: Mapping[str, Any], namespace: str, sources: Sources, pod_ip: str
+) -> dict[str, str]:
+    """The files of a projected volume: service account tokens, configMap/secret keys, downward fields."""
+    files: dict[str, str] = {}
+    for source in projected.get("sources") or ():
+        if "serviceAccountToken" in source:
+            token = source["serviceAccountToken"]
+            files[token["path"]] = sources.token(
+                pod, token.get("audience"), token.get("expirationSeconds", TOKEN_SECONDS)
+            )
+        elif "configMap" in source:
+            config_map = source["configMap"]
+            files.update(_keyed("configMap", sources.config_map(namespace, config_map["name"]), config_map))
+        elif "secret" in source:
+            secret = source["secret"]
+            files.update(_keyed("secret", sources.secret(namespace, secret["name"]), secret))
+        elif "downwardAPI" in source:
+            files.update(_downward(pod, source["downwardAPI"].get("items") or [], pod_ip))
+    return files
+
+
 def materialise(
     pod: Mapping[str, Any], pod_dir: Path, pvc_root: Path, sources: Sources, pod_ip: str
 ) -> dict[str, Path]:
@@ -112,30 +134,7 @@ def materialise(
             _write(local, _downward(pod, volume["downwardAPI"].get("items") or [], pod_ip), None)
             out[name] = local
         elif "projected" in volume:
-            files: dict[str, str] = {}
-            for source in volume["projected"].get("sources") or ():
-                if "serviceAccountToken" in source:
-                    token = source["serviceAccountToken"]
-                    files[token["path"]] = sources.token(
-                        pod, token.get("audience"), token.get("expirationSeconds", TOKEN_SECONDS)
-                    )
-                elif "configMap" in source:
-                    files.update(
-                        _keyed(
-                            "configMap",
-                            sources.config_map(namespace, source["configMap"]["name"]),
-                            source["configMap"],
-                        )
-                    )
-                elif "secret" in source:
-                    files.update(
-                        _keyed(
-                            "secret", sources.secret(namespace, source["secret"]["name"]), source["secret"]
-                        )
-                    )
-                elif "downwardAPI" in source:
-                    files.update(_downward(pod, source["downwardAPI"].get("items") or [], pod_ip))
-            _write(local, files, None)
+            _write(local, _projected(volume["projected"], pod, namespace, sources, pod_ip), None)
             out[name] = local
         else:
             kinds = sorted(k for k in volume if k != "name")

@@ -11,11 +11,12 @@ are written side by side.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
+from annotated_types import GroupedMetadata, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -99,16 +100,24 @@ def sub(model: type[BaseModel], **kwargs: Any) -> Any:
 
 # --- scalar types ------------------------------------------------------------------------------
 
-# Where weights, datasets and outputs live. RE2 (CEL) and Python `re` agree on this pattern. s3:// is
-# recognised only to be refused with a clear message (`local_uri`): nothing in lmforge reads S3 yet.
-URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.+|/.*|hf://[^/ ]+/[^/ ]+|s3://.*)$"
-URI_MESSAGE = "must be pvc://<claim>/<path>, hostPath:///<abs path>, an absolute path or hf://<org>/<name>"
+# Where weights, datasets and outputs live. RE2 (CEL) and Python `re` agree on this pattern (the
+# same rules as lmforge.runtime.storage.uri, which the runtime parses them with). s3:// is accepted
+# where the runtime reads or writes S3 (`storage_uri(field)`), refused with a message naming the
+# field elsewhere (`storage_uri(field, s3=False)`).
+S3_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
+URI_PATTERN = rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|hostPath:///.+|/.*|hf://[^/ ]+/[^/ ]+|{S3_PATTERN}|s3://.*)$"
+URI_MESSAGE = (
+    "must be pvc://<claim>/<path>, hostPath:///<abs path>, an absolute path, hf://<org>/<name> or "
+    "s3://<bucket>/<prefix>"
+)
+S3_BUCKET_MESSAGE = "must be s3://<bucket>/<prefix> with a valid bucket name (3-63 characters of a-z 0-9 . -)"
 _URI_RE = re.compile(URI_PATTERN)
+_S3_RE = re.compile(rf"^{S3_PATTERN}$")
 
 
 def s3_message(field: str) -> str:
     return (
-        f"{field}: s3:// is not supported yet; copy the data to a volume and use pvc://<claim>/<path> "
+        f"{field}: s3:// is not supported here; copy the data to a volume and use pvc://<claim>/<path> "
         "or hostPath:///<abs path>"
     )
 
@@ -116,36 +125,53 @@ def s3_message(field: str) -> str:
 def _check_uri(value: str) -> str:
     if not _URI_RE.match(value):
         raise ValueError(f"{value!r} {URI_MESSAGE}")
+    if value.startswith("s3://") and not _S3_RE.match(value):
+        raise ValueError(f"{value!r} {S3_BUCKET_MESSAGE}")
     return value
 
 
-def local_uri(field: str) -> Any:
-    """A model/dataset/output location: pvc://, hostPath://, an absolute path or hf://. The rules
-    are CEL on the string itself, so the API server's error reads `spec.model: Invalid value:
-    "ftp://x": must be pvc://...`; s3:// gets its own message naming `field` (the spec path)."""
+@dataclass(frozen=True, slots=True)
+class _Metadata(GroupedMetadata):
+    """Several Annotated metadata items as one, so a field reads `Annotated[str, local_uri("x")]`:
+    a call is not a type, so `x: local_uri("x")` would be opaque to a type checker."""
+
+    items: tuple[object, ...]
+
+    def __iter__(self) -> Iterator[object]:
+        return iter(self.items)
+
+
+def local_uri(field: str, s3: bool = True) -> GroupedMetadata:
+    """A model/dataset/output location: pvc://, hostPath://, an absolute path, hf:// or (where
+    `s3`) s3://. The rules are CEL on the string itself, so the API server's error reads
+    `spec.model: Invalid value: "ftp://x": must be pvc://...`; a refused s3:// gets its own message
+    naming `field` (the spec path). Used as `Annotated[str, local_uri("spec.path")]`."""
 
     def no_s3(value: str) -> str:
-        if value.startswith("s3://"):
+        if not s3 and value.startswith("s3://"):
             raise ValueError(s3_message(field))
         return value
 
-    return Annotated[
-        str,
-        AfterValidator(no_s3),
-        AfterValidator(_check_uri),
-        Field(min_length=1, max_length=2048),
-        WithJsonSchema(
-            {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 2048,
-                "x-kubernetes-validations": [
-                    {"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE},
-                    {"rule": "!self.startsWith('s3://')", "message": s3_message(field)},
-                ],
-            }
-        ),
+    rules = [
+        {"rule": f"self.matches('{URI_PATTERN}')", "message": URI_MESSAGE},
+        {
+            "rule": f"!self.startsWith('s3://') || self.matches('^{S3_PATTERN}$')",
+            "message": S3_BUCKET_MESSAGE,
+        },
     ]
+    if not s3:
+        rules.append({"rule": "!self.startsWith('s3://')", "message": s3_message(field)})
+    return _Metadata(
+        (
+            AfterValidator(no_s3),
+            AfterValidator(_check_uri),
+            MinLen(1),
+            MaxLen(2048),
+            WithJsonSchema(
+                {"type": "string", "minLength": 1, "maxLength": 2048, "x-kubernetes-validations": rules}
+            ),
+        )
+    )
 
 
 # Kubernetes resource quantity ("8", 8, "64Gi", "500m").

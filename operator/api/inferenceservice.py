@@ -33,8 +33,8 @@ from lmforge.operator.api.base import (
 class ModelSpec(ApiModel):
     """The checkpoint to serve and how to load it."""
 
-    source: local_uri("model.source")
-    """HF-layout checkpoint: pvc://, hostPath://, an absolute path or hf://org/name (downloaded by every replica). s3:// is not supported yet."""
+    source: Annotated[str, local_uri("model.source")]
+    """HF-layout checkpoint: pvc://, hostPath://, an absolute path, hf://org/name[@revision] or s3://bucket/prefix (remote ones are downloaded by the storage initializer, an init container, through the node model cache when the operator has one)."""
     served_name: str | None = Field(None, min_length=1, max_length=256)
     """Model id in the OpenAI API (default: the resource name)."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -63,6 +63,10 @@ class EngineSpec(ApiModel):
     bf16). fp8 is not offered until the runtime implements it (rejected here rather than crash-looping)."""
     enforce_eager: bool = False
     """Run every step eagerly: no CUDA graphs for decode (they cost capture time and a little memory)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """GPUs one replica splits the model over (one process per rank in the pod, NCCL). The pod's
+    nvidia.com/gpu limit defaults to it and must not be below it; a limit of 0 runs the ranks on CPU
+    (gloo). The autoscaler counts replicas, each of tensorParallelSize GPUs."""
 
 
 class Autoscaling(ApiModel):
@@ -102,8 +106,31 @@ class Autoscaling(ApiModel):
     """Replicas removed per decision at most."""
 
 
+def _gpu_limit(resources: ResourceRequirements | None) -> int | None:
+    """The container's nvidia.com/gpu limit; None when the spec does not set one."""
+    if resources is None or not resources.limits or "nvidia.com/gpu" not in resources.limits:
+        return None
+    return int(resources.limits["nvidia.com/gpu"])
+
+
 class InferenceServiceSpec(ApiModel):
     """Desired state of an InferenceService."""
+
+    __rules__ = (
+        Rule(
+            cel="!has(self.resources) || !has(self.resources.limits) || "
+            "!('nvidia.com/gpu' in self.resources.limits) || "
+            "int(string(self.resources.limits['nvidia.com/gpu'])) == 0 || "
+            "self.engine.tensorParallelSize <= int(string(self.resources.limits['nvidia.com/gpu']))",
+            message="engine.tensorParallelSize must not exceed the nvidia.com/gpu limit in resources "
+            "(0 GPUs: the ranks run on CPU)",
+            check=lambda s: (
+                _gpu_limit(s.resources) in (None, 0)
+                or s.engine.tensor_parallel_size <= _gpu_limit(s.resources)
+            ),
+            field_path=".engine.tensorParallelSize",
+        ),
+    )
 
     model: ModelSpec
     """What to serve."""
@@ -152,6 +179,17 @@ class AutoscalingStatus(StatusModel):
     """Why (e.g. "queue 9.5/replica > target 4: 2 -> 3")."""
 
 
+class ParallelStatus(StatusModel):
+    """The parallel layout of every replica."""
+
+    tensor_parallel_size: int
+    """Ranks (processes) per replica, one model shard each."""
+    gpus_per_replica: int
+    """nvidia.com/gpu of each replica's pod (0: the ranks run on CPU)."""
+    layout: str
+    """e.g. "2 replicas x TP=4 (8 GPUs)"."""
+
+
 class ScaleEvent(StatusModel):
     """One autoscaling change."""
 
@@ -159,6 +197,27 @@ class ScaleEvent(StatusModel):
     from_replicas: int
     to_replicas: int
     reason: str
+
+
+class ModelFetchStatus(StatusModel):
+    """What the storage initializers reported (pod annotation lmforge.dev/fetch) for a remote model."""
+
+    source: str | None = None
+    """The model URI (hf:// or s3://)."""
+    revision: str | None = None
+    """What the source resolved to: the hf:// commit, a digest of the s3:// objects' ETags."""
+    cached: bool | None = None
+    """Whether the newest replica started warm: its model came from the node model cache, no download."""
+    cached_replicas: int | None = None
+    """Replicas whose model came from the node cache."""
+    downloading: int | None = None
+    """Replicas whose storage initializer is still downloading."""
+    bytes: int | None = None
+    """Downloading: bytes fetched so far by the slowest replica; else the newest replica's download size."""
+    total_bytes: int | None = None
+    """Size of the model, when the source tells it (s3://)."""
+    eta_seconds: int | None = None
+    """Downloading: seconds left at the current rate (the slowest replica)."""
 
 
 class InferenceServiceStatus(StatusModel):
@@ -184,6 +243,10 @@ class InferenceServiceStatus(StatusModel):
     """Latest pod failure."""
     autoscaling: AutoscalingStatus | None = None
     """Autoscaler state."""
+    model: ModelFetchStatus | None = None
+    """Remote models (hf://, s3://): download progress and whether replicas started from the node cache."""
+    parallelism: ParallelStatus | None = None
+    """How each replica splits the model (tensor parallel ranks and the GPUs they use)."""
     history: list[ScaleEvent] = Field([], max_length=20)
     """Most recent scaling changes, newest last (at most 20)."""
 

@@ -41,7 +41,7 @@ class Calibration(ApiModel):
         ),
     )
 
-    dataset: local_uri("calibration.dataset")
+    dataset: Annotated[str, local_uri("calibration.dataset", s3=False)]
     """JSON Lines with "text" or "messages" per line: pvc://, hostPath:// or an absolute path."""
     samples: int = Field(128, ge=1, le=65536)
     """Calibration sequences."""
@@ -117,14 +117,14 @@ class QuantizeJobSpec(ApiModel):
         ),
         Rule(
             cel="!self.output.startsWith('hf://')",
-            message="output cannot be an hf:// URI: outputs go to pvc://, hostPath:// or a path",
+            message="output cannot be an hf:// URI: outputs go to pvc://, hostPath://, s3:// or a path",
             check=lambda s: not s.output.startswith("hf://"),
             field_path=".output",
         ),
     )
 
-    model: local_uri("model")
-    """HF-layout checkpoint to quantize: pvc://, hostPath://, an absolute path or hf://org/name (downloaded in the pod). s3:// is not supported yet."""
+    model: Annotated[str, local_uri("model")]
+    """HF-layout checkpoint to quantize: pvc://, hostPath://, an absolute path, hf://org/name or s3://bucket/prefix (downloaded in the pod)."""
     method: QuantizeMethod
     """w8a16: int8 weights per channel. w4a16-rtn/gptq/awq: int4 weights in groups (round-to-nearest, GPTQ, AWQ). fp8: float8 e4m3 weights and activations."""
     group_size: int | None = Field(None, ge=-1, le=4096)
@@ -133,8 +133,8 @@ class QuantizeJobSpec(ApiModel):
     """Calibration data (required for gptq and awq)."""
     ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(["lm_head"], max_length=256)
     """Module names (or re:<regex>) left unquantized."""
-    output: local_uri("output")
-    """Output directory (compressed-tensors checkpoint): pvc://, hostPath:// or an absolute path."""
+    output: Annotated[str, local_uri("output")]
+    """Output directory (compressed-tensors checkpoint): pvc://, hostPath://, an absolute path or s3://bucket/prefix (uploaded when done, its manifest last)."""
     serve_after: ServeAfter | None = None
     """Serve the result when done."""
     image: str | None = Field(None, min_length=1, max_length=512)

@@ -33,8 +33,8 @@ ShortName = Annotated[str, Field(min_length=1, max_length=253)]
 class Dataset(ApiModel):
     """Training data: JSON Lines, one example per line."""
 
-    source: local_uri("dataset.source")
-    """Where the .jsonl file (or a directory of them) lives: pvc://, hostPath://, an absolute path or hf://org/name (a dataset repo: its *.jsonl files are downloaded by the worker, see README). s3:// is not supported yet."""
+    source: Annotated[str, local_uri("dataset.source")]
+    """Where the .jsonl file (or a directory of them) lives: pvc://, hostPath://, an absolute path or hf://org/name (a dataset repo: its *.jsonl files are downloaded by the worker, see README) or s3://bucket/prefix (a .jsonl object or a prefix of them)."""
     format: Literal["text", "messages"] = "messages"
     """`text`: {"text": ...} per line (causal LM). `messages`: {"messages": [{"role", "content"}, ...]} per line, rendered with the model's chat template; loss on assistant turns only."""
     max_samples: int | None = Field(None, ge=1)
@@ -111,14 +111,14 @@ class Checkpoint(ApiModel):
     __rules__ = (
         Rule(
             cel="!has(self.dir) || !self.dir.startsWith('hf://')",
-            message="checkpoint.dir cannot be an hf:// URI: checkpoints go to pvc://, hostPath:// or a path",
+            message="checkpoint.dir cannot be an hf:// URI: checkpoints go to pvc://, hostPath://, s3:// or a path",
             check=lambda c: c.dir is None or not c.dir.startswith("hf://"),
             field_path=".dir",
         ),
     )
 
-    dir: local_uri("checkpoint.dir") | None = None
-    """Where checkpoints go; must be shared by all nodes. Default: <output.dir>/checkpoints."""
+    dir: Annotated[str, local_uri("checkpoint.dir")] | None = None
+    """Where checkpoints go; must be shared by all nodes (a volume, or s3://bucket/prefix: each checkpoint is uploaded with its manifest last). Default: <output.dir>/checkpoints."""
     every_steps: int = Field(500, ge=1)
     """Save every this many optimizer steps (and on SIGTERM)."""
     keep_last: int = Field(3, ge=1, le=1000)
@@ -133,14 +133,14 @@ class Output(ApiModel):
     __rules__ = (
         Rule(
             cel="!self.dir.startsWith('hf://')",
-            message="output.dir cannot be an hf:// URI: outputs go to pvc://, hostPath:// or a path",
+            message="output.dir cannot be an hf:// URI: outputs go to pvc://, hostPath://, s3:// or a path",
             check=lambda o: not o.dir.startswith("hf://"),
             field_path=".dir",
         ),
     )
 
-    dir: local_uri("output.dir")
-    """Output directory."""
+    dir: Annotated[str, local_uri("output.dir")]
+    """Output directory: pvc://, hostPath://, a path or s3://bucket/prefix (uploaded when training ends, its manifest last)."""
     merge_adapter: bool = False
     """lora only: also write the base model with the adapter merged in (<dir>/merged)."""
 
@@ -269,8 +269,8 @@ class TrainJobSpec(ApiModel):
         ),
     )
 
-    model: local_uri("model")
-    """Base model (HF layout): pvc://claim/path, hostPath:///abs/path, /abs/path or hf://org/name (downloaded by the worker, see README). s3:// is not supported yet."""
+    model: Annotated[str, local_uri("model")]
+    """Base model (HF layout): pvc://claim/path, hostPath:///abs/path, /abs/path, hf://org/name or s3://bucket/prefix (downloaded by the worker, see README)."""
     dataset: Dataset
     """Training data."""
     method: Literal["full", "lora"] = "lora"

@@ -23,6 +23,7 @@ Pod lifecycle, and why each knob has its value:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from lmforge.operator.api.constants import LABEL_KIND, LABEL_MANAGED_BY, MANAGED
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
 from lmforge.operator.builders.owner import OwnerRef
 from lmforge.operator.builders.owner import owner_reference as owned_by
-from lmforge.operator.builders.storage import locate
+from lmforge.operator.builders.storage import ModelCache, locate, storage_initializer
 
 KIND = "InferenceService"
 LABEL_INFERENCESERVICE = "lmforge.dev/inferenceservice"
@@ -41,8 +42,7 @@ SERVER_PORT = 8000
 SERVICE_PORT = 80
 PORT_NAME = "http"
 MODEL_VOLUME = "model"
-HF_CACHE_VOLUME = "hf-cache"
-HF_CACHE_PATH = "/var/cache/huggingface"
+MODEL_DIR = "/mnt/model"  # where the storage initializer puts a remote model (an emptyDir)
 DEFAULT_IMAGE = "ghcr.io/lmforge/runtime:0.1.0"
 ENGINE_SHUTDOWN_MARGIN_SECONDS = 15  # engine abort (10 s) + uvicorn stop after the drain
 
@@ -63,6 +63,10 @@ class BuildConfig:
     liveness_period_seconds: int = 15
     liveness_failure_threshold: int = 4  # a minute of no answer from the event loop
     revision_history_limit: int = 3
+    model_cache: ModelCache | None = None  # the node model cache (Helm values modelCache), opt-in
+    # NCCL_* variables of the operator's own environment (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE set
+    # in the chart's values), passed to every tensor-parallel server; spec.env overrides them
+    nccl_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class ModelLocation:
     """Where the server finds the checkpoint, and what the pod needs for that."""
 
     path: str  # the --model argument
+    fetch_from: str | None = None  # a remote source the storage initializer downloads into `path`
     volumes: tuple[dict[str, Any], ...] = ()
     mounts: tuple[dict[str, Any], ...] = ()
     env: tuple[dict[str, Any], ...] = ()
@@ -77,7 +82,7 @@ class ModelLocation:
 
 
 class UnsupportedModelSource(ValueError):
-    """The model source has no in-pod loader yet (the controller reports it on the status)."""
+    """The model source cannot be read in a pod (the controller reports it on the status)."""
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -121,10 +126,12 @@ def _metadata(ref: ServiceRef) -> dict[str, Any]:
 # --- the model ------------------------------------------------------------------------------------
 
 
-def model_location(spec: InferenceServiceSpec) -> ModelLocation:
+def model_location(spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()) -> ModelLocation:
     """pvc://claim/path -> the claim mounted read-only at /mnt/pvc/<claim>; hostPath:///dir or /dir
-    -> that directory mounted at the same path; hf://org/name -> the server downloads it (network
-    egress needed, a cache volume is added); s3:// -> UnsupportedModelSource."""
+    -> that directory mounted at the same path; hf://org/name and s3://bucket/prefix -> the storage
+    initializer (an init container) downloads it into an emptyDir at /mnt/model, through the node
+    model cache when the operator has one (then /mnt/model holds symlinks into the cache, which is
+    mounted at its own path in both containers)."""
     source = spec.model.source
     user_paths = {m.get("mountPath") for m in spec.volume_mounts or ()}
     location = locate(source)
@@ -137,21 +144,24 @@ def model_location(spec: InferenceServiceSpec) -> ModelLocation:
     if location is not None:
         volume = {"name": MODEL_VOLUME, "hostPath": {"path": location.path, "type": "Directory"}}
         return _mounted(location.path, location.path, volume, user_paths)
-    if source.startswith("hf://"):
-        repo = source[len("hf://") :]
+    if source.startswith(("hf://", "s3://")):
+        cache = cfg.model_cache
+        where = "the node model cache (once per node)" if cache else "every replica, at start"
         return ModelLocation(
-            path=repo,
-            volumes=({"name": HF_CACHE_VOLUME, "emptyDir": {}},),
-            mounts=({"name": HF_CACHE_VOLUME, "mountPath": HF_CACHE_PATH},),
-            env=({"name": "HF_HOME", "value": HF_CACHE_PATH},),
+            path=MODEL_DIR,
+            fetch_from=source,
+            volumes=({"name": MODEL_VOLUME, "emptyDir": {}}, *([cache.volume()] if cache else [])),
+            mounts=(
+                {"name": MODEL_VOLUME, "mountPath": MODEL_DIR, "readOnly": True},
+                *([cache.mount()] if cache else []),
+            ),
             notes=(
-                f"model {repo} is downloaded from the Hugging Face Hub by every replica at start: the pods "
-                "need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts faster",
+                f"model {source} is downloaded by the storage initializer into {where}: the pods need "
+                "network access to it (and credentials in spec.env for private data); a pvc:// copy needs none",
             ),
         )
     raise UnsupportedModelSource(
-        f"model source {source!r}: the server reads a local directory or hf://; copy s3:// checkpoints to a "
-        "PVC (pvc://<claim>/<path>) first"
+        f"model source {source!r}: expected pvc://, hostPath://, an absolute path, hf:// or s3://"
     )
 
 
@@ -191,10 +201,53 @@ def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) 
         command += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.enforce_eager:
         command.append("--enforce-eager")
+    if engine.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     return command
 
 
-def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocation) -> list[dict[str, Any]]:
+# --- tensor parallelism ---------------------------------------------------------------------------
+
+SHM_VOLUME = "dshm"  # NCCL (and the engine's step ring) need more than the runtime's 64 MiB /dev/shm
+
+
+def nccl_env_from(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The NCCL_* variables of an environment (the operator's), sorted: BuildConfig.nccl_env."""
+    return tuple(sorted((k, v) for k, v in environ.items() if k.startswith("NCCL_")))
+
+
+def gpus_per_replica(spec: InferenceServiceSpec) -> int:
+    """nvidia.com/gpu of each pod: the spec's limit, else tensorParallelSize when it is above 1 (one
+    GPU per rank), else none asked for (0)."""
+    limits = spec.resources.limits if spec.resources and spec.resources.limits else {}
+    if "nvidia.com/gpu" in limits:
+        return int(limits["nvidia.com/gpu"])
+    return spec.engine.tensor_parallel_size if spec.engine.tensor_parallel_size > 1 else 0
+
+
+def container_resources(spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    """The spec's resources, with the GPU limit defaulted to tensorParallelSize (module docstring)."""
+    resources = spec.resources.to_k8s() if spec.resources else {}
+    limits = resources.get("limits") or {}
+    if spec.engine.tensor_parallel_size > 1 and "nvidia.com/gpu" not in limits:
+        resources["limits"] = {**limits, "nvidia.com/gpu": spec.engine.tensor_parallel_size}
+    return resources or None
+
+
+def parallel_layout(spec: InferenceServiceSpec, replicas: int) -> dict[str, Any]:
+    """status.parallelism: what one replica is made of; the autoscaler counts replicas, never ranks."""
+    tp, gpus = spec.engine.tensor_parallel_size, gpus_per_replica(spec)
+    devices = f"{replicas * gpus} GPUs" if gpus else "CPU"
+    return {
+        "tensorParallelSize": tp,
+        "gpusPerReplica": gpus,
+        "layout": f"{replicas} replica{'s' if replicas != 1 else ''} x TP={tp} ({devices})",
+    }
+
+
+def server_env(
+    ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocation, cfg: BuildConfig = BuildConfig()
+) -> list[dict[str, Any]]:
     """Ours, then the user's; a user entry replaces ours of the same name."""
     ours: list[dict[str, Any]] = [
         {"name": "LMFORGE_INFERENCESERVICE", "value": ref.name},
@@ -202,6 +255,8 @@ def server_env(ref: ServiceRef, spec: InferenceServiceSpec, location: ModelLocat
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *location.env,
     ]
+    if spec.engine.tensor_parallel_size > 1:
+        ours += [{"name": k, "value": v} for k, v in cfg.nccl_env]
     if spec.api_key_secret is not None:  # `lmforge serve` reads --api-key from this env by default
         ours.append(
             {
@@ -249,26 +304,44 @@ def termination_grace_seconds(spec: InferenceServiceSpec, cfg: BuildConfig = Bui
 def pod_template(
     ref: ServiceRef, spec: InferenceServiceSpec, cfg: BuildConfig = BuildConfig()
 ) -> dict[str, Any]:
-    location = model_location(spec)
+    location = model_location(spec, cfg)
+    image = spec.image or cfg.default_image
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
-        "image": spec.image or cfg.default_image,
+        "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": serve_command(ref, spec, location.path),
-        "env": server_env(ref, spec, location),
+        "env": server_env(ref, spec, location, cfg),
         "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         **probes(spec, cfg),
         "lifecycle": {"preStop": {"sleep": {"seconds": cfg.pre_stop_sleep_seconds}}},
         "volumeMounts": [*location.mounts, *(spec.volume_mounts or ())],
     }
-    if spec.resources:
-        container["resources"] = spec.resources.to_k8s()
+    resources = container_resources(spec)
+    if resources:
+        container["resources"] = resources
+    volumes = [*location.volumes, *(spec.volumes or ())]
+    if spec.engine.tensor_parallel_size > 1:  # /dev/shm in RAM, as large as the pod's memory allows
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     pod_spec: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec, cfg),
         "containers": [container],
-        "volumes": [*location.volumes, *(spec.volumes or ())],
+        "volumes": volumes,
     }
+    if location.fetch_from is not None:
+        pod_spec["initContainers"] = [
+            storage_initializer(
+                image=image,
+                pull_policy=cfg.image_pull_policy,
+                source=location.fetch_from,
+                target=location.path,
+                mounts=[{"name": MODEL_VOLUME, "mountPath": location.path}],
+                env=[dict(e) for e in spec.env or ()],
+                cache=cfg.model_cache,
+            )
+        ]
     optional = {"nodeSelector": spec.node_selector, "tolerations": spec.tolerations}
     pod_spec.update({k: v for k, v in optional.items() if v})
     return {

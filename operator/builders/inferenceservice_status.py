@@ -22,14 +22,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from lmforge.operator import clock
+from lmforge.operator.api import reasons as r
 from lmforge.operator.api.base import Condition, LastFailure
 from lmforge.operator.api.inferenceservice import (
     AutoscalingStatus,
     InferenceServiceSpec,
     InferenceServiceStatus,
+    ParallelStatus,
     ScaleEvent,
 )
-from lmforge.operator.builders.inferenceservice import CONTAINER_NAME
+from lmforge.operator.builders.conditions import set_condition
+from lmforge.operator.builders.inferenceservice import CONTAINER_NAME, parallel_layout
+from lmforge.operator.decision import Event
 
 # A Failed pod (eviction; kwok's lmforge.dev/fate) counts against the phase this long; it stays
 # in lastFailure until a newer failure replaces it.
@@ -47,44 +52,7 @@ BAD_WAITING_REASONS = frozenset(
     }
 )
 
-# Condition types.
-ConditionReady = "Ready"
-ConditionProgressing = "Progressing"
-ConditionDegraded = "Degraded"
-ConditionScaleToZero = "ScaleToZero"
-
-# Reasons (CamelCase, stable) and their messages.
-ReasonReplicasReady = "ReplicasReady"
-ReasonNoReplicas = "NoReplicaReady"
-ReasonModelLoading = "ModelLoading"
-ReasonPodsPending = "PodsPending"
-ReasonReplicasFailing = "ReplicasFailing"
-ReasonReplicasNotReady = "ReplicasNotReady"
-ReasonScaledToZero = "ScaledToZero"
-ReasonRollingUpdate = "RollingUpdate"
-ReasonScalingDown = "ScalingDown"
-ReasonUnschedulable = "Unschedulable"
-ReasonSettled = "Settled"
-ReasonHealthy = "AllReplicasHealthy"
-ReasonColdStart = "ColdStartAfterIdle"
-MessageColdStart = (
-    "minReplicas is 0: after {idle}s without running or waiting requests the service scales to zero. "
-    "The first request after that waits for a cold start (a new pod loads the model, up to {startup}s). "
-    "lmforge has no activator yet to hold requests and wake the service: while at zero, requests are "
-    "refused until `kubectl scale deployment/{name} --replicas 1` (the autoscaler goes on from the "
-    "Deployment's size) or minReplicas >= 1 brings it back"
-)
-ReasonScaledUp = "ScaledUp"
-ReasonScaledDown = "ScaledDown"
-ReasonPodFailed = "PodFailed"
-
 Phase = Literal["Pending", "Loading", "Ready", "Degraded", "ScaledToZero", "Failed"]
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +100,7 @@ class ServingPod:
             exit_code=terminated.get("exitCode"),
             reason=terminated.get("reason") or status.get("reason"),
             message=terminated.get("message") or status.get("message"),
-            finished_at=parse_time(terminated.get("finishedAt")),
+            finished_at=clock.parse_time(terminated.get("finishedAt")),
         )
 
     @property
@@ -215,16 +183,9 @@ class DeploymentView:
 
 
 @dataclass(frozen=True, slots=True)
-class StatusEvent:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
 class Reflection:
     status: InferenceServiceStatus
-    events: tuple[StatusEvent, ...] = ()
+    events: tuple[Event, ...] = ()
 
 
 def _failure_key(failure: LastFailure) -> tuple:
@@ -232,32 +193,37 @@ def _failure_key(failure: LastFailure) -> tuple:
     return failure.pod, failure.reason, failure.exit_code, failure.message
 
 
-def set_condition(
-    conditions: Sequence[Condition],
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> list[Condition]:
-    """Replace (or add) condition `type_`; lastTransitionTime moves only when `status` changes."""
-    old = next((cond for cond in conditions if cond.type == type_), None)
-    since = old.last_transition_time if old is not None and old.status == status else now
-    new = Condition(
-        type=type_,
-        status=status,
-        reason=reason,
-        message=message,
-        last_transition_time=since,
-        observed_generation=generation,
-    )
-    return [cond for cond in conditions if cond.type != type_] + [new]
-
-
 def _names(pods: Sequence[ServingPod], limit: int = 3) -> str:
     names = [p.name for p in pods[:limit]]
     return ", ".join(names) + (f" and {len(pods) - limit} more" if len(pods) > limit else "")
+
+
+@dataclass(frozen=True, slots=True)
+class _Pods:
+    """The service's pods sorted by what they are doing, once per `reflect`."""
+
+    active: list[ServingPod]
+    serving: list[ServingPod]
+    failing: list[ServingPod]
+    fell_out: list[ServingPod]
+    loading: list[ServingPod]
+    pending: list[ServingPod]
+
+    @classmethod
+    def sort(cls, pods: Sequence[ServingPod], now: datetime) -> _Pods:
+        active = [p for p in pods if p.active]
+        return cls(
+            active=active,
+            serving=[p for p in active if p.serving],
+            failing=[p for p in active if p.crash_looping] + [p for p in pods if p.failed_recently(now)],
+            fell_out=[p for p in active if p.fell_out],
+            loading=[p for p in active if p.loading],
+            pending=[p for p in active if p.phase == "Pending"],
+        )
+
+    @property
+    def unschedulable(self) -> list[ServingPod]:
+        return [p for p in self.pending if p.unschedulable]
 
 
 def reflect(
@@ -270,179 +236,135 @@ def reflect(
 ) -> Reflection:
     """The new status (autoscaling, history, url, selector and observedGeneration carried over)
     and the Events for what changed since `previous`."""
-    desired = deployment.replicas if deployment is not None else None
-    active = [p for p in pods if p.active]
-    serving = [p for p in active if p.serving]
-    failing = [p for p in active if p.crash_looping] + [p for p in pods if p.failed_recently(now)]
-    fell_out = [p for p in active if p.fell_out]
-    loading = [p for p in active if p.loading]
-    pending = [p for p in active if p.phase == "Pending"]
-    unschedulable = [p for p in pending if p.unschedulable]
-    ready = len(serving)
-
-    if desired == 0:
-        phase: Phase = "ScaledToZero"
-    elif ready == 0:
-        phase = "Failed" if failing else "Loading" if any(p.phase == "Running" for p in active) else "Pending"
-    else:
-        phase = "Degraded" if failing or fell_out else "Ready"
-
+    sorted_pods = _Pods.sort(pods, now)
+    want = deployment.replicas if deployment is not None else 0
+    phase = _phase(deployment, sorted_pods)
     gen = previous.observed_generation
     conditions = list(previous.conditions)
-    want = desired if desired is not None else 0
-    if ready:
-        conditions = set_condition(
-            conditions,
-            ConditionReady,
-            "True",
-            ReasonReplicasReady,
-            f"{ready}/{want} replicas ready",
-            now,
-            gen,
-        )
-    else:
-        reason, message = {
-            "ScaledToZero": (ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"),
-            "Failed": (ReasonReplicasFailing, f"no replica ready; failing: {_names(failing)}"),
-            "Loading": (ReasonModelLoading, f"{len(loading)} replica(s) loading the model"),
-        }.get(
-            phase,
-            (
-                ReasonPodsPending,
-                "waiting for pods to be scheduled and started"
-                if deployment is not None
-                else "waiting for the Deployment",
-            ),
-        )
-        conditions = set_condition(conditions, ConditionReady, "False", reason, message, now, gen)
-
-    if deployment is not None and deployment.rolling:
-        progressing = (ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated")
-    elif unschedulable:
-        progressing = (
-            ReasonUnschedulable,
-            f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}",
-        )
-    elif len(active) > want:
-        progressing = (ReasonScalingDown, f"{len(active)} replicas, scaling down to {want}")
-    elif ready < want and (loading or pending or len(active) < want):
-        progressing = (
-            ReasonModelLoading if loading else ReasonPodsPending,
-            f"{ready}/{want} replicas ready, {len(loading)} loading, {len(pending)} pending",
-        )
-    else:
-        progressing = None
-    if progressing:
-        conditions = set_condition(conditions, ConditionProgressing, "True", *progressing, now, gen)
-    elif ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
-        conditions = set_condition(
-            conditions,
-            ConditionProgressing,
-            "False",
-            ReasonReplicasFailing if failing else ReasonReplicasNotReady,
-            f"{ready}/{want} replicas ready and none on its way",
-            now,
-            gen,
-        )
-    else:
-        conditions = set_condition(
-            conditions,
-            ConditionProgressing,
-            "False",
-            ReasonSettled,
-            f"{ready} replica(s) ready, nothing in progress",
-            now,
-            gen,
-        )
-
-    if failing:
-        conditions = set_condition(
-            conditions,
-            ConditionDegraded,
-            "True",
-            ReasonReplicasFailing,
-            f"failing: {_names(failing)}",
-            now,
-            gen,
-        )
-    elif fell_out:
-        conditions = set_condition(
-            conditions,
-            ConditionDegraded,
-            "True",
-            ReasonReplicasNotReady,
-            f"not passing readiness: {_names(fell_out)}",
-            now,
-            gen,
-        )
-    else:
-        conditions = set_condition(
-            conditions, ConditionDegraded, "False", ReasonHealthy, "no replica is failing", now, gen
-        )
-
-    autoscaling = spec.autoscaling
-    if autoscaling is not None and autoscaling.min_replicas == 0:
-        conditions = set_condition(
-            conditions,
-            ConditionScaleToZero,
-            "True",
-            ReasonColdStart,
-            MessageColdStart.format(
-                idle=autoscaling.scale_down_stabilization_seconds,
-                startup=spec.startup_timeout_seconds,
-                name=name,
-            ),
-            now,
-            gen,
-        )
-    else:
-        conditions = [cond for cond in conditions if cond.type != ConditionScaleToZero]
-
-    events: list[StatusEvent] = []
-    last_failure = previous.last_failure
-    failures = [f for f in (p.failure(now) for p in pods) if f is not None]
-    newest = max(failures, key=lambda f: f.time, default=None)
-    if newest is not None and (last_failure is None or _failure_key(newest) != _failure_key(last_failure)):
-        detail = ", ".join(
-            x
-            for x in (
-                newest.reason,
-                None if newest.exit_code is None else f"exit code {newest.exit_code}",
-                newest.message,
-            )
-            if x
-        )
-        events.append(StatusEvent("Warning", ReasonPodFailed, f"pod {newest.pod} failed: {detail}"))
-        last_failure = newest
-
+    for type_, status_, reason, message in (
+        (r.ConditionReady, *_ready(phase, deployment, sorted_pods, want)),
+        (r.ConditionProgressing, *_progressing(deployment, sorted_pods, want)),
+        (r.ConditionDegraded, *_degraded(sorted_pods)),
+    ):
+        conditions = set_condition(conditions, type_, status_, reason, message, now, gen)
+    conditions = _scale_to_zero(name, spec, conditions, now, gen)
+    last_failure, failure_events = _newest_failure(previous.last_failure, pods, now)
     status = previous.model_copy(
         update={
             "phase": phase,
             "conditions": conditions,
-            "replicas": len(active),
-            "ready_replicas": ready,
+            "replicas": len(sorted_pods.active),
+            "ready_replicas": len(sorted_pods.serving),
             "last_failure": last_failure,
+            "parallelism": ParallelStatus.model_validate(parallel_layout(spec, want)),
         }
     )
+    events = list(failure_events)
     if phase != previous.phase:
-        events.append(_phase_event(phase, ready, want, status))
+        events.append(_phase_event(phase, len(sorted_pods.serving), want, status))
     return Reflection(status=status, events=tuple(events))
 
 
-def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceStatus) -> StatusEvent:
-    if phase == "Ready":
-        return StatusEvent("Normal", "Ready", f"{ready}/{want} replicas ready at {status.url}")
-    if phase == "Loading":
-        return StatusEvent("Normal", ReasonModelLoading, "replicas are loading the model")
-    if phase == "Pending":
-        return StatusEvent("Normal", ReasonPodsPending, "waiting for pods to be scheduled and started")
+def _phase(deployment: DeploymentView | None, pods: _Pods) -> Phase:
+    if deployment is not None and deployment.replicas == 0:
+        return "ScaledToZero"
+    if not pods.serving:
+        if pods.failing:
+            return "Failed"
+        return "Loading" if any(p.phase == "Running" for p in pods.active) else "Pending"
+    return "Degraded" if pods.failing or pods.fell_out else "Ready"
+
+
+def _ready(phase: Phase, deployment: DeploymentView | None, pods: _Pods, want: int) -> tuple[bool, str, str]:
+    ready = len(pods.serving)
+    if ready:
+        return True, r.ReasonReplicasReady, f"{ready}/{want} replicas ready"
     if phase == "ScaledToZero":
-        return StatusEvent("Normal", ReasonScaledToZero, "no replicas")
+        return False, r.ReasonScaledToZero, "no replicas: the Deployment is scaled to 0"
+    if phase == "Failed":
+        return False, r.ReasonReplicasFailing, f"no replica ready; failing: {_names(pods.failing)}"
+    if phase == "Loading":
+        return False, r.ReasonModelLoading, f"{len(pods.loading)} replica(s) loading the model"
+    waiting = (
+        "waiting for pods to be scheduled and started"
+        if deployment is not None
+        else "waiting for the Deployment"
+    )
+    return False, r.ReasonPodsPending, waiting
+
+
+def _progressing(deployment: DeploymentView | None, pods: _Pods, want: int) -> tuple[bool, str, str]:
+    """True with what is on its way (a rollout, unschedulable pods, a scale-down, loading or
+    pending replicas); False when nothing is, saying whether replicas are missing."""
+    ready, active, unschedulable = len(pods.serving), len(pods.active), pods.unschedulable
+    if deployment is not None and deployment.rolling:
+        return True, r.ReasonRollingUpdate, f"{deployment.updated_replicas}/{want} replicas updated"
+    if unschedulable:
+        message = f"{len(unschedulable)} replica(s) cannot be scheduled: {unschedulable[0].unschedulable}"
+        return True, r.ReasonUnschedulable, message
+    if active > want:
+        return True, r.ReasonScalingDown, f"{active} replicas, scaling down to {want}"
+    if ready < want and (pods.loading or pods.pending or active < want):
+        reason = r.ReasonModelLoading if pods.loading else r.ReasonPodsPending
+        return (
+            True,
+            reason,
+            f"{ready}/{want} replicas ready, {len(pods.loading)} loading, {len(pods.pending)} pending",
+        )
+    if ready < want:  # nothing on its way: the missing replicas fail or fell out of readiness
+        reason = r.ReasonReplicasFailing if pods.failing else r.ReasonReplicasNotReady
+        return False, reason, f"{ready}/{want} replicas ready and none on its way"
+    return False, r.ReasonSettled, f"{ready} replica(s) ready, nothing in progress"
+
+
+def _degraded(pods: _Pods) -> tuple[bool, str, str]:
+    if pods.failing:
+        return True, r.ReasonReplicasFailing, f"failing: {_names(pods.failing)}"
+    if pods.fell_out:
+        return True, r.ReasonReplicasNotReady, f"not passing readiness: {_names(pods.fell_out)}"
+    return False, r.ReasonHealthy, "no replica is failing"
+
+
+def _scale_to_zero(
+    name: str, spec: InferenceServiceSpec, conditions: list[Condition], now: datetime, gen: int | None
+) -> list[Condition]:
+    """ScaleToZero says what a cold start means, only while minReplicas is 0."""
+    autoscaling = spec.autoscaling
+    if autoscaling is None or autoscaling.min_replicas != 0:
+        return [cond for cond in conditions if cond.type != r.ConditionScaleToZero]
+    message = r.MessageColdStart.format(
+        idle=autoscaling.scale_down_stabilization_seconds, startup=spec.startup_timeout_seconds, name=name
+    )
+    return set_condition(conditions, r.ConditionScaleToZero, True, r.ReasonColdStart, message, now, gen)
+
+
+def _newest_failure(
+    last_failure: LastFailure | None, pods: Sequence[ServingPod], now: datetime
+) -> tuple[LastFailure | None, tuple[Event, ...]]:
+    """status.lastFailure and one PodFailed Event when a pod failed in a new way."""
+    failures = [f for f in (p.failure(now) for p in pods) if f is not None]
+    newest = max(failures, key=lambda f: f.time or now, default=None)
+    if newest is None or (last_failure is not None and _failure_key(newest) == _failure_key(last_failure)):
+        return last_failure, ()
+    exit_code = None if newest.exit_code is None else f"exit code {newest.exit_code}"
+    detail = ", ".join(x for x in (newest.reason, exit_code, newest.message) if x)
+    return newest, (Event("Warning", r.ReasonPodFailed, f"pod {newest.pod} failed: {detail}"),)
+
+
+def _phase_event(phase: Phase, ready: int, want: int, status: InferenceServiceStatus) -> Event:
+    if phase == "Ready":
+        return Event("Normal", r.ReasonReady, f"{ready}/{want} replicas ready at {status.url}")
+    if phase == "Loading":
+        return Event("Normal", r.ReasonModelLoading, "replicas are loading the model")
+    if phase == "Pending":
+        return Event("Normal", r.ReasonPodsPending, "waiting for pods to be scheduled and started")
+    if phase == "ScaledToZero":
+        return Event("Normal", r.ReasonScaledToZero, "no replicas")
     failure = status.last_failure
     detail = f" (last failure: pod {failure.pod}, {failure.reason})" if failure else ""
     if phase == "Degraded":
-        return StatusEvent("Warning", "Degraded", f"{ready}/{want} replicas ready{detail}")
-    return StatusEvent("Warning", "Failed", f"no replica can serve{detail}")
+        return Event("Warning", r.ReasonDegraded, f"{ready}/{want} replicas ready{detail}")
+    return Event("Warning", r.ReasonFailed, f"no replica can serve{detail}")
 
 
 def record_autoscaling(
@@ -454,7 +376,7 @@ def record_autoscaling(
     scaled_from: int | None = None,
     scaled_to: int | None = None,
     now: datetime,
-) -> tuple[InferenceServiceStatus, StatusEvent | None]:
+) -> tuple[InferenceServiceStatus, Event | None]:
     """Fold one autoscaler decision into the status; a change of replicas also goes into
     `history` (the last HISTORY_LENGTH, newest last) and returns its Event."""
     previous = status.autoscaling or AutoscalingStatus()
@@ -465,9 +387,9 @@ def record_autoscaling(
         last_scale_time=now if changed else previous.last_scale_time,
         last_decision=reason,
     )
-    if not changed:
+    if scaled_from is None or scaled_to is None or not changed:
         return status.model_copy(update={"autoscaling": autoscaling}), None
     entry = ScaleEvent(time=now, from_replicas=scaled_from, to_replicas=scaled_to, reason=reason)
     history = [*status.history, entry][-HISTORY_LENGTH:]
-    event = StatusEvent("Normal", ReasonScaledUp if scaled_to > scaled_from else ReasonScaledDown, reason)
+    event = Event("Normal", r.ReasonScaledUp if scaled_to > scaled_from else r.ReasonScaledDown, reason)
     return status.model_copy(update={"autoscaling": autoscaling, "history": history}), event

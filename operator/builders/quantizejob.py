@@ -9,8 +9,9 @@ AlreadyExists, never a duplicate.
 Storage, as for the other kinds: pvc://<claim>/<path> mounts the claim at /mnt/pvc/<claim> (one volume
 per claim, read-write when the output is on it); hostPath:///<dir> and plain absolute paths mount that
 path at the same place (the model read-only, the calibration file read-only, the output created if
-missing); hf://org/name is downloaded in the pod (network egress needed); s3:// has no in-pod
-reader yet (UnsupportedLocation: the controller fails the job with InvalidSpec).
+missing); hf://org/name and s3://bucket/prefix models are downloaded in the pod (network access
+and, for S3, AWS_* credentials in spec.env), an s3:// output is uploaded by the pod when done (its
+manifest last); anything else is UnsupportedLocation (the controller fails the job with InvalidSpec).
 """
 
 from __future__ import annotations
@@ -132,10 +133,12 @@ def storage(spec: QuantizeJobSpec) -> Storage:
             return path
         if uri.startswith("hf://") and role == "model":
             return uri  # the runtime downloads it
+        if uri.startswith("s3://") and role in ("model", "output"):
+            return uri  # the runtime downloads / uploads it (lmforge.runtime.storage)
         raise UnsupportedLocation(
             f"{role} {uri!r}: a QuantizeJob reads and writes pvc://, hostPath:// or absolute paths"
-            + (" (and reads models from hf://)" if role == "model" else "")
-            + "; copy s3:// data to a PVC first"
+            + (" (models also from hf:// and s3://, outputs also to s3://)" if role != "calibration" else "")
+            + "; copy the data to a PVC first"
         )
 
     model = place(spec.model, "model", "Directory", writable=False)
@@ -253,10 +256,14 @@ def job(
 # --- serveAfter -----------------------------------------------------------------------------------
 
 
+S3_ENV_PREFIXES = ("AWS_", "LMFORGE_S3_")  # what reaching the bucket needs (endpoint, region, credentials)
+
+
 def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | None:
     """The InferenceService of spec.serveAfter, serving spec.output (quantization detected from its
     config.json), owned by the QuantizeJob, placed where the job ran (its nodeSelector and
-    tolerations); None without serveAfter."""
+    tolerations), with the job's AWS_* / LMFORGE_S3_* env when the output is on S3; None without
+    serveAfter."""
     if spec.serve_after is None:
         return None
     isvc_spec: dict[str, Any] = {"model": {"source": spec.output}, "replicas": spec.serve_after.replicas}
@@ -264,6 +271,10 @@ def inference_service(ref: JobRef, spec: QuantizeJobSpec) -> dict[str, Any] | No
         isvc_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         isvc_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.output.startswith("s3://"):  # the servers' storage initializer reads the same bucket
+        storage_env = [dict(e) for e in spec.env or () if str(e.get("name", "")).startswith(S3_ENV_PREFIXES)]
+        if storage_env:
+            isvc_spec["env"] = storage_env
     InferenceServiceSpec.model_validate(isvc_spec)  # only what we set: the API server fills the defaults
     return {
         "apiVersion": API_VERSION,

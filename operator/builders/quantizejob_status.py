@@ -15,50 +15,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
-from lmforge.operator.api.base import LastFailure
+from lmforge.operator import clock
+from lmforge.operator.api import reasons as r
+from lmforge.operator.api.base import Condition, LastFailure
 from lmforge.operator.api.constants import (
     TERMINAL_PHASES,
-    ConditionCreated,
-    ConditionFailed,
-    ConditionRunning,
-    ConditionSucceeded,
     PhaseFailed,
     PhasePending,
     PhaseRunning,
     PhaseSucceeded,
 )
 from lmforge.operator.api.quantizejob import QuantizeJobSpec, QuantizeJobStatus, QuantizeResult
+from lmforge.operator.builders.conditions import find_condition, set_condition
 from lmforge.operator.builders.quantizejob import ANNOTATION_RESULT, CONTAINER_NAME
-from lmforge.operator.builders.trainjob_policy import parse_time, set_condition
+from lmforge.operator.decision import Apply, Create, Decision, Event, Object
 
 # A Job we created but cannot see (yet) is given this long before the job counts as failed:
 # the watch that feeds the index may lag behind our own create.
 JOB_GONE_GRACE = timedelta(seconds=60)
-MAX_MESSAGE = 1024
-
-# Reason / Message pairs (JobSet style: the reason is stable CamelCase, the message for humans).
-ReasonJobCreated = "JobCreated"
-MessageJobCreated = "created Job {job}: one pod runs `lmforge quantize --method {method}`"
-ReasonPodPending = "PodPending"
-MessagePodPending = "waiting for the quantization pod to start{detail}"
-ReasonPodRunning = "PodRunning"
-MessagePodRunning = "pod {pod} is quantizing ({method})"
-ReasonQuantized = "QuantizationSucceeded"
-MessageQuantized = "wrote {output}{summary}"
-ReasonPodFailed = "PodFailed"
-MessagePodFailed = "pod {pod} failed ({detail}){message}"
-ReasonDeadlineExceeded = "DeadlineExceeded"
-MessageDeadlineExceeded = "the job ran longer than activeDeadlineSeconds={seconds}"
-ReasonJobFailed = "JobFailed"
-ReasonJobDeleted = "JobDeleted"
-MessageJobDeleted = "Job {job} disappeared before it finished"
-ReasonInvalidSpec = "InvalidSpec"
-ReasonServing = "InferenceServiceCreated"
-MessageServing = "InferenceService {name} serves {output} ({replicas} replica(s))"
+INTERVAL_SECONDS = 3.0  # look again this often while the job runs (LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +101,12 @@ class QuantizePod:
         return cls(
             name=meta.get("name", ""),
             phase=status.get("phase") or "Pending",
-            created_at=parse_time(meta.get("creationTimestamp")),
+            created_at=clock.parse_time(meta.get("creationTimestamp")),
             node=(pod.get("spec") or {}).get("nodeName"),
             exit_code=terminated.get("exitCode"),
             reason=terminated.get("reason") or status.get("reason"),
             message=terminated.get("message") or status.get("message"),
-            finished_at=parse_time(terminated.get("finishedAt")),
+            finished_at=clock.parse_time(terminated.get("finishedAt")),
             waiting=": ".join(filter(None, (waiting.get("reason"), waiting.get("message")))) or None,
             result=(meta.get("annotations") or {}).get(ANNOTATION_RESULT),
         )
@@ -135,6 +114,8 @@ class QuantizePod:
 
 @dataclass(frozen=True, slots=True)
 class Observed:
+    """The QuantizeJob as the controller sees it at `now`, with the objects it owns, built."""
+
     name: str
     generation: int
     spec: QuantizeJobSpec
@@ -142,23 +123,10 @@ class Observed:
     job: JobView | None
     pods: tuple[QuantizePod, ...]
     now: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class StatusEvent:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Act first (create the Job, apply the InferenceService), then write `status`, then post `events`."""
-
-    status: QuantizeJobStatus
-    create_job: bool = False
-    serve: bool = False
-    events: tuple[StatusEvent, ...] = ()
+    job_object: Object = field(default_factory=dict)  # builders/quantizejob.py `job`
+    serve_object: Object | None = None  # the serveAfter InferenceService, if any
+    served: bool = False  # this process applied serve_object (the status may say so now)
+    interval: float = INTERVAL_SECONDS
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -221,98 +189,117 @@ def _latest(pods: Sequence[QuantizePod]) -> QuantizePod | None:
 
 
 def _created_at(status: QuantizeJobStatus) -> datetime | None:
-    cond = next((c for c in status.conditions if c.type == ConditionCreated and c.status == "True"), None)
-    return cond.last_transition_time if cond else None
+    cond = find_condition(status.conditions, r.ConditionCreated)
+    return cond.last_transition_time if cond is not None and cond.status == "True" else None
 
 
 # --- the decision ---------------------------------------------------------------------------------
 
 
-def decide(obs: Observed) -> Decision:
+def decide(obs: Observed) -> Decision[QuantizeJobStatus]:
+    """Status first, then act: the Job has the QuantizeJob's name, so creating it again (until a
+    pod shows it exists) is AlreadyExists, never a second Job."""
     status = obs.status.model_copy(update={"observed_generation": obs.generation})
-    spec, now, gen = obs.spec, obs.now, obs.generation
     if status.phase in TERMINAL_PHASES:
         return _serve(obs, status)
     if obs.job is None:
-        created = _created_at(status)
-        if created is None:
-            conditions = set_condition(
-                status.conditions,
-                ConditionCreated,
-                True,
-                ReasonJobCreated,
-                MessageJobCreated.format(job=obs.name, method=spec.method),
-                now,
-                gen,
-            )
-            new = status.model_copy(update={"phase": PhasePending, "conditions": conditions})
-            return Decision(
-                new,
-                create_job=True,
-                events=(
-                    StatusEvent(
-                        "Normal", ReasonJobCreated, MessageJobCreated.format(job=obs.name, method=spec.method)
-                    ),
-                ),
-            )
-        if now - created > JOB_GONE_GRACE:
-            return _fail(obs, status, ReasonJobDeleted, MessageJobDeleted.format(job=obs.name), None)
-        return Decision(status)
-
+        return _job_missing(obs, status)
     pod = _latest(obs.pods)
-    if pod is not None and pod.phase == "Failed":
-        message = f": {pod.message.strip()}" if pod.message and pod.message.strip() else ""
-        text = MessagePodFailed.format(pod=pod.name, detail=failure_detail(pod), message=message)
-        return _fail(obs, status, ReasonPodFailed, text, pod)
-    if obs.job.failed:
-        if obs.job.failed_reason == "DeadlineExceeded":
-            text = MessageDeadlineExceeded.format(seconds=spec.active_deadline_seconds)
-            return _fail(obs, status, ReasonDeadlineExceeded, text, pod)
-        text = f"Job {obs.job.name} failed: {obs.job.failed_reason or 'unknown reason'}" + (
-            f" ({obs.job.failed_message})" if obs.job.failed_message else ""
-        )
-        return _fail(obs, status, ReasonJobFailed, text, pod)
+    failed = _failure(obs, obs.job, pod)
+    if failed is not None:
+        reason, text = failed
+        return _fail(obs, status, reason, text, pod)
     if (pod is not None and pod.phase == "Succeeded") or obs.job.complete:
         return _succeed(obs, status, pod)
-
     if status.start_time is None and pod is not None:
-        status = status.model_copy(update={"start_time": pod.created_at or now})
+        status = status.model_copy(update={"start_time": pod.created_at or obs.now})
     if pod is not None and pod.phase == "Running":
-        message = MessagePodRunning.format(pod=pod.name, method=spec.method)
+        return _running(obs, status, pod)
+    return _pending(obs, status, pod)
+
+
+def _job_missing(obs: Observed, status: QuantizeJobStatus) -> Decision[QuantizeJobStatus]:
+    """No Job in the index: create it (first pass), create it again while no pod was ever seen
+    (the first create may not have gone through), or fail once it stays gone past the grace."""
+    created = _created_at(status)
+    message = r.MessageJobCreated.format(job=obs.name, method=obs.spec.method)
+    if created is None:
         conditions = set_condition(
-            status.conditions, ConditionRunning, True, ReasonPodRunning, message, now, gen
+            status.conditions, r.ConditionCreated, True, r.ReasonJobCreated, message, obs.now, obs.generation
         )
-        new = status.model_copy(update={"phase": PhaseRunning, "conditions": conditions})
-        events = (
-            () if obs.status.phase == PhaseRunning else (StatusEvent("Normal", ReasonPodRunning, message),)
+        return Decision(
+            status.model_copy(update={"phase": PhasePending, "conditions": conditions}),
+            events=(Event("Normal", r.ReasonJobCreated, message),),
+            actions=(Create(obs.job_object),),
+            requeue_after=obs.interval,
         )
-        return Decision(new, events=events)
+    if obs.now - created > JOB_GONE_GRACE:
+        return _fail(obs, status, r.ReasonJobDeleted, r.MessageJobDeleted.format(job=obs.name), None)
+    recreate = (Create(obs.job_object),) if status.start_time is None else ()
+    return Decision(status, actions=recreate, requeue_after=obs.interval)
+
+
+def _failure(obs: Observed, job: JobView, pod: QuantizePod | None) -> tuple[str, str] | None:
+    """(reason, message) when the pod or the Job failed."""
+    if pod is not None and pod.phase == "Failed":
+        message = f": {pod.message.strip()}" if pod.message and pod.message.strip() else ""
+        return r.ReasonPodFailed, r.MessagePodFailed.format(
+            pod=pod.name, detail=failure_detail(pod), message=message
+        )
+    if not job.failed:
+        return None
+    if job.failed_reason == "DeadlineExceeded":
+        return r.ReasonDeadlineExceeded, r.MessageDeadlineExceeded.format(
+            seconds=obs.spec.active_deadline_seconds
+        )
+    text = f"Job {job.name} failed: {job.failed_reason or 'unknown reason'}" + (
+        f" ({job.failed_message})" if job.failed_message else ""
+    )
+    return r.ReasonJobFailed, text
+
+
+def _running(obs: Observed, status: QuantizeJobStatus, pod: QuantizePod) -> Decision[QuantizeJobStatus]:
+    message = r.MessagePodRunning.format(pod=pod.name, method=obs.spec.method)
+    conditions = set_condition(
+        status.conditions, r.ConditionRunning, True, r.ReasonPodRunning, message, obs.now, obs.generation
+    )
+    new = status.model_copy(update={"phase": PhaseRunning, "conditions": conditions})
+    events = () if obs.status.phase == PhaseRunning else (Event("Normal", r.ReasonPodRunning, message),)
+    return Decision(new, events=events, requeue_after=obs.interval)
+
+
+def _pending(
+    obs: Observed, status: QuantizeJobStatus, pod: QuantizePod | None
+) -> Decision[QuantizeJobStatus]:
     detail = f" ({pod.waiting})" if pod is not None and pod.waiting else ""
     conditions = set_condition(
         status.conditions,
-        ConditionRunning,
+        r.ConditionRunning,
         False,
-        ReasonPodPending,
-        MessagePodPending.format(detail=detail),
-        now,
-        gen,
+        r.ReasonPodPending,
+        r.MessagePodPending.format(detail=detail),
+        obs.now,
+        obs.generation,
     )
-    return Decision(status.model_copy(update={"phase": PhasePending, "conditions": conditions}))
+    new = status.model_copy(update={"phase": PhasePending, "conditions": conditions})
+    return Decision(new, requeue_after=obs.interval)
 
 
 def _finish_conditions(
     status: QuantizeJobStatus, phase: str, reason: str, message: str, now: datetime, gen: int
-) -> list:
+) -> list[Condition]:
     conditions = status.conditions
-    if any(c.type == ConditionRunning for c in conditions):
-        conditions = set_condition(conditions, ConditionRunning, False, reason, message, now, gen)
-    ctype = ConditionSucceeded if phase == PhaseSucceeded else ConditionFailed
+    if find_condition(conditions, r.ConditionRunning) is not None:
+        conditions = set_condition(conditions, r.ConditionRunning, False, reason, message, now, gen)
+    ctype = r.ConditionSucceeded if phase == PhaseSucceeded else r.ConditionFailed
     return set_condition(conditions, ctype, True, reason, message, now, gen)
 
 
-def _succeed(obs: Observed, status: QuantizeJobStatus, pod: QuantizePod | None) -> Decision:
+def _succeed(
+    obs: Observed, status: QuantizeJobStatus, pod: QuantizePod | None
+) -> Decision[QuantizeJobStatus]:
     result = parse_result(pod.result if pod else None, obs.spec.output)
-    message = MessageQuantized.format(output=obs.spec.output, summary=summary(result))[:MAX_MESSAGE]
+    message = r.MessageQuantized.format(output=obs.spec.output, summary=summary(result))[: r.MAX_MESSAGE]
     new = status.model_copy(
         update={
             "phase": PhaseSucceeded,
@@ -321,18 +308,18 @@ def _succeed(obs: Observed, status: QuantizeJobStatus, pod: QuantizePod | None) 
             "completion_time": (pod.finished_at if pod and pod.finished_at else obs.now),
             "start_time": status.start_time or (pod.created_at if pod else None),
             "conditions": _finish_conditions(
-                status, PhaseSucceeded, ReasonQuantized, message, obs.now, obs.generation
+                status, PhaseSucceeded, r.ReasonQuantized, message, obs.now, obs.generation
             ),
         }
     )
     decision = _serve(obs, new)
-    return replace(decision, events=(StatusEvent("Normal", ReasonQuantized, message), *decision.events))
+    return replace(decision, events=(Event("Normal", r.ReasonQuantized, message), *decision.events))
 
 
 def _fail(
     obs: Observed, status: QuantizeJobStatus, reason: str, message: str, pod: QuantizePod | None
-) -> Decision:
-    message = message[:MAX_MESSAGE]
+) -> Decision[QuantizeJobStatus]:
+    message = message[: r.MAX_MESSAGE]
     failure = status.last_failure
     if pod is not None and pod.phase == "Failed":
         failure = LastFailure(
@@ -340,7 +327,7 @@ def _fail(
             node=pod.node,
             exit_code=pod.exit_code,
             reason=pod.reason,
-            message=(pod.message or "").strip()[:MAX_MESSAGE] or None,
+            message=(pod.message or "").strip()[: r.MAX_MESSAGE] or None,
             time=pod.finished_at or obs.now,
         )
     new = status.model_copy(
@@ -351,32 +338,21 @@ def _fail(
             "conditions": _finish_conditions(status, PhaseFailed, reason, message, obs.now, obs.generation),
         }
     )
-    return Decision(new, events=(StatusEvent("Warning", reason, message),))
+    return Decision(new, events=(Event("Warning", reason, message),), requeue_after=None)
 
 
-def _serve(obs: Observed, status: QuantizeJobStatus) -> Decision:
-    """After success: apply serveAfter's InferenceService until status.inferenceService names it."""
+def _serve(obs: Observed, status: QuantizeJobStatus) -> Decision[QuantizeJobStatus]:
+    """After success: apply serveAfter's InferenceService until status.inferenceService names it.
+    Two passes, so the status never names an InferenceService that was not applied: the apply,
+    then (`served`, at once) status.inferenceService and its Event. An operator killed between the
+    two applies again (server-side apply: harmless). Finished and served: nothing left to watch."""
     target = obs.spec.serve_after
-    if status.phase != PhaseSucceeded or target is None or status.inference_service == target.name:
-        return Decision(status)
+    if status.phase != PhaseSucceeded or target is None or obs.serve_object is None:
+        return Decision(status, requeue_after=None)
+    if status.inference_service == target.name:
+        return Decision(status, requeue_after=None)
+    if not obs.served:
+        return Decision(status, actions=(Apply(obs.serve_object),), requeue_after=0.0)
     new = status.model_copy(update={"inference_service": target.name})
-    message = MessageServing.format(name=target.name, output=obs.spec.output, replicas=target.replicas)
-    return Decision(new, serve=True, events=(StatusEvent("Normal", ReasonServing, message),))
-
-
-def invalid(status: QuantizeJobStatus, generation: int, message: str, now: datetime) -> Decision:
-    """A spec this operator cannot run (a CRD older/newer than it, an unsupported location): Failed."""
-    if status.phase in TERMINAL_PHASES:
-        return Decision(status)
-    message = message[:MAX_MESSAGE]
-    new = status.model_copy(
-        update={
-            "phase": PhaseFailed,
-            "observed_generation": generation,
-            "completion_time": now,
-            "conditions": set_condition(
-                status.conditions, ConditionFailed, True, ReasonInvalidSpec, message, now, generation
-            ),
-        }
-    )
-    return Decision(new, events=(StatusEvent("Warning", ReasonInvalidSpec, message),))
+    message = r.MessageServing.format(name=target.name, output=obs.spec.output, replicas=target.replicas)
+    return Decision(new, events=(Event("Normal", r.ReasonServing, message),), requeue_after=None)

@@ -256,6 +256,9 @@ def worker_pod(
         "command": launcher_command(job.name, spec, rank, cfg),
         "env": worker_env(job.name, spec, rank, attempt, cfg),
         "ports": [{"name": "master", "containerPort": cfg.master_port, "protocol": "TCP"}],
+        # the worker writes its error (e.g. a download naming the URI) to /dev/termination-log;
+        # without one, the log tail: TrainJob.status.lastFailure.message either way
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
             *storage_mounts,

@@ -1,27 +1,25 @@
-"""kopf handlers for QuantizeJob: observe -> `decide` (operator/builders/quantizejob_status.py) ->
-act -> one status patch -> Events.
+"""kopf handlers for QuantizeJob: its watches, and one call into the reconcile contract
+(operator/controllers/reconcile.py); the decision is `decide` in builders/quantizejob_status.py.
 
-A timer per QuantizeJob (every INTERVAL seconds, the first at once) is the whole loop: it reads the
-Job and its pod from kopf indexes (no LIST per pass), decides, creates the Job (build:
-operator/builders/quantizejob.py) or applies the serveAfter InferenceService, then patches only the
-status fields that changed. Acting before writing makes every step safe to repeat: the Job has the
-QuantizeJob's name (AlreadyExists is success) and the InferenceService is server-side applied, so an
-operator killed between the two does the same again on its next pass. A finished job costs a pass
-that reads two indexes and writes nothing.
+The Job (build: builders/quantizejob.py) and its pod come from kopf indexes, whose watch events
+wake the job's daemon. The Job has the QuantizeJob's name (creating it twice is AlreadyExists) and
+the serveAfter InferenceService is server-side applied, so every step is safe to repeat after a
+kill. A finished job costs one pass per operator start that reads two indexes and writes nothing.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import kopf
 
+from lmforge.operator import clock
 from lmforge.operator.api import constants as c
+from lmforge.operator.api import reasons as r
+from lmforge.operator.api.base import StatusModel
 from lmforge.operator.api.quantizejob import QuantizeJobSpec, QuantizeJobStatus
 from lmforge.operator.builders import quantizejob as build
 from lmforge.operator.builders.quantizejob_status import (
@@ -29,15 +27,14 @@ from lmforge.operator.builders.quantizejob_status import (
     Observed,
     QuantizePod,
     decide,
-    invalid,
 )
-from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.kube import ApiError, ControllerRuntime
+from lmforge.operator.controllers import reconcile
+from lmforge.operator.decision import Apply, Decision
+from lmforge.operator.kube import QUANTIZEJOBS, Object, Resource
 
 PLURAL = "quantizejobs"
 INTERVAL = float(os.environ.get("LMFORGE_QUANTIZEJOB_INTERVAL_SECONDS", "3"))
-FIELD_MANAGER = "lmforge-operator"
-OWNED = {c.LABEL_KIND: build.KIND, build.LABEL_QUANTIZEJOB: kopf.PRESENT}
+OWNED: dict[str, Any] = {c.LABEL_KIND: build.KIND, build.LABEL_QUANTIZEJOB: kopf.PRESENT}
 
 
 def build_config_from_env() -> build.BuildConfig:
@@ -50,12 +47,53 @@ def build_config_from_env() -> build.BuildConfig:
 
 
 @dataclass(slots=True)
-class Runtime(ControllerRuntime):
+class JobMemory(reconcile.Memory):
+    served: bool = False  # the serveAfter InferenceService was applied by this process
+
+
+@dataclass(slots=True, kw_only=True)
+class QuantizeJobs(reconcile.Kind[Observed, QuantizeJobStatus, JobMemory]):
+    resource: ClassVar[Resource] = QUANTIZEJOBS
+    status_model: ClassVar[type[StatusModel]] = QuantizeJobStatus
     cfg: build.BuildConfig
 
+    def new_memory(self) -> JobMemory:
+        return JobMemory()
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    async def observe(self, obj: Object, memory: JobMemory, indexes: Mapping[str, kopf.Index]) -> Observed:
+        meta = obj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        spec = QuantizeJobSpec.model_validate(obj.get("spec") or {})
+        ref = build.JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        return Observed(
+            name=meta["name"],
+            generation=meta.get("generation") or 0,
+            spec=spec,
+            status=QuantizeJobStatus.model_validate(obj.get("status") or {}),
+            job=next(iter(indexes["jobs"].get(key, ())), None),
+            pods=tuple(indexes["pods"].get(key, ())),
+            now=clock.now(),
+            job_object=build.job(ref, spec, dict(meta.get("annotations") or {}), self.cfg),
+            serve_object=build.inference_service(ref, spec),
+            served=memory.served,
+            interval=INTERVAL,
+        )
+
+    def decide(self, observed: Observed) -> Decision[QuantizeJobStatus]:
+        return decide(observed)
+
+    def refused(
+        self, obj: Object, observed: Observed, refusal: reconcile.Refusal
+    ) -> Decision[QuantizeJobStatus] | None:
+        """422 (e.g. a passed-through volume the API server refuses): not worth retrying."""
+        if refusal.error.status != 422:
+            return None
+        message = r.MessageOwnedObjectRefused.format(error=refusal.error)
+        return self.invalid(obj, message, observed.now)
+
+    def acted(self, memory: JobMemory, observed: Observed, decision: Decision[QuantizeJobStatus]) -> None:
+        if any(isinstance(action, Apply) for action in decision.actions):
+            memory.served = True
 
 
 # --- handlers -------------------------------------------------------------------------------------
@@ -63,86 +101,56 @@ def _now() -> datetime:
 
 @kopf.on.startup(id="quantizejob-runtime")
 async def _startup(memo: kopf.Memo, **_: Any) -> None:
-    runtime = Runtime(cfg=build_config_from_env())
-    await runtime.connect()
-    memo.quantizejob = runtime
+    kind = QuantizeJobs(cfg=build_config_from_env())
+    await kind.connect()
+    memo.quantizejob = kind
 
 
 @kopf.on.cleanup(id="quantizejob-runtime-close")
 async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
-    runtime: Runtime | None = getattr(memo, "quantizejob", None)
-    if runtime is not None:
-        await runtime.close()
+    kind: QuantizeJobs | None = getattr(memo, "quantizejob", None)
+    if kind is not None:
+        await kind.close()
+
+
+# The indexes double as wake-up signals: kopf calls indexers on every watch event, in the event
+# loop (they are async: asyncio.Event is not thread-safe).
 
 
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
-def quantizejob_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+async def quantizejob_jobs(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
+) -> dict:
     """(namespace, QuantizeJob name) -> its Job."""
+    namespace = namespace or ""  # namespaced kinds: always set
+    memo.quantizejob.wake(namespace, labels[build.LABEL_QUANTIZEJOB])
     return {(namespace, labels[build.LABEL_QUANTIZEJOB]): JobView.from_job(body)}
 
 
 @kopf.index("pods", labels=OWNED)
-def quantizejob_pods(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict:
+async def quantizejob_pods(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
+) -> dict:
     """(namespace, QuantizeJob name) -> its pod(s)."""
+    namespace = namespace or ""  # namespaced kinds: always set
+    memo.quantizejob.wake(namespace, labels[build.LABEL_QUANTIZEJOB])
     return {(namespace, labels[build.LABEL_QUANTIZEJOB]): QuantizePod.from_pod(body)}
 
 
-@kopf.timer(c.GROUP, c.VERSION, PLURAL, id="quantizejob", interval=INTERVAL)
-async def reconcile(
-    body: kopf.Body,
-    meta: kopf.Meta,
-    namespace: str,
-    name: str,
-    uid: str,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: logging.Logger,
-    quantizejob_jobs: kopf.Index,
-    quantizejob_pods: kopf.Index,
-    **_: Any,
+@kopf.index(c.GROUP, c.VERSION, PLURAL)
+async def quantizejob_generations(
+    *, namespace: str | None, name: str, meta: Mapping[str, Any], memo: Any, **_: Any
+) -> dict:
+    """(namespace, name) -> metadata.generation; a new one wakes the daemon."""
+    namespace = namespace or ""  # namespaced kinds: always set
+    memo.quantizejob.saw_generation(namespace, name, meta.get("generation"))
+    return {(namespace, name): meta.get("generation")}
+
+
+@kopf.daemon(c.GROUP, c.VERSION, PLURAL, id="quantizejob", cancellation_timeout=10.0)
+async def quantizejob_daemon(
+    *, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any, logger: kopf.Logger, **kwargs: Any
 ) -> None:
-    runtime: Runtime = memo.quantizejob
-    if meta.get("deletionTimestamp") or (namespace, name) in runtime.released:
-        return
-    generation = meta.get("generation") or 0
-    status = QuantizeJobStatus.model_validate(plain(body.get("status")) or {})
-    ref = build.JobRef(name=name, namespace=namespace, uid=uid)
-    try:
-        spec = QuantizeJobSpec.model_validate(plain(body.get("spec")) or {})
-        job = build.job(ref, spec, dict(meta.get("annotations") or {}), runtime.cfg)
-        isvc = build.inference_service(ref, spec)
-    except ValueError as exc:  # a CRD older/newer than this operator, or a location the pod cannot use
-        logger.error("invalid QuantizeJob: %s", exc)
-        decision = invalid(status, generation, str(exc), _now())
-    else:
-        key = (namespace, name)
-        observed = Observed(
-            name=name,
-            generation=generation,
-            spec=spec,
-            status=status,
-            job=next(iter(quantizejob_jobs.get(key, ())), None),
-            pods=tuple(quantizejob_pods.get(key, ())),
-            now=_now(),
-        )
-        decision = decide(observed)
-        try:
-            if decision.create_job:
-                await runtime.api.create(job)  # None when it exists: same name, same job
-            if decision.serve and isvc is not None:
-                await runtime.api.apply(isvc, FIELD_MANAGER)
-        except ApiError as exc:
-            if exc.status == 422:  # e.g. a passed-through volume the API server refuses: not worth retrying
-                decision = invalid(
-                    status, generation, f"the API server refused an owned object: {exc}", _now()
-                )
-            else:
-                raise kopf.TemporaryError(
-                    f"creating the owned objects failed: {exc}", delay=INTERVAL
-                ) from exc
-    before, after = status.to_k8s(), decision.status.to_k8s()
-    for key, value in after.items():  # a merge patch of what changed: never undoes someone else's field
-        if before.get(key) != value:
-            patch.status[key] = value
-    for event in decision.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    """One per QuantizeJob; kopf passes the indexes by name."""
+    indexes = {"jobs": kwargs["quantizejob_jobs"], "pods": kwargs["quantizejob_pods"]}
+    await reconcile.run(memo.quantizejob, body, stopped, indexes, logger)

@@ -124,7 +124,8 @@ class TorchAttentionBackend(AttentionBackend):
                 decode_rows = torch.tensor(decode, device=device)
                 decode_tokens = torch.tensor([starts[b] for b in decode], device=device)
             prefill_rows = torch.tensor(prefill, device=device)
-            tokens, cu = [], [0]
+            tokens: list[int] = []
+            cu = [0]
             for b in prefill:
                 tokens.extend(range(starts[b], starts[b] + query_lens[b]))
                 cu.append(len(tokens))
@@ -191,6 +192,7 @@ class TorchAttentionBackend(AttentionBackend):
             )
         if meta.prefill_rows is not None:
             rows, tokens = meta.prefill_rows, meta.prefill_tokens
+            assert meta.prefill_cu_seqlens is not None  # set with prefill_rows
             out[tokens] = reference.paged_prefill_attention(
                 q[tokens],
                 k_cache,

@@ -39,9 +39,10 @@ def reusable_window(layer_windows: Seq[int | None]) -> int | None:
     """The window the block manager may free blocks behind: the largest layer window when every layer
     slides. None when any layer attends to the full context (Gemma2/3's global layers, Qwen2's lower
     layers): then every token stays visible to that layer and no block can ever be freed early."""
-    if not layer_windows or any(w is None for w in layer_windows):
+    windows = [w for w in layer_windows if w is not None]
+    if not layer_windows or len(windows) < len(layer_windows):
         return None
-    return max(layer_windows)
+    return max(windows)
 
 
 def max_blocks_per_seq(
@@ -60,6 +61,14 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
+
+
+def adapter_root_hash(lora_id: int) -> bytes | None:
+    """The parent hash of a sequence's first block: None for the base model, else one per LoRA adapter
+    id, so rows of different adapters (whose K/V differ for the same tokens) never share blocks."""
+    if not lora_id:
+        return None
+    return hashlib.sha256(b"lora" + array("q", [lora_id]).tobytes()).digest()
 
 
 def hash_block_tokens(parent_hash: bytes | None, token_ids: Seq[int], salt: Seq[int] = ()) -> bytes:
@@ -201,7 +210,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if i else None
+            parent = seq.block_hashes[-1] if i else adapter_root_hash(seq.lora_id)
             salt = (
                 ()
                 if self.block_salt is None
@@ -277,7 +286,9 @@ class BlockManager:
             self._cache_full_blocks(seq, blocks, num_tokens // self.block_size)
         return True
 
-    def _cache_full_blocks(self, seq: Sequence, blocks: list[KVCacheBlock], num_full_blocks: int) -> None:
+    def _cache_full_blocks(
+        self, seq: Sequence, blocks: list[KVCacheBlock | None], num_full_blocks: int
+    ) -> None:
         # a block holding a placeholder (async scheduling) is registered once its ids are known
         num_full_blocks = min(num_full_blocks, seq.num_known_tokens // self.block_size)
         start = self.num_cached_blocks.get(seq.seq_id, 0)
@@ -285,8 +296,9 @@ class BlockManager:
             return
         hashes = self._block_hashes(seq, num_full_blocks)
         for i in range(start, num_full_blocks):
-            if blocks[i] is not None:  # a released position: a dead prefix hit, registered already
-                self.pool.cache_block(blocks[i], hashes[i])
+            block = blocks[i]
+            if block is not None:  # a released position: a dead prefix hit, registered already
+                self.pool.cache_block(block, hashes[i])
         self.num_cached_blocks[seq.seq_id] = num_full_blocks
 
     def _release(self, seq: Sequence, blocks: list[KVCacheBlock | None], num_dead: int) -> None:

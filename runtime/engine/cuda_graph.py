@@ -19,7 +19,7 @@ the padding logic in the Triton interpreter.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
+from lmforge.runtime.models.registry import as_causal_lm
 
 if TYPE_CHECKING:
     from lmforge.runtime.engine.step_inputs import StepInputs
@@ -61,8 +62,18 @@ class DecodeGraphRunner:
     guarantees that because every step ends by reading the sampled tokens back (a sync).
     """
 
-    def __init__(self, model: nn.Module, *, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+        compute_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.model = model
+        # hidden [B, hidden] -> logits [B, vocab]; the model runner's (tensor parallel: with the vocab gather)
+        self.compute_logits = compute_logits or as_causal_lm(model).compute_logits
         self.sizes = capture_sizes(max_num_seqs)
         self.rows = rows = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
@@ -96,7 +107,7 @@ class DecodeGraphRunner:
             prompt_lens=self.prompt_lens[:size],
         )
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-        return self.model.compute_logits(hidden)
+        return self.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.runtime.sampling_params import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 logger = logging.getLogger("lmforge.runtime.engine.guided")
 
 # Compact JSON (no free whitespace between tokens, as vLLM's default): a model cannot wander off
 # into endless newlines, and outputs stay short.
-_JSON_OPTIONS = {"whitespace_flexible": False}
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 
 
 def grammar_for(spec: StructuredOutputsParams) -> str:
@@ -34,16 +37,17 @@ def grammar_for(spec: StructuredOutputsParams) -> str:
     import llguidance
 
     kind = spec.kind
+    value = getattr(spec, kind)  # the one constraint that is set (`kind` names its field)
     try:
         if kind in ("json", "json_object"):
-            schema = spec.json if kind == "json" else json.dumps({"type": "object"})
+            schema = value if kind == "json" else json.dumps({"type": "object"})
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         elif kind == "regex":
-            grammar = llguidance.grammar_from("regex", spec.regex)
+            grammar = llguidance.grammar_from("regex", value)
         elif kind == "choice":
-            grammar = llguidance.grammar_from("choice", json.dumps(list(spec.choice)))
+            grammar = llguidance.grammar_from("choice", json.dumps(list(value)))
         else:
-            grammar = llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF converted to Lark
+            grammar = llguidance.grammar_from("grammar", value)  # Lark, or GBNF converted to Lark
     except Exception as exc:  # noqa: BLE001 - the library's own message says what is wrong
         raise ValueError(f"invalid {kind} constraint: {exc}") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)

@@ -21,10 +21,13 @@ need the previous token on the host before the next draw) run synchronously.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_seq, reusable_window
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
@@ -34,8 +37,13 @@ from lmforge.runtime.engine.model_runner import ModelRunner, ModelRunnerOutput, 
 from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
+from lmforge.runtime.engine.tp_executor import TPDriver, WorkerFailedError
+from lmforge.runtime.engine.tp_worker import WorkerSpec
+from lmforge.runtime.lora.request import LoRARequest
 from lmforge.runtime.models.config import ModelConfig, load_model_config
 from lmforge.runtime.models.layers import rope_block_salt
+from lmforge.runtime.models.parallel import TPGroup, TPLayout, check_parallel_support
+from lmforge.runtime.models.registry import as_causal_lm, get_model_class
 from lmforge.runtime.outputs import CompletionOutput, Logprob, RequestOutput
 from lmforge.runtime.pooling_params import PoolerConfig
 from lmforge.runtime.sampling_params import SamplingParams
@@ -53,6 +61,12 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    max_lora: int = 0  # LoRA slots (0: LoRA off)
+    running_lora_adapters: tuple[str, ...] = ()  # adapters of running requests
+    waiting_lora_adapters: tuple[str, ...] = ()  # adapters of waiting requests
+    lora_requests_total: dict[str, int] | None = None  # adapter name -> requests finished or started
+    lora_prompt_tokens_total: dict[str, int] | None = None
+    lora_generation_tokens_total: dict[str, int] | None = None
 
 
 class LLMEngine:
@@ -66,20 +80,80 @@ class LLMEngine:
             self.model_config, args.max_model_len
         )
         self.tokenizer = _load_tokenizer(args.tokenizer or args.model)
-        self.runner = ModelRunner(
-            args.model,
-            self.model_config,
-            device=device,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            block_size=args.block_size,
-            seed=args.seed,
-            attention_backend=args.attention_backend,
-            kv_cache_dtype=args.kv_cache_dtype,
-            load_format=args.load_format,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+        self.tp_driver: TPDriver | None = None
+        tp = None
+        if args.tensor_parallel_size > 1:
+            tp = self._start_workers(device, dtype)
+        try:
+            self.runner = ModelRunner(
+                args.model,
+                self.model_config,
+                device=device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                block_size=args.block_size,
+                seed=args.seed,
+                attention_backend=args.attention_backend,
+                kv_cache_dtype=args.kv_cache_dtype,
+                load_format=args.load_format,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                lora_config=args.lora_config(),
+                tp=tp,
+            )
+            if self.tp_driver is not None:
+                self.tp_driver.wait_loaded()
+                self.runner.driver = self.tp_driver
+            self._init_cache_and_scheduler(args, max_model_len)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_workers(self, device: Any, dtype: Any) -> tuple[TPLayout, TPGroup]:
+        """Spawns ranks 1..N-1 (each loads its own shard) once the split is known to be valid."""
+        args, size = self.args, self.args.tensor_parallel_size
+        check_parallel_support(
+            get_model_class(self.model_config.architecture), self.model_config.architecture, self.model_config
         )
+        layout = TPLayout.for_config(self.model_config, 0, size)  # refuses a model that does not split
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(
+                f"tensor_parallel_size={size} needs {size} GPUs, {torch.cuda.device_count()} are visible"
+            )
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the ranks share the cores
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // size)))
+        self.tp_driver = TPDriver(
+            WorkerSpec(
+                rank=0,
+                world_size=size,
+                init_method="",
+                channel=args.tp_channel,
+                shm_name="",
+                timeout_s=args.tp_timeout_s,
+                model=str(args.model),
+                device=device.type,
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=self.model_config.max_model_len,
+                block_size=args.block_size,
+                seed=args.seed,
+                attention_backend=args.attention_backend,
+                kv_cache_dtype=args.kv_cache_dtype,
+                load_format=args.load_format,
+            )
+        )
+        return layout, TPGroup(0, size)
+
+    def add_fatal_callback(self, callback: Any) -> None:
+        """callback(reason) runs (on a watchdog thread) when a tensor-parallel worker dies or hangs."""
+        if self.tp_driver is not None:
+            self.tp_driver.on_failure.append(callback)
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do for one rank). Idempotent."""
+        if self.tp_driver is not None:
+            self.tp_driver.close()
+
+    def _init_cache_and_scheduler(self, args: EngineArgs, max_model_len: int) -> None:
         num_blocks = args.num_blocks or self.runner.profile_num_blocks(
             args.gpu_memory_utilization,
             args.max_num_batched_tokens,
@@ -88,7 +162,9 @@ class LLMEngine:
             args.cpu_kv_cache_gb,
         )
         # every layer slides: blocks behind the largest window are freed, so one sequence needs only that much
-        kv_window = reusable_window([attn.sliding_window for attn in self.runner.model.attention_layers()])
+        kv_window = reusable_window(
+            [attn.sliding_window for attn in as_causal_lm(self.runner.model).attention_layers()]
+        )
         chunk = args.max_num_batched_tokens
         if args.long_prefill_token_threshold > 0:
             chunk = min(chunk, args.long_prefill_token_threshold)
@@ -121,6 +197,7 @@ class LLMEngine:
                 args.max_num_batched_tokens,
                 max_model_len,
                 args.long_prefill_token_threshold,
+                args.max_loras if args.enable_lora else 0,
             ),
             self.block_manager,
         )
@@ -135,10 +212,23 @@ class LLMEngine:
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (prompt logprobs)
         async_scheduling = args.async_scheduling
         if async_scheduling is None:
-            async_scheduling = device.type == "cuda" and not self.embed
+            # tensor parallel: off, the workers' input ids would hold the placeholders that async
+            # scheduling fills on rank 0's device only (EngineArgs refuses async_scheduling=True there)
+            async_scheduling = (
+                self.runner.device.type == "cuda" and not self.embed and args.tensor_parallel_size == 1
+            )
         self.async_scheduling = async_scheduling
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async: the launched step
         self._sync_only: set[str] = set()  # request ids whose steps must run synchronously
+        self.lora = self.runner.lora  # LoRAManager (None: LoRA off)
+        # per adapter name: requests admitted, prompt tokens, generated tokens (vLLM's per-adapter metrics)
+        self.lora_requests: dict[str, int] = {}
+        self.lora_prompt_tokens: dict[str, int] = {}
+        self.lora_generation_tokens: dict[str, int] = {}
+        if self.lora is not None:
+            self.lora.pinned = self.scheduler.running_adapters
+            for name, path in (args.lora_modules or {}).items():
+                self.lora.add(name, path)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -155,11 +245,14 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         prompt_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queues a request. `prompt` is text (tokenized with the tokenizer's special tokens) or token
         ids; pass both text and `prompt_token_ids` to keep the text (e.g. a rendered chat) while
-        skipping tokenization. Raises ValueError on an invalid prompt or parameters."""
+        skipping tokenization. `lora_request` runs it with that adapter (registered first when
+        it names an unknown adapter with a path). Raises ValueError on an invalid prompt or parameters."""
         params = params or SamplingParams()
+        lora_id = self._lora_id(lora_request)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -189,6 +282,7 @@ class LLMEngine:
                     guided.release(seq.seq_id)
                 raise
         for seq in req.seqs:
+            seq.lora_id = lora_id
             seq.detokenizer = (
                 IncrementalDetokenizer(self.tokenizer, token_ids, params.stop, params.skip_special_tokens)
                 if params.detokenize
@@ -204,6 +298,37 @@ class LLMEngine:
             or p.frequency_penalty
         ):
             self._sync_only.add(request_id)
+        if lora_id and self.lora is not None:
+            name = self.lora.name_of(lora_id)
+            self.lora_requests[name] = self.lora_requests.get(name, 0) + 1
+
+    # --- LoRA adapters ----------------------------------------------------------------------------
+    def _lora_id(self, lora_request: LoRARequest | None) -> int:
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("a LoRA adapter was requested but the engine runs without enable_lora")
+        lora_id = self.lora.id_of(lora_request.lora_name)
+        if lora_id is None:
+            if lora_request.lora_path is None:
+                raise ValueError(f"the LoRA adapter {lora_request.lora_name!r} is not loaded")
+            lora_id = self.lora.add(lora_request.lora_name, lora_request.lora_path)
+        return lora_id
+
+    def add_lora(self, lora_request: LoRARequest) -> int:
+        """Loads an adapter (between steps); AdapterError (ValueError) naming the file when it is bad."""
+        if self.lora is None:
+            raise ValueError("the engine runs without enable_lora")
+        if lora_request.lora_path is None:
+            raise ValueError("add_lora needs lora_request.lora_path")
+        return self.lora.add(lora_request.lora_name, lora_request.lora_path)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unloads an adapter: new requests cannot pick it; running ones finish with it."""
+        return self.lora is not None and self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return [] if self.lora is None else self.lora.names()
 
     def _guided_decoder(self) -> GuidedDecoder:
         if self.runner.guided is None:
@@ -252,7 +377,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        result = self.runner.execute(sched)
+        result = self._execute(sched)
         self.scheduler.update_from_output(sched, result.sampled)
         return outputs + self._process_result(sched, result, None)
 
@@ -308,6 +433,8 @@ class LLMEngine:
             self._process_token(seq, num_tokens)
             touched[seq.request_id] = self.requests[seq.request_id]
             self.generation_tokens_total += 1
+            if seq.lora_id and self.lora is not None:
+                self._count_lora_token(seq, num_tokens)
         for req in touched.values():
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -320,6 +447,30 @@ class LLMEngine:
             if finished or req.params.output_kind != "final_only":
                 outputs.append(self._make_output(req))
         return outputs
+
+    def _count_lora_token(self, seq: Sequence, num_tokens: int) -> None:
+        """Per-adapter metrics of one generated token (num_tokens: the sequence's length with it)."""
+        assert self.lora is not None
+        name = self.lora.name_of(seq.lora_id)
+        self.lora_generation_tokens[name] = self.lora_generation_tokens.get(name, 0) + 1
+        if num_tokens - seq.num_prompt_tokens == 1 and seq.index == 0:  # its request's first token
+            self.lora_prompt_tokens[name] = self.lora_prompt_tokens.get(name, 0) + seq.num_prompt_tokens
+
+    def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        driver = self.tp_driver
+        if driver is None:
+            return self.runner.execute(sched)
+        driver.check()
+        try:
+            return self.runner.execute(sched)
+        except Exception as exc:
+            if isinstance(exc, WorkerFailedError):
+                raise
+            time.sleep(0.3)  # a collective failed: let the watchdog name the worker that exited
+            driver.check()
+            raise
+        finally:
+            driver.step_done()
 
     def _process_token(self, seq: Sequence, num_tokens: int) -> None:
         """seq's token number num_tokens arrived (later ones may still be placeholders)."""
@@ -410,7 +561,25 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict[str, Any]:
+        if self.lora is None:
+            return {}
+        lora = self.lora
+
+        def names(seqs: Iterable[Sequence]) -> tuple[str, ...]:
+            return tuple(sorted({lora.name_of(s.lora_id) for s in seqs if s.lora_id}))
+
+        return {
+            "max_lora": lora.config.max_loras,
+            "running_lora_adapters": names(self.scheduler.running),
+            "waiting_lora_adapters": names(self.scheduler.waiting),
+            "lora_requests_total": dict(self.lora_requests),
+            "lora_prompt_tokens_total": dict(self.lora_prompt_tokens),
+            "lora_generation_tokens_total": dict(self.lora_generation_tokens),
+        }
 
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()

@@ -48,10 +48,15 @@ class PromptLogprobsBatch:
         positions = positions_to_score(seq, start, end)
         if not positions:
             return
+        assert seq.params.prompt_logprobs is not None  # positions_to_score: none without it
         self.rows += [first_row + p - start for p in positions]
         self.targets += seq.token_ids[positions.start + 1 : positions.stop + 1]
         self.num_top += [seq.params.prompt_logprobs] * len(positions)
         self.seq_rows.append((seq.seq_id, len(positions)))
+
+    def row_chunks(self, max_rows: int = MAX_ROWS) -> list[list[int]]:
+        """The row sets `compute` asks `row_logits` for, in order."""
+        return [self.rows[i : i + max_rows] for i in range(0, len(self.rows), max_rows)]
 
     def compute(
         self, row_logits: Callable[[list[int]], torch.Tensor], max_rows: int = MAX_ROWS
@@ -79,7 +84,7 @@ def score_rows(logits: torch.Tensor, targets: list[int], num_top: list[int]) -> 
     top_lp, top_ids = logprobs.topk(k, dim=-1)  # [N, k]
     # one device -> host copy; float64 holds every token id and rank exactly
     host = torch.cat([t.double() for t in (target_lp, rank, top_lp, top_ids)], dim=1).cpu().tolist()
-    result = []
+    result: list[dict[int, Logprob]] = []
     for row, n in zip(host, num_top, strict=True):
         entry = {targets[len(result)]: Logprob(row[0], int(row[1]))}
         for j in range(min(n, k)):

@@ -73,6 +73,7 @@ class Sampler:
         num_rows = logits.shape[0]
         if meta.guided_rows:
             rows = torch.tensor(meta.guided_rows, device=logits.device)
+            assert meta.token_bitmask is not None  # filled whenever guided_rows is
             logits = apply_token_bitmask(
                 logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows
             )
@@ -91,23 +92,10 @@ class Sampler:
             tokens = self._sample(logits, meta, meta.greedy)
 
         token_list = tokens.tolist()
-        logprobs: list[dict[int, float] | None] = [None] * num_rows
-        sampled_lps: list[float | None] = [None] * num_rows
-        if raw_logprobs is not None:
-            want = [p.logprobs for p in meta.params]
-            k = max(n or 0 for n in want)
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1) if k else (None, None)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-            top_vals = top_vals.tolist() if k else None
-            top_ids = top_ids.tolist() if k else None
-            for row, n in enumerate(want):
-                if n is None:
-                    continue
-                entry = {token_list[row]: chosen[row]}
-                for j in range(n):
-                    entry.setdefault(top_ids[row][j], top_vals[row][j])
-                logprobs[row], sampled_lps[row] = entry, chosen[row]
-        return SamplerOutput(token_list, tokens, logprobs, sampled_lps)
+        if raw_logprobs is None:
+            return SamplerOutput(token_list, tokens, [None] * num_rows, [None] * num_rows)
+        want = [p.logprobs for p in meta.params]
+        return SamplerOutput(token_list, tokens, *_logprobs(raw_logprobs, tokens, token_list, want))
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
         """`ops.sample` over every row; greedy rows get temperature 0 (argmax inside the draw). The noise
@@ -165,3 +153,27 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def _logprobs(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, token_list: list[int], want: list[int | None]
+) -> tuple[list[dict[int, float] | None], list[float | None]]:
+    """Per row: {sampled token and the top want[row] tokens: logprob} and the sampled token's logprob
+    (None for rows that asked for none), from the logprobs before penalties and sampling."""
+    k = max(n or 0 for n in want)
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    top_vals: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if k:
+        top_vals_t, top_ids_t = raw_logprobs.topk(k, dim=-1)
+        top_vals, top_ids = top_vals_t.tolist(), top_ids_t.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(want)
+    sampled_lps: list[float | None] = [None] * len(want)
+    for row, n in enumerate(want):
+        if n is None:
+            continue
+        entry = {token_list[row]: chosen[row]}
+        for j in range(n):
+            entry.setdefault(top_ids[row][j], top_vals[row][j])
+        logprobs[row], sampled_lps[row] = entry, chosen[row]
+    return logprobs, sampled_lps

@@ -24,6 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
     long_prefill_token_threshold: int = 0  # >0: cap one sequence's prefill chunk (fairness)
+    max_loras: int = 0  # >0: at most this many distinct LoRA adapters among running sequences (the slots)
 
 
 @dataclass(slots=True)
@@ -94,7 +95,7 @@ class Scheduler:
         held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_lead(seq):
+            if self._waits_for_lead(seq) or not self._adapter_fits(seq):
                 held.append(self.waiting.popleft())
                 continue
             computed, num_cached = self.block_manager.get_computed_blocks(seq)
@@ -116,6 +117,17 @@ class Scheduler:
         if threshold > 0:
             num_tokens = min(num_tokens, threshold)
         return min(num_tokens, budget)
+
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        """A LoRA sequence starts when its adapter already runs or a device slot is left for it (the pool
+        holds max_loras adapters; one used by a running sequence is never evicted)."""
+        if not seq.lora_id or not self.config.max_loras:
+            return True
+        running = {s.lora_id for s in self.running if s.lora_id}
+        return seq.lora_id in running or len(running) < self.config.max_loras
+
+    def running_adapters(self) -> set[int]:
+        return {s.lora_id for s in self.running if s.lora_id}
 
     def _waits_for_lead(self, seq: Sequence) -> bool:
         """n>1 siblings start once sample 0 has computed the prompt, then reuse its cached blocks."""

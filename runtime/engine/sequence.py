@@ -61,6 +61,7 @@ class Sequence:
     # by launched steps whose ids have not reached the host yet (the next step reads them on the device)
     num_pending: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    lora_id: int = 0  # the LoRA adapter it runs with (LoRAManager's id); 0: the base model
 
     @property
     def num_tokens(self) -> int:

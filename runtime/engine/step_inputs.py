@@ -10,7 +10,10 @@ tensor-parallel workers, and where per-row extras go (e.g. a LoRA adapter index 
     seq_lens                                          [B] int32 context after the step
     query_start_loc                                   [B+1] int32 cumulative new tokens
     logits_indices                                    [N] int64 rows of the hidden states to sample from
-    plus host mirrors (query_lens, seq_lens_host, seq_ids, sample_rows) that the host side reads.
+    plus host mirrors (query_lens, seq_lens_host, seq_ids, sample_rows) that the host side reads,
+    lora_ids ([B] each row's adapter id, 0: base), and what rank 0 decides for every tensor-parallel rank:
+    logit_calls (the row sets the LM head runs on, in call order: each call is a collective, the vocab
+    gather) and graph (a decode step through the CUDA graphs).
 
 `InputBuilder` writes them without per-token Python objects: one pass over the scheduled sequences
 collects a handful of ints per row into preallocated numpy arrays, numpy derives positions, slots and
@@ -23,6 +26,7 @@ inputs (async scheduling).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +54,28 @@ class StepInputs:
     host_query_start_loc: list[int]  # [B + 1] host
     # numpy views of the host side of the token fields (the CUDA-graph runner copies from them)
     host: dict[str, np.ndarray] = field(default_factory=dict)
+    lora_ids: list[int] = field(default_factory=list)  # [B] adapter id per row (0: base); empty: all base
+    logit_calls: list[list[int]] = field(default_factory=list)  # tensor parallel: LM head rows, in order
+    graph: bool = False  # a decode step through the CUDA graphs (rank 0 decides; every rank follows)
+
+    def token_lora_ids(self) -> list[int]:
+        """[T] each token's adapter id (LoRAManager.set_batch)."""
+        if not self.lora_ids:
+            return [0] * self.num_tokens
+        return np.repeat(np.asarray(self.lora_ids), self.query_lens).tolist()
+
+    def message(self) -> StepInputs:
+        """A compact copy on the CPU that owns its memory (tensor-parallel workers get it pickled: a view
+        would pickle the whole persistent buffer)."""
+        host = {k: np.array(v) for k, v in self.host.items()}
+        moved = {f: getattr(self, f).detach().cpu().clone() for f in _TENSOR_FIELDS}
+        return dataclasses.replace(self, **moved, host=host)
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same step with its tensors on `device` (a worker rank's)."""
+        if self.input_ids.device == device:
+            return self
+        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _TENSOR_FIELDS})
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +100,57 @@ class StepInputs:
             seq_lens_tensor=self.seq_lens,
             query_start_loc=self.query_start_loc,
         )
+
+
+_TENSOR_FIELDS = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "prompt_lens",
+    "block_tables",
+    "seq_lens",
+    "query_start_loc",
+    "logits_indices",
+)
+
+
+def step_inputs_from_lists(
+    input_ids: list[int],
+    positions: list[int],
+    prompt_lens: list[int],
+    slot_mapping: list[int],
+    block_tables: list[list[int]],
+    query_lens: list[int],
+    seq_lens: list[int],
+    *,
+    block_size: int,
+    logit_calls: list[list[int]] | None = None,
+) -> StepInputs:
+    """A StepInputs from plain lists (tests and benches that build a step by hand; every row samples)."""
+    tables = np.zeros((len(block_tables), max(1, max(map(len, block_tables)))), dtype=np.int32)
+    for row, table in enumerate(block_tables):
+        tables[row, : len(table)] = table
+    qsl = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    tokens = np.asarray([input_ids, positions, slot_mapping, prompt_lens], dtype=np.int64)
+    seq_lens_np = np.asarray(seq_lens, dtype=np.int32)
+    return StepInputs(
+        input_ids=torch.from_numpy(tokens[0]),
+        positions=torch.from_numpy(tokens[1]),
+        slot_mapping=torch.from_numpy(tokens[2]),
+        prompt_lens=torch.from_numpy(tokens[3]),
+        block_tables=torch.from_numpy(tables),
+        seq_lens=torch.from_numpy(seq_lens_np),
+        query_start_loc=torch.from_numpy(qsl),
+        logits_indices=torch.from_numpy(qsl[1:].astype(np.int64) - 1),
+        query_lens=list(query_lens),
+        seq_lens_host=list(seq_lens),
+        seq_ids=list(range(len(query_lens))),
+        sample_rows=list(range(len(query_lens))),
+        block_size=block_size,
+        host_query_start_loc=qsl.tolist(),
+        host={"tokens": tokens, "tables": tables, "seq_lens": seq_lens_np},
+        logit_calls=logit_calls or [],
+    )
 
 
 class _HostBuffers:
@@ -148,6 +225,7 @@ class InputBuilder:
         seq_ids: list[int] = []
         query_lens: list[int] = []
         sample_rows: list[int] = []
+        lora_ids: list[int] = []
         for i, s in enumerate(scheduled):
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
@@ -158,6 +236,7 @@ class InputBuilder:
                 ids.extend(seq.token_ids[start : start + n])
             seq_ids.append(seq.seq_id)
             query_lens.append(n)
+            lora_ids.append(seq.lora_id)
             if start + n == len(seq.token_ids):
                 sample_rows.append(i)
         num_tokens = len(ids)
@@ -208,4 +287,5 @@ class InputBuilder:
             block_size=bs,
             host_query_start_loc=qsl.tolist(),
             host={"tokens": tok, "tables": tables, "seq_lens": seq_lens},
+            lora_ids=lora_ids if any(lora_ids) else [],
         )

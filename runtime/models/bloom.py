@@ -9,7 +9,7 @@ the normed input instead of the block input.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -133,4 +133,4 @@ class BloomForCausalLM(nn.Module):
         return hidden @ weight.t()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [block.self_attention.attn for block in self.transformer.h]
+        return [cast(BloomBlock, block).self_attention.attn for block in self.transformer.h]

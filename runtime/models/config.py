@@ -29,6 +29,69 @@ LEGACY_FAMILY_MODULES = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """A sparse mixture-of-experts MLP (runtime/models/moe.py), as each family's router computes it.
+
+    scoring: "softmax" (Mixtral, Qwen2-MoE, DeepSeek-V2) or "sigmoid" (DeepSeek-V3) over the router logits;
+    the top_k experts are chosen by score (+ `score_correction_bias`, V3's noaux_tc), optionally first
+    restricted to the best `topk_groups` of `num_groups` expert groups (a group scores by its best expert,
+    "max", V2; or its two best summed, "top2_sum", V3; masked experts score `group_fill`). The chosen
+    scores are the weights: renormalised to sum 1 (+ renorm_eps) when `renormalize`, times
+    `routed_scaling`. `layers[i]`: layer i is sparse (the others keep the dense MLP).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    layers: tuple[bool, ...]
+    scoring: str = "softmax"  # or "sigmoid"; "sparsemixer": Phi-3.5-MoE's top-2 (moe.route)
+    jitter_eps: float = 0.0  # sparsemixer: experts within 2 * eps (relative) of the best share its softmax
+    renormalize: bool = True
+    renorm_eps: float = 0.0
+    routed_scaling: float = 1.0
+    num_groups: int | None = None
+    topk_groups: int | None = None
+    group_score: str = "max"
+    group_fill: float = 0.0
+    score_correction_bias: bool = False
+    router_fp32: bool = False  # DeepSeek: logits from fp32 hidden states and an fp32 gate weight
+    weights_in_logits_dtype: bool = False  # Qwen2-MoE rounds the weights to the logits' dtype
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(gate(x))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(f"MoE top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.scoring not in ("softmax", "sigmoid", "sparsemixer"):
+            raise ValueError(f"MoE scoring {self.scoring!r}: expected 'softmax', 'sigmoid' or 'sparsemixer'")
+        if self.scoring == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"MoE sparsemixer routing picks 2 experts, not top_k={self.top_k}")
+        if self.num_groups is not None:
+            if self.num_experts % self.num_groups or not 0 < (self.topk_groups or 0) <= self.num_groups:
+                raise ValueError(
+                    f"MoE groups: {self.num_experts} experts in n_group={self.num_groups} groups, "
+                    f"topk_group={self.topk_groups}: the groups must divide the experts and 1 <= topk_group <= n_group"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3; runtime/models/mla.py): the KV cache holds
+    one vector per token, the normalised latent (kv_lora_rank) and the shared rotated key (rope_head_dim)."""
+
+    kv_lora_rank: int
+    q_lora_rank: int | None  # None: one q_proj
+    nope_head_dim: int
+    rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool = False  # q_a_proj, kv_a_proj_with_mqa, o_proj
+
+    @property
+    def latent_dim(self) -> int:
+        return self.kv_lora_rank + self.rope_head_dim
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """Decoder shape and switches. Defaults are Llama's, so a Llama config only sets shapes.
@@ -82,6 +145,11 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # Gemma2: on the logits
     logit_scale: float | None = None  # Cohere: logits * scale
     layer_sliding_windows: tuple[int | None, ...] = ()  # per layer; () or None entries: full attention
+    moe: MoEConfig | None = None  # sparse MLP layers (Mixtral, Qwen2-MoE, DeepSeek, ...)
+    mla: MLAConfig | None = None  # latent attention instead of q/k/v heads (DeepSeek-V2/V3, MiniCPM3)
+    skipped_layers: tuple[int, ...] = ()  # checkpoint layers no forward runs (DeepSeek-V3's MTP layers)
+    residual_multiplier: float | None = None  # MiniCPM3: each sublayer's output times scale_depth / sqrt(L)
+    logits_divisor: float | None = None  # MiniCPM3: hidden / (hidden_size / dim_model_base) before lm_head
     torch_dtype: str | None = None  # the checkpoint's dtype ("bfloat16", ...)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
@@ -157,7 +225,7 @@ def normalize_with_transformers(hf: dict[str, Any]) -> dict[str, Any]:
     from transformers import CONFIG_MAPPING
 
     model_type = hf.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         return hf
     try:
         normalized = CONFIG_MAPPING[model_type].from_dict(dict(hf)).to_dict()

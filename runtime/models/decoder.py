@@ -10,7 +10,8 @@ on the Llama path): a layer returns (its output delta, the residual stream befor
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from lmforge.runtime.models.layers import (
     act_and_mul,
     make_norm,
 )
+from lmforge.runtime.models.mla import LatentAttention, MLAAttention
+from lmforge.runtime.models.moe import SparseMoeBlock, expert_target
 
 
 class PerHeadLayerNorm(nn.Module):
@@ -104,11 +107,13 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_kind == "full":
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(num_tokens, -1, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, -1, self.head_dim)
         if self.qk_norm_kind not in (None, "full"):
+            assert self.q_norm is not None and self.k_norm is not None  # _qk_norm built both
             q, k = self.q_norm(q), self.k_norm(k)
         self.rotary_emb(
             positions, q, k, attn_meta.prompt_lens
@@ -120,14 +125,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)) with gate|up fused; plain: down(act(up(x)))."""
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, intermediate_size: int | None = None):
         super().__init__()
         self.ops, self.act, self.gated = backend.ops, cfg.hidden_act, cfg.gated_mlp
+        inter = intermediate_size or cfg.intermediate_size  # a MoE's shared expert has its own size
         if self.gated:
-            self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
+            self.gate_up_proj = MergedLinear(cfg.hidden_size, [inter] * 2, bias=cfg.mlp_bias)
         else:
-            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         if self.gated:
@@ -145,9 +151,17 @@ class DecoderLayer(nn.Module):
         self, cfg: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, backend: AttentionBackend
     ):
         super().__init__()
-        self.layout = cfg.layout
-        self.self_attn = Attention(cfg, layer_idx, rotary_emb, backend)
-        self.mlp = MLP(cfg, backend)
+        self.layout, self.residual_multiplier = cfg.layout, cfg.residual_multiplier
+        self.self_attn: Attention | MLAAttention = (
+            MLAAttention(cfg, rotary_emb, backend)
+            if cfg.mla is not None
+            else Attention(cfg, layer_idx, rotary_emb, backend)
+        )
+        self.mlp: nn.Module = (
+            SparseMoeBlock(cfg, backend.ops, lambda size: MLP(cfg, backend, size))
+            if cfg.moe is not None and cfg.moe.layers[layer_idx]
+            else MLP(cfg, backend)
+        )
         norm = lambda: make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, backend.ops)  # noqa: E731
         if cfg.layout != "post":
             self.input_layernorm = norm()
@@ -177,8 +191,12 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(positions, n, attn_meta)
         if self.layout == "sandwich":
             a = self.attn_out_norm(a)
+        if self.residual_multiplier is not None:  # MiniCPM3: scale_depth / sqrt(num_layers) on each sublayer
+            a = a * self.residual_multiplier
         n, residual = self.post_attention_layernorm(a, residual)
         m = self.mlp(n)
+        if self.residual_multiplier is not None:
+            m = m * self.residual_multiplier
         return (self.mlp_out_norm(m) if self.layout == "sandwich" else m), residual
 
 
@@ -187,7 +205,9 @@ def _rotary(
 ) -> RotaryEmbedding:
     try:
         return RotaryEmbedding(
-            cfg.head_dim,
+            cfg.mla.rope_head_dim
+            if cfg.mla is not None
+            else cfg.head_dim,  # MLA: only the shared rope part rotates
             max_positions,
             theta,
             scaling,
@@ -230,6 +250,9 @@ class DecoderModel(nn.Module):
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class DecoderForCausalLM(nn.Module):
     """Every family of families.FAMILIES: the same graph, switches from ModelConfig, checkpoint names
     through the family's renames (`hf_to_ours`) and fused shards (`packed_modules_mapping`)."""
@@ -246,8 +269,21 @@ class DecoderForCausalLM(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         )
 
-    def hf_to_ours(self, name: str) -> str:
+    def hf_to_ours(self, name: str) -> str | None:
+        """Our module name of a checkpoint tensor; None: a layer the config says no forward runs."""
+        if self.config.skipped_layers:
+            layer = _LAYER_INDEX.match(name)
+            if layer is not None and int(layer.group(1)) in self.config.skipped_layers:
+                return None
         return hf_to_ours(self.family, name)
+
+    def expert_target(self, name: str) -> tuple[str, tuple[int | None, int | None]] | None:
+        """Our name of a per-expert checkpoint tensor -> (stacked parameter, (expert, gate/up half)); None
+        for every other tensor (the loader then renames and packs it as usual)."""
+        if self.config.moe is None:
+            return None
+        target = expert_target(name)
+        return None if target is None else (f"{target[0]}.{target[1]}", target[2])
 
     def ours_to_hf(self, name: str) -> str:
         return ours_to_hf(self.family, name)
@@ -257,6 +293,8 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         cfg = self.config
+        if cfg.logits_divisor is not None:  # MiniCPM3: hidden / (hidden_size / dim_model_base)
+            hidden = hidden / cfg.logits_divisor
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = hidden @ weight.t()
         if self.lm_head is not None and self.lm_head.bias is not None:
@@ -267,5 +305,7 @@ class DecoderForCausalLM(nn.Module):
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+    def attention_layers(self) -> list[PagedAttention | LatentAttention]:
+        """Each layer's cache holder: a PagedAttention, or (MLA) a LatentAttention with its own
+        `bind_kv_cache` / `kv_bytes_per_token` (one latent vector per token)."""
+        return [cast(DecoderLayer, layer).self_attn.attn for layer in self.model.layers]

@@ -17,7 +17,7 @@ refuses a longer context instead of serving a different model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -269,4 +269,4 @@ class FalconForCausalLM(nn.Module):
         return hidden @ weight.t()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attention.attn for layer in self.transformer.h]
+        return [cast(FalconDecoderLayer, layer).self_attention.attn for layer in self.transformer.h]

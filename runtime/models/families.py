@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.runtime.models.config import MLAConfig, MoEConfig
+
 REQUIRED = object()  # a Key default: config.json must carry the key
 
 # HF activation name (transformers ACT2FN) -> our canonical one (config.ACTIVATIONS).
@@ -87,6 +89,10 @@ class Reader:
             if key == "rope_type":
                 return rope.get("rope_type", rope.get("type", default))
             return rope.get(key, self.hf.get(key, default))
+        if "." in key:  # a nested config (DBRX's attn_config / ffn_config): "attn_config.clip_qkv"
+            outer, inner = key.split(".", 1)
+            nested = self.hf.get(outer) or {}
+            return nested[inner] if inner in nested else default
         return self.hf[key] if key in self.hf else default
 
 
@@ -443,6 +449,262 @@ def _cohere(r: Reader) -> dict[str, Any]:
     )
 
 
+# --- mixture-of-experts and latent-attention families ------------------------------------------
+
+
+def _moe_layers(num_layers: int, sparse: Callable[[int], bool]) -> tuple[bool, ...]:
+    return tuple(sparse(i) for i in range(num_layers))
+
+
+def _mixtral(r: Reader) -> dict[str, Any]:
+    """Mixtral: softmax over the experts, top-k, renormalised; every layer sparse."""
+    fields = _mistral(r)
+    fields["moe"] = MoEConfig(
+        num_experts=r("num_local_experts"),
+        top_k=r("num_experts_per_tok"),
+        intermediate_size=fields["intermediate_size"],
+        layers=(True,) * fields["num_layers"],
+    )
+    return fields
+
+
+def _qwen2_moe(r: Reader) -> dict[str, Any]:
+    """Qwen1.5/2-MoE: softmax top-k (renormalised only with norm_topk_prob), plus a shared expert whose
+    output is gated by sigmoid(shared_expert_gate(x)); layer i is sparse when (i + 1) % decoder_sparse_step
+    == 0 and i is not in mlp_only_layers."""
+    s = _shapes(r)
+    step, dense_only = r("decoder_sparse_step"), set(r("mlp_only_layers") or [])
+    num_experts = r("num_experts")
+    if step < 1:
+        raise ValueError(f"{r.architecture}: config key 'decoder_sparse_step' = {step!r} must be >= 1")
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bool(r("qkv_bias")),
+        layer_sliding_windows=_qwen_windows(r, s["num_layers"]),
+        moe=MoEConfig(
+            num_experts=num_experts,
+            top_k=r("num_experts_per_tok"),
+            intermediate_size=r("moe_intermediate_size"),
+            layers=_moe_layers(
+                s["num_layers"], lambda i: num_experts > 0 and i not in dense_only and (i + 1) % step == 0
+            ),
+            renormalize=bool(r("norm_topk_prob")),
+            weights_in_logits_dtype=True,
+            shared_intermediate_size=r("shared_expert_intermediate_size"),
+            shared_gate=True,
+        ),
+    )
+
+
+def _mla(r: Reader) -> MLAConfig:
+    return MLAConfig(
+        kv_lora_rank=r("kv_lora_rank"),
+        q_lora_rank=r("q_lora_rank"),
+        nope_head_dim=r("qk_nope_head_dim"),
+        rope_head_dim=r("qk_rope_head_dim"),
+        v_head_dim=r("v_head_dim"),
+        attention_bias=bool(r("attention_bias")),
+    )
+
+
+def _mla_shapes(r: Reader) -> dict[str, Any]:
+    """Shapes of an MLA model: ModelConfig.head_dim is the rotated part (what transformers' config calls
+    head_dim and its RoPE rotates); one latent "KV head"."""
+    s = _shapes(r)
+    rope_dim = r("qk_rope_head_dim")
+    if r("head_dim") not in (None, rope_dim):
+        raise ValueError(
+            f"{r.architecture}: config key 'head_dim' = {r('head_dim')!r} differs from qk_rope_head_dim "
+            f"= {rope_dim}: transformers' RoPE rotates head_dim dims of the rope part"
+        )
+    kv_heads = r("num_key_value_heads")
+    if kv_heads not in (None, s["num_heads"]):
+        raise ValueError(
+            f"{r.architecture}: config key 'num_key_value_heads' = {kv_heads!r} is not supported "
+            f"(latent attention expands the latent to all {s['num_heads']} heads)"
+        )
+    return {**s, "head_dim": rope_dim, "num_kv_heads": 1}
+
+
+def _deepseek(r: Reader, v3: bool) -> dict[str, Any]:
+    s = _mla_shapes(r)
+    freq = r("moe_layer_freq")
+    first_dense = r("first_k_dense_replace") or 0
+    num_experts = r("n_routed_experts")
+    grouped = v3 or r("topk_method") == "group_limited_greedy"
+    if not v3:
+        r("norm_topk_prob")  # transformers' DeepseekV2 router never renormalises: only False is accepted
+        r("scoring_func")
+    else:
+        r("topk_method"), r("scoring_func")
+    moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=r("num_experts_per_tok"),
+        intermediate_size=r("moe_intermediate_size"),
+        layers=_moe_layers(s["num_layers"], lambda i: i >= first_dense and i % freq == 0),
+        scoring="sigmoid" if v3 else "softmax",
+        renormalize=bool(r("norm_topk_prob")) if v3 else False,
+        renorm_eps=1e-20 if v3 else 0.0,
+        routed_scaling=float(r("routed_scaling_factor")),
+        num_groups=r("n_group") if grouped else None,
+        topk_groups=r("topk_group") if grouped else None,
+        group_score="top2_sum" if v3 else "max",
+        group_fill=float("-inf") if v3 else 0.0,
+        score_correction_bias=v3,
+        router_fp32=True,
+        shared_intermediate_size=r("moe_intermediate_size") * (r("n_shared_experts") or 0),
+    )
+    # V3 checkpoints carry num_nextn_predict_layers multi-token-prediction layers after the last one,
+    # which transformers' forward never runs (it skips them at load): ours skip them too
+    mtp = r("num_nextn_predict_layers") if v3 else 0
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        skipped_layers=tuple(range(s["num_layers"], s["num_layers"] + (mtp or 0))),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        mlp_bias=bool(r("mlp_bias")) if "mlp_bias" in r.family.keys else False,
+        rope_is_neox_style=not (r("rope_interleave") if v3 else True),  # V2: complex pairs (2i, 2i+1)
+        mla=_mla(r),
+        moe=moe,
+    )
+
+
+def _minicpm3(r: Reader) -> dict[str, Any]:
+    """MiniCPM3: DeepSeek-V2's latent attention (rotate_half RoPE) in a dense model, with scaled
+    embeddings (x scale_emb), scaled sublayer outputs (x scale_depth / sqrt(L)) and logits of
+    hidden / (hidden_size / dim_model_base)."""
+    s = _mla_shapes(r)
+    return dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        mlp_bias=bool(r("mlp_bias")),
+        mla=_mla(r),
+        embedding_multiplier=float(r("scale_emb")),
+        residual_multiplier=float(r("scale_depth")) / math.sqrt(s["num_layers"]),
+        logits_divisor=s["hidden_size"] / float(r("dim_model_base")),
+    )
+
+
+def _phimoe(r: Reader) -> dict[str, Any]:
+    """Phi-3.5-MoE: LayerNorms (with bias), attention and lm_head biases, and sparsemixer routing (top-2:
+    the best expert and the best of the rest, each weighted by a softmax over the experts within
+    2 * router_jitter_noise of it, relatively). Its longrope scales cos/sin by short_mscale / long_mscale,
+    which must agree (then they are longrope's attention_factor), and uses short_factor at every length
+    as transformers does."""
+    s = _shapes(r)
+    bias = bool(r("attention_bias"))
+    fields = dict(
+        **s,
+        **_rope(r, s["head_dim"]),
+        rms_norm_eps=r("rms_norm_eps"),
+        norm="layer",
+        hidden_act=HF_ACTIVATIONS[r("hidden_act")],
+        qkv_bias=bias,
+        o_bias=bias,
+        lm_head_bias=bool(r("lm_head_bias")),
+        layer_sliding_windows=_windows(s["num_layers"], r("sliding_window"), None),
+    )
+    scaling = fields["rope_scaling"]
+    if scaling is not None and ("short_mscale" in scaling or "long_mscale" in scaling):
+        short, long = scaling.pop("short_mscale", None), scaling.pop("long_mscale", None)
+        if short != long or scaling.get("attention_factor") is not None:
+            raise ValueError(
+                f"{r.architecture}: rope_scaling short_mscale={short!r} and long_mscale={long!r} differ "
+                "(or come with attention_factor): only one cos/sin scale for both lengths is supported"
+            )
+        scaling["attention_factor"] = float(short)
+    if scaling is not None and scaling.get("rope_type") in ("longrope", "su"):
+        # transformers' Phimoe forward recomputes the frequencies without the sequence length, so it
+        # rotates with short_factor at every length (Microsoft's code switches to long_factor past
+        # original_max_position_embeddings); we serve what transformers computes
+        scaling["long_factor"] = list(scaling["short_factor"])
+    r("num_experts_per_tok")
+    fields["moe"] = MoEConfig(
+        num_experts=r("num_local_experts"),
+        top_k=2,
+        intermediate_size=s["intermediate_size"],
+        layers=(True,) * s["num_layers"],
+        scoring="sparsemixer",
+        renormalize=False,
+        jitter_eps=float(r("router_jitter_noise")),
+    )
+    return fields
+
+
+def _dbrx(r: Reader) -> dict[str, Any]:
+    """DBRX: bias-free LayerNorms, fused Wqkv with clip_qkv, plain RoPE at attn_config.rope_theta, and
+    softmax top-k experts whose weights are divided by their p-norm (moe_normalize_expert_weights = p;
+    only p = 1, a plain renormalisation, or None). The experts are stored stacked (w1, v1, w2: [E*I, H])."""
+    hidden, heads = r("d_model"), r("n_heads")
+    theta = float(r("attn_config.rope_theta"))
+    r("rope_type")
+    params_theta = float(r("rope_theta"))
+    if params_theta not in (theta, 10000.0):
+        raise ValueError(
+            f"{r.architecture}: rope_parameters rope_theta = {params_theta!r} and attn_config.rope_theta = "
+            f"{theta!r} disagree: which one the checkpoint was trained with is ambiguous"
+        )
+    r("ffn_config.ffn_act_fn")
+    layers = r("n_layers")
+    p = r("ffn_config.moe_normalize_expert_weights")
+    return dict(
+        vocab_size=r("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r("ffn_config.ffn_hidden_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=r("attn_config.kv_n_heads"),
+        head_dim=hidden // heads,
+        max_position_embeddings=r("max_seq_len"),
+        tie_word_embeddings=bool(r("tie_word_embeddings")),
+        rope_theta=theta,
+        rms_norm_eps=1e-5,  # nn.LayerNorm's default: DBRX's norms take no eps from the config
+        norm="layer_no_bias",
+        clip_qkv=r("attn_config.clip_qkv"),
+        moe=MoEConfig(
+            num_experts=r("ffn_config.moe_num_experts"),
+            top_k=r("ffn_config.moe_top_k"),
+            intermediate_size=r("ffn_config.ffn_hidden_size"),
+            layers=(True,) * layers,
+            renormalize=p is not None,
+            weights_in_logits_dtype=True,
+        ),
+    )
+
+
+_MOE_KEYS = {"num_experts_per_tok": Key(2)}
+_MLA_KEYS = {
+    "kv_lora_rank": Key(512),
+    "q_lora_rank": Key(1536),
+    "qk_nope_head_dim": Key(128),
+    "qk_rope_head_dim": Key(64),
+    "v_head_dim": Key(128),
+    "attention_bias": Key(False, BOOLS),
+}
+_DEEPSEEK_KEYS = {
+    **_MLA_KEYS,
+    "n_routed_experts": Key(64),
+    "n_shared_experts": Key(2),
+    "moe_intermediate_size": Key(1407),
+    "first_k_dense_replace": Key(0),
+    "moe_layer_freq": Key(
+        1, (1,), why="transformers' DeepSeek models make every layer from first_k_dense_replace on sparse"
+    ),
+    "routed_scaling_factor": Key(1.0),
+    "n_group": Key(None),
+    "topk_group": Key(None),
+    "rms_norm_eps": Key(1e-6),
+    "mlp_bias": Key(False, BOOLS),
+}
+_MLP_PACKED = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # MLA: no q/k/v
+_DEEPSEEK_RENAMES = {".mlp.shared_experts.": ".mlp.shared_expert."}
+
 _NEOX_SHAPE_KEYS = {k: v for k, v in SHAPE_KEYS.items() if k not in ("num_key_value_heads", "head_dim")}
 _LLAMA_PACKED = {
     "q_proj": ("qkv_proj", "q"),
@@ -686,6 +948,158 @@ FAMILIES: dict[str, Family] = {
             ".post_mlp_layernorm.": ".mlp_out_norm.",
         },
         packed=_QKV_PACKED,
+    ),
+    "MixtralForCausalLM": Family(
+        "mixtral",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(1_000_000.0),
+            "rms_norm_eps": Key(1e-5),
+            "sliding_window": Key(None),
+            "num_local_experts": Key(8),
+            **_MOE_KEYS,
+        },
+        _mixtral,
+        hf_to_ours={".block_sparse_moe.": ".mlp."},
+        packed=_LLAMA_PACKED,
+    ),
+    "Qwen2MoeForCausalLM": Family(
+        "qwen2_moe",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            "rms_norm_eps": Key(1e-6),
+            **_QWEN_WINDOW_KEYS,
+            "qkv_bias": Key(True, BOOLS),
+            "num_experts": Key(60),
+            "num_experts_per_tok": Key(4),
+            "moe_intermediate_size": Key(1408),
+            "shared_expert_intermediate_size": Key(5632),
+            "norm_topk_prob": Key(False, BOOLS),
+            "decoder_sparse_step": Key(1),
+            "mlp_only_layers": Key([]),
+        },
+        _qwen2_moe,
+        packed=_LLAMA_PACKED,
+    ),
+    "PhimoeForCausalLM": Family(
+        "phimoe",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(1_000_000.0),
+            "rms_norm_eps": Key(1e-5),
+            "sliding_window": Key(None),
+            "attention_bias": Key(False, BOOLS),
+            "lm_head_bias": Key(False, BOOLS),
+            "num_local_experts": Key(16),
+            "num_experts_per_tok": Key(2, (2,), why="transformers' sparsemixer always picks two experts"),
+            "router_jitter_noise": Key(0.01),
+        },
+        _phimoe,
+        hf_to_ours={".block_sparse_moe.": ".mlp."},
+        packed=_QKV_PACKED,
+    ),
+    "DbrxForCausalLM": Family(
+        "dbrx",
+        {
+            "vocab_size": Key(32000),
+            "d_model": Key(2048),
+            "n_heads": Key(16),
+            "n_layers": Key(24),
+            "max_seq_len": Key(2048),
+            "tie_word_embeddings": Key(False),
+            "rope_theta": Key(10000.0),
+            "rope_type": Key("default", ("default",), why="DBRX rotates with plain RoPE"),
+            "attn_config.kv_n_heads": Key(1),
+            "attn_config.clip_qkv": Key(None),
+            "attn_config.rope_theta": Key(10000.0),
+            "ffn_config.ffn_hidden_size": Key(3584),
+            "ffn_config.moe_num_experts": Key(4),
+            "ffn_config.moe_top_k": Key(1),
+            "ffn_config.moe_normalize_expert_weights": Key(
+                1.0, (1.0, None), why="the weights are divided by their p-norm: p = 1 or none"
+            ),
+            "ffn_config.ffn_act_fn": Key(
+                {"name": "silu"}, ({"name": "silu"},), why="DBRX's experts use SiLU"
+            ),
+        },
+        _dbrx,
+        hf_to_ours={
+            "transformer.wte.": "model.embed_tokens.",
+            "transformer.blocks.": "model.layers.",
+            "transformer.norm_f.": "model.norm.",
+            ".norm_attn_norm.attn.Wqkv.": ".self_attn.qkv_proj.",
+            ".norm_attn_norm.attn.out_proj.": ".self_attn.o_proj.",
+            ".norm_attn_norm.norm_1.": ".input_layernorm.",
+            ".norm_attn_norm.norm_2.": ".post_attention_layernorm.",
+            ".ffn.router.layer.": ".mlp.gate.",
+            ".ffn.experts.mlp.": ".mlp.experts.stacked_",
+        },
+    ),
+    "DeepseekV2ForCausalLM": Family(
+        "deepseek_v2",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            **_DEEPSEEK_KEYS,
+            "num_experts_per_tok": Key(None),
+            "topk_method": Key("greedy", ("greedy", "group_limited_greedy")),
+            "norm_topk_prob": Key(False, (False,), why="transformers' DeepseekV2 router never renormalises"),
+            "scoring_func": Key("softmax", ("softmax",), why="DeepSeek-V2 scores experts by softmax"),
+        },
+        lambda r: _deepseek(r, v3=False),
+        hf_to_ours=_DEEPSEEK_RENAMES,
+        packed=_MLP_PACKED,
+    ),
+    "DeepseekV3ForCausalLM": Family(
+        "deepseek_v3",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            **{k: v for k, v in _DEEPSEEK_KEYS.items() if k != "mlp_bias"},  # V3's MLPs have no bias
+            "n_routed_experts": Key(256),
+            "n_shared_experts": Key(1),
+            "moe_intermediate_size": Key(2048),
+            "first_k_dense_replace": Key(3),
+            "routed_scaling_factor": Key(2.5),
+            "n_group": Key(8),
+            "topk_group": Key(4),
+            "num_experts_per_tok": Key(8),
+            "norm_topk_prob": Key(True, BOOLS),
+            "rope_interleave": Key(True, BOOLS),
+            "num_nextn_predict_layers": Key(1),
+            "topk_method": Key("noaux_tc", ("noaux_tc",), why="transformers' DeepseekV3 routes by noaux_tc"),
+            "scoring_func": Key("sigmoid", ("sigmoid",), why="DeepSeek-V3 scores experts by sigmoid"),
+        },
+        lambda r: _deepseek(r, v3=True),
+        hf_to_ours=_DEEPSEEK_RENAMES,
+        packed=_MLP_PACKED,
+    ),
+    "MiniCPM3ForCausalLM": Family(
+        "minicpm3",
+        {
+            **SHAPE_KEYS,
+            **_act(),
+            **_rope_keys(),
+            **_MLA_KEYS,
+            "kv_lora_rank": Key(256),
+            "q_lora_rank": Key(768),
+            "qk_nope_head_dim": Key(64),
+            "qk_rope_head_dim": Key(32),
+            "v_head_dim": Key(64),
+            "rms_norm_eps": Key(1e-5),
+            "mlp_bias": Key(False, BOOLS),
+            "scale_emb": Key(12),
+            "scale_depth": Key(1.4),
+            "dim_model_base": Key(256),
+        },
+        _minicpm3,
+        packed=_MLP_PACKED,
     ),
     "CohereForCausalLM": Family(
         "cohere",

@@ -10,7 +10,7 @@ load through `hf_to_ours`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,14 +72,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _conv1d_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+def _conv1d_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     """HF Conv1D weight [in, out] -> nn.Linear weight [out, in]."""
     default_weight_loader(param, loaded.t())
 
 
 def conv1d_linear(in_features: int, out_features: int) -> nn.Linear:
     linear = nn.Linear(in_features, out_features, bias=True)
-    linear.weight.weight_loader = _conv1d_loader
+    linear.weight.weight_loader = _conv1d_loader  # type: ignore[attr-defined]  # vLLM-style: parameters carry their loader
     return linear
 
 
@@ -169,4 +169,4 @@ class GPT2LMHeadModel(nn.Module):
         return hidden @ weight.t()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.transformer.h]
+        return [cast(GPT2Block, block).attn.attn for block in self.transformer.h]

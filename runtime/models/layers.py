@@ -22,7 +22,7 @@ from lmforge.kernels.backend import Ops
 from lmforge.runtime.models.attention_backend import AttentionBackend
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise ValueError(
             f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}"
@@ -128,6 +128,10 @@ class RotaryEmbedding(nn.Module):
     inverse frequencies by sequence length and builds cos/sin per token.
     """
 
+    # registered buffers (register_buffer), declared for the type checker
+    cos_sin_cache: torch.Tensor
+    inv_freq_table: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, ops: Ops,
                  *, rotary_dim: int | None = None, is_neox_style: bool = True,
                  max_position_embeddings: int | None = None):  # fmt: skip
@@ -181,6 +185,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope_type {self.rope_type!r} with a served context of {self.max_positions} > "
                              f"{self.threshold} positions rotates by the sequence length HF saw: "
                              "RotaryEmbedding.forward needs prompt_lens (per token)")  # fmt: skip
+        assert self.threshold is not None  # needs_prompt_lens implies a threshold
         if self.rope_type == "longrope":
             return rope_cache.longrope_rows(positions, prompt_lens, self.max_positions, self.threshold), \
                 self.cos_sin_cache  # fmt: skip
@@ -199,7 +204,9 @@ def rope_block_salt(model: nn.Module) -> Callable[[int, int, int], tuple[int, ..
     keys = [(m.rope_type, m.threshold) for m in dict.fromkeys(rotaries)]
 
     def salt(start: int, end: int, prompt_len: int) -> tuple[int, ...]:
-        return tuple(rope_cache.block_rope_key(t, th, start, end, prompt_len) for t, th in keys)
+        return tuple(
+            rope_cache.block_rope_key(t, th, start, end, prompt_len) for t, th in keys if th is not None
+        )
 
     return salt
 
@@ -230,7 +237,7 @@ class QKVLinear(nn.Linear):
         self.num_heads, self.head_dim = num_heads, head_dim
         super().__init__(hidden, sum(self.sizes.values()), bias=bias)
         for p in self.parameters():
-            p.weight_loader = self.weight_loader
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # vLLM-style: parameters carry their loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id is None:
@@ -249,7 +256,7 @@ class MergedLinear(nn.Linear):
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias=bias)
         for p in self.parameters():
-            p.weight_loader = self.weight_loader
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # vLLM-style: parameters carry their loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
         if shard_id is None:  # already fused in the checkpoint (Phi-3, GLM gate_up_proj)
@@ -269,6 +276,8 @@ class PagedAttention(nn.Module):
         logits_soft_cap  scores -> cap * tanh(scores / cap) before masking (Gemma2 attn_logit_softcapping)
     The block manager reads `sliding_window` of every layer to free blocks no layer can see any more.
     """
+
+    alibi_slopes: torch.Tensor | None  # a registered buffer
 
     def __init__(
         self,

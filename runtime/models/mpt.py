@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -179,4 +179,4 @@ class MptForCausalLM(nn.Module):
         return hidden @ weight.t()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.transformer.blocks]
+        return [cast(MptBlock, block).attn.attn for block in self.transformer.blocks]

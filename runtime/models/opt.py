@@ -8,7 +8,7 @@ Module names are HF's; HF's separate q/k/v projections load into one fused `qkv_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -150,4 +150,4 @@ class OPTForCausalLM(nn.Module):
         return hidden @ weight.t()
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.decoder.layers]
+        return [cast(OPTDecoderLayer, layer).self_attn.attn for layer in self.model.decoder.layers]

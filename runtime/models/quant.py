@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.runtime.models.layers import default_weight_loader
+from lmforge.kernels.backend import Ops
+from lmforge.runtime.models.layers import MergedLinear, QKVLinear, default_weight_loader
 
 SUPPORTED_FORMATS = ("pack-quantized", "float-quantized", "naive-quantized")
 
@@ -110,9 +111,10 @@ def scheme_for(name: str, module: nn.Module, config: dict[str, Any]) -> WeightSc
 
 def _shards(module: nn.Linear) -> dict[Any, tuple[int, int]]:
     """shard id -> (first output row, rows) of a fused linear; {None: whole} for a plain one."""
-    if hasattr(module, "sizes"):  # QKVLinear
+    sizes: list[tuple[Any, int]]
+    if isinstance(module, QKVLinear):
         sizes = list(module.sizes.items())
-    elif hasattr(module, "out_sizes"):  # MergedLinear
+    elif isinstance(module, MergedLinear):
         sizes = list(enumerate(module.out_sizes))
     else:
         return {None: (0, module.out_features)}
@@ -133,7 +135,7 @@ class _ShardedParams(nn.Module):
 
     def _register(self) -> None:
         for p in self.parameters(recurse=False):
-            p.weight_loader = self.weight_loader
+            p.weight_loader = self.weight_loader  # type: ignore[attr-defined]  # vLLM-style: parameters carry their loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         """shard_id: a shard of a fused module (q/k/v, gate/up); None: the whole stack (already fused in
@@ -149,6 +151,7 @@ class _ShardedParams(nn.Module):
                 )
             return
         if shard_id == "per_head":  # rows [H*3*D] -> [3*H*D], as QKVLinear does for dense weights
+            assert self.head_dim is not None  # quantize_model copies it from the QKVLinear
             num_heads = self.shards["q"][1] // self.head_dim
             loaded = (
                 loaded.reshape(num_heads, 3, self.head_dim, *loaded.shape[1:])
@@ -168,7 +171,7 @@ class QuantLinear(_ShardedParams):
         group = in_features if group_size <= 0 else group_size
         if in_features % group or (in_features * bits) % 32:
             raise ValueError(f"in_features {in_features} is not a multiple of the group size {group}")
-        self.bits = bits
+        self.bits, self.group_size = bits, group_size  # group_size <= 0: per output channel
         n, k = self.out_features, in_features
         self.weight_packed = nn.Parameter(
             torch.zeros(n, k * bits // 32, dtype=torch.int32), requires_grad=False
@@ -177,7 +180,7 @@ class QuantLinear(_ShardedParams):
         self.weight_shape = nn.Parameter(torch.tensor([n, k], dtype=torch.int64), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(n), requires_grad=False) if bias else None
         self._register()
-        self._ops = None
+        self._ops: Ops | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if self._ops is None:
@@ -248,13 +251,59 @@ def apply_quantization(model: nn.Module, model_dir: str | Path) -> dict[str, Any
         shards = _shards(module)
         bias = module.bias is not None
         if scheme.type == "float":
-            new: nn.Module = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
+            new: _ShardedParams = Fp8Linear(shards, module.in_features, bias, scheme.fp8_activations)
         else:
-            new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)
+            try:
+                new = QuantLinear(shards, module.in_features, scheme.bits, scheme.group_size, bias)
+            except ValueError as exc:  # e.g. a tensor-parallel shard that splits a scale group
+                raise ValueError(
+                    f"{name} ({module.out_features}x{module.in_features} on this rank): {exc}"
+                ) from exc
         new.head_dim = getattr(module, "head_dim", None)  # QKVLinear: for GPT-NeoX's per-head rows
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
         swapped += 1
+    swapped += _quantize_experts(model, model_dir, config)
     if not swapped:
         raise ValueError(f"{model_dir}: the quantization_config targets none of the model's Linear layers")
     return config
+
+
+def _quantize_experts(model: nn.Module, model_dir: str | Path, config: dict[str, Any]) -> int:
+    """MoE layers whose experts the checkpoint holds pack-quantized (`<prefix>.<e>.<proj>.weight_packed`,
+    each expert projection a Linear to compressed-tensors) get QuantFusedMoE; dense experts stay."""
+    from safetensors import safe_open
+
+    from lmforge.runtime.models.loader import safetensors_files
+    from lmforge.runtime.models.moe import FusedMoE, QuantFusedMoE
+
+    moe_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedMoE)]
+    if not moe_layers:
+        return 0
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    to_hf = getattr(model, "ours_to_hf", None)
+    swapped = 0
+    for name, module in moe_layers:
+        prefix = to_hf(name) if to_hf else name
+        firsts = [
+            f"{prefix}.0.{proj}"
+            for proj in ("w1", "gate_proj")
+            if f"{prefix}.0.{proj}.weight_packed" in names
+        ]
+        if not firsts:
+            continue
+        probe = nn.Linear(module.w13_weight.shape[2], module.intermediate, bias=False, device="meta")
+        scheme = scheme_for(firsts[0], probe, config)
+        if scheme is None or scheme.type != "int":
+            raise ValueError(
+                f"{firsts[0]}: packed expert weights, but the quantization_config gives them no int scheme"
+            )
+        new = QuantFusedMoE(module.num_experts, module.w13_weight.shape[2], module.intermediate, module.activation,
+                            module.ops, scheme.bits, scheme.group_size)  # fmt: skip
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, new)
+        swapped += 1
+    return swapped

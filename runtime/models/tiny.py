@@ -155,8 +155,129 @@ TINY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "glm": ("glm", {"head_dim": 16}),
     "glm4": ("glm4", {"head_dim": 16}),
     "cohere": ("cohere", {"use_qk_norm": True, "logit_scale": 0.5}),
+    # --- mixture of experts (>= 4 experts, top-2 or more) and latent attention ---
+    "mixtral": (
+        "mixtral",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+    ),
+    # Phi-3.5-MoE: sparsemixer top-2 (a wide jitter so that the softmax of each pick spans several experts)
+    "phimoe": (
+        "phimoe",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_jitter_noise": 0.3,
+            "attention_bias": True,
+            "lm_head_bias": True,
+        },
+    ),
+    # Phi-3.5-MoE as released: longrope with one short_mscale = long_mscale
+    "phimoe_longrope": (
+        "phimoe",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.05 * i for i in range(8)],
+                "long_factor": [1.0 + 0.6 * i for i in range(8)],
+                "short_mscale": 1.25,
+                "long_mscale": 1.25,
+                "original_max_position_embeddings": 32,
+            },
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "router_jitter_noise": 0.3,
+        },
+    ),
+    # Qwen1.5-MoE: softmax top-k without renormalisation, a sigmoid-gated shared expert
+    "qwen2_moe": (
+        "qwen2_moe",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "num_experts": 6,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 48,
+            "shared_expert_intermediate_size": 80,
+        },
+    ),
+    # DeepSeek-V2-Lite-like: q_proj without LoRA, group-limited greedy routing, a dense first layer,
+    # a shared expert, routed scaling, yarn with mscale_all_dim (the softmax scale changes too)
+    "deepseek_v2": (
+        "deepseek_v2",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": None,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "n_routed_experts": 6,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 40,
+            "num_experts_per_tok": 2,
+            "topk_method": "group_limited_greedy",  # top-2 within the best of 2 groups of 3
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 1.5,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,  # x 4 = the tiny max_position_embeddings
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+            },
+        },
+    ),
+    # DeepSeek-V3: sigmoid scores, noaux_tc (correction bias, top-2-sum groups), renormalised, scaled
+    "deepseek_v3": (
+        "deepseek_v3",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 40,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
+    "dbrx": ("dbrx", {"ffn_experts": 4, "ffn_top_k": 2, "clip_qkv": 1.5, "rope_theta": 500000.0}),
+    "minicpm3": (
+        "minicpm3",
+        {
+            "kv_lora_rank": 32,
+            "q_lora_rank": 24,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "head_dim": 8,
+            "v_head_dim": 12,
+            "scale_emb": 12,
+            "scale_depth": 1.4,
+            "dim_model_base": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
 }
 ARCHS = tuple(TINY_SPECS)
+_MLA_TYPES = ("deepseek_v2", "deepseek_v3", "minicpm3")
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 
@@ -245,7 +366,37 @@ def tiny_hf_config(
     )
     if model_type == "gpt_neox":
         common.pop("num_key_value_heads")  # multi-head only
-    return AutoConfig.for_model(model_type, **common, **eps, **extra)
+    if model_type == "dbrx":  # nested attention / FFN configs
+        return AutoConfig.for_model("dbrx", **_dbrx_kwargs(common, extra))
+    if model_type in _MLA_TYPES:
+        common["num_key_value_heads"] = num_heads  # the latent expands to every head
+    return AutoConfig.for_model(model_type, **{**common, **eps, **extra})  # the spec's own shapes win
+
+
+def _dbrx_kwargs(common: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    theta = extra["rope_theta"]
+    return dict(
+        vocab_size=common["vocab_size"],
+        d_model=common["hidden_size"],
+        n_heads=common["num_attention_heads"],
+        n_layers=common["num_hidden_layers"],
+        max_seq_len=common["max_position_embeddings"],
+        initializer_range=common["initializer_range"],
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        attn_config={
+            "kv_n_heads": common["num_key_value_heads"],
+            "clip_qkv": extra["clip_qkv"],
+            "rope_theta": theta,
+        },
+        ffn_config={
+            "ffn_hidden_size": common["intermediate_size"],
+            "moe_num_experts": extra["ffn_experts"],
+            "moe_top_k": extra["ffn_top_k"],
+        },
+    )
 
 
 def widen_weights(model, seed: int, *, bias_std: float = 0.2, norm_std: float = 0.3) -> None:

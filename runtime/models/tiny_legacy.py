@@ -40,9 +40,10 @@ def legacy_hf_config(
     **overrides: Any,
 ):
     """The transformers config of tiny `arch`; `overrides` set config keys (negative controls use them)."""
-    from transformers import BloomConfig, FalconConfig, GPT2Config, MptConfig, OPTConfig
+    from transformers import BloomConfig, FalconConfig, GPT2Config, MptConfig, OPTConfig, PretrainedConfig
 
-    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    ids: dict[str, Any] = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config: PretrainedConfig
     if arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,
@@ -82,7 +83,7 @@ def legacy_hf_config(
             **ids,
         )
     elif arch.startswith("falcon"):
-        variants = {
+        variants: dict[str, dict[str, Any]] = {
             "falcon": dict(multi_query=True, parallel_attn=True, new_decoder_architecture=False),  # 7b
             "falcon-rw": dict(alibi=True, multi_query=False, parallel_attn=False, bias=True),  # rw-1b
             "falcon-40b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),

@@ -44,8 +44,10 @@ def summary_line(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lmforge.runtime.hub import HubError
     from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions
     from lmforge.runtime.quantize_args import build_parser
+    from lmforge.runtime.storage.s3 import StorageError
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -57,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[lmforge.quantize] error: {exc}", file=sys.stderr, flush=True)
         _termination_message(str(exc))
         return 2
+    except (HubError, StorageError) as exc:  # a download or upload: the message names the URI
+        print(f"[lmforge.quantize] storage error: {exc}", file=sys.stderr, flush=True)
+        _termination_message(str(exc))
+        return 1
     except Exception as exc:  # noqa: BLE001 - report any failure the same way, with the traceback in the log
         traceback.print_exc()
         _termination_message(f"{type(exc).__name__}: {exc}")

@@ -20,6 +20,7 @@ Linear is kept only if its whole output error is below the unclipped one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -191,8 +192,9 @@ def fold_scales(
     """previous's output channel c is divided by s[c] (a norm's weight and bias, or a linear's rows + bias;
     `rows`: which output rows of a fused linear are the consumers' inputs); each following linear's input
     column c is multiplied by s[c]. The block's function is unchanged."""
-    s = scales.to(device=previous.weight.device, dtype=torch.float32)
-    weight, bias = previous.weight, getattr(previous, "bias", None)
+    weight = cast(torch.Tensor, previous.weight)  # a norm's or a linear's
+    bias: torch.Tensor | None = getattr(previous, "bias", None)
+    s = scales.to(device=weight.device, dtype=torch.float32)
     if isinstance(previous, nn.Linear):
         index = (
             torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
@@ -215,7 +217,7 @@ def pair_rows(pair: ScalePair, previous: nn.Module, num_heads: int) -> torch.Ten
     """Output rows of a fused `previous` that its pair's consumers read (None: all of them)."""
     if pair.rows is None:
         return None
-    out = previous.weight.shape[0]
+    out = cast(torch.Tensor, previous.weight).shape[0]
     if pair.rows == "second_half":
         return torch.arange(out // 2, out)
     if pair.rows == "v_last":

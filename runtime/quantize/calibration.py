@@ -88,7 +88,7 @@ def token_stream(texts: list[str], tokenizer: Any) -> list[int]:
 
 def chunks(stream: list[int], count: int, length: int, allow_short: bool = False) -> list[torch.Tensor]:
     """Up to `count` consecutive [1, length] pieces of `stream` (a shorter last piece if allow_short)."""
-    out = []
+    out: list[torch.Tensor] = []
     for start in range(0, len(stream), length):
         piece = stream[start : start + length]
         if len(out) == count or (len(piece) < length and not (allow_short and len(piece) > 1)):
@@ -195,7 +195,7 @@ def capture_layer_inputs(
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     """The layer's outputs as the next layer's inputs (same kwargs)."""
-    out = []
+    out: list[LayerInput] = []
     for item in inputs:
         result = layer(item.hidden, *item.args, **item.kwargs)
         hidden = result[0] if isinstance(result, tuple | list) else result

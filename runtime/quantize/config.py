@@ -61,7 +61,7 @@ class QuantizeOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> QuantizeOptions:
-        names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.runtime import hub
-from lmforge.runtime.quantize import checkpoint, report
+from lmforge.runtime.quantize import checkpoint, experts, report
 from lmforge.runtime.quantize.calibration import load_text_data
 from lmforge.runtime.quantize.config import QuantizeError, QuantizeOptions, matches, quantization_config
 from lmforge.runtime.quantize.schemes import FP8, make_scheme
@@ -29,10 +29,19 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local directory, hostPath:///dir, or hf://org/name (downloaded, see lmforge.runtime.hub;
-    a failed download raises HubError naming the URI)."""
+    """A local directory, hostPath:///dir, hf://org/name (downloaded, see lmforge.runtime.hub; a
+    failed download raises HubError naming the URI) or s3://bucket/prefix (downloaded once per node,
+    see lmforge.runtime.storage.staging; StorageError naming the URI)."""
     if hub.is_hf_uri(model):
         path = hub.resolve(model, repo_type="model", what="model")
+    elif model.startswith("s3://"):
+        from lmforge.runtime.storage import staging
+        from lmforge.runtime.storage.s3 import StorageError
+
+        try:
+            path = staging.local_input(model)
+        except StorageError as exc:
+            raise StorageError(f"model: {exc}") from exc
     else:
         path = Path(model.removeprefix("hostPath://"))
     if not (path / "config.json").is_file():
@@ -110,7 +119,13 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
 
     started = time.monotonic()
     source = resolve_model_dir(options.model)
-    out_dir = Path(options.output.removeprefix("hostPath://"))
+    upload_to = options.output if options.output.startswith("s3://") else None
+    if upload_to is not None:  # written to a staging directory, uploaded when done (manifest last)
+        from lmforge.runtime.storage import staging
+
+        out_dir = staging.staging_dir(upload_to)
+    else:
+        out_dir = Path(options.output.removeprefix("hostPath://"))
     if out_dir.resolve() == source.resolve():
         raise QuantizeError("--output must differ from --model")
     hf_config = json.loads((source / "config.json").read_text())
@@ -134,10 +149,12 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
         eval_seq_len=options.eval_seq_len,
         log=log,
     )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute_dtype).to(device).eval()  # type: ignore[arg-type]  # transformers types its wrapped .to() as if self were the argument
     model.requires_grad_(False)
     refuse_conv1d(model, hf_config)
     ignore = options.ignore_list
+    if experts.has_router(model):  # MoE routers stay in high precision (runtime/quantize/experts.py)
+        ignore = [*ignore, experts.ROUTER_PATTERN]
     targets = target_linears(model, ignore, options.bits, options.effective_group_size)
     log(
         f"[lmforge.quantize] {options.method}: {len(targets)} Linear modules on {device} "
@@ -147,6 +164,12 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
     reference = report.next_token_logprobs(model, data.evaluation, device) if options.eval else []
     scheme = make_scheme(options, dtype, log)
     quantized = scheme.quantize_model(model, targets, data.calibration, device)
+    if options.method != "fp8":  # MoE experts: per expert, round to nearest (fp8 leaves them dense)
+        quantized.update(
+            experts.quantize_experts(
+                model, source, options.bits, scheme.group_size, dtype, scheme.int_tensors
+            )
+        )
     kl = top1 = None
     positions = 0
     if options.eval:
@@ -182,7 +205,10 @@ def run(options: QuantizeOptions, log: Log = print) -> dict[str, Any]:
         "quantizedModules": len(quantized),
         "ignore": ignore,
         "durationSeconds": round(time.monotonic() - started, 2),
-        "outputPath": str(out_dir),
+        "outputPath": upload_to or str(out_dir),
     }
     report.write_report(out_dir, result)
+    if upload_to is not None:
+        staging.publish(out_dir, upload_to)
+        log(f"[lmforge.quantize] uploaded {out_dir} to {upload_to}")
     return result

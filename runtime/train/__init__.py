@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,9 +27,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_args(args)
 
 
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _termination_message(message: str) -> None:
+    """Kubernetes shows it in the pod status (and the operator in TrainJob.status.lastFailure)."""
+    try:
+        if TERMINATION_LOG.exists():
+            TERMINATION_LOG.write_text(message[-4000:])
+    except OSError:
+        pass
+
+
 def run_args(args) -> int:
     """Entry for `lmforge train` (the CLI's parser already holds `add_train_arguments`)."""
     from lmforge.runtime.hub import HubError
+    from lmforge.runtime.storage.s3 import StorageError
     from lmforge.runtime.train.config import ConfigError, load_config
     from lmforge.runtime.train.data import DatasetError
     from lmforge.runtime.train_args import overrides_from_args
@@ -38,13 +52,14 @@ def run_args(args) -> int:
     except (ConfigError, OSError) as exc:
         print(f"lmforge train: config error: {exc}", file=sys.stderr)
         return 2
-    try:  # hf:// sources are downloaded now, before any process group or GPU memory exists
+    try:  # hf:// and s3:// sources are downloaded now, before any process group or GPU memory exists
         _ = (cfg.model_path, cfg.dataset_path)
     except ConfigError as exc:
         print(f"lmforge train: config error: {exc}", file=sys.stderr)
         return 2
-    except HubError as exc:
+    except (HubError, StorageError) as exc:
         print(f"lmforge train: download error: {exc}", file=sys.stderr)
+        _termination_message(f"download error: {exc}")
         return 1
     from lmforge.runtime.train.loop import train
 

@@ -160,7 +160,9 @@ def rng_state() -> dict[str, Any]:
     if "numpy" in sys.modules:
         import numpy as np
 
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        legacy_state = np.random.get_state()
+        assert isinstance(legacy_state, tuple)  # legacy=True (the default): MT19937 as a tuple
+        kind, keys, pos, has_gauss, gauss = legacy_state
         state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
     return state
 

@@ -163,7 +163,23 @@ class TrainConfig:
         return resolve_path(self.output.dir, "output.dir")
 
     @property
+    def checkpoint_uri(self) -> str | None:
+        """Where checkpoints are uploaded to (s3://), or None when they stay on a volume. Default
+        for an s3:// output: <output.dir>/checkpoints."""
+        uri = self.checkpoint.dir
+        if uri is None and self.output.dir.startswith("s3://"):
+            uri = self.output.dir.rstrip("/") + "/checkpoints"
+        return uri if uri is not None and uri.startswith("s3://") else None
+
+    @property
+    def output_uri(self) -> str | None:
+        """Where the output is uploaded to (s3://), or None."""
+        return self.output.dir if self.output.dir.startswith("s3://") else None
+
+    @property
     def checkpoint_dir(self) -> Path:
+        if self.checkpoint_uri is not None:
+            return resolve_path(self.checkpoint_uri, "checkpoint.dir")
         if self.checkpoint.dir is None:
             return self.output_dir / "checkpoints"
         return resolve_path(self.checkpoint.dir, "checkpoint.dir")
@@ -179,26 +195,34 @@ class TrainConfig:
         return convert(self)
 
 
-# Keys whose hf://org/name the worker downloads itself (lmforge.runtime.hub), and the repo type.
+# Keys whose hf://org/name or s3:// source the worker downloads itself (lmforge.runtime.hub,
+# lmforge.runtime.storage), and the repo type.
 HUB_KEYS = {"model": "model", "dataset.source": "dataset"}
+# Keys the worker writes: an s3:// one is written to a node-local staging directory and uploaded
+# by rank 0 (outputs when training ends, each checkpoint once committed), its manifest last.
+UPLOAD_KEYS = ("output.dir", "checkpoint.dir")
 
 
 def resolve_path(uri: str, key: str) -> Path:
     """`/abs`, `file:///abs` and `hostPath:///abs` -> /abs; `pvc://claim/sub` -> $LMFORGE_PVC_ROOT/claim/sub;
     `hf://org/name` (model and dataset.source only) -> its snapshot, downloaded on first use (once per
-    process; the local ranks of a node share one download, see lmforge.runtime.hub). s3:// is refused
-    at admission and here."""
+    process; the local ranks of a node share one download, see lmforge.runtime.hub); `s3://bucket/prefix`
+    -> for model and dataset.source its local copy (downloaded once per node), for output.dir and
+    checkpoint.dir the staging directory that rank 0 uploads from (lmforge.runtime.storage.staging)."""
     if uri.startswith(("hostPath://", "file://")):
         return Path(uri.split("://", 1)[1])
     if uri.startswith("pvc://"):
         return Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)) / uri[len("pvc://") :]
     if uri.startswith("hf://") and key in HUB_KEYS:
         return _hub_snapshot(uri, HUB_KEYS[key], key)
+    if uri.startswith("s3://") and (key in HUB_KEYS or key in UPLOAD_KEYS):
+        return _s3_location(uri, key)
     _check(
         "://" not in uri,
         key,
         f"{uri!r}: the worker reads local paths, hostPath://, pvc://"
-        + (" or hf://" if key in HUB_KEYS else "")
+        + (", s3://" if key in UPLOAD_KEYS else "")
+        + (", s3:// or hf://" if key in HUB_KEYS else "")
         + " only",
     )
     return Path(uri)
@@ -217,6 +241,23 @@ def _hub_snapshot(uri: str, repo_type: str, key: str) -> Path:
     return _hub_paths[memo]
 
 
+def _s3_location(uri: str, key: str) -> Path:
+    """Inputs: downloaded once per process (StorageError, prefixed with the key, when not). Outputs:
+    the staging directory."""
+    from lmforge.runtime.storage import staging
+    from lmforge.runtime.storage.s3 import StorageError
+
+    if key in UPLOAD_KEYS:
+        return staging.staging_dir(uri)
+    memo = (uri, "s3", str(staging.staging_dir(uri)))
+    if memo not in _hub_paths:
+        try:
+            _hub_paths[memo] = staging.local_input(uri)
+        except StorageError as exc:
+            raise StorageError(f"{key}: {exc}") from exc
+    return _hub_paths[memo]
+
+
 def _section(cls: type, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(data):
         return data
@@ -231,7 +272,7 @@ def _section(cls: type, data: Any, where: str) -> Any:
             f"{where}.{key}",
             f"unknown key; expected one of {sorted(_camel(n) for n in names)}",
         )
-        kwargs[name] = _coerce(value, names[name].type, f"{where}.{key}")
+        kwargs[name] = _coerce(value, str(names[name].type), f"{where}.{key}")  # a str: future annotations
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -146,9 +146,10 @@ class TorchEngine:
         """Collective under FSDP: the whole unsharded state dict, on the CPU, on rank 0 (empty elsewhere)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(
+        state = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+        return cast(dict[str, torch.Tensor], state)  # full_state_dict: plain tensors, no DTensors
 
     @property
     def module(self) -> nn.Module:

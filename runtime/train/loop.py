@@ -205,6 +205,12 @@ class Trainer:
                 "config": self.cfg.to_dict(),
             }
             ckpt.commit(root, step, state, self.cfg.checkpoint.keep_last)
+            if self.cfg.checkpoint_uri is not None:  # s3://: upload it, manifest last, and prune there too
+                from lmforge.runtime.storage import staging
+
+                kept = [n for n, _ in ckpt.list_checkpoints(root)]
+                staging.push_checkpoint(final, self.cfg.checkpoint_uri, kept)
+                self.log(f"uploaded checkpoint {final.name} to {self.cfg.checkpoint_uri}")
             self.reporter.checkpoint(str(final))
         barrier()
 
@@ -212,6 +218,8 @@ class Trainer:
         """(step, data position) of the newest loadable complete checkpoint, or (0, start)."""
         if self.cfg.checkpoint.resume != "auto":
             return 0, DataPosition()
+        if self.cfg.checkpoint_uri is not None:
+            self.pull_remote_checkpoint()
         for found in ckpt.find_resumable(self.cfg.checkpoint_dir, log=self.log):
             try:
                 self.engine.load(found.path)
@@ -235,6 +243,21 @@ class Trainer:
             return found.step, position
         return 0, DataPosition()
 
+    def pull_remote_checkpoint(self) -> None:
+        """s3:// checkpoints: the newest complete one (it has a manifest) into the local staging
+        root on every node, unless it is there already (a restart on the same node)."""
+        from lmforge.runtime.storage import staging
+
+        uri, root = self.cfg.checkpoint_uri, self.cfg.checkpoint_dir
+        assert uri is not None
+        steps = staging.remote_checkpoints(uri)
+        if not steps:
+            return
+        name = ckpt.checkpoint_name(steps[-1])
+        if ckpt.check_complete(root / name)[0] is None:
+            staging.pull_newest_checkpoint(uri, root, name)
+            self.log(f"downloaded checkpoint {name} from {uri}")
+
     # --- output --------------------------------------------------------------------------------
 
     def append_log(self, record: dict[str, Any]) -> None:
@@ -250,4 +273,9 @@ class Trainer:
         if self.env.is_main:
             out: Path = save_output(self.engine.module, state_dict, self.cfg)
             self.log(f"wrote {out} in {time.monotonic() - started:.1f}s")
+            if self.cfg.output_uri is not None:
+                from lmforge.runtime.storage import staging
+
+                staging.publish(out, self.cfg.output_uri)
+                self.log(f"uploaded {out} to {self.cfg.output_uri}")
         barrier()

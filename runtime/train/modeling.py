@@ -8,7 +8,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
         lora = cfg.lora
         with _quiet_peft():
-            model = peft.get_peft_model(
+            peft_model = peft.get_peft_model(
                 model,
                 peft.LoraConfig(
                     r=lora.r,
@@ -85,12 +85,13 @@ def load_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
                     task_type="CAUSAL_LM",
                 ),
             )
-    return model.to(device).train()
+        return peft_model.to(device).train()
+    return model.to(device).train()  # type: ignore[arg-type]  # transformers types its wrapped .to() as if self were the argument
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks (transformers' `_no_split_modules`, e.g. LlamaDecoderLayer)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "get_base_model", lambda: model)()  # peft wraps the transformers model
     names = set(getattr(base, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
 
@@ -123,17 +124,24 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+class _SavesPretrained(Protocol):
+    """A transformers model or a peft model: both write their directory with save_pretrained."""
+
+    def save_pretrained(self, save_directory: Path, *, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+
 def save_output(model: nn.Module, state_dict: dict[str, torch.Tensor], cfg: TrainConfig) -> Path:
     """Rank 0, with the gathered full `state_dict`: full -> an HF checkpoint in the base model's
     dtype; lora -> a PEFT adapter directory (+ `<dir>/merged` with mergeAdapter)."""
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    saver = cast(_SavesPretrained, model)
     if cfg.method == "full":
         dtype = base_dtype(cfg.model_path)
         state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-        model.save_pretrained(out, state_dict=state_dict)
+        saver.save_pretrained(out, state_dict=state_dict)
     else:
-        model.save_pretrained(out, state_dict=state_dict)  # peft keeps only the adapter weights
+        saver.save_pretrained(out, state_dict=state_dict)  # peft keeps only the adapter weights
         if cfg.output.merge_adapter:
             merge_adapter(cfg.model_path, out, out / "merged")
     copy_tokenizer_files(cfg.model_path, out)

@@ -180,7 +180,9 @@ class PodAnnotator:
         conf.host = self.api_url
         conf.ssl_ca_cert = str(self.ca_file) if self.ca_file else None
         conf.api_key["BearerToken"] = f"Bearer {self._token()}"
-        conf.refresh_api_key_hook = lambda c: c.api_key.update(BearerToken=f"Bearer {self._token()}")
+        conf.refresh_api_key_hook = lambda c: c.api_key.update(  # type: ignore[assignment]  # the stub types the hook attribute as None
+            BearerToken=f"Bearer {self._token()}"
+        )
         return client.CoreV1Api(client.ApiClient(conf))
 
 

@@ -124,3 +124,30 @@ def test_offline_mixed_cpu_smoke(capsys):
     assert 5 * 16 <= generated <= 5 * 128 and report["hf"]["generated_tokens"] == generated
     assert report["hf"]["batch_size"] in (2, 5) and report["speedup_output_tok_s"] > 0
     assert 0 <= report["greedy_sequences_identical"] <= 5
+
+
+def test_lora_mix_cpu_smoke(capsys):
+    args = ["--num-rows", "4", "--num-adapters", "2", "--rank", "4", "--max-tokens", "3", "--prompt-len", "5",
+            "--hidden-size", "64", "--num-layers", "1", "--repeats", "1"]  # fmt: skip
+    assert load("lora_mix").main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for run in ("base", "lora_engine_base_rows", "mixed"):
+        assert report[run]["generated_tokens"] == 12 and report[run]["output_tok_s"] > 0
+    assert report["mixed_vs_base"] == pytest.approx(
+        report["mixed"]["output_tok_s"] / report["base"]["output_tok_s"], abs=1e-3
+    )
+
+
+def test_tensor_parallel_cpu_smoke(capsys):
+    """bench/tensor_parallel.py on the tiny shape: both message transports and TP=2 vs TP=1 run."""
+    rc = load("tensor_parallel").main(
+        ["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--steps", "50", "--batch", "4"]
+        + ["--context", "64", "--num-prompts", "2", "--prompt-len", "8", "--max-tokens", "4"]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    message = report["message"]
+    assert message["ranks"] == 2 and message["message_bytes"] > 0
+    assert {"shm_ring_overhead_us", "gloo_broadcast_overhead_us", "all_reduce_alone_us"} <= set(message)
+    throughput = report["throughput"]
+    assert throughput["tp1"]["output_tokens_per_s"] > 0 and throughput["tp2"]["output_tokens_per_s"] > 0

@@ -21,15 +21,15 @@ Grant = tuple[str, str, str, str]  # (apiGroup, resource, verb, resourceName or 
 NAMESPACED: dict[tuple[str, str], str] = {
     ("lmforge.dev", "trainjobs"): "get list watch patch delete",
     ("lmforge.dev", "trainjobs/status"): "update",
-    ("lmforge.dev", "inferenceservices"): "list watch create patch",
-    ("lmforge.dev", "inferenceservices/status"): "patch",
-    ("lmforge.dev", "quantizejobs"): "list watch patch",
-    ("lmforge.dev", "quantizejobs/status"): "patch",
+    ("lmforge.dev", "inferenceservices"): "get list watch create patch",
+    ("lmforge.dev", "inferenceservices/status"): "update",
+    ("lmforge.dev", "quantizejobs"): "get list watch patch",
+    ("lmforge.dev", "quantizejobs/status"): "update",
     ("batch", "jobs"): "list watch create",
     ("", "pods"): "list watch create delete deletecollection",
     ("", "services"): "create patch delete",
     ("", "configmaps"): "create patch delete",
-    ("apps", "deployments"): "get list watch create patch",
+    ("apps", "deployments"): "list watch create patch",
     ("apps", "deployments/scale"): "patch",
     ("policy", "poddisruptionbudgets"): "create patch delete",
     ("", "events"): "create",
@@ -243,6 +243,19 @@ def test_values_reach_the_deployment(render) -> None:
     assert ("kopf.dev", "clusterkopfpeerings", "patch", "team-x") in rule_grants(one(objects, "ClusterRole")["rules"])
 
 
+def test_model_cache_is_opt_in(render) -> None:
+    def env(*values: str) -> dict[str, str | None]:
+        return {e["name"]: e.get("value") for e in container(render(*values))["env"]}
+
+    assert "LMFORGE_MODEL_CACHE_HOSTPATH" not in env()
+    on = env("modelCache.enabled=true", "modelCache.maxSize=200Gi")
+    assert (on["LMFORGE_MODEL_CACHE_HOSTPATH"], on["LMFORGE_MODEL_CACHE_MAX_SIZE"]) == (
+        "/var/lib/lmforge/model-cache", "200Gi")
+    from lmforge.operator.builders.storage import ModelCache, model_cache_from_env
+
+    assert model_cache_from_env(on) == ModelCache("/var/lib/lmforge/model-cache", "200Gi")  # type: ignore[arg-type]
+
+
 def test_standalone_has_no_peering_and_refuses_two_replicas(render, helm) -> None:
     objects = render("peering.standalone=true", "replicaCount=1")
     assert container(objects)["args"] == ["operator", "run", "--standalone", "--liveness-port", "8080"]
@@ -283,7 +296,9 @@ def test_service_monitor_and_dashboards_behind_flags(render) -> None:
     ("image.pullPolicy=Sometimes", "at '/image/pullPolicy'"),
     ("replicaCont=2", "additional properties 'replicaCont' not allowed"),
     ("serviceMonitor.enabled=yes", "at '/serviceMonitor/enabled': got string, want boolean"),
-], ids=["negative-replicas", "replicas-string", "bad-namespace", "pull-policy", "typo", "flag-string"])
+    ("modelCache.maxSize=lots", "at '/modelCache/maxSize'"),
+], ids=["negative-replicas", "replicas-string", "bad-namespace", "pull-policy", "typo", "flag-string",
+        "cache-size"])
 def test_schema_rejects_bad_values_with_the_path(helm, value: str, message: str) -> None:
     result = helm("template", "x", str(CHART), "--set", value, check=False)
     assert result.returncode != 0

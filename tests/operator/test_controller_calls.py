@@ -10,19 +10,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 import yaml
 from kubernetes.client.configuration import Configuration
 
-from lmforge.devcluster.factories import T0, spec_dict
+from lmforge.devcluster.factories import T0, created_ranks, spec_dict
 from lmforge.operator import main
 from lmforge.operator.api.trainjob import TrainJobSpec, TrainJobStatus
 from lmforge.operator.builders import inferenceservice as isvc_build
 from lmforge.operator.builders import trainjob as tj_build
 from lmforge.operator.builders.inferenceservice_status import DeploymentView
-from lmforge.operator.builders.trainjob_policy import Decision, Observed, decide
-from lmforge.operator.controllers import inferenceservice, trainjob
+from lmforge.operator.builders.trainjob_policy import Observed, decide, delete_children
+from lmforge.operator.controllers import inferenceservice, reconcile, trainjob
+from lmforge.operator.decision import Delete
 from lmforge.operator.kube import ApiError, KubeApi
 
 NS = "team-a"
@@ -55,23 +55,39 @@ def trainjob_body(num_nodes: int = 2, resource_version: str = "1") -> dict[str, 
 # --- TrainJob -------------------------------------------------------------------------------------
 
 
-def test_trainjob_creates_the_gang_once(apiserver) -> None:
-    job = trainjob_body()
+def tj_decision(job: dict[str, Any], generation: int = 1, **kwargs: Any):
     spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(
-        Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
+    return decide(
+        Observed(
+            name="llama",
+            generation=generation,
+            spec=spec,
+            status=TrainJobStatus(),
+            pods=(),
+            now=T0,
+            namespace=NS,
+            uid="uid-1",
+            **kwargs,
+        )
     )
-    assert decision.create_ranks == (0, 1)
 
-    async def act_twice() -> None:
-        api = api_for(apiserver)
+
+def execute(server, actions) -> None:
+    async def go() -> None:
+        api = api_for(server)
         try:
-            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)
-            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)  # a restarted operator
+            await reconcile.execute(api, tuple(actions))
         finally:
             await api.close()
 
-    asyncio.run(act_twice())
+    asyncio.run(go())
+
+
+def test_trainjob_creates_the_gang_once(apiserver) -> None:
+    decision = tj_decision(trainjob_body())
+    assert created_ranks(decision) == (0, 1)
+    execute(apiserver, decision.actions)
+    execute(apiserver, decision.actions)  # a restarted operator
     assert sorted(apiserver.objects) == [
         f"{CORE}/configmaps/{tj_build.config_map_name('llama')}",
         f"{CORE}/pods/llama-0",
@@ -100,67 +116,37 @@ def test_trainjob_gang_start_rewrites_an_outdated_config_map(apiserver) -> None:
     )
     job = trainjob_body()
     job["spec"]["model"] = "/models/new"
-    spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(
-        Observed(name="llama", generation=2, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
-    )
-
-    async def act() -> None:
-        api = api_for(apiserver)
-        try:
-            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)
-        finally:
-            await api.close()
-
-    asyncio.run(act())
+    execute(apiserver, tj_decision(job, generation=2).actions)
     assert json.loads(apiserver.objects[path]["data"]["train.json"])["model"] == "/models/new"
     assert apiserver.calls()[0] in {("PATCH", path), ("PATCH", f"{CORE}/services/llama")}  # before any pod
 
 
 def test_trainjob_refused_pod_is_reported_not_raised_as_an_api_error(apiserver) -> None:
-    """D6: a 403 on pod creation (missing ServiceAccount) is a PodRefused naming the pod."""
+    """D6: a 403 on pod creation (missing ServiceAccount) is a Refusal naming the pod."""
     apiserver.fail[("POST", f"{CORE}/pods")] = (
         403,
         "Forbidden",
         'pods "llama-0" is forbidden: error looking up '
         'service account team-a/trainer: serviceaccount "trainer" not found',
     )
-    job = trainjob_body()
-    spec = TrainJobSpec.model_validate(job["spec"])
-    decision = decide(
-        Observed(name="llama", generation=1, spec=spec, status=TrainJobStatus(), pods=(), now=T0)
-    )
-
-    async def act() -> None:
-        api = api_for(apiserver)
-        try:
-            await trainjob._act(api, tj_build.BuildConfig(service_account="trainer"), job, spec, decision)
-        finally:
-            await api.close()
-
-    with pytest.raises(trainjob.PodRefused) as refused:
-        asyncio.run(act())
-    assert refused.value.pod == "llama-0" and refused.value.error.status == 403
-    assert "serviceaccount" in refused.value.error.message
+    decision = tj_decision(trainjob_body(), cfg=tj_build.BuildConfig(service_account="trainer"))
+    with pytest.raises(reconcile.Refused) as refused:
+        execute(apiserver, decision.actions)
+    assert refused.value.refusal.name == "llama-0" and refused.value.refusal.error.status == 403
+    assert "serviceaccount" in refused.value.refusal.error.message
 
 
 def test_trainjob_deletes_pods_gracefully_or_at_once(apiserver) -> None:
     for name in ("llama-0", "llama-1"):
         apiserver.put(f"{CORE}/pods/{name}", {"metadata": {"name": name, "namespace": NS}})
-    job = trainjob_body()
-    spec = TrainJobSpec.model_validate(job["spec"])
-    decision = Decision(
-        status=TrainJobStatus(), delete_pods=("llama-0", "gone"), force_delete_pods=("llama-1",)
+    execute(
+        apiserver,
+        [
+            Delete("v1", "Pod", NS, "llama-1", grace_period_seconds=0),
+            Delete("v1", "Pod", NS, "llama-0"),
+            Delete("v1", "Pod", NS, "gone"),
+        ],
     )
-
-    async def act() -> None:
-        api = api_for(apiserver)
-        try:
-            await trainjob._act(api, tj_build.BuildConfig(), job, spec, decision)
-        finally:
-            await api.close()
-
-    asyncio.run(act())
     assert not apiserver.objects
     queries = {r.path.rsplit("/", 1)[1]: r.query for r in apiserver.requests}
     assert queries == {"llama-1": {"gracePeriodSeconds": "0"}, "llama-0": {}, "gone": {}}
@@ -175,28 +161,28 @@ def test_trainjob_delete_children_and_job(apiserver) -> None:
     )
     apiserver.put(f"{CORE}/services/llama", {"metadata": {"name": "llama"}})
     apiserver.put(f"{LMFORGE}/trainjobs/llama", trainjob_body())
-    job = trainjob_body()
-    spec = TrainJobSpec.model_validate(job["spec"])
-
-    async def act() -> None:
-        api = api_for(apiserver)
-        try:
-            await trainjob._act(
-                api, tj_build.BuildConfig(), job, spec, Decision(status=TrainJobStatus(), delete_job=True)
-            )
-            await trainjob.delete_children(
-                api, NS, "llama"
-            )  # kopf's delete handler after it: all gone already
-        finally:
-            await api.close()
-
-    asyncio.run(act())
+    execute(
+        apiserver, [*delete_children(NS, "llama"), Delete("lmforge.dev/v1alpha1", "TrainJob", NS, "llama")]
+    )
+    execute(apiserver, delete_children(NS, "llama"))  # kopf's delete handler after it: all gone already
     assert list(apiserver.objects) == [f"{CORE}/pods/other-0"]
     collection = next(r for r in apiserver.requests if r.path == f"{CORE}/pods")
     assert (collection.method, collection.query) == (
         "DELETE",
         {"labelSelector": "lmforge.dev/job-name=llama,lmforge.dev/kind=TrainJob"},
     )
+
+
+def one_pass(kind: Any, body: dict[str, Any], indexes: dict[str, Any]) -> float | None:
+    memory = kind.memory(body["metadata"]["namespace"], body["metadata"]["name"])
+
+    async def go() -> float | None:
+        try:
+            return await reconcile.reconcile(kind, memory, body, indexes, LOG, T0)
+        finally:
+            await kind.api.close()
+
+    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("stored", [True, False], ids=["stale-view-409", "deleted-404"])
@@ -207,23 +193,16 @@ def test_trainjob_status_write_on_a_stale_view(apiserver, stored: bool) -> None:
     if stored:
         newer = apiserver.put(path, trainjob_body())
         assert newer["metadata"]["resourceVersion"] != "1"
-    runtime = trainjob.Runtime(cfg=tj_build.BuildConfig(), api_factory=lambda: api_for(apiserver))
-    handle = runtime.handle(NS, "llama")
-
-    async def reconcile() -> float | None:
-        try:
-            return await trainjob.reconcile(runtime, handle, trainjob_body(), {}, LOG)
-        finally:
-            await runtime.api.close()
-
-    delay = asyncio.run(reconcile())
+    kind = trainjob.TrainJobs(cfg=tj_build.BuildConfig(), api_factory=lambda: api_for(apiserver))
+    delay = one_pass(kind, trainjob_body(), {"pods": {}})
+    memory = kind.memories[(NS, "llama")]
     if stored:
-        assert delay == 0.0 and handle.latest == apiserver.objects[path]
+        assert delay == 0.0 and memory.latest == apiserver.objects[path]
         assert apiserver.calls() == [("PUT", path + "/status"), ("GET", path)]
     else:
         assert delay is None and apiserver.calls() == [("PUT", path + "/status")]
     assert not any(r.path.startswith(CORE) for r in apiserver.requests)  # nothing acted on a stale view
-    assert handle.applied_generation is None  # nor applied its ConfigMap
+    assert memory.applied_generation is None  # nor applied its ConfigMap
 
 
 # --- InferenceService ------------------------------------------------------------------------------
@@ -238,52 +217,53 @@ def isvc_body(**spec: Any) -> dict[str, Any]:
     }
 
 
-def apply_isvc(server, body: dict[str, Any]) -> tuple[kopf.Patch, inferenceservice.Runtime]:
-    runtime = inferenceservice.Runtime(cfg=isvc_build.BuildConfig(), api_factory=lambda: api_for(server))
-    memo = kopf.Memo()
-    memo.inferenceservice = runtime
-    patch = kopf.Patch()
-
-    async def handler() -> None:
-        try:
-            await inferenceservice.apply(
-                body=body,
-                meta=body["metadata"],
-                namespace=NS,
-                name="chat",
-                uid="uid-1",
-                reason="resume",
-                diff=(),
-                patch=patch,
-                memo=memo,
-                logger=LOG,
-            )
-        finally:
-            await runtime.api.close()
-
-    asyncio.run(handler())
-    return patch, runtime
+def isvc_kind(server) -> inferenceservice.InferenceServices:
+    return inferenceservice.InferenceServices(
+        cfg=isvc_build.BuildConfig(), api_factory=lambda: api_for(server)
+    )
 
 
-def test_inferenceservice_applies_its_objects(apiserver) -> None:
-    patch, runtime = apply_isvc(apiserver, isvc_body(replicas=1))
-    assert apiserver.calls() == [
-        ("GET", f"{APPS}/deployments/chat"),
-        ("PATCH", f"{APPS}/deployments/chat"),
-        ("PATCH", f"{CORE}/services/chat"),
-        ("DELETE", f"{POLICY}/poddisruptionbudgets/chat"),
-    ]  # one replica: no PDB
+def deployment_index(server) -> dict[str, Any]:
+    path = f"{APPS}/deployments/chat"
+    if path not in server.objects:
+        return {"pods": {}, "deployments": {}}
+    return {"pods": {}, "deployments": {(NS, "chat"): [DeploymentView.from_deployment(server.objects[path])]}}
+
+
+def test_inferenceservice_applies_its_objects(apiserver, monkeypatch) -> None:
+    posted: list[str] = []
+    monkeypatch.setattr(reconcile.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
+    apiserver.put(f"{LMFORGE}/inferenceservices/chat", isvc_body(replicas=1))
+    kind = isvc_kind(apiserver)
+    assert one_pass(kind, isvc_body(replicas=1), deployment_index(apiserver)) == 0.0  # applied: look again
+    assert (
+        set(apiserver.calls())
+        == {
+            ("DELETE", f"{POLICY}/poddisruptionbudgets/chat"),
+            ("PATCH", f"{APPS}/deployments/chat"),
+            ("PATCH", f"{CORE}/services/chat"),
+        }
+        and len(apiserver.requests) == 3
+    )  # one replica: no PDB; no status write before the apply went through
     applies = [r for r in apiserver.requests if r.method == "PATCH"]
     assert all(
         r.content_type == "application/apply-patch+yaml"
         and r.query == {"fieldManager": "lmforge-operator", "force": "true"}
         for r in applies
     )
-    assert patch.status["observedGeneration"] == 2 and patch.status["selector"]
-    assert runtime.handles[(NS, "chat")].applied_generation == 2
+    assert kind.memories[(NS, "chat")].applied_generation == 2 and posted == []
 
     apiserver.requests.clear()
-    apply_isvc(apiserver, isvc_body(replicas=3))
+    stored = apiserver.objects[f"{LMFORGE}/inferenceservices/chat"]
+    one_pass(kind, stored, deployment_index(apiserver))  # the next pass: observedGeneration, Applied
+    status = apiserver.objects[f"{LMFORGE}/inferenceservices/chat"]["status"]
+    assert status["observedGeneration"] == 2 and status["selector"]
+    assert posted[0] == "Applied"
+
+    kind = isvc_kind(apiserver)  # a new generation: 3 replicas, with a PDB
+    body = apiserver.objects[f"{LMFORGE}/inferenceservices/chat"]
+    body = {**body, "metadata": {**body["metadata"], "generation": 3}, "spec": isvc_body(replicas=3)["spec"]}
+    one_pass(kind, body, deployment_index(apiserver))
     assert ("PATCH", f"{POLICY}/poddisruptionbudgets/chat") in apiserver.calls()
     assert apiserver.objects[f"{APPS}/deployments/chat"]["spec"]["replicas"] == 3
 
@@ -299,31 +279,60 @@ def test_inferenceservice_keeps_the_autoscaled_size(apiserver) -> None:
             "spec": {"replicas": 4},
         },
     )
-    apply_isvc(apiserver, isvc_body(autoscaling={"minReplicas": 1, "maxReplicas": 6}))
+    body = isvc_body(autoscaling={"minReplicas": 1, "maxReplicas": 6})
+    body["status"] = {"observedGeneration": 1}  # applied by an earlier operator: a resume
+    kind = isvc_kind(apiserver)
+    kind.memory(NS, "chat").scraped_at = float("inf")  # no scrape in this test
+    one_pass(kind, body, deployment_index(apiserver))
     assert apiserver.objects[f"{APPS}/deployments/chat"]["spec"]["replicas"] == 4
 
 
-def test_inferenceservice_api_failure_is_retried(apiserver) -> None:
+def test_inferenceservice_api_failure_is_raised_for_a_retry(apiserver) -> None:
     apiserver.fail[("PATCH", f"{CORE}/services/chat")] = (500, "InternalError", "etcd timed out")
-    with pytest.raises(kopf.TemporaryError, match="500 Internal Server Error: etcd timed out"):
-        apply_isvc(apiserver, isvc_body())
+    with pytest.raises(ApiError, match="500 Internal Server Error: etcd timed out"):
+        one_pass(isvc_kind(apiserver), isvc_body(), deployment_index(apiserver))
 
 
-def test_inferenceservice_scale(apiserver) -> None:
-    apiserver.put(f"{APPS}/deployments/chat", {"metadata": {"name": "chat"}, "spec": {"replicas": 1}})
-    runtime = inferenceservice.Runtime(cfg=isvc_build.BuildConfig(), api_factory=lambda: api_for(apiserver))
-    handle = runtime.handle(NS, "chat")
+def test_inferenceservice_refused_object_fails_for_good(apiserver, monkeypatch) -> None:
+    """422 on an owned object: terminal Failed/InvalidSpec naming the cause, Ready=False too."""
+    posted: list[str] = []
+    monkeypatch.setattr(reconcile.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
+    apiserver.put(f"{LMFORGE}/inferenceservices/chat", isvc_body())
+    apiserver.fail[("PATCH", f"{APPS}/deployments/chat")] = (422, "Invalid", "volumes[0].name: Invalid value")
+    kind = isvc_kind(apiserver)
+    delay = one_pass(
+        kind, apiserver.objects[f"{LMFORGE}/inferenceservices/chat"], deployment_index(apiserver)
+    )
+    status = apiserver.objects[f"{LMFORGE}/inferenceservices/chat"]["status"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert delay is None and status["phase"] == "Failed"
+    assert conditions == {"Failed": ("True", "InvalidSpec"), "Ready": ("False", "InvalidSpec")}
+    assert "the API server refused an owned object" in status["conditions"][0]["message"]
+    assert posted == ["InvalidSpec"]
 
-    async def scale() -> None:
-        try:
-            await inferenceservice._scale(runtime, handle, NS, "chat", 3, inferenceservice.AUTOSCALER_MANAGER)
-        finally:
-            await runtime.api.close()
 
-    asyncio.run(scale())
-    assert apiserver.objects[f"{APPS}/deployments/chat"]["spec"]["replicas"] == 3
-    assert apiserver.requests[0].query == {"fieldManager": "lmforge-autoscaler"}
-    assert handle.expected is not None and handle.expected[0] == 3
+def test_inferenceservice_restores_a_scaled_deployment(apiserver, monkeypatch) -> None:
+    monkeypatch.setattr(reconcile.kopf, "event", lambda obj, type, reason, message: None)
+    apiserver.put(
+        f"{APPS}/deployments/chat",
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "chat"},
+            "spec": {"replicas": 5},
+        },
+    )
+    body = isvc_body(replicas=2)
+    body["status"] = {"observedGeneration": 2}
+    apiserver.put(f"{LMFORGE}/inferenceservices/chat", body)
+    kind = isvc_kind(apiserver)
+    memory = kind.memory(NS, "chat")
+    memory.applied_generation, memory.applied_at = 2, float("inf")  # applied, no re-apply due
+    one_pass(kind, apiserver.objects[f"{LMFORGE}/inferenceservices/chat"], deployment_index(apiserver))
+    assert apiserver.objects[f"{APPS}/deployments/chat"]["spec"]["replicas"] == 2
+    scale = next(r for r in apiserver.requests if r.path.endswith("/scale"))
+    assert scale.query == {"fieldManager": "lmforge-operator"}
+    assert memory.expected is not None and memory.expected[0] == 2
 
 
 # --- the peering object (operator/main.py) ---------------------------------------------------------
@@ -388,81 +397,44 @@ def test_peering_object_refused_is_logged_and_returned_for_a_retry(apiserver, ku
     assert "namespace 'gone'): 403 Forbidden" in caplog.text
 
 
-def test_inferenceservice_timer_puts_back_an_edited_deployment(apiserver, monkeypatch) -> None:
-    """D1: every REAPPLY_SECONDS the timer server-side applies the owned objects again, keeping the
+def test_inferenceservice_puts_back_an_edited_deployment(apiserver, monkeypatch) -> None:
+    """D1: every REAPPLY_SECONDS the owned objects are server-side applied again, keeping the
     Deployment's size: a Deployment someone edited gets our template back."""
-    _, runtime = apply_isvc(apiserver, isvc_body(replicas=2))
+    monkeypatch.setattr(reconcile.kopf, "event", lambda obj, type, reason, message: None)
+    apiserver.put(f"{LMFORGE}/inferenceservices/chat", isvc_body(replicas=2))
+    kind = isvc_kind(apiserver)
+    one_pass(kind, isvc_body(replicas=2), deployment_index(apiserver))
     path = f"{APPS}/deployments/chat"
     desired = apiserver.objects[path]["spec"]["template"]
     drifted = json.loads(json.dumps(apiserver.objects[path]))
     drifted["spec"]["template"]["spec"]["containers"][0]["image"] = "someone/else:1"
     apiserver.put(path, drifted)
-    handle = runtime.handle(NS, "chat")
-    handle.applied_at -= inferenceservice.REAPPLY_SECONDS  # the last apply was a minute ago
-    monkeypatch.setattr(inferenceservice, "_post", lambda body, events: None)  # Events need kopf's loop
-    view = DeploymentView.from_deployment(apiserver.objects[path])
-
-    async def timer() -> None:
-        try:
-            body = isvc_body(replicas=2)
-            await inferenceservice.observe(
-                body=body,
-                meta=body["metadata"],
-                namespace=NS,
-                name="chat",
-                patch=kopf.Patch(),
-                memo=memo_of(runtime),
-                logger=LOG,
-                inferenceservice_pods={},
-                inferenceservice_deployments={(NS, "chat"): [view]},
-            )
-        finally:
-            await runtime.api.close()
-
-    asyncio.run(timer())
+    kind = isvc_kind(apiserver)  # keeps nothing of the first client
+    memory = kind.memory(NS, "chat")
+    memory.applied_generation = 2  # applied a minute ago (applied_at 0)
+    one_pass(kind, apiserver.objects[f"{LMFORGE}/inferenceservices/chat"], deployment_index(apiserver))
     assert apiserver.objects[path]["spec"]["template"] == desired
     assert apiserver.objects[path]["spec"]["replicas"] == 2
 
 
-def memo_of(runtime: inferenceservice.Runtime) -> kopf.Memo:
-    memo = kopf.Memo()
-    memo.inferenceservice = runtime
-    return memo
-
-
 def test_trainjob_refusal_event_only_after_its_status_write(apiserver, monkeypatch) -> None:
-    """D6: kopf's own patches race with the first status write (409): the job is read again and the
-    condition written; the Event goes out once, after the write, and not again for the same cause."""
+    """D6: a refused worker pod sets Created=False naming the cause; the Event goes out once, after
+    that status write, and not again for the same cause."""
     path = f"{LMFORGE}/trainjobs/llama"
-    stored = apiserver.put(path, trainjob_body())  # newer than the view the daemon holds
-    posted: list[str] = []
-    monkeypatch.setattr(trainjob.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
-    runtime = trainjob.Runtime(
-        cfg=tj_build.BuildConfig(service_account="trainer"), api_factory=lambda: api_for(apiserver)
-    )
-    handle = runtime.handle(NS, "llama")
-    error = ApiError(
+    apiserver.put(path, trainjob_body())
+    apiserver.fail[("POST", f"{CORE}/pods")] = (
         403,
         "Forbidden",
-        json.dumps(
-            {
-                "message": 'pods "llama-0" is forbidden: error looking up service '
-                'account team-a/trainer: serviceaccount "trainer" not found'
-            }
-        ),
+        'pods "llama-0" is forbidden: error looking up service account team-a/trainer: '
+        'serviceaccount "trainer" not found',
     )
-
-    async def refuse_twice() -> None:
-        try:
-            for _ in range(2):
-                await trainjob._record_refusal(
-                    runtime, handle, trainjob_body(), 1, trainjob.PodRefused("llama-0", error), LOG
-                )
-        finally:
-            await runtime.api.close()
-
-    asyncio.run(refuse_twice())
-    assert stored["metadata"]["resourceVersion"] != "1"
+    posted: list[str] = []
+    monkeypatch.setattr(reconcile.kopf, "event", lambda obj, type, reason, message: posted.append(reason))
+    kind = trainjob.TrainJobs(
+        cfg=tj_build.BuildConfig(service_account="trainer"), api_factory=lambda: api_for(apiserver)
+    )
+    delays = [one_pass(kind, apiserver.objects[path], {"pods": {}}) for _ in range(3)]
     created = next(c for c in apiserver.objects[path]["status"]["conditions"] if c["type"] == "Created")
     assert (created["status"], created["reason"]) == ("False", "ServiceAccountMissing")
-    assert posted == ["ServiceAccountMissing"]
+    assert posted.count("ServiceAccountMissing") == 1
+    assert delays[-1] == trainjob.REFUSED_RETRY_SECONDS

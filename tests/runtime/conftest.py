@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lmforge.devcluster.s3server import S3Server
 from lmforge.runtime.outputs import CompletionOutput, RequestOutput
 from lmforge.runtime.sampling_params import SamplingParams
 
@@ -329,3 +330,24 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     proc = start_server(tiny_model_dir, tmp_path_factory.mktemp("server"), "--num-blocks", "512")
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+# --- a real S3 API server on loopback (moto in server mode), the AWS environment pointed at it -------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = s3_server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "LMFORGE_S3_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LMFORGE_S3_CHUNK_BYTES", str(64 * 1024))  # several chunks per test file
+    return env

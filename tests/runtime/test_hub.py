@@ -1,28 +1,22 @@
-"""lmforge.runtime.hub against a local fake Hugging Face Hub: an HTTP server implementing just what
-`huggingface_hub.snapshot_download` calls for a tiny repo (repo info, tree listing, file HEAD/GET),
-with HF_ENDPOINT pointed at it. The real snapshot_download code path runs end to end."""
+"""lmforge.runtime.hub against a local fake Hugging Face Hub (lmforge.devcluster.fakehub: an HTTP
+server implementing just what `huggingface_hub.snapshot_download` calls for a tiny repo), with
+HF_ENDPOINT pointed at it. The real snapshot_download code path runs end to end."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from lmforge.devcluster.fakehub import SHA, FakeHub
 from lmforge.runtime import hub
 from lmforge.runtime.train.config import ConfigError, resolve_path
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
 REPOS: dict[tuple[str, str], dict[str, bytes]] = {
     ("models", "acme/tiny"): {
         "config.json": b'{"model_type": "llama"}',
@@ -38,92 +32,9 @@ REPOS: dict[tuple[str, str], dict[str, bytes]] = {
 }
 
 
-@dataclass
-class FakeHub:
-    url: str
-    requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
-    token_seen: list[str | None] = field(default_factory=list)
-
-    def downloads(self) -> Counter[str]:
-        return Counter(p for m, p in self.requests if m == "GET" and "/resolve/" in p)
-
-
-def _handler(state: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _send(
-            self, status: int, body: bytes, headers: dict[str, str] | None = None, head: bool = False
-        ) -> None:
-            self.send_response(status)
-            for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def _not_found(self, head: bool) -> None:
-            self._send(
-                404,
-                b'{"error": "Repository not found"}',
-                {"Content-Type": "application/json", "X-Error-Code": "RepoNotFound"},
-                head,
-            )
-
-        def _serve(self, head: bool) -> None:
-            path = self.path.split("?", 1)[0]
-            state.requests.append(("HEAD" if head else "GET", path))
-            auth = self.headers.get("Authorization")
-            state.token_seen.append(auth.removeprefix("Bearer ") if auth else None)
-            if m := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/[^/]+)?", path):
-                files = REPOS.get((m[1], m[2]))
-                if files is None:
-                    return self._not_found(head)
-                info = {"id": m[2], "sha": SHA, "siblings": [{"rfilename": f} for f in files]}
-                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
-            if m := re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/tree/[^/]+(?:/.*)?", path):
-                files = REPOS.get((m[1], m[2]))
-                if files is None:
-                    return self._not_found(head)
-                tree = [
-                    {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                    for f, b in files.items()
-                ]
-                return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
-            if m := re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/[^/]+/(.+)", path):
-                files = REPOS.get(("datasets" if m[1] else "models", m[2]))
-                if files is None or m[3] not in files:
-                    return self._not_found(head)
-                body = files[m[3]]
-                return self._send(
-                    200,
-                    body,
-                    {
-                        "X-Repo-Commit": SHA,
-                        "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
-                        "Content-Type": "application/octet-stream",
-                    },
-                    head,
-                )
-            return self._not_found(head)
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._serve(head=False)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._serve(head=True)
-
-    return Handler
-
-
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    state = FakeHub(url="")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    state = FakeHub.start(REPOS)
     monkeypatch.setenv("HF_ENDPOINT", state.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
@@ -132,8 +43,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHu
     try:
         yield state
     finally:
-        server.shutdown()
-        server.server_close()
+        state.stop()
 
 
 def test_model_snapshot_is_downloaded_into_hf_home(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -237,3 +147,43 @@ def test_train_worker_exits_1_naming_the_uri_when_the_download_fails(
     assert main(["--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "lmforge train: download error: model: cannot download hf://acme/missing" in err
+
+
+def test_fetch_hf_into_a_directory_and_through_the_node_cache(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.runtime.storage.cache import NodeCache
+    from lmforge.runtime.storage.transfer import MARKER, fetch
+
+    cache = NodeCache(tmp_path / "cache")
+    cold = fetch("hf://acme/tiny", tmp_path / "pod-1", cache=cache, report=lambda p, line: None)
+    assert (cold.revision, cold.cached) == (SHA, False)
+    files = sorted(p.name for p in (tmp_path / "pod-1").iterdir() if p.name != MARKER)
+    assert files == ["config.json", "tokenizer.json"]  # no gguf/onnx copies, no HF cache layout
+    requests_before = len(fake_hub.requests)
+    warm = fetch("hf://acme/tiny", tmp_path / "pod-2", cache=cache, report=lambda p, line: None)
+    assert (warm.cached, warm.revision) == (True, SHA)
+    assert len(fake_hub.requests) == requests_before  # a warm start asks the hub nothing
+    assert (tmp_path / "pod-2" / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_fetch_of_a_missing_repo_names_the_uri(fake_hub: FakeHub, tmp_path: Path) -> None:
+    from lmforge.runtime.storage.transfer import fetch
+
+    with pytest.raises(hub.HubError, match=r"cannot resolve hf://acme/nope \(model repo\)"):
+        fetch("hf://acme/nope", tmp_path / "x", report=lambda p, line: None)
+
+
+def test_serve_an_hf_model(fake_hub: FakeHub, tiny_model_dir: Path, launch_server, tmp_path: Path) -> None:
+    """The bug of issue #23: `lmforge serve --model hf://org/name` exited 2 ('not a model
+    directory'). It downloads the repo from the (fake) hub and answers through the openai client."""
+    fake_hub.add_directory("acme/tiny-llama", tiny_model_dir)
+    server = launch_server("hf://acme/tiny-llama", tmp_path)
+    try:
+        client = server.openai()
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        reply = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4
+        assert fake_hub.downloads()["/acme/tiny-llama/resolve/" + SHA + "/config.json"] == 1
+    finally:
+        server.stop()

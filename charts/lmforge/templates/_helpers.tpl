@@ -51,31 +51,23 @@ resource and `status` through the status subresource, and posts core/v1 Events.
 "lmforge.namespacedRules": what the controllers do inside a namespace. Cluster-wide it goes into the
 ClusterRole; with watchNamespaces into one Role per namespace. */}}
 {{- define "lmforge.namespacedRules" -}}
-# TrainJob: kopf daemon + index (list/watch, finalizer and progress annotations: patch); the
-# controller re-reads a job after a 409 (get) and deletes it at ttlSecondsAfterFinished (delete).
+# The three kinds: a kopf daemon + index each (list/watch, finalizer and state annotations:
+# patch); a status write that meets a 409 re-reads the object (get). TrainJob deletes itself at
+# ttlSecondsAfterFinished (delete); QuantizeJob's serveAfter server-side applies an
+# InferenceService (patch, and create when it does not exist).
 - apiGroups: ["lmforge.dev"]
   resources: ["trainjobs"]
   verbs: ["get", "list", "watch", "patch", "delete"]
-# TrainJob status: written with PUT + resourceVersion (optimistic concurrency).
-- apiGroups: ["lmforge.dev"]
-  resources: ["trainjobs/status"]
-  verbs: ["update"]
-# InferenceService: kopf create/update/resume handlers + timer (list/watch, finalizer: patch);
-# QuantizeJob's serveAfter server-side applies one (patch, and create when it does not exist).
 - apiGroups: ["lmforge.dev"]
   resources: ["inferenceservices"]
-  verbs: ["list", "watch", "create", "patch"]
-# InferenceService status: kopf's merge patch of `patch.status`.
-- apiGroups: ["lmforge.dev"]
-  resources: ["inferenceservices/status"]
-  verbs: ["patch"]
-# QuantizeJob: kopf timer (list/watch, finalizer: patch); status by kopf's merge patch.
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["lmforge.dev"]
   resources: ["quantizejobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status of every kind: written with PUT + resourceVersion (optimistic concurrency).
 - apiGroups: ["lmforge.dev"]
-  resources: ["quantizejobs/status"]
-  verbs: ["patch"]
+  resources: ["trainjobs/status", "inferenceservices/status", "quantizejobs/status"]
+  verbs: ["update"]
 # QuantizeJob's Job: indexed (list/watch) and created; the garbage collector deletes it with its owner.
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -95,10 +87,10 @@ ClusterRole; with watchNamespaces into one Role per namespace. */}}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "patch", "delete"]
-# InferenceService's Deployment: read its size, index it (list/watch), server-side apply.
+# InferenceService's Deployment: indexed (list/watch: its size comes from there), server-side applied.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 # The autoscaler (and spec.replicas) resize through the scale subresource.
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]

@@ -75,3 +75,26 @@ def test_node_manifest_is_tainted_and_not_kwok():
     assert status["addresses"] == [{"type": "InternalIP", "address": "127.0.0.1"}]
     assert status["daemonEndpoints"] == {"kubeletEndpoint": {"Port": 10250}}
     assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+
+@pytest.mark.parametrize(
+    "init,policy,want_init,want_phase",
+    [
+        ([state("running")], "Always", "running", "Pending"),
+        ([state("terminated", 0), state("running")], "Always", "running", "Pending"),
+        ([state("terminated", 0), state("terminated", 0)], "Always", "done", "Running"),
+        ([state("terminated", 1)], "Never", "failed", "Failed"),
+        ([state("waiting", restarts=1)], "Always", "running", "Pending"),  # restarted after a failure
+    ],
+    ids=["first-running", "second-running", "all-done", "failed-never", "crash-looping"],
+)
+def test_init_containers_gate_the_pod(init, policy, want_init, want_phase):
+    from lmforge.devcluster.node.podstatus import init_outcome
+
+    main = [state("running", ready=True)] if want_init == "done" else [state("waiting")]
+    assert init_outcome(init, policy) == want_init
+    status = pod_status(main, policy, "127.0.1.2", "127.0.0.1", "t0", "t0", init_containers=init)
+    assert status["phase"] == want_phase
+    initialized = next(c for c in status["conditions"] if c["type"] == "Initialized")
+    assert initialized["status"] == ("True" if want_init == "done" else "False")
+    assert len(status["initContainerStatuses"]) == len(init)

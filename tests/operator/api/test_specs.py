@@ -53,10 +53,32 @@ def test_trainjob_defaults() -> None:
         "hostPath:///data/llama",
         "/data/llama",
         "hf://meta-llama/Llama-3.2-1B",
+        "hf://meta-llama/Llama-3.2-1B@main",
+        "s3://models/llama/v1",
+        "s3://my.bucket-1",
     ],
 )
 def test_model_uri_schemes_accepted(uri: str) -> None:
     assert TrainJobSpec.model_validate(spec_dict(model=uri)).model == uri
+
+
+def test_s3_locations_accepted_for_every_kind() -> None:
+    """What the issue lists: TrainJob model/dataset/output/checkpoint, QuantizeJob model/output,
+    InferenceService model (the calibration set stays local, see INVALID)."""
+    tj = TrainJobSpec.model_validate(
+        spec_dict(
+            model="s3://b-1/m", dataset={"source": "s3://b-1/d.jsonl"}, output={"dir": "s3://b-1/out"},
+            checkpoint={"dir": "s3://b-1/ckpt"},
+        )
+    )  # fmt: skip
+    assert (tj.model, tj.dataset.source, tj.output.dir, tj.checkpoint.dir) == (
+        "s3://b-1/m", "s3://b-1/d.jsonl", "s3://b-1/out", "s3://b-1/ckpt",
+    )  # fmt: skip
+    qj = QuantizeJobSpec.model_validate({"model": "s3://b-1/m", "method": "w8a16", "output": "s3://b-1/q"})
+    assert (qj.model, qj.output) == ("s3://b-1/m", "s3://b-1/q")
+    assert (
+        InferenceServiceSpec.model_validate({"model": {"source": "s3://b-1/q"}}).model.source == "s3://b-1/q"
+    )
 
 
 INVALID = [
@@ -109,27 +131,27 @@ INVALID = [
     ),
     pytest.param(
         TrainJobSpec,
-        spec_dict(model="s3://bucket/llama"),
-        "model: s3:// is not supported yet",
-        id="tj-model-s3",
+        spec_dict(model="s3://Bucket_1/llama"),
+        "must be s3://<bucket>/<prefix> with a valid bucket name",
+        id="tj-model-s3-bad-bucket",
     ),
     pytest.param(
         TrainJobSpec,
-        spec_dict(dataset={"source": "s3://bucket/train.jsonl"}),
-        "dataset.source: s3:// is not supported yet",
-        id="tj-dataset-s3",
+        spec_dict(dataset={"source": "s3://b/train.jsonl"}),
+        "must be s3://<bucket>/<prefix> with a valid bucket name",
+        id="tj-dataset-s3-short-bucket",
     ),
     pytest.param(
         TrainJobSpec,
-        spec_dict(checkpoint={"dir": "s3://bucket/ckpt"}),
-        "checkpoint.dir: s3:// is not supported yet",
-        id="tj-checkpoint-s3",
+        spec_dict(checkpoint={"dir": "s3://-bucket/ckpt"}),
+        "must be s3://<bucket>/<prefix> with a valid bucket name",
+        id="tj-checkpoint-s3-bad-bucket",
     ),
     pytest.param(
         TrainJobSpec,
-        spec_dict(output={"dir": "s3://b/out"}),
-        "output.dir: s3:// is not supported yet",
-        id="tj-output-s3",
+        spec_dict(output={"dir": "s3://"}),
+        "must be s3://<bucket>/<prefix> with a valid bucket name",
+        id="tj-output-s3-no-bucket",
     ),
     pytest.param(
         TrainJobSpec,
@@ -176,15 +198,9 @@ INVALID = [
     ),
     pytest.param(QuantizeJobSpec, qj(method="int3"), "Input should be", id="qj-unknown-method"),
     pytest.param(
-        QuantizeJobSpec, qj(model="s3://bucket/llama"), "model: s3:// is not supported yet", id="qj-model-s3"
-    ),
-    pytest.param(
-        QuantizeJobSpec, qj(output="s3://bucket/out"), "output: s3:// is not supported yet", id="qj-output-s3"
-    ),
-    pytest.param(
         QuantizeJobSpec,
         qj(calibration={"dataset": "s3://bucket/c.jsonl"}),
-        "calibration.dataset: s3:// is not supported yet",
+        "calibration.dataset: s3:// is not supported here",
         id="qj-calibration-s3",
     ),
     pytest.param(
@@ -195,9 +211,9 @@ INVALID = [
     ),
     pytest.param(
         InferenceServiceSpec,
-        isvc(model={"source": "s3://bucket/llama"}),
-        "model.source: s3:// is not supported yet",
-        id="isvc-model-s3",
+        isvc(model={"source": "s3://UPPER/llama"}),
+        "must be s3://<bucket>/<prefix> with a valid bucket name",
+        id="isvc-model-s3-bad-bucket",
     ),
 ]
 

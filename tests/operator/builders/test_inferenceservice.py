@@ -11,17 +11,16 @@ from lmforge.operator.builders.inferenceservice import (
     BuildConfig,
     ModelLocation,
     ServiceRef,
-    UnsupportedModelSource,
     deployment,
     model_location,
     pod_disruption_budget,
+    pod_template,
     replicas_to_apply,
     selector,
-    serve_command,
-    server_env,
     service,
     url,
 )
+from lmforge.operator.builders.storage import ModelCache
 
 REF = ServiceRef(name="chat", namespace="team-a", uid="uid-1")
 OWNER = {
@@ -285,14 +284,14 @@ def test_deployment_with_everything_set() -> None:
         pytest.param(
             "hf://meta-llama/Llama-3.2-1B",
             ModelLocation(
-                path="meta-llama/Llama-3.2-1B",
-                volumes=({"name": "hf-cache", "emptyDir": {}},),
-                mounts=({"name": "hf-cache", "mountPath": "/var/cache/huggingface"},),
-                env=({"name": "HF_HOME", "value": "/var/cache/huggingface"},),
+                path="/mnt/model",
+                fetch_from="hf://meta-llama/Llama-3.2-1B",
+                volumes=({"name": "model", "emptyDir": {}},),
+                mounts=({"name": "model", "mountPath": "/mnt/model", "readOnly": True},),
                 notes=(
-                    "model meta-llama/Llama-3.2-1B is downloaded from the Hugging Face Hub by every replica at start: "
-                    "the pods need network egress (and HF_TOKEN in spec.env for gated models); a pvc:// copy starts "
-                    "faster",
+                    "model hf://meta-llama/Llama-3.2-1B is downloaded by the storage initializer into every "
+                    "replica, at start: the pods need network access to it (and credentials in spec.env for "
+                    "private data); a pvc:// copy needs none",
                 ),
             ),
             id="hugging-face",
@@ -312,19 +311,78 @@ def test_a_user_mount_at_the_model_path_wins() -> None:
     assert model_location(spec) == ModelLocation(path="/mnt/pvc/models/x")
 
 
-def test_s3_is_refused_with_a_way_out() -> None:
-    # Admission refuses s3:// now; an object stored before that rule still gets a clear InvalidSpec.
-    spec = make_spec()
-    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": "s3://bucket/llama"})})
-    with pytest.raises(UnsupportedModelSource, match="copy s3:// checkpoints to a PVC"):
-        model_location(spec)
+AWS_ENV = [
+    {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"},
+    {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+]
 
 
-def test_hf_model_command_and_env() -> None:
-    spec = make_spec(model={"source": "hf://org/m"})
-    location = model_location(spec)
-    assert serve_command(REF, spec, location.path)[2:4] == ["--model", "org/m"]
-    assert server_env(REF, spec, location)[-1] == {"name": "HF_HOME", "value": "/var/cache/huggingface"}
+@pytest.mark.parametrize(
+    ("cache", "want_init_mounts", "want_server_mounts", "want_volumes", "cache_flags"),
+    [
+        pytest.param(
+            None,
+            [{"name": "model", "mountPath": "/mnt/model"}],
+            [{"name": "model", "mountPath": "/mnt/model", "readOnly": True}],
+            [{"name": "model", "emptyDir": {}}],
+            [],
+            id="no-cache",
+        ),
+        pytest.param(
+            ModelCache("/var/lib/lmforge/model-cache", "200Gi"),
+            [
+                {"name": "model", "mountPath": "/mnt/model"},
+                {"name": "model-cache", "mountPath": "/var/lib/lmforge/model-cache"},
+            ],
+            [
+                {"name": "model", "mountPath": "/mnt/model", "readOnly": True},
+                {"name": "model-cache", "mountPath": "/var/lib/lmforge/model-cache"},
+            ],
+            [
+                {"name": "model", "emptyDir": {}},
+                {
+                    "name": "model-cache",
+                    "hostPath": {"path": "/var/lib/lmforge/model-cache", "type": "DirectoryOrCreate"},
+                },
+            ],
+            ["--cache-dir", "/var/lib/lmforge/model-cache", "--cache-max-bytes", "200Gi"],
+            id="node-cache",
+        ),
+    ],
+)
+def test_remote_model_is_fetched_by_the_storage_initializer(
+    cache: ModelCache | None,
+    want_init_mounts: list[dict[str, Any]],
+    want_server_mounts: list[dict[str, Any]],
+    want_volumes: list[dict[str, Any]],
+    cache_flags: list[str],
+) -> None:
+    spec = make_spec(model={"source": "s3://models/llama/v1"}, env=AWS_ENV)
+    pod = pod_template(REF, spec, BuildConfig(model_cache=cache))["spec"]
+    assert pod["initContainers"] == [
+        {
+            "name": "storage-initializer",
+            "image": "ghcr.io/lmforge/runtime:0.1.0",
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["lmforge", "fetch", "s3://models/llama/v1", "/mnt/model", *cache_flags],
+            "env": [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                *AWS_ENV,
+            ],
+            "volumeMounts": want_init_mounts,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+    ]
+    server = pod["containers"][0]
+    assert server["command"][2:4] == ["--model", "/mnt/model"]
+    assert server["volumeMounts"] == want_server_mounts
+    assert pod["volumes"] == want_volumes
+    assert [e for e in server["env"] if e["name"].startswith("AWS_")] == AWS_ENV  # the server gets them too
+
+
+def test_local_models_need_no_initializer() -> None:
+    assert "initContainers" not in pod_template(REF, make_spec(model={"source": "pvc://m/x"}))["spec"]
 
 
 def test_service() -> None:

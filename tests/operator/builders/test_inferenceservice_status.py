@@ -12,10 +12,10 @@ from lmforge.operator.api.inferenceservice import InferenceServiceSpec, Inferenc
 from lmforge.operator.builders.inferenceservice_status import (
     DeploymentView,
     ServingPod,
-    StatusEvent,
     record_autoscaling,
     reflect,
 )
+from lmforge.operator.decision import Event as StatusEvent
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 URL = "http://chat.team-a.svc.cluster.local/v1"

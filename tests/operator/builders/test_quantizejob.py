@@ -204,15 +204,22 @@ def test_storage(overrides, expected):
     assert (paths.model, paths.output, paths.calibration, list(paths.volumes), list(paths.mounts)) == expected
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [{"output": "s3://bucket/out"}, {"model": "s3://bucket/llama"}],
-    ids=["s3-output", "s3-model"],
-)
-def test_s3_is_unsupported(overrides):
-    # Admission refuses s3:// now; an object stored before that rule still gets a clear InvalidSpec.
-    with pytest.raises(UnsupportedLocation, match="copy s3:// data to a PVC first"):
-        job(REF, make_spec().model_copy(update=overrides))
+def test_s3_model_and_output_are_left_to_the_runtime():
+    paths = storage(make_spec(model="s3://bucket/llama", output="s3://bucket/out"))
+    assert (paths.model, paths.output) == ("s3://bucket/llama", "s3://bucket/out")
+    assert all("s3" not in str(v) for v in paths.volumes)  # nothing to mount for them
+
+
+def test_s3_calibration_is_unsupported():
+    # Admission refuses it; an object stored before that rule still gets a clear InvalidSpec.
+    spec = make_spec(method="w4a16-gptq", calibration={"dataset": "/data/c.jsonl"})
+    spec = spec.model_copy(
+        update={"calibration": spec.calibration.model_copy(update={"dataset": "s3://bucket/c.jsonl"})}
+    )
+    with pytest.raises(
+        UnsupportedLocation, match="calibration 's3://bucket/c.jsonl'.*copy the data to a PVC first"
+    ):
+        job(REF, spec)
 
 
 @pytest.mark.parametrize(
@@ -277,3 +284,16 @@ def test_inference_service_runs_where_the_job_ran():
     }
     isvc = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, **placement))
     assert isvc["spec"] == {"model": {"source": "pvc://models/llama-w4"}, "replicas": 1, **placement}
+
+
+def test_inference_service_of_an_s3_output_gets_the_storage_env():
+    env = [
+        {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"},
+        {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}},
+        {"name": "LMFORGE_S3_WORKERS", "value": "4"},
+        {"name": "OMP_NUM_THREADS", "value": "2"},  # the quantizer's own: not copied
+    ]
+    isvc = inference_service(REF, make_spec(output="s3://models/w4", serveAfter={"name": "chat-w4"}, env=env))
+    assert isvc["spec"] == {"model": {"source": "s3://models/w4"}, "replicas": 1, "env": env[:3]}
+    local = inference_service(REF, make_spec(serveAfter={"name": "chat-w4"}, env=env))
+    assert "env" not in local["spec"]  # a volume needs no credentials

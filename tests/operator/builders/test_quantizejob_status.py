@@ -11,16 +11,23 @@ import pytest
 from lmforge.operator.api.base import Condition, LastFailure
 from lmforge.operator.api.quantizejob import QuantizeJobSpec, QuantizeJobStatus, QuantizeResult
 from lmforge.operator.builders.quantizejob_status import (
-    Decision,
+    INTERVAL_SECONDS,
     JobView,
     Observed,
     QuantizePod,
-    StatusEvent,
     decide,
     human_size,
-    invalid,
     parse_result,
 )
+from lmforge.operator.decision import Apply, Create, Decision, invalid_spec
+from lmforge.operator.decision import Event as StatusEvent
+
+JOB_OBJECT = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "q", "namespace": "ns"}}
+SERVE_OBJECT = {
+    "apiVersion": "lmforge.dev/v1alpha1",
+    "kind": "InferenceService",
+    "metadata": {"name": "chat"},
+}
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 NOW = T0 + timedelta(seconds=30)
@@ -65,17 +72,22 @@ def observe(
     job: JobView | None = JobView("q"),
     pods: tuple[QuantizePod, ...] = (),
     now: datetime = NOW,
+    served: bool = False,
     **spec_overrides: Any,
 ) -> Decision:
+    quantize = spec(**spec_overrides)
     return decide(
         Observed(
             name="q",
             generation=1,
-            spec=spec(**spec_overrides),
+            spec=quantize,
             status=status or QuantizeJobStatus(),
             job=job,
             pods=pods,
             now=now,
+            job_object=JOB_OBJECT,
+            serve_object=SERVE_OBJECT if quantize.serve_after else None,
+            served=served,
         )
     )
 
@@ -88,15 +100,21 @@ def test_a_new_job_creates_its_job():
     condition = CREATED.model_copy(update={"last_transition_time": NOW})
     assert observe(job=None) == Decision(
         status=QuantizeJobStatus(phase="Pending", conditions=[condition], observed_generation=1),
-        create_job=True,
         events=(StatusEvent("Normal", "JobCreated", CREATED.message),),
+        actions=(Create(JOB_OBJECT),),
+        requeue_after=INTERVAL_SECONDS,
     )
 
 
-def test_a_job_not_seen_yet_is_waited_for_then_reported_gone():
-    assert observe(created(), job=None, now=T0 + timedelta(seconds=59)) == Decision(created())
+def test_a_job_not_seen_yet_is_created_again_then_reported_gone():
+    """Status first, then the create: a create that did not go through is made again (same name:
+    AlreadyExists at worst) until the grace runs out."""
+    waiting = observe(created(), job=None, now=T0 + timedelta(seconds=59))
+    assert waiting == Decision(created(), actions=(Create(JOB_OBJECT),), requeue_after=INTERVAL_SECONDS)
+    started = created(start_time=T0)  # a pod was seen once: the Job existed, it is not made again
+    assert observe(started, job=None, now=T0 + timedelta(seconds=59)).actions == ()
     decision = observe(created(), job=None, now=T0 + timedelta(seconds=61))
-    assert decision.status.phase == "Failed" and not decision.create_job
+    assert decision.status.phase == "Failed" and decision.actions == ()
     assert decision.events == (StatusEvent("Warning", "JobDeleted", "Job q disappeared before it finished"),)
 
 
@@ -117,13 +135,23 @@ def test_running_pod():
     assert decision.status.phase == "Running"
     assert decision.events == (StatusEvent("Normal", "PodRunning", "pod q-abcde is quantizing (w4a16-rtn)"),)
     again = observe(decision.status, pods=(pod("Running"),), now=NOW + timedelta(seconds=3))
-    assert again == Decision(decision.status)  # a steady state writes and posts nothing
+    assert again == Decision(decision.status, requeue_after=INTERVAL_SECONDS)  # steady: writes, posts nothing
 
 
 def test_success_folds_the_result_and_serves():
     running = observe(created(), pods=(pod("Running"),)).status
     done = pod("Succeeded", exit_code=0, finished_at=NOW, result=json.dumps(REPORT))
     decision = observe(running, pods=(done,), serveAfter={"name": "chat", "replicas": 2})
+    assert decision.actions == (Apply(SERVE_OBJECT),) and decision.requeue_after == 0.0
+    assert decision.status.inference_service is None  # named only once the apply went through
+    assert decision.events == (
+        StatusEvent(
+            "Normal",
+            "QuantizationSucceeded",
+            "wrote pvc://models/out: 553.7KiB (from 1.5MiB), KL 0.00123, top-1 agreement 95.1%",
+        ),
+    )
+    decision = observe(decision.status, pods=(done,), serveAfter={"name": "chat", "replicas": 2}, served=True)
     status = decision.status
     assert (status.phase, status.result, status.size, status.completion_time) == (
         "Succeeded",
@@ -131,7 +159,7 @@ def test_success_folds_the_result_and_serves():
         "553.7KiB (from 1.5MiB)",
         NOW,
     )
-    assert status.inference_service == "chat" and decision.serve
+    assert status.inference_service == "chat" and decision.actions == () and decision.requeue_after is None
     assert {c.type: (c.status, c.reason) for c in status.conditions} == {
         "Created": ("True", "JobCreated"),
         "Running": ("False", "QuantizationSucceeded"),
@@ -140,25 +168,20 @@ def test_success_folds_the_result_and_serves():
     assert decision.events == (
         StatusEvent(
             "Normal",
-            "QuantizationSucceeded",
-            "wrote pvc://models/out: 553.7KiB (from 1.5MiB), KL 0.00123, top-1 agreement 95.1%",
-        ),
-        StatusEvent(
-            "Normal",
             "InferenceServiceCreated",
             "InferenceService chat serves pvc://models/out (2 replica(s))",
         ),
     )
     # terminal: nothing changes any more, whatever the pod does; the InferenceService is not re-applied
     later = observe(status, pods=(pod("Failed", exit_code=1),), serveAfter={"name": "chat"})
-    assert later == Decision(status)
+    assert later == Decision(status, requeue_after=None)
 
 
 def test_success_after_a_failed_serve_retries_the_serve():
     status = observe(created(), pods=(pod("Succeeded", exit_code=0, finished_at=NOW),)).status
     assert status.phase == "Succeeded" and status.result == QuantizeResult(output_path="pvc://models/out")
-    decision = observe(status, serveAfter={"name": "chat"})
-    assert decision.serve and decision.status.inference_service == "chat"
+    decision = observe(status, serveAfter={"name": "chat"})  # e.g. after an operator restart
+    assert decision.actions == (Apply(SERVE_OBJECT),) and decision.status.inference_service is None
 
 
 def test_pod_failure_is_terminal_with_the_runtime_message():
@@ -166,7 +189,7 @@ def test_pod_failure_is_terminal_with_the_runtime_message():
     failed = pod("Failed", exit_code=2, reason="Error", message=message, finished_at=NOW)
     decision = observe(created(), pods=(failed,))
     status = decision.status
-    assert status.phase == "Failed" and not decision.serve
+    assert status.phase == "Failed" and decision.actions == () and decision.requeue_after is None
     assert status.last_failure == LastFailure(
         pod="q-abcde", node="node-0", exit_code=2, reason="Error", message=message.strip(), time=NOW
     )
@@ -176,7 +199,7 @@ def test_pod_failure_is_terminal_with_the_runtime_message():
     )
     assert decision.events == (StatusEvent("Warning", "PodFailed", text),)
     assert next(c for c in status.conditions if c.type == "Failed").reason == "PodFailed"
-    assert observe(status, pods=(pod("Succeeded"),)) == Decision(status)  # terminal
+    assert observe(status, pods=(pod("Succeeded"),)) == Decision(status, requeue_after=None)  # terminal
 
 
 @pytest.mark.parametrize(
@@ -208,10 +231,17 @@ def test_complete_job_without_a_pod_still_succeeds():
 
 
 def test_invalid_spec_fails_once():
-    decision = invalid(QuantizeJobStatus(), 3, "model 's3://b/m': unsupported", NOW)
+    decision = invalid_spec(QuantizeJobStatus(), 3, "model 's3://b/m': unsupported", NOW)
     assert decision.status.phase == "Failed" and decision.status.observed_generation == 3
+    assert decision.status.completion_time == NOW and decision.requeue_after is None
+    failed = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason, failed.message) == (
+        "True",
+        "InvalidSpec",
+        "model 's3://b/m': unsupported",
+    )
     assert decision.events == (StatusEvent("Warning", "InvalidSpec", "model 's3://b/m': unsupported"),)
-    assert invalid(decision.status, 4, "other", NOW) == Decision(decision.status)
+    assert invalid_spec(decision.status, 4, "other", NOW) == Decision(decision.status, requeue_after=None)
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,7 @@ def expected_pod(rank: int = 1, attempt: int = 0) -> dict[str, Any]:
                     "command": TORCHRUN_RANK1,
                     "env": expected_env(rank, attempt),
                     "ports": [{"name": "master", "containerPort": 29500, "protocol": "TCP"}],
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
                     "volumeMounts": [
                         {"name": "lmforge-config", "mountPath": "/etc/lmforge", "readOnly": True},
                         {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},

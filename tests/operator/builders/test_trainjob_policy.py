@@ -6,20 +6,29 @@ import json
 
 import pytest
 
-from lmforge.devcluster.factories import T0, at, make_spec, observed, pod_dict, worker, workers
+from lmforge.devcluster.factories import (
+    T0,
+    at,
+    created_ranks,
+    deleted_pods,
+    deletes_job,
+    force_deleted_pods,
+    make_spec,
+    observed,
+    pod_dict,
+    worker,
+    workers,
+)
 from lmforge.operator.api.base import Condition
 from lmforge.operator.api.trainjob import FailurePolicy, Progress, TrainJobStatus
+from lmforge.operator.builders.trainjob_pods import WorkerPod, fold_progress, format_duration
 from lmforge.operator.builders.trainjob_policy import (
-    RESYNC_SECONDS,
-    JobEvent,
-    WorkerPod,
     backoff_seconds,
     creation_failed,
     decide,
-    fold_progress,
-    format_duration,
     is_retryable,
 )
+from lmforge.operator.decision import RESYNC_SECONDS, Event
 
 NAMES = ("llama-0", "llama-1", "llama-2", "llama-3")
 
@@ -48,7 +57,7 @@ def conditions(status: TrainJobStatus) -> dict[str, tuple[str, str]]:
 
 def test_new_job_creates_the_whole_gang() -> None:
     d = decide(observed())
-    assert d.create_ranks == (0, 1, 2, 3)
+    assert created_ranks(d) == (0, 1, 2, 3)
     assert (d.status.phase, d.status.start_time, d.status.restarts, d.status.observed_generation) == (
         "Pending",
         T0,
@@ -57,15 +66,15 @@ def test_new_job_creates_the_whole_gang() -> None:
     )
     assert conditions(d.status) == {"Created": ("False", "CreatingPods")}  # not before the pods exist
     assert d.events == ()
-    assert (d.delete_pods, d.force_delete_pods, d.delete_job) == ((), (), False)
+    assert (deleted_pods(d), force_deleted_pods(d), deletes_job(d)) == ((), (), False)
 
 
 def test_created_once_every_pod_exists() -> None:
     first = decide(observed())
     d = decide(observed(status=first.status, pods=workers(4, phase="Pending"), now=at(1)))
-    assert d.create_ranks == ()
+    assert created_ranks(d) == ()
     assert conditions(d.status)["Created"] == ("True", "GangCreated")
-    assert d.events == (JobEvent("Normal", "GangCreated", "created 4 worker pods (attempt 0)"),)
+    assert d.events == (Event("Normal", "GangCreated", "created 4 worker pods (attempt 0)"),)
     again = decide(observed(status=d.status, pods=workers(4, phase="Pending"), now=at(2)))
     assert again.events == ()
 
@@ -77,7 +86,7 @@ def test_refused_pod_creation_names_the_service_account_once() -> None:
     assert conditions(status)["Created"] == ("False", "ServiceAccountMissing")
     assert event is not None and event.reason == "ServiceAccountMissing" and "'trainer'" in event.message
     retry = decide(observed(status=status, now=at(6)))  # still no pods: creates again, keeps the cause
-    assert retry.create_ranks == (0, 1, 2, 3) and retry.events == ()
+    assert created_ranks(retry) == (0, 1, 2, 3) and retry.events == ()
     assert conditions(retry.status)["Created"] == ("False", "ServiceAccountMissing")
     again, second = creation_failed(retry.status, 1, at(6), "llama-0", 403, error, "trainer", "team-a")
     assert second is None and again == retry.status  # one Event per cause
@@ -99,11 +108,11 @@ def test_a_gang_of_an_older_spec_is_replaced_and_not_observed() -> None:
     d = decide(
         observed(status=running_status(observed_generation=1), pods=pods, generation=3, spec_hash="new")
     )
-    assert (d.status.phase, d.delete_pods, d.create_ranks) == ("Pending", NAMES, ())
+    assert (d.status.phase, deleted_pods(d), created_ranks(d)) == ("Pending", NAMES, ())
     assert d.status.restarts == 0 and d.status.observed_generation == 1  # not a failure; not observed yet
     assert [e.reason for e in d.events] == ["SpecChanged"]
     same = decide(observed(status=running_status(), pods=pods, generation=3, spec_hash="old"))
-    assert (same.delete_pods, same.status.observed_generation) == ((), 3)
+    assert (deleted_pods(same), same.status.observed_generation) == ((), 3)
 
 
 def test_operator_killed_mid_creation_creates_only_the_missing_ranks() -> None:
@@ -111,7 +120,7 @@ def test_operator_killed_mid_creation_creates_only_the_missing_ranks() -> None:
     d = decide(
         observed(status=status, pods=[worker(0, phase="Pending"), worker(2, phase="Pending")], now=at(1))
     )
-    assert d.create_ranks == (1, 3)
+    assert created_ranks(d) == (1, 3)
     assert d.events == ()
     assert d.status.start_time == T0
 
@@ -120,7 +129,7 @@ def test_pending_pods_keep_the_job_pending() -> None:
     d = decide(
         observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4, phase="Pending"))
     )
-    assert (d.status.phase, d.create_ranks) == ("Pending", ())
+    assert (d.status.phase, created_ranks(d)) == ("Pending", ())
     assert conditions(d.status)["Running"] == ("False", "WaitingForPods")
     assert d.status.replicas.active == 4
 
@@ -150,7 +159,7 @@ def test_all_workers_running_makes_the_job_running() -> None:
     )
     assert d.status.phase == "Running"
     assert conditions(d.status)["Running"] == ("True", "AllWorkersRunning")
-    assert d.events == (JobEvent("Normal", "AllWorkersRunning", "all 4 worker pods are running"),)
+    assert d.events == (Event("Normal", "AllWorkersRunning", "all 4 worker pods are running"),)
     assert d.requeue_after == RESYNC_SECONDS
 
 
@@ -158,7 +167,7 @@ def test_a_steady_running_job_changes_nothing() -> None:
     first = decide(observed(status=TrainJobStatus(phase="Pending", start_time=T0), pods=workers(4)))
     again = decide(observed(status=first.status, pods=workers(4), now=at(30)))
     assert again.status == first.status
-    assert (again.events, again.create_ranks, again.delete_pods) == ((), (), ())
+    assert (again.events, created_ranks(again), deleted_pods(again)) == ((), (), ())
 
 
 def test_progress_of_rank0_is_folded_into_status() -> None:
@@ -198,16 +207,16 @@ def test_rank0_exit_0_succeeds_and_tears_down_the_others() -> None:
     pods = [worker(0, phase="Succeeded", exit_code=0), *workers(4)[1:]]
     d = decide(observed(status=running_status(), pods=pods, now=at(100)))
     assert (d.status.phase, d.status.completion_time) == ("Succeeded", at(100))
-    assert d.delete_pods == NAMES[1:]
+    assert deleted_pods(d) == NAMES[1:]
     assert conditions(d.status)["Succeeded"] == ("True", "AllWorkersSucceeded")
-    assert d.events == (JobEvent("Normal", "AllWorkersSucceeded", "rank 0 exited 0: training finished"),)
+    assert d.events == (Event("Normal", "AllWorkersSucceeded", "rank 0 exited 0: training finished"),)
 
 
 def test_ranks_above_0_finishing_first_is_not_success_yet() -> None:
     pods = [*workers(2), worker(2, phase="Succeeded", exit_code=0), worker(3, phase="Succeeded", exit_code=0)]
     d = decide(observed(status=running_status(), pods=pods))
     assert d.status.phase == "Running"
-    assert (d.delete_pods, d.events) == ((), ())
+    assert (deleted_pods(d), d.events) == ((), ())
 
 
 def test_oom_killed_worker_restarts_the_gang() -> None:
@@ -217,8 +226,8 @@ def test_oom_killed_worker_restarts_the_gang() -> None:
     ]
     d = decide(observed(status=running_status(), pods=pods, now=at(51)))
     assert (d.status.phase, d.status.restarts, d.status.last_restart_time) == ("Restarting", 1, at(51))
-    assert d.delete_pods == NAMES
-    assert d.create_ranks == ()
+    assert deleted_pods(d) == NAMES
+    assert created_ranks(d) == ()
     assert d.status.last_failure.model_dump(exclude_none=True) == {
         "pod": "llama-3",
         "node": "n3",
@@ -228,7 +237,7 @@ def test_oom_killed_worker_restarts_the_gang() -> None:
     }
     assert conditions(d.status)["Restarting"] == ("True", "RetryableFailure")
     assert d.events == (
-        JobEvent(
+        Event(
             "Warning",
             "RetryableFailure",
             "pod llama-3 failed (exit code 137, OOMKilled, node n3); restarting the gang, attempt 1 of 3",
@@ -256,7 +265,7 @@ def test_app_error_fails_the_job_with_last_failure() -> None:
     assert (d.status.phase, d.status.completion_time, d.status.restarts) == ("Failed", at(8), 0)
     assert (d.status.last_failure.pod, d.status.last_failure.exit_code) == ("llama-3", 1)
     assert conditions(d.status)["Failed"] == ("True", "NonRetryableExitCode")
-    assert d.delete_pods == NAMES[:3]  # the failed pod stays for `kubectl logs`
+    assert deleted_pods(d) == NAMES[:3]  # the failed pod stays for `kubectl logs`
     assert d.events[0].message == (
         "pod llama-3 failed (exit code 1, Error, node n3): not retryable under spec.failurePolicy"
     )
@@ -292,24 +301,24 @@ def test_a_pod_vanishing_under_a_running_gang_restarts_it() -> None:
 def test_restart_waits_for_the_backoff() -> None:
     status = TrainJobStatus(phase="Restarting", restarts=2, start_time=T0, last_restart_time=at(100))
     d = decide(observed(status=status, now=at(105)))  # backoff for restart 2: 10 * 2 = 20 s
-    assert d.create_ranks == ()
+    assert created_ranks(d) == ()
     assert d.requeue_after == 15
 
 
 def test_after_the_backoff_a_new_gang_is_created() -> None:
     status = TrainJobStatus(phase="Restarting", restarts=1, start_time=T0, last_restart_time=at(100))
     d = decide(observed(status=status, now=at(111)))
-    assert d.create_ranks == (0, 1, 2, 3)
+    assert created_ranks(d) == (0, 1, 2, 3)
     assert d.events == ()
     d = decide(observed(status=d.status, pods=workers(4, attempt=1, phase="Pending"), now=at(112)))
-    assert d.events == (JobEvent("Normal", "GangRestarted", "recreated 4 worker pods (attempt 1)"),)
+    assert d.events == (Event("Normal", "GangRestarted", "recreated 4 worker pods (attempt 1)"),)
 
 
 def test_stale_pods_are_deleted_before_the_new_gang() -> None:
     status = TrainJobStatus(phase="Restarting", restarts=1, start_time=T0, last_restart_time=T0)
     pods = [worker(0, attempt=0), worker(1, attempt=0, phase="Failed", exit_code=137)]
     d = decide(observed(status=status, pods=pods, now=at(60)))
-    assert (d.delete_pods, d.create_ranks) == (("llama-0", "llama-1"), ())
+    assert (deleted_pods(d), created_ranks(d)) == (("llama-0", "llama-1"), ())
     assert d.requeue_after == 1.0
 
 
@@ -325,20 +334,20 @@ def test_the_new_gang_running_clears_restarting() -> None:
 
 def test_suspend_deletes_pods_and_clears_the_start_time() -> None:
     d = decide(observed(spec=make_spec(numNodes=4, suspend=True), status=running_status(), pods=workers(4)))
-    assert (d.status.phase, d.status.start_time, d.delete_pods) == ("Suspended", None, NAMES)
+    assert (d.status.phase, d.status.start_time, deleted_pods(d)) == ("Suspended", None, NAMES)
     assert conditions(d.status)["Suspended"] == ("True", "JobSuspended")
     assert [e.reason for e in d.events] == ["JobSuspended"]
 
 
 def test_created_suspended_never_creates_pods() -> None:
     d = decide(observed(spec=make_spec(numNodes=4, suspend=True)))
-    assert (d.status.phase, d.create_ranks) == ("Suspended", ())
+    assert (d.status.phase, created_ranks(d)) == ("Suspended", ())
 
 
 def test_resume_recreates_the_gang() -> None:
     status = TrainJobStatus(phase="Suspended", restarts=1)
     d = decide(observed(status=status, now=at(30)))
-    assert (d.status.phase, d.status.start_time, d.create_ranks) == ("Pending", at(30), (0, 1, 2, 3))
+    assert (d.status.phase, d.status.start_time, created_ranks(d)) == ("Pending", at(30), (0, 1, 2, 3))
     assert [e.reason for e in d.events] == ["JobResumed"]  # GangRestarted once the pods exist
     assert conditions(d.status)["Suspended"] == ("False", "JobResumed")
 
@@ -346,7 +355,7 @@ def test_resume_recreates_the_gang() -> None:
 def test_resume_waits_for_terminating_pods() -> None:
     pods = [worker(0, deletion_timestamp=at(10))]
     d = decide(observed(status=TrainJobStatus(phase="Suspended"), pods=pods, now=at(5)))
-    assert (d.status.phase, d.create_ranks) == ("Pending", ())
+    assert (d.status.phase, created_ranks(d)) == ("Pending", ())
 
 
 def test_active_deadline_fails_the_job() -> None:
@@ -356,14 +365,14 @@ def test_active_deadline_fails_the_job() -> None:
     late = decide(observed(spec=spec, status=running_status(), pods=workers(4), now=at(600)))
     assert late.status.phase == "Failed"
     assert conditions(late.status)["Failed"] == ("True", "DeadlineExceeded")
-    assert late.delete_pods == NAMES
+    assert deleted_pods(late) == NAMES
 
 
 def test_terminal_phase_never_changes() -> None:
     status = TrainJobStatus(phase="Succeeded", start_time=T0, completion_time=at(10))
     pods = [worker(0, phase="Succeeded", exit_code=0), worker(1, phase="Failed", exit_code=137)]
     d = decide(observed(spec=make_spec(numNodes=2, suspend=True), status=status, pods=pods, now=at(20)))
-    assert (d.status.phase, d.status.restarts, d.create_ranks, d.delete_pods, d.events) == (
+    assert (d.status.phase, d.status.restarts, created_ranks(d), deleted_pods(d), d.events) == (
         "Succeeded",
         0,
         (),
@@ -376,7 +385,7 @@ def test_terminal_phase_never_changes() -> None:
     ("now", "delete_job", "requeue"),
     [
         pytest.param(at(40), False, 30.0, id="not-yet"),
-        pytest.param(at(70), True, RESYNC_SECONDS, id="expired"),
+        pytest.param(at(70), True, None, id="expired"),
     ],
 )
 def test_ttl_after_finished(now, delete_job, requeue) -> None:
@@ -384,23 +393,23 @@ def test_ttl_after_finished(now, delete_job, requeue) -> None:
     status = TrainJobStatus(phase="Failed", completion_time=at(10))
     pods = [worker(0, phase="Failed", exit_code=1), worker(1, phase="Failed", exit_code=1)]
     d = decide(observed(spec=spec, status=status, pods=pods, now=now))
-    assert (d.delete_job, d.requeue_after) == (delete_job, requeue)
-    assert d.delete_pods == (("llama-0", "llama-1") if delete_job else ())
+    assert (deletes_job(d), d.requeue_after) == (delete_job, requeue)
+    assert deleted_pods(d) == (("llama-0", "llama-1") if delete_job else ())
 
 
 def test_stuck_terminating_pod_is_force_deleted() -> None:
     status = TrainJobStatus(phase="Restarting", restarts=1, start_time=T0, last_restart_time=T0)
     pods = [worker(0, attempt=0, deletion_timestamp=at(30)), worker(1, attempt=0, deletion_timestamp=at(100))]
     d = decide(observed(status=status, pods=pods, now=at(95)))  # forceDeleteAfterSeconds: 60
-    assert d.force_delete_pods == ("llama-0",)
+    assert force_deleted_pods(d) == ("llama-0",)
     assert d.events == (
-        JobEvent(
+        Event(
             "Warning",
             "StuckPodForceDeleted",
             "pod llama-0 was Terminating for 65s past its grace period; force-deleted",
         ),
     )
-    assert d.create_ranks == ()
+    assert created_ranks(d) == ()
 
 
 # --- pure helpers ---------------------------------------------------------------------------------------

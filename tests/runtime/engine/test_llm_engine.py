@@ -100,11 +100,11 @@ def test_unknown_architecture_and_small_cache_errors(tmp_path, model_dir):
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["DbrxForCausalLM"]
+    cfg["architectures"] = ["JambaForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         ValueError,
-        match="DbrxForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM",
+        match="JambaForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM, MiniCPM3ForCausalLM, MistralForCausalLM, .*Qwen2ForCausalLM",
     ):
         LLMEngine(EngineArgs(model=bad, device="cpu", num_blocks=16))
     with pytest.raises(ValueError, match="fewer than max_model_len=128"):

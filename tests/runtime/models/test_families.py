@@ -44,6 +44,9 @@ def _set(hf: dict, key: str, value) -> None:
         rope = hf["rope_parameters"]
         rope = rope.get("full_attention", rope)  # Gemma3: per layer type
         rope[key] = value
+    elif "." in key:  # a nested config's key (DBRX: "ffn_config.moe_top_k")
+        outer, inner = key.split(".", 1)
+        hf[outer] = {**(hf.get(outer) or {}), inner: value}
     else:
         hf[key] = value
 
@@ -87,7 +90,7 @@ def test_the_rope_types_accepted_are_the_ones_the_rope_tables_compute():
 def test_an_unsupported_value_is_refused_by_architecture_key_and_value(architecture, key):
     hf = _base(architecture)
     ModelConfig.from_hf(copy.deepcopy(hf))  # the base parses
-    value = _unsupported(FAMILIES[architecture].keys[key], hf["num_hidden_layers"])
+    value = _unsupported(FAMILIES[architecture].keys[key], hf.get("num_hidden_layers") or hf["n_layers"])
     _set(hf, key, value)
     shown = repr(value[0] if isinstance(value, list) else value)
     with pytest.raises(
@@ -108,6 +111,9 @@ def test_table_defaults_are_transformers_defaults(architecture):
     checked = 0
     for key, spec in family.keys.items():
         source = rope if key in _ROPE_KEYS else hf
+        if "." in key:  # DBRX's nested attn_config / ffn_config
+            outer, key = key.split(".", 1)
+            source = hf.get(outer) or {}
         if key in SHAPE_KEYS or key not in source:  # shapes: the size of a default model, not a behaviour
             continue
         if (

@@ -100,3 +100,25 @@ def test_legacy_families_on_the_triton_backend_match_torch(tmp_path):
             for arch in ("bloom", "mpt", "falcon-rw", "falcon")
         }
     )
+
+
+@pytest.mark.slow  # ~2 min in the Triton interpreter on 2 busy cores
+def test_moe_and_mla_families_on_the_triton_backend_match_torch(tmp_path):
+    """Mixtral's experts through the fused MoE kernel; DeepSeek-V3's latent attention (torch, over the
+    Triton backend's metadata) with its MoE layer through the kernel."""
+    assert_triton_matches_torch(
+        {
+            arch: str(
+                save_tiny_model(
+                    tmp_path / arch,
+                    arch,
+                    widen=True,
+                    hidden_size=32,
+                    num_heads=2,
+                    num_kv_heads=1,
+                    num_layers=2,
+                )
+            )  # fmt: skip
+            for arch in ("mixtral", "deepseek_v3")
+        }
+    )

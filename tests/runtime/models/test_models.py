@@ -76,9 +76,10 @@ def test_llama3_rope_frequencies_match_transformers(arch):
 
 def test_unknown_architecture_names_the_supported_ones():
     with pytest.raises(
-        ValueError, match=r"'DbrxForCausalLM'; supported: .*LlamaForCausalLM, MistralForCausalLM"
+        ValueError,
+        match=r"'JambaForCausalLM'; supported: .*LlamaForCausalLM, MiniCPM3ForCausalLM, MistralForCausalLM",
     ):
-        get_model_class("DbrxForCausalLM")
+        get_model_class("JambaForCausalLM")
 
 
 def test_unsupported_rope_scaling():

@@ -18,7 +18,16 @@ from lmforge import LLM, SamplingParams
 from lmforge.runtime.models.tiny import TINY_SPECS, save_tiny_model
 from lmforge.runtime.quantize import main
 
-FAMILY_ARCHS = sorted({model_type: name for name, (model_type, _) in reversed(TINY_SPECS.items())}.values())
+# MoE and MLA families: tests/runtime/models/test_quant_moe.py (transformers keeps their experts as stacked
+# parameters, so its compressed-tensors loader is no reference for quantized experts)
+_SPARSE = {"mixtral", "qwen2_moe", "phimoe", "deepseek_v2", "deepseek_v3", "minicpm3", "dbrx"}
+FAMILY_ARCHS = sorted(
+    {
+        model_type: name
+        for name, (model_type, _) in reversed(TINY_SPECS.items())
+        if model_type not in _SPARSE
+    }.values()
+)
 METHODS = ("w8a16", "w4a16-rtn")
 PROMPT = list(range(5, 45))  # past the 20-24-token windows
 MAX_TOKENS = 8

@@ -178,6 +178,12 @@ def test_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_path("/abs/path", "model") == Path("/abs/path")
     with pytest.raises(ConfigError, match="output.dir: 'hf://org/name'"):  # hf:// is read-only: model/dataset
         resolve_path("hf://org/name", "output.dir")
-    with pytest.raises(ConfigError, match="model: 's3://bucket/llama'"):
-        resolve_path("s3://bucket/llama", "model")
+    monkeypatch.setenv("LMFORGE_STAGING_DIR", "/stage")
+    from lmforge.runtime.storage.cache import key
+
+    # s3:// outputs are written to the node's staging directory (rank 0 uploads them); inputs are
+    # downloaded (tests/runtime/train/test_train_s3.py)
+    assert resolve_path("s3://bucket/out", "output.dir") == Path("/stage") / key("s3://bucket/out")
+    with pytest.raises(ConfigError, match="hyperparameters.x: 's3://bucket/x': the worker reads local paths"):
+        resolve_path("s3://bucket/x", "hyperparameters.x")
     assert isinstance(config_from_dict(MINIMAL), TrainConfig)

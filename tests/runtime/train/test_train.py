@@ -229,6 +229,25 @@ def test_lora_merged_loads_in_lmforge_engine(lora_run: Path) -> None:
     assert len(out.outputs[0].token_ids) >= 1
 
 
+def test_lora_adapter_served_unmerged_equals_the_merged_model(lora_run: Path, tiny_model: Path) -> None:
+    """The TrainJob's adapter directory, served as-is on the base (--enable-lora), gives the merged model's
+    greedy tokens and logprobs: what an InferenceService picks up from a finished LoRA TrainJob."""
+    from lmforge import LLM, LoRARequest, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True)
+    prompts = [[0, 5, 17, 42, 99, 7], list(range(3, 40))]
+    served = LLM(tiny_model, device="cpu", dtype="float32", max_model_len=128, num_blocks=16, enable_lora=True,
+                 max_lora_rank=8, lora_modules={"ft": str(lora_run)})  # fmt: skip
+    merged = LLM(lora_run / "merged", device="cpu", dtype="float32", max_model_len=128, num_blocks=16)
+    ours = served.generate(prompts, params, lora_request=LoRARequest("ft"))
+    base = served.generate(prompts, params)
+    for got, want, plain in zip(ours, merged.generate(prompts, params), base, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
+        assert plain.outputs[0].logprobs != got.outputs[0].logprobs  # the adapter changed something
+
+
 def test_lora_resume_with_dropout_and_accumulation(
     lora_config, lora_run: Path, tmp_path: Path, helpers
 ) -> None:
