@@ -24,7 +24,7 @@ layer's own softmax scale (head_dim ** -0.5 unless the model says otherwise).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,6 +92,7 @@ class TorchAttentionMetadata:
     prefill_cu_seqlens: torch.Tensor | None  # [Bp + 1] int32 over prefill_tokens
     max_prefill_len: int
     prompt_lens: torch.Tensor | None = None  # [T], CommonAttentionMetadata.prompt_lens
+    query_lens: list[int] = field(default_factory=list)  # [B] host (MLA walks the batch per sequence)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -143,6 +144,7 @@ class TorchAttentionBackend(AttentionBackend):
             prefill_cu_seqlens=prefill_cu,
             max_prefill_len=max_prefill,
             prompt_lens=common.prompt_lens,
+            query_lens=common.query_lens,
         )
 
     def forward(
