@@ -475,15 +475,27 @@ def serve(
 ) -> tuple[dict[str, Any], str]:
     """The serveAfter InferenceService until Ready; returns its status and one ready endpoint
     (pod IP:port, reachable from this host)."""
+    return serve_named(kube, namespace, SERVICE, timeout, every, on_poll)
+
+
+def serve_named(
+    kube: Kube,
+    namespace: str,
+    service: str,
+    timeout: float = 300,
+    every: float = 2,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """InferenceService `service` until Ready; its status and one ready endpoint (pod IP:port)."""
     from lmforge.devcluster.node.cli import endpoints
 
     status = _wait_phase(
-        kube, "inferenceservices.lmforge.dev", SERVICE, namespace, ("Ready",), timeout, every, on_poll
+        kube, "inferenceservices.lmforge.dev", service, namespace, ("Ready",), timeout, every, on_poll
     )
     found = wait(
-        lambda: endpoints(kube.env.get("KUBECONFIG"), namespace, SERVICE),
+        lambda: endpoints(kube.env.get("KUBECONFIG"), namespace, service),
         60,
-        f"a ready endpoint of Service {namespace}/{SERVICE}",
+        f"a ready endpoint of Service {namespace}/{service}",
     )
     return status, found[0]
 

@@ -348,3 +348,70 @@ def test_category_and_short_names(crds) -> None:
     for short in ("lmtj", "lmisvc", "lmqj"):
         assert short in resources
     assert crds.kubectl("get", "lmforge", "-n", NAMESPACE, check=False).returncode == 0
+
+
+# --- multi-LoRA (issue #22): spec.adapters, engine.lora, TrainJob serveAfter -----------------------
+
+LORA = {"lora": {"maxLoras": 2, "adapterRoots": ["pvc://tuned"]}}
+LORA_REJECTED = [
+    pytest.param(
+        isvc(
+            engine=LORA,
+            adapters=[{"name": "a", "source": "pvc://tuned/a"}, {"name": "a", "fromTrainJob": "t"}],
+        ),
+        ["spec.adapters[1]", "Duplicate value"],
+        id="adapter-name-twice",
+    ),
+    pytest.param(
+        isvc(engine=LORA, adapters=[{"name": "a"}]),
+        ["spec.adapters[0].source", "exactly one of source or fromTrainJob"],
+        id="adapter-without-source",
+    ),
+    pytest.param(
+        isvc(engine=LORA, adapters=[{"name": "a", "source": "pvc://tuned/a", "fromTrainJob": "t"}]),
+        ["spec.adapters[0].source", "exactly one of source or fromTrainJob"],
+        id="adapter-with-both",
+    ),
+    pytest.param(
+        isvc(adapters=[{"name": "a", "source": "pvc://tuned/a"}]),
+        ["spec.adapters", "adapters needs engine.lora"],
+        id="adapters-without-engine-lora",
+    ),
+    pytest.param(
+        isvc(engine=LORA, apiKeySecret={"name": "k", "key": "key"}),
+        ["spec.engine.lora", "cannot be combined with apiKeySecret"],
+        id="lora-with-api-key",
+    ),
+    pytest.param(
+        isvc(engine={**LORA, "tensorParallelSize": 2}, resources={"limits": {"nvidia.com/gpu": 2}}),
+        ["spec.engine.lora", "cannot be combined with engine.tensorParallelSize > 1"],
+        id="lora-with-tensor-parallel",
+    ),
+    pytest.param(
+        trainjob(method="full", serveAfter={"inferenceService": "svc"}),
+        ["spec.serveAfter", "may only be set when method is lora"],
+        id="serve-after-full-fine-tune",
+    ),
+    pytest.param(
+        trainjob(output={"dir": "pvc://out/a", "mergeAdapter": True}, serveAfter={"inferenceService": "svc"}),
+        ["spec.serveAfter", "cannot be combined with output.mergeAdapter"],
+        id="serve-after-merge-adapter",
+    ),
+]
+
+
+@pytest.mark.parametrize(("obj", "fragments"), LORA_REJECTED)
+def test_bad_lora_specs_are_rejected_naming_the_field(
+    crds, obj: dict[str, Any], fragments: list[str]
+) -> None:
+    result = apply(crds, obj)
+    assert result.returncode != 0, f"accepted: {json.dumps(obj['spec'])}"
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_lora_specs_are_accepted(crds) -> None:
+    adapters = [{"name": "sql", "source": "pvc://tuned/sql"}, {"name": "support", "fromTrainJob": "tj"}]
+    assert apply(crds, isvc(engine=LORA, adapters=adapters)).returncode == 0
+    result = apply(crds, trainjob(serveAfter={"inferenceService": "svc", "adapterName": "support"}))
+    assert result.returncode == 0, result.stderr

@@ -235,7 +235,8 @@ def test_printer_columns(services: Services) -> None:
     assert out[0].split() == ["NAME", "PHASE", "READY", "REPLICAS", "URL", "AGE"]
     assert out[1].split()[:5] == ["chat", "Ready", "2", "2", f"http://chat.{NAMESPACE}.svc.cluster.local/v1"]
     wide = services.kubectl("get", "lmisvc", "chat", "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-1] == "MODEL" and wide[1].split()[-1] == MODEL
+    assert wide[0].split()[-2:] == ["MODEL", "ADAPTERS"]  # ADAPTERS: "sql 2/2, ..." (none here)
+    assert wide[1].split()[-1] == MODEL  # an absent status.adaptersSummary prints as an empty cell
 
 
 def test_kubectl_scale_and_drift_repair(services: Services, wait_for) -> None:

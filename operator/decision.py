@@ -78,7 +78,20 @@ class Scale:
     field_manager: str = FIELD_MANAGER
 
 
-Action = Create | Apply | Delete | DeleteCollection | Scale
+@dataclass(frozen=True, slots=True)
+class AdapterCall:
+    """POST /v1/load_lora_adapter {lora_name, lora_path} or /v1/unload_lora_adapter {lora_name} on one
+    replica (`base_url`: http://<pod ip>:8000). Idempotent: loading one loaded already and unloading one
+    gone count as done; a refusal (the engine's 400 naming the file) is the adapter's lastError."""
+
+    pod: str
+    base_url: str
+    verb: Literal["load", "unload"]
+    name: str
+    path: str | None = None
+
+
+Action = Create | Apply | Delete | DeleteCollection | Scale | AdapterCall
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from lmforge.operator.api.base import (
     ApiModel,
@@ -67,6 +67,25 @@ class EngineSpec(ApiModel):
     """GPUs one replica splits the model over (one process per rank in the pod, NCCL). The pod's
     nvidia.com/gpu limit defaults to it and must not be below it; a limit of 0 runs the ranks on CPU
     (gloo). The autoscaler counts replicas, each of tensorParallelSize GPUs."""
+    lora: LoRAEngine | None = None
+    """Serve LoRA adapters (spec.adapters) beside the base model (off when absent)."""
+
+
+class LoRAEngine(ApiModel):
+    """Multi-LoRA serving (the server's --enable-lora --allow-runtime-lora-updating). Part of the pod
+    template: setting or changing it restarts the pods once; the adapter list never does."""
+
+    max_loras: int = Field(4, ge=1, le=256)
+    """Adapters resident on the GPU at once (--max-loras)."""
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    """Largest adapter rank served (--max-lora-rank); a larger one is a load error on the adapter."""
+    max_cpu_loras: int | None = Field(None, ge=1, le=4096)
+    """Adapters cached in host memory, LRU (--max-cpu-loras; default: maxLoras)."""
+    adapter_roots: list[Annotated[str, local_uri("engine.lora.adapterRoots")]] = Field([], max_length=16)
+    """Volumes mounted read-only by every replica for adapters: pvc://<claim> or hostPath:///<dir>
+    (e.g. where TrainJobs write their output). An adapter must sit under one of them, under the
+    model's claim (pvc://) or under a spec.volumeMounts path: the operator loads adapters over HTTP into
+    running pods, and a pod cannot mount a new volume without a restart."""
 
 
 class Autoscaling(ApiModel):
@@ -113,6 +132,39 @@ def _gpu_limit(resources: ResourceRequirements | None) -> int | None:
     return int(resources.limits["nvidia.com/gpu"])
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class Adapter(ApiModel):
+    """A LoRA adapter served beside the base model; a request's `model` picks it by name."""
+
+    __rules__ = (
+        Rule(
+            cel="has(self.source) != has(self.fromTrainJob)",
+            message="exactly one of source or fromTrainJob must be set",
+            check=lambda a: (a.source is None) != (a.from_train_job is None),
+            field_path=".source",
+        ),
+    )
+
+    name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME_PATTERN)
+    """The adapter's model id in the OpenAI API."""
+    source: Annotated[str, local_uri("adapters.source")] | None = None
+    """PEFT adapter directory: pvc://<claim>/<path>, hostPath:///<dir> or /<dir>, on a volume the pods
+    mount (see engine.lora.adapterRoots). hf:// is refused: the server loads adapters from local disk."""
+    from_train_job: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    """A TrainJob (method: lora) in this namespace: its output.dir, once it Succeeded."""
+
+
+def _unique_adapter_names(adapters: list[Adapter]) -> list[Adapter]:
+    """The API server enforces the same through the list-map key `name` (a Duplicate value error)."""
+    names = [a.name for a in adapters]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"adapters: name {twice[0]!r} is used twice (adapter names must be unique)")
+    return adapters
+
+
 class InferenceServiceSpec(ApiModel):
     """Desired state of an InferenceService."""
 
@@ -129,6 +181,27 @@ class InferenceServiceSpec(ApiModel):
                 or s.engine.tensor_parallel_size <= _gpu_limit(s.resources)
             ),
             field_path=".engine.tensorParallelSize",
+        ),
+        Rule(
+            cel="size(self.adapters) == 0 || has(self.engine.lora)",
+            message="adapters needs engine.lora (multi-LoRA serving is part of the pod template)",
+            check=lambda s: not s.adapters or s.engine.lora is not None,
+            field_path=".adapters",
+        ),
+        Rule(
+            cel="!has(self.engine.lora) || !has(self.engine.tensorParallelSize) || "
+            "self.engine.tensorParallelSize == 1",
+            message="engine.lora cannot be combined with engine.tensorParallelSize > 1 yet (the engine does not "
+            "shard adapters)",
+            check=lambda s: s.engine.lora is None or s.engine.tensor_parallel_size == 1,
+            field_path=".engine.lora",
+        ),
+        Rule(
+            cel="!has(self.engine.lora) || !has(self.apiKeySecret)",
+            message="engine.lora cannot be combined with apiKeySecret yet (the operator would need to read the Secret "
+            "to load adapters)",
+            check=lambda s: s.engine.lora is None or s.api_key_secret is None,
+            field_path=".engine.lora",
         ),
     )
 
@@ -161,6 +234,13 @@ class InferenceServiceSpec(ApiModel):
     """Extra pod volumes (passed through)."""
     volume_mounts: list[PassThrough] | None = None
     """Extra mounts of the server container (passed through)."""
+    adapters: Annotated[list[Adapter], AfterValidator(_unique_adapter_names)] = Field(
+        [],
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """LoRA adapters loaded into every ready replica over HTTP: adding, removing or changing one never
+    restarts a pod (needs engine.lora)."""
 
 
 InferenceServicePhase = Literal["Pending", "Loading", "Ready", "Degraded", "ScaledToZero", "Failed"]
@@ -220,6 +300,18 @@ class ModelFetchStatus(StatusModel):
     """Downloading: seconds left at the current rate (the slowest replica)."""
 
 
+class AdapterStatus(StatusModel):
+    """One desired adapter: where it is read from and which ready replicas serve it."""
+
+    name: str
+    path: str | None = None
+    """The directory inside the pods (None while a fromTrainJob has no output yet)."""
+    replicas: list[str] = []
+    """Ready pods serving it from `path`."""
+    last_error: str | None = None
+    """The latest reason it is not served (a load's 400, a TrainJob not Succeeded yet)."""
+
+
 class InferenceServiceStatus(StatusModel):
     """Observed state of an InferenceService, written only by the operator."""
 
@@ -249,6 +341,10 @@ class InferenceServiceStatus(StatusModel):
     """How each replica splits the model (tensor parallel ranks and the GPUs they use)."""
     history: list[ScaleEvent] = Field([], max_length=20)
     """Most recent scaling changes, newest last (at most 20)."""
+    adapters: list[AdapterStatus] = []
+    """Per spec.adapters entry (and TrainJob serveAfter), the replicas serving it and the last error."""
+    adapters_summary: str | None = None
+    """Served/desired per adapter for `kubectl get -o wide`, e.g. "sql 2/2, chat 0/2"."""
 
 
 CRD = CrdInfo(
@@ -269,5 +365,8 @@ CRD = CrdInfo(
         PrinterColumn("URL", ".status.url", description="OpenAI API base URL"),
         PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
         PrinterColumn("Model", ".spec.model.source", priority=1),
+        PrinterColumn(
+            "Adapters", ".status.adaptersSummary", description="Replicas serving each adapter", priority=1
+        ),
     ),
 )

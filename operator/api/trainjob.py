@@ -145,6 +145,24 @@ class Output(ApiModel):
     """lora only: also write the base model with the adapter merged in (<dir>/merged)."""
 
 
+class ServeAfter(ApiModel):
+    """Serve the trained adapter on a running InferenceService once the job Succeeded (method: lora):
+    that InferenceService loads <output.dir> into every ready replica as `adapterName`, no restart.
+    The LoRA twin of QuantizeJob's serveAfter (which creates an InferenceService instead)."""
+
+    inference_service: Annotated[
+        str, Field(min_length=1, max_length=50, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    ]
+    """Name of the InferenceService (same namespace, with engine.lora) to serve the adapter on."""
+    adapter_name: (
+        Annotated[
+            str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+        ]
+        | None
+    ) = None
+    """The adapter's model id in the OpenAI API (default: the TrainJob's name)."""
+
+
 class FailurePolicy(ApiModel):
     """What a worker failure does. The root cause is the earliest pod to fail (its peers usually die
     of NCCL timeouts after it). Exit codes 1-127 are application errors (the job fails); 128+ are
@@ -235,6 +253,21 @@ class TrainJobSpec(ApiModel):
             reason="FieldValueForbidden",
         ),
         Rule(
+            cel="!has(self.serveAfter) || self.method == 'lora'",
+            message="serveAfter may only be set when method is lora (it serves the adapter on an InferenceService)",
+            check=lambda s: s.serve_after is None or s.method == "lora",
+            field_path=".serveAfter",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="!has(self.serveAfter) || !self.output.mergeAdapter",
+            message="serveAfter cannot be combined with output.mergeAdapter: it serves the adapter directory, "
+            "not a merged model",
+            check=lambda s: s.serve_after is None or not s.output.merge_adapter,
+            field_path=".serveAfter",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
             cel="!has(self.procsPerNode) || !has(self.resourcesPerNode) || !has(self.resourcesPerNode.limits) || "
             "!('nvidia.com/gpu' in self.resourcesPerNode.limits) || "
             "self.procsPerNode <= int(string(self.resourcesPerNode.limits['nvidia.com/gpu']))",
@@ -305,6 +338,8 @@ class TrainJobSpec(ApiModel):
     """Fail the job (reason DeadlineExceeded) if it runs longer than this, counted from the (last) start."""
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     """Delete the job and its pods this long after it Succeeded or Failed."""
+    serve_after: ServeAfter | None = None
+    """method: lora: once Succeeded, the adapter is served on this running InferenceService (no restart)."""
     scheduler_name: str | None = Field(None, min_length=1, max_length=253)
     """Pod schedulerName (e.g. a gang scheduler)."""
     priority_class_name: str | None = Field(None, min_length=1, max_length=253)

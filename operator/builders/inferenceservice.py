@@ -29,6 +29,7 @@ from typing import Any
 
 from lmforge.operator.api.constants import LABEL_KIND, LABEL_MANAGED_BY, MANAGED_BY
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec
+from lmforge.operator.builders.inferenceservice_adapters import root_volumes as adapter_root_volumes
 from lmforge.operator.builders.owner import OwnerRef
 from lmforge.operator.builders.owner import owner_reference as owned_by
 from lmforge.operator.builders.storage import ModelCache, locate, storage_initializer
@@ -203,6 +204,14 @@ def serve_command(ref: ServiceRef, spec: InferenceServiceSpec, model_path: str) 
         command.append("--enforce-eager")
     if engine.tensor_parallel_size > 1:
         command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.lora is not None:  # fixed by engine.lora, never by spec.adapters: loaded over HTTP
+        lora = engine.lora
+        command += [
+            "--enable-lora", "--allow-runtime-lora-updating",
+            "--max-loras", str(lora.max_loras), "--max-lora-rank", str(lora.max_lora_rank),
+        ]  # fmt: skip
+        if lora.max_cpu_loras is not None:
+            command += ["--max-cpu-loras", str(lora.max_cpu_loras)]
     return command
 
 
@@ -306,6 +315,7 @@ def pod_template(
 ) -> dict[str, Any]:
     location = model_location(spec, cfg)
     image = spec.image or cfg.default_image
+    lora_volumes, lora_mounts = adapter_root_volumes(spec)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": image,
@@ -315,12 +325,12 @@ def pod_template(
         "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         **probes(spec, cfg),
         "lifecycle": {"preStop": {"sleep": {"seconds": cfg.pre_stop_sleep_seconds}}},
-        "volumeMounts": [*location.mounts, *(spec.volume_mounts or ())],
+        "volumeMounts": [*location.mounts, *lora_mounts, *(spec.volume_mounts or ())],
     }
     resources = container_resources(spec)
     if resources:
         container["resources"] = resources
-    volumes = [*location.volumes, *(spec.volumes or ())]
+    volumes = [*location.volumes, *lora_volumes, *(spec.volumes or ())]
     if spec.engine.tensor_parallel_size > 1:  # /dev/shm in RAM, as large as the pod's memory allows
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
         container["volumeMounts"].append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})

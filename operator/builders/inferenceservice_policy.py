@@ -17,20 +17,23 @@ One pass, in this order of precedence:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from lmforge.operator import autoscaler
+from lmforge.operator import adapter_sync, autoscaler
 from lmforge.operator.api import reasons as r
-from lmforge.operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
+from lmforge.operator.api.inferenceservice import AdapterStatus, InferenceServiceSpec, InferenceServiceStatus
 from lmforge.operator.builders import inferenceservice as build
+from lmforge.operator.builders.inferenceservice_adapters import Wanted, summary
 from lmforge.operator.builders.inferenceservice_status import (
     DeploymentView,
     ServingPod,
     record_autoscaling,
     reflect,
 )
-from lmforge.operator.decision import Action, Apply, Decision, Delete, Event, Scale, is_terminal
+from lmforge.operator.decision import Action, AdapterCall, Apply, Decision, Delete, Event, Scale, is_terminal
 
 INTERVAL_SECONDS = 5.0  # look (and scrape) this often (LMFORGE_AUTOSCALER_INTERVAL_SECONDS)
 AUTOSCALER_MANAGER = "lmforge-autoscaler"
@@ -60,6 +63,10 @@ class Observed:
     scraped: bool = False  # this pass scraped the pods: the autoscaler decides
     autoscaling_refresh_due: bool = False  # rewrite status.autoscaling even without a change
     interval: float = INTERVAL_SECONDS
+    adapters: Wanted = field(default_factory=lambda: Wanted({}, {}, ()))  # what to serve (spec, serveAfter)
+    served: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # ready pod -> adapter -> dir
+    pod_urls: Mapping[str, str] = field(default_factory=dict)  # ready pod -> http://<ip>:8000
+    load_errors: Mapping[str, str] = field(default_factory=dict)  # adapter -> its last failed call
 
     @property
     def ref(self) -> build.ServiceRef:
@@ -106,6 +113,8 @@ def decide(obs: Observed) -> Decision[InferenceServiceStatus]:
         status, scaling, scale_events = _scale(obs, status, obs.current)
         actions += scaling
         events += scale_events
+    status, adapter_calls = serve_adapters(obs, status)
+    actions += adapter_calls
     return Decision(status, events=tuple(events), actions=tuple(actions), requeue_after=obs.interval)
 
 
@@ -165,3 +174,28 @@ def _scale(
         now=obs.now.replace(microsecond=0),
     )
     return status, actions, [event] if event else []
+
+
+def serve_adapters(
+    obs: Observed, status: InferenceServiceStatus
+) -> tuple[InferenceServiceStatus, list[AdapterCall]]:
+    """Per ready replica that answered /v1/models: unload what is no longer wanted, load what is
+    missing (adapter_sync.plan); status.adapters lists every wanted adapter with the replicas serving
+    it now and its last error (a TrainJob not done yet, a load the engine refused)."""
+    wanted = obs.adapters
+    calls = [
+        AdapterCall(a.replica, obs.pod_urls[a.replica], a.verb, a.name, a.path)
+        for a in adapter_sync.plan(wanted.paths, obs.served)
+        if a.replica in obs.pod_urls
+    ]
+    errors = {**{k: v for k, v in obs.load_errors.items() if k in wanted.paths}, **wanted.errors}
+    by_name: dict[str, dict[str, Any]] = {
+        e["name"]: e for e in adapter_sync.status_entries(wanted.paths, obs.served, errors)
+    }
+    entries = [
+        AdapterStatus.model_validate(by_name.get(name) or {"name": name, "lastError": errors.get(name)})
+        for name in wanted.names
+    ]
+    summary_text = summary([e.model_dump() for e in entries], len(obs.served))
+    update = {"adapters": entries, "adapters_summary": summary_text}
+    return status.model_copy(update=update), calls

@@ -12,31 +12,35 @@ lagging watch never undoes a scale.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
 import kopf
 
-from lmforge.operator import autoscaler, clock, metrics_scraper
+from lmforge.operator import adapter_sync, autoscaler, clock, metrics_scraper
 from lmforge.operator.api import constants as c
 from lmforge.operator.api import reasons as r
 from lmforge.operator.api.base import StatusModel
 from lmforge.operator.api.inferenceservice import InferenceServiceSpec, InferenceServiceStatus
 from lmforge.operator.builders import inferenceservice as build
+from lmforge.operator.builders import inferenceservice_adapters as adapters
 from lmforge.operator.builders.inferenceservice_policy import Observed, decide
 from lmforge.operator.builders.inferenceservice_status import DeploymentView, ServingPod
 from lmforge.operator.builders.storage import model_cache_from_env
 from lmforge.operator.controllers import reconcile
 from lmforge.operator.controllers.bodies import plain
-from lmforge.operator.decision import Apply, Decision, Scale, invalid_spec
+from lmforge.operator.decision import AdapterCall, Apply, Decision, Scale, invalid_spec
 from lmforge.operator.kube import INFERENCESERVICES, Object, Resource
 
 PLURAL = "inferenceservices"
 INTERVAL = float(os.environ.get("LMFORGE_AUTOSCALER_INTERVAL_SECONDS", "5"))
+MODELS_TIMEOUT_SECONDS = 3.0  # GET /v1/models of one replica
+LOAD_TIMEOUT_SECONDS = 30.0  # the engine reads and checks an adapter between two steps
 AUTOSCALING_STATUS_REFRESH = 30.0  # rewrite status.autoscaling without a change at most this often
 REAPPLY_SECONDS = 60.0  # re-apply the owned objects this often (drift back to the desired state)
 OWNED: dict[str, Any] = {build.LABEL_INFERENCESERVICE: kopf.PRESENT}
@@ -63,6 +67,7 @@ class ServiceMemory(reconcile.Memory):
     history: tuple[autoscaler.Scrape, ...] = ()
     scraped_at: float = 0.0
     autoscaling_written: float = 0.0
+    load_errors: dict[str, str] = field(default_factory=dict)  # adapter -> its last failed load
 
 
 @dataclass(slots=True, kw_only=True)
@@ -102,6 +107,11 @@ class InferenceServices(reconcile.Kind[Observed, InferenceServiceStatus, Service
         ):
             await self._scrape(obj, memory, spec, pods, current, now)
             memory.scraped_at, scraped = tick, True
+        wanted = adapters.wanted(
+            meta["name"], spec, (indexes.get("trainjobs") or {}).get(meta["namespace"], ())
+        )
+        base = build.served_name(build.ServiceRef(meta["name"], meta["namespace"], meta["uid"]), spec)
+        served, urls = await self._served(spec, base, pods)
         generation = meta.get("generation")
         if memory.applied_spec_replicas is None:  # new to this process: changed only if never applied
             replicas_changed = status.observed_generation is None
@@ -128,7 +138,58 @@ class InferenceServices(reconcile.Kind[Observed, InferenceServiceStatus, Service
             scraped=scraped,
             autoscaling_refresh_due=tick - memory.autoscaling_written >= AUTOSCALING_STATUS_REFRESH,
             interval=INTERVAL,
+            adapters=wanted,
+            served=served,
+            pod_urls=urls,
+            load_errors=dict(memory.load_errors),
         )
+
+    async def _served(
+        self, spec: InferenceServiceSpec, base: str, pods: tuple[ServingPod, ...]
+    ) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        """Each ready replica's adapters, from its /v1/models (the observed state of the adapters);
+        a replica that does not answer is left out this pass (nothing is loaded on it blindly)."""
+        if spec.engine.lora is None:
+            return {}, {}
+        urls = {p.name: f"http://{p.ip}:{build.SERVER_PORT}" for p in pods if p.serving and p.ip}
+        served: dict[str, dict[str, str]] = {}
+        for pod, url in urls.items():
+            try:
+                async with self.http().get(
+                    f"{url}/v1/models", timeout=_timeout(MODELS_TIMEOUT_SECONDS)
+                ) as response:
+                    if response.status == 200:
+                        served[pod] = adapter_sync.served_adapters(await response.json(), base)
+            except Exception:  # noqa: BLE001 - not answering (yet): looked at again next pass
+                continue
+        return served, {pod: urls[pod] for pod in served}
+
+    async def call(self, memory: ServiceMemory, action: AdapterCall) -> None:
+        """One load/unload on one replica. Loaded already / gone already count as done; any other
+        answer is the adapter's lastError (in status on the next pass), never a failed reconcile."""
+        body: dict[str, Any] = {"lora_name": action.name}
+        if action.verb == "load":
+            body["lora_path"] = action.path
+        try:
+            async with self.http().post(
+                f"{action.base_url}/v1/{action.verb}_lora_adapter",
+                json=body,
+                timeout=_timeout(LOAD_TIMEOUT_SECONDS),
+            ) as response:
+                text = await response.text()
+                done = response.status == 200 or (
+                    (action.verb == "unload" and response.status == 404)
+                    or (action.verb == "load" and "already been loaded" in text)
+                )
+        except Exception as exc:  # noqa: BLE001 - the pod went away or timed out: retried next pass
+            memory.load_errors[action.name] = (
+                f"{action.pod}: {action.verb} failed: {exc or type(exc).__name__}"
+            )
+            return
+        if done:
+            memory.load_errors.pop(action.name, None)
+        else:
+            memory.load_errors[action.name] = f"{action.pod}: {_error_message(text)}"[: r.MAX_MESSAGE]
 
     async def _scrape(
         self,
@@ -202,6 +263,20 @@ class InferenceServices(reconcile.Kind[Observed, InferenceServiceStatus, Service
             memory.autoscaling_written = tick
 
 
+def _timeout(seconds: float) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientTimeout(total=seconds)
+
+
+def _error_message(text: str) -> str:
+    """The engine's OpenAI-style error body -> its message (the 400 names the file)."""
+    try:
+        return str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return text
+
+
 def _current_replicas(memory: ServiceMemory, deployment: DeploymentView | None, tick: float) -> int | None:
     """The Deployment's size, or what we just set it to while the watch has not shown it yet."""
     if deployment is None:
@@ -258,6 +333,18 @@ async def inferenceservice_deployments(
     return {(namespace, labels[build.LABEL_INFERENCESERVICE]): DeploymentView.from_deployment(body)}
 
 
+@kopf.index(c.GROUP, c.VERSION, "trainjobs")
+async def inferenceservice_trainjobs(*, namespace: str | None, body: kopf.Body, memo: Any, **_: Any) -> dict:
+    """namespace -> its TrainJobs (fromTrainJob and serveAfter adapters). A TrainJob's change wakes every
+    InferenceService of its namespace: which ones refer to it is theirs to know."""
+    namespace = namespace or ""  # namespaced kinds: always set
+    kind: InferenceServices = memo.inferenceservice
+    for ns, name in list(kind.memories):
+        if ns == namespace:
+            kind.wake(ns, name)
+    return {namespace: adapters.TrainJobView.from_trainjob(body)}
+
+
 @kopf.index(c.GROUP, c.VERSION, PLURAL)
 async def inferenceservice_generations(
     *, namespace: str | None, name: str, meta: Mapping[str, Any], memo: Any, **_: Any
@@ -273,5 +360,9 @@ async def inferenceservice_daemon(
     *, body: kopf.Body, stopped: kopf.DaemonStopped, memo: Any, logger: kopf.Logger, **kwargs: Any
 ) -> None:
     """One per InferenceService; kopf passes the indexes by name."""
-    indexes = {"pods": kwargs["inferenceservice_pods"], "deployments": kwargs["inferenceservice_deployments"]}
+    indexes = {
+        "pods": kwargs["inferenceservice_pods"],
+        "deployments": kwargs["inferenceservice_deployments"],
+        "trainjobs": kwargs["inferenceservice_trainjobs"],
+    }
     await reconcile.run(memo.inferenceservice, body, stopped, indexes, logger)

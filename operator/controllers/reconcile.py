@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
@@ -45,6 +45,7 @@ from lmforge.operator.api.base import StatusModel
 from lmforge.operator.controllers.bodies import plain
 from lmforge.operator.decision import (
     Action,
+    AdapterCall,
     Apply,
     Create,
     Decision,
@@ -147,6 +148,10 @@ class Kind(ControllerRuntime, ABC, Generic[ObservedT, StatusT, MemoryT]):
         """A second decision for a refused action, written like the first; None: raise it (retried)."""
         return None
 
+    async def call(self, memory: MemoryT, action: AdapterCall) -> None:
+        """An HTTP action on a replica (InferenceService: LoRA adapters); failures are the kind's to record."""
+        raise NotImplementedError(f"{type(self).__name__} has no HTTP actions")
+
     def acted(self, memory: MemoryT, observed: ObservedT, decision: Decision[StatusT]) -> None:
         """After the actions went through: what this process remembers of them."""
 
@@ -201,7 +206,7 @@ async def reconcile(
         return _after_failed_write(memory)  # decided on a stale view: nothing is acted on it
     _announce(obj, decision.events)
     try:
-        await execute(kind.api, decision.actions)
+        await execute(kind.api, decision.actions, lambda call: kind.call(memory, call))
     except Refused as refused:
         logger.warning("refused: %s", refused)
         follow = kind.refused(newest(memory.latest, obj), observed, refused.refusal)
@@ -264,17 +269,20 @@ def _status(kind: Kind[Any, Any, Any], obj: Object) -> StatusModel:
     return kind.status_model.model_validate(plain(obj.get("status")) or {})
 
 
-async def execute(api: KubeApi, actions: tuple[Action, ...]) -> None:
+async def execute(
+    api: KubeApi, actions: tuple[Action, ...], http: Callable[[AdapterCall], Awaitable[None]] | None = None
+) -> None:
     """Run `actions` in order, each run of actions of one type concurrently (a gang's pods are
     created at once). Raises Refused for the first refused action (in order) of a run, after the
-    whole run went."""
+    whole run went. AdapterCall actions go to `http` (the kind's `call`), after the status write
+    like every other action."""
     start = 0
     while start < len(actions):
         end = start
         while end < len(actions) and type(actions[end]) is type(actions[start]):
             end += 1
         run = actions[start:end]
-        results = await asyncio.gather(*(_one(api, action) for action in run), return_exceptions=True)
+        results = await asyncio.gather(*(_one(api, action, http) for action in run), return_exceptions=True)
         for action, result in zip(run, results, strict=True):
             if isinstance(result, ApiError) and result.status in REFUSALS:
                 raise Refused(Refusal(action, result))
@@ -284,8 +292,12 @@ async def execute(api: KubeApi, actions: tuple[Action, ...]) -> None:
         start = end
 
 
-async def _one(api: KubeApi, action: Action) -> None:
-    if isinstance(action, Create):
+async def _one(api: KubeApi, action: Action, http: Callable[[AdapterCall], Awaitable[None]] | None) -> None:
+    if isinstance(action, AdapterCall):
+        if http is None:
+            raise NotImplementedError("an AdapterCall needs an HTTP executor")
+        await http(action)
+    elif isinstance(action, Create):
         await api.create(action.obj)  # None when it exists: same name, same object
     elif isinstance(action, Apply):
         await api.apply(action.obj, action.field_manager)

@@ -41,14 +41,14 @@ CASES = [
     ),
     pytest.param(
         lambda: quantizejob.QuantizeJobs(cfg=qj_build.BuildConfig()),
-        body("QuantizeJob", {"model": "s3://bucket/m", "method": "w4a16-rtn", "output": "pvc://o/x"}),
+        body("QuantizeJob", {"model": "gs://bucket/m", "method": "w4a16-rtn", "output": "pvc://o/x"}),
         "model",
         (),
         id="quantizejob",
     ),
     pytest.param(
         lambda: inferenceservice.InferenceServices(cfg=isvc_build.BuildConfig()),
-        body("InferenceService", {"model": {"source": "s3://bucket/llama"}}),
+        body("InferenceService", {"model": {"source": "gs://bucket/llama"}}),
         "model.source",
         ("Ready",),
         id="inferenceservice",
