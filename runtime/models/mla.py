@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import MLAConfig, ModelConfig
 from lmforge.runtime.models.layers import RMSNorm, RotaryEmbedding
 
