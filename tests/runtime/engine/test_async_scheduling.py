@@ -129,3 +129,10 @@ def test_penalties_fall_back_to_synchronous_steps(model_dir):
 def test_async_scheduling_is_refused_for_embeddings(model_dir):
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineArgs(model=model_dir, task="embed", async_scheduling=True)
+
+
+def test_async_scheduling_is_refused_with_tensor_parallelism(model_dir):
+    """The workers would run the placeholders rank 0 fills on its own device only."""
+    with pytest.raises(ValueError, match="async_scheduling.*tensor_parallel_size=2"):
+        EngineArgs(model=model_dir, tensor_parallel_size=2, async_scheduling=True)
+    assert EngineArgs(model=model_dir, tensor_parallel_size=2).async_scheduling is None  # resolved: off

@@ -3,6 +3,7 @@ across steps where tables grow, sequences leave and rows are reused."""
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import torch
@@ -71,3 +72,28 @@ def test_inputs_match_the_per_token_computation_over_many_steps():
             seq, table = live.pop(seq_id)
             free += table
             builder.release(seq_id)
+
+
+def test_lora_ids_per_row_and_a_compact_worker_message():
+    """Each row's adapter id (tokens expand it), and the tensor-parallel message: CPU tensors that own
+    their memory (a pickled view of the persistent buffers would carry all of them), same values."""
+    builder = InputBuilder(
+        max_num_tokens=4096,
+        max_num_seqs=64,
+        max_blocks_per_seq=256,
+        block_size=BS,
+        device=torch.device("cpu"),
+    )
+    base = Sequence("a", 0, [5, 6, 7], 3, SamplingParams())
+    adapted = Sequence("b", 0, [8, 9], 2, SamplingParams())
+    adapted.lora_id = 3
+    step = builder.build([ScheduledSeq(base, 3, [0]), ScheduledSeq(adapted, 2, [1])])
+    assert step.lora_ids == [0, 3] and step.token_lora_ids() == [0, 0, 0, 3, 3]
+    assert builder.build([ScheduledSeq(Sequence("c", 0, [1], 1, SamplingParams()), 1, [2])]).lora_ids == []
+    step.logit_calls = [[2, 4]]
+    message = pickle.loads(pickle.dumps(step.message()))
+    assert len(pickle.dumps(step.message())) < len(pickle.dumps(step)) / 10
+    for name in ("input_ids", "positions", "slot_mapping", "prompt_lens", "block_tables", "seq_lens"):
+        assert torch.equal(getattr(message, name), getattr(step, name)), name
+    assert message.logit_calls == [[2, 4]] and message.lora_ids == [0, 3]
+    assert (message.host["tokens"] == step.host["tokens"]).all()
