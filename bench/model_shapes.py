@@ -51,6 +51,32 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0},
     ),
+    # a ~250M-parameter Llama: the CPU bf16 batch-1 decode comparison of issue #24
+    "llama-250m": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 1024},
+    ),
+    # bench/engine_overhead.py: the host path around a no-op forward (issue #24's Llama shape)
+    "llama-512x8": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=1408,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        head_dim=64,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "original_max_position_embeddings": 1024},
+    ),
     # a ~200M-parameter Llama that a CPU runs in seconds per step (bench/tensor_parallel.py's default)
     "small": dict(
         hidden_size=1024,

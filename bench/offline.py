@@ -6,12 +6,21 @@
 Without --model a tiny random checkpoint of the given shape is written to a temp dir. Prompts are
 random token ids of one length (so HF needs no padding); both sides decode greedily for exactly
 --max-tokens tokens. Prints one JSON object.
+
+    python -m bench.offline --mixed --num-prompts 128
+
+`--mixed`: a mixed-length workload, prompts of U[16, 256] tokens and outputs of U[16, 128] tokens, each
+request with its own max_tokens. lmforge gets all of them at once (continuous batching); HF `generate`
+runs them in arrival order in static batches (left-padded, each batch decoding to its longest
+max_tokens; only each request's own tokens count) of every size in --hf-batch-sizes, and the best
+size is the baseline. Greedy tokens are compared request by request.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +28,7 @@ from pathlib import Path
 import torch
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF checkpoint dir; default: a tiny random model of the shape below")
     p.add_argument("--arch", default="llama", help="tiny model arch: llama, llama31, llama32, mistral, qwen2")
@@ -37,7 +46,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-hf", action="store_true")
-    return p.parse_args()
+    p.add_argument(
+        "--mixed", action="store_true", help="prompts U[16,256], outputs U[16,128] (own max_tokens)"
+    )
+    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--async-scheduling", action="store_true", help="lmforge with async scheduling")
+    return p.parse_args(argv)
 
 
 def sync(device: str) -> None:
@@ -46,11 +60,11 @@ def sync(device: str) -> None:
 
 
 def bench_ours(
-    path: Path, prompts: list[list[int]], args: argparse.Namespace
+    path: Path, prompts: list[list[int]], max_tokens: list[int], args: argparse.Namespace
 ) -> tuple[dict, list[list[int]]]:
     from lmforge import LLM, SamplingParams
 
-    max_len = args.prompt_len + args.max_tokens
+    max_len = max(map(len, prompts)) + max(max_tokens)
     llm = LLM(
         path,
         device=args.device,
@@ -59,8 +73,9 @@ def bench_ours(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
+        async_scheduling=args.async_scheduling,
     )
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     sync(args.device)
     start = time.perf_counter()
@@ -68,32 +83,56 @@ def bench_ours(
     sync(args.device)
     seconds = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outs]
-    return _result(seconds, sum(map(len, tokens)), args), tokens
+    return _result(seconds, sum(map(len, tokens)), sum(map(len, prompts))), tokens
 
 
-def bench_hf(path: Path, prompts: list[list[int]], args: argparse.Namespace) -> tuple[dict, list[list[int]]]:
+def bench_hf(
+    path: Path, prompts: list[list[int]], max_tokens: list[int], batch_size: int, args: argparse.Namespace
+) -> tuple[dict, list[list[int]]]:
+    """HF generate over the requests in arrival order, batch_size at a time (left padding)."""
     from transformers import AutoModelForCausalLM
 
     model = (
         AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     )
-    ids = torch.tensor(prompts, device=args.device)
-    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def batch_inputs(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :], mask[row, width - len(p) :] = torch.tensor(p), 1
+        return ids.to(args.device), mask.to(args.device)
+
+    tokens: list[list[int]] = []
     with torch.inference_mode():
+        ids, mask = batch_inputs(prompts[:2])
         model.generate(
-            ids[:2], max_new_tokens=4, min_new_tokens=4, **{**kw, "attention_mask": torch.ones_like(ids[:2])}
+            ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
         )
         sync(args.device)
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, **kw)
+        for first in range(0, len(prompts), batch_size):
+            batch, wanted = prompts[first : first + batch_size], max_tokens[first : first + batch_size]
+            ids, mask = batch_inputs(batch)
+            new = max(wanted)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            tokens += [
+                row[ids.shape[1] : ids.shape[1] + n] for row, n in zip(out.tolist(), wanted, strict=True)
+            ]
         sync(args.device)
     seconds = time.perf_counter() - start
-    tokens = out[:, ids.shape[1] :].tolist()
-    return _result(seconds, sum(map(len, tokens)), args), tokens
+    return _result(seconds, sum(map(len, tokens)), sum(map(len, prompts))), tokens
 
 
-def _result(seconds: float, generated: int, args: argparse.Namespace) -> dict:
-    prompt_tokens = args.num_prompts * args.prompt_len
+def _result(seconds: float, generated: int, prompt_tokens: int) -> dict:
     return {
         "seconds": round(seconds, 4),
         "generated_tokens": generated,
@@ -102,8 +141,19 @@ def _result(seconds: float, generated: int, args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    args = parse_args()
+def workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
+    g = torch.Generator().manual_seed(0)
+    if not args.mixed:
+        prompts = torch.randint(3, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+        return prompts, [args.max_tokens] * args.num_prompts
+    lens = torch.randint(16, 257, (args.num_prompts,), generator=g).tolist()
+    outs = torch.randint(16, 129, (args.num_prompts,), generator=g).tolist()
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    return prompts, outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,9 +172,9 @@ def main() -> None:
                 vocab_size=args.vocab_size,
             )
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
-        ours, our_tokens = bench_ours(path, prompts, args)
+        prompts, max_tokens = workload(args, vocab)
+        ours, our_tokens = bench_ours(path, prompts, max_tokens, args)
+        print(f"lmforge: {json.dumps(ours)}", file=sys.stderr, flush=True)  # progress: HF runs take long
         report = {
             "model": str(args.model)
             if args.model
@@ -140,19 +190,29 @@ def main() -> None:
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
             "num_prompts": args.num_prompts,
-            "prompt_len": args.prompt_len,
-            "max_tokens": args.max_tokens,
+            "workload": "mixed: prompts U[16,256], outputs U[16,128]"
+            if args.mixed
+            else {"prompt_len": args.prompt_len, "max_tokens": args.max_tokens},
+            "async_scheduling": args.async_scheduling,
             "lmforge": ours,
         }
         if not args.skip_hf:
-            hf, hf_tokens = bench_hf(path, prompts, args)
-            report["hf"] = hf
-            report["speedup_output_tok_s"] = round(ours["output_tok_s"] / hf["output_tok_s"], 3)
-            report["greedy_sequences_identical"] = sum(
-                a == b for a, b in zip(our_tokens, hf_tokens, strict=True)
-            )
+            sizes = args.hf_batch_sizes if args.mixed else [args.num_prompts]
+            runs = {}
+            for size in sizes:
+                hf, hf_tokens = bench_hf(path, prompts, max_tokens, size, args)
+                hf["greedy_sequences_identical"] = sum(
+                    a == b for a, b in zip(our_tokens, hf_tokens, strict=True)
+                )
+                runs[size] = hf
+            best = max(runs, key=lambda size: runs[size]["output_tok_s"])
+            report["hf_by_batch_size"] = runs
+            report["hf"] = {"batch_size": best, **runs[best]}
+            report["speedup_output_tok_s"] = round(ours["output_tok_s"] / runs[best]["output_tok_s"], 3)
+            report["greedy_sequences_identical"] = runs[best]["greedy_sequences_identical"]
         print(json.dumps(report))  # one line, last on stdout (libraries may log above it)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,7 +4,7 @@
     python -m bench.tensor_parallel --device cpu --dtype float32 --shape tiny --num-prompts 4 --max-tokens 4  # smoke
     python -m bench.tensor_parallel --shape llama-3.1-8b --tp 2                      # GPUs: the 8B shape
 
-1. message: rank 0 sends a decode step's StepInput (--batch sequences, --context tokens each) to N-1
+1. message: rank 0 sends a decode step's StepInputs (--batch sequences, --context tokens each) to N-1
    reader processes, then all ranks all-reduce one float (the forward's first collective): µs per step
    for the shared-memory ring and the gloo broadcast, minus the all-reduce alone (the baseline, same
    processes). Medians over --steps.
@@ -33,21 +33,20 @@ from typing import Any
 
 def step_message(batch: int, context: int, block_size: int = 16):
     """A decode step of `batch` sequences at `context` tokens: what ModelRunner.execute sends."""
-    import numpy as np
-
-    from lmforge.runtime.engine.model_runner import StepInput
+    from lmforge.runtime.engine.step_inputs import step_inputs_from_lists
 
     blocks = -(-context // block_size)
-    return StepInput(
-        np.arange(batch, dtype=np.int64),
-        np.full(batch, context - 1, dtype=np.int64),
-        np.full(batch, context // 2, dtype=np.int64),
-        np.arange(batch, dtype=np.int64) * block_size,
+    return step_inputs_from_lists(
+        list(range(batch)),
+        [context - 1] * batch,
+        [context // 2] * batch,
+        [b * block_size for b in range(batch)],
         [list(range(b * blocks, (b + 1) * blocks)) for b in range(batch)],
         [1] * batch,
         [context] * batch,
-        [list(range(batch))],
-    )
+        block_size=block_size,
+        logit_calls=[list(range(batch))],
+    ).message()
 
 
 def _rank(rank: int, world: int, init: str, ring: Any, steps: int, batch: int, context: int) -> list[float]:

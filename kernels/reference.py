@@ -158,14 +158,45 @@ def reshape_and_cache_int8(
 def gather_kv(
     cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale_cache: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The first seq_len tokens of one sequence: [seq_len, Hkv, D] fp32 (INT8 codes dequantized)."""
-    block_size, num_kv_heads, head_dim = cache.shape[1:]
-    positions = torch.arange(seq_len, device=cache.device)
-    slots = block_table.long()[positions // block_size] * block_size + positions % block_size
-    x = cache.view(-1, num_kv_heads, head_dim)[slots].float()
+    """The first seq_len tokens of one sequence: [seq_len, Hkv, D] fp32 (INT8 codes dequantized).
+    Reads whole blocks (its first ceil(seq_len / block_size) table entries), never a padded context."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    return read_blocks(cache, block_table[None, :num_blocks], scale_cache)[0, :seq_len]
+
+
+def read_blocks(
+    cache: torch.Tensor, blocks: torch.Tensor, scale_cache: torch.Tensor | None = None
+) -> torch.Tensor:
+    """cache [num_blocks, block_size, Hkv, D], blocks [B, C] block ids -> [B, C * block_size, Hkv, D] fp32:
+    the tokens of those blocks in table order (INT8 codes times their scales)."""
+    rows, cols = blocks.shape
+    ids = blocks.reshape(-1).long()
+    x = cache.index_select(0, ids).float()  # [B * C, block_size, Hkv, D]
     if scale_cache is not None:
-        x = x * scale_cache.view(-1, num_kv_heads)[slots].unsqueeze(-1)
-    return x
+        x = x * scale_cache.index_select(0, ids).unsqueeze(-1)
+    return x.view(rows, cols * cache.shape[1], *cache.shape[2:])
+
+
+def score_mods(
+    scores: torch.Tensor,
+    distance: torch.Tensor,
+    *,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """The per-layer options on scaled fp32 scores, in this order (`attention_scores`): soft cap, ALiBi
+    (alibi_slopes already shaped to broadcast against scores), then the causal (+ window) mask from
+    distance = j - i (key position minus query position, broadcastable against scores)."""
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes * distance
+    visible = distance <= 0
+    if sliding_window is not None:
+        visible = visible & (distance > -sliding_window)
+    return scores.masked_fill(~visible, float("-inf"))
 
 
 def attention_scores(
@@ -188,15 +219,11 @@ def attention_scores(
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    if logits_soft_cap is not None:
-        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     distance = torch.arange(k.shape[0], device=q.device)[None, :] - q_positions[:, None]  # j - i [Tq, S]
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.float()[:, None, None] * distance
-    visible = distance <= 0
-    if sliding_window is not None:
-        visible &= distance > -sliding_window
-    return scores.masked_fill(~visible, float("-inf"))
+    slopes = None if alibi_slopes is None else alibi_slopes.float()[:, None, None]
+    return score_mods(
+        scores, distance, sliding_window=sliding_window, alibi_slopes=slopes, logits_soft_cap=logits_soft_cap
+    )
 
 
 def _attend(
@@ -206,6 +233,9 @@ def _attend(
     group = q.shape[1] // v.shape[1]
     probs = attention_scores(q, k, q_positions, scale, **score_args).softmax(-1)
     return torch.einsum("hqk,khd->qhd", probs, v.float().repeat_interleave(group, dim=1))
+
+
+DECODE_CHUNK_TOKENS = 128  # context tokens per step of the blockwise decode loop (rounded to whole blocks)
 
 
 def paged_decode_attention(
@@ -225,20 +255,59 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One new token per sequence: q [B, Hq, D] attends to its seq_lens[b] cached tokens -> [B, Hq, D].
 
-    Scores as in `attention_scores`. A sequence with seq_len 0 (batch padding) yields zeros.
-    num_splits is a kernel tuning knob, ignored here.
+    Equal to softmax(attention_scores) @ v per sequence, computed the way the kernel does: the batch walks
+    the block tables DECODE_CHUNK_TOKENS at a time with an online softmax (running max, sum and weighted
+    values per row), so each sequence reads its own blocks only, never a context padded to the longest one.
+    Sequences are taken longest first, so the rows still reading at chunk c are a prefix of the batch.
+    Chunks wholly before every row's window are skipped. A sequence with seq_len 0 (batch padding) yields
+    zeros. num_splits is a kernel tuning knob, ignored here.
     """
-    score_args = dict(
-        sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap
-    )
     out = torch.zeros_like(q)
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
-            continue
-        k = gather_kv(k_cache, block_tables[b], seq_len, k_scale_cache)
-        v = gather_kv(v_cache, block_tables[b], seq_len, v_scale_cache)
-        position = torch.tensor([seq_len - 1], device=q.device)
-        out[b] = _attend(q[b : b + 1], k, v, position, scale, **score_args)[0].to(q.dtype)
+    lens = seq_lens.long()
+    live = (lens > 0).nonzero().squeeze(1)
+    if live.numel() == 0:
+        return out
+    order = live[lens[live].argsort(descending=True, stable=True)]
+    lens_sorted = lens[order]
+    len_list = lens_sorted.tolist()
+    batch, (num_heads, head_dim) = len(len_list), q.shape[1:]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    tables = block_tables[order]
+    qg = q[order].float().view(batch, num_kv_heads, group, head_dim)
+    q_pos = (lens_sorted - 1)[:, None, None, None]  # [B, 1, 1, 1]
+    slopes = None if alibi_slopes is None else alibi_slopes.float().view(1, num_kv_heads, group, 1)
+    running_max = torch.full((batch, num_kv_heads, group), float("-inf"), device=q.device)
+    running_sum = torch.zeros(batch, num_kv_heads, group, device=q.device)
+    acc = torch.zeros(batch, num_kv_heads, group, head_dim, device=q.device)
+    chunk = max(1, DECODE_CHUNK_TOKENS // block_size)  # blocks per step
+    num_blocks = [-(-n // block_size) for n in len_list]
+    first = 0
+    if sliding_window is not None:  # blocks wholly before the window of every row are never read
+        first = max(0, min(len_list) - sliding_window) // block_size
+    for start in range(first, num_blocks[0], chunk):
+        rows = sum(1 for n in num_blocks if n > start)  # a prefix: rows are sorted by length
+        blocks = tables[:rows, start : start + chunk]
+        k = read_blocks(k_cache, blocks, k_scale_cache)  # [rows, K, Hkv, D]
+        v = read_blocks(v_cache, blocks, v_scale_cache)
+        k_pos = start * block_size + torch.arange(k.shape[1], device=q.device)
+        distance = k_pos[None, None, None, :] - q_pos[:rows]  # [rows, 1, 1, K]
+        scores = torch.einsum("bhgd,bkhd->bhgk", qg[:rows], k) * scale
+        scores = score_mods(
+            scores,
+            distance,
+            sliding_window=sliding_window,
+            alibi_slopes=slopes,
+            logits_soft_cap=logits_soft_cap,
+        )
+        new_max = torch.maximum(running_max[:rows], scores.amax(-1))
+        shift = torch.where(new_max == float("-inf"), 0.0, new_max)  # nothing visible yet: exp(-inf) = 0
+        probs = torch.exp(scores - shift[..., None])
+        correction = torch.exp(running_max[:rows] - shift)
+        running_sum[:rows] = running_sum[:rows] * correction + probs.sum(-1)
+        acc[:rows] = acc[:rows] * correction[..., None] + torch.einsum("bhgk,bkhd->bhgd", probs, v)
+        running_max[:rows] = new_max
+    out[order] = (acc / running_sum[..., None]).view(batch, num_heads, head_dim).to(q.dtype)
     return out
 
 
@@ -260,8 +329,8 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Varlen chunks: q [total_q, Hq, D]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the LAST
     q_len of its seq_lens[b] cached tokens (its own K/V already written), and attends causally to all
-    seq_lens[b] of them (scores as in `attention_scores`) -> [total_q, Hq, D]. max_q_len sizes the kernel
-    grid, ignored here.
+    seq_lens[b] of them (scores as in `attention_scores`) -> [total_q, Hq, D]. Each sequence reads exactly
+    its own blocks. max_q_len sizes the kernel grid, ignored here.
     """
     score_args = dict(
         sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap

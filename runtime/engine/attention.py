@@ -3,8 +3,10 @@
 The model runner describes a step once (`CommonAttentionMetadata`: which tokens belong to which
 sequence, where their K/V go, each sequence's block table); the chosen backend turns that into
 its own metadata once per step (`build_metadata`) and then runs every layer (`forward`). The torch
-backend here is the readable reference that runs on CPU; `KernelAttentionBackend` runs the
-Triton kernels of `lmforge.kernels`; `get_attention_backend` picks one without touching the models.
+backend calls `lmforge.kernels.reference`, the one torch spec the Triton kernels are tested against
+(so CPU runs the semantics CUDA runs); `KernelAttentionBackend` runs the Triton kernels;
+`get_attention_backend` picks one without touching the models. The interface itself
+(`AttentionBackend`) lives with the models that call it (`runtime/models/attention_backend.py`).
 
 KV cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
 With kv_cache_dtype="int8" the caches hold int8 codes and k_scale_cache, v_scale_cache
@@ -22,12 +24,22 @@ layer's own softmax scale (head_dim ** -0.5 unless the model says otherwise).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from lmforge.kernels import reference
+from lmforge.runtime.models.attention_backend import AttentionBackend
+
+__all__ = [
+    "AttentionBackend",
+    "CommonAttentionMetadata",
+    "KernelAttentionBackend",
+    "TorchAttentionBackend",
+    "get_attention_backend",
+    "register_attention_backend",
+]
 
 
 @dataclass(slots=True)
@@ -35,68 +47,57 @@ class CommonAttentionMetadata:
     """One step's batch layout, backend-neutral. T = new tokens in the step, B = sequences."""
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # [B, max_blocks] int64, right-padded with 0 (never read past seq_len)
+    block_tables: torch.Tensor  # [B, max_blocks] int32, right-padded with 0 (never read past seq_len)
     query_lens: list[int]  # [B] new tokens per sequence (1 for decode)
     seq_lens: list[int]  # [B] context length after this step (cached + new)
     block_size: int
     # [T] int64: the prompt length of each new token's sequence, for the RoPE types that rotate by the
     # sequence length HF saw (longrope, dynamic; `RotaryEmbedding.forward`); None: not provided
     prompt_lens: torch.Tensor | None = None
+    seq_lens_tensor: torch.Tensor | None = None  # [B] int32 on the device (None: built from seq_lens)
+    query_start_loc: torch.Tensor | None = None  # [B+1] int32 cumulative query_lens (None: built)
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    def device_seq_lens(self) -> torch.Tensor:
+        if self.seq_lens_tensor is None:
+            self.seq_lens_tensor = torch.tensor(
+                self.seq_lens, dtype=torch.int32, device=self.slot_mapping.device
+            )
+        return self.seq_lens_tensor
 
-class AttentionBackend(ABC):
-    """Also carries `ops`, the kernel set of the same family (norms, RoPE, activation, sampling), so a
-    model built on a backend runs every op of a step on that backend."""
-
-    name: str
-    ops: Any  # lmforge.kernels.backend.Ops
-
-    @abstractmethod
-    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
-        """Called once per step, before the model; the result is handed to every layer."""
-
-    @abstractmethod
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: Any,
-        scale: float,
-        *,
-        k_scale_cache: torch.Tensor | None = None,
-        v_scale_cache: torch.Tensor | None = None,
-        sliding_window: int | None = None,
-        alibi_slopes: torch.Tensor | None = None,
-        logits_soft_cap: float | None = None,
-    ) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] (new tokens) -> [T, H, D]; writes k/v into the cache first.
-        With scale caches given (int8 KV cache), k/v are quantized on write and dequantized on read.
-        sliding_window / alibi_slopes / logits_soft_cap: this layer's score options (module docstring)."""
+    def device_query_start_loc(self) -> torch.Tensor:
+        if self.query_start_loc is None:
+            cu = [0]
+            for qlen in self.query_lens:
+                cu.append(cu[-1] + qlen)
+            self.query_start_loc = torch.tensor(cu, dtype=torch.int32, device=self.slot_mapping.device)
+        return self.query_start_loc
 
 
 @dataclass(slots=True)
 class TorchAttentionMetadata:
+    """The step split the way `reference` attends: one-token sequences through the batched
+    `paged_decode_attention`, the others through the varlen `paged_prefill_attention`."""
+
     slot_mapping: torch.Tensor  # [T]
-    num_tokens: int
-    # Sequences with one new token (decode), batched: gathered K/V padded to the longest context.
-    decode_token_idx: torch.Tensor | None  # [Bd] row of each decode token in the flattened batch
-    decode_slots: torch.Tensor | None  # [Bd, S] cache slot of every context position
-    decode_positions: torch.Tensor | None  # [Bd, 1] position of each decode token (seq_len - 1)
-    # Sequences with several new tokens (prefill chunks), one at a time:
-    # (first token row, query_len, seq_len, slots [seq_len] or None when nothing was cached before).
-    prefills: list[tuple[int, int, int, torch.Tensor | None]]
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    decode_rows: torch.Tensor | None  # [Bd] row of each one-token sequence in the batch; None: no decode
+    decode_tokens: torch.Tensor | None  # [Bd] its token row in the flattened batch (None: rows == tokens)
+    prefill_rows: torch.Tensor | None  # [Bp] sequences with several new tokens; None: none
+    prefill_tokens: torch.Tensor | None  # [Tp] their token rows, in order
+    prefill_cu_seqlens: torch.Tensor | None  # [Bp + 1] int32 over prefill_tokens
+    max_prefill_len: int
     prompt_lens: torch.Tensor | None = None  # [T], CommonAttentionMetadata.prompt_lens
+    query_lens: list[int] = field(default_factory=list)  # [B] host (MLA walks the batch per sequence)
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Reference paged attention with torch SDPA: works on any device, favours clarity."""
+    """The kernels' torch reference (`lmforge.kernels.reference`) behind the backend interface: the CPU
+    path runs the same paged attention the Triton kernels are tested against."""
 
     name = "torch"
 
@@ -106,34 +107,44 @@ class TorchAttentionBackend(AttentionBackend):
         self.ops = get_ops(device, "torch")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        device, bs = common.slot_mapping.device, common.block_size
-        starts, start = [], 0
-        for qlen in common.query_lens:
-            starts.append(start)
-            start += qlen
-        decode = [b for b, qlen in enumerate(common.query_lens) if qlen == 1]
-        prefills = []
-        for b, qlen in enumerate(common.query_lens):
-            if qlen > 1:
-                seq_len = common.seq_lens[b]
-                slots = None if seq_len == qlen else _slots(common.block_tables[b : b + 1], seq_len, bs)[0]
-                prefills.append((starts[b], qlen, seq_len, slots))
-        decode_token_idx = decode_slots = decode_positions = None
-        if decode:
-            rows = torch.tensor(decode, device=device)
-            lens = torch.tensor([common.seq_lens[b] for b in decode], device=device)
-            max_len = int(lens.max())
-            decode_token_idx = torch.tensor([starts[b] for b in decode], device=device)
-            decode_slots = _slots(common.block_tables[rows], max_len, bs)
-            decode_positions = (lens - 1)[:, None]
+        device = common.slot_mapping.device
+        query_lens = common.query_lens
+        seq_lens = common.device_seq_lens()
+        decode_rows = decode_tokens = prefill_rows = prefill_tokens = prefill_cu = None
+        max_prefill = 0
+        if all(n == 1 for n in query_lens):  # every row one token: rows and tokens coincide
+            decode_rows = torch.arange(len(query_lens), device=device)
+        else:
+            starts, start = [], 0
+            for n in query_lens:
+                starts.append(start)
+                start += n
+            decode = [b for b, n in enumerate(query_lens) if n == 1]
+            prefill = [b for b, n in enumerate(query_lens) if n > 1]
+            if decode:
+                decode_rows = torch.tensor(decode, device=device)
+                decode_tokens = torch.tensor([starts[b] for b in decode], device=device)
+            prefill_rows = torch.tensor(prefill, device=device)
+            tokens: list[int] = []
+            cu = [0]
+            for b in prefill:
+                tokens.extend(range(starts[b], starts[b] + query_lens[b]))
+                cu.append(len(tokens))
+            prefill_tokens = torch.tensor(tokens, device=device)
+            prefill_cu = torch.tensor(cu, dtype=torch.int32, device=device)
+            max_prefill = max(query_lens[b] for b in prefill)
         return TorchAttentionMetadata(
-            common.slot_mapping,
-            start,
-            decode_token_idx,
-            decode_slots,
-            decode_positions,
-            prefills,
-            common.prompt_lens,
+            slot_mapping=common.slot_mapping,
+            block_tables=common.block_tables,
+            seq_lens=seq_lens,
+            decode_rows=decode_rows,
+            decode_tokens=decode_tokens,
+            prefill_rows=prefill_rows,
+            prefill_tokens=prefill_tokens,
+            prefill_cu_seqlens=prefill_cu,
+            max_prefill_len=max_prefill,
+            prompt_lens=common.prompt_lens,
+            query_lens=common.query_lens,
         )
 
     def forward(
@@ -152,119 +163,50 @@ class TorchAttentionBackend(AttentionBackend):
         alibi_slopes=None,
         logits_soft_cap=None,
     ):
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         if k_scale_cache is None:
-            k_flat.index_copy_(0, meta.slot_mapping, k)
-            v_flat.index_copy_(0, meta.slot_mapping, v)
-            k_sc = v_sc = None
-        else:  # int8: the kernels' reference quantization; attention sees what the cache holds
-            k_sc, v_sc = k_scale_cache.view(-1, num_kv_heads), v_scale_cache.view(-1, num_kv_heads)
-            k = _write_int8(k, k_flat, k_sc, meta.slot_mapping, q.dtype)
-            v = _write_int8(v, v_flat, v_sc, meta.slot_mapping, q.dtype)
-        options = ScoreOptions(scale, sliding_window, alibi_slopes, logits_soft_cap)
+            reference.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            reference.reshape_and_cache_int8(
+                k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, meta.slot_mapping
+            )
+        kwargs: dict[str, Any] = {
+            "k_scale_cache": k_scale_cache,
+            "v_scale_cache": v_scale_cache,
+            "sliding_window": sliding_window,
+            "alibi_slopes": alibi_slopes,
+            "logits_soft_cap": logits_soft_cap,
+        }
+        if meta.prefill_rows is None and meta.decode_tokens is None:  # decode only
+            return reference.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, **kwargs
+            )
         out = torch.empty_like(q)
-        if meta.decode_token_idx is not None:
-            assert meta.decode_slots is not None and meta.decode_positions is not None  # set together
-            qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, D]
-            kd = _gather(k_flat, meta.decode_slots, k_sc, q.dtype).transpose(1, 2)  # [Bd, Hkv, S, D]
-            vd = _gather(v_flat, meta.decode_slots, v_sc, q.dtype).transpose(1, 2)
-            out[meta.decode_token_idx] = _sdpa(qd, kd, vd, meta.decode_positions, options).squeeze(2)
-        for start, qlen, seq_len, slots in meta.prefills:
-            qp = q[start : start + qlen].transpose(0, 1)[None]  # [1, H, qlen, D]
-            if slots is None:  # fresh prompt: the new K/V are the whole context
-                kp, vp = (
-                    k[start : start + qlen].transpose(0, 1)[None],
-                    v[start : start + qlen].transpose(0, 1)[None],
-                )
-            else:  # chunk after cached tokens: query i sits at position seq_len - qlen + i
-                kp = _gather(k_flat, slots, k_sc, q.dtype).transpose(0, 1)[None]  # [1, Hkv, seq_len, D]
-                vp = _gather(v_flat, slots, v_sc, q.dtype).transpose(0, 1)[None]
-            q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)[None]  # [1, qlen]
-            out[start : start + qlen] = _sdpa(qp, kp, vp, q_pos, options)[0].transpose(0, 1)
+        if meta.decode_rows is not None:
+            rows = meta.decode_rows
+            out[meta.decode_tokens] = reference.paged_decode_attention(
+                q[meta.decode_tokens],
+                k_cache,
+                v_cache,
+                meta.block_tables[rows],
+                meta.seq_lens[rows],
+                scale,
+                **kwargs,
+            )
+        if meta.prefill_rows is not None:
+            rows, tokens = meta.prefill_rows, meta.prefill_tokens
+            assert meta.prefill_cu_seqlens is not None  # set with prefill_rows
+            out[tokens] = reference.paged_prefill_attention(
+                q[tokens],
+                k_cache,
+                v_cache,
+                meta.block_tables[rows],
+                meta.seq_lens[rows],
+                meta.prefill_cu_seqlens,
+                meta.max_prefill_len,
+                scale,
+                **kwargs,
+            )
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class ScoreOptions:
-    """One layer's softmax scale and score options (module docstring)."""
-
-    scale: float
-    sliding_window: int | None = None
-    alibi_slopes: torch.Tensor | None = None  # [H] fp32
-    logits_soft_cap: float | None = None
-
-
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, o: ScoreOptions
-) -> torch.Tensor:
-    """q [B, H, Lq, D] at positions q_pos [B, Lq]; k/v [B, Hkv, S, D] at positions 0..S-1 -> [B, H, Lq, D].
-
-    Causal (+ window) is SDPA with a bool mask. The soft cap sits between the product and the softmax,
-    where SDPA has no hook, and an ALiBi bias reaches slope * context (thousands) where a 16-bit float mask
-    would round it by whole units, so both are spelled out in fp32.
-    """
-    num_keys = k.shape[2]
-    plain = o.sliding_window is None and o.alibi_slopes is None and o.logits_soft_cap is None
-    if plain and q.shape[2] == num_keys:  # a fresh prompt: positions 0..S-1 on both sides
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=o.scale, enable_gqa=True)
-    distance = (torch.arange(num_keys, device=q.device)[None, None, :] - q_pos[:, :, None])[
-        :, None
-    ]  # [B,1,Lq,S]
-    visible = distance <= 0
-    if o.sliding_window is not None:
-        visible &= distance > -o.sliding_window
-    if o.alibi_slopes is None and o.logits_soft_cap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=o.scale, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    scores = (
-        q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * o.scale
-    )  # [B, H, Lq, S]
-    if o.logits_soft_cap is not None:
-        scores = o.logits_soft_cap * torch.tanh(scores / o.logits_soft_cap)
-    if o.alibi_slopes is not None:
-        scores = scores + o.alibi_slopes.float()[None, :, None, None] * distance
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return (probs @ v.float().repeat_interleave(group, dim=1)).to(q.dtype)
-
-
-def _gather(
-    flat_cache: torch.Tensor,
-    slots: torch.Tensor,
-    flat_scales: torch.Tensor | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """flat_cache [num_slots, Hkv, D], slots [...] -> [..., Hkv, D] (index_select: faster than indexing).
-    With flat_scales [num_slots, Hkv] (int8 cache): dequantized (codes x scale, in fp32) and cast to dtype."""
-    flat = slots.reshape(-1)
-    x = flat_cache.index_select(0, flat)
-    if flat_scales is not None:
-        x = (x.float() * flat_scales.index_select(0, flat).unsqueeze(-1)).to(dtype)
-    return x.view(*slots.shape, *flat_cache.shape[1:])
-
-
-def _write_int8(
-    x: torch.Tensor,
-    flat_cache: torch.Tensor,
-    flat_scales: torch.Tensor,
-    slots: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Quantizes x [T, Hkv, D] per (token, head) like `reference.reshape_and_cache_int8`, writes codes and
-    scales at slots, and returns the dequantized x (what a later read of those slots gives) in dtype."""
-    from lmforge.kernels.reference import quantize_int8
-
-    codes, scales = quantize_int8(x)
-    flat_cache.index_copy_(0, slots, codes)
-    flat_scales.index_copy_(0, slots, scales)
-    return (codes.float() * scales.unsqueeze(-1)).to(dtype)
-
-
-def _slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """[B, max_blocks] block tables -> [B, length] flat cache slots of positions 0..length-1."""
-    pos = torch.arange(length, device=block_tables.device)
-    return block_tables[:, pos // block_size] * block_size + pos % block_size
 
 
 @dataclass(slots=True)
@@ -289,15 +231,11 @@ class KernelAttentionBackend(AttentionBackend):
         self.ops = get_ops(device, "triton")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> KernelAttentionMetadata:
-        device = common.slot_mapping.device
-        cu = [0]
-        for qlen in common.query_lens:
-            cu.append(cu[-1] + qlen)
         return KernelAttentionMetadata(
             slot_mapping=common.slot_mapping,
             block_tables=common.block_tables.to(torch.int32).contiguous(),
-            seq_lens=torch.tensor(common.seq_lens, dtype=torch.int32, device=device),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_lens=common.device_seq_lens(),
+            cu_seqlens_q=common.device_query_start_loc(),
             max_q_len=max(common.query_lens),
             decode_only=all(qlen == 1 for qlen in common.query_lens),
             prompt_lens=common.prompt_lens,

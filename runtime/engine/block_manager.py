@@ -170,6 +170,8 @@ class BlockManager:
         self.pool = BlockPool(num_blocks)
         # seq_id -> block table; None marks a released position (before every layer's window)
         self.seq_blocks: dict[int, list[KVCacheBlock | None]] = {}
+        # seq_id -> the same table as block ids, kept in step with seq_blocks (no list built per step)
+        self.seq_block_ids: dict[int, list[int]] = {}
         self.num_cached_blocks: dict[int, int] = {}  # seq_id -> leading blocks registered in the cache
         self.num_released_blocks: dict[int, int] = {}  # seq_id -> leading table entries released (windows)
         self.prefix_cache_queries = 0  # tokens looked up
@@ -188,7 +190,10 @@ class BlockManager:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def get_block_ids(self, seq: Sequence) -> list[int]:
-        return [RELEASED_BLOCK_ID if b is None else b.block_id for b in self.seq_blocks.get(seq.seq_id, ())]
+        """The sequence's live block table as ids (RELEASED_BLOCK_ID at released positions). The list
+        is the block manager's own, updated in place (it only grows at the end, and released entries
+        turn into RELEASED_BLOCK_ID): read it, never mutate it."""
+        return self.seq_block_ids.get(seq.seq_id, [])
 
     def num_held_blocks(self, seq: Sequence) -> int:
         """Blocks the sequence references now (released positions excluded)."""
@@ -218,7 +223,7 @@ class BlockManager:
         """Longest cached prefix of a waiting sequence: (blocks, number of tokens they cover)."""
         if not self.enable_prefix_caching:
             return [], 0
-        num_cacheable = seq.num_tokens - 1
+        num_cacheable = min(seq.num_tokens - 1, seq.num_known_tokens)  # placeholders are not content
         if seq.num_prompt_logprobs_pending:  # logits from position len(seq.prompt_logprobs) on are needed
             num_cacheable = min(num_cacheable, len(seq.prompt_logprobs))
         blocks = []
@@ -243,7 +248,16 @@ class BlockManager:
             |<- dead: before the window ->|  (sliding_window only; released first, even on False:
                                               no layer reads them again; dead hits are never taken)
         """
+        blocks = self.seq_blocks.get(seq.seq_id)
+        if blocks is not None and not new_computed_blocks and self.sliding_window is None:
+            # a running sequence whose table already holds the new tokens (most decode steps)
+            num_tokens = seq.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(blocks) * self.block_size:
+                if self.enable_prefix_caching:
+                    self._cache_full_blocks(seq, blocks, num_tokens // self.block_size)
+                return True
         blocks = self.seq_blocks.setdefault(seq.seq_id, [])
+        ids = self.seq_block_ids.setdefault(seq.seq_id, [])
         first_new_token = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_dead = self._num_dead_blocks(first_new_token)
         self._release(seq, blocks, num_dead)
@@ -255,14 +269,19 @@ class BlockManager:
         if max(num_needed, 0) + num_evictable_hits > self.pool.num_free_blocks:
             if not blocks:
                 del self.seq_blocks[seq.seq_id]
+                del self.seq_block_ids[seq.seq_id]
             return False
         self.pool.touch(live_hits)
         blocks.extend([None] * dead_hits)
         blocks.extend(live_hits)
+        ids.extend([RELEASED_BLOCK_ID] * dead_hits)
+        ids.extend(b.block_id for b in live_hits)
         if dead_hits:
             self.num_released_blocks[seq.seq_id] = len(blocks) - len(live_hits)
         if num_needed > 0:
-            blocks.extend(self.pool.get_new_blocks(num_needed))
+            new_blocks = self.pool.get_new_blocks(num_needed)
+            blocks.extend(new_blocks)
+            ids.extend(b.block_id for b in new_blocks)
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, blocks, num_tokens // self.block_size)
         return True
@@ -270,6 +289,8 @@ class BlockManager:
     def _cache_full_blocks(
         self, seq: Sequence, blocks: list[KVCacheBlock | None], num_full_blocks: int
     ) -> None:
+        # a block holding a placeholder (async scheduling) is registered once its ids are known
+        num_full_blocks = min(num_full_blocks, seq.num_known_tokens // self.block_size)
         start = self.num_cached_blocks.get(seq.seq_id, 0)
         if num_full_blocks <= start:
             return
@@ -289,12 +310,14 @@ class BlockManager:
             return
         dead = [b for b in blocks[start:end] if b is not None]
         blocks[start:end] = [None] * (end - start)
+        self.seq_block_ids[seq.seq_id][start:end] = [RELEASED_BLOCK_ID] * (end - start)
         self.num_released_blocks[seq.seq_id] = end
         self.pool.free_blocks(dead[::-1])
 
     def free(self, seq: Sequence) -> None:
         """Releases seq's blocks, tail first, so a shared prefix outlives its suffixes in the cache."""
         blocks = self.seq_blocks.pop(seq.seq_id, [])
+        self.seq_block_ids.pop(seq.seq_id, None)
         self.num_cached_blocks.pop(seq.seq_id, None)
         self.num_released_blocks.pop(seq.seq_id, None)
         self.pool.free_blocks([b for b in reversed(blocks) if b is not None])

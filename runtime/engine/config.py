@@ -57,6 +57,8 @@ class EngineArgs:
     load_format: str = "auto"  # auto: safetensors in `model`; "dummy": random init (benchmarks of a shape)
     task: str = "generate"  # "embed": every request is a prompt pooled into an embedding (engine/pooler.py)
     pooler_config: PoolerConfig | None = None  # task "embed": LAST + normalize when None
+    # schedule and prepare step n+1 while step n runs (llm_engine.py); None: on for CUDA, off on CPU
+    async_scheduling: bool | None = None
     enable_lora: bool = False  # serve LoRA adapters (runtime/lora): requests pick one by LoRARequest
     max_loras: int = 1  # adapters in device slots at once = most distinct adapters in one batch
     max_lora_rank: int = 16  # largest adapter rank served
@@ -101,6 +103,13 @@ class EngineArgs:
         return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     def _check_tensor_parallel(self) -> None:
+        if self.async_scheduling and self.task == "embed":
+            raise ValueError("async_scheduling applies to task='generate' only (embed samples nothing)")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "async_scheduling applies to tensor_parallel_size=1 only (the workers' input ids would"
+                f" hold placeholders), got tensor_parallel_size={self.tensor_parallel_size}"
+            )
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be positive, got {self.tensor_parallel_size}")
         if self.tp_channel not in TP_CHANNELS:

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from lmforge.runtime.engine.attention import KernelAttentionMetadata
 from lmforge.runtime.models.registry import as_causal_lm
+
+if TYPE_CHECKING:
+    from lmforge.runtime.engine.step_inputs import StepInputs
 
 _NUM_FIELDS = 5  # input_ids, positions, slot_mapping, seq_lens, prompt_lens: one row each in the input buffer
 
@@ -119,14 +124,23 @@ class DecodeGraphRunner:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
+    def run_step(
+        self, step: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`run` from a decode step's StepInputs (its host arrays: no per-token Python lists). fill: (rows,
+        token ids) on the device written over the copied input ids (async scheduling: last step's tokens)."""
+        tokens, tables = step.host["tokens"], step.host["tables"]
+        return self.run(tokens[0], tokens[1], tokens[2], tables, step.host["seq_lens"], tokens[3], fill)
+
     def run(
         self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        block_tables: list[list[int]],
-        seq_lens: list[int],
-        prompt_lens: list[int],
+        input_ids: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        slot_mapping: Sequence[int] | np.ndarray,
+        block_tables: Sequence[Sequence[int]] | np.ndarray,
+        seq_lens: Sequence[int] | np.ndarray,
+        prompt_lens: Sequence[int] | np.ndarray,
+        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step for n <= max_batch sequences (one new token each) -> logits [n, vocab]."""
         num_seqs, rows = len(input_ids), self.rows
@@ -142,10 +156,15 @@ class DecodeGraphRunner:
         h[3 * rows + num_seqs : 3 * rows + size] = 1  # padding rows: attend to one (any) position
         h[4 * rows : 4 * rows + num_seqs] = prompt_lens  # padding rows keep earlier values (rotated, dropped)
         tables = h[_NUM_FIELDS * rows :].reshape(rows, self.max_blocks)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = table
+        if isinstance(block_tables, np.ndarray):  # [n, width] (StepInputs): one copy
+            tables[:num_seqs, : block_tables.shape[1]] = block_tables
+        else:
+            for row, table in enumerate(block_tables):
+                tables[row, : len(table)] = table
         used = _NUM_FIELDS * rows + size * self.max_blocks  # padding rows keep earlier (valid) block ids
         self.dev[:used].copy_(self.host[:used], non_blocking=True)
+        if fill is not None:
+            self.input_ids[fill[0]] = fill[1].to(self.input_ids.dtype)
         graph = self.graphs.get(size)
         if graph is None:  # not captured (CPU tests): the same static, padded forward, eagerly
             return self._forward(size)[:num_seqs]

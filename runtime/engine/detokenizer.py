@@ -36,8 +36,11 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # start of the decoding window
         self.read_offset = len(self.token_ids)  # tokens before this are already in `text`
         self.text = ""
+        self._rust_decode = _rust_decoder(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._rust_decode is not None:
+            return self._rust_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
@@ -81,6 +84,20 @@ class IncrementalDetokenizer:
         if finished or not self.hold_back:
             return self.text
         return self.text[: max(0, len(self.text) - self.hold_back)]
+
+
+def _rust_decoder(tokenizer: Any) -> Any:
+    """The `tokenizers` decode a fast HF tokenizer calls when clean-up is off (what `decode` returns, minus
+    its Python argument handling: about half the time of a decode of a few ids); None when the class
+    overrides `_decode` (its own text rules) or has no Rust backend."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers 4 names it differently: keep the public decode
+        return None
+    if type(tokenizer)._decode is not TokenizersBackend._decode:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return getattr(backend, "decode", None)
 
 
 class NullDetokenizer:

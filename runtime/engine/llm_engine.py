@@ -7,6 +7,16 @@
             ...
 
 Each `step()` is one scheduler step (a forward pass over a mixed prefill/decode batch).
+
+Async scheduling (`EngineArgs.async_scheduling`, on by default on CUDA): `step()` schedules and
+launches step n, then finishes step n-1 (waits for its token ids, stop checks, detokenization,
+outputs) while step n runs, so the host work of a step hides behind the device work of the one before.
+The scheduler sees each in-flight token as a placeholder (`Sequence.num_pending`) and the device part
+of step n reads the ids step n-1 sampled straight from its token tensor. Stop checks trail one step: a
+sequence that stopped at n-1 may have run in step n too, and that token is dropped, so greedy and
+seeded outputs are the same token for token with and without it (an unseeded sampled row's noise
+depends on the batch around it either way). Steps of requests with penalties or a grammar (they
+need the previous token on the host before the next draw) run synchronously.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from lmforge.runtime.engine.block_manager import BlockManager, max_blocks_per_se
 from lmforge.runtime.engine.config import EngineArgs, resolve_device, resolve_dtype
 from lmforge.runtime.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
 from lmforge.runtime.engine.guided import GuidedDecoder
-from lmforge.runtime.engine.model_runner import ModelRunner
+from lmforge.runtime.engine.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
 from lmforge.runtime.engine.pooler import Pooler
 from lmforge.runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from lmforge.runtime.engine.sequence import FinishReason, Request, Sequence
@@ -86,6 +96,8 @@ class LLMEngine:
                 attention_backend=args.attention_backend,
                 kv_cache_dtype=args.kv_cache_dtype,
                 load_format=args.load_format,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
                 lora_config=args.lora_config(),
                 tp=tp,
             )
@@ -198,6 +210,16 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (prompt logprobs)
+        async_scheduling = args.async_scheduling
+        if async_scheduling is None:
+            # tensor parallel: off, the workers' input ids would hold the placeholders that async
+            # scheduling fills on rank 0's device only (EngineArgs refuses async_scheduling=True there)
+            async_scheduling = (
+                self.runner.device.type == "cuda" and not self.embed and args.tensor_parallel_size == 1
+            )
+        self.async_scheduling = async_scheduling
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None  # async: the launched step
+        self._sync_only: set[str] = set()  # request ids whose steps must run synchronously
         self.lora = self.runner.lora  # LoRAManager (None: LoRA off)
         # per adapter name: requests admitted, prompt tokens, generated tokens (vLLM's per-adapter metrics)
         self.lora_requests: dict[str, int] = {}
@@ -268,6 +290,14 @@ class LLMEngine:
             )
             self.scheduler.add_seq(seq)
         self.requests[request_id] = req
+        p = params
+        if (
+            p.structured_outputs is not None
+            or p.repetition_penalty != 1.0
+            or p.presence_penalty
+            or p.frequency_penalty
+        ):
+            self._sync_only.add(request_id)
         if lora_id and self.lora is not None:
             name = self.lora.name_of(lora_id)
             self.lora_requests[name] = self.lora_requests.get(name, 0) + 1
@@ -333,21 +363,58 @@ class LLMEngine:
             self._pending.append(self._make_output(req))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._pending)
+        return bool(self.requests) or bool(self._pending) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs, self._pending = self._pending, []
+        if self.async_scheduling and not (self._sync_only & self.requests.keys()):
+            return self._step_async()
+        outputs = self._finish_inflight()  # leaving async mode: the launched step first
+        outputs, self._pending = self._pending + outputs, []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
         result = self._execute(sched)
+        self.scheduler.update_from_output(sched, result.sampled)
+        return outputs + self._process_result(sched, result, None)
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Launch step n, then finish step n-1 while n runs (module docstring)."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        launched = None
+        if not sched.is_empty:
+            prev = self._inflight[1] if self._inflight is not None else None
+            launched = (sched, self.runner.launch(sched, prev))
+            self.scheduler.on_launch(sched)
+        outputs += self._finish_inflight()
+        self._inflight = launched
+        return outputs
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        if self._inflight is None:
+            return []
+        sched, handle = self._inflight
+        self._inflight = None
+        result = handle.result()
+        return self._process_result(sched, result, self.scheduler.on_tokens(sched, result.sampled))
+
+    def _process_result(
+        self,
+        sched: SchedulerOutput,
+        result: ModelRunnerOutput,
+        filled: list[tuple[Sequence, int]] | None,
+    ) -> list[RequestOutput]:
+        """Stop checks, detokenization and outputs of a finished step. filled: (sequence, token count up
+        to its new token) from async placeholders; None: synchronous, each sequence's last token."""
+        outputs: list[RequestOutput] = []
+        if filled is None:
+            filled = [(s.seq, s.seq.num_tokens) for s in sched.scheduled if s.seq.seq_id in result.sampled]
         if result.prompt_logprobs:
             self._append_prompt_logprobs(sched, result.prompt_logprobs)
-        advanced = self.scheduler.update_from_output(sched, result.sampled)
         touched: dict[str, Request] = {}
         now = time.monotonic()
         for s in sched.scheduled:  # task "embed": a pooled prompt is a finished request
@@ -356,16 +423,18 @@ class LLMEngine:
                 req = touched[s.seq.request_id] = self.requests[s.seq.request_id]
                 req.embedding = embedding
                 self._finish(s.seq, FinishReason.STOP)
-        for seq in advanced:
+        for seq, num_tokens in filled:
+            if seq.is_finished:  # aborted while its step ran
+                continue
             lp = result.logprobs.get(seq.seq_id)
             if lp is not None:
                 seq.output_logprobs.append(lp)
                 seq.cumulative_logprob += result.sampled_logprob[seq.seq_id]
-            self._process_token(seq)
+            self._process_token(seq, num_tokens)
             touched[seq.request_id] = self.requests[seq.request_id]
-        self.generation_tokens_total += len(advanced)
-        if self.lora is not None:
-            self._count_lora_tokens(advanced)
+            self.generation_tokens_total += 1
+            if seq.lora_id and self.lora is not None:
+                self._count_lora_token(seq, num_tokens)
         for req in touched.values():
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -374,22 +443,20 @@ class LLMEngine:
             if finished:
                 req.finish_time = now
                 del self.requests[req.request_id]
+                self._sync_only.discard(req.request_id)
             if finished or req.params.output_kind != "final_only":
                 outputs.append(self._make_output(req))
         return outputs
 
-    def _count_lora_tokens(self, advanced: list[Sequence]) -> None:
+    def _count_lora_token(self, seq: Sequence, num_tokens: int) -> None:
+        """Per-adapter metrics of one generated token (num_tokens: the sequence's length with it)."""
         assert self.lora is not None
-        for seq in advanced:
-            if seq.lora_id:
-                name = self.lora.name_of(seq.lora_id)
-                self.lora_generation_tokens[name] = self.lora_generation_tokens.get(name, 0) + 1
-                if seq.num_output_tokens == 1 and seq.index == 0:  # its request's first token
-                    self.lora_prompt_tokens[name] = (
-                        self.lora_prompt_tokens.get(name, 0) + seq.num_prompt_tokens
-                    )
+        name = self.lora.name_of(seq.lora_id)
+        self.lora_generation_tokens[name] = self.lora_generation_tokens.get(name, 0) + 1
+        if num_tokens - seq.num_prompt_tokens == 1 and seq.index == 0:  # its request's first token
+            self.lora_prompt_tokens[name] = self.lora_prompt_tokens.get(name, 0) + seq.num_prompt_tokens
 
-    def _execute(self, sched: SchedulerOutput) -> Any:
+    def _execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         driver = self.tp_driver
         if driver is None:
             return self.runner.execute(sched)
@@ -405,11 +472,12 @@ class LLMEngine:
         finally:
             driver.step_done()
 
-    def _process_token(self, seq: Sequence) -> None:
-        reason = self.scheduler.check_stop(seq, self.eos_token_ids)
+    def _process_token(self, seq: Sequence, num_tokens: int) -> None:
+        """seq's token number num_tokens arrived (later ones may still be placeholders)."""
+        reason = self.scheduler.check_stop(seq, self.eos_token_ids, num_tokens)
         detok: IncrementalDetokenizer | NullDetokenizer = seq.detokenizer
         if reason is not FinishReason.STOP:  # an EOS / stop token id is not part of the text
-            stop_str = detok.update(seq.token_ids[-1])
+            stop_str = detok.update(seq.token_ids[num_tokens - 1])
             if stop_str is not None:
                 reason, seq.stop_reason = FinishReason.STOP, stop_str
         if reason is not None and not isinstance(seq.stop_reason, str):  # ended, not cut: emit pending bytes
@@ -450,7 +518,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=seq.detokenizer.output_text(seq.is_finished),
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.output_token_ids,  # a copy (the client may keep it), placeholders excluded
                     cumulative_logprob=seq.cumulative_logprob if want_lp else None,
                     logprobs=list(seq.output_logprobs) if want_lp else None,
                     finish_reason=str(seq.finish_reason) if seq.finish_reason else None,

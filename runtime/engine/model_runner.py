@@ -9,9 +9,11 @@ positions they still owe (prompt_logprobs.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from lmforge.runtime.engine.prompt_logprobs import PromptLogprobsBatch
 from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata
 from lmforge.runtime.engine.scheduler import SchedulerOutput
 from lmforge.runtime.engine.sequence import Sequence
+from lmforge.runtime.engine.step_inputs import InputBuilder, StepInputs
 from lmforge.runtime.lora.config import LoRAConfig
 from lmforge.runtime.lora.manager import LoRAManager
 from lmforge.runtime.models.config import ModelConfig
@@ -52,6 +55,30 @@ _GiB = 1 << 30
 
 
 @dataclass(slots=True)
+class _StepPlan:
+    """A step as the host prepared it, for the device part (`ModelRunner._device_step`)."""
+
+    step: StepInputs
+    sample_seqs: list[Sequence]
+    sampling: SamplingMetadata | None = None
+    prompt_lp: PromptLogprobsBatch = field(default_factory=PromptLogprobsBatch)
+    pool_chunks: list[PoolChunk] = field(default_factory=list)
+    fill_tokens: list[int] = field(default_factory=list)  # async: input rows whose id the last step sampled
+    fill_rows: list[int] = field(default_factory=list)  # ... at these rows of its token tensor
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step (async scheduling): its result, and the token-tensor row of each sampled sequence."""
+
+    future: Future[ModelRunnerOutput]
+    row_of_seq: dict[int, int]
+
+    def result(self) -> ModelRunnerOutput:
+        return self.future.result()
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
     sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> new token id
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token id: logprob}
@@ -60,24 +87,7 @@ class ModelRunnerOutput:
         default_factory=dict
     )  # seq_id -> new entries
     embeddings: dict[int, list[float]] = field(default_factory=dict)  # task "embed": seq_id -> pooled prompt
-
-
-@dataclass(slots=True)
-class StepInput:
-    """One step's model inputs: what rank 0 sends every tensor-parallel worker (one message), and all
-    a rank needs to run the forward. T = tokens, B = sequences; numpy int64 so that it pickles small."""
-
-    input_ids: np.ndarray  # [T]
-    positions: np.ndarray  # [T]
-    prompt_lens: np.ndarray  # [T] the prompt length of each token's sequence (length-dependent RoPE)
-    slots: np.ndarray  # [T] KV cache slot of each new token
-    block_tables: list[list[int]]  # [B] the block ids of each sequence
-    query_lens: list[int]  # [B]
-    seq_lens: list[int]  # [B]
-    # the row sets the LM head runs on, in call order (prompt logprobs chunks, then the sampled rows);
-    # under tensor parallelism each call is a collective (the vocab gather), so every rank makes the same
-    logit_calls: list[list[int]] = field(default_factory=list)
-    graph: bool = False  # a decode step through the CUDA graphs (rank 0 decides; every rank follows)
+    sampled_tensor: torch.Tensor | None = None  # [N] int64 on the device, rows in sampling order
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -114,6 +124,8 @@ class ModelRunner:
         attention_backend: str = "torch",
         kv_cache_dtype: str = "auto",
         load_format: str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
         tp: tuple[TPLayout, TPGroup] | None = None,
         lora_config: LoRAConfig | None = None,
     ):
@@ -173,6 +185,16 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphRunner | None = None  # see prepare_decode_graphs
         self.guided: GuidedDecoder | None = None  # set by the engine on the first constrained request
         self.pooler: Pooler | None = None  # task "embed" (set by the engine): pool, never sample
+        self.inputs = InputBuilder(  # persistent host buffers for the step inputs
+            max_num_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=math.ceil(max_model_len / block_size),
+            block_size=block_size,
+            device=device,
+        )
+        # (sampled seq ids, metadata, rows with min_tokens) of the last batch composition
+        self._sampling_cache: tuple[list[int], SamplingMetadata, list[int]] | None = None
+        self._worker: Any = None  # async scheduling: the thread that runs launched steps, in order
 
     # --- KV cache -------------------------------------------------------------------------------
     @property
@@ -360,182 +382,223 @@ class ModelRunner:
             self.decode_graphs.capture()
         return time.perf_counter() - start
 
-    def _graph_step(self, query_lens: list[int]) -> bool:
+    def _graph_step(self, step: StepInputs) -> bool:
         return (
             self.decode_graphs is not None
-            and len(query_lens) <= self.decode_graphs.max_batch
-            and all(n == 1 for n in query_lens)
+            and step.num_seqs <= self.decode_graphs.max_batch
+            and step.decode_only
         )
 
     # --- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        prompt_lens: list[int] = []  # per token: its sequence's prompt length (length-dependent RoPE)
-        slots: list[int] = []
-        tables, query_lens, seq_lens = [], [], []
-        logit_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        prompt_lp = PromptLogprobsBatch()
-        pool_chunks: list[PoolChunk] = []
-        token_loras: list[int] = []  # per token: its sequence's LoRA adapter id (0: base)
-        for s in sched.scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
+        """One step, synchronously: inputs, forward, LM head, draw."""
+        return self._device_step(self._host_step(sched), None)
+
+    def launch(self, sched: SchedulerOutput, prev: StepHandle | None) -> StepHandle:
+        """Async scheduling: the host part of the step now, the device part queued behind `prev` (one
+        worker thread plays the device stream, so on CPU too the host can prepare the next step while
+        this one runs). Tokens `prev` sampled for sequences this step reads are still placeholders on
+        the host: the device part takes them from `prev`'s token tensor, never from the host."""
+        plan = self._host_step(sched)
+        if prev is not None:
+            rows = prev.row_of_seq
+            for i, s in enumerate(sched.scheduled):  # a placeholder can only be the row's last input token
+                seq = s.seq
+                if seq.num_pending and seq.num_computed_tokens + s.num_new_tokens == seq.num_tokens:
+                    plan.fill_tokens.append(plan.step.host_query_start_loc[i + 1] - 1)
+                    plan.fill_rows.append(rows[seq.seq_id])
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-step")
+        future = self._worker.submit(self._device_step, plan, prev)
+        return StepHandle(future, {seq.seq_id: row for row, seq in enumerate(plan.sample_seqs)})
+
+    def _host_step(self, sched: SchedulerOutput) -> _StepPlan:
+        """Everything that reads the sequences (main thread): inputs, sampling metadata, which rows
+        score prompt logprobs or pool, and what rank 0 decides for every tensor-parallel rank (graph
+        or eager, the LM head calls)."""
+        for seq in sched.preempted:  # their tables are rebuilt when they are scheduled again
+            self.inputs.release(seq.seq_id)
+        step = self.inputs.build(sched.scheduled)
+        plan = _StepPlan(step, [sched.scheduled[row].seq for row in step.sample_rows])
+        offsets = step.host_query_start_loc
+        for i, s in enumerate(sched.scheduled):
+            seq = s.seq
             if self.pooler is not None:
-                pool_chunks.append(PoolChunk(seq, len(input_ids), start, s.num_new_tokens, s.samples))
+                plan.pool_chunks.append(
+                    PoolChunk(seq, offsets[i], seq.num_computed_tokens, s.num_new_tokens, s.samples)
+                )
             if seq.params.prompt_logprobs is not None:  # the only cost to requests that did not ask
-                prompt_lp.add(seq, start, end, len(input_ids))
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            prompt_lens += [seq.num_prompt_tokens] * s.num_new_tokens
-            token_loras += [seq.lora_id] * s.num_new_tokens
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            tables.append(s.block_ids)
-            query_lens.append(s.num_new_tokens)
-            seq_lens.append(end)
-            if s.samples:
-                logit_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        step = StepInput(
-            np.asarray(input_ids, dtype=np.int64),
-            np.asarray(positions, dtype=np.int64),
-            np.asarray(prompt_lens, dtype=np.int64),
-            np.asarray(slots, dtype=np.int64),
-            tables,
-            query_lens,
-            seq_lens,
-        )
-        lora_rows = self.lora is not None and self.lora.set_batch(token_loras)
-        # graphs hold the base model's forward only
-        step.graph = graph = not lora_rows and self._graph_step(query_lens)
-        if not graph and self.pooler is None:  # the LM head calls below, in their order
-            step.logit_calls = prompt_lp.row_chunks() + ([logit_rows] if sample_seqs else [])
-        self._broadcast("forward_step", step)
+                start = seq.num_computed_tokens
+                plan.prompt_lp.add(seq, start, start + s.num_new_tokens, offsets[i])
+        step.graph = not step.lora_ids and self._graph_step(step)  # graphs hold the base model only
+        if self.group.world_size > 1 and not step.graph and self.pooler is None:
+            step.logit_calls = self._logit_calls(plan)
+        if plan.sample_seqs:
+            plan.sampling = self._sampling_metadata(plan.sample_seqs)
+            self._set_guided_rows(plan)
+        return plan
+
+    @staticmethod
+    def _logit_calls(plan: _StepPlan) -> list[list[int]]:
+        """The hidden-state rows of each LM head call of the step, in order (prompt logprobs chunks, then
+        the sampled rows): under tensor parallelism each is a collective every rank makes."""
+        offsets = plan.step.host_query_start_loc
+        sampled = [offsets[row + 1] - 1 for row in plan.step.sample_rows]
+        return plan.prompt_lp.row_chunks() + ([sampled] if sampled else [])
+
+    def _set_guided_rows(self, plan: _StepPlan) -> None:
+        guided, sampling = self.guided, plan.sampling
+        if guided is None or not guided.matchers or sampling is None:
+            return
+        sampling.guided_rows = [row for row, seq in enumerate(plan.sample_seqs) if guided.has(seq.seq_id)]
+        if sampling.guided_rows:
+            sampling.token_bitmask = guided.fill_bitmask(
+                [plan.sample_seqs[r].seq_id for r in sampling.guided_rows]
+            )
+
+    @torch.inference_mode()
+    def _device_step(self, plan: _StepPlan, prev: StepHandle | None) -> ModelRunnerOutput:
+        """The forward, the LM head over the sampled rows, and the draw of one step. Tensor parallel:
+        rank 0 sends the step to the workers first, from this same thread (their collectives pair up
+        with the ones of this forward)."""
+        step = plan.step
+        fill = self._fill(plan, prev)
+        if self.driver is not None:
+            self._broadcast("forward_step", step.message())
         out = ModelRunnerOutput()
-        hidden, graph_logits = self.forward_step(step, run_logit_calls=False)
+        hidden, graph_logits = self._forward(step, fill)
         if graph_logits is not None:
 
             def row_logits(rows: list[int]) -> torch.Tensor:  # rows are sorted: all B of them or a subset
-                if len(rows) == len(query_lens):
+                if len(rows) == step.num_seqs:
                     return graph_logits
                 return graph_logits[torch.tensor(rows, device=self.device)]  # e.g. a 1-token prefill chunk
+
+            sampled_logits = lambda: row_logits(step.sample_rows)  # noqa: E731
         else:
             assert hidden is not None  # no graph: the forward returned the hidden states
             if self.pooler is not None:  # embeddings: prefill only, nothing sampled
-                out.embeddings = self.pooler(hidden, pool_chunks)
+                out.embeddings = self.pooler(hidden, plan.pool_chunks)
                 return out
-            calls = iter(step.logit_calls)
 
             def row_logits(rows: list[int]) -> torch.Tensor:
-                # every rank makes the same LM head calls (the vocab gather is a collective)
-                assert rows == next(calls), "LM head calls out of step with StepInput.logit_calls"
                 return self.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [N, V]
 
-        # The forward is queued on the device: grammar masks are computed on the CPU meanwhile.
-        sampling = self._sampling_metadata(sample_seqs)
+            sampled_logits = lambda: self.compute_logits(hidden[step.logits_indices])  # noqa: E731
+
+        if plan.prompt_lp.rows:
+            out.prompt_logprobs = plan.prompt_lp.compute(row_logits)
+        if plan.sampling is not None:
+            self._draw(plan, plan.sampling, sampled_logits(), out)
+        return out
+
+    def _fill(self, plan: _StepPlan, prev: StepHandle | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Async scheduling: (input rows, token ids) the last step sampled, device to device."""
+        if not plan.fill_tokens:
+            return None
+        assert prev is not None
+        prev_tokens = prev.future.result().sampled_tensor  # done: the worker runs steps in order
+        assert prev_tokens is not None, "the previous step sampled nothing for a placeholder"
+        index = torch.tensor(plan.fill_tokens, device=self.device)
+        return index, prev_tokens[torch.tensor(plan.fill_rows, device=self.device)]
+
+    def _draw(
+        self, plan: _StepPlan, sampling: SamplingMetadata, logits: torch.Tensor, out: ModelRunnerOutput
+    ) -> None:
+        sample_seqs = plan.sample_seqs
+        result = self.sampler(logits, sampling)
         guided = self.guided
-        if guided is not None and guided.matchers:
-            sampling.guided_rows = [row for row, seq in enumerate(sample_seqs) if guided.has(seq.seq_id)]
-            if sampling.guided_rows:
-                sampling.token_bitmask = guided.fill_bitmask(
-                    [sample_seqs[r].seq_id for r in sampling.guided_rows]
-                )
-        if prompt_lp.rows:
-            out.prompt_logprobs = prompt_lp.compute(row_logits)
-        if not sample_seqs:
-            return out
-        result = self.sampler(row_logits(logit_rows), sampling)
         if guided is not None:
             for row in sampling.guided_rows:
                 guided.accept(sample_seqs[row].seq_id, result.token_ids[row])
-        for row, seq in enumerate(sample_seqs):
-            out.sampled[seq.seq_id] = result.token_ids[row]
-            row_logprobs, sampled_logprob = result.logprobs[row], result.sampled_logprobs[row]
-            if row_logprobs is not None and sampled_logprob is not None:  # the sampler sets both or neither
-                out.logprobs[seq.seq_id] = row_logprobs
-                out.sampled_logprob[seq.seq_id] = sampled_logprob
-        return out
+        out.sampled = dict(zip([seq.seq_id for seq in sample_seqs], result.token_ids, strict=True))
+        out.sampled_tensor = result.token_tensor
+        if sampling.any_logprobs:
+            for row, seq in enumerate(sample_seqs):
+                row_logprobs, sampled_logprob = result.logprobs[row], result.sampled_logprobs[row]
+                if (
+                    row_logprobs is not None and sampled_logprob is not None
+                ):  # the sampler sets both or neither
+                    out.logprobs[seq.seq_id] = row_logprobs
+                    out.sampled_logprob[seq.seq_id] = sampled_logprob
+
+    def _forward(
+        self, step: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden [T, hidden], None), or (None, logits [B, V]) for a decode step through the graphs.
+        The LoRA context is set here, on the thread that runs the forward (async scheduling)."""
+        if self.lora is not None:
+            if step.lora_ids:
+                self.lora.set_batch(step.token_lora_ids())
+            else:
+                self.lora.clear_batch()
+        if step.graph:
+            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
+            return None, self.decode_graphs.run_step(step, fill)  # [B, V]
+        if fill is not None:
+            step.input_ids[fill[0]] = fill[1]
+        meta = self.backend.build_metadata(step.attention_metadata())
+        return self.model(step.input_ids, step.positions, meta), None  # [T, hidden]
 
     @torch.inference_mode()
     def forward_step(
-        self, step: StepInput, run_logit_calls: bool = True
+        self, step: StepInputs, run_logit_calls: bool = True
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The forward of one step on this rank: (hidden [T, hidden], None), or (None, logits [B, V])
-        for a decode step through the CUDA graphs. run_logit_calls: also run the step's LM head calls
-        (a tensor-parallel worker, whose logits rank 0 gathers; rank 0 runs them while sampling)."""
-        if step.graph:
-            assert self.decode_graphs is not None  # _graph_step: only with captured graphs
-            logits = self.decode_graphs.run(
-                step.input_ids.tolist(),
-                step.positions.tolist(),
-                step.slots.tolist(),
-                step.block_tables,
-                step.seq_lens,
-                step.prompt_lens.tolist(),
-            )  # [B, V]
-            return None, logits
-        meta = self.backend.build_metadata(
-            CommonAttentionMetadata(
-                slot_mapping=torch.from_numpy(step.slots).to(self.device),
-                block_tables=_padded_tables(step.block_tables, self.device),
-                query_lens=step.query_lens,
-                seq_lens=step.seq_lens,
-                block_size=self.block_size,
-                prompt_lens=torch.from_numpy(step.prompt_lens).to(self.device),
-            )
-        )
-        hidden = self.model(
-            torch.from_numpy(step.input_ids).to(self.device),
-            torch.from_numpy(step.positions).to(self.device),
-            meta,
-        )  # [T, hidden]
-        if run_logit_calls:
+        """A tensor-parallel worker's step (rank 0's message): the forward on this rank's shard, then
+        the step's LM head calls (their vocab gathers pair up with rank 0's) unless run_logit_calls is
+        False. Returns what `_forward` does."""
+        step = step.to(self.device)
+        hidden, logits = self._forward(step, None)
+        if run_logit_calls and hidden is not None:
             for rows in step.logit_calls:
                 self.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return hidden, None
+        return hidden, logits
 
     def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
-        params = [seq.params for seq in seqs]
-        penalties = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-        )
-        generators = {}
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None and not seq.params.greedy:
-                if seq.seq_id not in self.generators:
-                    gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
-                    self.generators[seq.seq_id] = gen
-                generators[row] = self.generators[seq.seq_id]
-        banned = []
-        for seq in seqs:
+        """Cached per batch composition (the same sequences in the same rows as the last step): only the
+        parts that change per token (min_tokens bans, penalty counts) are rebuilt, and only for rows that
+        have them. Guided fields are set per step by the caller."""
+        key = [seq.seq_id for seq in seqs]
+        cached = self._sampling_cache
+        if cached is None or cached[0] != key:
+            params = [seq.params for seq in seqs]
+            generators = {}
+            for row, seq in enumerate(seqs):
+                if seq.params.seed is not None and not seq.params.greedy:
+                    if seq.seq_id not in self.generators:
+                        gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+                        self.generators[seq.seq_id] = gen
+                    generators[row] = self.generators[seq.seq_id]
+            meta = SamplingMetadata(params, [], [], generators, [[] for _ in seqs])
+            min_token_rows = [row for row, p in enumerate(params) if p.min_tokens > 0]
+            cached = self._sampling_cache = (key, meta, min_token_rows)
+        _, meta, min_token_rows = cached
+        banned = list(meta.stop_ids_before_min_tokens) if min_token_rows else meta.stop_ids_before_min_tokens
+        for row in min_token_rows:
+            seq = seqs[row]
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
-                banned.append(list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids))
+                banned[row] = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
             else:
-                banned.append([])
-        return SamplingMetadata(
-            params=params,
-            prompt_token_ids=[seq.prompt_token_ids for seq in seqs] if penalties else [],
-            output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else [],
-            generators=generators,
-            stop_ids_before_min_tokens=banned,
-        )
+                banned[row] = []
+        if min_token_rows or meta.any_penalties or self.guided is not None:
+            # a fresh object: a step in flight may still read the cached one (async scheduling)
+            meta = copy.copy(meta)
+            meta.stop_ids_before_min_tokens = banned
+            if meta.any_penalties:
+                meta.prompt_token_ids = [seq.prompt_token_ids for seq in seqs]
+                meta.output_token_ids = [seq.output_token_ids for seq in seqs]
+        meta.guided_rows, meta.token_bitmask = [], None
+        return meta
 
     def release(self, seq_id: int) -> None:
-        """A sequence finished: drop its generator and grammar matcher."""
+        """A sequence finished: drop its generator, grammar matcher and block-table row."""
         self.generators.pop(seq_id, None)
+        self.inputs.release(seq_id)
         if self.guided is not None:
             self.guided.release(seq_id)
         if self.pooler is not None:
             self.pooler.release(seq_id)
-
-
-def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """[B, max_blocks] int64, right-padded with 0 (never read past a sequence's length)."""
-    padded = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int64)
-    for row, table in enumerate(tables):
-        padded[row, : len(table)] = table
-    return torch.from_numpy(padded).to(device)

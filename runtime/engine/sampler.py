@@ -6,12 +6,13 @@ frequency penalties -> greedy rows take the argmax -> temperature -> min-p -> to
 one draw per row. Rows with a `seed` draw their noise from their own torch.Generator, so their
 tokens do not depend on what else is in the batch.
 
-Two implementations of the draw, picked by the kernel backend the model runs on:
-  torch  - masks built with a sort of the vocabulary, then an exponential race (argmax of
-           probs / Exp(1) noise);
-  kernel - `ops.sample` (Triton on CUDA): the top-k / top-p / min-p thresholds are found without
-           sorting and a Gumbel-max draw picks the token, one program per row. Greedy rows never
-           reach it; the only host sync of a step is copying the token ids out.
+One draw, `ops.sample` of the kernel backend the model runs on, fed the same uniform noise either way:
+  torch  - `lmforge.kernels.reference.sample` (top-k / top-p / min-p masks from a sort, ties kept,
+           then Gumbel-max): the spec the Triton kernel is tested against, so CPU runs CUDA's semantics;
+  triton - the fused kernel: thresholds found without sorting, the same Gumbel-max draw, one program
+           per row.
+A batch of greedy rows only never reaches it (argmax); the only host sync of a step is copying the
+token ids out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.kernels.reference import apply_token_bitmask
@@ -36,11 +38,23 @@ class SamplingMetadata:
     stop_ids_before_min_tokens: list[list[int]]  # per row: EOS + stop ids banned until min_tokens
     guided_rows: list[int] = field(default_factory=list)  # rows with a grammar, in bitmask order
     token_bitmask: torch.Tensor | None = None  # [len(guided_rows), ceil(V/32)] int32, see apply_token_bitmask
+    # derived from params once (the runner caches the metadata per batch composition)
+    greedy: list[bool] = field(default_factory=list)  # per row: temperature ~0 or top_k 1
+    all_greedy: bool = True
+    any_logprobs: bool = False
+    any_penalties: bool = False
+
+    def __post_init__(self) -> None:
+        self.greedy = [p.temperature < _GREEDY_EPS or p.top_k == 1 for p in self.params]
+        self.all_greedy = all(self.greedy)
+        self.any_logprobs = any(p.logprobs is not None for p in self.params)
+        self.any_penalties = any(_has_penalties(p) for p in self.params)
 
 
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]
+    token_tensor: torch.Tensor  # [N] int64 on the logits' device (async scheduling feeds it to the next step)
     logprobs: list[dict[int, float] | None]  # per row when requested: {sampled id: lp, top ids: lp, ...}
     sampled_logprobs: list[float | None]
 
@@ -48,8 +62,11 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, generator: torch.Generator, ops: Any = None):
         self.generator = generator  # for unseeded rows
-        # lmforge.kernels.backend.Ops; None or the torch ops: the sort-based torch path below
-        self.ops = ops if ops is not None and ops.name != "torch" else None
+        if ops is None:  # the torch reference ops of the generator's device
+            from lmforge.kernels.backend import get_ops
+
+            ops = get_ops(generator.device, "torch")
+        self.ops = ops  # lmforge.kernels.backend.Ops
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [N, V]
@@ -60,51 +77,29 @@ class Sampler:
             logits = apply_token_bitmask(
                 logits, meta.token_bitmask.to(logits.device, non_blocking=True), rows
             )
-        want = [p.logprobs for p in meta.params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want) else None
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.any_logprobs else None
 
-        for row, banned in enumerate(meta.stop_ids_before_min_tokens):
-            if banned:
-                logits[row, banned] = float("-inf")
-        if any(_has_penalties(p) for p in meta.params):
+        if any(meta.stop_ids_before_min_tokens):
+            for row, banned in enumerate(meta.stop_ids_before_min_tokens):
+                if banned:
+                    logits[row, banned] = float("-inf")
+        if meta.any_penalties:
             logits = apply_penalties(logits, meta)
 
-        greedy = [p.temperature < _GREEDY_EPS or p.top_k == 1 for p in meta.params]
-        tokens = logits.argmax(dim=-1)
-        if not all(greedy):
-            sampled = self._sample(logits, meta, greedy)
-            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
+        if meta.all_greedy:
+            tokens = argmax_rows(logits)
+        else:  # greedy rows take the argmax inside the draw (temperature 0)
+            tokens = self._sample(logits, meta, meta.greedy)
 
         token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_list, [None] * num_rows, [None] * num_rows)
-        return SamplerOutput(token_list, *_logprobs(raw_logprobs, tokens, token_list, want))
+            return SamplerOutput(token_list, tokens, [None] * num_rows, [None] * num_rows)
+        want = [p.logprobs for p in meta.params]
+        return SamplerOutput(token_list, tokens, *_logprobs(raw_logprobs, tokens, token_list, want))
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]) -> torch.Tensor:
-        if self.ops is not None:
-            return self._sample_with_kernel(logits, meta, greedy)
-        temps = [1.0 if g else p.temperature for p, g in zip(meta.params, greedy, strict=True)]
-        logits = logits / torch.tensor(temps, device=logits.device)[:, None]
-        if any(p.min_p > 0 for p in meta.params):
-            logits = apply_min_p(logits, torch.tensor([p.min_p for p in meta.params], device=logits.device))
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in meta.params):
-            vocab = logits.shape[-1]
-            top_k = torch.tensor(
-                [p.top_k if p.top_k > 0 else vocab for p in meta.params], device=logits.device
-            )
-            top_p = torch.tensor([p.top_p for p in meta.params], device=logits.device)
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, gen in meta.generators.items():
-            noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
-
-    def _sample_with_kernel(
-        self, logits: torch.Tensor, meta: SamplingMetadata, greedy: list[bool]
-    ) -> torch.Tensor:
-        """The backend's fused sampling kernel; greedy rows get temperature 0 (argmax inside the kernel)."""
-        assert self.ops is not None  # _sample comes here only with kernel ops
+        """`ops.sample` over every row; greedy rows get temperature 0 (argmax inside the draw). The noise
+        is uniform [N, V] from the engine's generator, a seeded row's from its own generator."""
         device = logits.device
         params = meta.params
         temperature = torch.tensor(
@@ -121,6 +116,14 @@ class Sampler:
         for row, gen in meta.generators.items():
             uniform[row] = torch.rand(logits.shape[1], device=device, generator=gen)
         return self.ops.sample(logits.contiguous(), temperature, top_k, top_p, min_p, uniform)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] fp32 -> [N] int64, the first index of each row's maximum (torch.argmax semantics). On CPU
+    numpy's vectorised argmax: torch's CPU argmax over a 32k vocabulary costs ~100 us per row."""
+    if logits.device.type == "cpu" and logits.is_contiguous():
+        return torch.from_numpy(np.argmax(logits.numpy(), axis=-1).astype(np.int64, copy=False))
+    return logits.argmax(dim=-1)
 
 
 def _has_penalties(p: SamplingParams) -> bool:
@@ -150,25 +153,6 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalised, logits)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drops tokens whose probability is below min_p x the top token's probability."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keeps each row's top_k tokens, then the smallest head whose probability mass reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-    cut = (mass_before >= top_p[:, None]) & (ranks > 0) & (top_p[:, None] < 1.0)
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
 def _logprobs(

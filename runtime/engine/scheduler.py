@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lmforge.runtime.engine.block_manager import BlockManager
-from lmforge.runtime.engine.sequence import FinishReason, Sequence, SequenceStatus
+from lmforge.runtime.engine.sequence import PLACEHOLDER_TOKEN, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -71,6 +71,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:  # running first, oldest first
             seq = self.running[i]
+            if seq.num_pending and self._length_reached(seq, seq.num_tokens):
+                i += 1  # async: its in-flight token is its last; it finishes when that token lands
+                continue
             num_new = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(seq, num_new):
                 victim = self.running.pop()  # newest
@@ -154,18 +157,54 @@ class Scheduler:
                 advanced.append(seq)
         return advanced
 
-    def check_stop(self, seq: Sequence, eos_token_ids: set[int]) -> FinishReason | None:
-        """Token-level stop conditions after a new token (stop strings are the detokenizer's)."""
-        params, token = seq.params, seq.token_ids[-1]
-        if seq.num_output_tokens >= params.min_tokens:
+    def on_launch(self, out: SchedulerOutput) -> None:
+        """Async scheduling: a step was launched; its tokens count as computed and each sampling sequence
+        gets a placeholder for the token it will receive, so the next schedule sees the state after it."""
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            sampling = s.samples
+            seq.num_computed_tokens += s.num_new_tokens
+            if sampling:
+                seq.token_ids.append(PLACEHOLDER_TOKEN)
+                seq.num_pending += 1
+
+    def on_tokens(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[tuple[Sequence, int]]:
+        """Async scheduling: the launched step `out` finished; fills each live sequence's oldest
+        placeholder. Returns (sequence, its token count up to the new token) in schedule order; tokens of
+        sequences that ended meanwhile (stop, abort) are dropped."""
+        advanced = []
+        for s in out.scheduled:
+            seq = s.seq
+            token = sampled.get(seq.seq_id)
+            if token is None or seq.is_finished or not seq.num_pending:
+                continue
+            advanced.append((seq, seq.fill_pending(token)))
+        return advanced
+
+    def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:
+        max_tokens = seq.params.max_tokens
+        if max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens:
+            return True
+        return num_tokens >= self.config.max_model_len
+
+    def check_stop(
+        self, seq: Sequence, eos_token_ids: set[int], num_tokens: int | None = None
+    ) -> FinishReason | None:
+        """Token-level stop conditions after a new token (stop strings are the detokenizer's). num_tokens:
+        the sequence's length up to that token (async: later placeholders may follow); None: all."""
+        if num_tokens is None:
+            num_tokens = seq.num_tokens
+        params, token = seq.params, seq.token_ids[num_tokens - 1]
+        num_output_tokens = num_tokens - seq.num_prompt_tokens
+        if num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token in eos_token_ids:
                 return FinishReason.STOP
             if token in params.stop_token_ids:
                 seq.stop_reason = token
                 return FinishReason.STOP
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return FinishReason.LENGTH
-        if seq.num_tokens >= self.config.max_model_len:
+        if self._length_reached(seq, num_tokens):
             return FinishReason.LENGTH
         return None
 
@@ -176,6 +215,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        seq.drop_pending()
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = reason

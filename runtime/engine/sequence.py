@@ -33,6 +33,7 @@ class FinishReason(enum.Enum):
 
 
 _seq_ids = itertools.count()
+PLACEHOLDER_TOKEN = -1  # async scheduling: a sampled token still on the device (see Sequence.num_pending)
 
 
 @dataclass(eq=False)
@@ -56,6 +57,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     detokenizer: Any = None  # the engine's IncrementalDetokenizer; opaque here
+    # async scheduling: the last num_pending entries of token_ids are PLACEHOLDER_TOKEN, tokens sampled
+    # by launched steps whose ids have not reached the host yet (the next step reads them on the device)
+    num_pending: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     lora_id: int = 0  # the LoRA adapter it runs with (LoRAManager's id); 0: the base model
 
@@ -73,7 +77,26 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host (placeholders of in-flight steps excluded)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (all of them unless async steps are in flight)."""
+        return len(self.token_ids) - self.num_pending
+
+    def fill_pending(self, token_id: int) -> int:
+        """The oldest placeholder's real id arrived; returns the token count up to and including it."""
+        index = len(self.token_ids) - self.num_pending
+        self.token_ids[index] = token_id
+        self.num_pending -= 1
+        return index + 1
+
+    def drop_pending(self) -> None:
+        """The sequence ended: tokens of steps launched after its last one are not part of it."""
+        if self.num_pending:
+            del self.token_ids[len(self.token_ids) - self.num_pending :]
+            self.num_pending = 0
 
     @property
     def num_prompt_logprobs_pending(self) -> int:
@@ -122,7 +145,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        for seq in self.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True
 
 
 def _child_params(params: SamplingParams, index: int) -> SamplingParams:

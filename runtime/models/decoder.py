@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.families import FAMILIES, hf_to_ours, ours_to_hf
 from lmforge.runtime.models.layers import (

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.kernels.alibi import alibi_slopes
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.family_config import (
     FamilyConfigError,

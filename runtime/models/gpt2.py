@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.family_config import (
     FamilyConfigError,

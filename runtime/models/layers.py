@@ -19,7 +19,7 @@ from torch import nn
 
 from lmforge.kernels import reference, rope_cache
 from lmforge.kernels.backend import Ops
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:

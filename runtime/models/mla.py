@@ -15,13 +15,14 @@ which is the same number as HF's expanded q_nope . (W_UK c) + q_pe . k_pe, at L 
 reads per cached token. The softmax scale is qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2
 under yarn (transformers' `yarn_apply_mscale`).
 
-The step layout comes from the attention backend's metadata: the torch backend's (decodes batched,
-prefill chunks one by one) or the Triton backend's (sequence by sequence; the model's other ops then run
-as Triton kernels, the fused MoE included). MLA models decode without CUDA graphs.
+The step layout comes from the attention backend's metadata, sequence by sequence from the block tables
+(torch or Triton backend; with Triton the model's other ops run as Triton kernels, the fused MoE
+included). MLA models decode without CUDA graphs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import MLAConfig, ModelConfig
 from lmforge.runtime.models.layers import RMSNorm, RotaryEmbedding
 
@@ -71,18 +72,8 @@ class LatentAttention(nn.Module):
         flat = self.kv_cache.view(-1, self.latent_dim)
         flat.index_copy_(0, meta.slot_mapping, latent.to(flat.dtype))
         out = q.new_empty(*q.shape[:2], self.kv_lora_rank)
-        if not hasattr(meta, "prefills"):  # the Triton backend's metadata: every sequence on its own
-            for start, qlen, seq_len, slots in _kernel_layout(meta, self.kv_cache.shape[1]):
-                self._attend_one(q, latent, flat, out, start, qlen, seq_len, slots)
-            return out
-        if meta.decode_token_idx is not None:
-            keys = flat[meta.decode_slots]  # [Bd, S, L + R]
-            visible = (
-                torch.arange(keys.shape[1], device=q.device)[None, :] <= meta.decode_positions
-            )  # [Bd, S]
-            qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, H, 1, L + R]
-            out[meta.decode_token_idx] = self._attend(qd, keys, visible[:, None, None, :]).squeeze(2)
-        for start, qlen, seq_len, slots in meta.prefills:
+        # every sequence on its own, from the block tables (both backends' metadata)
+        for start, qlen, seq_len, slots in _kernel_layout(meta, self.kv_cache.shape[1]):
             self._attend_one(q, latent, flat, out, start, qlen, seq_len, slots)
         return out
 
@@ -121,8 +112,13 @@ def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def _kernel_layout(meta: Any, block_size: int) -> list[tuple[int, int, int, torch.Tensor]]:
     """(first row, new tokens, context length, cache slots of the context) per sequence, from the Triton
-    backend's metadata (cu_seqlens_q, seq_lens, block_tables). Host-side: MLA models run decode eagerly."""
-    cu, lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()
+    or torch backend's metadata (cu_seqlens_q or query_lens, seq_lens, block_tables). Host-side: MLA models
+    run decode eagerly."""
+    if hasattr(meta, "cu_seqlens_q"):
+        cu = meta.cu_seqlens_q.tolist()
+    else:  # TorchAttentionMetadata
+        cu = [0, *itertools.accumulate(meta.query_lens)]
+    lens = meta.seq_lens.tolist()
     layout = []
     for b, seq_len in enumerate(lens):
         pos = torch.arange(seq_len, device=meta.block_tables.device)

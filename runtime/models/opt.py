@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lmforge.runtime.engine.attention import AttentionBackend
+from lmforge.runtime.models.attention_backend import AttentionBackend
 from lmforge.runtime.models.config import ModelConfig
 from lmforge.runtime.models.family_config import activation_fn, base_config, require
 from lmforge.runtime.models.layers import PagedAttention, QKVLinear

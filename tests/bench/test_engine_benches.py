@@ -80,6 +80,52 @@ def test_throughput_cpu_smoke(capsys):
     assert report["speedup_vs_hf"] > 0
 
 
+def test_engine_overhead_cpu_smoke(capsys):
+    """The host-path bench runs the real engine around a no-op forward: every phase is timed and the
+    requests really advance (the fixed logits' argmax tokens come out)."""
+    rc = load("engine_overhead").main(
+        ["--shape", "tiny", "--batches", "1", "3", "--prompt-len", "20", "--steps", "4"]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert r["us_per_step"] > 0 and set(r["phases_us"]) == {
+            "schedule",
+            "prepare",
+            "forward",
+            "sample",
+            "output",
+        }
+        assert all(v >= 0 for v in r["phases_us"].values()), r
+        assert r["tokens_per_request"] == 1 + 3 + 4  # prefill, 3 warm-up steps, 4 timed steps
+
+
+def test_offline_mixed_cpu_smoke(capsys):
+    """The mixed-length workload: each request its own max_tokens, HF in static batches of each size."""
+    rc = load("offline").main(
+        [
+            "--mixed",
+            "--num-prompts",
+            "5",
+            "--hidden-size",
+            "32",
+            "--num-layers",
+            "1",
+            "--hf-batch-sizes",
+            "2",
+            "5",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["hf_by_batch_size"]) == {"2", "5"}
+    generated = report["lmforge"]["generated_tokens"]
+    assert 5 * 16 <= generated <= 5 * 128 and report["hf"]["generated_tokens"] == generated
+    assert report["hf"]["batch_size"] in (2, 5) and report["speedup_output_tok_s"] > 0
+    assert 0 <= report["greedy_sequences_identical"] <= 5
+
+
 def test_lora_mix_cpu_smoke(capsys):
     args = ["--num-rows", "4", "--num-adapters", "2", "--rank", "4", "--max-tokens", "3", "--prompt-len", "5",
             "--hidden-size", "64", "--num-layers", "1", "--repeats", "1"]  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.runtime.engine.attention import CommonAttentionMetadata, get_attention_backend
 
@@ -78,13 +77,6 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         get_attention_backend("flash")
-
-
-def test_sdpa_gqa_matches_repeat():  # the backend relies on enable_gqa
-    q, k = torch.randn(1, H, 3, D), torch.randn(1, HKV, 3, D)
-    a = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
-    b = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1))
-    assert_close(a, b)
 
 
 def test_score_options_match_the_kernel_reference():

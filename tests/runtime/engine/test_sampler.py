@@ -6,13 +6,7 @@ import math
 
 import torch
 
-from lmforge.runtime.engine.sampler import (
-    Sampler,
-    SamplingMetadata,
-    apply_min_p,
-    apply_penalties,
-    apply_top_k_top_p,
-)
+from lmforge.runtime.engine.sampler import Sampler, SamplingMetadata, apply_penalties
 from lmforge.runtime.sampling_params import SamplingParams
 
 
@@ -29,26 +23,52 @@ def meta(params, prompts=None, outputs=None, generators=None, banned=None):
     )
 
 
+def kept_tokens(probs: list[float], rows: int = 400, **params) -> set[int]:
+    """Tokens the CPU sampler (the kernels' torch reference) draws from one distribution over many rows."""
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    logits = torch.log(torch.tensor([probs])).repeat(rows, 1)
+    out = sampler(logits, meta([SamplingParams(temperature=1.0, **params)] * rows))
+    return set(out.token_ids)
+
+
+def test_cpu_sampler_is_the_kernel_reference():
+    """The CPU draw is `reference.sample` on the sampler's own noise: same generator state, same tokens."""
+    from lmforge.kernels import reference
+
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)] * 6
+    out = Sampler(torch.Generator().manual_seed(9))(logits.clone(), meta(params))
+    uniform = torch.rand(logits.shape, generator=torch.Generator().manual_seed(9))
+    expected = reference.sample(
+        logits,
+        torch.full((6,), 0.7),
+        torch.full((6,), 5, dtype=torch.int32),
+        torch.full((6,), 0.9),
+        torch.full((6,), 0.05),
+        uniform,
+    )
+    assert out.token_ids == expected.tolist()
+
+
 def test_top_k_top_p_masks():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]] * 3))
-    out = apply_top_k_top_p(logits, torch.tensor([2, 5, 5]), torch.tensor([1.0, 0.7, 0.75]))
-    kept = torch.isfinite(out).tolist()
-    assert kept[0] == [True, True, False, False, False]  # top-2
-    assert kept[1] == [True, True, False, False, False]  # 0.5 + 0.2 reaches 0.7
-    assert kept[2] == [True, True, True, False, False]  # 0.75 needs the third
-    assert_close(out[0, :2], logits[0, :2])
+    probs = [0.5, 0.2, 0.15, 0.1, 0.05]
+    assert kept_tokens(probs, top_k=2) == {0, 1}
+    assert kept_tokens(probs, top_p=0.7) == {0, 1}  # 0.5 + 0.2 reaches 0.7
+    assert kept_tokens(probs, top_p=0.75) == {0, 1, 2}  # 0.75 needs the third
+    assert kept_tokens(probs) == {0, 1, 2, 3, 4}
 
 
 def test_top_p_keeps_order_of_unsorted_vocab():
-    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
-    out = apply_top_k_top_p(logits, torch.tensor([3]), torch.tensor([0.8]))
-    assert torch.isfinite(out).tolist() == [[False, True, True]]
+    assert kept_tokens([0.1, 0.6, 0.3], top_k=3, top_p=0.8) == {1, 2}
+
+
+def test_top_k_keeps_ties():
+    """The reference keeps every token equal to the k-th largest (the kernel's threshold semantics)."""
+    assert kept_tokens([0.4, 0.2, 0.2, 0.2], top_k=2) == {0, 1, 2, 3}
 
 
 def test_min_p_mask():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.12, 0.08]]))
-    out = apply_min_p(logits, torch.tensor([0.2]))  # threshold 0.1
-    assert torch.isfinite(out).tolist() == [[True, True, True, False]]
+    assert kept_tokens([0.5, 0.3, 0.12, 0.08], min_p=0.2) == {0, 1, 2}  # threshold 0.1
 
 
 def test_penalties_match_hand_computation():

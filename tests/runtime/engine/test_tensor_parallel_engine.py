@@ -1,4 +1,4 @@
-"""LLM(tensor_parallel_size=2) end to end on CPU: worker processes, the per-step StepInput message over
+"""LLM(tensor_parallel_size=2) end to end on CPU: worker processes, the per-step StepInputs message over
 both transports, rank 0 sampling. Greedy and seeded sampled tokens, logprobs and prompt logprobs (several
 LM-head calls per step: the chunks every rank must make alike) equal one rank's under chunked prefill
 mixed with decodes; the older families are refused before any worker starts; a hung worker (SIGSTOP)

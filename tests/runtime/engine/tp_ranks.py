@@ -15,10 +15,10 @@ import json
 import sys
 from datetime import timedelta
 
-import numpy as np
 import torch
 
-from lmforge.runtime.engine.model_runner import ModelRunner, StepInput
+from lmforge.runtime.engine.model_runner import ModelRunner
+from lmforge.runtime.engine.step_inputs import step_inputs_from_lists
 from lmforge.runtime.models.config import load_model_config
 from lmforge.runtime.models.parallel import TPGroup, TPLayout
 
@@ -50,14 +50,15 @@ def greedy(model_dir: str, kv_cache_dtype: str, rank: int, world: int) -> dict:
     with torch.inference_mode():
         for _ in range(NUM_DECODE + 1):
             end = len(tokens)
-            step = StepInput(
-                np.asarray(tokens[start:end], dtype=np.int64),
-                np.arange(start, end, dtype=np.int64),
-                np.full(end - start, PROMPT_LEN, dtype=np.int64),
-                np.asarray([table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]),
+            step = step_inputs_from_lists(
+                tokens[start:end],
+                list(range(start, end)),
+                [PROMPT_LEN] * (end - start),
+                [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)],
                 [table[: -(-end // BLOCK_SIZE)]],
                 [end - start],
                 [end],
+                block_size=BLOCK_SIZE,
             )
             hidden, _ = runner.forward_step(step, run_logit_calls=False)
             logprobs = runner.compute_logits(hidden[-1:]).float().log_softmax(-1)[0]
