@@ -261,26 +261,11 @@ class LLMEngine:
         else:
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
-        if self.embed and (
-            params.n != 1
-            or params.logprobs is not None
-            or params.prompt_logprobs is not None
-            or params.structured_outputs is not None
-        ):
-            raise ValueError(
-                "task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs "
-                "do not apply"
-            )
+        if self.embed:
+            _check_embed_params(params)
         req = Request(request_id, text, token_ids, params, arrival_time=arrival_time or time.monotonic())
         if params.structured_outputs is not None:  # before queuing: an invalid grammar queues nothing
-            guided = self._guided_decoder()
-            try:
-                for seq in req.seqs:
-                    guided.add(seq.seq_id, params.structured_outputs)
-            except ValueError:
-                for seq in req.seqs:
-                    guided.release(seq.seq_id)
-                raise
+            self._add_grammars(req, params.structured_outputs)
         for seq in req.seqs:
             seq.lora_id = lora_id
             seq.detokenizer = (
@@ -329,6 +314,17 @@ class LLMEngine:
 
     def list_loras(self) -> list[str]:
         return [] if self.lora is None else self.lora.names()
+
+    def _add_grammars(self, req: Request, structured_outputs: Any) -> None:
+        """One grammar state per sequence of `req`; none is left behind when one fails to compile."""
+        guided = self._guided_decoder()
+        try:
+            for seq in req.seqs:
+                guided.add(seq.seq_id, structured_outputs)
+        except ValueError:
+            for seq in req.seqs:
+                guided.release(seq.seq_id)
+            raise
 
     def _guided_decoder(self) -> GuidedDecoder:
         if self.runner.guided is None:
@@ -417,12 +413,8 @@ class LLMEngine:
             self._append_prompt_logprobs(sched, result.prompt_logprobs)
         touched: dict[str, Request] = {}
         now = time.monotonic()
-        for s in sched.scheduled:  # task "embed": a pooled prompt is a finished request
-            embedding = result.embeddings.get(s.seq.seq_id)
-            if embedding is not None:
-                req = touched[s.seq.request_id] = self.requests[s.seq.request_id]
-                req.embedding = embedding
-                self._finish(s.seq, FinishReason.STOP)
+        if result.embeddings:
+            self._finish_pooled(sched, result, touched)
         for seq, num_tokens in filled:
             if seq.is_finished:  # aborted while its step ran
                 continue
@@ -436,17 +428,35 @@ class LLMEngine:
             if seq.lora_id and self.lora is not None:
                 self._count_lora_token(seq, num_tokens)
         for req in touched.values():
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.prompt_tokens_total += len(req.prompt_token_ids)
-            finished = req.finished
-            if finished:
-                req.finish_time = now
-                del self.requests[req.request_id]
-                self._sync_only.discard(req.request_id)
-            if finished or req.params.output_kind != "final_only":
-                outputs.append(self._make_output(req))
+            output = self._request_output(req, now)
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def _finish_pooled(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput, touched: dict[str, Request]
+    ) -> None:
+        """task "embed": a pooled prompt is a finished request."""
+        for s in sched.scheduled:
+            embedding = result.embeddings.get(s.seq.seq_id)
+            if embedding is not None:
+                req = touched[s.seq.request_id] = self.requests[s.seq.request_id]
+                req.embedding = embedding
+                self._finish(s.seq, FinishReason.STOP)
+
+    def _request_output(self, req: Request, now: float) -> RequestOutput | None:
+        """Timing and metrics of a request this step touched; its output unless it streams only the final one."""
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.prompt_tokens_total += len(req.prompt_token_ids)
+        finished = req.finished
+        if finished:
+            req.finish_time = now
+            del self.requests[req.request_id]
+            self._sync_only.discard(req.request_id)
+        if finished or req.params.output_kind != "final_only":
+            return self._make_output(req)
+        return None
 
     def _count_lora_token(self, seq: Sequence, num_tokens: int) -> None:
         """Per-adapter metrics of one generated token (num_tokens: the sequence's length with it)."""
@@ -603,3 +613,16 @@ def _load_tokenizer(path: Any):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def _check_embed_params(params: SamplingParams) -> None:
+    """task 'embed' pools the prompt and samples nothing: the sampling-only options are refused by name."""
+    if (
+        params.n != 1
+        or params.logprobs is not None
+        or params.prompt_logprobs is not None
+        or params.structured_outputs is not None
+    ):
+        raise ValueError(
+            "task 'embed' pools the prompt: n, logprobs, prompt_logprobs and structured outputs do not apply"
+        )
