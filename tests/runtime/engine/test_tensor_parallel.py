@@ -31,6 +31,7 @@ QUANTIZED = {  # case -> (arch, method, group size)
     "phi3-w4a16": ("phi3", "w4a16-rtn", 16),  # q|k|v and gate|up fused in the checkpoint
     "gpt_neox-w8a16": ("gpt_neox", "w8a16", 16),  # per-head interleaved q|k|v rows
     "llama-w4a16-g32": ("llama", "w4a16-rtn", 32),  # TP=4: o_proj's 16 inputs per rank split a group
+    "mixtral-w4a16": ("mixtral", "w4a16-rtn", 16),  # packed experts, split by expert
 }
 
 
@@ -45,18 +46,10 @@ def _quantize(source: Path, output: Path, method: str, group: int, calibration: 
     return output
 
 
-# MoE and MLA families: refused for N > 1 until their layers shard
-# (test_tensor_parallel_engine.py::test_moe_and_mla_families_are_refused_until_their_layers_are_sharded).
-NOT_SHARDED = {
-    "mixtral",
-    "phimoe",
-    "phimoe_longrope",
-    "qwen2_moe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "dbrx",
-    "minicpm3",
-}
+# MLA families: refused for N > 1 until latent attention shards
+# (test_tensor_parallel_engine.py::test_mla_families_are_refused_until_latent_attention_is_sharded).
+# The MoE families (mixtral, phimoe, qwen2_moe, dbrx) split by expert and are in the sweep.
+NOT_SHARDED = {"deepseek_v2", "deepseek_v3", "minicpm3"}
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +70,14 @@ def cases(tmp_path_factory) -> list[dict]:
     kv4 = save_tiny_model(
         root / "llama-kv4", "llama", widen=True, hidden_size=64, num_heads=8, num_kv_heads=4
     )
+    # the tiny Qwen2-MoE has 6 experts (refused at TP=4, below); this one splits 2 per rank at TP=4
+    moe8 = save_tiny_model(
+        root / "qwen2_moe-e8", "qwen2_moe", widen=True, config_overrides={"num_experts": 8}
+    )
     out += [
         {"id": "llama-mqa", "model": str(mqa), "kv_cache_dtype": "auto"},
         {"id": "llama-kv4", "model": str(kv4), "kv_cache_dtype": "auto"},
+        {"id": "qwen2_moe-e8", "model": str(moe8), "kv_cache_dtype": "auto"},
         {"id": "llama-int8kv", "model": out[0]["model"], "kv_cache_dtype": "int8"},
         {"id": "gemma2-int8kv", "model": str(root / "gemma2"), "kv_cache_dtype": "int8"},
     ]
@@ -152,8 +150,8 @@ def test_every_case_matches_one_rank(cases, reference, sharded):
         cid = case["id"]
         if case.get("reference_only"):
             continue
-        if cid == "llama-w4a16-g32" and world == 4:
-            continue  # the refusal, below
+        if cid in ("llama-w4a16-g32", "qwen2_moe") and world == 4:
+            continue  # the refusals, below
         ref, got = reference[cid], results[cid]
         assert "error" not in ref, ref
         if "error" in got:
@@ -171,6 +169,15 @@ def test_a_shard_that_splits_a_scale_group_is_refused(sharded):
         pytest.skip("o_proj has 16 inputs per rank only at TP=4")
     error = results["llama-w4a16-g32"].get("error", "")
     assert "o_proj" in error and "group size 32" in error, error
+
+
+def test_experts_that_do_not_divide_over_the_ranks_are_refused_naming_the_key(sharded):
+    world, results = sharded
+    if world != 4:
+        assert "error" not in results["qwen2_moe"]  # 6 experts: 3 per rank
+        return
+    error = results["qwen2_moe"].get("error", "")
+    assert "tensor_parallel_size=4" in error and "num_experts=6 is not divisible" in error, error
 
 
 def test_negative_control_one_wrong_config_key_fails_the_comparison(reference, sharded):
