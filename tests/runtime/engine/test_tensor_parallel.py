@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo): every served decoder family, split over 2 and 4 ranks, decodes the
 same greedy tokens with the same log-softmax rows (1e-4, fp32) as one rank; so do GQA models with fewer
 KV heads than ranks (the tiny specs have 2 KV heads: replicated at TP=4), MQA, W4A16/W8A16 checkpoints
-sharded along whole groups, and the INT8 KV cache. A shard that would split a scale group is refused
+sharded along whole groups, the MoE families split by expert (dense and W4A16 experts) and the INT8 KV
+cache. An expert count that does not divide over the ranks is refused naming its key. A shard that would split a scale group is refused
 naming the layer. The engine path (LLM(tensor_parallel_size=N): worker processes, the step message,
 rank 0 sampling) is tested in test_tensor_parallel_engine.py.
 
@@ -216,3 +217,32 @@ def test_a_model_that_does_not_split_is_refused_naming_the_keys(tmp_path):
     cfg = load_model_config(save_tiny_model(tmp_path / "m", "llama", num_heads=4, num_kv_heads=2))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3: num_attention_heads=4 is not divisible"):
         TPLayout.for_config(cfg, 0, 3)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "dbrx"])
+def test_a_rank_holds_and_reads_only_its_experts(tmp_path, arch):
+    """Rank 1 of 2 builds experts [E/2, E) only, each equal to the checkpoint's expert (DBRX: its rows of
+    the all-experts tensors), while the router keeps every expert (the same top-k on every rank)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.runtime.engine.model_runner import ModelRunner
+    from lmforge.runtime.models.parallel import TPGroup
+
+    path = save_tiny_model(tmp_path / arch, arch, widen=True)
+    cfg = load_model_config(path)
+    cfg.model, cfg.max_model_len = str(path), 64
+    layout = TPLayout.for_config(cfg, 1, 2)
+    runner = ModelRunner(str(path), cfg, device=torch.device("cpu"), dtype=torch.float32, max_model_len=64, block_size=16,
+                         tp=(layout, TPGroup(1, 2)))  # fmt: skip
+    moe = runner.model.model.layers[0].mlp
+    e = cfg.moe.num_experts
+    assert moe.gate.weight.shape[0] == e and moe.experts.w13_weight.shape[0] == e // 2
+    assert moe.experts.expert_start == e // 2
+    tensors = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    if arch == "mixtral":
+        w1 = tensors[f"model.layers.0.block_sparse_moe.experts.{e - 1}.w1.weight"]
+    else:
+        inter = moe.experts.intermediate
+        w1 = tensors["transformer.blocks.0.ffn.experts.mlp.w1"].view(e, inter, -1)[e - 1]
+    assert torch.equal(moe.experts.w13_weight[-1, : w1.shape[0]], w1)
