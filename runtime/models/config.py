@@ -59,6 +59,10 @@ class MoEConfig:
     weights_in_logits_dtype: bool = False  # Qwen2-MoE rounds the weights to the logits' dtype
     shared_intermediate_size: int = 0  # 0: no shared expert
     shared_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(gate(x))
+    # tensor parallelism (parallel.local_config): this rank holds experts [expert_start, expert_start +
+    # local_experts) of the num_experts the router scores; 0: all of them (one rank)
+    expert_start: int = 0
+    local_experts: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts:

@@ -21,8 +21,10 @@ from safetensors import safe_open
 from torch import nn
 
 from lmforge.runtime.models.layers import default_weight_loader
+from lmforge.runtime.models.moe import local_expert
 from lmforge.runtime.models.parallel import (
     ShardSpec,
+    Slice,
     local_weight_shape,
     quant_columns,
     read_slices,
@@ -105,6 +107,10 @@ class _WeightTarget:
         if expert is not None:  # one expert's matrix, copied straight into its slice
             stacked, shard = expert
             stacked_param = params[_known(stacked, params, hf_name)]
+            if tp is not None:
+                tensor = _rank_experts(tensor, shard, self.modules[stacked.rpartition(".")[0]], hf_name)
+                if tensor is None:
+                    return stacked  # another rank's expert: never read
             stacked_param.weight_loader(stacked_param, tensor, shard)  # type: ignore[attr-defined]  # FusedMoE's
             return stacked
         for hf_part, (fused, shard_id) in self.packed.items():
@@ -148,6 +154,20 @@ def _rank_slice(
     if leaf in ("weight_packed", "weight_scale") and any(s.dim == 1 for s in spec.slices):
         spec = _quant_column_spec(spec, leaf, module, module_name)
     return read_slices(handle, spec, source)
+
+
+def _rank_experts(handle: Any, shard: tuple[int | None, int | None], experts: Any, source: str) -> Any:
+    """Expert parallelism (`experts`: a FusedMoE or QuantFusedMoE): one expert's tensor read whole when
+    this rank holds that expert, None (nothing read) when another rank does; DBRX's all-experts [E*I, H]
+    tensor: just this rank's experts' rows."""
+    start, count, total = int(experts.expert_start), int(experts.local_experts), int(experts.num_experts)
+    expert = shard[0]
+    if expert is None:
+        inter = int(experts.intermediate)
+        return read_slices(
+            handle, ShardSpec((Slice(0, start * inter, count * inter, total * inter),)), source
+        )
+    return handle[:] if local_expert(expert, start, count, total) is not None else None
 
 
 def _quant_column_spec(spec: ShardSpec, leaf: str, module: nn.Module, layer: str) -> ShardSpec:

@@ -9,8 +9,11 @@ All experts of a layer live in two stacked parameters, `experts.w13_weight` [E, 
 `experts.w2_weight` [E, H, I]; `expert_target` routes a checkpoint's per-expert tensor names
 (`experts.<e>.w1|w3|w2` or `gate_proj|up_proj|down_proj`) into their slice, so each expert's tensors are
 read once from the safetensors file and copied straight into place (no transient [E, ...] copy).
-Tensor parallelism can later split `FusedMoE` by expert (a rank loads experts [a, b), see
-kernels/fused_moe.py) or by intermediate rows (w13 rows / w2 columns): both are a narrow in `weight_loader`.
+Under tensor parallelism the experts split by expert (parallel.py): a rank's `FusedMoE` holds experts
+[start, start + n) only (`expert_start`, the stacked parameters' first dim n), the router stays whole, the
+rank passes `ids - start` to the op (ids outside [0, n) are dropped, see kernels/fused_moe.py), and one
+all-reduce of the block's output sums the ranks' partial sums (the shared expert is column/row split
+like the dense MLP and joins that same all-reduce).
 """
 
 from __future__ import annotations
@@ -93,6 +96,15 @@ def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, 
     return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
 
 
+def local_expert(expert: int, start: int, count: int, num_experts: int) -> int | None:
+    """A checkpoint's expert id -> its index in this rank's stacked parameters [start, start + count);
+    None for another rank's expert. Refuses an id past the config's `num_experts`."""
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"checkpoint has expert {expert}; the config says {num_experts} experts")
+    local = expert - start
+    return local if 0 <= local < count else None
+
+
 class Router(nn.Module):
     """gate.weight [E, H] (+ DeepSeek-V3's `e_score_correction_bias` [E]); fp32 when the family keeps it so."""
 
@@ -116,7 +128,8 @@ class Router(nn.Module):
 class FusedMoE(nn.Module):
     """Every expert of one layer: w13_weight [E, 2I, H] (gate rows :I, up rows I:), w2_weight [E, H, I]."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, ops: Any):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, ops: Any,
+                 expert_start: int = 0, local_experts: int = 0):  # fmt: skip
         super().__init__()
         self.num_experts, self.intermediate, self.activation, self.ops = (
             num_experts,
@@ -124,8 +137,10 @@ class FusedMoE(nn.Module):
             activation,
             ops,
         )
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.expert_start, self.local_experts = expert_start, local_experts or num_experts
+        n = self.local_experts
+        self.w13_weight = nn.Parameter(torch.empty(n, 2 * intermediate, hidden))
+        self.w2_weight = nn.Parameter(torch.empty(n, hidden, intermediate))
         for p in (self.w13_weight, self.w2_weight):
             p.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
@@ -133,18 +148,20 @@ class FusedMoE(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int | None, int | None]
     ) -> None:
         """One expert's gate (shard 0), up (1) or down (None) matrix into its slice of the stacked parameter;
-        expert None: every expert at once, DBRX's [E*I, H] tensors (its w2 holds down_proj transposed)."""
+        expert None: every expert (of this rank) at once, DBRX's [E*I, H] tensors (its w2 holds down_proj
+        transposed; the loader reads only this rank's rows). Another rank's expert is not copied."""
         expert, half = shard
         if expert is None:
-            stacked = loaded.view(self.num_experts, self.intermediate, -1)  # [E, I, H]
+            stacked = loaded.view(self.local_experts, self.intermediate, -1)  # [n, I, H]
             if param is self.w2_weight:
                 param.data.copy_(stacked.transpose(1, 2))
             else:
                 param.data.narrow(1, (half or 0) * self.intermediate, self.intermediate).copy_(stacked)
             return
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"checkpoint has expert {expert}; the config says {self.num_experts} experts")
-        target = param.data[expert]
+        local = local_expert(expert, self.expert_start, self.local_experts, self.num_experts)
+        if local is None:
+            return
+        target = param.data[local]
         if half is not None:
             target = target.narrow(0, half * self.intermediate, self.intermediate)
         if target.shape != loaded.shape:
@@ -154,6 +171,7 @@ class FusedMoE(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids - self.expert_start if self.expert_start else ids  # another rank's experts: outside [0, n)
         return self.ops.fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, self.activation)
 
 
@@ -166,7 +184,8 @@ class SparseMoeBlock(nn.Module):
         assert moe is not None
         self.cfg = moe
         self.gate = Router(cfg.hidden_size, moe)
-        self.experts = FusedMoE(moe.num_experts, cfg.hidden_size, moe.intermediate_size, cfg.hidden_act, ops)
+        self.experts = FusedMoE(moe.num_experts, cfg.hidden_size, moe.intermediate_size, cfg.hidden_act, ops,
+                                moe.expert_start, moe.local_experts)  # fmt: skip
         self.shared_expert = (
             mlp_factory(moe.shared_intermediate_size) if moe.shared_intermediate_size else None
         )
@@ -192,9 +211,10 @@ class QuantFusedMoE(nn.Module):
     experts dequantized and looped over (torch reference)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, activation: str, ops: Any,
-                 bits: int, group_size: int):  # fmt: skip
+                 bits: int, group_size: int, expert_start: int = 0, local_experts: int = 0):  # fmt: skip
         super().__init__()
         self.num_experts, self.intermediate, self.hidden = num_experts, intermediate, hidden
+        self.expert_start, self.local_experts = expert_start, local_experts or num_experts
         self.activation, self.ops, self.bits = activation, ops, bits
         for k in (hidden, intermediate):
             group = k if group_size <= 0 else group_size
@@ -203,7 +223,7 @@ class QuantFusedMoE(nn.Module):
         g_h = hidden if group_size <= 0 else group_size
         g_i = intermediate if group_size <= 0 else group_size
         frozen = dict(requires_grad=False)
-        e, i, h = num_experts, intermediate, hidden
+        e, i, h = self.local_experts, intermediate, hidden
         self.w13_weight_packed = nn.Parameter(
             torch.zeros(e, 2 * i, h * bits // 32, dtype=torch.int32), **frozen
         )
@@ -220,17 +240,18 @@ class QuantFusedMoE(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard: tuple[int | None, int | None]
     ) -> None:
         expert, half = shard
-        if expert is None or not 0 <= expert < self.num_experts:
-            raise ValueError(
-                f"quantized experts are loaded one by one; got expert {expert!r} of {self.num_experts}"
-            )
+        if expert is None:
+            raise ValueError(f"quantized experts are loaded one by one; got all {self.num_experts} at once")
+        local = local_expert(expert, self.expert_start, self.local_experts, self.num_experts)
         if param is self.w13_weight_shape or param is self.w2_weight_shape:
             if loaded.tolist() != param.tolist():
                 raise ValueError(
                     f"expert {expert}: weight_shape {loaded.tolist()} does not match the model {param.tolist()}"
                 )
             return
-        target = param.data[expert]
+        if local is None:
+            return
+        target = param.data[local]
         if half is not None:
             target = target.narrow(0, half * self.intermediate, self.intermediate)
         if target.shape != loaded.shape:
@@ -240,5 +261,6 @@ class QuantFusedMoE(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids - self.expert_start if self.expert_start else ids  # another rank's experts: outside [0, n)
         return self.ops.fused_moe_quant(x, self.w13_weight_packed, self.w13_weight_scale, self.w2_weight_packed,
                                         self.w2_weight_scale, self.bits, weights, ids, self.activation)  # fmt: skip

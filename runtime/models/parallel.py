@@ -8,6 +8,11 @@ modules whose math changes when a layer is split across ranks (Megatron-LM's lay
     embed_tokens, lm_head   vocab-parallel: rows [r * Vp, (r + 1) * Vp) of the vocabulary padded to
                             N * Vp; the embedding masks foreign ids and all-reduces, the logits are
                             gathered to [T, V] (padding dropped) by the model runner
+    MoE experts             expert parallel: rank r holds experts [r * E / N, (r + 1) * E / N) (only those
+                            are read); the router is replicated (every rank picks the same top-k), each
+                            rank sums its experts' weighted outputs, and ONE all-reduce of the MoE block's
+                            output adds the ranks' parts; a shared expert splits like the dense MLP (its
+                            down_proj is not reduced on its own: its part joins that all-reduce)
     KV heads                split when num_kv_heads >= N, else each rank keeps the one KV head its
                             query heads read (replicated N / num_kv_heads times)
 
@@ -54,6 +59,15 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
 
+# the config key that holds the expert count, by architecture (for refusals that name it)
+_EXPERTS_KEY = {
+    "Qwen2MoeForCausalLM": "num_experts",
+    "DbrxForCausalLM": "ffn_config.moe_num_experts",
+    "DeepseekV2ForCausalLM": "n_routed_experts",
+    "DeepseekV3ForCausalLM": "n_routed_experts",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class TPLayout:
     """Rank `rank` of `size`: the heads, KV heads, intermediate rows and vocab rows it holds. Pure."""
@@ -65,6 +79,7 @@ class TPLayout:
     intermediate_size: int
     vocab_size: int
     head_dim: int
+    shared_intermediate_size: int = 0  # a MoE's shared expert (the full model's; 0: none)
 
     @classmethod
     def for_config(cls, cfg: ModelConfig, rank: int, size: int) -> TPLayout:
@@ -78,12 +93,28 @@ class TPLayout:
             problems.append(f"num_key_value_heads={cfg.num_kv_heads} neither divides by it nor divides it")
         if cfg.intermediate_size % size:
             problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by it")
+        if cfg.moe is not None:
+            if cfg.moe.num_experts % size:
+                key = _EXPERTS_KEY.get(cfg.architecture, "num_local_experts")
+                problems.append(f"{key}={cfg.moe.num_experts} is not divisible by it (experts split by rank)")
+            if cfg.moe.shared_intermediate_size % size:
+                problems.append(
+                    f"shared_expert_intermediate_size={cfg.moe.shared_intermediate_size} is not divisible by it"
+                )
         if problems:
             raise ValueError(
                 f"{cfg.architecture} cannot be split over tensor_parallel_size={size}: " + "; ".join(problems)
             )
+        shared = cfg.moe.shared_intermediate_size if cfg.moe is not None else 0
         return cls(
-            rank, size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+            rank,
+            size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            cfg.head_dim,
+            shared,
         )
 
     # --- counts on this rank ---
@@ -129,12 +160,22 @@ def local_config(cfg: ModelConfig, layout: TPLayout) -> ModelConfig:
     """The config of one rank's model: its heads, KV heads, intermediate rows and (padded) vocab rows."""
     if layout.size == 1:
         return cfg
+    moe = cfg.moe
+    if moe is not None:  # the router keeps num_experts; the rank holds its E / N experts
+        n = moe.num_experts // layout.size
+        moe = dataclasses.replace(
+            moe,
+            expert_start=layout.rank * n,
+            local_experts=n,
+            shared_intermediate_size=moe.shared_intermediate_size // layout.size,
+        )
     return dataclasses.replace(
         cfg,
         num_heads=layout.local_heads,
         num_kv_heads=layout.local_kv_heads,
         intermediate_size=layout.local_intermediate,
         vocab_size=layout.local_vocab,
+        moe=moe,
     )
 
 
@@ -183,9 +224,12 @@ def _kv_rows(layout: TPLayout) -> Slice:
     return Slice(0, layout.kv_head_start * d, layout.local_kv_heads * d, layout.num_kv_heads * d)
 
 
-def _intermediate_rows(layout: TPLayout) -> Slice:
-    n = layout.local_intermediate
-    return Slice(0, layout.rank * n, n, layout.intermediate_size)
+def _intermediate_rows(layout: TPLayout, full: int | None = None) -> Slice:
+    """This rank's rows of an MLP's intermediate dim: `full` rows (a MoE's shared expert has its own
+    size), intermediate_size when None."""
+    full = layout.intermediate_size if full is None else full
+    n = full // layout.size
+    return Slice(0, layout.rank * n, n, full)
 
 
 def _qkv_spec(shard_id: Any, layout: TPLayout) -> ShardSpec:
@@ -209,20 +253,20 @@ def _qkv_spec(shard_id: Any, layout: TPLayout) -> ShardSpec:
     )
 
 
-def _gate_up_spec(shard_id: Any, layout: TPLayout) -> ShardSpec:
-    inter = _intermediate_rows(layout)
+def _gate_up_spec(shard_id: Any, layout: TPLayout, full: int | None) -> ShardSpec:
+    inter = _intermediate_rows(layout, full)
     if shard_id is not None:
         return ShardSpec((inter,))
-    i = layout.intermediate_size  # gate | up fused in the checkpoint (Phi-3, GLM)
+    i = inter.full  # gate | up fused in the checkpoint (Phi-3, GLM)
     return ShardSpec(
         (Slice(0, inter.start, inter.length, 2 * i), Slice(0, i + inter.start, inter.length, 2 * i))
     )
 
 
-def _row_parallel_spec(kind: str, leaf: str, layout: TPLayout) -> ShardSpec:
+def _row_parallel_spec(kind: str, leaf: str, layout: TPLayout, full: int | None) -> ShardSpec:
     if leaf == "bias":  # added once: by rank 0, zeros elsewhere
         return REPLICATED if layout.rank == 0 else ShardSpec(zero=True)
-    cols = _head_rows(layout) if kind == "o_proj" else _intermediate_rows(layout)
+    cols = _head_rows(layout) if kind == "o_proj" else _intermediate_rows(layout, full)
     return ShardSpec((dataclasses.replace(cols, dim=1),))
 
 
@@ -253,14 +297,16 @@ def shard_spec(name: str, shard_id: Any, layout: TPLayout, cfg: ModelConfig) -> 
         layout.size == 1 or leaf == "weight_shape"
     ):  # weight_shape: checked and rewritten by local_weight_shape
         return REPLICATED
+    # a MoE's shared expert: an MLP of its own intermediate size
+    inter = layout.shared_intermediate_size if ".shared_expert." in name else None
     if kind == "qkv_proj":
         return _qkv_spec(shard_id, layout)
     if kind == "gate_up_proj":
-        return _gate_up_spec(shard_id, layout)
+        return _gate_up_spec(shard_id, layout, inter)
     if kind == "up_proj":
-        return ShardSpec((_intermediate_rows(layout),))
+        return ShardSpec((_intermediate_rows(layout, inter),))
     if kind in _ROW:
-        return _row_parallel_spec(kind, leaf, layout)
+        return _row_parallel_spec(kind, leaf, layout, inter)
     if kind in ("embed_tokens", "lm_head"):
         return _vocab_spec(layout)
     if kind in ("q_norm", "k_norm") and leaf == "weight":
@@ -374,6 +420,7 @@ def parallelize(model: nn.Module, cfg: ModelConfig, layout: TPLayout, group: TPG
     """Turns a decoder built from `local_config` into rank `layout.rank`'s shard (before weights load):
     row-parallel outputs all-reduced, a vocab-parallel embedding, q/k norms that span heads."""
     from lmforge.runtime.models.decoder import MLP, Attention, HeadNormList
+    from lmforge.runtime.models.moe import SparseMoeBlock
 
     if layout.size == 1:
         return
@@ -382,6 +429,8 @@ def parallelize(model: nn.Module, cfg: ModelConfig, layout: TPLayout, group: TPG
     inner.embed_tokens = VocabParallelEmbedding(
         layout.local_vocab, old.embedding_dim, layout.vocab_start, group
     )
+    # shared experts: their partial output joins the MoE block's one all-reduce, not one of their own
+    shared = {id(m.shared_expert) for m in model.modules() if isinstance(m, SparseMoeBlock)}
     for module in model.modules():
         if isinstance(module, Attention):
             module.o_proj.register_forward_hook(_all_reduce_output(group))
@@ -402,14 +451,16 @@ def parallelize(model: nn.Module, cfg: ModelConfig, layout: TPLayout, group: TPG
                 full_k = HeadNormList(layout.num_kv_heads, layout.head_dim, cfg.rms_norm_eps)
                 module.q_norm = _HeadOffsetNorms(full, layout.head_start)
                 module.k_norm = _HeadOffsetNorms(full_k, layout.kv_head_start)
-        elif isinstance(module, MLP):
+        elif isinstance(module, SparseMoeBlock):
+            module.register_forward_hook(_all_reduce_output(group))
+        elif isinstance(module, MLP) and id(module) not in shared:
             module.down_proj.register_forward_hook(_all_reduce_output(group))
 
 
 def check_parallel_support(model_class: type, architecture: str, cfg: ModelConfig | None = None) -> None:
     """The older families (gpt2.py, opt.py, bloom.py, mpt.py, falcon.py) have their own graphs, not
-    split; nor are the sparse expert layers and latent attention (MoE/MLA families) yet: refused by
-    name rather than loaded with unsplit experts behind a row-parallel all-reduce."""
+    split; nor is latent attention (the MLA families: DeepSeek-V2/V3, MiniCPM3) yet: refused by name
+    rather than loaded unsplit behind a row-parallel all-reduce. MoE layers split by expert."""
     from lmforge.runtime.models.decoder import DecoderForCausalLM
 
     if not issubclass(model_class, DecoderForCausalLM):
@@ -417,14 +468,7 @@ def check_parallel_support(model_class: type, architecture: str, cfg: ModelConfi
             f"tensor_parallel_size > 1 is not supported for {architecture} (its own graph file is not "
             "sharded); serve it with tensor_parallel_size=1"
         )
-    unsplit = [
-        what
-        for what, on in (
-            ("mixture-of-experts layers", cfg and cfg.moe),
-            ("multi-head latent attention", cfg and cfg.mla),
-        )
-        if on
-    ]
+    unsplit = [what for what, on in (("multi-head latent attention", cfg and cfg.mla),) if on]
     if unsplit:
         raise ValueError(
             f"tensor_parallel_size > 1 is not supported for {architecture} yet ({' and '.join(unsplit)} "

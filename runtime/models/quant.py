@@ -302,7 +302,8 @@ def _quantize_experts(model: nn.Module, model_dir: str | Path, config: dict[str,
                 f"{firsts[0]}: packed expert weights, but the quantization_config gives them no int scheme"
             )
         new = QuantFusedMoE(module.num_experts, module.w13_weight.shape[2], module.intermediate, module.activation,
-                            module.ops, scheme.bits, scheme.group_size)  # fmt: skip
+                            module.ops, scheme.bits, scheme.group_size, module.expert_start,
+                            module.local_experts)  # fmt: skip
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, new)
         swapped += 1

@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo): every served decoder family, split over 2 and 4 ranks, decodes the
 same greedy tokens with the same log-softmax rows (1e-4, fp32) as one rank; so do GQA models with fewer
 KV heads than ranks (the tiny specs have 2 KV heads: replicated at TP=4), MQA, W4A16/W8A16 checkpoints
-sharded along whole groups, and the INT8 KV cache. A shard that would split a scale group is refused
+sharded along whole groups, the MoE families split by expert (dense and W4A16 experts) and the INT8 KV
+cache. An expert count that does not divide over the ranks is refused naming its key. A shard that would split a scale group is refused
 naming the layer. The engine path (LLM(tensor_parallel_size=N): worker processes, the step message,
 rank 0 sampling) is tested in test_tensor_parallel_engine.py.
 
@@ -31,6 +32,7 @@ QUANTIZED = {  # case -> (arch, method, group size)
     "phi3-w4a16": ("phi3", "w4a16-rtn", 16),  # q|k|v and gate|up fused in the checkpoint
     "gpt_neox-w8a16": ("gpt_neox", "w8a16", 16),  # per-head interleaved q|k|v rows
     "llama-w4a16-g32": ("llama", "w4a16-rtn", 32),  # TP=4: o_proj's 16 inputs per rank split a group
+    "mixtral-w4a16": ("mixtral", "w4a16-rtn", 16),  # packed experts, split by expert
 }
 
 
@@ -45,18 +47,10 @@ def _quantize(source: Path, output: Path, method: str, group: int, calibration: 
     return output
 
 
-# MoE and MLA families: refused for N > 1 until their layers shard
-# (test_tensor_parallel_engine.py::test_moe_and_mla_families_are_refused_until_their_layers_are_sharded).
-NOT_SHARDED = {
-    "mixtral",
-    "phimoe",
-    "phimoe_longrope",
-    "qwen2_moe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "dbrx",
-    "minicpm3",
-}
+# MLA families: refused for N > 1 until latent attention shards
+# (test_tensor_parallel_engine.py::test_mla_families_are_refused_until_latent_attention_is_sharded).
+# The MoE families (mixtral, phimoe, qwen2_moe, dbrx) split by expert and are in the sweep.
+NOT_SHARDED = {"deepseek_v2", "deepseek_v3", "minicpm3"}
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +71,14 @@ def cases(tmp_path_factory) -> list[dict]:
     kv4 = save_tiny_model(
         root / "llama-kv4", "llama", widen=True, hidden_size=64, num_heads=8, num_kv_heads=4
     )
+    # the tiny Qwen2-MoE has 6 experts (refused at TP=4, below); this one splits 2 per rank at TP=4
+    moe8 = save_tiny_model(
+        root / "qwen2_moe-e8", "qwen2_moe", widen=True, config_overrides={"num_experts": 8}
+    )
     out += [
         {"id": "llama-mqa", "model": str(mqa), "kv_cache_dtype": "auto"},
         {"id": "llama-kv4", "model": str(kv4), "kv_cache_dtype": "auto"},
+        {"id": "qwen2_moe-e8", "model": str(moe8), "kv_cache_dtype": "auto"},
         {"id": "llama-int8kv", "model": out[0]["model"], "kv_cache_dtype": "int8"},
         {"id": "gemma2-int8kv", "model": str(root / "gemma2"), "kv_cache_dtype": "int8"},
     ]
@@ -152,8 +151,8 @@ def test_every_case_matches_one_rank(cases, reference, sharded):
         cid = case["id"]
         if case.get("reference_only"):
             continue
-        if cid == "llama-w4a16-g32" and world == 4:
-            continue  # the refusal, below
+        if cid in ("llama-w4a16-g32", "qwen2_moe") and world == 4:
+            continue  # the refusals, below
         ref, got = reference[cid], results[cid]
         assert "error" not in ref, ref
         if "error" in got:
@@ -171,6 +170,15 @@ def test_a_shard_that_splits_a_scale_group_is_refused(sharded):
         pytest.skip("o_proj has 16 inputs per rank only at TP=4")
     error = results["llama-w4a16-g32"].get("error", "")
     assert "o_proj" in error and "group size 32" in error, error
+
+
+def test_experts_that_do_not_divide_over_the_ranks_are_refused_naming_the_key(sharded):
+    world, results = sharded
+    if world != 4:
+        assert "error" not in results["qwen2_moe"]  # 6 experts: 3 per rank
+        return
+    error = results["qwen2_moe"].get("error", "")
+    assert "tensor_parallel_size=4" in error and "num_experts=6 is not divisible" in error, error
 
 
 def test_negative_control_one_wrong_config_key_fails_the_comparison(reference, sharded):
@@ -209,3 +217,32 @@ def test_a_model_that_does_not_split_is_refused_naming_the_keys(tmp_path):
     cfg = load_model_config(save_tiny_model(tmp_path / "m", "llama", num_heads=4, num_kv_heads=2))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3: num_attention_heads=4 is not divisible"):
         TPLayout.for_config(cfg, 0, 3)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "dbrx"])
+def test_a_rank_holds_and_reads_only_its_experts(tmp_path, arch):
+    """Rank 1 of 2 builds experts [E/2, E) only, each equal to the checkpoint's expert (DBRX: its rows of
+    the all-experts tensors), while the router keeps every expert (the same top-k on every rank)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.runtime.engine.model_runner import ModelRunner
+    from lmforge.runtime.models.parallel import TPGroup
+
+    path = save_tiny_model(tmp_path / arch, arch, widen=True)
+    cfg = load_model_config(path)
+    cfg.model, cfg.max_model_len = str(path), 64
+    layout = TPLayout.for_config(cfg, 1, 2)
+    runner = ModelRunner(str(path), cfg, device=torch.device("cpu"), dtype=torch.float32, max_model_len=64, block_size=16,
+                         tp=(layout, TPGroup(1, 2)))  # fmt: skip
+    moe = runner.model.model.layers[0].mlp
+    e = cfg.moe.num_experts
+    assert moe.gate.weight.shape[0] == e and moe.experts.w13_weight.shape[0] == e // 2
+    assert moe.experts.expert_start == e // 2
+    tensors = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}
+    if arch == "mixtral":
+        w1 = tensors[f"model.layers.0.block_sparse_moe.experts.{e - 1}.w1.weight"]
+    else:
+        inter = moe.experts.intermediate
+        w1 = tensors["transformer.blocks.0.ffn.experts.mlp.w1"].view(e, inter, -1)[e - 1]
+    assert torch.equal(moe.experts.w13_weight[-1, : w1.shape[0]], w1)

@@ -83,11 +83,16 @@ def test_a_hung_worker_fails_the_step_instead_of_hanging(model):
         assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize(
-    ("family", "what"), [("mixtral", "mixture-of-experts"), ("deepseek_v2", "latent attention")]
-)
-def test_moe_and_mla_families_are_refused_until_their_layers_are_sharded(tmp_path, family, what):
-    """Unsplit experts behind a row-parallel all-reduce would be summed once per rank: refused by name."""
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "minicpm3"])
+def test_mla_families_are_refused_until_latent_attention_is_sharded(tmp_path, family):
+    """Unsplit latent attention behind a row-parallel all-reduce would be summed once per rank: refused
+    by name before any worker starts. (The MoE families split by expert: test_tensor_parallel.py.)"""
     path = save_tiny_model(tmp_path / family, family)
-    with pytest.raises(ValueError, match=f"tensor_parallel_size > 1 is not supported .*{what}"):
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 is not supported .*latent attention"):
         LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2)
+
+
+def test_moe_experts_that_do_not_divide_over_the_ranks_are_refused(tmp_path):
+    path = save_tiny_model(tmp_path / "mixtral", "mixtral", config_overrides={"num_local_experts": 6})
+    with pytest.raises(ValueError, match="tensor_parallel_size=4: num_local_experts=6 is not divisible"):
+        LLM(path, device="cpu", dtype="float32", tensor_parallel_size=4)
