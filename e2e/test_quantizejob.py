@@ -226,8 +226,10 @@ def test_an_unsupported_output_is_refused_at_admission(jobs: QuantizeJobs) -> No
         "apiVersion": "lmforge.dev/v1alpha1",
         "kind": "QuantizeJob",
         "metadata": {"name": "to-s3", "namespace": NAMESPACE},
-        "spec": {"model": MODEL, "method": "w4a16-rtn", "output": "s3://bucket/llama-w4"},
+        "spec": {"model": MODEL, "method": "w4a16-rtn", "output": "gs://bucket/llama-w4"},
     }
     result = jobs.cluster.kubectl("apply", "-f", "-", input=json.dumps(obj), check=False)
-    assert result.returncode != 0 and "output: s3:// is not supported yet" in result.stderr, result.stderr
+    assert result.returncode != 0 and "spec.output" in result.stderr and "must be pvc://" in result.stderr, (
+        result.stderr
+    )
     assert jobs.cluster.kubectl("get", "job", "-n", NAMESPACE, "to-s3", check=False).returncode != 0
