@@ -519,7 +519,7 @@ def test_responses_tool_call_round_trip(client):
     )
     # tool_choice "none": no call comes back; the first call was sampled (temperature 1.0), so the
     # follow-up may end at once and hold no message item (an empty answer has none), never a call
-    assert follow_up.status == "completed"
+    assert follow_up.status in ("completed", "incomplete")  # incomplete: max_output_tokens=5 reached
     assert all(item.type == "message" for item in follow_up.output), follow_up.output
     assert (
         follow_up.usage.input_tokens > response.usage.input_tokens
