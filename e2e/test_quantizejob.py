@@ -191,8 +191,10 @@ def test_job_runs_reports_its_result_and_serves_the_output(jobs: QuantizeJobs, w
     table = jobs.cluster.kubectl("get", "lmqj", "-n", NAMESPACE, "llama-w4").stdout.split("\n")
     assert table[0].split() == ["NAME", "PHASE", "METHOD", "SIZE", "AGE"]
     assert table[1].split()[:6] == ["llama-w4", "Succeeded", "w4a16-gptq", "5.3GiB", "(from", "15.0GiB)"]
-    events = jobs.events("llama-w4")  # one-second timestamps: only the first is surely first
-    assert events[0] == "JobCreated" and sorted(events) == [
+    # one-second timestamps: Events of the same second list in any order (a loaded machine posts
+    # JobCreated and PodRunning within one), so only the set is checked
+    events = jobs.events("llama-w4")
+    assert sorted(events) == [
         "InferenceServiceCreated",
         "JobCreated",
         "PodRunning",
