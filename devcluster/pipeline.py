@@ -182,6 +182,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def diagnostics(kube: Kube, namespace: str, logs: Path) -> str:
+    """What a failed e2e step prints: the namespace's pods, each process-node container's log tail,
+    the operator's and the node agent's logs (all under `logs`, as start_operator/start_node write them)."""
+    pods = kube("get", "pods", "-n", namespace, "-o", "wide", check=False)
+    containers = "".join(
+        f"\n--- {log.relative_to(logs)}\n{log_tail(log, 1500)}"
+        for log in sorted((logs / "node" / "pods").glob("*/logs/*/*.log"))
+    )
+    return (
+        f"\n--- pods\n{pods}{containers}\n--- operator.log\n{log_tail(logs / 'operator.log')}"
+        f"\n--- node.log\n{log_tail(logs / 'node.log')}"
+    )
+
+
 def log_tail(path: Path, chars: int = 3000) -> str:
     """The last `chars` characters of a log file (all of it for 0); "" when there is none."""
     try:

@@ -25,15 +25,7 @@ class Env:
         self.kube, self.directory, self.logs = kube, directory, logs
 
     def diagnostics(self) -> str:
-        pods = self.kube("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False)
-        containers = "".join(
-            f"\n--- {log.relative_to(self.logs)}\n{pipeline.log_tail(log, 1500)}"
-            for log in sorted((self.logs / "node" / "pods").glob("*/logs/*/*.log"))
-        )
-        return (
-            f"\n--- pods\n{pods}{containers}\n--- operator.log\n{pipeline.log_tail(self.logs / 'operator.log')}"
-            f"\n--- node.log\n{pipeline.log_tail(self.logs / 'node.log')}"
-        )
+        return pipeline.diagnostics(self.kube, NAMESPACE, self.logs)
 
 
 @pytest.fixture(scope="module")
